@@ -4,7 +4,9 @@
 use std::fmt;
 
 /// A half-open byte range `[offset, offset + len)` of a disk image.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Extent {
     pub offset: u64,
     pub len: u64,
@@ -73,7 +75,10 @@ impl ExtentList {
             if line.is_empty() {
                 continue;
             }
-            let err = |reason: &str| ExtentParseError { line: i + 1, reason: reason.to_string() };
+            let err = |reason: &str| ExtentParseError {
+                line: i + 1,
+                reason: reason.to_string(),
+            };
             let mut it = line.split_whitespace();
             let off: u64 = it
                 .next()

@@ -9,5 +9,5 @@ mod id;
 mod read_at;
 
 pub use extent::{Extent, ExtentList, ExtentParseError};
-pub use id::{Digest, IdParseError, SnapshotId, ContainerId, SessionId};
+pub use id::{ContainerId, Digest, IdParseError, SessionId, SnapshotId};
 pub use read_at::ReadAt;

@@ -1,0 +1,68 @@
+//! Every on-disk magic number, version and fixed size, in one place.
+//!
+//! All integers in Cairn's binary formats are little-endian. Sizes of fixed records are
+//! asserted at compile time so a change to a layout cannot go unnoticed.
+
+/// First 8 bytes of every container.
+pub const CONTAINER_MAGIC: [u8; 8] = *b"CAIRNPK1";
+/// Last 8 bytes of every container.
+pub const CONTAINER_END_MAGIC: [u8; 8] = *b"CAIRNEND";
+/// Version of the container layout, stored in the footer.
+pub const CONTAINER_VERSION: u32 = 1;
+/// One trailer record: digest(32) offset(u64) stored_len(u32) raw_len(u32) kind(u8) codec(u8) pad(2).
+pub const CONTAINER_RECORD_LEN: usize = 52;
+/// Footer: trailer_offset(u64) count(u32) version(u32) trailer_checksum(16) end_magic(8).
+pub const CONTAINER_FOOTER_LEN: usize = 40;
+/// Containers are sealed once they reach this many bytes of segments.
+pub const CONTAINER_TARGET_LEN: usize = 16 << 20;
+/// Hard limit on segments in one container, checked when parsing.
+pub const CONTAINER_MAX_RECORDS: usize = 1 << 20;
+
+/// First 4 bytes of every recipe tree node.
+pub const NODE_MAGIC: [u8; 4] = *b"CRN1";
+/// Header: magic(4) level(u8) pad(3) count(u32).
+pub const NODE_HEADER_LEN: usize = 12;
+/// Leaf record: digest(32) len(u32) kind(u8).
+pub const LEAF_RECORD_LEN: usize = 37;
+/// Inner record: digest(32) span_bytes(u64) span_entries(u64).
+pub const INNER_RECORD_LEN: usize = 48;
+/// A node closes after at most this many records.
+pub const NODE_MAX_RECORDS: usize = 256;
+/// A node closes after a record whose boundary key is divisible by this (content-defined).
+pub const NODE_BOUNDARY_DIVISOR: u64 = 32;
+/// Deepest tree accepted when reading (2^… entries, far beyond any disk).
+pub const NODE_MAX_LEVEL: u8 = 12;
+
+/// First 8 bytes of an index run file.
+pub const INDEX_MAGIC: [u8; 8] = *b"CAIRNIX1";
+/// Index record: digest(32) container(16) offset(u64) stored_len(u32) raw_len(u32) kind(u8) codec(u8) pad(6).
+pub const INDEX_RECORD_LEN: usize = 80;
+
+/// Largest segment the codec accepts (raw or stored), far above any chunker maximum.
+pub const SEGMENT_MAX_LEN: usize = 16 << 20;
+
+const _: () = assert!(CONTAINER_RECORD_LEN == 32 + 8 + 4 + 4 + 1 + 1 + 2);
+const _: () = assert!(CONTAINER_FOOTER_LEN == 8 + 4 + 4 + 16 + 8);
+const _: () = assert!(LEAF_RECORD_LEN == 32 + 4 + 1);
+const _: () = assert!(INNER_RECORD_LEN == 32 + 8 + 8);
+const _: () = assert!(INDEX_RECORD_LEN == 32 + 16 + 8 + 4 + 4 + 1 + 1 + 14);
+
+/// Kind of a blob stored in a container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[repr(u8)]
+pub enum BlobKind {
+    /// A segment of disk data.
+    Data = 0,
+    /// A recipe tree node.
+    Tree = 1,
+}
+
+impl BlobKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Data),
+            1 => Some(Self::Tree),
+            _ => None,
+        }
+    }
+}

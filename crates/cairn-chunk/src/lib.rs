@@ -1,0 +1,43 @@
+//! Pure data code shared by the storage agent and the vault.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`format`] | every magic number, version and fixed size of Cairn's on-disk formats |
+//! | [`chunker`] | content-defined (FastCDC 2020) and fixed-size segmentation |
+//! | [`fingerprint`] | BLAKE3 fingerprints and zero detection |
+//! | [`codec`] | the segment codec: per-segment zstd when it pays, verified decode |
+//! | [`recipe`] | recipe entries and the content-defined tree over them |
+//! | [`container`] | the self-describing container (pack file) format |
+//!
+//! Nothing here does I/O; every parser of untrusted bytes has hard limits and returns
+//! [`FormatError`] instead of panicking.
+
+pub mod chunker;
+pub mod codec;
+pub mod container;
+pub mod fingerprint;
+pub mod format;
+pub mod recipe;
+
+pub use chunker::{Chunker, ChunkerParams};
+pub use codec::{Codec, CodecError, EncodedSegment, Encoder};
+pub use fingerprint::{fingerprint, is_zero};
+pub use recipe::{Entry, EntryKind};
+
+/// Bytes that do not follow one of Cairn's formats.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{what}: {reason}")]
+pub struct FormatError {
+    /// Which format (e.g. "container footer", "tree node").
+    pub what: &'static str,
+    pub reason: String,
+}
+
+impl FormatError {
+    pub(crate) fn new(what: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            what,
+            reason: reason.into(),
+        }
+    }
+}
