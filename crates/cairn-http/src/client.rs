@@ -1,0 +1,240 @@
+//! A blocking client for Cairn services: base URL, bearer token, TLS trust, JSON errors.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{ApiError, ErrorBody, ErrorKind};
+use crate::tls;
+
+/// How the client trusts the server's certificate.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// SHA-256 of the server certificate, hex.
+    Fingerprint(String),
+    /// A PEM file of CA certificates.
+    Ca(PathBuf),
+}
+
+impl Trust {
+    /// From `CAIRN_FINGERPRINT` or `CAIRN_CA`.
+    pub fn from_env() -> Option<Self> {
+        if let Ok(f) = std::env::var("CAIRN_FINGERPRINT") {
+            if !f.is_empty() {
+                return Some(Self::Fingerprint(f));
+            }
+        }
+        std::env::var("CAIRN_CA")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|p| Self::Ca(p.into()))
+    }
+}
+
+/// A request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The service answered with an error.
+    #[error("{url}: {status} {}: {}", .api.kind.as_str(), .api.message)]
+    Api {
+        url: String,
+        status: u16,
+        api: ApiError,
+    },
+    /// The request did not get an answer (connection, TLS, timeout).
+    #[error("{url}: {msg}")]
+    Transport { url: String, msg: String },
+    #[error("{url}: bad response: {msg}")]
+    Decode { url: String, msg: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+impl ClientError {
+    /// The service's error kind, if it answered.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Api { api, .. } => Some(api.kind),
+            _ => None,
+        }
+    }
+}
+
+impl ErrorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::InsufficientStorage => "insufficient_storage",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Internal => "internal",
+            ErrorKind::Unknown => "unknown",
+        }
+    }
+}
+
+/// A connection pool to one service.
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).finish()
+    }
+}
+
+impl Client {
+    /// `base` is `https://host:port`.
+    pub fn new(base: &str, token: &str, trust: &Trust) -> Result<Self, ClientError> {
+        let cfg = match trust {
+            Trust::Fingerprint(fp) => tls::client_config_pinned(tls::parse_fingerprint(fp)?)?,
+            Trust::Ca(p) => tls::client_config_ca(p)?,
+        };
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(Arc::new(cfg))
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(300))
+            .timeout_write(Duration::from_secs(300))
+            .max_idle_connections_per_host(16)
+            .build();
+        Ok(Self {
+            agent,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn call(&self, req: ureq::Request, body: Option<&[u8]>) -> Result<ureq::Response, ClientError> {
+        let url = req.url().to_string();
+        let req = req.set("Authorization", &format!("Bearer {}", self.token));
+        let res = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        match res {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(status, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                let api = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|b| b.error)
+                    .unwrap_or_else(|_| {
+                        ApiError::new(
+                            ErrorKind::Unknown,
+                            text.chars().take(300).collect::<String>(),
+                        )
+                    });
+                Err(ClientError::Api { url, status, api })
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport {
+                url,
+                msg: t.to_string(),
+            }),
+        }
+    }
+
+    /// GET returning JSON.
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let r = self.call(self.agent.get(&self.url(path)), None)?;
+        decode_json(&self.url(path), r)
+    }
+
+    /// GET returning raw bytes.
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let url = self.url(path);
+        let r = self.call(self.agent.get(&url), None)?;
+        let mut v = Vec::new();
+        r.into_reader()
+            .take(1 << 31)
+            .read_to_end(&mut v)
+            .map_err(|e| ClientError::Transport {
+                url,
+                msg: e.to_string(),
+            })?;
+        Ok(v)
+    }
+
+    /// GET returning a streaming reader.
+    pub fn get_reader(&self, path: &str) -> Result<Box<dyn Read + Send + Sync>, ClientError> {
+        let r = self.call(self.agent.get(&self.url(path)), None)?;
+        Ok(r.into_reader())
+    }
+
+    /// POST a JSON body, JSON answer.
+    pub fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
+            url: url.clone(),
+            msg: e.to_string(),
+        })?;
+        let r = self.call(
+            self.agent
+                .post(&url)
+                .set("Content-Type", "application/json"),
+            Some(&bytes),
+        )?;
+        decode_json(&url, r)
+    }
+
+    /// POST raw bytes, JSON answer.
+    pub fn post_bytes<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &[u8],
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let r = self.call(
+            self.agent
+                .post(&url)
+                .set("Content-Type", "application/octet-stream"),
+            Some(body),
+        )?;
+        decode_json(&url, r)
+    }
+
+    /// DELETE, JSON answer.
+    pub fn delete_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let r = self.call(self.agent.delete(&url), None)?;
+        decode_json(&url, r)
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(
+    url: &str,
+    r: ureq::Response,
+) -> Result<T, ClientError> {
+    let mut text = Vec::new();
+    r.into_reader()
+        .take(256 << 20)
+        .read_to_end(&mut text)
+        .map_err(|e| ClientError::Transport {
+            url: url.to_string(),
+            msg: e.to_string(),
+        })?;
+    serde_json::from_slice(&text).map_err(|e| ClientError::Decode {
+        url: url.to_string(),
+        msg: e.to_string(),
+    })
+}

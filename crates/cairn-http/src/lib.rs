@@ -1,0 +1,21 @@
+//! The conventions every Cairn service shares, so that the vault, the agents, the manager and
+//! the server look alike from the outside:
+//!
+//! - **TLS always.** A service without a configured certificate makes a self-signed one on
+//!   first start and keeps it in its state directory; clients pin it by its SHA-256
+//!   fingerprint (`CAIRN_FINGERPRINT`) or trust a CA file (`CAIRN_CA`).
+//! - **Bearer tokens.** Every request but `GET /health` carries `Authorization: Bearer TOKEN`;
+//!   a missing or wrong token is `401` and the request does nothing.
+//! - **JSON errors.** Every error response is `{"error": {"kind": ..., "message": ...}}` with a
+//!   status that says whose fault it was (4xx: the caller's, 5xx: ours).
+//!
+//! [`server`] holds the async side (axum over tokio-rustls); [`client`] a blocking client
+//! (ureq) for CLIs and agents.
+
+pub mod client;
+pub mod error;
+pub mod server;
+pub mod tls;
+
+pub use client::{Client, ClientError, Trust};
+pub use error::{ApiError, ErrorBody, ErrorKind};

@@ -1,0 +1,143 @@
+//! The server side: a TLS listener for axum and the bearer-token check.
+//!
+//! TLS handshakes run in their own tasks (a slow or hostile client cannot stall the accept
+//! loop) and each is bounded by a timeout; failed handshakes are logged and dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::error::{ApiError, ErrorKind};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener that yields TLS streams; pass it to `axum::serve`.
+pub struct TlsListener {
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl std::fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListener")
+            .field("local", &self.local)
+            .finish()
+    }
+}
+
+impl TlsListener {
+    /// Binds `addr` and starts accepting in the background.
+    pub async fn bind(addr: SocketAddr, cfg: rustls::ServerConfig) -> std::io::Result<Self> {
+        let tcp = TcpListener::bind(addr).await?;
+        let local = tcp.local_addr()?;
+        let acceptor = TlsAcceptor::from(Arc::new(cfg));
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (sock, peer) = match tcp.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                if tx.is_closed() {
+                    break;
+                }
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {peer} timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { rx, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(x) => x,
+            // The accept task only ends when the runtime shuts down.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// The expected bearer token, as axum state for [`require_token`].
+#[derive(Clone, Debug)]
+pub struct Token(pub Arc<String>);
+
+/// Middleware: `401` unless `Authorization: Bearer <token>` matches. `GET /health` is open.
+pub async fn require_token(State(token): State<Token>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), token.0.as_bytes()) => next.run(req).await,
+        _ => ApiError::new(ErrorKind::Unauthorized, "missing or invalid bearer token")
+            .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads `path`, or creates it with a fresh random token (mode 0600).
+pub fn ensure_token(path: &std::path::Path) -> std::io::Result<String> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let t = hex::encode(rand::random::<[u8; 24]>());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(t.as_bytes())?;
+    f.sync_all()?;
+    Ok(t)
+}
