@@ -35,8 +35,18 @@ pub const NODE_MAX_LEVEL: u8 = 12;
 
 /// First 8 bytes of an index run file.
 pub const INDEX_MAGIC: [u8; 8] = *b"CAIRNIX1";
-/// Index record: digest(32) container(16) offset(u64) stored_len(u32) raw_len(u32) kind(u8) codec(u8) pad(6).
-pub const INDEX_RECORD_LEN: usize = 80;
+/// Version of the index run layout.
+pub const INDEX_VERSION: u32 = 1;
+/// Index run header: magic(8) version(u32) containers(u32) records(u64) bloom_words(u64) bloom_k(u32) pad(u32).
+pub const INDEX_HEADER_LEN: usize = 40;
+/// Index record: digest(32) container(16) offset(u32) stored_len(u32) raw_len(u32) kind(u8) codec(u8) pad(2).
+pub const INDEX_RECORD_LEN: usize = 64;
+/// Records per fence (one in-memory key per this many records).
+pub const INDEX_FENCE_STRIDE: usize = 64;
+/// Bloom filter bits per record (about 0.8% false positives with 7 hashes).
+pub const INDEX_BLOOM_BITS_PER_RECORD: u64 = 10;
+/// Bloom filter hash count.
+pub const INDEX_BLOOM_K: u32 = 7;
 
 /// Largest segment the codec accepts (raw or stored), far above any chunker maximum.
 pub const SEGMENT_MAX_LEN: usize = 16 << 20;
@@ -45,7 +55,8 @@ const _: () = assert!(CONTAINER_RECORD_LEN == 32 + 8 + 4 + 4 + 1 + 1 + 2);
 const _: () = assert!(CONTAINER_FOOTER_LEN == 8 + 4 + 4 + 16 + 8);
 const _: () = assert!(LEAF_RECORD_LEN == 32 + 4 + 1);
 const _: () = assert!(INNER_RECORD_LEN == 32 + 8 + 8);
-const _: () = assert!(INDEX_RECORD_LEN == 32 + 16 + 8 + 4 + 4 + 1 + 1 + 14);
+const _: () = assert!(INDEX_RECORD_LEN == 32 + 16 + 4 + 4 + 4 + 1 + 1 + 2);
+const _: () = assert!(INDEX_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 4 + 4);
 
 /// Kind of a blob stored in a container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -1,0 +1,128 @@
+//! The client-side view of a vault, the same for a local repository and a vault service.
+//!
+//! Backup and restore pipelines ([`crate::imager`]) talk only to [`Vault`] and
+//! [`VaultSession`], so the storage agent can send to a remote vault with the code the CLI
+//! uses on a local directory.
+
+use std::sync::Arc;
+
+use cairn_chunk::format::BlobKind;
+use cairn_chunk::{EncodedSegment, Entry};
+use cairn_types::Digest;
+
+use crate::error::Result;
+use crate::maint::{GcPlan, PruneOptions, PrunePlan, VerifyReport};
+use crate::manifest::{RepoConfig, SnapshotManifest};
+use crate::repo::Repository;
+use crate::session::{BackupSession, CommitRequest};
+
+/// One blob to upload.
+#[derive(Clone, Debug)]
+pub struct Upload {
+    pub digest: Digest,
+    pub kind: BlobKind,
+    pub raw_len: u32,
+    pub seg: EncodedSegment,
+}
+
+/// An open backup on a vault.
+pub trait VaultSession: Send + Sync {
+    /// For each digest, true when the vault lacks it.
+    fn lacking(&self, digests: &[Digest]) -> Result<Vec<bool>>;
+    /// Stores blobs the vault lacks (ones it has are ignored).
+    fn upload(&self, blobs: Vec<Upload>) -> Result<()>;
+    /// Publishes the snapshot.
+    fn commit(self: Box<Self>, req: CommitRequest) -> Result<SnapshotManifest>;
+}
+
+/// A vault: local repository or remote service.
+pub trait Vault: Send + Sync {
+    fn config(&self) -> Result<RepoConfig>;
+    fn begin(&self, purpose: &str) -> Result<Box<dyn VaultSession>>;
+    fn list(&self) -> Result<Vec<SnapshotManifest>>;
+    fn find(&self, spec: &str) -> Result<SnapshotManifest>;
+    fn entries(&self, s: &SnapshotManifest) -> Result<Vec<Entry>>;
+    /// Plaintext of data segments, verified against their digests, in order.
+    fn fetch(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>>;
+    fn verify(&self, read_data: bool) -> Result<VerifyReport>;
+    fn prune(&self, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan>;
+    fn gc(&self, dry_run: bool) -> Result<GcPlan>;
+    /// Bytes of disk data sent to / received from the vault over a network (0 when local).
+    fn wire_bytes(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn location(&self) -> String;
+}
+
+/// A local repository as a [`Vault`].
+#[derive(Debug, Clone)]
+pub struct LocalVault {
+    pub repo: Arc<Repository>,
+}
+
+struct LocalSession(BackupSession);
+
+impl VaultSession for LocalSession {
+    fn lacking(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        self.0.lacking(digests)
+    }
+
+    fn upload(&self, blobs: Vec<Upload>) -> Result<()> {
+        for b in blobs {
+            self.0.put(b.digest, b.kind, b.raw_len, &b.seg)?;
+            if b.kind == BlobKind::Tree {
+                self.0.note_node(b.digest, &b.seg, b.raw_len)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>, req: CommitRequest) -> Result<SnapshotManifest> {
+        self.0.commit(req)
+    }
+}
+
+impl Vault for LocalVault {
+    fn config(&self) -> Result<RepoConfig> {
+        Ok(self.repo.config().clone())
+    }
+
+    fn begin(&self, purpose: &str) -> Result<Box<dyn VaultSession>> {
+        Ok(Box::new(LocalSession(BackupSession::begin(
+            self.repo.clone(),
+            purpose,
+        )?)))
+    }
+
+    fn list(&self) -> Result<Vec<SnapshotManifest>> {
+        self.repo.list_snapshots()
+    }
+
+    fn find(&self, spec: &str) -> Result<SnapshotManifest> {
+        self.repo.find_snapshot(spec)
+    }
+
+    fn entries(&self, s: &SnapshotManifest) -> Result<Vec<Entry>> {
+        self.repo.entries(s)
+    }
+
+    fn fetch(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>> {
+        self.repo.read_many(digests)
+    }
+
+    fn verify(&self, read_data: bool) -> Result<VerifyReport> {
+        crate::maint::verify(&self.repo, read_data)
+    }
+
+    fn prune(&self, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan> {
+        crate::maint::prune(&self.repo, opts, dry_run)
+    }
+
+    fn gc(&self, dry_run: bool) -> Result<GcPlan> {
+        crate::maint::gc(&self.repo, dry_run)
+    }
+
+    fn location(&self) -> String {
+        self.repo.store().location()
+    }
+}

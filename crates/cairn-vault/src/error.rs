@@ -1,0 +1,74 @@
+//! The vault's error type.
+
+use cairn_chunk::{CodecError, FormatError};
+use cairn_types::{ContainerId, Digest};
+
+use crate::store::{StoreError, StoreErrorKind};
+
+/// Everything that can go wrong in the vault.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {what}")]
+    Io {
+        path: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("container {container}: {source}")]
+    Format {
+        container: ContainerId,
+        #[source]
+        source: FormatError,
+    },
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+    #[error("segment {digest:?} in container {container} at offset {offset}: {source}")]
+    Segment {
+        digest: Digest,
+        container: ContainerId,
+        offset: u32,
+        #[source]
+        source: CodecError,
+    },
+    #[error("segment {0:?} is not in the vault")]
+    MissingSegment(Digest),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("repository is locked: {0}")]
+    Locked(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not a Cairn repository ({0})")]
+    NotARepository(String),
+}
+
+impl VaultError {
+    pub(crate) fn io(
+        path: impl std::fmt::Display,
+        what: &'static str,
+        source: std::io::Error,
+    ) -> Self {
+        Self::Io {
+            path: path.to_string(),
+            what,
+            source,
+        }
+    }
+
+    /// True when the store ran out of space.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Self::Store(e) => e.kind == StoreErrorKind::NoSpace,
+            Self::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = VaultError> = std::result::Result<T, E>;

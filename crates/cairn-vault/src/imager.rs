@@ -1,0 +1,691 @@
+//! Backup and restore of disk images against any [`Vault`]: the client side of the
+//! fingerprint-first protocol, used by the CLI and the storage agent.
+//!
+//! **Full backup**: a reader thread cuts the image into segments; worker threads fingerprint
+//! them, ask the vault which it lacks, compress only those and upload them; the main thread
+//! puts the entries in order, builds the recipe tree and commits.
+//!
+//! **Incremental backup** (`parent` + changed extents): only the changed extents are read, each
+//! widened to the parent's segment boundary before it and re-chunked until a cut point falls
+//! back on one of the parent's boundaries; every other entry is the parent's. The result is a
+//! synthetic full: a complete recipe that shares all unchanged tree nodes with the parent.
+//!
+//! **Restore**: the recipe is split into batches that worker threads fetch (verified against
+//! their digests) and write with positional writes; zero entries are left as holes. The output
+//! is written under a temporary name and renamed only when complete, so a failed restore never
+//! leaves a plausible-looking wrong image.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cairn_chunk::format::BlobKind;
+use cairn_chunk::recipe::TreeBuilder;
+use cairn_chunk::{Chunker, ChunkerParams, Encoder, Entry, EntryKind, fingerprint, is_zero};
+use cairn_types::{Digest, ExtentList, ReadAt};
+
+use crate::api::{Upload, Vault, VaultSession};
+use crate::error::{Result, VaultError};
+use crate::manifest::{BackupStats, SnapshotManifest};
+use crate::session::CommitRequest;
+
+/// Progress reports; implementations must be cheap (called per batch).
+pub trait Progress: Send + Sync {
+    /// `done` of `total` bytes processed.
+    fn update(&self, done: u64, total: u64);
+}
+
+/// No progress reporting.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&self, _: u64, _: u64) {}
+}
+
+/// Options of one image backup (shared by CLI, API and config).
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    pub name: String,
+    /// Snapshot spec (id, prefix or name) of the parent.
+    pub parent: Option<String>,
+    /// Regions that may differ from the parent; requires `parent`.
+    pub changed: Option<ExtentList>,
+    /// Overrides the repository's default segmentation (full backups only).
+    pub chunker: Option<ChunkerParams>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Worker threads (0 = one per core).
+    pub threads: usize,
+}
+
+const BATCH_BYTES: usize = 4 << 20;
+
+fn source_err(e: std::io::Error, offset: u64) -> VaultError {
+    VaultError::io(format!("source image at offset {offset}"), "read", e)
+}
+
+/// Hashes, dedups against the vault, compresses and uploads one batch; returns its entries.
+fn process_batch(
+    session: &dyn VaultSession,
+    enc: &mut Encoder,
+    data: &[u8],
+    cuts: &[usize],
+    sent: &AtomicU64,
+) -> Result<Vec<Entry>> {
+    let mut entries = Vec::with_capacity(cuts.len());
+    let mut pos = 0;
+    for &n in cuts {
+        let piece = &data[pos..pos + n];
+        entries.push(if is_zero(piece) {
+            Entry::zero(n as u32)
+        } else {
+            Entry::data(fingerprint(piece), n as u32)
+        });
+        pos += n;
+    }
+    let mut want: Vec<(Digest, usize, usize)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut pos = 0;
+    for (e, &n) in entries.iter().zip(cuts) {
+        if e.kind == EntryKind::Data && seen.insert(e.digest) {
+            want.push((e.digest, pos, n));
+        }
+        pos += n;
+    }
+    if want.is_empty() {
+        return Ok(entries);
+    }
+    let digests: Vec<Digest> = want.iter().map(|w| w.0).collect();
+    let lacking = session.lacking(&digests)?;
+    let uploads: Vec<Upload> = want
+        .iter()
+        .zip(lacking)
+        .filter(|(_, l)| *l)
+        .map(|((d, p, n), _)| {
+            let seg = enc.encode(&data[*p..*p + *n]);
+            sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
+            Upload {
+                digest: *d,
+                kind: BlobKind::Data,
+                raw_len: *n as u32,
+                seg,
+            }
+        })
+        .collect();
+    if !uploads.is_empty() {
+        session.upload(uploads)?;
+    }
+    Ok(entries)
+}
+
+/// Builds the tree over `entries`, uploads the nodes the vault lacks, and returns the root.
+fn upload_tree(
+    session: &dyn VaultSession,
+    entries: &[Entry],
+) -> Result<cairn_chunk::recipe::TreeRoot> {
+    let mut nodes: Vec<(Digest, Vec<u8>)> = Vec::new();
+    let mut b = TreeBuilder::new(|d, bytes| nodes.push((d, bytes)));
+    entries.iter().for_each(|&e| b.push(e));
+    let root = b.finish();
+    let mut enc = Encoder::new(1);
+    for chunk in nodes.chunks(4096) {
+        let digests: Vec<Digest> = chunk.iter().map(|n| n.0).collect();
+        let lacking = session.lacking(&digests)?;
+        let ups: Vec<Upload> = chunk
+            .iter()
+            .zip(lacking)
+            .filter(|(_, l)| *l)
+            .map(|((d, bytes), _)| Upload {
+                digest: *d,
+                kind: BlobKind::Tree,
+                raw_len: bytes.len() as u32,
+                seg: enc.encode(bytes),
+            })
+            .collect();
+        if !ups.is_empty() {
+            session.upload(ups)?;
+        }
+    }
+    Ok(root)
+}
+
+/// Backs up `source` into `vault`.
+pub fn backup(
+    vault: &dyn Vault,
+    source: &dyn ReadAt,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<SnapshotManifest> {
+    let started = Instant::now();
+    let size = source.size().map_err(|e| source_err(e, 0))?;
+    let parent = match &opts.parent {
+        Some(p) => Some(vault.find(p)?),
+        None => None,
+    };
+    if opts.changed.is_some() && parent.is_none() {
+        return Err(VaultError::Invalid("--changed needs --parent".into()));
+    }
+    let level = vault.config()?.compression;
+    let session = vault.begin(&format!("backup {}", opts.name))?;
+    let sent = AtomicU64::new(0);
+    let mut stats = BackupStats::default();
+    let (entries, chunker) = match (&parent, &opts.changed) {
+        (Some(p), Some(changed)) => {
+            let chunker = p.chunker;
+            let pentries = vault.entries(p)?;
+            let e = incremental(
+                &*session, source, size, &pentries, changed, chunker, level, &sent, &mut stats,
+                progress,
+            )?;
+            (e, chunker)
+        }
+        _ => {
+            let chunker = opts
+                .chunker
+                .or(parent.as_ref().map(|p| p.chunker))
+                .unwrap_or(vault.config()?.chunker);
+            chunker.validate().map_err(VaultError::Invalid)?;
+            let e = full(
+                &*session,
+                source,
+                size,
+                chunker,
+                level,
+                opts.threads,
+                &sent,
+                &mut stats,
+                progress,
+            )?;
+            (e, chunker)
+        }
+    };
+    stats.segments = entries.len() as u64;
+    stats.zero_bytes = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Zero)
+        .map(|e| u64::from(e.len))
+        .sum();
+    let root = upload_tree(&*session, &entries)?;
+    if root.size != size {
+        return Err(VaultError::Invalid(format!(
+            "recipe covers {} bytes, image has {size}",
+            root.size
+        )));
+    }
+    stats.bytes_sent = vault.wire_bytes().0;
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    session.commit(CommitRequest {
+        name: opts.name.clone(),
+        root: Some(root),
+        chunker: Some(chunker),
+        parent: parent.map(|p| p.id),
+        client_stats: stats,
+        labels: opts.labels.clone(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn full(
+    session: &dyn VaultSession,
+    source: &dyn ReadAt,
+    size: u64,
+    params: ChunkerParams,
+    level: i32,
+    threads: usize,
+    sent: &AtomicU64,
+    stats: &mut BackupStats,
+    progress: &dyn Progress,
+) -> Result<Vec<Entry>> {
+    let chunker = Chunker::new(params);
+    let threads = if threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    } else {
+        threads
+    };
+    let (btx, brx) = crossbeam_channel::bounded::<(usize, Vec<u8>, Vec<usize>)>(threads * 2);
+    let (rtx, rrx) = crossbeam_channel::unbounded::<(usize, Result<Vec<Entry>>)>();
+    let done = AtomicU64::new(0);
+    std::thread::scope(|sc| -> Result<Vec<Entry>> {
+        // Reader: cut the image into batches of whole segments.
+        let reader = sc.spawn(move || -> Result<u64> {
+            let window = chunker.window();
+            let mut buf: Vec<u8> = Vec::with_capacity(BATCH_BYTES + window);
+            let mut off = 0u64;
+            let mut seq = 0;
+            loop {
+                let want = (BATCH_BYTES + window).saturating_sub(buf.len());
+                let n = want.min((size - off) as usize);
+                let start = buf.len();
+                buf.resize(start + n, 0);
+                source
+                    .read_exact_at(&mut buf[start..], off)
+                    .map_err(|e| source_err(e, off))?;
+                off += n as u64;
+                let eof = off == size;
+                let mut cuts = Vec::new();
+                let mut pos = 0;
+                while pos < buf.len()
+                    && (eof || buf.len() - pos >= window)
+                    && (pos < BATCH_BYTES || eof)
+                {
+                    let c = chunker.cut(&buf[pos..]);
+                    cuts.push(c);
+                    pos += c;
+                }
+                let rest = buf[pos..].to_vec();
+                buf.truncate(pos);
+                if !cuts.is_empty() && btx.send((seq, std::mem::take(&mut buf), cuts)).is_err() {
+                    break;
+                }
+                seq += 1;
+                buf = rest;
+                buf.reserve(BATCH_BYTES + window);
+                if eof && buf.is_empty() {
+                    break;
+                }
+            }
+            drop(btx);
+            Ok(off)
+        });
+        for _ in 0..threads {
+            let brx = brx.clone();
+            let rtx = rtx.clone();
+            let done = &done;
+            sc.spawn(move || {
+                let mut enc = Encoder::new(level);
+                for (seq, data, cuts) in brx {
+                    let r = process_batch(session, &mut enc, &data, &cuts, sent);
+                    let failed = r.is_err();
+                    progress.update(
+                        done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64,
+                        size,
+                    );
+                    if rtx.send((seq, r)).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(rtx);
+        drop(brx);
+        let mut pending: HashMap<usize, Vec<Entry>> = HashMap::new();
+        let mut next = 0;
+        let mut out = Vec::new();
+        let mut err = None;
+        for (seq, r) in rrx {
+            match r {
+                Ok(e) => {
+                    pending.insert(seq, e);
+                    while let Some(e) = pending.remove(&next) {
+                        out.extend(e);
+                        next += 1;
+                    }
+                }
+                Err(e) => {
+                    err.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        let read = reader
+            .join()
+            .map_err(|_| VaultError::Invalid("reader thread panicked".into()))?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        stats.bytes_read = read?;
+        Ok(out)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn incremental(
+    session: &dyn VaultSession,
+    source: &dyn ReadAt,
+    size: u64,
+    parent: &[Entry],
+    changed: &ExtentList,
+    params: ChunkerParams,
+    level: i32,
+    sent: &AtomicU64,
+    stats: &mut BackupStats,
+    progress: &dyn Progress,
+) -> Result<Vec<Entry>> {
+    let chunker = Chunker::new(params);
+    let window = chunker.window();
+    // Parent entry start offsets; ends[i] = starts[i + 1].
+    let mut starts = Vec::with_capacity(parent.len() + 1);
+    let mut acc = 0u64;
+    for e in parent {
+        starts.push(acc);
+        acc += u64::from(e.len);
+    }
+    let psize = acc;
+    starts.push(psize);
+    let is_boundary = |o: u64| starts.binary_search(&o).is_ok();
+    // Everything past the smaller size changed too.
+    let mut ext: Vec<cairn_types::Extent> = changed.clamp(size).iter().copied().collect();
+    if size > psize {
+        ext.push(cairn_types::Extent::new(psize, size - psize));
+    } else if size < psize && size > 0 {
+        ext.push(cairn_types::Extent::new(size - 1, 1));
+    }
+    let ext = ExtentList::from_unsorted(ext).clamp(size);
+    let ext = ext.as_slice();
+
+    let mut out: Vec<Entry> = Vec::with_capacity(parent.len() + 1024);
+    let mut enc = Encoder::new(level);
+    let mut batch_data: Vec<u8> = Vec::new();
+    let mut batch_cuts: Vec<usize> = Vec::new();
+    let mut batch_slots: Vec<usize> = Vec::new(); // out positions to fill
+    let mut flush = |out: &mut Vec<Entry>,
+                     data: &mut Vec<u8>,
+                     cuts: &mut Vec<usize>,
+                     slots: &mut Vec<usize>|
+     -> Result<()> {
+        if cuts.is_empty() {
+            return Ok(());
+        }
+        let es = process_batch(session, &mut enc, data, cuts, sent)?;
+        for (slot, e) in slots.iter().zip(es) {
+            out[*slot] = e;
+        }
+        data.clear();
+        cuts.clear();
+        slots.clear();
+        Ok(())
+    };
+    let mut pi = 0usize; // next parent entry to copy
+    let mut pos = 0u64; // image offset covered so far (always a parent boundary or the end)
+    let mut xi = 0usize;
+    let mut read = 0u64;
+    while xi < ext.len() && pos < size {
+        let x = ext[xi];
+        if x.end() <= pos {
+            xi += 1;
+            continue;
+        }
+        // Copy parent entries that end at or before the change.
+        while pi < parent.len() && starts[pi + 1] <= x.offset && starts[pi + 1] <= size {
+            out.push(parent[pi]);
+            pi += 1;
+        }
+        let start = if pi < parent.len() {
+            starts[pi]
+        } else {
+            psize.min(size)
+        };
+        debug_assert!(start >= pos);
+        // Re-chunk from `start` until a cut realigns with the parent past every change it met.
+        let mut dirty_until = x.end();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut buf_at = start; // image offset of buf[0]
+        let mut cur = start;
+        loop {
+            // Keep at least `window` bytes ahead of `cur` unless at the end.
+            let have = buf_at + buf.len() as u64;
+            if have < size && have - cur < window as u64 {
+                // Read just enough to decide the next cut (rounded up to 16 KiB).
+                let deficit = window as u64 - (have - cur);
+                let n = deficit
+                    .div_ceil(16 << 10)
+                    .saturating_mul(16 << 10)
+                    .min(size - have) as usize;
+                let old = buf.len();
+                buf.resize(old + n, 0);
+                source
+                    .read_exact_at(&mut buf[old..], have)
+                    .map_err(|e| source_err(e, have))?;
+                read += n as u64;
+                continue;
+            }
+            let rel = (cur - buf_at) as usize;
+            let c = chunker.cut(&buf[rel..]);
+            batch_data.extend_from_slice(&buf[rel..rel + c]);
+            batch_cuts.push(c);
+            batch_slots.push(out.len());
+            out.push(Entry::zero(c as u32)); // placeholder, filled by flush
+            cur += c as u64;
+            while xi + 1 < ext.len() && ext[xi + 1].offset < cur {
+                xi += 1;
+                dirty_until = dirty_until.max(ext[xi].end());
+            }
+            if batch_data.len() >= BATCH_BYTES {
+                flush(&mut out, &mut batch_data, &mut batch_cuts, &mut batch_slots)?;
+            }
+            // Drop consumed bytes now and then.
+            if rel > (8 << 20) {
+                buf.drain(..rel);
+                buf_at += rel as u64;
+            }
+            if cur >= size || (cur >= dirty_until && cur <= psize && is_boundary(cur)) {
+                break;
+            }
+        }
+        pos = cur;
+        progress.update(pos, size);
+        // Skip parent entries the re-chunked region replaced.
+        while pi < parent.len() && starts[pi] < pos {
+            pi += 1;
+        }
+        xi += 1;
+    }
+    flush(&mut out, &mut batch_data, &mut batch_cuts, &mut batch_slots)?;
+    while pi < parent.len() && starts[pi + 1] <= size && pos < size {
+        out.push(parent[pi]);
+        pi += 1;
+    }
+    stats.bytes_read = read;
+    progress.update(size, size);
+    Ok(out)
+}
+
+/// Options of one restore.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    pub threads: usize,
+}
+
+/// Result of a restore.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RestoreStats {
+    pub snapshot: String,
+    pub bytes: u64,
+    pub bytes_written: u64,
+    pub zero_bytes: u64,
+    pub duration_ms: u64,
+}
+
+/// Restores snapshot `spec` to `output` (a file, created or replaced atomically; or a block
+/// device, written in place).
+pub fn restore(
+    vault: &dyn Vault,
+    spec: &str,
+    output: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreStats> {
+    let started = Instant::now();
+    let snap = vault.find(spec)?;
+    let entries = vault.entries(&snap)?;
+    let is_dev = std::fs::metadata(output)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let target: PathBuf = if is_dev {
+        output.to_path_buf()
+    } else {
+        let name = output.file_name().ok_or_else(|| {
+            VaultError::Invalid(format!("{} is not a file path", output.display()))
+        })?;
+        output.with_file_name(format!(".{}.cairn-partial", name.to_string_lossy()))
+    };
+    let io = |what| {
+        let t = target.display().to_string();
+        move |e| VaultError::io(t, what, e)
+    };
+    let file = if is_dev {
+        OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .map_err(io("open"))?
+    } else {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&target)
+            .map_err(io("create"))?;
+        f.set_len(snap.size).map_err(io("set length"))?;
+        f
+    };
+    let result = restore_into(vault, &entries, &file, is_dev, snap.size, opts, progress);
+    let (written, zeros) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            if !is_dev {
+                let _ = std::fs::remove_file(&target);
+            }
+            return Err(e);
+        }
+    };
+    file.sync_all().map_err(io("fsync"))?;
+    if !is_dev {
+        std::fs::rename(&target, output).map_err(io("rename"))?;
+    }
+    Ok(RestoreStats {
+        snapshot: snap.id.to_string(),
+        bytes: snap.size,
+        bytes_written: written,
+        zero_bytes: zeros,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+fn restore_into(
+    vault: &dyn Vault,
+    entries: &[Entry],
+    file: &File,
+    write_zeros: bool,
+    size: u64,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<(u64, u64)> {
+    // Batches of (image offset, entry) with about BATCH_BYTES of data each.
+    let mut batches: Vec<Vec<(u64, Entry)>> = vec![Vec::new()];
+    let mut bytes = 0usize;
+    let mut off = 0u64;
+    let mut zeros = 0u64;
+    for e in entries {
+        if e.kind == EntryKind::Zero {
+            zeros += u64::from(e.len);
+            if write_zeros {
+                batches.last_mut().expect("one batch").push((off, *e));
+            }
+        } else {
+            if bytes >= 2 * BATCH_BYTES {
+                batches.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += e.len as usize;
+            batches.last_mut().expect("one batch").push((off, *e));
+        }
+        off += u64::from(e.len);
+    }
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2)
+    } else {
+        opts.threads
+    };
+    let next = AtomicU64::new(0);
+    let written = AtomicU64::new(0);
+    let error: Mutex<Option<VaultError>> = Mutex::new(None);
+    let batches = Arc::new(batches);
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= batches.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    if let Err(e) = restore_batch(vault, &batches[i], file, &written) {
+                        error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                    progress.update(written.load(Ordering::Relaxed) + zeros, size);
+                }
+            });
+        }
+    });
+    if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok((written.load(Ordering::Relaxed), zeros))
+}
+
+fn restore_batch(
+    vault: &dyn Vault,
+    batch: &[(u64, Entry)],
+    file: &File,
+    written: &AtomicU64,
+) -> Result<()> {
+    let digests: Vec<Digest> = batch
+        .iter()
+        .filter(|(_, e)| e.kind == EntryKind::Data)
+        .map(|(_, e)| e.digest)
+        .collect();
+    let datas = vault.fetch(&digests).map_err(|e| {
+        let (a, b) = (
+            batch.first().map(|x| x.0).unwrap_or(0),
+            batch.last().map(|x| x.0 + u64::from(x.1.len)).unwrap_or(0),
+        );
+        VaultError::Corrupt(format!("cannot restore image bytes {a}..{b}: {e}"))
+    })?;
+    let mut it = datas.into_iter();
+    let zero = vec![0u8; 1 << 16];
+    for (off, e) in batch {
+        let w = |buf: &[u8]| {
+            file.write_all_at(buf, *off)
+                .map_err(|err| VaultError::io(format!("output at offset {off}"), "write", err))
+        };
+        match e.kind {
+            EntryKind::Data => {
+                let data = it
+                    .next()
+                    .ok_or_else(|| VaultError::Corrupt("vault returned too few segments".into()))?;
+                if data.len() != e.len as usize {
+                    return Err(VaultError::Corrupt(format!(
+                        "segment {:?} for image bytes {off}..{} has {} bytes",
+                        e.digest,
+                        off + u64::from(e.len),
+                        data.len()
+                    )));
+                }
+                w(&data)?;
+                written.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            EntryKind::Zero => {
+                let mut done = 0usize;
+                while done < e.len as usize {
+                    let n = (e.len as usize - done).min(zero.len());
+                    file.write_all_at(&zero[..n], off + done as u64)
+                        .map_err(|err| VaultError::io("output", "write", err))?;
+                    done += n;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! The fingerprint index: digest → where the blob lies (container, offset, lengths, codec).
+//!
+//! # Layout
+//!
+//! The index is a local, rebuildable cache: a set of immutable **runs** in one directory, each
+//! a file of records sorted by digest, plus the in-memory `pending` map of entries not yet
+//! written to a run. Every run names the containers it covers; a container that no run covers
+//! (written by a backup that crashed before its index flush) is found at [`Index::open`] and its
+//! trailer is read back in. So deleting the whole directory loses nothing: the next open
+//! rebuilds it from the containers alone.
+//!
+//! ```text
+//! run file: header (INDEX_HEADER_LEN) | container ids (16 each) | bloom words (u64 each)
+//!           | fences (u64 each, first 8 digest bytes of every INDEX_FENCE_STRIDE-th record)
+//!           | records (INDEX_RECORD_LEN each, sorted by digest)
+//! ```
+//!
+//! # Memory
+//!
+//! Only the bloom filter (10 bits) and the fences (8 bytes per 64 records = 1 bit) of each run
+//! stay in memory: about **1.4 bytes per segment**, so 10^9 segments need ~1.4 GiB of RAM. A
+//! lookup that the bloom filter rejects (~99% of lookups of new data) touches no disk; one that
+//! passes reads one 8 KiB window of the run file.
+//!
+//! # Concurrency and crashes
+//!
+//! Runs are written with temp + fsync + rename and never modified. Replacing runs (compaction,
+//! GC) writes the new run before deleting the old ones, so a crash leaves duplicates, never
+//! gaps. Callers serialise mutation with the repository lock.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_chunk::Codec;
+use cairn_chunk::container::Record;
+use cairn_chunk::format::{
+    BlobKind, INDEX_BLOOM_BITS_PER_RECORD, INDEX_BLOOM_K, INDEX_FENCE_STRIDE, INDEX_HEADER_LEN,
+    INDEX_MAGIC, INDEX_RECORD_LEN, INDEX_VERSION,
+};
+use cairn_types::{ContainerId, Digest};
+
+use crate::error::{Result, VaultError};
+
+/// Where a blob lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub container: ContainerId,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub kind: BlobKind,
+    pub codec: Codec,
+}
+
+impl Location {
+    pub fn from_record(container: ContainerId, r: &Record) -> Self {
+        Self {
+            container,
+            offset: r.offset as u32,
+            stored_len: r.stored_len,
+            raw_len: r.raw_len,
+            kind: r.kind,
+            codec: r.codec,
+        }
+    }
+
+    fn encode(&self, d: &Digest, out: &mut Vec<u8>) {
+        out.extend_from_slice(d.as_bytes());
+        out.extend_from_slice(self.container.as_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.stored_len.to_le_bytes());
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        out.push(self.kind as u8);
+        out.push(self.codec as u8);
+        out.extend_from_slice(&[0, 0]);
+    }
+
+    fn decode(b: &[u8]) -> Option<(Digest, Self)> {
+        let d = Digest::from_slice(&b[..32])?;
+        Some((
+            d,
+            Self {
+                container: ContainerId::from_slice(&b[32..48])?,
+                offset: u32::from_le_bytes(b[48..52].try_into().ok()?),
+                stored_len: u32::from_le_bytes(b[52..56].try_into().ok()?),
+                raw_len: u32::from_le_bytes(b[56..60].try_into().ok()?),
+                kind: BlobKind::from_u8(b[60])?,
+                codec: Codec::from_u8(b[61])?,
+            },
+        ))
+    }
+}
+
+fn key64(d: &Digest) -> u64 {
+    u64::from_be_bytes(d.0[..8].try_into().expect("8 bytes"))
+}
+
+struct Bloom {
+    words: Vec<u64>,
+    k: u32,
+}
+
+impl Bloom {
+    fn with_capacity(n: usize) -> Self {
+        let bits = (n as u64 * INDEX_BLOOM_BITS_PER_RECORD).max(64);
+        Self {
+            words: vec![0; bits.div_ceil(64) as usize],
+            k: INDEX_BLOOM_K,
+        }
+    }
+
+    fn probes(&self, d: &Digest) -> impl Iterator<Item = u64> + '_ {
+        let h1 = u64::from_le_bytes(d.0[8..16].try_into().expect("8"));
+        let h2 = u64::from_le_bytes(d.0[16..24].try_into().expect("8")) | 1;
+        let m = self.words.len() as u64 * 64;
+        (0..u64::from(self.k)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % m)
+    }
+
+    fn insert(&mut self, d: &Digest) {
+        let bits: Vec<u64> = self.probes(d).collect();
+        for b in bits {
+            self.words[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    fn may_contain(&self, d: &Digest) -> bool {
+        self.probes(d)
+            .all(|b| self.words[(b / 64) as usize] & (1 << (b % 64)) != 0)
+    }
+}
+
+struct Run {
+    path: PathBuf,
+    file: File,
+    containers: Vec<ContainerId>,
+    bloom: Bloom,
+    fences: Vec<u64>,
+    records_at: u64,
+    n: u64,
+}
+
+impl Run {
+    fn open(path: &Path) -> Result<Self> {
+        let io = |what| move |e| VaultError::io(path.display(), what, e);
+        let file = File::open(path).map_err(io("open index run"))?;
+        let len = file.metadata().map_err(io("stat index run"))?.len();
+        let mut h = [0u8; INDEX_HEADER_LEN];
+        file.read_exact_at(&mut h, 0)
+            .map_err(io("read index run header"))?;
+        let bad = |r: &str| VaultError::Corrupt(format!("index run {}: {r}", path.display()));
+        if h[..8] != INDEX_MAGIC
+            || u32::from_le_bytes(h[8..12].try_into().expect("4")) != INDEX_VERSION
+        {
+            return Err(bad("bad magic or version"));
+        }
+        let nc = u64::from(u32::from_le_bytes(h[12..16].try_into().expect("4")));
+        let n = u64::from_le_bytes(h[16..24].try_into().expect("8"));
+        let words = u64::from_le_bytes(h[24..32].try_into().expect("8"));
+        let k = u32::from_le_bytes(h[32..36].try_into().expect("4"));
+        let nf = n.div_ceil(INDEX_FENCE_STRIDE as u64);
+        let want = (INDEX_HEADER_LEN as u64)
+            .checked_add(nc.checked_mul(16).ok_or_else(|| bad("size overflow"))?)
+            .and_then(|v| v.checked_add(words.checked_mul(8)?))
+            .and_then(|v| v.checked_add(nf.checked_mul(8)?))
+            .and_then(|v| v.checked_add(n.checked_mul(INDEX_RECORD_LEN as u64)?));
+        if want != Some(len) || k == 0 || k > 32 || words == 0 {
+            return Err(bad("length does not match header (truncated?)"));
+        }
+        let meta_len = (len - n * INDEX_RECORD_LEN as u64) as usize - INDEX_HEADER_LEN;
+        let mut meta = vec![0u8; meta_len];
+        file.read_exact_at(&mut meta, INDEX_HEADER_LEN as u64)
+            .map_err(io("read index run"))?;
+        let (cbytes, rest) = meta.split_at(nc as usize * 16);
+        let (wbytes, fbytes) = rest.split_at(words as usize * 8);
+        let containers = cbytes
+            .chunks_exact(16)
+            .map(|c| ContainerId::from_slice(c).expect("16"))
+            .collect();
+        let u64s = |b: &[u8]| {
+            b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+                .collect::<Vec<_>>()
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            containers,
+            bloom: Bloom {
+                words: u64s(wbytes),
+                k,
+            },
+            fences: u64s(fbytes),
+            records_at: len - n * INDEX_RECORD_LEN as u64,
+            n,
+        })
+    }
+
+    fn get(&self, d: &Digest) -> Result<Option<Location>> {
+        if self.n == 0 || !self.bloom.may_contain(d) {
+            return Ok(None);
+        }
+        let key = key64(d);
+        // First fence >= key; the record lies in the page before it or, on equal prefixes, in it.
+        let p = self.fences.partition_point(|&f| f < key);
+        let first_page = p.saturating_sub(1) as u64;
+        let last_page = (p as u64).min(self.fences.len() as u64 - 1);
+        let stride = INDEX_FENCE_STRIDE as u64;
+        let lo = first_page * stride;
+        let hi = ((last_page + 1) * stride).min(self.n);
+        let mut buf = vec![0u8; ((hi - lo) as usize) * INDEX_RECORD_LEN];
+        self.file
+            .read_exact_at(&mut buf, self.records_at + lo * INDEX_RECORD_LEN as u64)
+            .map_err(|e| VaultError::io(self.path.display(), "read index run", e))?;
+        let recs: Vec<&[u8]> = buf.chunks_exact(INDEX_RECORD_LEN).collect();
+        match recs.binary_search_by(|r| r[..32].cmp(d.as_bytes())) {
+            Ok(i) => Location::decode(recs[i])
+                .map(|(_, l)| Some(l))
+                .ok_or_else(|| {
+                    VaultError::Corrupt(format!("index run {}: bad record", self.path.display()))
+                }),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// All records, in digest order.
+    fn scan(&self) -> Result<Vec<(Digest, Location)>> {
+        let mut buf = vec![0u8; self.n as usize * INDEX_RECORD_LEN];
+        self.file
+            .read_exact_at(&mut buf, self.records_at)
+            .map_err(|e| VaultError::io(self.path.display(), "read index run", e))?;
+        buf.chunks_exact(INDEX_RECORD_LEN)
+            .map(|r| {
+                Location::decode(r).ok_or_else(|| {
+                    VaultError::Corrupt(format!("index run {}: bad record", self.path.display()))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Writes a run; returns its size in bytes.
+fn write_run(
+    path: &Path,
+    containers: &[ContainerId],
+    mut recs: Vec<(Digest, Location)>,
+) -> Result<u64> {
+    recs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    recs.dedup_by(|a, b| a.0 == b.0);
+    let mut bloom = Bloom::with_capacity(recs.len());
+    recs.iter().for_each(|(d, _)| bloom.insert(d));
+    let nf = recs.len().div_ceil(INDEX_FENCE_STRIDE);
+    let mut out = Vec::with_capacity(
+        INDEX_HEADER_LEN
+            + containers.len() * 16
+            + bloom.words.len() * 8
+            + nf * 8
+            + recs.len() * INDEX_RECORD_LEN,
+    );
+    out.extend_from_slice(&INDEX_MAGIC);
+    out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+    out.extend_from_slice(&(containers.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(recs.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(bloom.words.len() as u64).to_le_bytes());
+    out.extend_from_slice(&bloom.k.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    containers
+        .iter()
+        .for_each(|c| out.extend_from_slice(c.as_bytes()));
+    bloom
+        .words
+        .iter()
+        .for_each(|w| out.extend_from_slice(&w.to_le_bytes()));
+    recs.iter()
+        .step_by(INDEX_FENCE_STRIDE)
+        .for_each(|(d, _)| out.extend_from_slice(&key64(d).to_le_bytes()));
+    recs.iter().for_each(|(d, l)| l.encode(d, &mut out));
+    let tmp = path.with_extension("tmp");
+    let io = |what| move |e| VaultError::io(path.display(), what, e);
+    let mut f = File::create(&tmp).map_err(io("create index run"))?;
+    f.write_all(&out).map_err(io("write index run"))?;
+    f.sync_all().map_err(io("fsync index run"))?;
+    fs::rename(&tmp, path).map_err(io("rename index run"))?;
+    File::open(path.parent().expect("parent"))
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync index directory"))?;
+    Ok(out.len() as u64)
+}
+
+/// The fingerprint index. See the module docs.
+pub struct Index {
+    dir: PathBuf,
+    runs: Vec<Run>,
+    pending: HashMap<Digest, Location>,
+    pending_containers: Vec<ContainerId>,
+    covered: HashSet<ContainerId>,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("dir", &self.dir)
+            .field("runs", &self.runs.len())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl Index {
+    /// Opens the runs in `dir` (created if missing). Damaged runs are deleted (their
+    /// containers will be re-read), so a bad cache never blocks the vault.
+    pub fn open(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir)
+            .map_err(|e| VaultError::io(dir.display(), "create index directory", e))?;
+        let mut runs = Vec::new();
+        let rd = fs::read_dir(dir).map_err(|e| VaultError::io(dir.display(), "list index", e))?;
+        for ent in rd {
+            let ent = ent.map_err(|e| VaultError::io(dir.display(), "list index", e))?;
+            let p = ent.path();
+            match p.extension().and_then(|e| e.to_str()) {
+                Some("idx") => match Run::open(&p) {
+                    Ok(r) => runs.push(r),
+                    Err(e) => {
+                        tracing::warn!("dropping damaged index run: {e}");
+                        let _ = fs::remove_file(&p);
+                    }
+                },
+                Some("tmp") => {
+                    let _ = fs::remove_file(&p);
+                }
+                _ => {}
+            }
+        }
+        let covered = runs
+            .iter()
+            .flat_map(|r| r.containers.iter().copied())
+            .collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            runs,
+            pending: HashMap::new(),
+            pending_containers: Vec::new(),
+            covered,
+        })
+    }
+
+    /// Looks a digest up.
+    pub fn get(&self, d: &Digest) -> Result<Option<Location>> {
+        if let Some(l) = self.pending.get(d) {
+            return Ok(Some(*l));
+        }
+        for r in self.runs.iter().rev() {
+            if let Some(l) = r.get(d)? {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn contains(&self, d: &Digest) -> Result<bool> {
+        Ok(self.get(d)?.is_some())
+    }
+
+    /// Is this container's content in the index (or pending)?
+    pub fn covers(&self, c: &ContainerId) -> bool {
+        self.covered.contains(c)
+    }
+
+    /// Adds every record of a container.
+    pub fn add_container(&mut self, c: ContainerId, records: &[Record]) {
+        for r in records {
+            self.pending
+                .entry(r.digest)
+                .or_insert_with(|| Location::from_record(c, r));
+        }
+        if self.covered.insert(c) {
+            self.pending_containers.push(c);
+        }
+    }
+
+    /// Number of entries not yet in a run.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes pending entries as a new run; returns the bytes written.
+    pub fn flush(&mut self) -> Result<u64> {
+        if self.pending_containers.is_empty() && self.pending.is_empty() {
+            return Ok(0);
+        }
+        let path = self
+            .dir
+            .join(format!("run-{:016x}.idx", rand::random::<u64>()));
+        let recs: Vec<_> = self.pending.iter().map(|(d, l)| (*d, *l)).collect();
+        let n = write_run(&path, &self.pending_containers, recs)?;
+        self.runs.push(Run::open(&path)?);
+        self.pending.clear();
+        self.pending_containers.clear();
+        Ok(n)
+    }
+
+    /// Number of runs on disk.
+    pub fn run_count(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Merges every run into one, dropping entries of `remove`d containers. Writes the new run
+    /// before deleting the old ones.
+    pub fn rewrite(&mut self, remove: &HashSet<ContainerId>) -> Result<()> {
+        self.flush()?;
+        let mut all = Vec::new();
+        let mut containers: Vec<ContainerId> = Vec::new();
+        for r in &self.runs {
+            all.extend(
+                r.scan()?
+                    .into_iter()
+                    .filter(|(_, l)| !remove.contains(&l.container)),
+            );
+            containers.extend(r.containers.iter().filter(|c| !remove.contains(c)));
+        }
+        containers.sort_unstable();
+        containers.dedup();
+        let path = self
+            .dir
+            .join(format!("run-{:016x}.idx", rand::random::<u64>()));
+        write_run(&path, &containers, all)?;
+        let new = Run::open(&path)?;
+        for old in std::mem::take(&mut self.runs) {
+            fs::remove_file(&old.path)
+                .map_err(|e| VaultError::io(old.path.display(), "delete index run", e))?;
+        }
+        self.covered = containers.iter().copied().collect();
+        self.runs.push(new);
+        Ok(())
+    }
+
+    /// Every entry (runs and pending), for maintenance.
+    pub fn entries(&self) -> Result<HashMap<Digest, Location>> {
+        let mut out = HashMap::new();
+        for r in &self.runs {
+            out.extend(r.scan()?);
+        }
+        out.extend(self.pending.iter().map(|(d, l)| (*d, *l)));
+        Ok(out)
+    }
+
+    /// Bytes of RAM the index holds beyond its pending entries.
+    pub fn resident_bytes(&self) -> usize {
+        self.runs
+            .iter()
+            .map(|r| r.bloom.words.len() * 8 + r.fences.len() * 8 + r.containers.len() * 16)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(i: u64) -> Digest {
+        cairn_chunk::fingerprint(&i.to_le_bytes())
+    }
+
+    fn rec(i: u64) -> Record {
+        Record {
+            digest: digest(i),
+            offset: 8 + i,
+            stored_len: 10,
+            raw_len: 20,
+            kind: BlobKind::Data,
+            codec: Codec::Raw,
+        }
+    }
+
+    #[test]
+    fn lookups_survive_flush_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let c1 = ContainerId::random();
+        let c2 = ContainerId::random();
+        let mut ix = Index::open(dir.path()).unwrap();
+        let recs1: Vec<_> = (0..5000).map(rec).collect();
+        ix.add_container(c1, &recs1);
+        assert!(ix.contains(&digest(42)).unwrap());
+        ix.flush().unwrap();
+        ix.add_container(c2, &(5000..6000).map(rec).collect::<Vec<_>>());
+        ix.flush().unwrap();
+        drop(ix);
+        let ix = Index::open(dir.path()).unwrap();
+        assert!(ix.covers(&c1) && ix.covers(&c2));
+        for i in (0..6000).step_by(7) {
+            let l = ix.get(&digest(i)).unwrap().expect("present");
+            assert_eq!(l.offset, 8 + i as u32);
+            assert_eq!(l.container, if i < 5000 { c1 } else { c2 });
+        }
+        let misses = (10_000..20_000)
+            .filter(|&i| ix.contains(&digest(i)).unwrap())
+            .count();
+        assert_eq!(misses, 0);
+    }
+
+    #[test]
+    fn rewrite_drops_removed_containers_and_damaged_runs_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, c2) = (ContainerId::random(), ContainerId::random());
+        let mut ix = Index::open(dir.path()).unwrap();
+        ix.add_container(c1, &(0..100).map(rec).collect::<Vec<_>>());
+        ix.flush().unwrap();
+        ix.add_container(c2, &(100..200).map(rec).collect::<Vec<_>>());
+        ix.rewrite(&[c1].into_iter().collect()).unwrap();
+        assert_eq!(ix.run_count(), 1);
+        assert!(!ix.contains(&digest(5)).unwrap());
+        assert!(ix.contains(&digest(150)).unwrap());
+        assert!(!ix.covers(&c1));
+        // Truncate the run: reopening drops it instead of failing.
+        let run = fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let len = fs::metadata(&run).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&run)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let ix = Index::open(dir.path()).unwrap();
+        assert_eq!(ix.run_count(), 0);
+        assert!(!ix.covers(&c2));
+    }
+}

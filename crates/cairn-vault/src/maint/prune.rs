@@ -1,0 +1,107 @@
+//! Prune: forget snapshots that no retention rule keeps. Rules apply per snapshot name (one
+//! disk's history); a snapshot is kept when any rule keeps it. Data is freed by GC afterwards.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cairn_types::SnapshotId;
+
+use crate::error::Result;
+use crate::repo::Repository;
+
+/// Retention rules. All zero keeps everything.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PruneOptions {
+    pub keep_last: usize,
+    pub keep_daily: usize,
+    pub keep_weekly: usize,
+    pub keep_monthly: usize,
+}
+
+/// What prune keeps and forgets.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PrunePlan {
+    pub keep: Vec<(SnapshotId, String, u64)>,
+    pub forget: Vec<(SnapshotId, String, u64)>,
+    pub executed: bool,
+}
+
+fn days(t: u64) -> i64 {
+    (t / 86_400) as i64
+}
+
+/// Civil (year, month) of a day count since 1970-01-01.
+fn year_month(day: i64) -> (i64, u32) {
+    // Howard Hinnant's days-from-civil inverse.
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m)
+}
+
+/// Plans (and unless `dry_run`, executes) a prune.
+pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan> {
+    let all = repo.list_snapshots()?;
+    let mut by_name: BTreeMap<&str, Vec<_>> = BTreeMap::new();
+    for s in &all {
+        by_name.entry(s.name.as_str()).or_default().push(s);
+    }
+    let nothing = opts.keep_last + opts.keep_daily + opts.keep_weekly + opts.keep_monthly == 0;
+    let mut plan = PrunePlan::default();
+    for (_, mut snaps) in by_name {
+        snaps.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id))); // newest first
+        let mut keep: BTreeSet<SnapshotId> = BTreeSet::new();
+        snaps.iter().take(opts.keep_last).for_each(|s| {
+            keep.insert(s.id);
+        });
+        let mut bucket = |n: usize, key: &dyn Fn(u64) -> i64| {
+            let mut seen = BTreeSet::new();
+            for s in &snaps {
+                if seen.len() >= n {
+                    break;
+                }
+                if seen.insert(key(s.created)) {
+                    keep.insert(s.id);
+                }
+            }
+        };
+        bucket(opts.keep_daily, &|t| days(t));
+        bucket(opts.keep_weekly, &|t| (days(t) + 3).div_euclid(7));
+        bucket(opts.keep_monthly, &|t| {
+            let (y, m) = year_month(days(t));
+            y * 12 + i64::from(m)
+        });
+        for s in snaps {
+            let row = (s.id, s.name.clone(), s.created);
+            if nothing || keep.contains(&s.id) {
+                plan.keep.push(row);
+            } else {
+                plan.forget.push(row);
+            }
+        }
+    }
+    if !dry_run && !plan.forget.is_empty() {
+        let _lock = crate::lock::RepoLock::acquire(repo.store().clone(), true, "prune")?;
+        for (id, _, _) in &plan.forget {
+            repo.forget(id)?;
+        }
+        plan.executed = true;
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_months() {
+        assert_eq!(year_month(0), (1970, 1));
+        assert_eq!(year_month(31), (1970, 2));
+        assert_eq!(year_month(20_000), (2024, 10));
+    }
+}

@@ -1,0 +1,396 @@
+//! A backup session: the vault side of the fingerprint-first protocol.
+//!
+//! ```text
+//! begin (shared lock) → lacking(digests)* → put(blob)* → commit(root) → manifest visible
+//! ```
+//!
+//! # Invariants
+//!
+//! - A blob is **durable** once the container holding it has been `put` to the store; it is
+//!   **indexed** right after. A digest is reported as present only if it is indexed or sits in
+//!   a container of this session (which `commit` makes durable before anything refers to it).
+//! - `commit` seals and writes every open container, waits for the writer, checks that the
+//!   tree below the root is complete (every new node's children exist), flushes the index and
+//!   only then writes the manifest. A session dropped or killed before that leaves no
+//!   snapshot; its durable containers are picked up by the next [`Repository::open`], so a
+//!   retry does not send them again.
+//! - Containers are written by one background thread, so chunking and hashing go on while a
+//!   container is fsynced.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use cairn_chunk::container::ContainerBuilder;
+use cairn_chunk::format::{BlobKind, CONTAINER_TARGET_LEN};
+use cairn_chunk::recipe::{Node, TreeRoot};
+use cairn_chunk::{ChunkerParams, EncodedSegment, Encoder, EntryKind, fingerprint};
+use cairn_types::{ContainerId, Digest, SnapshotId};
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::error::{Result, VaultError};
+use crate::lock::RepoLock;
+use crate::manifest::{BackupStats, SnapshotManifest, now};
+use crate::repo::{Repository, container_key, snapshot_key};
+
+/// What a client says about the snapshot it commits.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CommitRequest {
+    pub name: String,
+    pub root: Option<TreeRoot>,
+    pub chunker: Option<ChunkerParams>,
+    pub parent: Option<SnapshotId>,
+    /// Counters only the client knows (bytes read, segments, zero bytes, bytes sent).
+    pub client_stats: BackupStats,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+struct State {
+    data: ContainerBuilder,
+    tree: ContainerBuilder,
+    in_flight: HashSet<Digest>,
+    new_nodes: HashMap<Digest, Vec<u8>>,
+    stats: BackupStats,
+}
+
+struct Shared {
+    repo: Arc<Repository>,
+    state: Mutex<State>,
+    error: Mutex<Option<String>>,
+    stored: Mutex<u64>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An open backup session. See the module docs.
+pub struct BackupSession {
+    shared: Arc<Shared>,
+    tx: Option<Sender<(ContainerId, ContainerBuilder)>>,
+    writer: Option<JoinHandle<()>>,
+    lock: Option<RepoLock>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for BackupSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupSession").finish()
+    }
+}
+
+fn writer_loop(shared: Arc<Shared>, rx: Receiver<(ContainerId, ContainerBuilder)>) {
+    for (id, builder) in rx {
+        if shared.error.lock().map(|e| e.is_some()).unwrap_or(true) {
+            continue; // after a failure, drain without writing
+        }
+        let (bytes, records) = builder.finish();
+        match shared.repo.store().put(&container_key(&id), &bytes) {
+            Ok(()) => {
+                shared.repo.index_mut().add_container(id, &records);
+                *shared.stored.lock().unwrap_or_else(|p| p.into_inner()) += bytes.len() as u64;
+                let mut st = shared.state();
+                for r in &records {
+                    st.in_flight.remove(&r.digest);
+                }
+            }
+            Err(e) => {
+                let msg = if e.kind == crate::store::StoreErrorKind::NoSpace {
+                    format!("vault out of space while writing container {id}: {e}")
+                } else {
+                    format!("writing container {id}: {e}")
+                };
+                *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+            }
+        }
+    }
+}
+
+impl BackupSession {
+    /// Opens a session under a shared repository lock.
+    pub fn begin(repo: Arc<Repository>, purpose: &str) -> Result<Self> {
+        let lock = RepoLock::acquire(repo.store().clone(), false, purpose)?;
+        let shared = Arc::new(Shared {
+            repo,
+            state: Mutex::new(State {
+                data: ContainerBuilder::new(),
+                tree: ContainerBuilder::new(),
+                in_flight: HashSet::new(),
+                new_nodes: HashMap::new(),
+                stats: BackupStats::default(),
+            }),
+            error: Mutex::new(None),
+            stored: Mutex::new(0),
+        });
+        let (tx, rx) = bounded(2);
+        let s2 = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("cairn-container-writer".into())
+            .spawn(move || writer_loop(s2, rx))
+            .map_err(|e| VaultError::io("thread", "spawn container writer", e))?;
+        Ok(Self {
+            shared,
+            tx: Some(tx),
+            writer: Some(writer),
+            lock: Some(lock),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.shared.repo
+    }
+
+    fn check_error(&self) -> Result<()> {
+        match &*self.shared.error.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(m) => Err(VaultError::Invalid(m.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// For each digest, true when the vault lacks it.
+    pub fn lacking(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        self.check_error()?;
+        let in_flight: Vec<bool> = {
+            let st = self.shared.state();
+            digests.iter().map(|d| st.in_flight.contains(d)).collect()
+        };
+        let ix = self.shared.repo.index();
+        digests
+            .iter()
+            .zip(in_flight)
+            .map(|(d, f)| Ok(!f && !ix.contains(d)?))
+            .collect()
+    }
+
+    /// Stores a blob unless the vault has it; returns whether it was stored. The caller
+    /// vouches that `digest` is the fingerprint of the plaintext (see [`put_verified`](Self::put_verified)).
+    pub fn put(
+        &self,
+        digest: Digest,
+        kind: BlobKind,
+        raw_len: u32,
+        seg: &EncodedSegment,
+    ) -> Result<bool> {
+        self.check_error()?;
+        if self.shared.repo.index().contains(&digest)? {
+            return Ok(false);
+        }
+        let sealed = {
+            let mut st = self.shared.state();
+            if !st.in_flight.insert(digest) {
+                return Ok(false);
+            }
+            let builder = match kind {
+                BlobKind::Data => {
+                    st.stats.bytes_new += u64::from(raw_len);
+                    st.stats.segments_new += 1;
+                    &mut st.data
+                }
+                BlobKind::Tree => &mut st.tree,
+            };
+            builder.push(digest, kind, raw_len, seg);
+            if builder.len() >= CONTAINER_TARGET_LEN {
+                Some(std::mem::take(builder))
+            } else {
+                None
+            }
+        };
+        if let Some(b) = sealed {
+            self.send(b)?;
+        }
+        Ok(true)
+    }
+
+    /// Like [`put`](Self::put), but first decodes the blob and checks its fingerprint: for
+    /// blobs from untrusted clients.
+    pub fn put_verified(
+        &self,
+        digest: Digest,
+        kind: BlobKind,
+        raw_len: u32,
+        seg: &EncodedSegment,
+    ) -> Result<bool> {
+        let plain = cairn_chunk::codec::decode(seg.codec, &seg.bytes, raw_len as usize, &digest)
+            .map_err(|e| VaultError::Invalid(format!("rejected upload: {e}")))?;
+        if kind == BlobKind::Tree {
+            Node::decode(&plain)
+                .map_err(|e| VaultError::Invalid(format!("rejected tree node {digest:?}: {e}")))?;
+            self.shared.state().new_nodes.insert(digest, plain);
+        }
+        self.put(digest, kind, raw_len, seg)
+    }
+
+    /// Records an uploaded tree node so `commit` can check the tree below it.
+    pub fn note_node(&self, digest: Digest, seg: &EncodedSegment, raw_len: u32) -> Result<()> {
+        let plain = cairn_chunk::codec::decode(seg.codec, &seg.bytes, raw_len as usize, &digest)
+            .map_err(|e| VaultError::Invalid(format!("tree node {digest:?}: {e}")))?;
+        self.shared.state().new_nodes.insert(digest, plain);
+        Ok(())
+    }
+
+    /// Stores a tree node given as plaintext.
+    pub fn put_node(&self, bytes: Vec<u8>) -> Result<Digest> {
+        let d = fingerprint(&bytes);
+        let seg = Encoder::new(1).encode(&bytes);
+        self.put(d, BlobKind::Tree, bytes.len() as u32, &seg)?;
+        self.shared.state().new_nodes.insert(d, bytes);
+        Ok(d)
+    }
+
+    fn send(&self, b: ContainerBuilder) -> Result<()> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .as_ref()
+            .expect("open session")
+            .send((ContainerId::random(), b))
+            .map_err(|_| VaultError::Invalid("container writer stopped".into()))
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        let (data, tree) = {
+            let mut st = self.shared.state();
+            (std::mem::take(&mut st.data), std::mem::take(&mut st.tree))
+        };
+        // Data before tree nodes: a node never becomes durable before what it refers to.
+        self.send(data)?;
+        self.send(tree)?;
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        self.check_error()
+    }
+
+    /// Makes everything durable, checks the tree, and publishes the snapshot.
+    pub fn commit(mut self, req: CommitRequest) -> Result<SnapshotManifest> {
+        let root = req
+            .root
+            .ok_or_else(|| VaultError::Invalid("commit without a root".into()))?;
+        if req.name.is_empty() || req.name.len() > 200 || req.name.chars().any(|c| c.is_control()) {
+            return Err(VaultError::Invalid(
+                "snapshot name must be 1..200 printable characters".into(),
+            ));
+        }
+        self.drain()?;
+        self.check_tree(&root)?;
+        let index_bytes = self.shared.repo.index_mut().flush()?;
+        let st = self.shared.state();
+        let mut stats = req.client_stats;
+        stats.bytes_new = st.stats.bytes_new;
+        stats.segments_new = st.stats.segments_new;
+        stats.segments = stats.segments.max(root.entries);
+        drop(st);
+        let containers = *self.shared.stored.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = SnapshotManifest {
+            id: SnapshotId::random(),
+            name: req.name,
+            created: now(),
+            size: root.size,
+            root,
+            chunker: req.chunker.unwrap_or(self.shared.repo.config().chunker),
+            parent: req.parent,
+            stats,
+            labels: req.labels,
+        };
+        m.stats.duration_ms = m
+            .stats
+            .duration_ms
+            .max(self.started.elapsed().as_millis() as u64);
+        // The manifest's own size is part of what the repository grew by.
+        let guess = serde_json::to_vec_pretty(&m).expect("manifest json").len() as u64 + 24;
+        m.stats.bytes_stored = containers + index_bytes + guess;
+        let body = serde_json::to_vec_pretty(&m).expect("manifest json");
+        self.shared
+            .repo
+            .store()
+            .put_new(&snapshot_key(&m.id), &body)?;
+        if let Some(l) = self.lock.take() {
+            l.release()?;
+        }
+        Ok(m)
+    }
+
+    /// Checks that every node this session added has all its children, down to data.
+    fn check_tree(&self, root: &TreeRoot) -> Result<()> {
+        let st = self.shared.state();
+        let repo = &self.shared.repo;
+        let exists = |d: &Digest| -> Result<bool> {
+            Ok(st.new_nodes.contains_key(d) || repo.index().contains(d)?)
+        };
+        if !exists(&root.digest)? {
+            return Err(VaultError::Invalid(format!(
+                "root node {:?} was never uploaded",
+                root.digest
+            )));
+        }
+        let mut stack = vec![(root.digest, root.level, root.size, root.entries)];
+        while let Some((d, level, span, count)) = stack.pop() {
+            let Some(bytes) = st.new_nodes.get(&d) else {
+                continue;
+            }; // pre-existing: complete
+            let node = Node::decode(bytes)
+                .map_err(|e| VaultError::Invalid(format!("tree node {d:?}: {e}")))?;
+            if node.level() != level {
+                return Err(VaultError::Invalid(format!(
+                    "tree node {d:?} has level {}, expected {level}",
+                    node.level()
+                )));
+            }
+            let (got_span, got_count) = match &node {
+                Node::Leaf(es) => {
+                    for e in es {
+                        if e.kind == EntryKind::Data && !repo.index().contains(&e.digest)? {
+                            return Err(VaultError::Invalid(format!(
+                                "segment {:?} referenced but never uploaded",
+                                e.digest
+                            )));
+                        }
+                    }
+                    (
+                        es.iter().map(|e| u64::from(e.len)).sum::<u64>(),
+                        es.len() as u64,
+                    )
+                }
+                Node::Inner { children, .. } => {
+                    for c in children {
+                        if !exists(&c.digest)? {
+                            return Err(VaultError::Invalid(format!(
+                                "tree node {:?} referenced but never uploaded",
+                                c.digest
+                            )));
+                        }
+                        stack.push((c.digest, level - 1, c.span_bytes, c.span_entries));
+                    }
+                    (
+                        children.iter().map(|c| c.span_bytes).sum(),
+                        children.iter().map(|c| c.span_entries).sum(),
+                    )
+                }
+            };
+            if got_span != span || got_count != count {
+                return Err(VaultError::Invalid(format!(
+                    "tree node {d:?} covers {got_span} bytes / {got_count} entries, parent says {span} / {count}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BackupSession {
+    fn drop(&mut self) {
+        // An uncommitted session: let the writer finish what it has (durable, unreferenced
+        // containers are reused by a retry and swept by GC), publish nothing.
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        let _ = self.shared.repo.index_mut().flush();
+    }
+}

@@ -1,0 +1,292 @@
+//! End-to-end tests of the vault engine on a local directory repository.
+
+use std::path::Path;
+
+use cairn_types::{Extent, ExtentList};
+use cairn_vault::imager::{self, BackupOptions, NoProgress, RestoreOptions};
+use cairn_vault::maint::PruneOptions;
+use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
+use rand::{RngCore, SeedableRng};
+
+fn image(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    // Random data, text-like data and zero runs.
+    for (i, block) in v.chunks_mut(256 << 10).enumerate() {
+        match i % 4 {
+            0 => rng.fill_bytes(block),
+            1 => block
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = b"the quick brown fox "[j % 20]),
+            2 => {}
+            _ => {
+                rng.fill_bytes(block);
+                block[..1000].fill(0);
+            }
+        }
+    }
+    v
+}
+
+fn vault(dir: &Path) -> LocalVault {
+    LocalVault {
+        repo: Repository::init_dir(&dir.join("repo"), &InitOptions::default()).unwrap(),
+    }
+}
+
+fn backup(
+    v: &LocalVault,
+    img: &[u8],
+    dir: &Path,
+    name: &str,
+    parent: Option<&str>,
+    changed: Option<ExtentList>,
+) -> cairn_vault::SnapshotManifest {
+    let p = dir.join(format!("{name}.img"));
+    std::fs::write(&p, img).unwrap();
+    let f = std::fs::File::open(&p).unwrap();
+    let opts = BackupOptions {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        changed,
+        ..Default::default()
+    };
+    imager::backup(v, &f, &opts, &NoProgress).unwrap()
+}
+
+fn restore(v: &LocalVault, spec: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("restored.img");
+    imager::restore(v, spec, &out, &RestoreOptions::default(), &NoProgress).unwrap();
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn full_backup_restores_bit_exact_and_dedups() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(8 << 20, 1);
+    let s1 = backup(&v, &img, dir.path(), "disk0", None, None);
+    assert_eq!(s1.size, img.len() as u64);
+    assert!(
+        s1.stats.zero_bytes >= 1 << 20,
+        "zero regions are holes: {:?}",
+        s1.stats
+    );
+    assert!(s1.stats.bytes_new > 0 && s1.stats.bytes_stored > 0);
+    assert_eq!(restore(&v, &s1.id.to_string(), dir.path()), img);
+    // Same image again: nothing new.
+    let s2 = backup(&v, &img, dir.path(), "disk0", None, None);
+    assert_eq!(s2.stats.bytes_new, 0);
+    assert_eq!(s2.root, s1.root, "identical images give identical recipes");
+    // Restored output is sparse where the image had zeros.
+    let out = dir.path().join("restored.img");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&out).unwrap();
+    assert!(md.blocks() * 512 < md.len(), "restored file is sparse");
+}
+
+#[test]
+fn incremental_with_changed_extents_is_a_synthetic_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(8 << 20, 2);
+    let s1 = backup(&v, &img, dir.path(), "disk0", None, None);
+    let mut img2 = img.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut changes = Vec::new();
+    for k in 0..20u64 {
+        let off = (k * 397_000 + 12_345) % (img.len() as u64 - 4096);
+        let off = off / 4096 * 4096;
+        rng.fill_bytes(&mut img2[off as usize..off as usize + 4096]);
+        changes.push(Extent::new(off, 4096));
+    }
+    let changed = ExtentList::from_unsorted(changes);
+    let s2 = backup(
+        &v,
+        &img2,
+        dir.path(),
+        "disk0",
+        Some(&s1.id.to_string()),
+        Some(changed.clone()),
+    );
+    assert!(
+        s2.stats.bytes_read < 4 << 20,
+        "reads only around changes: {}",
+        s2.stats.bytes_read
+    );
+    assert!(
+        s2.stats.bytes_new <= 20 * 4 * 65536,
+        "new bytes {}",
+        s2.stats.bytes_new
+    );
+    assert_eq!(s2.parent, Some(s1.id));
+    assert_eq!(restore(&v, &s2.id.to_string(), dir.path()), img2);
+    assert_eq!(restore(&v, &s1.id.to_string(), dir.path()), img);
+    // A full backup of the same image yields the same recipe as the incremental.
+    let s3 = backup(&v, &img2, dir.path(), "disk0-full", None, None);
+    assert_eq!(s3.root, s2.root);
+}
+
+#[test]
+fn incremental_handles_growth_and_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(3 << 20, 3);
+    let s1 = backup(&v, &img, dir.path(), "d", None, None);
+    let mut grown = img.clone();
+    grown.extend(image(1 << 20, 4));
+    let s2 = backup(
+        &v,
+        &grown,
+        dir.path(),
+        "d",
+        Some(&s1.id.to_string()),
+        Some(ExtentList::default()),
+    );
+    assert_eq!(restore(&v, &s2.id.to_string(), dir.path()), grown);
+    let shrunk = img[..(2 << 20) + 777].to_vec();
+    let s3 = backup(
+        &v,
+        &shrunk,
+        dir.path(),
+        "d",
+        Some(&s1.id.to_string()),
+        Some(ExtentList::default()),
+    );
+    assert_eq!(restore(&v, &s3.id.to_string(), dir.path()), shrunk);
+    let empty = Vec::new();
+    let s4 = backup(&v, &empty, dir.path(), "e", None, None);
+    assert_eq!(restore(&v, &s4.id.to_string(), dir.path()), empty);
+}
+
+#[test]
+fn fixed_size_segmentation_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(2 << 20, 5);
+    let p = dir.path().join("x.img");
+    std::fs::write(&p, &img).unwrap();
+    let opts = BackupOptions {
+        name: "fixed".into(),
+        chunker: Some(cairn_chunk::ChunkerParams::Fixed { size: 4096 }),
+        ..Default::default()
+    };
+    let s = imager::backup(&v, &std::fs::File::open(&p).unwrap(), &opts, &NoProgress).unwrap();
+    assert_eq!(s.root.entries, 512);
+    assert_eq!(restore(&v, "fixed", dir.path()), img);
+}
+
+fn flip_byte_in_a_container(repo_dir: &Path) {
+    let mut files: Vec<_> = walk(&repo_dir.join("containers"));
+    files.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let big = files.last().unwrap();
+    let mut b = std::fs::read(big).unwrap();
+    b[5000] ^= 0xff;
+    std::fs::write(big, b).unwrap();
+}
+
+fn walk(d: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
+    }
+    out
+}
+
+#[test]
+fn corruption_is_found_by_verify_and_fails_restore_with_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(4 << 20, 6);
+    let s1 = backup(&v, &img, dir.path(), "victim", None, None);
+    assert!(v.verify(true).unwrap().ok());
+    flip_byte_in_a_container(&dir.path().join("repo"));
+    let rep = v.verify(true).unwrap();
+    assert!(!rep.ok());
+    assert_eq!(rep.damaged_snapshots, vec![(s1.id, "victim".to_string())]);
+    let out = dir.path().join("out.img");
+    let err = imager::restore(&v, "victim", &out, &RestoreOptions::default(), &NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot restore image bytes"), "{err}");
+    assert!(!out.exists(), "a failed restore leaves no output");
+}
+
+#[test]
+fn gc_frees_forgotten_data_and_keeps_live_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let a = image(4 << 20, 7);
+    let b = image(4 << 20, 8);
+    backup(&v, &a, dir.path(), "a", None, None);
+    let sb = backup(&v, &b, dir.path(), "b", None, None);
+    let plan = v.gc(true).unwrap();
+    assert!(plan.delete.is_empty() && plan.repack.is_empty() && !plan.executed);
+    v.repo.forget(&v.find("a").unwrap().id).unwrap();
+    let plan = v.gc(false).unwrap();
+    assert!(
+        plan.executed && !(plan.delete.is_empty() && plan.repack.is_empty()),
+        "{plan:?}"
+    );
+    assert!(v.verify(true).unwrap().ok());
+    assert_eq!(restore(&v, &sb.id.to_string(), dir.path()), b);
+    // Reopen: the index matches the store.
+    let v2 = LocalVault {
+        repo: Repository::open_dir(&dir.path().join("repo")).unwrap(),
+    };
+    assert_eq!(restore(&v2, "b", dir.path()), b);
+}
+
+#[test]
+fn prune_keeps_last_n_per_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(1 << 20, 9);
+    for _ in 0..4 {
+        backup(&v, &img, dir.path(), "x", None, None);
+    }
+    backup(&v, &img, dir.path(), "y", None, None);
+    let plan = v
+        .prune(
+            &PruneOptions {
+                keep_last: 2,
+                ..Default::default()
+            },
+            true,
+        )
+        .unwrap();
+    assert_eq!(plan.forget.len(), 2);
+    assert_eq!(plan.keep.len(), 3);
+    assert_eq!(v.list().unwrap().len(), 5, "dry run forgets nothing");
+    v.prune(
+        &PruneOptions {
+            keep_last: 2,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    assert_eq!(v.list().unwrap().len(), 3);
+}
+
+#[test]
+fn index_is_rebuilt_from_containers() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(4 << 20, 10);
+    backup(&v, &img, dir.path(), "a", None, None);
+    drop(v);
+    std::fs::remove_dir_all(dir.path().join("repo/index")).unwrap();
+    let v = LocalVault {
+        repo: Repository::open_dir(&dir.path().join("repo")).unwrap(),
+    };
+    let s = backup(&v, &img, dir.path(), "a2", None, None);
+    assert_eq!(s.stats.bytes_new, 0, "dedup works after an index rebuild");
+    assert_eq!(restore(&v, "a", dir.path()), img);
+}
