@@ -131,9 +131,11 @@ fi
 cp "$qga" "$ir/usr/sbin/qemu-ga"
 LD_LIBRARY_PATH=$libpath ldd "$qga" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' |
     while read -r lib; do
-        # Keep the path ldd shows (the loader's default search path), with the real file.
-        mkdir -p "$ir$(dirname "$lib")"
-        cp -L "$lib" "$ir$lib"
+        # Keep the path ldd shows (the loader's default search path), with the real file; a
+        # library from an unpacked package goes where the package would have put it.
+        dest=${lib#"$WORK/pkgroot"}
+        mkdir -p "$ir$(dirname "$dest")"
+        cp -L "$lib" "$ir$dest"
     done
 
 cat >"$ir/init" <<'EOF'
