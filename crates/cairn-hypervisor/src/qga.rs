@@ -598,3 +598,6 @@ async fn exchange(
         ))));
     }
 }
+
+#[cfg(test)]
+mod fake_agent_tests;

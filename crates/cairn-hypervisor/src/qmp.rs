@@ -636,6 +636,9 @@ async fn read_loop(shared: Arc<Shared>, mut reader: BufReader<OwnedReadHalf>) {
 }
 
 #[cfg(test)]
+mod fake_peer_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
