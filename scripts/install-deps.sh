@@ -14,11 +14,18 @@ set -euo pipefail
 
 # Everything the test suites need from Debian, in one list. `-t bookworm-backports` only raises the
 # priority of backports: a package that is not there comes from bookworm itself.
+#   qemu-utils        qemu-img, qemu-io, qemu-storage-daemon (preinstalled on our machines)
+#   qemu-system-x86   qemu-system-x86_64 for the hypervisor tests
+#   e2fsprogs         mke2fs -d, e2fsck, debugfs: guest data disks and their checks
+#   python3, lz4      scripts/build-test-guest.sh (vmlinux extraction)
+#   procps            kill(1), used by tests to stop and resume QEMU
 CAIRN_APT_PACKAGES="
+  qemu-utils
   qemu-system-x86
   e2fsprogs
-  cpio
   python3
+  lz4
+  procps
   ${CAIRN_EXTRA_APT_PACKAGES:-}
 "
 
