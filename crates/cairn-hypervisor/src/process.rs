@@ -53,6 +53,9 @@ pub enum ProcessError {
     },
     #[error("QEMU's QMP socket did not come up within {0:?}")]
     NotReady(Duration),
+    /// QEMU did not exit after `quit`; it was killed.
+    #[error("QEMU did not exit within {0:?} of quit")]
+    QuitTimeout(Duration),
     #[error(transparent)]
     Qmp(#[from] QmpError),
 }
@@ -301,6 +304,31 @@ impl QemuProcess {
                 return None;
             }
             sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asks QEMU to exit cleanly (QMP `quit`, which also stores persistent dirty bitmaps) and
+    /// waits up to `timeout`; past that it is killed and [`ProcessError::QuitTimeout`] returned.
+    pub async fn quit(
+        &mut self,
+        qmp: &QmpClient,
+        timeout: Duration,
+    ) -> Result<ExitStatus, ProcessError> {
+        match qmp.execute_with_timeout("quit", None, timeout).await {
+            // QEMU may close the socket before its reply makes it out.
+            Ok(_) => {}
+            Err(e) if e.is_disconnected() => {}
+            Err(e) => {
+                self.kill().ok();
+                return Err(e.into());
+            }
+        }
+        match self.wait_exit(timeout).await {
+            Some(status) => Ok(status),
+            None => {
+                self.kill().ok();
+                Err(ProcessError::QuitTimeout(timeout))
+            }
         }
     }
 

@@ -97,7 +97,7 @@ async fn tiny_guest_agent_and_freeze() {
             "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ]);
     let boot = Instant::now();
-    let (_proc, qmp) = start(cmd).await;
+    let (mut proc, qmp) = start(cmd).await;
     let qga = GuestAgent::new(&qga_sock, QgaOptions::default());
     if let Err(e) = qga.wait_ready(Duration::from_secs(60)).await {
         panic!(
@@ -191,12 +191,10 @@ async fn tiny_guest_agent_and_freeze() {
     assert!(stalled >= 0.5, "writer was not held by the freeze: {out}");
 
     // The frozen point-in-time base is a clean file system holding the guest's earlier write.
-    let quit = qmp.execute("quit", None).await;
-    assert!(quit.is_ok() || quit.as_ref().is_err_and(|e| e.is_disconnected()));
-    drop(qmp);
+    proc.quit(&qmp, Duration::from_secs(10)).await.unwrap();
     let base_raw = tmp.path().join("base.img");
     run(Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
+        .args(["convert", "-O", "raw"])
         .arg(&disk)
         .arg(&base_raw));
     run(Command::new("e2fsck").args(["-fn"]).arg(&base_raw));

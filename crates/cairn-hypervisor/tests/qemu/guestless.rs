@@ -152,8 +152,7 @@ async fn snapshot_then_commit_back() {
     assert_eq!(root_node(&qmp).await, "disk0");
 
     // After a clean quit the base holds the write.
-    qmp.execute("quit", None).await.unwrap();
-    assert!(proc.wait_exit(Duration::from_secs(10)).await.is_some());
+    proc.quit(&qmp, Duration::from_secs(10)).await.unwrap();
     let out = run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "read -P 0xaa 1M 64k"])
         .arg(&disk));
@@ -193,8 +192,7 @@ async fn persistent_dirty_bitmap_counts_writes() {
     assert_eq!(cbt["persistent"], true);
 
     // A clean quit stores the bitmap in the image.
-    qmp.execute("quit", None).await.unwrap();
-    assert!(proc.wait_exit(Duration::from_secs(10)).await.is_some());
+    proc.quit(&qmp, Duration::from_secs(10)).await.unwrap();
     let info: Value = serde_json::from_str(&run(Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(&disk)))
