@@ -163,12 +163,12 @@ async fn tiny_guest_agent_and_freeze() {
     // While frozen, a guest writer stalls; it finishes once thawed. (qemu-ga refuses guest-exec
     // while frozen, so the writer starts first and sleeps past the freeze.)
     let writer = GuestExec::shell(
-        "sleep 0.5; a=$(cut -d' ' -f1 /proc/uptime); echo during-freeze > /mnt/during.txt; \
+        "sleep 1; a=$(cut -d' ' -f1 /proc/uptime); echo during-freeze > /mnt/during.txt; \
          b=$(cut -d' ' -f1 /proc/uptime); echo $a $b",
     );
     let pid = qga.exec(&writer).await.unwrap();
     qga.fsfreeze_freeze().await.unwrap();
-    let hold = Duration::from_millis(1500);
+    let hold = Duration::from_millis(2500);
     tokio::time::sleep(hold).await;
     qga.fsfreeze_thaw().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
