@@ -91,6 +91,21 @@ impl Entry {
     }
 }
 
+/// Encodes entries as consecutive leaf records (the wire form of a recipe).
+pub fn encode_entries(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * LEAF_RECORD_LEN);
+    entries.iter().for_each(|e| e.encode(&mut out));
+    out
+}
+
+/// Parses consecutive leaf records.
+pub fn decode_entries(b: &[u8]) -> Result<Vec<Entry>, FormatError> {
+    if b.len() % LEAF_RECORD_LEN != 0 {
+        return Err(FormatError::new("entry list", format!("length {} is not a multiple of {LEAF_RECORD_LEN}", b.len())));
+    }
+    b.chunks_exact(LEAF_RECORD_LEN).map(Entry::decode).collect()
+}
+
 /// A reference from an inner node to a child node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChildRef {

@@ -41,6 +41,8 @@ pub enum VaultError {
     Locked(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("vault service: {message}")]
+    Remote { kind: cairn_http::ErrorKind, message: String },
     #[error("not a Cairn repository ({0})")]
     NotARepository(String),
 }
@@ -58,6 +60,21 @@ impl VaultError {
         }
     }
 
+    /// The API error a service reports for this error.
+    pub fn to_api(&self) -> cairn_http::ApiError {
+        use cairn_http::ErrorKind as K;
+        let kind = match self {
+            _ if self.is_no_space() => K::InsufficientStorage,
+            Self::SnapshotNotFound(_) | Self::MissingSegment(_) => K::NotFound,
+            Self::Invalid(_) => K::BadRequest,
+            Self::Locked(_) => K::Conflict,
+            Self::Corrupt(_) | Self::Segment { .. } | Self::Format { .. } => K::Corrupt,
+            Self::Remote { kind, .. } => *kind,
+            _ => K::Internal,
+        };
+        cairn_http::ApiError::new(kind, self.to_string())
+    }
+
     /// True when the store ran out of space.
     pub fn is_no_space(&self) -> bool {
         match self {
@@ -66,6 +83,7 @@ impl VaultError {
                 source.kind() == std::io::ErrorKind::StorageFull
                     || source.raw_os_error() == Some(libc::ENOSPC)
             }
+            Self::Remote { kind, .. } => *kind == cairn_http::ErrorKind::InsufficientStorage,
             _ => false,
         }
     }

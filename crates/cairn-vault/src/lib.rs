@@ -5,9 +5,13 @@ pub mod index;
 pub mod lock;
 pub mod maint;
 pub mod manifest;
+pub mod reader;
+pub mod remote;
 pub mod repo;
+pub mod service;
 pub mod session;
 pub mod store;
+pub mod wire;
 
 pub use api::{LocalVault, Upload, Vault, VaultSession};
 pub use error::{Result, VaultError};

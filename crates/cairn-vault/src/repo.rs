@@ -287,6 +287,21 @@ impl Repository {
         Ok(out)
     }
 
+    /// The stored (still encoded) bytes of blobs, with their locations, for sending to a
+    /// client that verifies them itself.
+    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Vec<u8>)>> {
+        let ix = self.index();
+        let locs: Vec<Location> =
+            digests.iter().map(|d| ix.get(d)?.ok_or(VaultError::MissingSegment(*d))).collect::<Result<_>>()?;
+        drop(ix);
+        locs.into_iter()
+            .map(|l| {
+                let b = self.store.get_range(&container_key(&l.container), u64::from(l.offset), u64::from(l.stored_len))?;
+                Ok((l, b))
+            })
+            .collect()
+    }
+
     /// Reads and parses a recipe tree node.
     pub fn read_node(&self, d: &Digest) -> Result<Node> {
         let b = self.read_blob(d)?;

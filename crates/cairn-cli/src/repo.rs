@@ -1,0 +1,183 @@
+//! `cairn repo ...`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cairn_chunk::ChunkerParams;
+use cairn_vault::maint::PruneOptions;
+use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// Create a repository in an empty directory.
+    Init {
+        dir: PathBuf,
+        /// Segmentation: `cdc:MIN,AVG,MAX` or `fixed:SIZE` (e.g. cdc:4k,16k,64k).
+        #[arg(long)]
+        chunker: Option<String>,
+        /// zstd level per segment; 0 disables compression.
+        #[arg(long, default_value_t = 1)]
+        compression: i32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read and re-hash everything reachable; name damaged snapshots. Exit code 2 on damage.
+    Verify {
+        repo: String,
+        /// Check container trailers and trees only, without reading segment data.
+        #[arg(long)]
+        metadata_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget snapshots no retention rule keeps (per snapshot name). Run `gc` to free space.
+    Prune {
+        repo: String,
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: usize,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete or repack containers no snapshot needs.
+    Gc {
+        repo: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the local fingerprint index from the containers alone.
+    RebuildIndex { dir: PathBuf },
+}
+
+/// Opens REPO: a directory or `https://HOST:PORT` (token in `CAIRN_TOKEN`, trust in
+/// `CAIRN_FINGERPRINT` or `CAIRN_CA`).
+pub fn open(repo: &str) -> Result<Arc<dyn Vault>> {
+    if repo.starts_with("https://") || repo.starts_with("http://") {
+        let token = std::env::var("CAIRN_TOKEN").context("CAIRN_TOKEN must hold the vault's token")?;
+        let trust = cairn_http::Trust::from_env()
+            .context("set CAIRN_FINGERPRINT (the vault's certificate SHA-256) or CAIRN_CA (a CA file)")?;
+        let v = cairn_vault::remote::RemoteVault::connect(repo, &token, &trust)?;
+        return Ok(Arc::new(v));
+    }
+    let repo = Repository::open_dir(std::path::Path::new(repo))?;
+    Ok(Arc::new(LocalVault { repo }))
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
+    match cmd {
+        RepoCmd::Init { dir, chunker, compression, json } => {
+            let chunker = match chunker {
+                Some(s) => ChunkerParams::parse(&s).map_err(anyhow::Error::msg)?,
+                None => ChunkerParams::default(),
+            };
+            if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() && !dir.join("config").exists() {
+                anyhow::bail!("{} exists and is not empty", dir.display());
+            }
+            let r = Repository::init_dir(&dir, &InitOptions { chunker, compression })?;
+            if json {
+                print_json(r.config());
+            } else {
+                println!("created repository {} at {}", r.config().id, dir.display());
+            }
+        }
+        RepoCmd::Verify { repo, metadata_only, json } => {
+            let v = open(&repo)?;
+            let rep = v.verify(!metadata_only)?;
+            if json {
+                print_json(&rep);
+            } else {
+                println!(
+                    "checked {} snapshots, {} containers, {} segments ({} bytes)",
+                    rep.snapshots, rep.containers, rep.blobs_checked, rep.bytes_checked
+                );
+                for d in &rep.damage {
+                    println!(
+                        "damage: {}{}{}",
+                        d.container.map(|c| format!("container {c}: ")).unwrap_or_default(),
+                        d.digest.map(|c| format!("segment {c}: ")).unwrap_or_default(),
+                        d.problem
+                    );
+                }
+                for (id, name) in &rep.damaged_snapshots {
+                    println!("damaged snapshot: {id} ({name})");
+                }
+                println!("{}", if rep.ok() { "repository OK" } else { "repository DAMAGED" });
+            }
+            if !rep.ok() {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        RepoCmd::Prune { repo, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, json } => {
+            let v = open(&repo)?;
+            let opts = PruneOptions { keep_last, keep_daily, keep_weekly, keep_monthly };
+            if keep_last + keep_daily + keep_weekly + keep_monthly == 0 {
+                anyhow::bail!("give at least one --keep-* rule (prune never forgets everything)");
+            }
+            let plan = v.prune(&opts, dry_run)?;
+            if json {
+                print_json(&plan);
+            } else {
+                for (id, name, _) in &plan.keep {
+                    println!("keep   {id} {name}");
+                }
+                for (id, name, _) in &plan.forget {
+                    println!("forget {id} {name}");
+                }
+                println!(
+                    "{} kept, {} {}",
+                    plan.keep.len(),
+                    plan.forget.len(),
+                    if plan.executed { "forgotten" } else { "would be forgotten (dry run)" }
+                );
+            }
+        }
+        RepoCmd::Gc { repo, dry_run, json } => {
+            let v = open(&repo)?;
+            let plan = v.gc(dry_run)?;
+            if json {
+                print_json(&plan);
+            } else {
+                println!(
+                    "{} snapshots, {} live segments, {} containers: delete {}, repack {}, frees ~{} bytes{}",
+                    plan.snapshots,
+                    plan.live_blobs,
+                    plan.containers_total,
+                    plan.delete.len(),
+                    plan.repack.len(),
+                    plan.bytes_freed_estimate,
+                    if plan.executed { "" } else { " (dry run)" }
+                );
+            }
+        }
+        RepoCmd::RebuildIndex { dir } => {
+            let idx = dir.join("index");
+            if !dir.join("config").exists() {
+                anyhow::bail!("{} is not a repository", dir.display());
+            }
+            let store: Arc<dyn cairn_vault::store::ObjectStore> = Arc::new(cairn_vault::store::LocalStore::open(&dir)?);
+            let _lock = cairn_vault::lock::RepoLock::acquire(store, true, "rebuild-index")?;
+            if idx.exists() {
+                std::fs::remove_dir_all(&idx).with_context(|| format!("removing {}", idx.display()))?;
+            }
+            let r = Repository::open_dir(&dir)?;
+            println!("index rebuilt from {} containers", r.list_containers()?.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

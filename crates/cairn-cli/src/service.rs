@@ -1,0 +1,82 @@
+//! `cairn vault`: serve a local repository over HTTPS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use cairn_vault::Repository;
+use cairn_vault::service::VaultService;
+
+#[derive(clap::Args, Debug)]
+pub struct VaultArgs {
+    /// The repository directory to serve (created if it does not exist).
+    #[arg(long)]
+    repo: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// Where the certificate and token live (default: REPO/service).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// A PEM certificate chain to use instead of the self-signed one (with --key).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+pub fn run(a: VaultArgs) -> Result<ExitCode> {
+    let repo = if a.repo.join("config").exists() {
+        Repository::open_dir(&a.repo)?
+    } else {
+        Repository::init_dir(&a.repo, &Default::default())?
+    };
+    let state = a.state_dir.clone().unwrap_or_else(|| a.repo.join("service"));
+    let (identity, fingerprint) = match (&a.cert, &a.key) {
+        (Some(c), Some(k)) => {
+            let id = cairn_http::tls::Identity { cert_path: c.clone(), key_path: k.clone() };
+            let pem = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
+            let fp = rustls_fingerprint(&pem)?;
+            (id, fp)
+        }
+        _ => cairn_http::tls::ensure_self_signed(&state.join("tls"), &[])?,
+    };
+    let token_file = state.join("token");
+    let token = match std::env::var("CAIRN_TOKEN") {
+        Ok(t) if !t.is_empty() => t,
+        _ => cairn_http::server::ensure_token(&token_file).with_context(|| format!("token file {}", token_file.display()))?,
+    };
+    let tls = cairn_http::tls::server_config(&identity)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let service = VaultService::new(repo);
+        let (addr, handle) = cairn_vault::service::serve(service, a.listen, tls, token).await?;
+        // One line on stdout tells scripts where and how to connect.
+        println!(
+            "{}",
+            serde_json::json!({
+                "listen": format!("https://{addr}"),
+                "fingerprint": fingerprint,
+                "token_file": token_file,
+                "pid": std::process::id(),
+            })
+        );
+        eprintln!("vault serving {} on https://{addr} (certificate SHA-256 {fingerprint})", a.repo.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = handle => {}
+        }
+        eprintln!("vault: stopping");
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rustls_fingerprint(pem: &[u8]) -> Result<String> {
+    let mut rd = pem;
+    let der = cairn_http::tls::first_cert_der(&mut rd).context("no certificate in --cert")?;
+    Ok(cairn_http::tls::fingerprint(&der))
+}
