@@ -334,3 +334,18 @@ async fn qemu_storage_daemon_export() {
     srv.stop();
     img.io(&["read -P 0x99 6M 4k", "read -P 0x66 7M 64k"]);
 }
+
+#[tokio::test]
+async fn tcp_transport() {
+    let img = patterned();
+    let (_srv, port) = Server::qemu_nbd_tcp(&img, &["-r"]);
+    let c = Client::connect_tcp(format!("127.0.0.1:{port}"), "", opts())
+        .await
+        .unwrap();
+    assert_eq!(c.size(), 8 * MIB);
+    let d = c.read_at(MIB - 4096, 3 * 65536).await.unwrap();
+    check_bytes(MIB - 4096, &d);
+    let map = c.map(BASE_ALLOCATION, 0, 8 * MIB).await.unwrap();
+    covers(&map, 0, 8 * MIB);
+    c.disconnect().await.unwrap();
+}

@@ -109,6 +109,47 @@ impl Server {
         Self::spawn("qemu-nbd", &args, socket)
     }
 
+    /// `qemu-nbd` listening on TCP 127.0.0.1; returns the server and its port.
+    pub fn qemu_nbd_tcp(img: &Image, extra: &[&str]) -> (Server, u16) {
+        // Pick a free port by binding port 0; a small race with other processes is possible.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut args: Vec<String> = vec![
+            "--bind=127.0.0.1".into(),
+            format!("--port={port}"),
+            "--format=qcow2".into(),
+            "--persistent".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(img.path().into());
+        let child = Command::new("qemu-nbd")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("cannot start qemu-nbd");
+        let mut server = Server {
+            child: Some(child),
+            socket: PathBuf::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-nbd did not listen on port {port}"
+            );
+            if let Some(c) = server.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("qemu-nbd exited early: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (server, port)
+    }
+
     pub fn spawn(cmd: &str, args: &[String], socket: PathBuf) -> Server {
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(cmd)
