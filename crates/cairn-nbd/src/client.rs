@@ -92,6 +92,8 @@ struct State {
     pending: HashMap<u64, Pending>,
     /// Set once the connection is unusable; later requests fail with a clone.
     closed: Option<Error>,
+    /// The server answered `ESHUTDOWN`: no new requests; [`Client::disconnect`] still works.
+    server_shutdown: bool,
 }
 
 #[derive(Default)]
@@ -336,6 +338,9 @@ impl Client {
             let mut st = inner.shared.lock();
             if let Some(e) = &st.closed {
                 return Err(e.clone());
+            }
+            if st.server_shutdown {
+                return Err(Error::Closed);
             }
             let state = ReplyState::new(command, flags, offset, len, inner.context_ids.clone());
             st.pending.insert(
@@ -707,6 +712,13 @@ fn dispatch(shared: &Shared, frame: Frame, structured: bool, limits: &Limits) ->
             ..
         } => p.state.on_chunk(flags, kind, payload, limits)?,
     };
+    if let Some(Err(Error::Server {
+        errno: ESHUTDOWN, ..
+    })) = &finished
+    {
+        // The server is going away; the client must not start anything new.
+        st.server_shutdown = true;
+    }
     if let Some(res) = finished
         && let Some(p) = st.pending.remove(&cookie)
     {

@@ -55,8 +55,16 @@
 //! protocol violation, exceeded limit, timeout or I/O error (including the server closing
 //! the socket) is fatal: the reader stops, every request in flight fails with that error, and
 //! every later request fails with a clone of it ([`Client::closed_reason`]). There is no
-//! reconnection; open a new [`Client`]. [`Client::disconnect`] waits for requests in flight,
-//! sends `NBD_CMD_DISC` and closes; dropping the last handle closes the socket without it.
+//! reconnection; open a new [`Client`]. After a server error `ESHUTDOWN` new requests fail
+//! with [`Error::Closed`] while those in flight complete; call [`Client::disconnect`], which
+//! waits for requests in flight, sends `NBD_CMD_DISC` and closes. Dropping the last handle
+//! closes the socket without `NBD_CMD_DISC`.
+//!
+//! # Not handled
+//!
+//! TLS, extended headers (64-bit lengths), `NBD_CMD_CACHE`, and alignment to the server's
+//! minimum block size: requests are sent as given (qemu accepts byte-granular requests), and a
+//! server that insists on alignment answers unaligned ones with `EINVAL`.
 
 mod client;
 pub mod codec;

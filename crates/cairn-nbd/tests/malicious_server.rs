@@ -35,6 +35,8 @@ enum Misdeed {
     ErrorThenFine,
     /// The socket closes while a request is in flight.
     CloseMidRequest,
+    /// Every request gets `ESHUTDOWN`; the server returns after `NBD_CMD_DISC`.
+    Shutdown,
 }
 
 fn opt_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
@@ -117,7 +119,11 @@ async fn serve(mut s: UnixStream, m: Misdeed) -> std::io::Result<Vec<u32>> {
         let c = req.cookie;
         let done = REPLY_FLAG_DONE;
         let reply: Vec<u8> = match (m, req.command) {
-            (_, CMD_DISC) => return Ok(seen),
+            (_, CMD_DISC) => {
+                seen.push(u32::MAX); // marks NBD_CMD_DISC
+                return Ok(seen);
+            }
+            (Misdeed::Shutdown, _) => encode_simple_reply(ESHUTDOWN, c),
             (Misdeed::NeverAnswers, _) => continue,
             (Misdeed::CloseMidRequest, _) => return Ok(seen),
             (Misdeed::OversizedChunk, _) => {
@@ -321,7 +327,7 @@ async fn server_error_is_not_fatal() {
     let seen = f.task.await.unwrap();
     assert_eq!(
         seen,
-        vec![OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_GO]
+        vec![OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_GO, u32::MAX]
     );
 }
 
@@ -335,4 +341,27 @@ async fn server_closing_fails_requests_in_flight() {
         bounded(c.read_at(0, 512)).await.unwrap_err().kind(),
         ErrorKind::Io
     );
+}
+
+#[tokio::test]
+async fn eshutdown_stops_new_requests_and_disconnects() {
+    let f = fake(Misdeed::Shutdown);
+    let c = connect(&f).await.unwrap();
+    let e = bounded(c.flush()).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Server {
+                errno: ESHUTDOWN,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        bounded(c.read_at(0, 512)).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    bounded(c.disconnect()).await.unwrap();
+    assert_eq!(f.task.await.unwrap().last(), Some(&u32::MAX));
 }
