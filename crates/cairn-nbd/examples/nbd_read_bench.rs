@@ -27,7 +27,7 @@ async fn main() {
     let mut tcp = None;
     let mut export = String::new();
     let mut depth = 16usize;
-    let mut req = 2u64 << 20;
+    let mut req = 256u64 << 10;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
