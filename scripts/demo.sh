@@ -73,8 +73,10 @@ FULL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot
 INCR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot"])' "$W/incr.json")
 $CAIRN image restore --repo "$W/repo" "$FULL" "$W/restored-full.img"
 $CAIRN image restore --repo "$W/repo" "$INCR" "$W/restored-day2.img"
-cmp "$W/disk.img" "$W/restored-full.img" && echo "full backup restores bit-exact"
-cmp "$W/day2.img" "$W/restored-day2.img" && echo "incremental backup restores bit-exact (as a full)"
+cmp "$W/disk.img" "$W/restored-full.img"
+echo "full backup restores bit-exact"
+cmp "$W/day2.img" "$W/restored-day2.img"
+echo "incremental backup restores bit-exact (as a full)"
 
 say "verify: re-hash everything reachable"
 $CAIRN repo verify "$W/repo"
@@ -89,7 +91,8 @@ export CAIRN_TOKEN=$(cat "$W/served/service/token")
 $CAIRN image backup --repo "$URL" --name vm1-disk0 --json "$W/disk.img"
 $CAIRN image backup --repo "$URL" --name vm1-disk0 --parent vm1-disk0 --changed "$W/changed.txt" --json "$W/day2.img"
 $CAIRN image restore --repo "$URL" vm1-disk0 "$W/restored-remote.img"
-cmp "$W/day2.img" "$W/restored-remote.img" && echo "restore through the service is bit-exact"
+cmp "$W/day2.img" "$W/restored-remote.img"
+echo "restore through the service is bit-exact"
 kill "$VAULT_PID"; wait "$VAULT_PID" 2>/dev/null || true
 
 say "summary"

@@ -7,9 +7,17 @@
 //! - **Fixed**: every segment is `size` bytes (the last one may be shorter).
 //!
 //! The chunker is a pure function over a window: [`Chunker::cut`] is given the bytes after the
-//! previous cut and says where the next segment ends.
+//! previous cut and their absolute offset in the image, and says where the next segment ends.
+//!
+//! **Zero blocks are hard boundaries (CDC mode).** A 4 KiB block of zeros at a 4 KiB-aligned
+//! image offset never lies inside a data segment: runs of such blocks become zero segments
+//! (holes) that end at the next absolute multiple of the zero-run size. Cut points around
+//! zeros therefore depend only on absolute offsets, so an incremental re-chunk realigns with
+//! its parent at the first zero block, and sparse regions cost no hashing.
 
 use fastcdc::v2020::{self, Normalization};
+
+use crate::fingerprint::is_zero;
 
 /// How to cut segments. Part of a snapshot's metadata: an incremental backup re-chunks with
 /// its parent's parameters.
@@ -102,11 +110,16 @@ impl ChunkerParams {
     }
 }
 
+/// Size of the zero blocks that act as hard boundaries.
+pub const ZERO_BLOCK: usize = 4096;
+
 /// A configured chunker.
 #[derive(Clone, Debug)]
 pub struct Chunker {
     params: ChunkerParams,
     masks: (u64, u64),
+    /// Zero segments end at multiples of this (largest power of two <= max, >= ZERO_BLOCK).
+    zero_run: usize,
 }
 
 impl Chunker {
@@ -119,7 +132,13 @@ impl Chunker {
             }
             ChunkerParams::Fixed { .. } => (0, 0),
         };
-        Self { params, masks }
+        let max = params.max_len().max(ZERO_BLOCK);
+        let zero_run = 1usize << (usize::BITS - 1 - max.leading_zeros());
+        Self {
+            params,
+            masks,
+            zero_run,
+        }
     }
 
     pub fn params(&self) -> ChunkerParams {
@@ -131,17 +150,42 @@ impl Chunker {
         self.params.max_len()
     }
 
-    /// Length of the next segment of `data`, which starts right after the previous cut.
+    /// Length of the next segment of `data`, which starts right after the previous cut, at
+    /// absolute image offset `at`.
     ///
     /// `data` must hold at least [`window`](Self::window) bytes unless it ends at the end of the
-    /// stream. Returns a value in `1..=data.len()` for non-empty `data`.
-    pub fn cut(&self, data: &[u8]) -> usize {
+    /// stream. Returns a value in `1..=data.len()` for non-empty `data`; the result depends
+    /// only on `at` and the first `window` bytes of `data`.
+    pub fn cut(&self, data: &[u8], at: u64) -> usize {
         if data.is_empty() {
             return 0;
         }
         match self.params {
             ChunkerParams::Fixed { size } => data.len().min(size as usize),
             ChunkerParams::Cdc { min, avg, max } => {
+                let zb = ZERO_BLOCK as u64;
+                let scan_end = data.len().min(max as usize);
+                if at % zb == 0 && scan_end >= ZERO_BLOCK && is_zero(&data[..ZERO_BLOCK]) {
+                    // A run of aligned zero blocks, up to the next multiple of the run size.
+                    let run = self.zero_run as u64;
+                    let stop = ((run - at % run) as usize).min(scan_end);
+                    let mut n = ZERO_BLOCK;
+                    while n + ZERO_BLOCK <= stop && is_zero(&data[n..n + ZERO_BLOCK]) {
+                        n += ZERO_BLOCK;
+                    }
+                    return n;
+                }
+                // Content-defined, but never past the next aligned zero block.
+                let mut limit = scan_end;
+                let mut b = ((zb - at % zb) % zb) as usize;
+                while b + ZERO_BLOCK <= scan_end {
+                    if is_zero(&data[b..b + ZERO_BLOCK]) {
+                        limit = b;
+                        break;
+                    }
+                    b += ZERO_BLOCK;
+                }
+                let data = &data[..limit];
                 let (ms, ml) = self.masks;
                 let (_, n) = v2020::cut(
                     data,
@@ -158,13 +202,15 @@ impl Chunker {
         }
     }
 
-    /// All cut lengths of a complete buffer (the whole stream).
+    /// All cut lengths of a complete buffer (the whole stream, starting at offset 0).
     pub fn cuts(&self, mut data: &[u8]) -> Vec<usize> {
         let mut out = Vec::new();
+        let mut at = 0u64;
         while !data.is_empty() {
-            let n = self.cut(data);
+            let n = self.cut(data, at);
             out.push(n);
             data = &data[n..];
+            at += n as u64;
         }
         out
     }
@@ -228,7 +274,57 @@ mod tests {
         let a = random(1 << 20, 3);
         let cuts = c.cuts(&a);
         let start: usize = cuts[..10].iter().sum();
-        assert_eq!(c.cuts(&a[start..]), cuts[10..].to_vec());
+        let mut again = Vec::new();
+        let mut pos = start;
+        while pos < a.len() {
+            let n = c.cut(&a[pos..], pos as u64);
+            again.push(n);
+            pos += n;
+        }
+        assert_eq!(again, cuts[10..].to_vec());
+    }
+
+    #[test]
+    fn aligned_zero_blocks_are_hard_boundaries() {
+        let c = Chunker::new(ChunkerParams::default());
+        let mut a = random(1 << 20, 4);
+        a[200 * 1024..520 * 1024].fill(0); // 320 KiB of zeros, 4 KiB aligned
+        let mut pos = 0usize;
+        let mut ends = Vec::new();
+        for n in c.cuts(&a) {
+            let seg = &a[pos..pos + n];
+            if pos >= 200 * 1024 && pos + n <= 520 * 1024 {
+                assert!(is_zero(seg));
+                assert!(n <= 65536);
+            } else {
+                assert!(
+                    !seg.chunks_exact(4096)
+                        .enumerate()
+                        .any(|(i, b)| (pos + i * 4096) % 4096 == 0 && is_zero(b))
+                        || is_zero(seg)
+                );
+            }
+            pos += n;
+            ends.push(pos);
+        }
+        assert!(ends.contains(&(200 * 1024)) && ends.contains(&(520 * 1024)));
+        // A change just before the zeros does not disturb cuts inside or after them.
+        let mut b = a.clone();
+        b[150_000] ^= 1;
+        let mut pos = 0;
+        let eb: Vec<usize> = c
+            .cuts(&b)
+            .into_iter()
+            .map(|n| {
+                pos += n;
+                pos
+            })
+            .collect();
+        assert!(
+            ends.iter()
+                .filter(|&&e| e >= 200 * 1024)
+                .all(|e| eb.contains(e))
+        );
     }
 
     #[test]

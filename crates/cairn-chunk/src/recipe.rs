@@ -101,7 +101,10 @@ pub fn encode_entries(entries: &[Entry]) -> Vec<u8> {
 /// Parses consecutive leaf records.
 pub fn decode_entries(b: &[u8]) -> Result<Vec<Entry>, FormatError> {
     if b.len() % LEAF_RECORD_LEN != 0 {
-        return Err(FormatError::new("entry list", format!("length {} is not a multiple of {LEAF_RECORD_LEN}", b.len())));
+        return Err(FormatError::new(
+            "entry list",
+            format!("length {} is not a multiple of {LEAF_RECORD_LEN}", b.len()),
+        ));
     }
     b.chunks_exact(LEAF_RECORD_LEN).map(Entry::decode).collect()
 }

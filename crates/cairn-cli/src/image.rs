@@ -59,18 +59,38 @@ pub enum ImageCmd {
 
 pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
     match cmd {
-        ImageCmd::Backup { repo, name, parent, changed, chunker, threads, json, image } => {
+        ImageCmd::Backup {
+            repo,
+            name,
+            parent,
+            changed,
+            chunker,
+            threads,
+            json,
+            image,
+        } => {
             let v = open(&repo)?;
             let changed = match changed {
                 Some(p) => {
-                    let t = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+                    let t = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
                     Some(ExtentList::parse(&t).with_context(|| format!("in {}", p.display()))?)
                 }
                 None => None,
             };
-            let chunker = chunker.map(|s| ChunkerParams::parse(&s).map_err(anyhow::Error::msg)).transpose()?;
-            let f = std::fs::File::open(&image).with_context(|| format!("opening {}", image.display()))?;
-            let opts = BackupOptions { name, parent, changed, chunker, threads, ..Default::default() };
+            let chunker = chunker
+                .map(|s| ChunkerParams::parse(&s).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let f = std::fs::File::open(&image)
+                .with_context(|| format!("opening {}", image.display()))?;
+            let opts = BackupOptions {
+                name,
+                parent,
+                changed,
+                chunker,
+                threads,
+                ..Default::default()
+            };
             let bar = Bar::new("backup", json);
             let m = imager::backup(&*v, &f, &opts, &bar)?;
             bar.finish();
@@ -93,11 +113,23 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             } else {
                 println!(
                     "snapshot {} ({}): {} bytes, read {}, new {}, stored {}, {} ms",
-                    m.id, m.name, m.size, m.stats.bytes_read, m.stats.bytes_new, m.stats.bytes_stored, m.stats.duration_ms
+                    m.id,
+                    m.name,
+                    m.size,
+                    m.stats.bytes_read,
+                    m.stats.bytes_new,
+                    m.stats.bytes_stored,
+                    m.stats.duration_ms
                 );
             }
         }
-        ImageCmd::Restore { repo, snapshot, output, threads, json } => {
+        ImageCmd::Restore {
+            repo,
+            snapshot,
+            output,
+            threads,
+            json,
+        } => {
             let v = open(&repo)?;
             let bar = Bar::new("restore", json);
             let st = imager::restore(&*v, &snapshot, &output, &RestoreOptions { threads }, &bar)?;
@@ -105,7 +137,13 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&st)?);
             } else {
-                println!("restored {} ({} bytes, {} ms) to {}", st.snapshot, st.bytes, st.duration_ms, output.display());
+                println!(
+                    "restored {} ({} bytes, {} ms) to {}",
+                    st.snapshot,
+                    st.bytes,
+                    st.duration_ms,
+                    output.display()
+                );
             }
         }
         ImageCmd::List { repo, json } => {
@@ -114,9 +152,15 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("{:<32}  {:<20}  {:>14}  {:>12}  created", "snapshot", "name", "size", "new bytes");
+                println!(
+                    "{:<32}  {:<20}  {:>14}  {:>12}  created",
+                    "snapshot", "name", "size", "new bytes"
+                );
                 for s in all {
-                    println!("{:<32}  {:<20}  {:>14}  {:>12}  {}", s.id, s.name, s.size, s.stats.bytes_new, s.created);
+                    println!(
+                        "{:<32}  {:<20}  {:>14}  {:>12}  {}",
+                        s.id, s.name, s.size, s.stats.bytes_new, s.created
+                    );
                 }
             }
         }

@@ -15,9 +15,11 @@ impl Bar {
         }
         let b = ProgressBar::new(0);
         b.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         b.set_message(what.to_string());
         Self(Some(b))

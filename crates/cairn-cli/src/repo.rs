@@ -65,9 +65,11 @@ pub enum RepoCmd {
 /// `CAIRN_FINGERPRINT` or `CAIRN_CA`).
 pub fn open(repo: &str) -> Result<Arc<dyn Vault>> {
     if repo.starts_with("https://") || repo.starts_with("http://") {
-        let token = std::env::var("CAIRN_TOKEN").context("CAIRN_TOKEN must hold the vault's token")?;
-        let trust = cairn_http::Trust::from_env()
-            .context("set CAIRN_FINGERPRINT (the vault's certificate SHA-256) or CAIRN_CA (a CA file)")?;
+        let token =
+            std::env::var("CAIRN_TOKEN").context("CAIRN_TOKEN must hold the vault's token")?;
+        let trust = cairn_http::Trust::from_env().context(
+            "set CAIRN_FINGERPRINT (the vault's certificate SHA-256) or CAIRN_CA (a CA file)",
+        )?;
         let v = cairn_vault::remote::RemoteVault::connect(repo, &token, &trust)?;
         return Ok(Arc::new(v));
     }
@@ -81,22 +83,40 @@ fn print_json(v: &impl serde::Serialize) {
 
 pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
     match cmd {
-        RepoCmd::Init { dir, chunker, compression, json } => {
+        RepoCmd::Init {
+            dir,
+            chunker,
+            compression,
+            json,
+        } => {
             let chunker = match chunker {
                 Some(s) => ChunkerParams::parse(&s).map_err(anyhow::Error::msg)?,
                 None => ChunkerParams::default(),
             };
-            if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() && !dir.join("config").exists() {
+            if dir.exists()
+                && std::fs::read_dir(&dir)?.next().is_some()
+                && !dir.join("config").exists()
+            {
                 anyhow::bail!("{} exists and is not empty", dir.display());
             }
-            let r = Repository::init_dir(&dir, &InitOptions { chunker, compression })?;
+            let r = Repository::init_dir(
+                &dir,
+                &InitOptions {
+                    chunker,
+                    compression,
+                },
+            )?;
             if json {
                 print_json(r.config());
             } else {
                 println!("created repository {} at {}", r.config().id, dir.display());
             }
         }
-        RepoCmd::Verify { repo, metadata_only, json } => {
+        RepoCmd::Verify {
+            repo,
+            metadata_only,
+            json,
+        } => {
             let v = open(&repo)?;
             let rep = v.verify(!metadata_only)?;
             if json {
@@ -109,23 +129,47 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
                 for d in &rep.damage {
                     println!(
                         "damage: {}{}{}",
-                        d.container.map(|c| format!("container {c}: ")).unwrap_or_default(),
-                        d.digest.map(|c| format!("segment {c}: ")).unwrap_or_default(),
+                        d.container
+                            .map(|c| format!("container {c}: "))
+                            .unwrap_or_default(),
+                        d.digest
+                            .map(|c| format!("segment {c}: "))
+                            .unwrap_or_default(),
                         d.problem
                     );
                 }
                 for (id, name) in &rep.damaged_snapshots {
                     println!("damaged snapshot: {id} ({name})");
                 }
-                println!("{}", if rep.ok() { "repository OK" } else { "repository DAMAGED" });
+                println!(
+                    "{}",
+                    if rep.ok() {
+                        "repository OK"
+                    } else {
+                        "repository DAMAGED"
+                    }
+                );
             }
             if !rep.ok() {
                 return Ok(ExitCode::from(2));
             }
         }
-        RepoCmd::Prune { repo, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, json } => {
+        RepoCmd::Prune {
+            repo,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            dry_run,
+            json,
+        } => {
             let v = open(&repo)?;
-            let opts = PruneOptions { keep_last, keep_daily, keep_weekly, keep_monthly };
+            let opts = PruneOptions {
+                keep_last,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+            };
             if keep_last + keep_daily + keep_weekly + keep_monthly == 0 {
                 anyhow::bail!("give at least one --keep-* rule (prune never forgets everything)");
             }
@@ -143,11 +187,19 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
                     "{} kept, {} {}",
                     plan.keep.len(),
                     plan.forget.len(),
-                    if plan.executed { "forgotten" } else { "would be forgotten (dry run)" }
+                    if plan.executed {
+                        "forgotten"
+                    } else {
+                        "would be forgotten (dry run)"
+                    }
                 );
             }
         }
-        RepoCmd::Gc { repo, dry_run, json } => {
+        RepoCmd::Gc {
+            repo,
+            dry_run,
+            json,
+        } => {
             let v = open(&repo)?;
             let plan = v.gc(dry_run)?;
             if json {
@@ -170,13 +222,18 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
             if !dir.join("config").exists() {
                 anyhow::bail!("{} is not a repository", dir.display());
             }
-            let store: Arc<dyn cairn_vault::store::ObjectStore> = Arc::new(cairn_vault::store::LocalStore::open(&dir)?);
+            let store: Arc<dyn cairn_vault::store::ObjectStore> =
+                Arc::new(cairn_vault::store::LocalStore::open(&dir)?);
             let _lock = cairn_vault::lock::RepoLock::acquire(store, true, "rebuild-index")?;
             if idx.exists() {
-                std::fs::remove_dir_all(&idx).with_context(|| format!("removing {}", idx.display()))?;
+                std::fs::remove_dir_all(&idx)
+                    .with_context(|| format!("removing {}", idx.display()))?;
             }
             let r = Repository::open_dir(&dir)?;
-            println!("index rebuilt from {} containers", r.list_containers()?.len());
+            println!(
+                "index rebuilt from {} containers",
+                r.list_containers()?.len()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

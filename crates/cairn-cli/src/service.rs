@@ -32,10 +32,16 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
     } else {
         Repository::init_dir(&a.repo, &Default::default())?
     };
-    let state = a.state_dir.clone().unwrap_or_else(|| a.repo.join("service"));
+    let state = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| a.repo.join("service"));
     let (identity, fingerprint) = match (&a.cert, &a.key) {
         (Some(c), Some(k)) => {
-            let id = cairn_http::tls::Identity { cert_path: c.clone(), key_path: k.clone() };
+            let id = cairn_http::tls::Identity {
+                cert_path: c.clone(),
+                key_path: k.clone(),
+            };
             let pem = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
             let fp = rustls_fingerprint(&pem)?;
             (id, fp)
@@ -45,10 +51,14 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
     let token_file = state.join("token");
     let token = match std::env::var("CAIRN_TOKEN") {
         Ok(t) if !t.is_empty() => t,
-        _ => cairn_http::server::ensure_token(&token_file).with_context(|| format!("token file {}", token_file.display()))?,
+        _ => cairn_http::server::ensure_token(&token_file)
+            .with_context(|| format!("token file {}", token_file.display()))?,
     };
     let tls = cairn_http::tls::server_config(&identity)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let service = VaultService::new(repo);
         let (addr, handle) = cairn_vault::service::serve(service, a.listen, tls, token).await?;
@@ -62,7 +72,10 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
                 "pid": std::process::id(),
             })
         );
-        eprintln!("vault serving {} on https://{addr} (certificate SHA-256 {fingerprint})", a.repo.display());
+        eprintln!(
+            "vault serving {} on https://{addr} (certificate SHA-256 {fingerprint})",
+            a.repo.display()
+        );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

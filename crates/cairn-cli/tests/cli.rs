@@ -21,7 +21,11 @@ fn cairn(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn ok(args: &[&str], env: &[(&str, &str)]) -> String {
     let o = cairn(args, env);
-    assert!(o.status.success(), "cairn {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -37,7 +41,10 @@ fn make_image(path: &Path, mib: usize, seed: u64) -> Vec<u8> {
     for (i, b) in v.chunks_mut(1 << 20).enumerate() {
         match i % 3 {
             0 => rng.fill_bytes(b),
-            1 => b.iter_mut().enumerate().for_each(|(j, x)| *x = (j % 97) as u8),
+            1 => b
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = (j % 97) as u8),
             _ => {}
         }
     }
@@ -53,7 +60,19 @@ fn s(p: &Path) -> &str {
 fn exercise(repo: &str, dir: &Path, env: &[(&str, &str)]) {
     let img = dir.join("disk.img");
     let data = make_image(&img, 6, 1);
-    let b1 = json(&["image", "backup", "--repo", repo, "--name", "vm1-disk0", "--json", s(&img)], env);
+    let b1 = json(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            repo,
+            "--name",
+            "vm1-disk0",
+            "--json",
+            s(&img),
+        ],
+        env,
+    );
     let snap1 = b1["snapshot"].as_str().unwrap().to_string();
     assert_eq!(b1["bytes_read"], 6 << 20);
     assert!(b1["bytes_new"].as_u64().unwrap() > 0 && b1["bytes_stored"].as_u64().unwrap() > 0);
@@ -65,21 +84,71 @@ fn exercise(repo: &str, dir: &Path, env: &[(&str, &str)]) {
     let img2 = dir.join("disk2.img");
     std::fs::write(&img2, &d2).unwrap();
     let changed = dir.join("changed.txt");
-    std::fs::write(&changed, format!("{} 4096\n{} 4096\n", 4096 * 10, (3 << 20) + 8192)).unwrap();
+    std::fs::write(
+        &changed,
+        format!("{} 4096\n{} 4096\n", 4096 * 10, (3 << 20) + 8192),
+    )
+    .unwrap();
     let b2 = json(
-        &["image", "backup", "--repo", repo, "--name", "vm1-disk0", "--parent", &snap1, "--changed", s(&changed), "--json", s(&img2)],
+        &[
+            "image",
+            "backup",
+            "--repo",
+            repo,
+            "--name",
+            "vm1-disk0",
+            "--parent",
+            &snap1,
+            "--changed",
+            s(&changed),
+            "--json",
+            s(&img2),
+        ],
         env,
     );
-    assert!(b2["bytes_read"].as_u64().unwrap() < 1 << 20, "incremental reads little: {b2}");
-    assert!(b2["bytes_new"].as_u64().unwrap() < 300_000, "incremental stores little: {b2}");
+    assert!(
+        b2["bytes_read"].as_u64().unwrap() < 1 << 20,
+        "incremental reads little: {b2}"
+    );
+    assert!(
+        b2["bytes_new"].as_u64().unwrap() < 300_000,
+        "incremental stores little: {b2}"
+    );
 
     // Restore both, bit-exact.
     let out = dir.join("out.img");
-    ok(&["image", "restore", "--repo", repo, b2["snapshot"].as_str().unwrap(), s(&out)], env);
-    assert!(std::fs::read(&out).unwrap() == d2, "day-2 restore is bit-exact");
-    let r = json(&["image", "restore", "--repo", repo, "--json", &snap1, s(&out)], env);
+    ok(
+        &[
+            "image",
+            "restore",
+            "--repo",
+            repo,
+            b2["snapshot"].as_str().unwrap(),
+            s(&out),
+        ],
+        env,
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == d2,
+        "day-2 restore is bit-exact"
+    );
+    let r = json(
+        &[
+            "image",
+            "restore",
+            "--repo",
+            repo,
+            "--json",
+            &snap1,
+            s(&out),
+        ],
+        env,
+    );
     assert_eq!(r["bytes"], 6 << 20);
-    assert!(std::fs::read(&out).unwrap() == data, "day-1 restore is bit-exact");
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "day-1 restore is bit-exact"
+    );
 
     let list = json(&["image", "list", "--repo", repo, "--json"], env);
     assert_eq!(list.as_array().unwrap().len(), 2);
@@ -88,17 +157,53 @@ fn exercise(repo: &str, dir: &Path, env: &[(&str, &str)]) {
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
 
     // Prune to the newest, then GC frees the old snapshot's unique data.
-    let p = json(&["repo", "prune", repo, "--keep-last", "1", "--dry-run", "--json"], env);
+    let p = json(
+        &[
+            "repo",
+            "prune",
+            repo,
+            "--keep-last",
+            "1",
+            "--dry-run",
+            "--json",
+        ],
+        env,
+    );
     assert_eq!(p["forget"].as_array().unwrap().len(), 1);
-    assert_eq!(json(&["image", "list", "--repo", repo, "--json"], env).as_array().unwrap().len(), 2);
+    assert_eq!(
+        json(&["image", "list", "--repo", repo, "--json"], env)
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     ok(&["repo", "prune", repo, "--keep-last", "1"], env);
-    assert_eq!(json(&["image", "list", "--repo", repo, "--json"], env).as_array().unwrap().len(), 1);
+    assert_eq!(
+        json(&["image", "list", "--repo", repo, "--json"], env)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let g = json(&["repo", "gc", repo, "--dry-run", "--json"], env);
     assert_eq!(g["executed"], false);
     let g = json(&["repo", "gc", repo, "--json"], env);
     assert_eq!(g["executed"], true);
-    ok(&["image", "restore", "--repo", repo, b2["snapshot"].as_str().unwrap(), s(&out)], env);
-    assert!(std::fs::read(&out).unwrap() == d2, "restore after GC is bit-exact");
+    ok(
+        &[
+            "image",
+            "restore",
+            "--repo",
+            repo,
+            b2["snapshot"].as_str().unwrap(),
+            s(&out),
+        ],
+        env,
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == d2,
+        "restore after GC is bit-exact"
+    );
     let v = json(&["repo", "verify", repo, "--json"], env);
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
 }
@@ -135,8 +240,11 @@ fn start_service(repo: &Path) -> Service {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("service said {line:?}: {e}"));
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("service said {line:?}: {e}"));
     let token = std::fs::read_to_string(v["token_file"].as_str().unwrap()).unwrap();
     Service {
         child,
@@ -151,7 +259,10 @@ fn cli_through_the_vault_service() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("served");
     let svc = start_service(&repo);
-    let env = [("CAIRN_TOKEN", svc.token.as_str()), ("CAIRN_FINGERPRINT", svc.fingerprint.as_str())];
+    let env = [
+        ("CAIRN_TOKEN", svc.token.as_str()),
+        ("CAIRN_FINGERPRINT", svc.fingerprint.as_str()),
+    ];
     exercise(&svc.url, dir.path(), &env);
     // The data really went through the service, into its directory.
     assert!(repo.join("containers").exists());
@@ -160,50 +271,119 @@ fn cli_through_the_vault_service() {
     let before = std::fs::read_dir(repo.join("snapshots")).unwrap().count();
     let img = dir.path().join("x.img");
     make_image(&img, 1, 5);
-    let o = cairn(&["image", "backup", "--repo", &svc.url, "--name", "x", s(&img)], &[("CAIRN_TOKEN", "wrong"), ("CAIRN_FINGERPRINT", &svc.fingerprint)]);
+    let o = cairn(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            &svc.url,
+            "--name",
+            "x",
+            s(&img),
+        ],
+        &[
+            ("CAIRN_TOKEN", "wrong"),
+            ("CAIRN_FINGERPRINT", &svc.fingerprint),
+        ],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
-    assert_eq!(std::fs::read_dir(repo.join("snapshots")).unwrap().count(), before);
+    assert_eq!(
+        std::fs::read_dir(repo.join("snapshots")).unwrap().count(),
+        before
+    );
 
     // Wrong certificate pin: refused before any request.
-    let o = cairn(&["image", "list", "--repo", &svc.url], &[("CAIRN_TOKEN", &svc.token), ("CAIRN_FINGERPRINT", &"00".repeat(32))]);
+    let o = cairn(
+        &["image", "list", "--repo", &svc.url],
+        &[
+            ("CAIRN_TOKEN", &svc.token),
+            ("CAIRN_FINGERPRINT", &"00".repeat(32)),
+        ],
+    );
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("fingerprint"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("fingerprint"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // Malformed requests: 4xx with a JSON error.
-    let client = cairn_http::Client::new(&svc.url, &svc.token, &cairn_http::Trust::Fingerprint(svc.fingerprint.clone())).unwrap();
-    let e = client.post_raw("/v1/fetch", b"not a digest list").unwrap_err();
-    assert!(matches!(e, cairn_http::ClientError::Api { status: 400, .. }), "{e}");
-    let e = client.post_raw("/v1/sessions/zz/lacking", &[0u8; 32]).unwrap_err();
-    assert!(matches!(e, cairn_http::ClientError::Api { status: 400, .. }), "{e}");
+    let client = cairn_http::Client::new(
+        &svc.url,
+        &svc.token,
+        &cairn_http::Trust::Fingerprint(svc.fingerprint.clone()),
+    )
+    .unwrap();
+    let e = client
+        .post_raw("/v1/fetch", b"not a digest list")
+        .unwrap_err();
+    assert!(
+        matches!(e, cairn_http::ClientError::Api { status: 400, .. }),
+        "{e}"
+    );
+    let e = client
+        .post_raw("/v1/sessions/zz/lacking", &[0u8; 32])
+        .unwrap_err();
+    assert!(
+        matches!(e, cairn_http::ClientError::Api { status: 400, .. }),
+        "{e}"
+    );
     let e = client.get_bytes("/v1/snapshots/nope").unwrap_err();
-    assert!(matches!(e, cairn_http::ClientError::Api { status: 404, .. }), "{e}");
+    assert!(
+        matches!(e, cairn_http::ClientError::Api { status: 404, .. }),
+        "{e}"
+    );
     #[derive(serde::Deserialize)]
     struct Begin {
         session: String,
     }
-    let b: Begin = client.post_json("/v1/sessions", &serde_json::json!({})).unwrap();
-    let e = client.post_raw(&format!("/v1/sessions/{}/blobs", b.session), &[1u8; 50]).unwrap_err();
-    assert!(matches!(e, cairn_http::ClientError::Api { status: 400, .. }), "{e}");
+    let b: Begin = client
+        .post_json("/v1/sessions", &serde_json::json!({}))
+        .unwrap();
+    let e = client
+        .post_raw(&format!("/v1/sessions/{}/blobs", b.session), &[1u8; 50])
+        .unwrap_err();
+    assert!(
+        matches!(e, cairn_http::ClientError::Api { status: 400, .. }),
+        "{e}"
+    );
     // A blob whose content does not match its digest is refused.
     let mut frame = vec![7u8; 32];
     frame.extend_from_slice(&[0, 0]);
     frame.extend_from_slice(&4u32.to_le_bytes());
     frame.extend_from_slice(&4u32.to_le_bytes());
     frame.extend_from_slice(b"evil");
-    let e = client.post_raw(&format!("/v1/sessions/{}/blobs", b.session), &frame).unwrap_err();
-    assert!(matches!(e, cairn_http::ClientError::Api { status: 400, .. }), "{e}");
-    let e = client.post_bytes::<Value>(&format!("/v1/sessions/{}/commit", b.session), b"{").unwrap_err();
-    assert!(matches!(e, cairn_http::ClientError::Api { status: 400, .. }), "{e}");
+    let e = client
+        .post_raw(&format!("/v1/sessions/{}/blobs", b.session), &frame)
+        .unwrap_err();
+    assert!(
+        matches!(e, cairn_http::ClientError::Api { status: 400, .. }),
+        "{e}"
+    );
+    let e = client
+        .post_bytes::<Value>(&format!("/v1/sessions/{}/commit", b.session), b"{")
+        .unwrap_err();
+    assert!(
+        matches!(e, cairn_http::ClientError::Api { status: 400, .. }),
+        "{e}"
+    );
     // Health needs no token.
-    let anon = cairn_http::Client::new(&svc.url, "", &cairn_http::Trust::Fingerprint(svc.fingerprint.clone())).unwrap();
+    let anon = cairn_http::Client::new(
+        &svc.url,
+        "",
+        &cairn_http::Trust::Fingerprint(svc.fingerprint.clone()),
+    )
+    .unwrap();
     assert_eq!(anon.get_bytes("/health").unwrap(), b"ok");
 }
 
 fn containers(repo: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(repo.join("containers")) else { return out };
+    let Ok(rd) = std::fs::read_dir(repo.join("containers")) else {
+        return out;
+    };
     for d in rd {
         for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
             let p = f.unwrap().path();
@@ -226,7 +406,17 @@ fn kill_9_mid_backup_then_retry_does_not_resend() {
     rng.fill_bytes(&mut data);
     std::fs::write(&img, &data).unwrap();
     let mut child = Command::new(CAIRN)
-        .args(["image", "backup", "--repo", s(&repo), "--name", "big", "--threads", "1", s(&img)])
+        .args([
+            "image",
+            "backup",
+            "--repo",
+            s(&repo),
+            "--name",
+            "big",
+            "--threads",
+            "1",
+            s(&img),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -244,14 +434,35 @@ fn kill_9_mid_backup_then_retry_does_not_resend() {
     if status.success() {
         eprintln!("backup finished before the kill; the test proves less");
     } else {
-        assert!(list.as_array().unwrap().is_empty(), "a killed backup leaves no snapshot");
+        assert!(
+            list.as_array().unwrap().is_empty(),
+            "a killed backup leaves no snapshot"
+        );
     }
     // The retry reuses what was durable.
-    let b = json(&["image", "backup", "--repo", s(&repo), "--name", "big", "--json", s(&img)], &[]);
+    let b = json(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            s(&repo),
+            "--name",
+            "big",
+            "--json",
+            s(&img),
+        ],
+        &[],
+    );
     let new = b["bytes_new"].as_u64().unwrap();
-    assert!(new <= (160 << 20) - (16 << 20), "retry resent everything: {b}");
+    assert!(
+        new <= (160 << 20) - (16 << 20),
+        "retry resent everything: {b}"
+    );
     let out = dir.path().join("out.img");
-    ok(&["image", "restore", "--repo", s(&repo), "big", s(&out)], &[]);
+    ok(
+        &["image", "restore", "--repo", s(&repo), "big", s(&out)],
+        &[],
+    );
     assert!(std::fs::read(&out).unwrap() == data);
     let v = json(&["repo", "verify", s(&repo), "--json"], &[]);
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
@@ -264,10 +475,34 @@ fn damaged_and_truncated_containers_are_named_and_never_restored_silently() {
     ok(&["repo", "init", s(&repo)], &[]);
     let img = dir.path().join("a.img");
     make_image(&img, 3, 2);
-    let b = json(&["image", "backup", "--repo", s(&repo), "--name", "victim", "--json", s(&img)], &[]);
+    let b = json(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            s(&repo),
+            "--name",
+            "victim",
+            "--json",
+            s(&img),
+        ],
+        &[],
+    );
     let other = dir.path().join("b.img");
     let other_data = make_image(&other, 1, 99);
-    json(&["image", "backup", "--repo", s(&repo), "--name", "bystander", "--json", s(&other)], &[]);
+    json(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            s(&repo),
+            "--name",
+            "bystander",
+            "--json",
+            s(&other),
+        ],
+        &[],
+    );
     // Flip a byte in the victim's biggest container.
     let mut cs = containers(&repo);
     cs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
@@ -278,20 +513,51 @@ fn damaged_and_truncated_containers_are_named_and_never_restored_silently() {
     let o = cairn(&["repo", "verify", s(&repo)], &[]);
     assert_eq!(o.status.code(), Some(2), "verify exits 2 on damage");
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("damaged snapshot") && text.contains("victim"), "{text}");
+    assert!(
+        text.contains("damaged snapshot") && text.contains("victim"),
+        "{text}"
+    );
     let out = dir.path().join("out.img");
-    let o = cairn(&["image", "restore", "--repo", s(&repo), "victim", s(&out)], &[]);
+    let o = cairn(
+        &["image", "restore", "--repo", s(&repo), "victim", s(&out)],
+        &[],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("image bytes"), "error names the byte range: {err}");
+    assert!(
+        err.contains("image bytes"),
+        "error names the byte range: {err}"
+    );
     assert!(!out.exists(), "nothing written under the output name");
     // Truncate it: still named, still no silent restore. The bystander still restores.
-    std::fs::OpenOptions::new().write(true).open(&victim).unwrap().set_len(bytes.len() as u64 / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(bytes.len() as u64 / 2)
+        .unwrap();
     let o = cairn(&["repo", "verify", s(&repo)], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stdout).contains("victim"));
-    assert!(!cairn(&["image", "restore", "--repo", s(&repo), b["snapshot"].as_str().unwrap(), s(&out)], &[]).status.success());
-    ok(&["image", "restore", "--repo", s(&repo), "bystander", s(&out)], &[]);
+    assert!(
+        !cairn(
+            &[
+                "image",
+                "restore",
+                "--repo",
+                s(&repo),
+                b["snapshot"].as_str().unwrap(),
+                s(&out)
+            ],
+            &[]
+        )
+        .status
+        .success()
+    );
+    ok(
+        &["image", "restore", "--repo", s(&repo), "bystander", s(&out)],
+        &[],
+    );
     assert!(std::fs::read(&out).unwrap() == other_data);
 }
 
@@ -300,7 +566,9 @@ fn disk_full_gives_a_clear_error_and_keeps_the_repository() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    let m = Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs", s(&mnt)]).output();
+    let m = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs", s(&mnt)])
+        .output();
     if !matches!(&m, Ok(o) if o.status.success()) {
         eprintln!("SKIPPED LOUDLY: cannot mount a small tmpfs (needs root): {m:?}");
         return;
@@ -316,19 +584,49 @@ fn disk_full_gives_a_clear_error_and_keeps_the_repository() {
     ok(&["repo", "init", s(&repo)], &[]);
     let small = dir.path().join("small.img");
     let small_data = make_image(&small, 2, 3);
-    json(&["image", "backup", "--repo", s(&repo), "--name", "small", "--json", s(&small)], &[]);
+    json(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            s(&repo),
+            "--name",
+            "small",
+            "--json",
+            s(&small),
+        ],
+        &[],
+    );
     let big = dir.path().join("big.img");
     let mut data = vec![0u8; 40 << 20];
     rand::rngs::StdRng::seed_from_u64(4).fill_bytes(&mut data);
     std::fs::write(&big, &data).unwrap();
-    let o = cairn(&["image", "backup", "--repo", s(&repo), "--name", "big", s(&big)], &[]);
+    let o = cairn(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            s(&repo),
+            "--name",
+            "big",
+            s(&big),
+        ],
+        &[],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("space"), "error says the disk is full: {err}");
     let list = json(&["image", "list", "--repo", s(&repo), "--json"], &[]);
-    assert_eq!(list.as_array().unwrap().len(), 1, "the failed backup is invisible");
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "the failed backup is invisible"
+    );
     let out = dir.path().join("out.img");
-    ok(&["image", "restore", "--repo", s(&repo), "small", s(&out)], &[]);
+    ok(
+        &["image", "restore", "--repo", s(&repo), "small", s(&out)],
+        &[],
+    );
     assert!(std::fs::read(&out).unwrap() == small_data);
     let v = json(&["repo", "verify", s(&repo), "--json"], &[]);
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");

@@ -213,12 +213,20 @@ impl Client {
     /// POST raw bytes, raw answer.
     pub fn post_raw(&self, path: &str, body: &[u8]) -> Result<Vec<u8>, ClientError> {
         let url = self.url(path);
-        let r = self.call(self.agent.post(&url).set("Content-Type", "application/octet-stream"), Some(body))?;
+        let r = self.call(
+            self.agent
+                .post(&url)
+                .set("Content-Type", "application/octet-stream"),
+            Some(body),
+        )?;
         let mut v = Vec::new();
         r.into_reader()
             .take(1 << 31)
             .read_to_end(&mut v)
-            .map_err(|e| ClientError::Transport { url, msg: e.to_string() })?;
+            .map_err(|e| ClientError::Transport {
+                url,
+                msg: e.to_string(),
+            })?;
         Ok(v)
     }
 

@@ -102,7 +102,10 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The first certificate of a PEM stream, as DER.
 pub fn first_cert_der(pem: &mut &[u8]) -> Option<Vec<u8>> {
-    rustls_pemfile::certs(pem).filter_map(Result::ok).next().map(|c| c.as_ref().to_vec())
+    rustls_pemfile::certs(pem)
+        .filter_map(Result::ok)
+        .next()
+        .map(|c| c.as_ref().to_vec())
 }
 
 /// A server configuration from an identity.

@@ -42,7 +42,10 @@ pub enum VaultError {
     #[error("{0}")]
     Invalid(String),
     #[error("vault service: {message}")]
-    Remote { kind: cairn_http::ErrorKind, message: String },
+    Remote {
+        kind: cairn_http::ErrorKind,
+        message: String,
+    },
     #[error("not a Cairn repository ({0})")]
     NotARepository(String),
 }

@@ -268,22 +268,25 @@ fn full(
                     .map_err(|e| source_err(e, off))?;
                 off += n as u64;
                 let eof = off == size;
+                let buf_abs = off - buf.len() as u64;
                 let mut cuts = Vec::new();
                 let mut pos = 0;
                 while pos < buf.len()
                     && (eof || buf.len() - pos >= window)
                     && (pos < BATCH_BYTES || eof)
                 {
-                    let c = chunker.cut(&buf[pos..]);
+                    let c = chunker.cut(&buf[pos..], buf_abs + pos as u64);
                     cuts.push(c);
                     pos += c;
                 }
                 let rest = buf[pos..].to_vec();
                 buf.truncate(pos);
-                if !cuts.is_empty() && btx.send((seq, std::mem::take(&mut buf), cuts)).is_err() {
-                    break;
+                if !cuts.is_empty() {
+                    if btx.send((seq, std::mem::take(&mut buf), cuts)).is_err() {
+                        break;
+                    }
+                    seq += 1;
                 }
-                seq += 1;
                 buf = rest;
                 buf.reserve(BATCH_BYTES + window);
                 if eof && buf.is_empty() {
@@ -446,7 +449,7 @@ fn incremental(
                 continue;
             }
             let rel = (cur - buf_at) as usize;
-            let c = chunker.cut(&buf[rel..]);
+            let c = chunker.cut(&buf[rel..], cur);
             batch_data.extend_from_slice(&buf[rel..rel + c]);
             batch_cuts.push(c);
             batch_slots.push(out.len());

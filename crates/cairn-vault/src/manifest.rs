@@ -48,6 +48,9 @@ pub struct SnapshotManifest {
     pub name: String,
     /// Unix seconds.
     pub created: u64,
+    /// Unix milliseconds: orders snapshots made within one second.
+    #[serde(default)]
+    pub created_ms: u64,
     pub size: u64,
     pub root: TreeRoot,
     pub chunker: ChunkerParams,
@@ -57,6 +60,13 @@ pub struct SnapshotManifest {
     pub stats: BackupStats,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub(crate) fn now() -> u64 {

@@ -30,7 +30,11 @@ impl SnapshotReader {
             acc += u64::from(e.len);
         }
         starts.push(acc);
-        Ok(Self { repo, entries, starts })
+        Ok(Self {
+            repo,
+            entries,
+            starts,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -49,8 +53,11 @@ impl SnapshotReader {
         while self.starts[last + 1] < end {
             last += 1;
         }
-        let digests: Vec<Digest> =
-            self.entries[first..=last].iter().filter(|e| e.kind == EntryKind::Data).map(|e| e.digest).collect();
+        let digests: Vec<Digest> = self.entries[first..=last]
+            .iter()
+            .filter(|e| e.kind == EntryKind::Data)
+            .map(|e| e.digest)
+            .collect();
         let mut datas = self.repo.read_many(&digests)?.into_iter();
         let mut out = Vec::with_capacity((end - offset) as usize);
         for i in first..=last {
@@ -71,7 +78,9 @@ impl SnapshotReader {
 
 impl ReadAt for SnapshotReader {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        let data = self.read_range(offset, buf.len() as u64).map_err(std::io::Error::other)?;
+        let data = self
+            .read_range(offset, buf.len() as u64)
+            .map_err(std::io::Error::other)?;
         buf[..data.len()].copy_from_slice(&data);
         Ok(data.len())
     }

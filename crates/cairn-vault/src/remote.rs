@@ -1,8 +1,8 @@
 //! A vault service as a [`Vault`]: the client half of the protocol in [`crate::service`].
 //! Counts the disk-data bytes it sends and receives.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cairn_chunk::Entry;
 use cairn_http::{Client, ClientError, Trust};
@@ -18,8 +18,14 @@ use crate::wire;
 
 fn remote(e: ClientError) -> VaultError {
     match &e {
-        ClientError::Api { api, .. } => VaultError::Remote { kind: api.kind, message: e.to_string() },
-        _ => VaultError::Remote { kind: cairn_http::ErrorKind::Unknown, message: e.to_string() },
+        ClientError::Api { api, .. } => VaultError::Remote {
+            kind: api.kind,
+            message: e.to_string(),
+        },
+        _ => VaultError::Remote {
+            kind: cairn_http::ErrorKind::Unknown,
+            message: e.to_string(),
+        },
     }
 }
 
@@ -35,7 +41,11 @@ impl RemoteVault {
     /// Connects and checks the token with a config request.
     pub fn connect(base: &str, token: &str, trust: &Trust) -> Result<Self> {
         let client = Client::new(base, token, trust).map_err(remote)?;
-        let v = Self { client, sent: Arc::default(), received: Arc::default() };
+        let v = Self {
+            client,
+            sent: Arc::default(),
+            received: Arc::default(),
+        };
         v.config()?;
         Ok(v)
     }
@@ -52,9 +62,18 @@ impl VaultSession for RemoteSession {
     fn lacking(&self, digests: &[Digest]) -> Result<Vec<bool>> {
         let mut out = Vec::with_capacity(digests.len());
         for chunk in digests.chunks(wire::MAX_DIGESTS) {
-            let r = self.client.post_raw(&format!("/v1/sessions/{}/lacking", self.id), &wire::encode_digests(chunk)).map_err(remote)?;
+            let r = self
+                .client
+                .post_raw(
+                    &format!("/v1/sessions/{}/lacking", self.id),
+                    &wire::encode_digests(chunk),
+                )
+                .map_err(remote)?;
             if r.len() != chunk.len() {
-                return Err(VaultError::Remote { kind: cairn_http::ErrorKind::Unknown, message: "lacking: wrong answer length".into() });
+                return Err(VaultError::Remote {
+                    kind: cairn_http::ErrorKind::Unknown,
+                    message: "lacking: wrong answer length".into(),
+                });
             }
             out.extend(r.into_iter().map(|b| b != 0));
         }
@@ -64,13 +83,19 @@ impl VaultSession for RemoteSession {
     fn upload(&self, blobs: Vec<Upload>) -> Result<()> {
         let body = wire::encode_uploads(&blobs);
         let n: u64 = blobs.iter().map(|b| b.seg.bytes.len() as u64).sum();
-        let _: serde_json::Value = self.client.post_bytes(&format!("/v1/sessions/{}/blobs", self.id), &body).map_err(remote)?;
+        let _: serde_json::Value = self
+            .client
+            .post_bytes(&format!("/v1/sessions/{}/blobs", self.id), &body)
+            .map_err(remote)?;
         self.sent.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
     fn commit(mut self: Box<Self>, req: CommitRequest) -> Result<SnapshotManifest> {
-        let m = self.client.post_json(&format!("/v1/sessions/{}/commit", self.id), &req).map_err(remote)?;
+        let m = self
+            .client
+            .post_json(&format!("/v1/sessions/{}/commit", self.id), &req)
+            .map_err(remote)?;
         self.committed = true;
         Ok(m)
     }
@@ -79,14 +104,22 @@ impl VaultSession for RemoteSession {
 impl Drop for RemoteSession {
     fn drop(&mut self) {
         if !self.committed {
-            let _: std::result::Result<serde_json::Value, _> = self.client.delete_json(&format!("/v1/sessions/{}", self.id));
+            let _: std::result::Result<serde_json::Value, _> = self
+                .client
+                .delete_json(&format!("/v1/sessions/{}", self.id));
         }
     }
 }
 
 fn path_seg(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -100,8 +133,16 @@ impl Vault for RemoteVault {
         struct Begin {
             session: SessionId,
         }
-        let b: Begin = self.client.post_json("/v1/sessions", &serde_json::json!({})).map_err(remote)?;
-        Ok(Box::new(RemoteSession { client: self.client.clone(), id: b.session, sent: self.sent.clone(), committed: false }))
+        let b: Begin = self
+            .client
+            .post_json("/v1/sessions", &serde_json::json!({}))
+            .map_err(remote)?;
+        Ok(Box::new(RemoteSession {
+            client: self.client.clone(),
+            id: b.session,
+            sent: self.sent.clone(),
+            committed: false,
+        }))
     }
 
     fn list(&self) -> Result<Vec<SnapshotManifest>> {
@@ -109,23 +150,36 @@ impl Vault for RemoteVault {
     }
 
     fn find(&self, spec: &str) -> Result<SnapshotManifest> {
-        self.client.get_json(&format!("/v1/snapshots/{}", path_seg(spec))).map_err(|e| match e.kind() {
-            Some(cairn_http::ErrorKind::NotFound) => VaultError::SnapshotNotFound(spec.to_string()),
-            _ => remote(e),
-        })
+        self.client
+            .get_json(&format!("/v1/snapshots/{}", path_seg(spec)))
+            .map_err(|e| match e.kind() {
+                Some(cairn_http::ErrorKind::NotFound) => {
+                    VaultError::SnapshotNotFound(spec.to_string())
+                }
+                _ => remote(e),
+            })
     }
 
     fn entries(&self, s: &SnapshotManifest) -> Result<Vec<Entry>> {
-        let b = self.client.get_bytes(&format!("/v1/snapshots/{}/entries", s.id)).map_err(remote)?;
-        cairn_chunk::recipe::decode_entries(&b).map_err(|e| VaultError::Corrupt(format!("entries of {}: {e}", s.id)))
+        let b = self
+            .client
+            .get_bytes(&format!("/v1/snapshots/{}/entries", s.id))
+            .map_err(remote)?;
+        cairn_chunk::recipe::decode_entries(&b)
+            .map_err(|e| VaultError::Corrupt(format!("entries of {}: {e}", s.id)))
     }
 
     fn fetch(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::with_capacity(digests.len());
         for chunk in digests.chunks(4096) {
-            let body = self.client.post_raw("/v1/fetch", &wire::encode_digests(chunk)).map_err(remote)?;
-            self.received.fetch_add(body.len() as u64, Ordering::Relaxed);
-            let frames = wire::decode_download(&body, chunk.len()).map_err(|e| VaultError::Corrupt(format!("fetch answer: {e}")))?;
+            let body = self
+                .client
+                .post_raw("/v1/fetch", &wire::encode_digests(chunk))
+                .map_err(remote)?;
+            self.received
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            let frames = wire::decode_download(&body, chunk.len())
+                .map_err(|e| VaultError::Corrupt(format!("fetch answer: {e}")))?;
             for ((codec, raw_len, bytes), d) in frames.into_iter().zip(chunk) {
                 // End-to-end check: what arrives must hash to what was asked for.
                 let plain = cairn_chunk::codec::decode(codec, bytes, raw_len as usize, d)
@@ -137,21 +191,47 @@ impl Vault for RemoteVault {
     }
 
     fn verify(&self, read_data: bool) -> Result<VerifyReport> {
-        self.client.post_json("/v1/verify", &MaintRequest { read_data, ..Default::default() }).map_err(remote)
+        self.client
+            .post_json(
+                "/v1/verify",
+                &MaintRequest {
+                    read_data,
+                    ..Default::default()
+                },
+            )
+            .map_err(remote)
     }
 
     fn prune(&self, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan> {
         self.client
-            .post_json("/v1/prune", &MaintRequest { dry_run, prune: Some(opts.clone()), ..Default::default() })
+            .post_json(
+                "/v1/prune",
+                &MaintRequest {
+                    dry_run,
+                    prune: Some(opts.clone()),
+                    ..Default::default()
+                },
+            )
             .map_err(remote)
     }
 
     fn gc(&self, dry_run: bool) -> Result<GcPlan> {
-        self.client.post_json("/v1/gc", &MaintRequest { dry_run, ..Default::default() }).map_err(remote)
+        self.client
+            .post_json(
+                "/v1/gc",
+                &MaintRequest {
+                    dry_run,
+                    ..Default::default()
+                },
+            )
+            .map_err(remote)
     }
 
     fn wire_bytes(&self) -> (u64, u64) {
-        (self.sent.load(Ordering::Relaxed), self.received.load(Ordering::Relaxed))
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
     }
 
     fn location(&self) -> String {

@@ -291,12 +291,18 @@ impl Repository {
     /// client that verifies them itself.
     pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Vec<u8>)>> {
         let ix = self.index();
-        let locs: Vec<Location> =
-            digests.iter().map(|d| ix.get(d)?.ok_or(VaultError::MissingSegment(*d))).collect::<Result<_>>()?;
+        let locs: Vec<Location> = digests
+            .iter()
+            .map(|d| ix.get(d)?.ok_or(VaultError::MissingSegment(*d)))
+            .collect::<Result<_>>()?;
         drop(ix);
         locs.into_iter()
             .map(|l| {
-                let b = self.store.get_range(&container_key(&l.container), u64::from(l.offset), u64::from(l.stored_len))?;
+                let b = self.store.get_range(
+                    &container_key(&l.container),
+                    u64::from(l.offset),
+                    u64::from(l.stored_len),
+                )?;
                 Ok((l, b))
             })
             .collect()
@@ -320,7 +326,9 @@ impl Repository {
                 .map_err(|e| VaultError::Corrupt(format!("manifest {}: {e}", m.key)))?;
             out.push(s);
         }
-        out.sort_by(|a, b| (a.created, &a.name, a.id).cmp(&(b.created, &b.name, b.id)));
+        out.sort_by(|a, b| {
+            (a.created, a.created_ms, &a.name, a.id).cmp(&(b.created, b.created_ms, &b.name, b.id))
+        });
         Ok(out)
     }
 

@@ -60,8 +60,13 @@ fn api(e: VaultError) -> ApiError {
     e.to_api()
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, VaultError> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?.map_err(api)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VaultError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(api)
 }
 
 fn json<T: serde::Serialize>(v: T) -> Response {
@@ -70,11 +75,18 @@ fn json<T: serde::Serialize>(v: T) -> Response {
 
 impl VaultService {
     pub fn new(repo: Arc<Repository>) -> Arc<Self> {
-        Arc::new(Self { repo, sessions: Mutex::new(HashMap::new()), bytes_received: AtomicU64::new(0), bytes_sent: AtomicU64::new(0) })
+        Arc::new(Self {
+            repo,
+            sessions: Mutex::new(HashMap::new()),
+            bytes_received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+        })
     }
 
     fn session(&self, id: &str) -> ApiResult<Arc<BackupSession>> {
-        let id: SessionId = id.parse().map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
+        let id: SessionId = id
+            .parse()
+            .map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -148,9 +160,15 @@ struct Range {
     len: u64,
 }
 
-async fn data(State(s): State<Shared>, Path(spec): Path<String>, Query(r): Query<Range>) -> ApiResult<Vec<u8>> {
+async fn data(
+    State(s): State<Shared>,
+    Path(spec): Path<String>,
+    Query(r): Query<Range>,
+) -> ApiResult<Vec<u8>> {
     if r.len > 64 << 20 {
-        return Err(ApiError::bad_request("len is limited to 64 MiB per request"));
+        return Err(ApiError::bad_request(
+            "len is limited to 64 MiB per request",
+        ));
     }
     let repo = s.repo.clone();
     let out = blocking(move || {
@@ -167,18 +185,29 @@ async fn begin(State(s): State<Shared>) -> ApiResult<Response> {
     let repo = s.repo.clone();
     let session = blocking(move || BackupSession::begin(repo, "vault service session")).await?;
     let id = SessionId::random();
-    s.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(session));
+    s.sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, Arc::new(session));
     Ok(json(serde_json::json!({ "session": id })))
 }
 
-async fn lacking(State(s): State<Shared>, Path(id): Path<String>, body: Bytes) -> ApiResult<Vec<u8>> {
+async fn lacking(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Vec<u8>> {
     let session = s.session(&id)?;
     let digests = wire::decode_digests(&body).map_err(ApiError::bad_request)?;
     let l = blocking(move || session.lacking(&digests)).await?;
     Ok(l.into_iter().map(u8::from).collect())
 }
 
-async fn blobs(State(s): State<Shared>, Path(id): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn blobs(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let session = s.session(&id)?;
     let ups = wire::decode_uploads(&body).map_err(ApiError::bad_request)?;
     let n = ups.iter().map(|u| u.seg.bytes.len() as u64).sum::<u64>();
@@ -194,23 +223,40 @@ async fn blobs(State(s): State<Shared>, Path(id): Path<String>, body: Bytes) -> 
     Ok(json(serde_json::json!({ "stored": stored })))
 }
 
-async fn commit(State(s): State<Shared>, Path(id): Path<String>, body: Bytes) -> ApiResult<Response> {
-    let req: CommitRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("commit request: {e}")))?;
-    let sid: SessionId = id.parse().map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
+async fn commit(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: CommitRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("commit request: {e}")))?;
+    let sid: SessionId = id
+        .parse()
+        .map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
     let session = s
         .sessions
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&sid)
         .ok_or_else(|| ApiError::not_found(format!("no open session {sid}")))?;
-    let session = Arc::try_unwrap(session)
-        .map_err(|_| ApiError::new(cairn_http::ErrorKind::Conflict, "session has requests in flight"))?;
+    let session = Arc::try_unwrap(session).map_err(|_| {
+        ApiError::new(
+            cairn_http::ErrorKind::Conflict,
+            "session has requests in flight",
+        )
+    })?;
     Ok(json(blocking(move || session.commit(req)).await?))
 }
 
 async fn abort(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
-    let sid: SessionId = id.parse().map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
-    let gone = s.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&sid);
+    let sid: SessionId = id
+        .parse()
+        .map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
+    let gone = s
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&sid);
     if let Some(sess) = gone {
         tokio::task::spawn_blocking(move || drop(sess));
     }
@@ -249,20 +295,28 @@ fn maint_req(body: &[u8]) -> ApiResult<MaintRequest> {
 async fn verify(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     let r = maint_req(&body)?;
     let repo = s.repo.clone();
-    Ok(json(blocking(move || crate::maint::verify(&repo, r.read_data)).await?))
+    Ok(json(
+        blocking(move || crate::maint::verify(&repo, r.read_data)).await?,
+    ))
 }
 
 async fn prune(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     let r = maint_req(&body)?;
-    let opts = r.prune.ok_or_else(|| ApiError::bad_request("prune needs retention rules"))?;
+    let opts = r
+        .prune
+        .ok_or_else(|| ApiError::bad_request("prune needs retention rules"))?;
     let repo = s.repo.clone();
-    Ok(json(blocking(move || crate::maint::prune(&repo, &opts, r.dry_run)).await?))
+    Ok(json(
+        blocking(move || crate::maint::prune(&repo, &opts, r.dry_run)).await?,
+    ))
 }
 
 async fn gc(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     let r = maint_req(&body)?;
     let repo = s.repo.clone();
-    Ok(json(blocking(move || crate::maint::gc(&repo, r.dry_run)).await?))
+    Ok(json(
+        blocking(move || crate::maint::gc(&repo, r.dry_run)).await?,
+    ))
 }
 
 /// Serves until the future is dropped; returns once bound with the listening address.

@@ -291,6 +291,7 @@ impl BackupSession {
             id: SnapshotId::random(),
             name: req.name,
             created: now(),
+            created_ms: crate::manifest::now_ms(),
             size: root.size,
             root,
             chunker: req.chunker.unwrap_or(self.shared.repo.config().chunker),

@@ -10,8 +10,8 @@
 //! All integers little-endian. Parsers check every length against the limits below.
 
 use cairn_chunk::Codec;
-use cairn_chunk::format::{BlobKind, SEGMENT_MAX_LEN};
 use cairn_chunk::EncodedSegment;
+use cairn_chunk::format::{BlobKind, SEGMENT_MAX_LEN};
 use cairn_types::Digest;
 
 use crate::api::Upload;
@@ -27,9 +27,14 @@ pub fn encode_digests(d: &[Digest]) -> Vec<u8> {
 
 pub fn decode_digests(b: &[u8]) -> Result<Vec<Digest>, String> {
     if b.len() % 32 != 0 || b.len() / 32 > MAX_DIGESTS {
-        return Err(format!("digest list of {} bytes (must be a multiple of 32, at most {MAX_DIGESTS} digests)", b.len()));
+        return Err(format!(
+            "digest list of {} bytes (must be a multiple of 32, at most {MAX_DIGESTS} digests)",
+            b.len()
+        ));
     }
-    Ok(b.chunks_exact(32).map(|c| Digest::from_slice(c).expect("32")).collect())
+    Ok(b.chunks_exact(32)
+        .map(|c| Digest::from_slice(c).expect("32"))
+        .collect())
 }
 
 pub fn encode_uploads(u: &[Upload]) -> Vec<u8> {
@@ -74,7 +79,12 @@ pub fn decode_uploads(mut b: &[u8]) -> Result<Vec<Upload>, String> {
             return Err(format!("blob of {stored} bytes exceeds the limit"));
         }
         let bytes = take(&mut b, stored, "blob body")?.to_vec();
-        out.push(Upload { digest, kind, raw_len, seg: EncodedSegment { codec, bytes } });
+        out.push(Upload {
+            digest,
+            kind,
+            raw_len,
+            seg: EncodedSegment { codec, bytes },
+        });
     }
     Ok(out)
 }
@@ -120,7 +130,15 @@ mod tests {
 
     #[test]
     fn upload_round_trip() {
-        let u = vec![Upload { digest: Digest([3; 32]), kind: BlobKind::Tree, raw_len: 9, seg: EncodedSegment { codec: Codec::Raw, bytes: vec![1, 2, 3] } }];
+        let u = vec![Upload {
+            digest: Digest([3; 32]),
+            kind: BlobKind::Tree,
+            raw_len: 9,
+            seg: EncodedSegment {
+                codec: Codec::Raw,
+                bytes: vec![1, 2, 3],
+            },
+        }];
         let back = decode_uploads(&encode_uploads(&u)).unwrap();
         assert_eq!(back[0].digest, u[0].digest);
         assert_eq!(back[0].seg, u[0].seg);

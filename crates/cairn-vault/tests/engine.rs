@@ -79,6 +79,11 @@ fn full_backup_restores_bit_exact_and_dedups() {
     let s2 = backup(&v, &img, dir.path(), "disk0", None, None);
     assert_eq!(s2.stats.bytes_new, 0);
     assert_eq!(s2.root, s1.root, "identical images give identical recipes");
+    assert_eq!(
+        v.find("disk0").unwrap().id,
+        s2.id,
+        "a name finds the newest snapshot, even within one second"
+    );
     // Restored output is sparse where the image had zeros.
     let out = dir.path().join("restored.img");
     use std::os::unix::fs::MetadataExt;
