@@ -26,10 +26,26 @@
 //!   32 MiB; a longer one ends the connection.
 //! - Libraries never start a tokio runtime; the caller provides one (any flavour).
 
+pub mod driver;
 pub mod process;
+pub mod qemu;
 pub mod qga;
 pub mod qmp;
+pub mod spec;
+mod state;
 mod wire;
+
+pub use driver::{
+    BoxFuture, Changes, DiskIo, DiskSnapshot, DiskSource, DriverError, HypervisorDriver,
+    KnownChanges, Quiesce, QuiescePolicy, ResourceUsage, SavedState, SnapshotKind, SnapshotOptions,
+    UnknownReason, VcpuUsage, VmHandle, VmInfo, VmSnapshot, VmState,
+};
+pub use qemu::{QemuDriver, QemuDriverOptions};
+pub use spec::{
+    BootSpec, CheckpointId, DiskBacking, DiskBus, DiskFormat, DiskSpec, NicSpec, VmId,
+    VmSnapshotId, VmSpec,
+};
+pub use state::VmDisk;
 
 pub use process::{ProcessError, QemuCommand, QemuKind, QemuProcess, find_program};
 pub use qga::{

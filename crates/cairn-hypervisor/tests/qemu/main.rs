@@ -3,5 +3,6 @@
 //! unless `CAIRN_REQUIRE_QEMU=1`, which turns the skip into a failure (for CI).
 
 mod common;
+mod driver;
 mod guest;
 mod guestless;
