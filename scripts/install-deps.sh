@@ -19,6 +19,7 @@ set -euo pipefail
 #   e2fsprogs         mke2fs -d, e2fsck, debugfs: guest data disks and their checks
 #   python3, lz4      scripts/build-test-guest.sh (vmlinux extraction)
 #   procps            kill(1), used by tests to stop and resume QEMU
+#   libnbd-bin        nbdinfo --map: oracle for the dirty-bitmap meta context of fleecing exports
 CAIRN_APT_PACKAGES="
   qemu-utils
   qemu-system-x86
@@ -26,6 +27,7 @@ CAIRN_APT_PACKAGES="
   python3
   lz4
   procps
+  libnbd-bin
   ${CAIRN_EXTRA_APT_PACKAGES:-}
 "
 

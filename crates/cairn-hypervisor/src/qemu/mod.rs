@@ -26,6 +26,7 @@ use crate::driver::{
     VmHandle, VmInfo, VmSnapshot, VmState,
 };
 use crate::process::{ProcessError, QEMU_SYSTEM, find_program};
+use crate::qga::{GuestAgent, QgaOptions};
 use crate::qmp::{QmpClient, QmpError, QmpOptions};
 use crate::spec::{CheckpointId, RunPaths, VmId, VmSpec, qemu_args};
 use crate::state::{StateDir, VmDisk, VmRecord, now_ms};
@@ -70,6 +71,8 @@ pub struct QemuDriver {
     /// Processes this instance spawned, to reap them; adopted VMs are not our children.
     children: StdMutex<HashMap<VmId, Child>>,
     conns: Mutex<HashMap<VmId, Arc<QmpClient>>>,
+    /// One guest-agent client per VM: the chardev serves a single connection.
+    agents: StdMutex<HashMap<VmId, Arc<GuestAgent>>>,
     /// Serializes block-graph work (snapshot, delete, recover, save) per VM.
     vm_locks: StdMutex<HashMap<VmId, Arc<Mutex<()>>>>,
 }
@@ -117,6 +120,7 @@ impl QemuDriver {
             vms: StdMutex::new(vms),
             children: StdMutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            agents: StdMutex::new(HashMap::new()),
             vm_locks: StdMutex::new(HashMap::new()),
         })
     }
@@ -188,6 +192,24 @@ impl QemuDriver {
         let client = Arc::new(client);
         conns.insert(vm, Arc::clone(&client));
         Ok(client)
+    }
+
+    /// The VM's guest-agent client. Use this one rather than a new [`GuestAgent`]: QEMU's
+    /// chardev accepts one connection, so a second client would starve the driver's quiesce.
+    pub fn guest_agent(&self, vm: VmId) -> Result<Arc<GuestAgent>, DriverError> {
+        let rec = self.record(vm)?;
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        let agent = agents.entry(vm).or_insert_with(|| {
+            Arc::new(GuestAgent::new(
+                &rec.qga_socket,
+                QgaOptions {
+                    connect_timeout: Duration::from_secs(2),
+                    sync_timeout: Duration::from_secs(2),
+                    ..QgaOptions::default()
+                },
+            ))
+        });
+        Ok(Arc::clone(agent))
     }
 
     fn handle(rec: &VmRecord) -> VmHandle {
@@ -344,6 +366,10 @@ impl QemuDriver {
 
     async fn forget(&self, vm: VmId) {
         self.conns.lock().await.remove(&vm);
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&vm);
         self.vms
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -14,7 +14,7 @@ use crate::driver::{
 use crate::qemu::QemuDriver;
 use crate::qemu::cbt::{self, DiskCbt, GRANULARITY};
 use crate::qemu::graph::{Ctx, Scope, sweep, temp_kind, temp_name};
-use crate::qga::{GuestAgent, QgaOptions};
+use crate::qga::GuestAgent;
 use crate::qmp::QmpClient;
 use crate::spec::{CheckpointId, DiskBacking, VmId, VmSnapshotId};
 use crate::state::{DiskPlan, JournalEntry, Phase, VmRecord, now_ms, remove_file};
@@ -89,7 +89,7 @@ impl Drop for Quiesced {
 
 async fn quiesce(
     vm: VmId,
-    rec: &VmRecord,
+    qga: Arc<GuestAgent>,
     qmp: &Arc<QmpClient>,
     opts: &SnapshotOptions,
 ) -> Result<Quiesced, DriverError> {
@@ -99,17 +99,9 @@ async fn quiesce(
     }
     if opts.quiesce == QuiescePolicy::Auto {
         let t = opts.agent_timeout;
-        let qga = Arc::new(GuestAgent::new(
-            &rec.qga_socket,
-            QgaOptions {
-                connect_timeout: t,
-                sync_timeout: t,
-                command_timeout: t,
-                freeze_timeout: opts.freeze_timeout,
-            },
-        ));
-        match qga.execute_with_timeout("guest-ping", None, t).await {
-            Ok(_) => {
+        let ping = tokio::time::timeout(t, qga.execute_with_timeout("guest-ping", None, t)).await;
+        match ping {
+            Ok(Ok(_)) => {
                 // From here on the guest may be frozen even if the call fails: release thaws.
                 let guard = Quiesced {
                     vm,
@@ -119,7 +111,10 @@ async fn quiesce(
                     start: Instant::now(),
                     released: false,
                 };
-                match qga.fsfreeze_freeze().await {
+                let frozen = qga
+                    .execute_with_timeout("guest-fsfreeze-freeze", None, opts.freeze_timeout)
+                    .await;
+                match frozen.as_ref().map(|v| v.as_u64().unwrap_or(0)) {
                     Ok(n) if n > 0 => return Ok(guard),
                     Ok(_) => {
                         tracing::info!(%vm, "guest froze no file system: pausing instead");
@@ -131,7 +126,8 @@ async fn quiesce(
                     }
                 }
             }
-            Err(e) => tracing::info!(%vm, error = %e, "no guest agent: pausing instead"),
+            Ok(Err(e)) => tracing::info!(%vm, error = %e, "no guest agent: pausing instead"),
+            Err(_) => tracing::info!(%vm, "guest agent silent: pausing instead"),
         }
     }
     let status = qmp.execute("query-status", None).await.map_err(qerr)?;
@@ -352,7 +348,7 @@ impl QemuDriver {
                 ));
             }
         }
-        let quiesced = quiesce(vm, rec, qmp, opts).await?;
+        let quiesced = quiesce(vm, self.guest_agent(vm)?, qmp, opts).await?;
         let mode = quiesced.mode;
         let tx = if actions.is_empty() {
             Ok(Value::Null)

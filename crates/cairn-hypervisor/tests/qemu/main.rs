@@ -5,4 +5,5 @@
 mod common;
 mod driver;
 mod guest;
+mod guest_driver;
 mod guestless;
