@@ -13,7 +13,7 @@ use cairn_hypervisor::{
 };
 use serde_json::Value;
 
-use crate::common::{have, have_qemu_system, make_qcow2, run};
+use crate::common::{VmReaper, have, have_qemu_system, make_qcow2, run};
 
 const QEMU_IO_DEVICE: &str = "vda/virtio-backend";
 
@@ -147,6 +147,7 @@ async fn driver_starts_lists_and_stops_vms_from_a_spec() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let d = driver(&tmp.path().join("state"));
     let (a, b, c) = (
         tmp.path().join("a.qcow2"),
@@ -222,6 +223,7 @@ async fn fleecing_is_point_in_time_and_bitmaps_record_exactly_the_writes() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let state = tmp.path().join("state");
     let disk = tmp.path().join("disk.qcow2");
     make_qcow2(&disk, "64M");
@@ -329,6 +331,7 @@ async fn overlay_snapshot_freezes_the_base_and_commit_restores_one_chain() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let disk = tmp.path().join("disk.qcow2");
     make_qcow2(&disk, "64M");
     let d = driver(&tmp.path().join("state"));
@@ -380,6 +383,7 @@ async fn bitmap_of_a_killed_qemu_is_reported_inconsistent_and_removed() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let disk = tmp.path().join("disk.qcow2");
     make_qcow2(&disk, "64M");
     let d = driver(&tmp.path().join("state"));
@@ -444,6 +448,7 @@ async fn failed_snapshots_leave_nothing_behind() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let state = tmp.path().join("state");
     let disk = tmp.path().join("disk.qcow2");
     make_qcow2(&disk, "64M");
@@ -497,6 +502,7 @@ async fn recover_clears_snapshots_of_a_crashed_agent() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let state = tmp.path().join("state");
     let (a, b) = (tmp.path().join("a.qcow2"), tmp.path().join("b.qcow2"));
     make_qcow2(&a, "32M");
@@ -553,6 +559,7 @@ async fn running_vm_pauses_saves_state_and_keeps_running() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let disk = tmp.path().join("disk.qcow2");
     make_qcow2(&disk, "16M");
     let d = driver(&tmp.path().join("state"));

@@ -10,7 +10,7 @@ use cairn_hypervisor::{
     QuiescePolicy, SnapshotKind, SnapshotOptions, VmSpec,
 };
 
-use crate::common::{have, have_qemu_system};
+use crate::common::{VmReaper, have, have_qemu_system};
 use crate::guest::{KERNEL_APPEND, data_disk, test_guest};
 
 #[tokio::test]
@@ -24,6 +24,7 @@ async fn vm_from_spec_boots_and_snapshots_with_guest_freeze() {
     lock.lock().unwrap();
 
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
     let disk = data_disk(tmp.path());
     let spec = VmSpec {
         name: "tiny".into(),
