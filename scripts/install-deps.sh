@@ -19,19 +19,19 @@ set -euo pipefail
 #   e2fsprogs         mke2fs -d, e2fsck, debugfs: guest data disks and their checks
 #   python3, lz4      scripts/build-test-guest.sh (vmlinux extraction)
 #   procps            kill(1), used by tests to stop and resume QEMU
-#   libnbd-bin        nbdinfo / nbdcopy: the oracle for the NBD client's tests
+#   libnbd-bin        nbdinfo --map / nbdcopy: oracle for the NBD client and fleecing exports
 #   xfsprogs          mkfs.xfs: a reflink-capable file system for storage-unit snapshots
 #   btrfs-progs       mkfs.btrfs: the other reflink-capable file system
 CAIRN_APT_PACKAGES="
   qemu-utils
-  libnbd-bin
-  xfsprogs
-  btrfs-progs
   qemu-system-x86
   e2fsprogs
   python3
   lz4
   procps
+  libnbd-bin
+  xfsprogs
+  btrfs-progs
   ${CAIRN_EXTRA_APT_PACKAGES:-}
 "
 

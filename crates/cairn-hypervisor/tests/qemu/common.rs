@@ -84,3 +84,32 @@ pub fn repo_root() -> PathBuf {
         .canonicalize()
         .expect("repo root")
 }
+
+/// Kills, when dropped (test end or panic), every VM a driver recorded under `state`: driver VMs
+/// outlive the driver by design, so a failing test must not leave them running. Only PIDs whose
+/// command line still names their QMP socket are signalled.
+pub struct VmReaper(pub PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(self.0.join("vms")) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let Ok(text) = std::fs::read_to_string(dir.path().join("vm.json")) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let (Some(pid), Some(sock)) = (rec["pid"].as_u64(), rec["qmp_socket"].as_str()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.windows(sock.len()).any(|w| w == sock.as_bytes()) {
+                eprintln!("VmReaper: killing leftover QEMU {pid}");
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}

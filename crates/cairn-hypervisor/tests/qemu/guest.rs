@@ -12,11 +12,11 @@ use serde_json::json;
 
 use crate::common::{have, have_qemu_system, qcow2_blockdev, repo_root, run, start};
 
-const KERNEL_APPEND: &str = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable \
+pub const KERNEL_APPEND: &str = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable \
     no_timer_check lpj=4200000 8250.nr_uarts=1";
 
 /// Builds (or finds cached) the test guest; `None` after a loud notice when that fails.
-fn test_guest() -> Option<PathBuf> {
+pub fn test_guest() -> Option<PathBuf> {
     let dir = std::env::var_os("CAIRN_TEST_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/test-guest"));
@@ -34,7 +34,7 @@ fn test_guest() -> Option<PathBuf> {
 }
 
 /// An ext4 image holding `hello.txt`, converted to qcow2.
-fn data_disk(dir: &Path) -> PathBuf {
+pub fn data_disk(dir: &Path) -> PathBuf {
     let src = dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("hello.txt"), "hello from the host\n").unwrap();

@@ -3,5 +3,7 @@
 //! unless `CAIRN_REQUIRE_QEMU=1`, which turns the skip into a failure (for CI).
 
 mod common;
+mod driver;
 mod guest;
+mod guest_driver;
 mod guestless;
