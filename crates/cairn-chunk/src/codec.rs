@@ -72,6 +72,11 @@ impl Encoder {
         Self { zstd, level }
     }
 
+    /// The zstd level (0 = off).
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
     /// Encodes `data`, compressing only when it pays.
     pub fn encode(&mut self, data: &[u8]) -> EncodedSegment {
         if self.level > 0 && data.len() >= 64 {
@@ -93,6 +98,13 @@ impl Encoder {
     }
 }
 
+thread_local! {
+    /// One zstd decompression context per thread: creating one costs more than decoding a
+    /// small segment.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Decodes a stored segment and checks it against `digest` and `raw_len`.
 pub fn decode(
     codec: Codec,
@@ -110,8 +122,16 @@ pub fn decode(
         Codec::Raw => stored.to_vec(),
         Codec::Zstd => {
             let mut out = Vec::with_capacity(raw_len);
-            zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(stored, &mut out))
+            DECOMPRESSOR
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    d.as_mut()
+                        .expect("just set")
+                        .decompress_to_buffer(stored, &mut out)
+                })
                 .map_err(|e| CodecError::Decompress {
                     digest: *digest,
                     reason: e.to_string(),

@@ -13,6 +13,12 @@ pub trait ReadAt: Send + Sync {
     /// Size of the source in bytes.
     fn size(&self) -> io::Result<u64>;
 
+    /// The parts of `[offset, offset + len)` that may hold data, sorted; everything else reads
+    /// as zeros (holes of a sparse file). `None` when the source cannot tell.
+    fn data_ranges(&self, _offset: u64, _len: u64) -> Option<Vec<crate::Extent>> {
+        None
+    }
+
     /// Fills `buf` completely or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -38,6 +44,30 @@ impl ReadAt for File {
                 r => return r,
             }
         }
+    }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> Option<Vec<crate::Extent>> {
+        use rustix::fs::{SeekFrom, seek};
+        let end = offset.checked_add(len)?;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match seek(self, SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break, // no data after pos
+                Err(_) => return None,                 // no SEEK_DATA support: unknown
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(self, SeekFrom::Hole(data)).ok()?.min(end);
+            if hole <= data {
+                return None;
+            }
+            out.push(crate::Extent::new(data, hole - data));
+            pos = hole;
+        }
+        Some(out)
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -85,7 +115,43 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
         (**self).read_at(buf, offset)
     }
 
+    fn data_ranges(&self, offset: u64, len: u64) -> Option<Vec<crate::Extent>> {
+        (**self).data_ranges(offset, len)
+    }
+
     fn size(&self) -> io::Result<u64> {
         (**self).size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_file_reports_its_data_ranges() {
+        let dir = std::env::temp_dir().join(format!("cairn-types-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("sparse");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 8192], 1 << 20).unwrap();
+        let r = f.data_ranges(0, 8 << 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+        if let Some(r) = r {
+            // File systems may round to their allocation unit, but must cover the data.
+            assert!(
+                r.iter()
+                    .any(|e| e.offset <= 1 << 20 && e.end() >= (1 << 20) + 8192),
+                "{r:?}"
+            );
+            assert!(r.iter().map(|e| e.len).sum::<u64>() < 8 << 20);
+        }
     }
 }

@@ -42,6 +42,11 @@ pub trait Vault: Send + Sync {
     fn list(&self) -> Result<Vec<SnapshotManifest>>;
     fn find(&self, spec: &str) -> Result<SnapshotManifest>;
     fn entries(&self, s: &SnapshotManifest) -> Result<Vec<Entry>>;
+    /// The entries and the digests of the snapshot's tree nodes (which the vault therefore
+    /// has); the node list may be empty when the vault does not say.
+    fn entries_and_nodes(&self, s: &SnapshotManifest) -> Result<(Vec<Entry>, Vec<Digest>)> {
+        Ok((self.entries(s)?, Vec::new()))
+    }
     /// Plaintext of data segments, verified against their digests, in order.
     fn fetch(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>>;
     fn verify(&self, read_data: bool) -> Result<VerifyReport>;
@@ -104,6 +109,10 @@ impl Vault for LocalVault {
 
     fn entries(&self, s: &SnapshotManifest) -> Result<Vec<Entry>> {
         self.repo.entries(s)
+    }
+
+    fn entries_and_nodes(&self, s: &SnapshotManifest) -> Result<(Vec<Entry>, Vec<Digest>)> {
+        self.repo.entries_and_nodes(s)
     }
 
     fn fetch(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>> {

@@ -68,6 +68,26 @@ fn source_err(e: std::io::Error, offset: u64) -> VaultError {
     VaultError::io(format!("source image at offset {offset}"), "read", e)
 }
 
+/// Fills `buf` (already zeroed) from `source` at `off`, reading only the data ranges of a
+/// sparse source: holes are not read at all.
+fn read_sparse(source: &dyn ReadAt, buf: &mut [u8], off: u64) -> Result<()> {
+    match source.data_ranges(off, buf.len() as u64) {
+        Some(ranges) => {
+            for r in ranges {
+                let a = (r.offset - off) as usize;
+                let b = (r.end() - off) as usize;
+                source
+                    .read_exact_at(&mut buf[a..b], r.offset)
+                    .map_err(|e| source_err(e, r.offset))?;
+            }
+            Ok(())
+        }
+        None => source
+            .read_exact_at(buf, off)
+            .map_err(|e| source_err(e, off)),
+    }
+}
+
 /// Hashes, dedups against the vault, compresses and uploads one batch; returns its entries.
 fn process_batch(
     session: &dyn VaultSession,
@@ -75,6 +95,7 @@ fn process_batch(
     data: &[u8],
     cuts: &[usize],
     sent: &AtomicU64,
+    split: bool,
 ) -> Result<Vec<Entry>> {
     let mut entries = Vec::with_capacity(cuts.len());
     let mut pos = 0;
@@ -101,21 +122,39 @@ fn process_batch(
     }
     let digests: Vec<Digest> = want.iter().map(|w| w.0).collect();
     let lacking = session.lacking(&digests)?;
-    let uploads: Vec<Upload> = want
+    let todo: Vec<&(Digest, usize, usize)> = want
         .iter()
         .zip(lacking)
         .filter(|(_, l)| *l)
-        .map(|((d, p, n), _)| {
-            let seg = enc.encode(&data[*p..*p + *n]);
-            sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
-            Upload {
-                digest: *d,
-                kind: BlobKind::Data,
-                raw_len: *n as u32,
-                seg,
-            }
-        })
+        .map(|(w, _)| w)
         .collect();
+    let encode = |enc: &mut Encoder, part: &[&(Digest, usize, usize)]| -> Vec<Upload> {
+        part.iter()
+            .map(|(d, p, n)| {
+                let seg = enc.encode(&data[*p..*p + *n]);
+                sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
+                Upload {
+                    digest: *d,
+                    kind: BlobKind::Data,
+                    raw_len: *n as u32,
+                    seg,
+                }
+            })
+            .collect()
+    };
+    let uploads: Vec<Upload> = if split && todo.len() >= 64 {
+        // A helper thread compresses half: for callers whose batches are not already parallel.
+        let (a, b) = todo.split_at(todo.len() / 2);
+        let level = enc.level();
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| encode(&mut Encoder::new(level), b));
+            let mut first = encode(enc, a);
+            first.extend(h.join().expect("encoder thread"));
+            first
+        })
+    } else {
+        encode(enc, &todo)
+    };
     if !uploads.is_empty() {
         session.upload(uploads)?;
     }
@@ -126,9 +165,15 @@ fn process_batch(
 fn upload_tree(
     session: &dyn VaultSession,
     entries: &[Entry],
+    known: &std::collections::HashSet<Digest>,
 ) -> Result<cairn_chunk::recipe::TreeRoot> {
     let mut nodes: Vec<(Digest, Vec<u8>)> = Vec::new();
-    let mut b = TreeBuilder::new(|d, bytes| nodes.push((d, bytes)));
+    // Nodes the parent already has need no question to the vault.
+    let mut b = TreeBuilder::new(|d, bytes| {
+        if !known.contains(&d) {
+            nodes.push((d, bytes))
+        }
+    });
     entries.iter().for_each(|&e| b.push(e));
     let root = b.finish();
     let mut enc = Encoder::new(1);
@@ -173,10 +218,12 @@ pub fn backup(
     let session = vault.begin(&format!("backup {}", opts.name))?;
     let sent = AtomicU64::new(0);
     let mut stats = BackupStats::default();
+    let mut known_nodes = std::collections::HashSet::new();
     let (entries, chunker) = match (&parent, &opts.changed) {
         (Some(p), Some(changed)) => {
             let chunker = p.chunker;
-            let pentries = vault.entries(p)?;
+            let (pentries, pnodes) = vault.entries_and_nodes(p)?;
+            known_nodes.extend(pnodes);
             let e = incremental(
                 &*session, source, size, &pentries, changed, chunker, level, &sent, &mut stats,
                 progress,
@@ -209,7 +256,7 @@ pub fn backup(
         .filter(|e| e.kind == EntryKind::Zero)
         .map(|e| u64::from(e.len))
         .sum();
-    let root = upload_tree(&*session, &entries)?;
+    let root = upload_tree(&*session, &entries, &known_nodes)?;
     if root.size != size {
         return Err(VaultError::Invalid(format!(
             "recipe covers {} bytes, image has {size}",
@@ -251,11 +298,18 @@ fn full(
     let (btx, brx) = crossbeam_channel::bounded::<(usize, Vec<u8>, Vec<usize>)>(threads * 2);
     let (rtx, rrx) = crossbeam_channel::unbounded::<(usize, Result<Vec<Entry>>)>();
     let done = AtomicU64::new(0);
+    let (pool_tx, pool_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
     std::thread::scope(|sc| -> Result<Vec<Entry>> {
         // Reader: cut the image into batches of whole segments.
         let reader = sc.spawn(move || -> Result<u64> {
             let window = chunker.window();
-            let mut buf: Vec<u8> = Vec::with_capacity(BATCH_BYTES + window);
+            // Buffers come back from the workers: no fresh pages to fault in per batch.
+            let take = || {
+                pool_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(BATCH_BYTES + window))
+            };
+            let mut buf: Vec<u8> = take();
             let mut off = 0u64;
             let mut seq = 0;
             loop {
@@ -263,9 +317,7 @@ fn full(
                 let n = want.min((size - off) as usize);
                 let start = buf.len();
                 buf.resize(start + n, 0);
-                source
-                    .read_exact_at(&mut buf[start..], off)
-                    .map_err(|e| source_err(e, off))?;
+                read_sparse(source, &mut buf[start..], off)?;
                 off += n as u64;
                 let eof = off == size;
                 let buf_abs = off - buf.len() as u64;
@@ -279,16 +331,21 @@ fn full(
                     cuts.push(c);
                     pos += c;
                 }
-                let rest = buf[pos..].to_vec();
+                let mut next = take();
+                next.clear();
+                next.extend_from_slice(&buf[pos..]);
                 buf.truncate(pos);
                 if !cuts.is_empty() {
-                    if btx.send((seq, std::mem::take(&mut buf), cuts)).is_err() {
+                    if btx
+                        .send((seq, std::mem::replace(&mut buf, next), cuts))
+                        .is_err()
+                    {
                         break;
                     }
                     seq += 1;
+                } else {
+                    buf = next;
                 }
-                buf = rest;
-                buf.reserve(BATCH_BYTES + window);
                 if eof && buf.is_empty() {
                     break;
                 }
@@ -299,16 +356,16 @@ fn full(
         for _ in 0..threads {
             let brx = brx.clone();
             let rtx = rtx.clone();
+            let pool_tx = pool_tx.clone();
             let done = &done;
             sc.spawn(move || {
                 let mut enc = Encoder::new(level);
                 for (seq, data, cuts) in brx {
-                    let r = process_batch(session, &mut enc, &data, &cuts, sent);
+                    let r = process_batch(session, &mut enc, &data, &cuts, sent, false);
+                    let len = data.len() as u64;
+                    let _ = pool_tx.send(data);
                     let failed = r.is_err();
-                    progress.update(
-                        done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64,
-                        size,
-                    );
+                    progress.update(done.fetch_add(len, Ordering::Relaxed) + len, size);
                     if rtx.send((seq, r)).is_err() || failed {
                         break;
                     }
@@ -395,7 +452,7 @@ fn incremental(
         if cuts.is_empty() {
             return Ok(());
         }
-        let es = process_batch(session, &mut enc, data, cuts, sent)?;
+        let es = process_batch(session, &mut enc, data, cuts, sent, true)?;
         for (slot, e) in slots.iter().zip(es) {
             out[*slot] = e;
         }

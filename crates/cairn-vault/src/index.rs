@@ -203,12 +203,18 @@ impl Run {
             return Ok(None);
         }
         let key = key64(d);
-        // First fence >= key; the record lies in the page before it or, on equal prefixes, in it.
+        // First fence >= key. If it is greater, the record can only be in the page before;
+        // on an equal 8-byte prefix it may be in either.
         let p = self.fences.partition_point(|&f| f < key);
-        let first_page = p.saturating_sub(1) as u64;
-        let last_page = (p as u64).min(self.fences.len() as u64 - 1);
         let stride = INDEX_FENCE_STRIDE as u64;
-        let lo = first_page * stride;
+        let last = self.fences.len() - 1;
+        let (first_page, last_page) = match self.fences.get(p) {
+            Some(&f) if f == key => (p.saturating_sub(1), p),
+            _ if p == 0 => (0, 0),
+            _ => (p - 1, p - 1),
+        };
+        let last_page = last_page.min(last) as u64;
+        let lo = first_page as u64 * stride;
         let hi = ((last_page + 1) * stride).min(self.n);
         let mut buf = vec![0u8; ((hi - lo) as usize) * INDEX_RECORD_LEN];
         self.file

@@ -339,38 +339,50 @@ impl Repository {
         find_in(&all, spec)
     }
 
-    /// Every entry of a snapshot's recipe, in order.
+    /// Every entry of a snapshot's recipe, in order. Reads the tree level by level, each level
+    /// with one batched read (tree nodes of a backup sit together in its tree containers).
     pub fn entries(&self, s: &SnapshotManifest) -> Result<Vec<Entry>> {
-        let mut out = Vec::with_capacity(s.root.entries.min(1 << 24) as usize);
-        self.collect_entries(&s.root.digest, s.root.level, &mut out)?;
-        if out.len() as u64 != s.root.entries {
-            return Err(VaultError::Corrupt(format!(
-                "snapshot {}: recipe has {} entries, manifest says {}",
-                s.id,
-                out.len(),
-                s.root.entries
-            )));
-        }
-        Ok(out)
+        Ok(self.entries_and_nodes(s)?.0)
     }
 
-    fn collect_entries(&self, d: &Digest, level: u8, out: &mut Vec<Entry>) -> Result<()> {
-        let node = self.read_node(d)?;
-        if node.level() != level {
-            return Err(VaultError::Corrupt(format!(
-                "tree node {d:?}: level {} where {level} was expected",
-                node.level()
-            )));
-        }
-        match node {
-            Node::Leaf(e) => out.extend(e),
-            Node::Inner { children, .. } => {
-                for c in children {
-                    self.collect_entries(&c.digest, level - 1, out)?;
+    /// [`entries`](Self::entries), plus the digests of every tree node read on the way.
+    pub fn entries_and_nodes(&self, s: &SnapshotManifest) -> Result<(Vec<Entry>, Vec<Digest>)> {
+        let mut nodes = Vec::new();
+        let mut level_digests = vec![s.root.digest];
+        let mut level = s.root.level;
+        loop {
+            let blobs = self.read_many(&level_digests)?;
+            nodes.extend_from_slice(&level_digests);
+            let mut next = Vec::new();
+            let mut out = Vec::new();
+            for (d, b) in level_digests.iter().zip(blobs) {
+                let node = Node::decode(&b)
+                    .map_err(|e| VaultError::Corrupt(format!("tree node {d:?}: {e}")))?;
+                if node.level() != level {
+                    return Err(VaultError::Corrupt(format!(
+                        "tree node {d:?}: level {} where {level} was expected",
+                        node.level()
+                    )));
+                }
+                match node {
+                    Node::Leaf(e) => out.extend(e),
+                    Node::Inner { children, .. } => next.extend(children.iter().map(|c| c.digest)),
                 }
             }
+            if level == 0 {
+                if out.len() as u64 != s.root.entries {
+                    return Err(VaultError::Corrupt(format!(
+                        "snapshot {}: recipe has {} entries, manifest says {}",
+                        s.id,
+                        out.len(),
+                        s.root.entries
+                    )));
+                }
+                return Ok((out, nodes));
+            }
+            level_digests = next;
+            level -= 1;
         }
-        Ok(())
     }
 
     /// Every blob digest a snapshot reaches (tree nodes and data), for GC marking.
