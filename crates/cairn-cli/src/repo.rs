@@ -64,7 +64,10 @@ pub enum RepoCmd {
 /// Opens REPO: a directory or `https://HOST:PORT` (token in `CAIRN_TOKEN`, trust in
 /// `CAIRN_FINGERPRINT` or `CAIRN_CA`).
 pub fn open(repo: &str) -> Result<Arc<dyn Vault>> {
-    if repo.starts_with("https://") || repo.starts_with("http://") {
+    if repo.starts_with("http://") {
+        anyhow::bail!("{repo}: vault services speak HTTPS only (tokens never travel in clear text)");
+    }
+    if repo.starts_with("https://") {
         let token =
             std::env::var("CAIRN_TOKEN").context("CAIRN_TOKEN must hold the vault's token")?;
         let trust = cairn_http::Trust::from_env().context(

@@ -157,15 +157,7 @@ impl Client {
     pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
         let url = self.url(path);
         let r = self.call(self.agent.get(&url), None)?;
-        let mut v = Vec::new();
-        r.into_reader()
-            .take(1 << 31)
-            .read_to_end(&mut v)
-            .map_err(|e| ClientError::Transport {
-                url,
-                msg: e.to_string(),
-            })?;
-        Ok(v)
+        read_body(&url, r)
     }
 
     /// GET returning a streaming reader.
@@ -219,15 +211,7 @@ impl Client {
                 .set("Content-Type", "application/octet-stream"),
             Some(body),
         )?;
-        let mut v = Vec::new();
-        r.into_reader()
-            .take(1 << 31)
-            .read_to_end(&mut v)
-            .map_err(|e| ClientError::Transport {
-                url,
-                msg: e.to_string(),
-            })?;
-        Ok(v)
+        read_body(&url, r)
     }
 
     /// DELETE, JSON answer.
@@ -239,6 +223,15 @@ impl Client {
         let r = self.call(self.agent.delete(&url), None)?;
         decode_json(&url, r)
     }
+}
+
+fn read_body(url: &str, r: ureq::Response) -> Result<Vec<u8>, ClientError> {
+    let mut v = Vec::new();
+    r.into_reader()
+        .take(1 << 31)
+        .read_to_end(&mut v)
+        .map_err(|e| ClientError::Transport { url: url.to_string(), msg: e.to_string() })?;
+    Ok(v)
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(

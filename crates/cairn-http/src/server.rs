@@ -129,15 +129,6 @@ pub fn ensure_token(path: &std::path::Path) -> std::io::Result<String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(t.as_bytes())?;
-    f.sync_all()?;
+    crate::tls::write_private(path, t.as_bytes())?;
     Ok(t)
 }

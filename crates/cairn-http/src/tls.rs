@@ -73,7 +73,8 @@ pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<(Identity, Str
     Ok((id, fp))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+/// Writes a file only its owner can read, durably.
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
