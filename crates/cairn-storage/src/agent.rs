@@ -318,30 +318,72 @@ impl StorageAgent {
         } else {
             self.config.parallel
         };
-        let next = AtomicUsize::new(0);
-        let results: Mutex<Vec<Option<Result<BackupResult>>>> =
-            Mutex::new((0..jobs.len()).map(|_| None).collect());
-        std::thread::scope(|sc| {
-            for _ in 0..parallel.min(jobs.len()) {
-                sc.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((snap, req)) = jobs.get(i) else {
-                            break;
-                        };
-                        let r = self.backup_disk(vault, snap, req);
-                        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-                    }
-                });
-            }
-        });
-        results
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(StorageError::Invalid("backup did not run".into()))))
-            .collect()
+        parallel_map(jobs, parallel, |(snap, req)| {
+            self.backup_disk(vault, snap, req)
+        })
     }
+
+    /// Seed 004: groups `disks` by storage unit and takes one snapshot per unit (providers
+    /// without units, such as qcow2, take one snapshot of all disks).
+    pub fn snapshot_units(
+        &self,
+        provider: &dyn SnapshotProvider,
+        disks: &[PathBuf],
+        tag: &str,
+    ) -> Result<Vec<UnitSnapshot>> {
+        if !provider.capabilities().per_unit {
+            return Ok(vec![self.snapshot(provider, disks, tag)?]);
+        }
+        let mut groups: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+        for d in disks {
+            groups
+                .entry(crate::datastore::storage_unit(d)?.id)
+                .or_default()
+                .push(d.clone());
+        }
+        let mut out = Vec::with_capacity(groups.len());
+        for group in groups.values() {
+            match self.snapshot(provider, group, tag) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    // All or nothing: drop the units already snapshotted.
+                    for s in &out {
+                        let _ = self.delete_snapshot(&s.id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `f` over `items` on at most `parallel` threads; results keep the order of `items`.
+pub(crate) fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    parallel: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|sc| {
+        for _ in 0..parallel.max(1).min(items.len()) {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.expect("every item ran: a worker panic would have propagated"))
+        .collect()
 }
 
 /// Opens a datastore-relative disk for reading without a snapshot (offline disks, frozen

@@ -60,6 +60,8 @@ pub struct Capabilities {
     pub change_sources: Vec<ChangeSource>,
     /// Space: false when the snapshot shares the disk's blocks.
     pub uses_full_space: bool,
+    /// Snapshots are per storage unit: one `snapshot` call may only name disks of one unit.
+    pub per_unit: bool,
     /// A human hint, e.g. "slow: copies every allocated byte".
     pub note: String,
 }
@@ -191,6 +193,7 @@ impl SnapshotProvider for Qcow2Provider {
         match self.mode {
             Qcow2Mode::FrozenBase => Capabilities {
                 provider: "qcow2-frozen-base".into(),
+                per_unit: false,
                 cost: SnapshotCost::Metadata,
                 group_instant: true,
                 formats: vec![DiskFormat::Qcow2, DiskFormat::Raw],
@@ -200,6 +203,7 @@ impl SnapshotProvider for Qcow2Provider {
             },
             Qcow2Mode::Internal => Capabilities {
                 provider: "qcow2-internal".into(),
+                per_unit: false,
                 cost: SnapshotCost::Metadata,
                 group_instant: false,
                 formats: vec![DiskFormat::Qcow2],
@@ -345,6 +349,7 @@ impl SnapshotProvider for ReflinkProvider {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             provider: "reflink".into(),
+            per_unit: true,
             cost: SnapshotCost::Metadata,
             group_instant: false,
             formats: vec![DiskFormat::Raw, DiskFormat::Qcow2],
@@ -498,6 +503,7 @@ impl SnapshotProvider for CopyProvider {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             provider: "copy".into(),
+            per_unit: true,
             cost: SnapshotCost::CopiesData,
             group_instant: false,
             formats: vec![DiskFormat::Raw, DiskFormat::Qcow2],

@@ -6,7 +6,7 @@
 //! | GET | `/health` | → `ok` (no token needed) |
 //! | GET | `/v1/datastores` | → [DatastoreInfo] (unit and disks of each) |
 //! | GET | `/v1/providers` | → [Capabilities] |
-//! | POST | `/v1/snapshots` | `{provider, disks: [{datastore, disk}], tag}` → UnitSnapshot |
+//! | POST | `/v1/snapshots` | `{provider, disks: [{datastore, disk}], tag}` → [UnitSnapshot], one per storage unit |
 //! | GET | `/v1/snapshots` | → [UnitSnapshot] |
 //! | DELETE | `/v1/snapshots/{id}` | → `{"deleted": id}` |
 //! | POST | `/v1/retention` | `{keep, dry_run}` → RetentionPlan |
@@ -181,31 +181,11 @@ impl StorageAgent {
         jobs: &[BackupJob],
         parallel: usize,
     ) -> Vec<Result<crate::agent::BackupResult>> {
-        let parallel = parallel.max(1).min(jobs.len().max(1));
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let out: std::sync::Mutex<Vec<Option<Result<crate::agent::BackupResult>>>> =
-            std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
-        std::thread::scope(|sc| {
-            for _ in 0..parallel {
-                sc.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(job) = jobs.get(i) else { break };
-                        let r = (|| {
-                            let snap = self.resolve_source(&job.source)?;
-                            let v = vault.open()?;
-                            self.backup_disk(&*v, &snap, &job.request)
-                        })();
-                        out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-                    }
-                });
-            }
-        });
-        out.into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(StorageError::Invalid("backup did not run".into()))))
-            .collect()
+        crate::agent::parallel_map(jobs, parallel, |job| {
+            let snap = self.resolve_source(&job.source)?;
+            let v = vault.open()?;
+            self.backup_disk(&*v, &snap, &job.request)
+        })
     }
 }
 
@@ -245,7 +225,7 @@ async fn take_snapshot(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResu
             .iter()
             .map(|d| a.disk_path(&d.datastore, &d.disk))
             .collect::<Result<Vec<_>>>()?;
-        a.snapshot(&*provider, &disks, &req.tag)
+        a.snapshot_units(&*provider, &disks, &req.tag)
     })
     .await
 }

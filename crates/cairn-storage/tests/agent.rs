@@ -792,3 +792,125 @@ fn restore_over_an_existing_disk_writes_only_differences() {
 
 #[path = "suites/remote.rs"]
 mod remote;
+
+/// A group of disks on two storage units: one snapshot per unit (seed 004).
+#[test]
+fn group_snapshot_takes_one_snapshot_per_unit() {
+    let (x, b) = (Mounted::new("xfs"), Mounted::new("btrfs"));
+    let dir = tempfile::tempdir().unwrap();
+    let (d1, d2, d3) = (
+        x.mnt.join("v1.raw"),
+        x.mnt.join("v2.raw"),
+        b.mnt.join("v3.raw"),
+    );
+    for (i, d) in [&d1, &d2, &d3].into_iter().enumerate() {
+        write_raw(d, &image_bytes(4 << 20, 200 + i as u64));
+    }
+    let a = agent(dir.path(), &x.mnt);
+    let snaps = a
+        .snapshot_units(
+            &ReflinkProvider,
+            &[d1.clone(), d3.clone(), d2.clone()],
+            "group",
+        )
+        .unwrap();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    let mut per_unit: Vec<usize> = snaps.iter().map(|s| s.disks.len()).collect();
+    per_unit.sort();
+    assert_eq!(per_unit, vec![1, 2]);
+    for s in &snaps {
+        let root = s.dir.as_ref().unwrap();
+        assert!(root.starts_with(&x.mnt) || root.starts_with(&b.mnt));
+        for d in &s.disks {
+            assert_eq!(
+                std::fs::read(&d.image).unwrap(),
+                std::fs::read(&d.disk).unwrap()
+            );
+        }
+    }
+    // A single provider call refuses to span units.
+    assert!(matches!(
+        ReflinkProvider.snapshot(&[d1, d3], "x"),
+        Err(StorageError::Invalid(_))
+    ));
+    for s in snaps {
+        a.delete_snapshot(&s.id).unwrap();
+    }
+}
+
+/// QEMU (here qemu-nbd) killed with the image open leaves the bitmap `in-use`: it missed
+/// writes and must not be trusted; the backup falls back and stays exact.
+#[test]
+fn inconsistent_bitmap_after_a_kill_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let v = local_vault(dir.path());
+    let a = agent(dir.path(), &ds);
+    let raw = dir.path().join("seed.raw");
+    write_raw(&raw, &image_bytes(16 << 20, 15));
+    let disk = ds.join("k.qcow2");
+    qcow2_from_raw(&raw, &disk);
+    Qcow2Provider::add_bitmap(&disk, "b0").unwrap();
+    let r1 = a
+        .backup_disk(
+            &v,
+            &DiskSnapshot::of_file(&disk).unwrap(),
+            &req("k", None, vec![]),
+        )
+        .unwrap();
+    // A writer opens the image and dies without closing it.
+    let sock = dir.path().join("w.sock");
+    let mut w = std::process::Command::new("qemu-nbd")
+        .args([
+            "-k",
+            sock.to_str().unwrap(),
+            "-f",
+            "qcow2",
+            disk.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed().as_secs() < 10, "qemu-nbd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // qemu-nbd marks the bitmap in use shortly after it starts listening.
+    let in_use = || {
+        cairn_storage::qemu::img_info(&disk)
+            .map(|i| i.bitmaps.iter().any(|b| !b.is_consistent()))
+            .unwrap_or(false)
+    };
+    while !in_use() {
+        assert!(t.elapsed().as_secs() < 10, "the bitmap never became in-use");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    w.kill().unwrap();
+    w.wait().unwrap();
+    let info = cairn_storage::qemu::img_info(&disk).unwrap();
+    assert!(!info.bitmaps[0].is_consistent(), "{:?}", info.bitmaps);
+    qemu_io_write(&disk, 0x44, 6 * MIB, 64 << 10);
+    let hint = ChangeHint::PersistentBitmap {
+        image: disk.clone(),
+        bitmap: "b0".into(),
+    };
+    let r2 = a
+        .backup_disk(
+            &v,
+            &DiskSnapshot::of_file(&disk).unwrap(),
+            &req("k", Some(&r1.manifest.id.to_string()), vec![hint]),
+        )
+        .unwrap();
+    assert_eq!(r2.change_source, ChangeSource::RecipeCompare);
+    assert!(
+        r2.fallbacks[0].contains("inconsistent"),
+        "{:?}",
+        r2.fallbacks
+    );
+    assert_same(
+        &restore_raw(&a, &v, &r2.manifest.id.to_string(), dir.path()),
+        &guest_bytes(&disk, "qcow2", None, dir.path()),
+        "after an inconsistent bitmap",
+    );
+}

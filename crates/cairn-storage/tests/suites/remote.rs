@@ -186,9 +186,11 @@ fn service_lists_snapshots_backs_up_and_counts() {
     assert_eq!(dss[0].disks[0].id, "s.raw");
     let caps: Vec<Capabilities> = c.get_json("/v1/providers").unwrap();
     assert_eq!(caps.len(), 4);
-    let snap: UnitSnapshot = c
+    let mut snaps: Vec<UnitSnapshot> = c
         .post_json("/v1/snapshots", &serde_json::json!({"provider": "copy", "disks": [{"datastore": "ds", "disk": "s.raw"}], "tag": "svc"}))
         .unwrap();
+    assert_eq!(snaps.len(), 1);
+    let snap = snaps.remove(0);
     let err = c
         .post_json::<_, serde_json::Value>("/v1/snapshots", &serde_json::json!({"provider": "copy", "disks": [{"datastore": "ds", "disk": "../x"}]}))
         .unwrap_err();
