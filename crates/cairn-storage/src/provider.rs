@@ -9,7 +9,7 @@
 //! - **Cost** is data ([`Capabilities::cost`]): metadata-only providers take milliseconds
 //!   whatever the disk size; a copy provider reads and writes every allocated byte.
 //! - **Cleanup**: a snapshot lives until [`SnapshotProvider::delete`]; the agent keeps a
-//!   record of each one ([`SnapshotCatalog`]) and applies retention (keep N per disk), so a
+//!   record of each one ([`crate::catalog::SnapshotCatalog`]) and applies retention (keep N per disk), so a
 //!   crashed agent does not leak snapshots it cannot list. `delete` is idempotent.
 //!
 //! | provider | snapshot of a disk | cost | group at one instant | change sources it enables |

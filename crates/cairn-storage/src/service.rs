@@ -4,10 +4,10 @@
 //! | method | path | body → answer |
 //! |---|---|---|
 //! | GET | `/health` | → `ok` (no token needed) |
-//! | GET | `/v1/datastores` | → [DatastoreInfo] (unit and disks of each) |
-//! | GET | `/v1/providers` | → [Capabilities] |
-//! | POST | `/v1/snapshots` | `{provider, disks: [{datastore, disk}], tag}` → [UnitSnapshot], one per storage unit |
-//! | GET | `/v1/snapshots` | → [UnitSnapshot] |
+//! | GET | `/v1/datastores` | → list of `DatastoreInfo` (unit and disks of each) |
+//! | GET | `/v1/providers` | → list of `Capabilities` |
+//! | POST | `/v1/snapshots` | `{provider, disks: [{datastore, disk}], tag}` → list of `UnitSnapshot`, one per storage unit |
+//! | GET | `/v1/snapshots` | → list of `UnitSnapshot` |
 //! | DELETE | `/v1/snapshots/{id}` | → `{"deleted": id}` |
 //! | POST | `/v1/retention` | `{keep, dry_run}` → RetentionPlan |
 //! | POST | `/v1/backups` | `{vault, parallel?, disks: [{source, request}]}` → [`{ok}` or `{error}`] per disk |

@@ -65,7 +65,11 @@ pub enum ChangeHint {
     Overlay { overlay: PathBuf },
     /// The reflink clone (raw) the parent backup was taken from, still on the same unit.
     ExtentMap { previous: PathBuf },
-    /// A persistent bitmap of a qcow2 image, enabled since the parent backup point.
+    /// A persistent bitmap of a qcow2 image, enabled since the parent backup point. The agent
+    /// never clears it: after a successful backup the caller clears or rotates it
+    /// ([`crate::Qcow2Provider::clear_bitmap`]) — safely only while no VM writes the image, or
+    /// through the host agent's QMP transaction otherwise. A bitmap left uncleared only
+    /// over-reports.
     PersistentBitmap { image: PathBuf, bitmap: String },
     /// Extents from the host agent.
     Hypervisor { extents: ExtentList },
