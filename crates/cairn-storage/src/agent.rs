@@ -1,0 +1,393 @@
+//! The storage agent's backup logic: pick a change source, check it, and send a disk
+//! snapshot straight to a vault.
+//!
+//! ```text
+//! hints (in order) ──► changed_extents ──► cross-check? ──► imager::backup(parent, changed)
+//!        │ error / mismatch                                      ▲
+//!        └──────────────► next hint … ──► RecipeCompare ─────────┘ (parent, no changed: dedup)
+//! ```
+//!
+//! A backup never fails because change tracking failed: the fallbacks and their reasons are
+//! recorded in the result and in the snapshot's labels (`change_source`,
+//! `change_fallbacks`). Interrupted backups resume for free: the vault keeps the durable
+//! containers of an uncommitted session, so a retry finds those segments present and does
+//! not send them again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use cairn_types::ReadAt;
+use cairn_vault::imager::{self, BackupOptions, NoProgress};
+use cairn_vault::{SnapshotManifest, Vault};
+
+use crate::catalog::SnapshotCatalog;
+use crate::datastore::{DatastoreConfig, DatastoreInfo, list_datastore};
+use crate::error::{Result, StorageError};
+use crate::provider::{
+    DiskSnapshot, RetentionPlan, SnapshotProvider, UnitSnapshot, plan_retention, provider_for,
+};
+use crate::tracker::{ChangeHint, ChangeSource, CrossCheck, changed_extents, cross_check};
+
+/// Configuration of a storage agent.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct AgentConfig {
+    pub datastores: Vec<DatastoreConfig>,
+    /// Where snapshot records live.
+    pub state_dir: PathBuf,
+    /// Disks backed up at once by [`StorageAgent::backup_disks`] (0 = 2).
+    #[serde(default)]
+    pub parallel: usize,
+}
+
+/// Byte counters of disk data (since the agent started).
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    /// Read from disks and snapshots for backups and comparisons.
+    pub disk_read: AtomicU64,
+    /// Sent to vaults (wire bytes for a remote vault; new segment bytes for a local one).
+    pub sent: AtomicU64,
+    /// Received from vaults by restores.
+    pub received: AtomicU64,
+    /// Written to disks by restores.
+    pub disk_written: AtomicU64,
+}
+
+/// A snapshot of [`AgentCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentStats {
+    pub disk_bytes_read: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub disk_bytes_written: u64,
+}
+
+/// One disk backup.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct BackupRequest {
+    /// Snapshot name in the vault (one name per disk).
+    pub name: String,
+    /// The previous backup of this disk (id, prefix or name).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Change hints, most preferred first. Unusable ones are skipped.
+    #[serde(default)]
+    pub hints: Vec<ChangeHint>,
+    /// Verify unchanged regions before trusting a hint.
+    #[serde(default)]
+    pub cross_check: Option<CrossCheck>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Worker threads for chunking (0 = one per core).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+/// What a disk backup did.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BackupResult {
+    pub manifest: SnapshotManifest,
+    pub change_source: ChangeSource,
+    /// Bytes the tracker reported changed (the disk size for full and recipe compare).
+    pub changed_bytes: u64,
+    /// Bytes read from the disk snapshot (including a cross-check).
+    pub bytes_read: u64,
+    /// Bytes sent to the vault: wire bytes for a remote vault (exact when backups to one
+    /// vault handle do not overlap), new segment bytes for a local one.
+    pub bytes_sent: u64,
+    /// Hints that were skipped, with the reason.
+    pub fallbacks: Vec<String>,
+}
+
+/// The storage agent (library side; [`crate::service`] puts HTTP in front).
+#[derive(Debug)]
+pub struct StorageAgent {
+    config: AgentConfig,
+    catalog: SnapshotCatalog,
+    pub counters: AgentCounters,
+}
+
+impl StorageAgent {
+    pub fn new(config: AgentConfig) -> Self {
+        let catalog = SnapshotCatalog::new(&config.state_dir);
+        Self {
+            config,
+            catalog,
+            counters: AgentCounters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        let c = &self.counters;
+        AgentStats {
+            disk_bytes_read: c.disk_read.load(Ordering::Relaxed),
+            bytes_sent: c.sent.load(Ordering::Relaxed),
+            bytes_received: c.received.load(Ordering::Relaxed),
+            disk_bytes_written: c.disk_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The configured datastore named `name`.
+    pub fn datastore(&self, name: &str) -> Result<&DatastoreConfig> {
+        self.config
+            .datastores
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| StorageError::NotFound(format!("datastore {name:?}")))
+    }
+
+    /// Every datastore with its unit and disks.
+    pub fn list_datastores(&self) -> Result<Vec<DatastoreInfo>> {
+        self.config.datastores.iter().map(list_datastore).collect()
+    }
+
+    /// Resolves `datastore/disk-id` to a path inside the datastore.
+    pub fn disk_path(&self, datastore: &str, disk: &str) -> Result<PathBuf> {
+        let ds = self.datastore(datastore)?;
+        Ok(ds.path.join(crate::datastore::check_relative(disk)?))
+    }
+
+    /// Takes a snapshot of `disks` with `provider` and records it.
+    pub fn snapshot(
+        &self,
+        provider: &dyn SnapshotProvider,
+        disks: &[PathBuf],
+        tag: &str,
+    ) -> Result<UnitSnapshot> {
+        let s = provider.snapshot(disks, tag)?;
+        if let Err(e) = self.catalog.add(&s) {
+            let _ = provider.delete(&s);
+            return Err(e);
+        }
+        Ok(s)
+    }
+
+    /// Snapshots on primary storage made by this agent, oldest first.
+    pub fn list_snapshots(&self) -> Result<Vec<UnitSnapshot>> {
+        self.catalog.list()
+    }
+
+    pub fn get_snapshot(&self, id: &str) -> Result<UnitSnapshot> {
+        self.catalog.get(id)
+    }
+
+    /// Deletes a snapshot (idempotent) and its record.
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let s = self.catalog.get(id)?;
+        provider_for(&s.provider)?.delete(&s)?;
+        self.catalog.remove(id)
+    }
+
+    /// Keeps the newest `keep` snapshots per disk; with `dry_run` only returns the plan.
+    pub fn apply_retention(&self, keep: usize, dry_run: bool) -> Result<RetentionPlan> {
+        let plan = plan_retention(&self.catalog.list()?, keep);
+        if !dry_run {
+            for id in &plan.delete {
+                self.delete_snapshot(id)?;
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Backs up one disk snapshot. See the module docs for the choice of change source.
+    pub fn backup_disk(
+        &self,
+        vault: &dyn Vault,
+        snap: &DiskSnapshot,
+        req: &BackupRequest,
+    ) -> Result<BackupResult> {
+        let reader = snap.open()?;
+        self.backup_source(vault, snap, &*reader, req)
+    }
+
+    /// As [`Self::backup_disk`], reading from an already open `reader` of `snap`.
+    pub fn backup_source(
+        &self,
+        vault: &dyn Vault,
+        snap: &DiskSnapshot,
+        reader: &dyn ReadAt,
+        req: &BackupRequest,
+    ) -> Result<BackupResult> {
+        let size = reader
+            .size()
+            .map_err(StorageError::io(&snap.image, "size"))?;
+        let mut fallbacks = Vec::new();
+        let mut check_read = 0u64;
+        let parent = match &req.parent {
+            None => None,
+            Some(p) => match vault.find(p) {
+                Ok(m) => Some(m),
+                Err(cairn_vault::VaultError::SnapshotNotFound(_)) => {
+                    fallbacks.push(format!("parent {p:?} not in the vault: full backup"));
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let (source, changed) = match &parent {
+            None => (ChangeSource::Full, None),
+            Some(pm) => {
+                let mut chosen = None;
+                let mut pentries = None;
+                for hint in &req.hints {
+                    let set = match changed_extents(snap, hint) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("{}: {e}", req.name);
+                            fallbacks.push(e.to_string());
+                            continue;
+                        }
+                    };
+                    if let Some(cc) = &req.cross_check {
+                        if pentries.is_none() {
+                            pentries = Some(vault.entries(pm)?);
+                        }
+                        match cross_check(reader, pentries.as_deref().unwrap_or(&[]), &set, cc) {
+                            Ok(r) => check_read += r.bytes,
+                            Err(e @ StorageError::TrackingMismatch { .. }) => {
+                                tracing::warn!("{}: {e}", req.name);
+                                fallbacks.push(e.to_string());
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    chosen = Some(set);
+                    break;
+                }
+                match chosen {
+                    Some(set) => (set.source, Some(set.extents)),
+                    None => (ChangeSource::RecipeCompare, None),
+                }
+            }
+        };
+        let changed_bytes = changed.as_ref().map(|c| c.total_bytes()).unwrap_or(size);
+        let mut labels = req.labels.clone();
+        labels.insert("change_source".into(), source.as_str().into());
+        labels.insert("changed_bytes".into(), changed_bytes.to_string());
+        if !fallbacks.is_empty() {
+            labels.insert("change_fallbacks".into(), fallbacks.join(" | "));
+        }
+        labels.insert("disk".into(), snap.disk.display().to_string());
+        let opts = BackupOptions {
+            name: req.name.clone(),
+            parent: parent.as_ref().map(|p| p.id.to_string()),
+            changed,
+            chunker: None,
+            labels,
+            threads: req.threads,
+        };
+        let before = vault.wire_bytes().0;
+        let manifest = imager::backup(vault, reader, &opts, &NoProgress)?;
+        let wire = vault.wire_bytes().0.saturating_sub(before);
+        // A local vault has no wire: count the new segment bytes it stored instead.
+        let bytes_sent = if wire == 0 {
+            manifest.stats.bytes_new
+        } else {
+            wire
+        };
+        let bytes_read = manifest.stats.bytes_read + check_read;
+        self.counters
+            .disk_read
+            .fetch_add(bytes_read, Ordering::Relaxed);
+        self.counters.sent.fetch_add(bytes_sent, Ordering::Relaxed);
+        Ok(BackupResult {
+            manifest,
+            change_source: source,
+            changed_bytes,
+            bytes_read,
+            bytes_sent,
+            fallbacks,
+        })
+    }
+
+    /// Backs up several disks, at most `config.parallel` (default 2) at once. Results are in
+    /// the order of `jobs`; one disk's failure does not stop the others.
+    pub fn backup_disks(
+        &self,
+        vault: &dyn Vault,
+        jobs: &[(DiskSnapshot, BackupRequest)],
+    ) -> Vec<Result<BackupResult>> {
+        let parallel = if self.config.parallel == 0 {
+            2
+        } else {
+            self.config.parallel
+        };
+        parallel_map(jobs, parallel, |(snap, req)| {
+            self.backup_disk(vault, snap, req)
+        })
+    }
+
+    /// Seed 004: groups `disks` by storage unit and takes one snapshot per unit (providers
+    /// without units, such as qcow2, take one snapshot of all disks).
+    pub fn snapshot_units(
+        &self,
+        provider: &dyn SnapshotProvider,
+        disks: &[PathBuf],
+        tag: &str,
+    ) -> Result<Vec<UnitSnapshot>> {
+        if !provider.capabilities().per_unit {
+            return Ok(vec![self.snapshot(provider, disks, tag)?]);
+        }
+        let mut groups: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+        for d in disks {
+            groups
+                .entry(crate::datastore::storage_unit(d)?.id)
+                .or_default()
+                .push(d.clone());
+        }
+        let mut out = Vec::with_capacity(groups.len());
+        for group in groups.values() {
+            match self.snapshot(provider, group, tag) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    // All or nothing: drop the units already snapshotted.
+                    for s in &out {
+                        let _ = self.delete_snapshot(&s.id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `f` over `items` on at most `parallel` threads; results keep the order of `items`.
+pub(crate) fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    parallel: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|sc| {
+        for _ in 0..parallel.max(1).min(items.len()) {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.expect("every item ran: a worker panic would have propagated"))
+        .collect()
+}
+
+/// Opens a datastore-relative disk for reading without a snapshot (offline disks, frozen
+/// bases): a shortcut for `DiskSnapshot::of_file`.
+pub fn disk_in_place(path: &Path) -> Result<DiskSnapshot> {
+    DiskSnapshot::of_file(path)
+}

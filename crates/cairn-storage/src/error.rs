@@ -1,0 +1,104 @@
+//! Typed errors of the storage agent.
+
+use std::path::PathBuf;
+
+use cairn_http::{ApiError, ErrorKind};
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Everything the storage agent can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A file-system call on `path` failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external tool (`qemu-img`, `qemu-nbd`) could not be run or failed.
+    #[error("{tool} {args}: {message}")]
+    Tool {
+        tool: &'static str,
+        args: String,
+        message: String,
+    },
+    /// Output of a tool or a stored file did not parse.
+    #[error("cannot parse {what}: {message}")]
+    Parse { what: String, message: String },
+    /// An NBD request to a `qemu-nbd` export failed.
+    #[error("NBD export of {}", path.display())]
+    Nbd {
+        path: PathBuf,
+        #[source]
+        source: Box<cairn_nbd::Error>,
+    },
+    /// The vault refused or failed.
+    #[error("vault")]
+    Vault(#[source] Box<cairn_vault::VaultError>),
+    /// The provider cannot do this on that storage (e.g. reflinks on ext4).
+    #[error("{provider}: {message}")]
+    Unsupported {
+        provider: &'static str,
+        message: String,
+    },
+    /// Change tracking is missing or cannot be trusted (lost bitmap, failed cross-check).
+    #[error("change tracking ({source_kind}) unusable: {message}")]
+    Tracking {
+        source_kind: crate::tracker::ChangeSource,
+        message: String,
+    },
+    /// A region the tracker called unchanged differs from the parent backup.
+    #[error(
+        "cross-check: {source_kind} called bytes {offset}..{} unchanged, but they differ from the parent",
+        offset + len
+    )]
+    TrackingMismatch {
+        source_kind: crate::tracker::ChangeSource,
+        offset: u64,
+        len: u64,
+    },
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl From<cairn_vault::VaultError> for StorageError {
+    fn from(e: cairn_vault::VaultError) -> Self {
+        Self::Vault(Box::new(e))
+    }
+}
+
+impl StorageError {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        op: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, op, source }
+    }
+
+    /// The error as the service reports it.
+    pub fn to_api(&self) -> ApiError {
+        let kind = match self {
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::Invalid(_) | Self::Unsupported { .. } => ErrorKind::BadRequest,
+            Self::Vault(v) => v.to_api().kind,
+            Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                ErrorKind::NotFound
+            }
+            _ => ErrorKind::Internal,
+        };
+        // The whole chain, once.
+        let mut msg = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        ApiError::new(kind, msg)
+    }
+}

@@ -1,0 +1,478 @@
+//! `qemu-img` and `qemu-nbd`: the image formats are QEMU's, so the agent asks QEMU's tools.
+//!
+//! - [`img_info`], [`img_map`], [`img_snapshot`], [`img_bitmap`], [`img_create`] run
+//!   `qemu-img` and parse its JSON.
+//! - [`NbdImage`] starts `qemu-nbd` on a private unix socket and talks NBD to it with
+//!   `cairn-nbd`: reads (the guest view of any format, an internal snapshot, or a backing
+//!   chain), writes (restores into qcow2 stay sparse), and dirty-bitmap block status.
+//!
+//! `cairn-nbd` is async; an [`NbdImage`] drives it with a private one-worker tokio runtime
+//! so the rest of the agent stays blocking code (the service calls it from
+//! `spawn_blocking`). The `qemu-nbd` process is ours alone: it is killed by pid and reaped
+//! when the `NbdImage` is dropped, and its socket directory is removed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_types::{Extent, ExtentList, ReadAt};
+
+use crate::error::{Result, StorageError};
+
+/// Image format of a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(Self::Raw),
+            "qcow2" => Ok(Self::Qcow2),
+            other => Err(StorageError::Unsupported {
+                provider: "qemu-img",
+                message: format!("image format {other:?} (only raw and qcow2)"),
+            }),
+        }
+    }
+}
+
+/// Runs a tool and returns its stdout, or a [`StorageError::Tool`] with its stderr.
+pub(crate) fn run(tool: &'static str, args: &[&str]) -> Result<Vec<u8>> {
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| StorageError::Tool {
+            tool,
+            args: args.join(" "),
+            message: format!("cannot run: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(StorageError::Tool {
+            tool,
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out.stdout)
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| StorageError::Invalid(format!("path {} is not UTF-8", p.display())))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::Parse {
+        what: what.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// A persistent dirty bitmap of a qcow2 image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BitmapInfo {
+    pub name: String,
+    #[serde(default)]
+    pub flags: Vec<String>,
+    #[serde(default)]
+    pub granularity: u64,
+}
+
+impl BitmapInfo {
+    /// `in-use` on an image nobody has open means QEMU died with it loaded: the bitmap
+    /// missed writes and can only be removed.
+    pub fn is_consistent(&self) -> bool {
+        !self.flags.iter().any(|f| f == "in-use")
+    }
+}
+
+/// An internal qcow2 snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InternalSnapshot {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "date-sec", default)]
+    pub date_sec: u64,
+}
+
+/// What `qemu-img info` says about an image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    pub format: DiskFormat,
+    pub virtual_size: u64,
+    pub actual_size: u64,
+    pub backing_file: Option<String>,
+    pub bitmaps: Vec<BitmapInfo>,
+    pub snapshots: Vec<InternalSnapshot>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    actual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    backing: Option<String>,
+    #[serde(rename = "format-specific", default)]
+    specific: Option<RawSpecific>,
+    #[serde(default)]
+    snapshots: Vec<InternalSnapshot>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawSpecific {
+    #[serde(default)]
+    data: RawSpecificData,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct RawSpecificData {
+    #[serde(default)]
+    bitmaps: Vec<BitmapInfo>,
+}
+
+/// `qemu-img info -U --output=json PATH` (probing the format).
+pub fn img_info(path: &Path) -> Result<ImageInfo> {
+    let out = run(
+        "qemu-img",
+        &["info", "-U", "--output=json", path_str(path)?],
+    )?;
+    let r: RawInfo = parse_json(&format!("qemu-img info of {}", path.display()), &out)?;
+    Ok(ImageInfo {
+        format: DiskFormat::parse(&r.format)?,
+        virtual_size: r.virtual_size,
+        actual_size: r.actual_size,
+        backing_file: r.backing,
+        bitmaps: r.specific.map(|s| s.data.bitmaps).unwrap_or_default(),
+        snapshots: r.snapshots,
+    })
+}
+
+/// One entry of `qemu-img map --output=json`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u32,
+    pub data: bool,
+    pub zero: bool,
+}
+
+/// `qemu-img map --output=json` of an image (format given, never probed).
+pub fn img_map(path: &Path, format: DiskFormat) -> Result<Vec<MapEntry>> {
+    let out = run(
+        "qemu-img",
+        &[
+            "map",
+            "-U",
+            "--output=json",
+            "-f",
+            format.as_str(),
+            path_str(path)?,
+        ],
+    )?;
+    parse_json(&format!("qemu-img map of {}", path.display()), &out)
+}
+
+/// The extents an overlay holds itself (depth 0): exactly what was written since it was made.
+pub fn overlay_extents(overlay: &Path) -> Result<ExtentList> {
+    let map = img_map(overlay, DiskFormat::Qcow2)?;
+    Ok(ExtentList::from_unsorted(
+        map.iter()
+            .filter(|e| e.depth == 0 && (e.data || e.zero))
+            .map(|e| Extent::new(e.start, e.length))
+            .collect(),
+    ))
+}
+
+/// `qemu-img snapshot -c|-d NAME`.
+pub fn img_snapshot(path: &Path, op: SnapshotOp, name: &str) -> Result<()> {
+    let flag = match op {
+        SnapshotOp::Create => "-c",
+        SnapshotOp::Delete => "-d",
+    };
+    run(
+        "qemu-img",
+        &["snapshot", "-f", "qcow2", flag, name, path_str(path)?],
+    )
+    .map(|_| ())
+}
+
+/// Internal snapshot operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotOp {
+    Create,
+    Delete,
+}
+
+/// `qemu-img bitmap --add|--remove|--clear|--enable|--disable IMG NAME`.
+pub fn img_bitmap(path: &Path, op: &str, name: &str) -> Result<()> {
+    let op = match op {
+        "add" | "remove" | "clear" | "enable" | "disable" => format!("--{op}"),
+        other => return Err(StorageError::Invalid(format!("bitmap operation {other:?}"))),
+    };
+    run(
+        "qemu-img",
+        &["bitmap", &op, "-f", "qcow2", path_str(path)?, name],
+    )
+    .map(|_| ())
+}
+
+/// `qemu-img create -f FORMAT PATH SIZE`.
+pub fn img_create(path: &Path, format: DiskFormat, size: u64) -> Result<()> {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            format.as_str(),
+            path_str(path)?,
+            &size.to_string(),
+        ],
+    )
+    .map(|_| ())
+}
+
+/// How to open an [`NbdImage`].
+#[derive(Clone, Debug, Default)]
+pub struct NbdOpen {
+    pub writable: bool,
+    /// An internal qcow2 snapshot to export (read-only).
+    pub snapshot: Option<String>,
+    /// A persistent dirty bitmap to export as `qemu:dirty-bitmap:NAME`.
+    pub bitmap: Option<String>,
+}
+
+/// A disk image exported by a private `qemu-nbd`.
+pub struct NbdImage {
+    path: PathBuf,
+    child: Child,
+    sock_dir: PathBuf,
+    rt: tokio::runtime::Runtime,
+    client: cairn_nbd::Client,
+    bitmap: Option<String>,
+}
+
+impl std::fmt::Debug for NbdImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdImage")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl NbdImage {
+    /// Starts `qemu-nbd` for `path` and connects to it.
+    pub fn open(path: &Path, format: DiskFormat, opts: &NbdOpen) -> Result<Self> {
+        let sock_dir = std::env::temp_dir().join(format!(
+            "cairn-nbd-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        std::fs::create_dir_all(&sock_dir).map_err(StorageError::io(&sock_dir, "create"))?;
+        let sock = sock_dir.join("nbd.sock");
+        let mut args: Vec<String> = vec![
+            "-k".into(),
+            path_str(&sock)?.into(),
+            "-f".into(),
+            format.as_str().into(),
+        ];
+        if !opts.writable {
+            args.push("-r".into());
+        }
+        if let Some(s) = &opts.snapshot {
+            args.push("-l".into());
+            args.push(format!("snapshot.name={s}"));
+        }
+        if let Some(b) = &opts.bitmap {
+            args.push("-B".into());
+            args.push(b.clone());
+        }
+        args.push(path_str(path)?.into());
+        let tool_err = |message: String| StorageError::Tool {
+            tool: "qemu-nbd",
+            args: args.join(" "),
+            message,
+        };
+        let mut child = Command::new("qemu-nbd")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| tool_err(format!("cannot run: {e}")))?;
+        let cleanup = |child: &mut Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&sock_dir);
+        };
+        // Wait for the socket (or for qemu-nbd to fail).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !sock.exists() {
+            if let Ok(Some(_)) = child.try_wait() {
+                let mut msg = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut msg);
+                }
+                let _ = std::fs::remove_dir_all(&sock_dir);
+                return Err(tool_err(msg.trim().to_string()));
+            }
+            if Instant::now() > deadline {
+                cleanup(&mut child);
+                return Err(tool_err("socket did not appear within 15 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cairn-nbd")
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                cleanup(&mut child);
+                return Err(StorageError::io(path, "start NBD runtime")(e));
+            }
+        };
+        let mut copts = cairn_nbd::ConnectOptions::default();
+        if let Some(b) = &opts.bitmap {
+            copts = copts.with_dirty_bitmap(b);
+        }
+        let connected = rt.block_on(cairn_nbd::Client::connect_unix(&sock, "", copts));
+        let client = match connected {
+            Ok(c) => c,
+            Err(source) => {
+                cleanup(&mut child);
+                return Err(StorageError::Nbd {
+                    path: path.to_path_buf(),
+                    source: Box::new(source),
+                });
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            child,
+            sock_dir,
+            rt,
+            client,
+            bitmap: opts.bitmap.clone(),
+        })
+    }
+
+    fn nbd(&self) -> impl Fn(cairn_nbd::Error) -> StorageError + '_ {
+        |source| StorageError::Nbd {
+            path: self.path.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Virtual size of the export.
+    pub fn size(&self) -> u64 {
+        self.client.size()
+    }
+
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let b = self
+            .rt
+            .block_on(self.client.read_at(offset, len))
+            .map_err(self.nbd())?;
+        Ok(b.to_vec())
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.rt
+            .block_on(self.client.write_at(offset, data, false))
+            .map_err(self.nbd())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros, leaving a hole where the format can.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.rt
+            .block_on(self.client.write_zeroes(offset, len, false))
+            .map_err(self.nbd())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.rt.block_on(self.client.flush()).map_err(self.nbd())
+    }
+
+    /// The dirty extents of the exported bitmap.
+    pub fn dirty_extents(&self) -> Result<ExtentList> {
+        let name = self
+            .bitmap
+            .as_ref()
+            .ok_or_else(|| StorageError::Invalid("no bitmap exported".into()))?;
+        let ctx = format!("qemu:dirty-bitmap:{name}");
+        let size = self.size();
+        if size == 0 {
+            return Ok(ExtentList::default());
+        }
+        let map = self
+            .rt
+            .block_on(self.client.map(&ctx, 0, size))
+            .map_err(self.nbd())?;
+        Ok(ExtentList::from_unsorted(
+            map.iter()
+                .filter(|e| e.flags & 1 != 0)
+                .map(|e| Extent::new(e.offset, e.len))
+                .collect(),
+        ))
+    }
+}
+
+impl Drop for NbdImage {
+    fn drop(&mut self) {
+        let _ = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), self.client.disconnect()).await
+        });
+        // qemu-nbd exits after its only client leaves; make sure, by our own child's pid.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.sock_dir);
+    }
+}
+
+impl ReadAt for NbdImage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(size - offset) as usize;
+        let data = self.read(offset, n).map_err(std::io::Error::other)?;
+        buf[..n].copy_from_slice(&data);
+        Ok(n)
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(NbdImage::size(self))
+    }
+}

@@ -1,0 +1,333 @@
+//! The storage agent service, with the conventions of every Cairn service (`cairn-http`:
+//! TLS, bearer token, JSON errors).
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | GET | `/health` | → `ok` (no token needed) |
+//! | GET | `/v1/datastores` | → list of `DatastoreInfo` (unit and disks of each) |
+//! | GET | `/v1/providers` | → list of `Capabilities` |
+//! | POST | `/v1/snapshots` | `{provider, disks: [{datastore, disk}], tag}` → list of `UnitSnapshot`, one per storage unit |
+//! | GET | `/v1/snapshots` | → list of `UnitSnapshot` |
+//! | DELETE | `/v1/snapshots/{id}` | → `{"deleted": id}` |
+//! | POST | `/v1/retention` | `{keep, dry_run}` → RetentionPlan |
+//! | POST | `/v1/backups` | `{vault, parallel?, disks: [{source, request}]}` → [`{ok}` or `{error}`] per disk |
+//! | POST | `/v1/restores` | `{vault, snapshot, datastore, disk, format, mode}` → RestoreReport |
+//! | POST | `/v1/rdm/resolve` | `{datastore, disk}` → RdmMapping (mapping file written) |
+//! | GET | `/v1/stats` | → AgentStats: disk data read/sent/received/written |
+//!
+//! `vault` is `{url, token, fingerprint}` for a vault service, or `{url: "/path"}` for a local
+//! repository directory. Each disk of a backup gets its own vault connection, so its
+//! `bytes_sent` is exact. Handlers only turn a request into a call on [`StorageAgent`]; all
+//! work runs on the blocking pool. Paths in change hints are trusted: the token holder is the
+//! backup server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use cairn_http::ApiError;
+use cairn_vault::Vault;
+
+use crate::agent::{BackupRequest, StorageAgent};
+use crate::error::{Result, StorageError};
+use crate::provider::{
+    CopyProvider, DiskSnapshot, Qcow2Mode, Qcow2Provider, ReflinkProvider, SnapshotProvider,
+    provider_for,
+};
+use crate::qemu::DiskFormat;
+use crate::restore::{RestoreMode, RestoreRequest};
+
+type Shared = Arc<StorageAgent>;
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+async fn blocking<T: serde::Serialize + Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> ApiResult<Response> {
+    let v = tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| e.to_api())?;
+    Ok(axum::Json(v).into_response())
+}
+
+fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("request: {e}")))
+}
+
+/// Where to send or fetch disk data.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VaultTarget {
+    /// `https://HOST:PORT` of a vault service, or the path of a local repository.
+    pub url: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// SHA-256 of the vault's certificate (hex).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+impl VaultTarget {
+    /// Connects to the vault.
+    pub fn open(&self) -> Result<Box<dyn Vault>> {
+        if self.url.starts_with("https://") {
+            let token = self
+                .token
+                .as_deref()
+                .ok_or_else(|| StorageError::Invalid("vault token missing".into()))?;
+            let fp = self
+                .fingerprint
+                .clone()
+                .ok_or_else(|| StorageError::Invalid("vault fingerprint missing".into()))?;
+            let v = cairn_vault::remote::RemoteVault::connect(
+                &self.url,
+                token,
+                &cairn_http::Trust::Fingerprint(fp),
+            )?;
+            return Ok(Box::new(v));
+        }
+        let dir = PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
+        if !dir.is_absolute() {
+            return Err(StorageError::Invalid(format!(
+                "vault url {:?}: https://... or an absolute path",
+                self.url
+            )));
+        }
+        Ok(Box::new(cairn_vault::LocalVault {
+            repo: cairn_vault::Repository::open_dir(&dir)?,
+        }))
+    }
+}
+
+/// A disk in a datastore.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DiskRef {
+    pub datastore: String,
+    pub disk: String,
+}
+
+#[derive(serde::Deserialize)]
+struct SnapshotBody {
+    provider: String,
+    disks: Vec<DiskRef>,
+    #[serde(default)]
+    tag: String,
+}
+
+/// What to read for one disk backup.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DiskSource {
+    /// Disk number `index` of an agent snapshot.
+    Snapshot { snapshot: String, index: usize },
+    /// A disk read in place (offline, or a frozen base).
+    InPlace { datastore: String, disk: String },
+}
+
+/// One disk of a backup call.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BackupJob {
+    pub source: DiskSource,
+    pub request: BackupRequest,
+}
+
+#[derive(serde::Deserialize)]
+struct BackupBody {
+    vault: VaultTarget,
+    disks: Vec<BackupJob>,
+    #[serde(default)]
+    parallel: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct RestoreBody {
+    vault: VaultTarget,
+    snapshot: String,
+    datastore: String,
+    disk: String,
+    format: DiskFormat,
+    mode: RestoreMode,
+}
+
+#[derive(serde::Deserialize)]
+struct RetentionBody {
+    keep: usize,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+impl StorageAgent {
+    fn resolve_source(&self, s: &DiskSource) -> Result<DiskSnapshot> {
+        match s {
+            DiskSource::Snapshot { snapshot, index } => {
+                let u = self.get_snapshot(snapshot)?;
+                u.disks.get(*index).cloned().ok_or_else(|| {
+                    StorageError::NotFound(format!("disk {index} of snapshot {snapshot}"))
+                })
+            }
+            DiskSource::InPlace { datastore, disk } => {
+                DiskSnapshot::of_file(&self.disk_path(datastore, disk)?)
+            }
+        }
+    }
+
+    /// Runs backup jobs, each with its own connection to `vault`, at most `parallel` at once.
+    pub fn run_backup_jobs(
+        &self,
+        vault: &VaultTarget,
+        jobs: &[BackupJob],
+        parallel: usize,
+    ) -> Vec<Result<crate::agent::BackupResult>> {
+        crate::agent::parallel_map(jobs, parallel, |job| {
+            let snap = self.resolve_source(&job.source)?;
+            let v = vault.open()?;
+            self.backup_disk(&*v, &snap, &job.request)
+        })
+    }
+}
+
+fn all_providers() -> Vec<Box<dyn SnapshotProvider>> {
+    vec![
+        Box::new(Qcow2Provider {
+            mode: Qcow2Mode::FrozenBase,
+        }),
+        Box::new(Qcow2Provider {
+            mode: Qcow2Mode::Internal,
+        }),
+        Box::new(ReflinkProvider),
+        Box::new(CopyProvider),
+    ]
+}
+
+async fn datastores(State(a): State<Shared>) -> ApiResult<Response> {
+    blocking(move || a.list_datastores()).await
+}
+
+async fn providers() -> Response {
+    axum::Json(
+        all_providers()
+            .iter()
+            .map(|p| p.capabilities())
+            .collect::<Vec<_>>(),
+    )
+    .into_response()
+}
+
+async fn take_snapshot(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: SnapshotBody = body(&b)?;
+    blocking(move || {
+        let provider = provider_for(&req.provider)?;
+        let disks = req
+            .disks
+            .iter()
+            .map(|d| a.disk_path(&d.datastore, &d.disk))
+            .collect::<Result<Vec<_>>>()?;
+        a.snapshot_units(&*provider, &disks, &req.tag)
+    })
+    .await
+}
+
+async fn list_snapshots(State(a): State<Shared>) -> ApiResult<Response> {
+    blocking(move || a.list_snapshots()).await
+}
+
+async fn delete_snapshot(State(a): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    blocking(move || {
+        a.delete_snapshot(&id)?;
+        Ok(serde_json::json!({ "deleted": id }))
+    })
+    .await
+}
+
+async fn retention(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: RetentionBody = body(&b)?;
+    blocking(move || a.apply_retention(req.keep, req.dry_run)).await
+}
+
+async fn backups(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: BackupBody = body(&b)?;
+    blocking(move || {
+        let parallel = if req.parallel == 0 {
+            a.config().parallel.max(2)
+        } else {
+            req.parallel
+        };
+        let results = a.run_backup_jobs(&req.vault, &req.disks, parallel);
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Ok(r) => serde_json::json!({ "ok": r }),
+                Err(e) => serde_json::json!({ "error": e.to_api() }),
+            })
+            .collect::<Vec<_>>())
+    })
+    .await
+}
+
+async fn restores(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: RestoreBody = body(&b)?;
+    blocking(move || {
+        let target = a.disk_path(&req.datastore, &req.disk)?;
+        let v = req.vault.open()?;
+        a.restore(
+            &*v,
+            &RestoreRequest {
+                snapshot: req.snapshot,
+                target,
+                format: req.format,
+                mode: req.mode,
+            },
+        )
+    })
+    .await
+}
+
+async fn rdm_resolve(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: DiskRef = body(&b)?;
+    blocking(move || crate::rdm::resolve(a.datastore(&req.datastore)?, &req.disk)).await
+}
+
+async fn stats(State(a): State<Shared>) -> Response {
+    axum::Json(a.stats()).into_response()
+}
+
+/// The router, with the token check on every route but `/health`.
+pub fn router(agent: Arc<StorageAgent>, token: String) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/datastores", get(datastores))
+        .route("/v1/providers", get(providers))
+        .route("/v1/snapshots", post(take_snapshot).get(list_snapshots))
+        .route("/v1/snapshots/{id}", delete(delete_snapshot))
+        .route("/v1/retention", post(retention))
+        .route("/v1/backups", post(backups))
+        .route("/v1/restores", post(restores))
+        .route("/v1/rdm/resolve", post(rdm_resolve))
+        .route("/v1/stats", get(stats))
+        .layer(axum::middleware::from_fn_with_state(
+            cairn_http::server::Token(Arc::new(token)),
+            cairn_http::server::require_token,
+        ))
+        .with_state(agent)
+}
+
+/// Serves until the task is aborted; returns once bound, with the listening address.
+pub async fn serve(
+    agent: Arc<StorageAgent>,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    token: String,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = cairn_http::server::TlsListener::bind(addr, tls).await?;
+    let local = axum::serve::Listener::local_addr(&listener)?;
+    let app = router(agent, token);
+    let h = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("storage agent service stopped: {e}");
+        }
+    });
+    Ok((local, h))
+}
