@@ -5,6 +5,7 @@ mod image;
 mod progress;
 mod repo;
 mod service;
+mod storage_agent;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,8 @@ enum Cmd {
     Image(image::ImageCmd),
     /// Run the vault service over a local repository.
     Vault(service::VaultArgs),
+    /// Run the storage agent over local datastores.
+    StorageAgent(storage_agent::StorageAgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Cmd::Repo(c) => repo::run(c),
         Cmd::Image(c) => image::run(c),
         Cmd::Vault(a) => service::run(a),
+        Cmd::StorageAgent(a) => storage_agent::run(a),
     };
     match r {
         Ok(code) => code,

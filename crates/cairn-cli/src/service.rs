@@ -1,7 +1,7 @@
 //! `cairn vault`: serve a local repository over HTTPS.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -26,22 +26,20 @@ pub struct VaultArgs {
     key: Option<PathBuf>,
 }
 
-pub fn run(a: VaultArgs) -> Result<ExitCode> {
-    let repo = if a.repo.join("config").exists() {
-        Repository::open_dir(&a.repo)?
-    } else {
-        Repository::init_dir(&a.repo, &Default::default())?
-    };
-    let state = a
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| a.repo.join("service"));
-    let (identity, fingerprint) = match (&a.cert, &a.key) {
+/// TLS identity, fingerprint and token of a service, from its state directory.
+pub struct Credentials {
+    pub tls: rustls::ServerConfig,
+    pub fingerprint: String,
+    pub token: String,
+    pub token_file: PathBuf,
+}
+
+/// Loads or creates a service's certificate (self-signed unless `cert`/`key` are given) and
+/// its token (`CAIRN_TOKEN`, else `STATE/token`).
+pub fn credentials(state: &Path, cert: Option<&PathBuf>, key: Option<&PathBuf>) -> Result<Credentials> {
+    let (identity, fingerprint) = match (cert, key) {
         (Some(c), Some(k)) => {
-            let id = cairn_http::tls::Identity {
-                cert_path: c.clone(),
-                key_path: k.clone(),
-            };
+            let id = cairn_http::tls::Identity { cert_path: c.clone(), key_path: k.clone() };
             let pem = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
             let fp = rustls_fingerprint(&pem)?;
             (id, fp)
@@ -51,41 +49,56 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
     let token_file = state.join("token");
     let token = match std::env::var("CAIRN_TOKEN") {
         Ok(t) if !t.is_empty() => t,
-        _ => cairn_http::server::ensure_token(&token_file)
-            .with_context(|| format!("token file {}", token_file.display()))?,
+        _ => cairn_http::server::ensure_token(&token_file).with_context(|| format!("token file {}", token_file.display()))?,
     };
     let tls = cairn_http::tls::server_config(&identity)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    Ok(Credentials { tls, fingerprint, token, token_file })
+}
+
+/// Runs a service: `start` binds and returns the address and the serving task; then one JSON
+/// line on stdout tells scripts where and how to connect, and SIGTERM or Ctrl-C stops it.
+pub fn serve_until_signal<F, Fut>(what: &str, creds: Credentials, start: F) -> Result<ExitCode>
+where
+    F: FnOnce(rustls::ServerConfig, String) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let service = VaultService::new(repo);
-        let (addr, handle) = cairn_vault::service::serve(service, a.listen, tls, token).await?;
-        // One line on stdout tells scripts where and how to connect.
+        let (addr, handle) = start(creds.tls, creds.token).await?;
         println!(
             "{}",
             serde_json::json!({
                 "listen": format!("https://{addr}"),
-                "fingerprint": fingerprint,
-                "token_file": token_file,
+                "fingerprint": creds.fingerprint,
+                "token_file": creds.token_file,
                 "pid": std::process::id(),
             })
         );
-        eprintln!(
-            "vault serving {} on https://{addr} (certificate SHA-256 {fingerprint})",
-            a.repo.display()
-        );
+        eprintln!("{what} serving on https://{addr} (certificate SHA-256 {})", creds.fingerprint);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
             _ = handle => {}
         }
-        eprintln!("vault: stopping");
+        eprintln!("{what}: stopping");
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(a: VaultArgs) -> Result<ExitCode> {
+    let repo = if a.repo.join("config").exists() {
+        Repository::open_dir(&a.repo)?
+    } else {
+        Repository::init_dir(&a.repo, &Default::default())?
+    };
+    let state = a.state_dir.clone().unwrap_or_else(|| a.repo.join("service"));
+    let creds = credentials(&state, a.cert.as_ref(), a.key.as_ref())?;
+    let service = VaultService::new(repo);
+    serve_until_signal(&format!("vault {}", a.repo.display()), creds, move |tls, token| {
+        cairn_vault::service::serve(service, a.listen, tls, token)
+    })
 }
 
 fn rustls_fingerprint(pem: &[u8]) -> Result<String> {

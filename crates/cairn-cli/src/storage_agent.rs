@@ -1,0 +1,48 @@
+//! `cairn storage-agent`: serve the datastores of this primary storage system.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cairn_storage::{AgentConfig, DatastoreConfig, StorageAgent};
+
+use crate::service::{credentials, serve_until_signal};
+
+#[derive(clap::Args, Debug)]
+pub struct StorageAgentArgs {
+    /// A datastore as NAME=DIR (a directory of disk images); repeat for more.
+    #[arg(long = "datastore", required = true, value_parser = parse_datastore)]
+    datastores: Vec<DatastoreConfig>,
+    /// Where snapshot records, the certificate and the token live.
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    listen: SocketAddr,
+    /// Disks backed up at once.
+    #[arg(long, default_value_t = 2)]
+    parallel: usize,
+}
+
+fn parse_datastore(s: &str) -> Result<DatastoreConfig, String> {
+    let (name, path) = s.split_once('=').ok_or("expected NAME=DIR")?;
+    if name.is_empty() {
+        return Err("datastore name is empty".into());
+    }
+    Ok(DatastoreConfig { name: name.to_string(), path: PathBuf::from(path) })
+}
+
+pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
+    for d in &a.datastores {
+        anyhow::ensure!(d.path.is_dir(), "datastore {}: {} is not a directory", d.name, d.path.display());
+    }
+    std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let creds = credentials(&a.state_dir, None, None)?;
+    let agent = Arc::new(StorageAgent::new(AgentConfig {
+        datastores: a.datastores,
+        state_dir: a.state_dir.clone(),
+        parallel: a.parallel,
+    }));
+    serve_until_signal("storage agent", creds, move |tls, token| cairn_storage::service::serve(agent, a.listen, tls, token))
+}
