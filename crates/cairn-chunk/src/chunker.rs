@@ -229,7 +229,11 @@ mod tests {
 
     #[test]
     fn cdc_respects_bounds_and_covers_input() {
-        let c = Chunker::new(ChunkerParams::Cdc { min: 4 << 10, avg: 16 << 10, max: 64 << 10 });
+        let c = Chunker::new(ChunkerParams::Cdc {
+            min: 4 << 10,
+            avg: 16 << 10,
+            max: 64 << 10,
+        });
         let data = random(2 << 20, 1);
         let cuts = c.cuts(&data);
         assert_eq!(cuts.iter().sum::<usize>(), data.len());

@@ -65,7 +65,9 @@ pub enum RepoCmd {
 /// `CAIRN_FINGERPRINT` or `CAIRN_CA`).
 pub fn open(repo: &str) -> Result<Arc<dyn Vault>> {
     if repo.starts_with("http://") {
-        anyhow::bail!("{repo}: vault services speak HTTPS only (tokens never travel in clear text)");
+        anyhow::bail!(
+            "{repo}: vault services speak HTTPS only (tokens never travel in clear text)"
+        );
     }
     if repo.starts_with("https://") {
         let token =

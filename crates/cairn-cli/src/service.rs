@@ -36,10 +36,17 @@ pub struct Credentials {
 
 /// Loads or creates a service's certificate (self-signed unless `cert`/`key` are given) and
 /// its token (`CAIRN_TOKEN`, else `STATE/token`).
-pub fn credentials(state: &Path, cert: Option<&PathBuf>, key: Option<&PathBuf>) -> Result<Credentials> {
+pub fn credentials(
+    state: &Path,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> Result<Credentials> {
     let (identity, fingerprint) = match (cert, key) {
         (Some(c), Some(k)) => {
-            let id = cairn_http::tls::Identity { cert_path: c.clone(), key_path: k.clone() };
+            let id = cairn_http::tls::Identity {
+                cert_path: c.clone(),
+                key_path: k.clone(),
+            };
             let pem = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
             let fp = rustls_fingerprint(&pem)?;
             (id, fp)
@@ -49,10 +56,16 @@ pub fn credentials(state: &Path, cert: Option<&PathBuf>, key: Option<&PathBuf>) 
     let token_file = state.join("token");
     let token = match std::env::var("CAIRN_TOKEN") {
         Ok(t) if !t.is_empty() => t,
-        _ => cairn_http::server::ensure_token(&token_file).with_context(|| format!("token file {}", token_file.display()))?,
+        _ => cairn_http::server::ensure_token(&token_file)
+            .with_context(|| format!("token file {}", token_file.display()))?,
     };
     let tls = cairn_http::tls::server_config(&identity)?;
-    Ok(Credentials { tls, fingerprint, token, token_file })
+    Ok(Credentials {
+        tls,
+        fingerprint,
+        token,
+        token_file,
+    })
 }
 
 /// Runs a service: `start` binds and returns the address and the serving task; then one JSON
@@ -62,7 +75,10 @@ where
     F: FnOnce(rustls::ServerConfig, String) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>>,
 {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let (addr, handle) = start(creds.tls, creds.token).await?;
         println!(
@@ -74,7 +90,10 @@ where
                 "pid": std::process::id(),
             })
         );
-        eprintln!("{what} serving on https://{addr} (certificate SHA-256 {})", creds.fingerprint);
+        eprintln!(
+            "{what} serving on https://{addr} (certificate SHA-256 {})",
+            creds.fingerprint
+        );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -93,12 +112,17 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
     } else {
         Repository::init_dir(&a.repo, &Default::default())?
     };
-    let state = a.state_dir.clone().unwrap_or_else(|| a.repo.join("service"));
+    let state = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| a.repo.join("service"));
     let creds = credentials(&state, a.cert.as_ref(), a.key.as_ref())?;
     let service = VaultService::new(repo);
-    serve_until_signal(&format!("vault {}", a.repo.display()), creds, move |tls, token| {
-        cairn_vault::service::serve(service, a.listen, tls, token)
-    })
+    serve_until_signal(
+        &format!("vault {}", a.repo.display()),
+        creds,
+        move |tls, token| cairn_vault::service::serve(service, a.listen, tls, token),
+    )
 }
 
 fn rustls_fingerprint(pem: &[u8]) -> Result<String> {

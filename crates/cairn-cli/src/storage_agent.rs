@@ -30,19 +30,30 @@ fn parse_datastore(s: &str) -> Result<DatastoreConfig, String> {
     if name.is_empty() {
         return Err("datastore name is empty".into());
     }
-    Ok(DatastoreConfig { name: name.to_string(), path: PathBuf::from(path) })
+    Ok(DatastoreConfig {
+        name: name.to_string(),
+        path: PathBuf::from(path),
+    })
 }
 
 pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
     for d in &a.datastores {
-        anyhow::ensure!(d.path.is_dir(), "datastore {}: {} is not a directory", d.name, d.path.display());
+        anyhow::ensure!(
+            d.path.is_dir(),
+            "datastore {}: {} is not a directory",
+            d.name,
+            d.path.display()
+        );
     }
-    std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("creating {}", a.state_dir.display()))?;
     let creds = credentials(&a.state_dir, None, None)?;
     let agent = Arc::new(StorageAgent::new(AgentConfig {
         datastores: a.datastores,
         state_dir: a.state_dir.clone(),
         parallel: a.parallel,
     }));
-    serve_until_signal("storage agent", creds, move |tls, token| cairn_storage::service::serve(agent, a.listen, tls, token))
+    serve_until_signal("storage agent", creds, move |tls, token| {
+        cairn_storage::service::serve(agent, a.listen, tls, token)
+    })
 }

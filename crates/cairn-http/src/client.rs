@@ -230,7 +230,10 @@ fn read_body(url: &str, r: ureq::Response) -> Result<Vec<u8>, ClientError> {
     r.into_reader()
         .take(1 << 31)
         .read_to_end(&mut v)
-        .map_err(|e| ClientError::Transport { url: url.to_string(), msg: e.to_string() })?;
+        .map_err(|e| ClientError::Transport {
+            url: url.to_string(),
+            msg: e.to_string(),
+        })?;
     Ok(v)
 }
 
