@@ -17,8 +17,5 @@ fi
 echo "test.sh: formatting check" >&2
 cargo fmt --all -- --check
 
-echo "test.sh: building" >&2
-cargo build --workspace --all-targets --locked
-
-echo "test.sh: testing" >&2
-cargo test --workspace --locked -- --test-threads=2
+echo "test.sh: building and testing" >&2
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2
