@@ -3,7 +3,12 @@
 //! ```text
 //! cargo run --release -p cairn-nbd --example nbd_read_bench -- \
 //!     (--socket PATH | --tcp HOST:PORT) [--export NAME] [--depth N] [--request-size BYTES]
+//!     [--runtime current|multi]
 //! ```
+//!
+//! `--runtime` picks tokio's multi-threaded runtime (default) or `current_thread`. Measured
+//! (docs/bench/nbd.md): `current_thread` is ~35% slower, because while the reader task drains
+//! replies the workers cannot send the next requests, so the server's queue runs dry.
 //!
 //! Compare with `nbdcopy 'nbd+unix:///?socket=PATH' null:` (which skips holes; use a fully
 //! allocated image for a fair comparison).
@@ -16,13 +21,33 @@ use cairn_nbd::{Client, ConnectOptions};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: nbd_read_bench (--socket PATH | --tcp HOST:PORT) [--export NAME] [--depth N] [--request-size BYTES]"
+        "usage: nbd_read_bench (--socket PATH | --tcp HOST:PORT) [--export NAME] [--depth N] [--request-size BYTES] [--runtime current|multi]"
     );
     std::process::exit(2)
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    let multi = match std::env::args()
+        .skip_while(|a| a != "--runtime")
+        .nth(1)
+        .as_deref()
+    {
+        None | Some("multi") => true,
+        Some("current") => false,
+        Some(_) => usage(),
+    };
+    let rt = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()
+    .expect("tokio runtime");
+    rt.block_on(run());
+}
+
+async fn run() {
     let mut socket = None;
     let mut tcp = None;
     let mut export = String::new();
@@ -37,6 +62,7 @@ async fn main() {
             "--export" => export = val(),
             "--depth" => depth = val().parse().unwrap_or_else(|_| usage()),
             "--request-size" => req = val().parse().unwrap_or_else(|_| usage()),
+            "--runtime" => drop(val()),
             _ => usage(),
         }
     }
@@ -92,8 +118,12 @@ async fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "read {total} bytes in {secs:.3} s: {:.1} MB/s (depth {depth}, request {req} bytes)",
-        total as f64 / secs / 1e6
+        "read {total} bytes in {secs:.3} s: {:.1} MB/s (depth {depth}, request {req} bytes, {} runtime)",
+        total as f64 / secs / 1e6,
+        match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+            _ => "multi_thread",
+        }
     );
     let _ = client.disconnect().await;
 }

@@ -655,34 +655,50 @@ async fn reader_task(r: BoxRead, shared: Arc<Shared>, structured: bool, limits: 
     shared.fail(err);
 }
 
+/// Bytes asked of the socket per read while looking for frame headers (and small frames).
+const HEADER_READ: usize = 16 << 10;
+/// Frames longer than this (in practice READ data) are read straight into a buffer of their
+/// own exact size, so their payload is copied once (kernel to destination) and never moved.
+const DIRECT_FRAME: usize = 32 << 10;
+
 /// Reads and dispatches replies until the first fatal error, which it returns.
+///
+/// Small frames (headers, acks, block status, short reads) are cut out of a small shared
+/// buffer. Once [`next_frame`] has validated a header (against the limits) and says a frame
+/// of `total` bytes is longer than [`DIRECT_FRAME`], the frame gets a buffer of exactly
+/// `total` bytes: the few bytes already buffered are copied in and the rest is read from the
+/// socket directly into it. The frame's payload is then handed out without further copies.
 async fn read_loop(mut r: BoxRead, shared: &Shared, structured: bool, limits: &Limits) -> Error {
-    const READ_CHUNK: usize = 256 << 10;
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(HEADER_READ);
     loop {
-        let progress = {
-            let st = shared.lock();
-            next_frame(&mut buf, structured, limits, |c| {
-                st.pending.get(&c).map(|p| p.state.simple_payload_len())
-            })
-        };
+        let progress = cut_frame(&mut buf, shared, structured, limits);
         match progress {
             Err(e) => return e,
-            Ok(Progress::NeedMore(total)) => {
-                let want = total.saturating_sub(buf.len()).max(READ_CHUNK);
-                buf.reserve(want);
-                match r.read_buf(&mut buf).await {
-                    Ok(0) => {
-                        return Error::io(
-                            "reading replies",
-                            std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "server closed the connection",
-                            ),
-                        );
+            Ok(Progress::NeedMore(total)) if total > DIRECT_FRAME => {
+                let mut frame = BytesMut::with_capacity(total);
+                frame.extend_from_slice(&buf);
+                buf.clear();
+                while frame.len() < total {
+                    let want = total - frame.len();
+                    if let Err(e) = fill(&mut r, &mut frame, want).await {
+                        return e;
                     }
-                    Ok(_) => {}
-                    Err(e) => return Error::io("reading replies", e),
+                }
+                match cut_frame(&mut frame, shared, structured, limits) {
+                    Err(e) => return e,
+                    Ok(Progress::Frame(f)) => {
+                        if let Err(e) = dispatch(shared, f, structured, limits) {
+                            return e;
+                        }
+                    }
+                    Ok(Progress::NeedMore(_)) => {
+                        return Error::protocol("reply frame changed length while being read");
+                    }
+                }
+            }
+            Ok(Progress::NeedMore(_)) => {
+                if let Err(e) = fill(&mut r, &mut buf, HEADER_READ).await {
+                    return e;
                 }
             }
             Ok(Progress::Frame(frame)) => {
@@ -691,6 +707,35 @@ async fn read_loop(mut r: BoxRead, shared: &Shared, structured: bool, limits: &L
                 }
             }
         }
+    }
+}
+
+fn cut_frame(
+    buf: &mut BytesMut,
+    shared: &Shared,
+    structured: bool,
+    limits: &Limits,
+) -> Result<Progress> {
+    let st = shared.lock();
+    next_frame(buf, structured, limits, |c| {
+        st.pending.get(&c).map(|p| p.state.simple_payload_len())
+    })
+}
+
+/// One read of at most `max` bytes appended to `buf`; end of stream is an error.
+async fn fill(r: &mut BoxRead, buf: &mut BytesMut, max: usize) -> Result<()> {
+    use bytes::BufMut;
+    buf.reserve(max);
+    match r.read_buf(&mut (&mut *buf).limit(max)).await {
+        Ok(0) => Err(Error::io(
+            "reading replies",
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(Error::io("reading replies", e)),
     }
 }
 

@@ -32,7 +32,10 @@
 //! A single reader task owns the read half of the socket: it cuts the stream into frames,
 //! looks each cookie up in the table, checks the chunk against the request it answers and,
 //! when the reply is complete, hands the outcome to the waiting request over a oneshot
-//! channel. Replies may come in any order. At most `max_in_flight` requests (default 64) are
+//! channel. Replies may come in any order. The reader cuts headers and small frames out of a
+//! small buffer; a frame longer than 32 KiB (READ data), once its header has been checked
+//! against the limits, is read from the socket straight into a buffer of its exact size, so
+//! read data is copied once (kernel to that buffer) and handed to the caller as is. At most `max_in_flight` requests (default 64) are
 //! outstanding; further requests wait for a slot. Long reads and writes are split into
 //! requests of at most `max_request_len` (default 32 MiB, lowered to the server's maximum
 //! block size) which are all sent before the first reply is awaited.

@@ -37,6 +37,38 @@ enum Misdeed {
     CloseMidRequest,
     /// Every request gets `ESHUTDOWN`; the server returns after `NBD_CMD_DISC`.
     Shutdown,
+    /// Not a misdeed: reads are answered correctly (byte at offset `o` is `o % 251`) with
+    /// several data chunks out of order plus a hole, written in small odd-sized pieces.
+    FragmentedReads,
+    /// A large read's data chunk is cut off half way and the socket closes.
+    CloseMidPayload,
+}
+
+/// Content of the `FragmentedReads` export.
+fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((offset + i) % 251) as u8)
+        .collect()
+}
+
+/// A READ answered as: second half of the data, a 100-byte hole (if it fits), first half.
+fn fragmented_read_reply(req: &RequestHeader) -> Vec<u8> {
+    let len = u64::from(req.len);
+    let half = len / 2;
+    let hole = if half > 200 { 100 } else { 0 };
+    let data = |off: u64, n: u64, flags: u16| {
+        let mut p = off.to_be_bytes().to_vec();
+        p.extend_from_slice(&pattern(off, n as usize));
+        encode_chunk(flags, REPLY_TYPE_OFFSET_DATA, req.cookie, &p)
+    };
+    let mut r = data(req.offset + half, len - half, 0);
+    if hole > 0 {
+        let mut p = (req.offset + half - hole).to_be_bytes().to_vec();
+        p.extend_from_slice(&(hole as u32).to_be_bytes());
+        r.extend_from_slice(&encode_chunk(0, REPLY_TYPE_OFFSET_HOLE, req.cookie, &p));
+    }
+    r.extend_from_slice(&data(req.offset, half - hole, REPLY_FLAG_DONE));
+    r
 }
 
 fn opt_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
@@ -144,6 +176,21 @@ async fn serve(mut s: UnixStream, m: Misdeed) -> std::io::Result<Vec<u32>> {
                     p.extend_from_slice(&0u32.to_be_bytes());
                 }
                 encode_chunk(done, REPLY_TYPE_BLOCK_STATUS, c, &p)
+            }
+            (Misdeed::FragmentedReads, CMD_READ) => {
+                for piece in fragmented_read_reply(&req).chunks(7001) {
+                    s.write_all(piece).await?;
+                    s.flush().await?;
+                    tokio::task::yield_now().await;
+                }
+                continue;
+            }
+            (Misdeed::CloseMidPayload, CMD_READ) => {
+                let mut p = req.offset.to_be_bytes().to_vec();
+                p.extend_from_slice(&vec![0x5a; req.len as usize]);
+                let r = encode_chunk(done, REPLY_TYPE_OFFSET_DATA, c, &p);
+                s.write_all(&r[..r.len() / 2]).await?;
+                return Ok(seen);
             }
             (Misdeed::ErrorThenFine, _) if n == 1 => {
                 let mut p = EIO.to_be_bytes().to_vec();
@@ -364,4 +411,44 @@ async fn eshutdown_stops_new_requests_and_disconnects() {
     );
     bounded(c.disconnect()).await.unwrap();
     assert_eq!(f.task.await.unwrap().last(), Some(&u32::MAX));
+}
+
+#[tokio::test]
+async fn fragmented_large_and_small_reads_reassemble() {
+    let f = fake(Misdeed::FragmentedReads);
+    let c = connect(&f).await.unwrap();
+    // Large frames take the direct-read path, small ones the buffered path; mix them.
+    let mut set = tokio::task::JoinSet::new();
+    for (off, len) in [
+        (0u64, 300_000usize),
+        (5, 17),
+        (300_001, 70_001),
+        (1000, 40_000),
+    ] {
+        let c = c.clone();
+        set.spawn(async move { (off, len, c.read_at(off, len).await) });
+    }
+    bounded(async {
+        while let Some(r) = set.join_next().await {
+            let (off, len, d) = r.unwrap();
+            let d = d.unwrap();
+            let mut want = pattern(off, len);
+            if len > 400 {
+                let half = len / 2;
+                want[half - 100..half].fill(0);
+            }
+            assert!(d[..] == want[..], "read {off}+{len} differs");
+        }
+    })
+    .await;
+    bounded(c.disconnect()).await.unwrap();
+}
+
+#[tokio::test]
+async fn close_mid_payload_is_io_error_and_fatal() {
+    let f = fake(Misdeed::CloseMidPayload);
+    let c = connect(&f).await.unwrap();
+    let e = bounded(c.read_at(0, 256 << 10)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert_eq!(c.closed_reason().map(|e| e.kind()), Some(ErrorKind::Io));
 }
