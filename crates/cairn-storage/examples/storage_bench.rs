@@ -13,7 +13,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cairn_storage::{AgentConfig, BackupRequest, ChangeHint, DatastoreConfig, ReflinkProvider, StorageAgent};
+use cairn_storage::{
+    AgentConfig, BackupRequest, ChangeHint, DatastoreConfig, ReflinkProvider, StorageAgent,
+};
 use cairn_vault::imager::{self, NoProgress, RestoreOptions};
 use cairn_vault::{InitOptions, LocalVault, Repository};
 
@@ -23,10 +25,18 @@ fn secs(t: Instant) -> f64 {
 
 fn apply_changes(disk: &Path, day2: &Path, changed: &Path) -> u64 {
     let src = std::fs::File::open(day2).expect("day2");
-    let dst = std::fs::OpenOptions::new().write(true).open(disk).expect("disk");
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .expect("disk");
     let mut total = 0;
-    for line in std::fs::read_to_string(changed).expect("changed list").lines() {
-        let mut it = line.split_whitespace().map(|v| v.parse::<u64>().expect("number"));
+    for line in std::fs::read_to_string(changed)
+        .expect("changed list")
+        .lines()
+    {
+        let mut it = line
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().expect("number"));
         let (off, len) = (it.next().expect("offset"), it.next().expect("length"));
         let mut buf = vec![0u8; len as usize];
         src.read_exact_at(&mut buf, off).expect("read day2");
@@ -49,29 +59,54 @@ fn main() {
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&ds).unwrap();
     let disk = ds.join("vm-100.raw");
-    let st = std::process::Command::new("cp").arg("--sparse=always").arg(corpus.join("img1.raw")).arg(&disk).status().unwrap();
+    let st = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(corpus.join("img1.raw"))
+        .arg(&disk)
+        .status()
+        .unwrap();
     assert!(st.success());
     let vault_dir = out.with_extension("vault");
     let _ = std::fs::remove_dir_all(&vault_dir);
-    let vault = LocalVault { repo: Repository::init_dir(&vault_dir, &InitOptions::default()).unwrap() };
+    let vault = LocalVault {
+        repo: Repository::init_dir(&vault_dir, &InitOptions::default()).unwrap(),
+    };
     let agent = StorageAgent::new(AgentConfig {
-        datastores: vec![DatastoreConfig { name: "ds".into(), path: ds.clone() }],
+        datastores: vec![DatastoreConfig {
+            name: "ds".into(),
+            path: ds.clone(),
+        }],
         state_dir: state,
         parallel: 2,
     });
 
     let t = Instant::now();
-    let s1 = agent.snapshot(&ReflinkProvider, std::slice::from_ref(&disk), "day1").unwrap();
+    let s1 = agent
+        .snapshot(&ReflinkProvider, std::slice::from_ref(&disk), "day1")
+        .unwrap();
     let snap1_s = secs(t);
     let t = Instant::now();
     let full = agent
-        .backup_disk(&vault, &s1.disks[0], &BackupRequest { name: "vm-100".into(), ..Default::default() })
+        .backup_disk(
+            &vault,
+            &s1.disks[0],
+            &BackupRequest {
+                name: "vm-100".into(),
+                ..Default::default()
+            },
+        )
         .unwrap();
     let full_s = secs(t);
 
-    let changed_bytes = apply_changes(&disk, &corpus.join("day2.raw"), &corpus.join("day2.raw.changed"));
+    let changed_bytes = apply_changes(
+        &disk,
+        &corpus.join("day2.raw"),
+        &corpus.join("day2.raw.changed"),
+    );
     let t = Instant::now();
-    let s2 = agent.snapshot(&ReflinkProvider, std::slice::from_ref(&disk), "day2").unwrap();
+    let s2 = agent
+        .snapshot(&ReflinkProvider, std::slice::from_ref(&disk), "day2")
+        .unwrap();
     let snap2_s = secs(t);
     let t = Instant::now();
     let incr = agent
@@ -81,7 +116,9 @@ fn main() {
             &BackupRequest {
                 name: "vm-100".into(),
                 parent: Some("vm-100".into()),
-                hints: vec![ChangeHint::ExtentMap { previous: s1.disks[0].image.clone() }],
+                hints: vec![ChangeHint::ExtentMap {
+                    previous: s1.disks[0].image.clone(),
+                }],
                 ..Default::default()
             },
         )
@@ -89,14 +126,32 @@ fn main() {
     let incr_s = secs(t);
 
     let restored = out.with_extension("restored.raw");
-    imager::restore(&vault, &incr.manifest.id.to_string(), &restored, &RestoreOptions::default(), &NoProgress).unwrap();
-    let exact = std::process::Command::new("cmp").arg("-s").arg(&restored).arg(corpus.join("day2.raw")).status().unwrap().success();
+    imager::restore(
+        &vault,
+        &incr.manifest.id.to_string(),
+        &restored,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    let exact = std::process::Command::new("cmp")
+        .arg("-s")
+        .arg(&restored)
+        .arg(corpus.join("day2.raw"))
+        .status()
+        .unwrap()
+        .success();
     let _ = std::fs::remove_file(&restored);
 
     // FIEMAP diff of a 10 GiB disk with 1% of its 4 KiB blocks rewritten.
     let big = ds.join("big.raw");
     let size: u64 = 10 << 30;
-    let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&big).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&big)
+        .unwrap();
     // Allocate real extents (written, not just reserved) in 64 MiB strides of data.
     let block = vec![0x5au8; 64 << 20];
     let mut off = 0;
@@ -105,7 +160,9 @@ fn main() {
         off += block.len() as u64;
     }
     f.sync_all().unwrap();
-    let c1 = agent.snapshot(&ReflinkProvider, std::slice::from_ref(&big), "big1").unwrap();
+    let c1 = agent
+        .snapshot(&ReflinkProvider, std::slice::from_ref(&big), "big1")
+        .unwrap();
     let blocks = size / 4096;
     let mut rng = 0x9e3779b97f4a7c15u64;
     let mut rewritten = 0u64;
@@ -113,13 +170,18 @@ fn main() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        f.write_all_at(&[0xa5u8; 4096], (rng % blocks) * 4096).unwrap();
+        f.write_all_at(&[0xa5u8; 4096], (rng % blocks) * 4096)
+            .unwrap();
         rewritten += 4096;
     }
     f.sync_all().unwrap();
-    let c2 = agent.snapshot(&ReflinkProvider, std::slice::from_ref(&big), "big2").unwrap();
+    let c2 = agent
+        .snapshot(&ReflinkProvider, std::slice::from_ref(&big), "big2")
+        .unwrap();
     let t = Instant::now();
-    let diff = cairn_storage::tracker::extent_map_changes(&c1.disks[0].image, &c2.disks[0].image, size).unwrap();
+    let diff =
+        cairn_storage::tracker::extent_map_changes(&c1.disks[0].image, &c2.disks[0].image, size)
+            .unwrap();
     let diff_s = secs(t);
     for s in [&c1, &c2, &s1, &s2] {
         agent.delete_snapshot(&s.id).unwrap();
