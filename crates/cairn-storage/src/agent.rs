@@ -93,8 +93,8 @@ pub struct BackupResult {
     pub changed_bytes: u64,
     /// Bytes read from the disk snapshot (including a cross-check).
     pub bytes_read: u64,
-    /// Bytes sent to the vault: wire bytes for a remote vault (exact when backups to one
-    /// vault handle do not overlap), new segment bytes for a local one.
+    /// Encoded disk-data bytes handed to the vault (what crosses the network to a vault
+    /// service).
     pub bytes_sent: u64,
     /// Hints that were skipped, with the reason.
     pub fallbacks: Vec<String>,
@@ -282,15 +282,10 @@ impl StorageAgent {
             labels,
             threads: req.threads,
         };
-        let before = vault.wire_bytes().0;
         let manifest = imager::backup(vault, reader, &opts, &NoProgress)?;
-        let wire = vault.wire_bytes().0.saturating_sub(before);
-        // A local vault has no wire: count the new segment bytes it stored instead.
-        let bytes_sent = if wire == 0 {
-            manifest.stats.bytes_new
-        } else {
-            wire
-        };
+        // Encoded disk data handed to the vault by this backup (exact even when backups
+        // share one vault connection).
+        let bytes_sent = manifest.stats.bytes_sent;
         let bytes_read = manifest.stats.bytes_read + check_read;
         self.counters
             .disk_read

@@ -263,7 +263,8 @@ pub fn backup(
             root.size
         )));
     }
-    stats.bytes_sent = vault.wire_bytes().0;
+    // Disk data this backup handed to the vault, as encoded (what crosses a network).
+    stats.bytes_sent = sent.load(Ordering::Relaxed);
     stats.duration_ms = started.elapsed().as_millis() as u64;
     session.commit(CommitRequest {
         name: opts.name.clone(),

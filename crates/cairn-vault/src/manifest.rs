@@ -33,7 +33,8 @@ pub struct BackupStats {
     pub bytes_new: u64,
     /// Bytes the repository grew by (containers, index, manifest).
     pub bytes_stored: u64,
-    /// Bytes of disk data sent over the wire to the vault (0 for a local repository).
+    /// Bytes of disk data handed to the vault, as encoded segments: what crosses the network
+    /// to a vault service (the same figure for a local repository).
     pub bytes_sent: u64,
     pub segments: u64,
     pub segments_new: u64,
