@@ -1,6 +1,7 @@
 //! `cairn`: the one binary. Subcommands either act on a repository (a directory or a vault
 //! service at `https://HOST:PORT`) or run a service.
 
+mod host_agent;
 mod image;
 mod progress;
 mod repo;
@@ -28,6 +29,8 @@ enum Cmd {
     Image(image::ImageCmd),
     /// Run the vault service over a local repository.
     Vault(service::VaultArgs),
+    /// Run the QEMU host agent service over a state directory.
+    HostAgent(host_agent::HostAgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Cmd::Repo(c) => repo::run(c),
         Cmd::Image(c) => image::run(c),
         Cmd::Vault(a) => service::run(a),
+        Cmd::HostAgent(a) => host_agent::run(a),
     };
     match r {
         Ok(code) => code,
