@@ -61,7 +61,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::driver::{
     Changes, DriverError, HypervisorDriver, QuiescePolicy, ResourceUsage, SavedState, SnapshotKind,
-    SnapshotOptions, VmInfo, VmSnapshot,
+    SnapshotOptions, VmInfo, VmSnapshot, VmState,
 };
 use crate::qemu::QemuDriver;
 use crate::qmp::QmpError;
@@ -217,7 +217,7 @@ fn parse_id<T: std::str::FromStr<Err = crate::spec::IdError>>(s: &str) -> ApiRes
         .map_err(|e: crate::spec::IdError| ApiError::bad_request(e.to_string()))
 }
 
-/// A JSON body; an empty body is `T::default()` when `empty_ok`.
+/// A JSON body; an empty (or all-whitespace) body is `T::default()`.
 fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8], what: &str) -> ApiResult<T> {
     if b.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -301,8 +301,16 @@ async fn start_vm(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
         serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(format!("VM spec: {e}")))?;
     let d = Arc::clone(&s.driver);
     let info: VmInfo = detached(async move {
-        let h = d.start_vm(&spec).await?;
-        d.vm_status(h.id).await
+        let handle = d.start_vm(&spec).await?;
+        // Started and recorded: a failing status query must not hide that.
+        Ok(match d.vm_status(handle.id).await {
+            Ok(info) => info,
+            Err(e) => VmInfo {
+                handle,
+                spec,
+                state: VmState::Unresponsive { reason: chain(&e) },
+            },
+        })
     })
     .await?;
     tracing::info!(vm = %info.handle.id, name = %info.handle.name, "VM started");
@@ -512,4 +520,88 @@ pub async fn serve(
         }
     });
     Ok((local, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::SpecError;
+
+    #[test]
+    fn driver_errors_map_to_whose_fault_it_is() {
+        let vm: VmId = "8000000000000001".parse().unwrap();
+        let status = |e: DriverError| api_error(&e).kind.status().as_u16();
+        assert_eq!(status(DriverError::UnknownVm(vm)), 404);
+        assert_eq!(
+            status(DriverError::UnknownSnapshot(
+                "8000000000000002".parse().unwrap()
+            )),
+            404
+        );
+        assert_eq!(
+            status(DriverError::InvalidSpec(SpecError("no disks".into()))),
+            400
+        );
+        assert_eq!(status(DriverError::NotRunning(vm)), 409);
+        let gone = QmpError::Disconnected {
+            what: "query-status".into(),
+            reason: "EOF".into(),
+        };
+        let e = DriverError::Qmp { vm, source: gone };
+        assert!(api_error(&e).message.contains("EOF"), "{}", api_error(&e));
+        assert_eq!(status(e), 409);
+        let slow = QmpError::Timeout {
+            what: "migrate".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(status(DriverError::Qmp { vm, source: slow }), 500);
+        assert_eq!(
+            status(DriverError::Timeout {
+                what: "job".into(),
+                after: Duration::from_secs(1)
+            }),
+            500
+        );
+    }
+
+    #[test]
+    fn snapshot_request_defaults_and_strictness() {
+        let r: SnapshotRequest = body(b"  ", "x").unwrap();
+        let o = r.options();
+        let d = SnapshotOptions::default();
+        assert_eq!((o.kind, o.quiesce, o.since), (d.kind, d.quiesce, d.since));
+        assert_eq!(o.agent_timeout, d.agent_timeout);
+        let r: SnapshotRequest = body(
+            br#"{"kind":"overlay","quiesce":"pause_only","agent_timeout_ms":250}"#,
+            "x",
+        )
+        .unwrap();
+        let o = r.options();
+        assert_eq!(o.kind, SnapshotKind::Overlay);
+        assert_eq!(o.quiesce, QuiescePolicy::PauseOnly);
+        assert_eq!(o.agent_timeout, Duration::from_millis(250));
+        assert!(o.scratch_dir.is_none());
+        let e = body::<SnapshotRequest>(br#"{"scratch_dir":"/etc"}"#, "x").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+    }
+
+    #[test]
+    fn state_file_names_stay_in_the_directory() {
+        for ok in ["vm.state", "a-b_c.1"] {
+            assert!(valid_state_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "../x",
+            "a/b",
+            "a\\b",
+            "x y",
+            &"a".repeat(201),
+        ] {
+            assert!(!valid_state_name(bad), "{bad:?}");
+        }
+    }
 }
