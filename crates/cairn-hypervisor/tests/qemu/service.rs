@@ -19,10 +19,15 @@ use crate::common::{VmReaper, have, have_qemu_system, make_qcow2, run};
 
 const TOKEN: &str = "test-token-0123456789";
 
-/// A service on 127.0.0.1:0 over a fresh driver on `state`; returns its client and the task.
-async fn start(state: &Path, tls_dir: &Path) -> (Client, String, tokio::task::JoinHandle<()>) {
+/// A service on 127.0.0.1:0 over a fresh driver on `state`, after `recover()` cleared
+/// `recovered` snapshots (as `cairn host-agent` does); returns its client and the task.
+async fn start(
+    state: &Path,
+    tls_dir: &Path,
+    recovered: usize,
+) -> (Client, String, tokio::task::JoinHandle<()>) {
     let driver = Arc::new(QemuDriver::open(state, QemuDriverOptions::default()).unwrap());
-    assert_eq!(driver.recover().await.unwrap(), 0);
+    assert_eq!(driver.recover().await.unwrap(), recovered);
     let service = HostAgentService::qemu(driver);
     let (identity, fingerprint) = cairn_http::tls::ensure_self_signed(tls_dir, &[]).unwrap();
     let tls = cairn_http::tls::server_config(&identity).unwrap();
@@ -311,7 +316,7 @@ async fn host_agent_service_over_https() {
     let _reaper = VmReaper(state.clone());
     let disk = tmp.path().join("disk.qcow2");
     make_qcow2(&disk, "16M");
-    let (client, fingerprint, task) = start(&state, &tmp.path().join("tls")).await;
+    let (client, fingerprint, task) = start(&state, &tmp.path().join("tls"), 0).await;
     let state2 = state.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         exercise(&client, &fingerprint, &disk, &state2);
@@ -321,4 +326,91 @@ async fn host_agent_service_over_https() {
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
+}
+
+/// An agent that goes away with a snapshot open: the VM keeps running, the next agent on the
+/// same state directory adopts it and its `recover()` tears the snapshot down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_adopts_the_vm_and_recovers_the_open_snapshot() {
+    let test = "restarted_agent_adopts_the_vm_and_recovers_the_open_snapshot";
+    if !have_qemu_system(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _reaper = VmReaper(state.clone());
+    let disk = tmp.path().join("disk.qcow2");
+    make_qcow2(&disk, "16M");
+    let tls = tmp.path().join("tls");
+
+    let (c1, _, task1) = start(&state, &tls, 0).await;
+    let mut s = spec(&disk);
+    s.start_paused = true;
+    let (vm, snap) = tokio::task::spawn_blocking(move || {
+        let info: VmInfo = c1.post_json("/v1/vms", &s).unwrap();
+        let vm = info.handle.id;
+        let snap: VmSnapshot = c1
+            .post_json(
+                &format!("/v1/vms/{vm}/snapshots"),
+                &json!({"quiesce": "pause_only"}),
+            )
+            .unwrap();
+        (vm, snap)
+    })
+    .await
+    .unwrap();
+    assert_eq!(snap.quiesce, Quiesce::None, "vCPUs never ran");
+    // The agent dies: its service, driver and QMP connection go away, QEMU does not.
+    task1.abort();
+    let _ = task1.await;
+    assert_eq!(std::fs::read_dir(state.join("journal")).unwrap().count(), 1);
+
+    let t = std::time::Instant::now();
+    let (c2, _, task2) = start(&state, &tls, 1).await;
+    eprintln!(
+        "MEASURED host-agent restart (open driver, recover 1 snapshot, bind): {} ms",
+        t.elapsed().as_millis()
+    );
+    let outcome = tokio::task::spawn_blocking(move || {
+        let list: Vec<VmInfo> = c2.get_json("/v1/vms").unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].handle.id, vm);
+        assert!(
+            matches!(&list[0].state, VmState::Running { status, .. } if status == "prelaunch"),
+            "{:?}",
+            list[0].state
+        );
+        assert!(
+            c2.get_json::<Vec<VmSnapshot>>("/v1/snapshots")
+                .unwrap()
+                .is_empty()
+        );
+        let (status, _, _) = kind_of(
+            c2.delete_json::<Value>(&format!("/v1/snapshots/{}", snap.id))
+                .unwrap_err(),
+        );
+        assert_eq!(status, 404, "recovered snapshot is gone");
+        // The export went with it; a new snapshot may start.
+        let gone = Command::new("qemu-img")
+            .args(["info", &nbd_uri(&snap)])
+            .output()
+            .unwrap();
+        assert!(!gone.status.success(), "export survived recovery");
+        let again: VmSnapshot = c2
+            .post_json(
+                &format!("/v1/vms/{vm}/snapshots"),
+                &json!({"quiesce": "pause_only"}),
+            )
+            .unwrap();
+        let _: DeletedSnapshot = c2
+            .delete_json(&format!("/v1/snapshots/{}", again.id))
+            .unwrap();
+        let _: Value = c2.delete_json(&format!("/v1/vms/{vm}")).unwrap();
+    })
+    .await;
+    task2.abort();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert_eq!(std::fs::read_dir(state.join("journal")).unwrap().count(), 0);
 }
