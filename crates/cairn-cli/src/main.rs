@@ -1,6 +1,7 @@
 //! `cairn`: the one binary. Subcommands either act on a repository (a directory or a vault
 //! service at `https://HOST:PORT`) or run a service.
 
+mod host_agent;
 mod image;
 mod progress;
 mod repo;
@@ -31,6 +32,8 @@ enum Cmd {
     Vault(service::VaultArgs),
     /// Run the storage agent over local datastores.
     StorageAgent(storage_agent::StorageAgentArgs),
+    /// Run the QEMU host agent service over a state directory.
+    HostAgent(host_agent::HostAgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Image(c) => image::run(c),
         Cmd::Vault(a) => service::run(a),
         Cmd::StorageAgent(a) => storage_agent::run(a),
+        Cmd::HostAgent(a) => host_agent::run(a),
     };
     match r {
         Ok(code) => code,

@@ -18,7 +18,7 @@ pub struct StorageAgentArgs {
     /// Where snapshot records, the certificate and the token live.
     #[arg(long)]
     state_dir: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:8444")]
+    #[arg(long, default_value = "127.0.0.1:8445")]
     listen: SocketAddr,
     /// Disks backed up at once.
     #[arg(long, default_value_t = 2)]

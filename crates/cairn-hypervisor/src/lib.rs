@@ -8,6 +8,7 @@
 //! | [`qemu`] | [`QemuDriver`]: VMs, snapshots, checkpoints, recovery, execution state |
 //! | [`qmp`] / [`qga`] | QEMU (QMP unix socket) / `qemu-ga` (virtio-serial chardev socket) |
 //! | [`process`] | a throw-away QEMU with a private runtime dir, killed by PID on drop (tests) |
+//! | [`service`] | the host agent's HTTPS API over a driver (`cairn host-agent`); route table there |
 //!
 //! # Snapshot lifecycle
 //!
@@ -77,6 +78,7 @@ pub mod process;
 pub mod qemu;
 pub mod qga;
 pub mod qmp;
+pub mod service;
 pub mod spec;
 mod state;
 mod wire;

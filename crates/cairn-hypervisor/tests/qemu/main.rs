@@ -7,3 +7,4 @@ mod driver;
 mod guest;
 mod guest_driver;
 mod guestless;
+mod service;

@@ -1,0 +1,607 @@
+//! The host agent's HTTPS service: a thin JSON layer over a [`HypervisorDriver`].
+//!
+//! Every route but `GET /health` needs `Authorization: Bearer TOKEN`
+//! ([`cairn_http::server::require_token`]); errors are `{"error": {"kind", "message"}}`
+//! ([`ApiError`]). Ids in paths are 16 lowercase hex digits; a malformed id is `400`, a
+//! well-formed id the agent does not know is `404`.
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | GET | `/health` | → `{"status": "ok"}` (no token needed) |
+//! | GET | `/v1/vms` | → [`VmInfo`] list, oldest first |
+//! | POST | `/v1/vms` | [`VmSpec`] → `201` [`VmInfo`]: QEMU started, QMP answers |
+//! | GET | `/v1/vms/{vm}` | → [`VmInfo`] (`state`: running / unresponsive / gone) |
+//! | DELETE | `/v1/vms/{vm}?timeout_ms=` | → `{"stopped": vm}`: snapshots torn down, `quit`, SIGKILL past the timeout (default 30 s) |
+//! | POST | `/v1/vms/{vm}/snapshots` | [`SnapshotRequest`] (empty body: defaults) → `201` [`VmSnapshot`] with `quiesce` and `quiesce_window_ms` |
+//! | GET | `/v1/snapshots` | → in-flight [`VmSnapshot`] list |
+//! | GET | `/v1/snapshots/{snapshot}` | → [`VmSnapshot`] |
+//! | DELETE | `/v1/snapshots/{snapshot}` | → [`DeletedSnapshot`] (`lifetime_ms`) |
+//! | GET | `/v1/vms/{vm}/changes?since=CHECKPOINT` | → [`ChangesReport`]: per disk, [`crate::Changes`] |
+//! | POST | `/v1/vms/{vm}/state` | [`SaveStateRequest`] (empty body: defaults) → [`SavedState`]: file under `STATE/saved/` |
+//! | GET | `/v1/vms/{vm}/usage` | → [`ResourceUsage`] |
+//! | POST | `/v1/recover` | → `{"cleared": N}`: journal entries torn down |
+//!
+//! # Errors
+//!
+//! | driver error | status |
+//! |---|---|
+//! | unknown VM or snapshot | `404 not_found` |
+//! | invalid spec, malformed JSON, id or query | `400 bad_request` |
+//! | VM not running, QEMU gone mid-call, a snapshot already in flight, state file exists | `409 conflict` |
+//! | timeouts, QEMU rejecting a command, tools, I/O, corrupt state files | `500 internal` |
+//!
+//! # Behaviour
+//!
+//! Handlers only translate HTTP to driver calls. Calls that change something (start, stop,
+//! snapshot, delete, save state, recover) run in their own task: a client that hangs up does
+//! not cancel them half-way, and a snapshot whose answer was lost is still listed under
+//! `/v1/snapshots` for the caller to delete.
+//!
+//! The service keeps in-flight snapshots in memory, as the driver returned them, so
+//! `DELETE /v1/snapshots/{id}` can hand the full [`VmSnapshot`] back to the driver. After an
+//! agent restart the map is empty; the driver's journal still knows the snapshots and
+//! `recover()` (run at start, or `POST /v1/recover`) tears them down. `POST /v1/recover` also
+//! tears down the snapshots this agent holds: use it when nothing is backing up.
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cairn_http::{ApiError, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{
+    Changes, DriverError, HypervisorDriver, QuiescePolicy, ResourceUsage, SavedState, SnapshotKind,
+    SnapshotOptions, VmInfo, VmSnapshot, VmState,
+};
+use crate::qemu::QemuDriver;
+use crate::qmp::QmpError;
+use crate::spec::{CheckpointId, VmId, VmSnapshotId, VmSpec};
+
+/// Request bodies are small JSON documents.
+const MAX_BODY: usize = 1 << 20;
+/// Default bound on stopping a VM (`quit`, then SIGKILL).
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Subdirectory of the state dir that saved execution states go to.
+pub const SAVED_STATE_DIR: &str = "saved";
+
+/// Body of `POST /v1/vms/{vm}/snapshots`. Every field is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Default `fleecing`.
+    #[serde(default)]
+    pub kind: Option<SnapshotKind>,
+    /// `auto` (default): guest freeze when `qemu-ga` answers, else pause; `pause_only`; `none`.
+    #[serde(default)]
+    pub quiesce: QuiescePolicy,
+    /// Report the changes since this checkpoint (an incremental backup).
+    #[serde(default)]
+    pub since: Option<CheckpointId>,
+    /// How long the guest agent has to answer a ping (default 2000).
+    #[serde(default)]
+    pub agent_timeout_ms: Option<u64>,
+    /// Bound on the guest's fsfreeze (default 20000).
+    #[serde(default)]
+    pub freeze_timeout_ms: Option<u64>,
+}
+
+impl SnapshotRequest {
+    /// The driver options; scratch images always go to the driver's default place.
+    pub fn options(&self) -> SnapshotOptions {
+        let d = SnapshotOptions::default();
+        SnapshotOptions {
+            kind: self.kind.unwrap_or(d.kind),
+            quiesce: self.quiesce,
+            since: self.since,
+            scratch_dir: None,
+            agent_timeout: self
+                .agent_timeout_ms
+                .map_or(d.agent_timeout, Duration::from_millis),
+            freeze_timeout: self
+                .freeze_timeout_ms
+                .map_or(d.freeze_timeout, Duration::from_millis),
+        }
+    }
+}
+
+/// Answer of `DELETE /v1/snapshots/{snapshot}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeletedSnapshot {
+    pub snapshot: VmSnapshotId,
+    pub vm: VmId,
+    /// From the snapshot's creation to the end of its teardown.
+    pub lifetime_ms: u64,
+}
+
+/// One disk of a [`ChangesReport`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskChanges {
+    pub disk: String,
+    pub changes: Changes,
+}
+
+/// Answer of `GET /v1/vms/{vm}/changes?since=`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangesReport {
+    pub vm: VmId,
+    pub since: CheckpointId,
+    pub disks: Vec<DiskChanges>,
+}
+
+/// Body of `POST /v1/vms/{vm}/state`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaveStateRequest {
+    /// File name under `STATE/saved/` (one path component, no leading dot); default
+    /// `<vm>-<unix ms>.state`. An existing file is not overwritten (`409`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// The host agent service: shared state of the handlers.
+pub struct HostAgentService {
+    driver: Arc<dyn HypervisorDriver>,
+    state_dir: PathBuf,
+    /// Snapshots created through this service and not yet deleted.
+    snapshots: Mutex<HashMap<VmSnapshotId, VmSnapshot>>,
+}
+
+impl std::fmt::Debug for HostAgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostAgentService")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+type Shared = Arc<HostAgentService>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The error and its causes on one line.
+fn chain(e: &DriverError) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cur = s.source();
+    }
+    msg
+}
+
+/// Maps a driver error to the status that says whose fault it is.
+pub fn api_error(e: &DriverError) -> ApiError {
+    let kind = match e {
+        DriverError::UnknownVm(_) | DriverError::UnknownSnapshot(_) => ErrorKind::NotFound,
+        DriverError::InvalidSpec(_) => ErrorKind::BadRequest,
+        DriverError::NotRunning(_) | DriverError::SnapshotInProgress { .. } => ErrorKind::Conflict,
+        DriverError::Qmp {
+            source: QmpError::Disconnected { .. } | QmpError::Connect { .. },
+            ..
+        } => ErrorKind::Conflict,
+        DriverError::Qmp { .. }
+        | DriverError::GuestAgent { .. }
+        | DriverError::Process(_)
+        | DriverError::Io { .. }
+        | DriverError::Corrupt { .. }
+        | DriverError::Tool { .. }
+        | DriverError::Timeout { .. }
+        | DriverError::Failed { .. } => ErrorKind::Internal,
+    };
+    ApiError::new(kind, chain(e))
+}
+
+fn json<T: Serialize>(v: T) -> Response {
+    axum::Json(v).into_response()
+}
+
+fn created<T: Serialize>(v: T) -> Response {
+    (StatusCode::CREATED, axum::Json(v)).into_response()
+}
+
+fn parse_id<T: std::str::FromStr<Err = crate::spec::IdError>>(s: &str) -> ApiResult<T> {
+    s.parse()
+        .map_err(|e: crate::spec::IdError| ApiError::bad_request(e.to_string()))
+}
+
+/// A JSON body; an empty (or all-whitespace) body is `T::default()`.
+fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8], what: &str) -> ApiResult<T> {
+    if b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+}
+
+/// Runs a driver call to completion in its own task, whatever happens to the request.
+async fn detached<T: Send + 'static>(
+    f: impl Future<Output = Result<T, DriverError>> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("driver task: {e}")))?
+        .map_err(|e| api_error(&e))
+}
+
+impl HostAgentService {
+    /// A service over any driver; saved states go under `state_dir/saved/`.
+    pub fn new(driver: Arc<dyn HypervisorDriver>, state_dir: &FsPath) -> Arc<Self> {
+        Arc::new(Self {
+            driver,
+            state_dir: state_dir.to_owned(),
+            snapshots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A service over a [`QemuDriver`], sharing its state directory.
+    pub fn qemu(driver: Arc<QemuDriver>) -> Arc<Self> {
+        let state = driver.state_dir().to_owned();
+        Self::new(driver, &state)
+    }
+
+    /// The in-flight snapshots this service holds.
+    pub fn snapshots(&self) -> Vec<VmSnapshot> {
+        let mut v: Vec<VmSnapshot> = self.map().values().cloned().collect();
+        v.sort_by_key(|s| s.created_at_ms);
+        v
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<VmSnapshotId, VmSnapshot>> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The router, with the token check applied to every route but `/health`.
+    pub fn router(self: Arc<Self>, token: String) -> Router {
+        Router::new()
+            .route("/health", get(health))
+            .route("/v1/vms", get(list_vms).post(start_vm))
+            .route("/v1/vms/{vm}", get(vm_status).delete(stop_vm))
+            .route("/v1/vms/{vm}/snapshots", post(snapshot))
+            .route("/v1/vms/{vm}/changes", get(changes))
+            .route("/v1/vms/{vm}/state", post(save_state))
+            .route("/v1/vms/{vm}/usage", get(usage))
+            .route("/v1/snapshots", get(list_snapshots))
+            .route(
+                "/v1/snapshots/{snapshot}",
+                get(get_snapshot).delete(delete_snapshot),
+            )
+            .route("/v1/recover", post(recover))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .layer(axum::middleware::from_fn_with_state(
+                cairn_http::server::Token(Arc::new(token)),
+                cairn_http::server::require_token,
+            ))
+            .with_state(self)
+    }
+}
+
+async fn health() -> Response {
+    json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn list_vms(State(s): State<Shared>) -> ApiResult<Response> {
+    let vms = s.driver.list_vms().await.map_err(|e| api_error(&e))?;
+    Ok(json(vms))
+}
+
+async fn start_vm(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+    let spec: VmSpec =
+        serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(format!("VM spec: {e}")))?;
+    let d = Arc::clone(&s.driver);
+    let info: VmInfo = detached(async move {
+        let handle = d.start_vm(&spec).await?;
+        // Started and recorded: a failing status query must not hide that.
+        Ok(match d.vm_status(handle.id).await {
+            Ok(info) => info,
+            Err(e) => VmInfo {
+                handle,
+                spec,
+                state: VmState::Unresponsive { reason: chain(&e) },
+            },
+        })
+    })
+    .await?;
+    tracing::info!(vm = %info.handle.id, name = %info.handle.name, "VM started");
+    Ok(created(info))
+}
+
+async fn vm_status(State(s): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let info = s.driver.vm_status(vm).await.map_err(|e| api_error(&e))?;
+    Ok(json(info))
+}
+
+#[derive(Deserialize)]
+struct StopQuery {
+    timeout_ms: Option<u64>,
+}
+
+async fn stop_vm(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    Query(q): Query<StopQuery>,
+) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let timeout = q
+        .timeout_ms
+        .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_millis);
+    let d = Arc::clone(&s.driver);
+    detached(async move { d.stop_vm(vm, timeout).await }).await?;
+    // stop_vm tears the VM's snapshots down first.
+    s.map().retain(|_, snap| snap.vm != vm);
+    tracing::info!(vm = %vm, "VM stopped");
+    Ok(json(serde_json::json!({ "stopped": vm })))
+}
+
+async fn snapshot(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let req: SnapshotRequest = body(&b, "snapshot request")?;
+    let opts = req.options();
+    let svc = Arc::clone(&s);
+    let snap = detached(async move {
+        let snap = svc.driver.snapshot(vm, &opts).await?;
+        // Recorded inside the task: a lost answer still leaves it deletable.
+        svc.map().insert(snap.id, snap.clone());
+        Ok(snap)
+    })
+    .await?;
+    tracing::info!(vm = %vm, snapshot = %snap.id, quiesce = ?snap.quiesce,
+        window_ms = snap.quiesce_window_ms, "snapshot taken");
+    Ok(created(snap))
+}
+
+async fn list_snapshots(State(s): State<Shared>) -> Response {
+    json(s.snapshots())
+}
+
+fn find_snapshot(s: &HostAgentService, id: &str) -> ApiResult<VmSnapshot> {
+    let id: VmSnapshotId = parse_id(id)?;
+    s.map()
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no snapshot {id} in flight")))
+}
+
+async fn get_snapshot(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(json(find_snapshot(&s, &id)?))
+}
+
+async fn delete_snapshot(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    let snap = find_snapshot(&s, &id)?;
+    // Taken out while the driver works, so a second delete is a clean 404.
+    if s.map().remove(&snap.id).is_none() {
+        return Err(ApiError::not_found(format!(
+            "no snapshot {} in flight",
+            snap.id
+        )));
+    }
+    let svc = Arc::clone(&s);
+    let deleted = detached(async move {
+        match svc.driver.delete_snapshot(&snap).await {
+            Ok(lifetime_ms) => Ok(DeletedSnapshot {
+                snapshot: snap.id,
+                vm: snap.vm,
+                lifetime_ms,
+            }),
+            // Gone from the driver already (recovered, VM stopped): nothing to put back.
+            Err(e @ DriverError::UnknownSnapshot(_)) => Err(e),
+            // Cleanup failed: the journal keeps it for recover(); the caller may retry.
+            Err(e) => {
+                svc.map().insert(snap.id, snap);
+                Err(e)
+            }
+        }
+    })
+    .await?;
+    tracing::info!(snapshot = %deleted.snapshot, lifetime_ms = deleted.lifetime_ms,
+        "snapshot deleted");
+    Ok(json(deleted))
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    since: Option<String>,
+}
+
+async fn changes(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    Query(q): Query<ChangesQuery>,
+) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let since: CheckpointId =
+        parse_id(q.since.as_deref().ok_or_else(|| {
+            ApiError::bad_request("query parameter since=CHECKPOINT is required")
+        })?)?;
+    let disks = s
+        .driver
+        .changes_since(vm, since)
+        .await
+        .map_err(|e| api_error(&e))?
+        .into_iter()
+        .map(|(disk, changes)| DiskChanges { disk, changes })
+        .collect();
+    Ok(json(ChangesReport { vm, since, disks }))
+}
+
+/// A plain file name: one component, printable, no leading dot.
+fn valid_state_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+async fn save_state(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let req: SaveStateRequest = body(&b, "save-state request")?;
+    let name = match req.name {
+        Some(n) if valid_state_name(&n) => n,
+        Some(n) => {
+            return Err(ApiError::bad_request(format!(
+                "state file name {n:?}: use letters, digits, '.', '-', '_' and no leading dot"
+            )));
+        }
+        None => format!("{vm}-{}.state", crate::state::now_ms()),
+    };
+    let dir = s.state_dir.join(SAVED_STATE_DIR);
+    std::fs::create_dir_all(&dir).map_err(|source| {
+        api_error(&DriverError::Io {
+            path: dir.clone(),
+            source,
+        })
+    })?;
+    let path = dir.join(&name);
+    if path.exists() {
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!("{} exists", path.display()),
+        ));
+    }
+    let d = Arc::clone(&s.driver);
+    let saved: SavedState = detached(async move { d.save_state(vm, &path).await }).await?;
+    tracing::info!(vm = %vm, path = %saved.path.display(), bytes = saved.bytes, "state saved");
+    Ok(json(saved))
+}
+
+async fn usage(State(s): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let u: ResourceUsage = s
+        .driver
+        .resource_usage(vm)
+        .await
+        .map_err(|e| api_error(&e))?;
+    Ok(json(u))
+}
+
+async fn recover(State(s): State<Shared>) -> ApiResult<Response> {
+    let d = Arc::clone(&s.driver);
+    let cleared = detached(async move { d.recover().await }).await?;
+    // recover() tears down every journal entry, ours included.
+    s.map().clear();
+    Ok(json(serde_json::json!({ "cleared": cleared })))
+}
+
+/// Serves until the task is aborted; returns once bound, with the listening address.
+pub async fn serve(
+    service: Arc<HostAgentService>,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    token: String,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = cairn_http::server::TlsListener::bind(addr, tls).await?;
+    let local = axum::serve::Listener::local_addr(&listener)?;
+    let app = service.router(token);
+    let h = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("host agent service stopped: {e}");
+        }
+    });
+    Ok((local, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::SpecError;
+
+    #[test]
+    fn driver_errors_map_to_whose_fault_it_is() {
+        let vm: VmId = "8000000000000001".parse().unwrap();
+        let status = |e: DriverError| api_error(&e).kind.status().as_u16();
+        assert_eq!(status(DriverError::UnknownVm(vm)), 404);
+        assert_eq!(
+            status(DriverError::UnknownSnapshot(
+                "8000000000000002".parse().unwrap()
+            )),
+            404
+        );
+        assert_eq!(
+            status(DriverError::InvalidSpec(SpecError("no disks".into()))),
+            400
+        );
+        assert_eq!(status(DriverError::NotRunning(vm)), 409);
+        let gone = QmpError::Disconnected {
+            what: "query-status".into(),
+            reason: "EOF".into(),
+        };
+        let e = DriverError::Qmp { vm, source: gone };
+        assert!(api_error(&e).message.contains("EOF"), "{}", api_error(&e));
+        assert_eq!(status(e), 409);
+        let slow = QmpError::Timeout {
+            what: "migrate".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(status(DriverError::Qmp { vm, source: slow }), 500);
+        assert_eq!(
+            status(DriverError::Timeout {
+                what: "job".into(),
+                after: Duration::from_secs(1)
+            }),
+            500
+        );
+    }
+
+    #[test]
+    fn snapshot_request_defaults_and_strictness() {
+        let r: SnapshotRequest = body(b"  ", "x").unwrap();
+        let o = r.options();
+        let d = SnapshotOptions::default();
+        assert_eq!((o.kind, o.quiesce, o.since), (d.kind, d.quiesce, d.since));
+        assert_eq!(o.agent_timeout, d.agent_timeout);
+        let r: SnapshotRequest = body(
+            br#"{"kind":"overlay","quiesce":"pause_only","agent_timeout_ms":250}"#,
+            "x",
+        )
+        .unwrap();
+        let o = r.options();
+        assert_eq!(o.kind, SnapshotKind::Overlay);
+        assert_eq!(o.quiesce, QuiescePolicy::PauseOnly);
+        assert_eq!(o.agent_timeout, Duration::from_millis(250));
+        assert!(o.scratch_dir.is_none());
+        let e = body::<SnapshotRequest>(br#"{"scratch_dir":"/etc"}"#, "x").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+    }
+
+    #[test]
+    fn state_file_names_stay_in_the_directory() {
+        for ok in ["vm.state", "a-b_c.1"] {
+            assert!(valid_state_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "../x",
+            "a/b",
+            "a\\b",
+            "x y",
+            &"a".repeat(201),
+        ] {
+            assert!(!valid_state_name(bad), "{bad:?}");
+        }
+    }
+}
