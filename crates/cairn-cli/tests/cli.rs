@@ -233,8 +233,13 @@ impl Drop for Service {
 }
 
 fn start_service(repo: &Path) -> Service {
+    start_cmd(&["vault", "--repo", s(repo), "--listen", "127.0.0.1:0"])
+}
+
+/// Starts a `cairn` service and reads the one JSON line it prints when it is ready.
+fn start_cmd(args: &[&str]) -> Service {
     let mut child = Command::new(CAIRN)
-        .args(["vault", "--repo", s(repo), "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -244,13 +249,64 @@ fn start_service(repo: &Path) -> Service {
         .read_line(&mut line)
         .unwrap();
     let v: Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("service said {line:?}: {e}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{args:?} said {line:?}: {e}"));
     let token = std::fs::read_to_string(v["token_file"].as_str().unwrap()).unwrap();
     Service {
         child,
         url: v["listen"].as_str().unwrap().to_string(),
         fingerprint: v["fingerprint"].as_str().unwrap().to_string(),
         token,
+    }
+}
+
+#[test]
+fn storage_and_host_agent_services_start_and_check_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    std::fs::write(ds.join("vm1.raw"), vec![0u8; 1 << 20]).unwrap();
+    let ds_arg = format!("ds1={}", s(&ds));
+    let storage_state = dir.path().join("storage");
+    let host_state = dir.path().join("host");
+    for (args, probe) in [
+        (
+            vec![
+                "storage-agent",
+                "--datastore",
+                ds_arg.as_str(),
+                "--state-dir",
+                s(&storage_state),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "/v1/datastores",
+        ),
+        (
+            vec![
+                "host-agent",
+                "--state-dir",
+                s(&host_state),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "/v1/vms",
+        ),
+    ] {
+        let svc = start_cmd(&args);
+        let trust = cairn_http::Trust::Fingerprint(svc.fingerprint.clone());
+        let ok = cairn_http::Client::new(&svc.url, &svc.token, &trust).unwrap();
+        let v: Value = ok
+            .get_json(probe)
+            .unwrap_or_else(|e| panic!("{args:?} {probe}: {e}"));
+        if probe == "/v1/datastores" {
+            assert!(v.to_string().contains("vm1.raw"), "{v}");
+        }
+        let bad = cairn_http::Client::new(&svc.url, "wrong", &trust).unwrap();
+        let e = bad.get_json::<Value>(probe).unwrap_err();
+        assert!(
+            matches!(e, cairn_http::ClientError::Api { status: 401, .. }),
+            "{e}"
+        );
     }
 }
 

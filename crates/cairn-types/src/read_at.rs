@@ -19,6 +19,10 @@ pub trait ReadAt: Send + Sync {
         None
     }
 
+    /// Hints that `[offset, offset + len)` will be read soon (lets the kernel read ahead in
+    /// parallel). The default does nothing.
+    fn prefetch(&self, _offset: u64, _len: u64) {}
+
     /// Fills `buf` completely or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -44,6 +48,15 @@ impl ReadAt for File {
                 r => return r,
             }
         }
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = rustix::fs::fadvise(
+            self,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::WillNeed,
+        );
     }
 
     fn data_ranges(&self, offset: u64, len: u64) -> Option<Vec<crate::Extent>> {
@@ -117,6 +130,10 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
 
     fn data_ranges(&self, offset: u64, len: u64) -> Option<Vec<crate::Extent>> {
         (**self).data_ranges(offset, len)
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        (**self).prefetch(offset, len)
     }
 
     fn size(&self) -> io::Result<u64> {

@@ -439,6 +439,12 @@ fn incremental(
     }
     let ext = ExtentList::from_unsorted(ext).clamp(size);
     let ext = ext.as_slice();
+    // Ask the kernel to read every region ahead, in parallel, before the serial walk below.
+    for x in ext {
+        let i = starts.partition_point(|&s| s <= x.offset).saturating_sub(1);
+        let from = starts[i].min(x.offset);
+        source.prefetch(from, x.end() - from + 2 * window as u64);
+    }
 
     let mut out: Vec<Entry> = Vec::with_capacity(parent.len() + 1024);
     let mut enc = Encoder::new(level);
