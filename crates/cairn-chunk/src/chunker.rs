@@ -55,14 +55,13 @@ impl ChunkerParams {
         match *self {
             Self::Cdc { min, avg, max } => {
                 let (min, avg, max) = (min as usize, avg as usize, max as usize);
-                if !(v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&min)
-                    || !(v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&avg)
-                    || !(v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&max)
-                    || !(min < avg && avg < max)
-                    || min % 2 != 0
-                    || avg % 2 != 0
-                    || max % 2 != 0
-                {
+                let ok = (v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&min)
+                    && (v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&avg)
+                    && (v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&max)
+                    && min < avg
+                    && avg < max
+                    && [min, avg, max].iter().all(|v| v.is_multiple_of(2));
+                if !ok {
                     return Err(format!(
                         "CDC bounds min={min} avg={avg} max={max} must be even, min < avg < max, \
                          min in 64..=1MiB, avg in 256..=4MiB, max in 1KiB..=16MiB"
@@ -168,7 +167,7 @@ impl Chunker {
             ChunkerParams::Cdc { min, avg, max } => {
                 let zb = ZERO_BLOCK as u64;
                 let scan_end = data.len().min(max as usize);
-                if at % zb == 0 && scan_end >= ZERO_BLOCK && is_zero(&data[..ZERO_BLOCK]) {
+                if at.is_multiple_of(zb) && scan_end >= ZERO_BLOCK && is_zero(&data[..ZERO_BLOCK]) {
                     // A run of aligned zero blocks, up to the next multiple of the run size.
                     let run = self.zero_run as u64;
                     let stop = ((run - at % run) as usize).min(scan_end);
@@ -311,7 +310,7 @@ mod tests {
                 assert!(
                     !seg.chunks_exact(4096)
                         .enumerate()
-                        .any(|(i, b)| (pos + i * 4096) % 4096 == 0 && is_zero(b))
+                        .any(|(i, b)| (pos + i * 4096).is_multiple_of(4096) && is_zero(b))
                         || is_zero(seg)
                 );
             }

@@ -87,7 +87,8 @@ impl Entry {
     }
 
     fn is_boundary(&self) -> bool {
-        self.kind == EntryKind::Data && boundary_key(&self.digest) % NODE_BOUNDARY_DIVISOR == 0
+        self.kind == EntryKind::Data
+            && boundary_key(&self.digest).is_multiple_of(NODE_BOUNDARY_DIVISOR)
     }
 }
 
@@ -100,7 +101,7 @@ pub fn encode_entries(entries: &[Entry]) -> Vec<u8> {
 
 /// Parses consecutive leaf records.
 pub fn decode_entries(b: &[u8]) -> Result<Vec<Entry>, FormatError> {
-    if b.len() % LEAF_RECORD_LEN != 0 {
+    if !b.len().is_multiple_of(LEAF_RECORD_LEN) {
         return Err(FormatError::new(
             "entry list",
             format!("length {} is not a multiple of {LEAF_RECORD_LEN}", b.len()),
@@ -297,7 +298,9 @@ impl<F: FnMut(Digest, Vec<u8>)> TreeBuilder<F> {
             span_entries,
         };
         up.push(child);
-        if boundary_key(&digest) % NODE_BOUNDARY_DIVISOR == 0 || up.len() >= NODE_MAX_RECORDS {
+        if boundary_key(&digest).is_multiple_of(NODE_BOUNDARY_DIVISOR)
+            || up.len() >= NODE_MAX_RECORDS
+        {
             self.close(level + 1);
         }
     }

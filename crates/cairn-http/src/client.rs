@@ -20,10 +20,10 @@ pub enum Trust {
 impl Trust {
     /// From `CAIRN_FINGERPRINT` or `CAIRN_CA`.
     pub fn from_env() -> Option<Self> {
-        if let Ok(f) = std::env::var("CAIRN_FINGERPRINT") {
-            if !f.is_empty() {
-                return Some(Self::Fingerprint(f));
-            }
+        if let Ok(f) = std::env::var("CAIRN_FINGERPRINT")
+            && !f.is_empty()
+        {
+            return Some(Self::Fingerprint(f));
         }
         std::env::var("CAIRN_CA")
             .ok()

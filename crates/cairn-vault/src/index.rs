@@ -253,7 +253,7 @@ fn write_run(
     containers: &[ContainerId],
     mut recs: Vec<(Digest, Location)>,
 ) -> Result<u64> {
-    recs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    recs.sort_unstable_by_key(|a| a.0);
     recs.dedup_by(|a, b| a.0 == b.0);
     let mut bloom = Bloom::with_capacity(recs.len());
     recs.iter().for_each(|(d, _)| bloom.insert(d));

@@ -424,10 +424,10 @@ pub(crate) fn decode_blob(d: &Digest, loc: &Location, stored: &[u8]) -> Result<V
 }
 
 pub(crate) fn find_in(all: &[SnapshotManifest], spec: &str) -> Result<SnapshotManifest> {
-    if let Ok(id) = spec.parse::<SnapshotId>() {
-        if let Some(s) = all.iter().find(|s| s.id == id) {
-            return Ok(s.clone());
-        }
+    if let Ok(id) = spec.parse::<SnapshotId>()
+        && let Some(s) = all.iter().find(|s| s.id == id)
+    {
+        return Ok(s.clone());
     }
     if let Some(s) = all.iter().rev().find(|s| s.name == spec) {
         return Ok(s.clone());

@@ -26,7 +26,7 @@ pub fn encode_digests(d: &[Digest]) -> Vec<u8> {
 }
 
 pub fn decode_digests(b: &[u8]) -> Result<Vec<Digest>, String> {
-    if b.len() % 32 != 0 || b.len() / 32 > MAX_DIGESTS {
+    if !b.len().is_multiple_of(32) || b.len() / 32 > MAX_DIGESTS {
         return Err(format!(
             "digest list of {} bytes (must be a multiple of 32, at most {MAX_DIGESTS} digests)",
             b.len()
@@ -96,8 +96,11 @@ pub fn encode_download(out: &mut Vec<u8>, codec: Codec, raw_len: u32, bytes: &[u
     out.extend_from_slice(bytes);
 }
 
+/// One downloaded blob: codec, plaintext length, stored bytes.
+pub type DownloadedBlob<'a> = (Codec, u32, &'a [u8]);
+
 /// Parses a download of exactly `n` blobs.
-pub fn decode_download(mut b: &[u8], n: usize) -> Result<Vec<(Codec, u32, &[u8])>, String> {
+pub fn decode_download(mut b: &[u8], n: usize) -> Result<Vec<DownloadedBlob<'_>>, String> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let h = take(&mut b, 9, "blob header")?;

@@ -53,7 +53,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<Pr
     let nothing = opts.keep_last + opts.keep_daily + opts.keep_weekly + opts.keep_monthly == 0;
     let mut plan = PrunePlan::default();
     for (_, mut snaps) in by_name {
-        snaps.sort_by(|a, b| (b.created, b.created_ms, b.id).cmp(&(a.created, a.created_ms, a.id))); // newest first
+        snaps.sort_by_key(|s| std::cmp::Reverse((s.created, s.created_ms, s.id))); // newest first
         let mut keep: BTreeSet<SnapshotId> = BTreeSet::new();
         snaps.iter().take(opts.keep_last).for_each(|s| {
             keep.insert(s.id);
