@@ -722,11 +722,20 @@ fn restore_batch(
     })?;
     let mut it = datas.into_iter();
     let zero = vec![0u8; 1 << 16];
+    // Consecutive data segments are written with one call: fewer syscalls, less contention
+    // on the output's inode lock between restore threads.
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_at = 0u64;
+    let flush = |run: &mut Vec<u8>, at: u64| -> Result<()> {
+        if !run.is_empty() {
+            file.write_all_at(run, at)
+                .map_err(|err| VaultError::io(format!("output at offset {at}"), "write", err))?;
+            written.fetch_add(run.len() as u64, Ordering::Relaxed);
+            run.clear();
+        }
+        Ok(())
+    };
     for (off, e) in batch {
-        let w = |buf: &[u8]| {
-            file.write_all_at(buf, *off)
-                .map_err(|err| VaultError::io(format!("output at offset {off}"), "write", err))
-        };
         match e.kind {
             EntryKind::Data => {
                 let data = it
@@ -740,10 +749,14 @@ fn restore_batch(
                         data.len()
                     )));
                 }
-                w(&data)?;
-                written.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if run_at + run.len() as u64 != *off {
+                    flush(&mut run, run_at)?;
+                    run_at = *off;
+                }
+                run.extend_from_slice(&data);
             }
             EntryKind::Zero => {
+                flush(&mut run, run_at)?;
                 let mut done = 0usize;
                 while done < e.len as usize {
                     let n = (e.len as usize - done).min(zero.len());
@@ -754,5 +767,6 @@ fn restore_batch(
             }
         }
     }
+    flush(&mut run, run_at)?;
     Ok(())
 }
