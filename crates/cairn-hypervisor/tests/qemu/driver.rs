@@ -605,3 +605,56 @@ async fn running_vm_pauses_saves_state_and_keeps_running() {
     assert!(u2.process_cpu_time_ms >= u2.vcpus[0].cpu_time_ms);
     d.stop_vm(vm, Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_disk_resized_since_the_checkpoint_reports_changes_unknown() {
+    if !have_qemu_system("a_disk_resized_since_the_checkpoint_reports_changes_unknown") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _reaper = VmReaper(tmp.path().join("state"));
+    let state = tmp.path().join("state");
+    let disk = tmp.path().join("disk.qcow2");
+    make_qcow2(&disk, "32M");
+    let d = driver(&state);
+    let vm = d.start_vm(&spec(&disk, true)).await.unwrap().id;
+    let s1 = d.snapshot(vm, &opts(SnapshotKind::Fleecing)).await.unwrap();
+    let c1 = s1.checkpoint.expect("a checkpoint");
+    d.delete_snapshot(&s1).await.unwrap();
+    // Grow the disk under the VM: the bitmap since c1 no longer describes it.
+    let qmp = d.qmp(vm).await.unwrap();
+    qmp.execute(
+        "block_resize",
+        Some(serde_json::json!({"node-name": "disk0", "size": 64u64 << 20})),
+    )
+    .await
+    .unwrap();
+    let ch = d.changes_since(vm, c1).await.unwrap();
+    assert_eq!(
+        ch[0].1,
+        Changes::Unknown {
+            reason: UnknownReason::DiskResized
+        },
+        "{ch:?}"
+    );
+    // A snapshot asked for changes since c1 says so too, instead of failing.
+    let s2 = d
+        .snapshot(
+            vm,
+            &SnapshotOptions {
+                since: Some(c1),
+                ..opts(SnapshotKind::Fleecing)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        s2.disks[0].changes,
+        Changes::Unknown {
+            reason: UnknownReason::DiskResized
+        }
+    );
+    assert_eq!(s2.disks[0].size, 64 << 20);
+    d.delete_snapshot(&s2).await.unwrap();
+    d.stop_vm(vm, Duration::from_secs(10)).await.unwrap();
+}
