@@ -279,6 +279,9 @@ impl std::fmt::Debug for NbdImage {
 impl NbdImage {
     /// Starts `qemu-nbd` for `path` and connects to it.
     pub fn open(path: &Path, format: DiskFormat, opts: &NbdOpen) -> Result<Self> {
+        fn is_refused(e: &cairn_nbd::Error) -> bool {
+            matches!(e, cairn_nbd::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused)
+        }
         let sock_dir = std::env::temp_dir().join(format!(
             "cairn-nbd-{}",
             hex::encode(rand::random::<[u8; 8]>())
@@ -354,7 +357,17 @@ impl NbdImage {
         if let Some(b) = &opts.bitmap {
             copts = copts.with_dirty_bitmap(b);
         }
-        let connected = rt.block_on(cairn_nbd::Client::connect_unix(&sock, "", copts));
+        // The socket file appears at bind(), slightly before qemu-nbd listens: a connection
+        // refused in that gap is retried (bounded), anything else is an error.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let connected = loop {
+            match rt.block_on(cairn_nbd::Client::connect_unix(&sock, "", copts.clone())) {
+                Err(e) if is_refused(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                r => break r,
+            }
+        };
         let client = match connected {
             Ok(c) => c,
             Err(source) => {
