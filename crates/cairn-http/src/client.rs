@@ -226,9 +226,13 @@ impl Client {
 }
 
 fn read_body(url: &str, r: ureq::Response) -> Result<Vec<u8>, ClientError> {
+    read_limited(url, r, 1 << 31)
+}
+
+fn read_limited(url: &str, r: ureq::Response, limit: u64) -> Result<Vec<u8>, ClientError> {
     let mut v = Vec::new();
     r.into_reader()
-        .take(1 << 31)
+        .take(limit)
         .read_to_end(&mut v)
         .map_err(|e| ClientError::Transport {
             url: url.to_string(),
@@ -241,14 +245,7 @@ fn decode_json<T: serde::de::DeserializeOwned>(
     url: &str,
     r: ureq::Response,
 ) -> Result<T, ClientError> {
-    let mut text = Vec::new();
-    r.into_reader()
-        .take(256 << 20)
-        .read_to_end(&mut text)
-        .map_err(|e| ClientError::Transport {
-            url: url.to_string(),
-            msg: e.to_string(),
-        })?;
+    let text = read_limited(url, r, 256 << 20)?;
     serde_json::from_slice(&text).map_err(|e| ClientError::Decode {
         url: url.to_string(),
         msg: e.to_string(),
