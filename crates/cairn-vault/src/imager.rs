@@ -97,17 +97,40 @@ fn process_batch(
     sent: &AtomicU64,
     split: bool,
 ) -> Result<Vec<Entry>> {
-    let mut entries = Vec::with_capacity(cuts.len());
-    let mut pos = 0;
-    for &n in cuts {
-        let piece = &data[pos..pos + n];
-        entries.push(if is_zero(piece) {
-            Entry::zero(n as u32)
-        } else {
-            Entry::data(fingerprint(piece), n as u32)
-        });
-        pos += n;
-    }
+    // Segment i spans data[offsets[i]..offsets[i] + cuts[i]].
+    let offsets: Vec<usize> = cuts
+        .iter()
+        .scan(0usize, |p, &n| {
+            let at = *p;
+            *p += n;
+            Some(at)
+        })
+        .collect();
+    let hash = |range: std::ops::Range<usize>| -> Vec<Entry> {
+        range
+            .map(|i| {
+                let piece = &data[offsets[i]..offsets[i] + cuts[i]];
+                let n = cuts[i] as u32;
+                if is_zero(piece) {
+                    Entry::zero(n)
+                } else {
+                    Entry::data(fingerprint(piece), n)
+                }
+            })
+            .collect()
+    };
+    let entries: Vec<Entry> = if split && cuts.len() >= 64 {
+        // A helper thread hashes half: for callers whose batches are not already parallel.
+        let mid = cuts.len() / 2;
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| hash(mid..cuts.len()));
+            let mut first = hash(0..mid);
+            first.extend(h.join().expect("hashing thread"));
+            first
+        })
+    } else {
+        hash(0..cuts.len())
+    };
     let mut want: Vec<(Digest, usize, usize)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut pos = 0;
