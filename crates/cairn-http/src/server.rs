@@ -89,6 +89,35 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// Puts the bearer-token check ([`require_token`]) in front of every route of `router`.
+pub fn with_token<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    token: String,
+) -> axum::Router<S> {
+    router.layer(axum::middleware::from_fn_with_state(
+        Token(Arc::new(token)),
+        require_token,
+    ))
+}
+
+/// Binds `addr` with TLS and serves `router` in a background task; returns the bound address
+/// (port 0 picks one) and the task. `what` names the service in the log if it stops.
+pub async fn serve(
+    router: axum::Router,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    what: &'static str,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TlsListener::bind(addr, tls).await?;
+    let local = axum::serve::Listener::local_addr(&listener)?;
+    let h = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("{what} stopped: {e}");
+        }
+    });
+    Ok((local, h))
+}
+
 /// The expected bearer token, as axum state for [`require_token`].
 #[derive(Clone, Debug)]
 pub struct Token(pub Arc<String>);

@@ -264,26 +264,25 @@ impl HostAgentService {
 
     /// The router, with the token check applied to every route but `/health`.
     pub fn router(self: Arc<Self>, token: String) -> Router {
-        Router::new()
-            .route("/health", get(health))
-            .route("/v1/vms", get(list_vms).post(start_vm))
-            .route("/v1/vms/{vm}", get(vm_status).delete(stop_vm))
-            .route("/v1/vms/{vm}/snapshots", post(snapshot))
-            .route("/v1/vms/{vm}/changes", get(changes))
-            .route("/v1/vms/{vm}/state", post(save_state))
-            .route("/v1/vms/{vm}/usage", get(usage))
-            .route("/v1/snapshots", get(list_snapshots))
-            .route(
-                "/v1/snapshots/{snapshot}",
-                get(get_snapshot).delete(delete_snapshot),
-            )
-            .route("/v1/recover", post(recover))
-            .layer(DefaultBodyLimit::max(MAX_BODY))
-            .layer(axum::middleware::from_fn_with_state(
-                cairn_http::server::Token(Arc::new(token)),
-                cairn_http::server::require_token,
-            ))
-            .with_state(self)
+        cairn_http::server::with_token(
+            Router::new()
+                .route("/health", get(health))
+                .route("/v1/vms", get(list_vms).post(start_vm))
+                .route("/v1/vms/{vm}", get(vm_status).delete(stop_vm))
+                .route("/v1/vms/{vm}/snapshots", post(snapshot))
+                .route("/v1/vms/{vm}/changes", get(changes))
+                .route("/v1/vms/{vm}/state", post(save_state))
+                .route("/v1/vms/{vm}/usage", get(usage))
+                .route("/v1/snapshots", get(list_snapshots))
+                .route(
+                    "/v1/snapshots/{snapshot}",
+                    get(get_snapshot).delete(delete_snapshot),
+                )
+                .route("/v1/recover", post(recover))
+                .layer(DefaultBodyLimit::max(MAX_BODY)),
+            token,
+        )
+        .with_state(self)
     }
 }
 
@@ -511,15 +510,7 @@ pub async fn serve(
     tls: rustls::ServerConfig,
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = cairn_http::server::TlsListener::bind(addr, tls).await?;
-    let local = axum::serve::Listener::local_addr(&listener)?;
-    let app = service.router(token);
-    let h = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("host agent service stopped: {e}");
-        }
-    });
-    Ok((local, h))
+    cairn_http::server::serve(service.router(token), addr, tls, "host agent service").await
 }
 
 #[cfg(test)]

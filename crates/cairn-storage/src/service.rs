@@ -296,22 +296,21 @@ async fn stats(State(a): State<Shared>) -> Response {
 
 /// The router, with the token check on every route but `/health`.
 pub fn router(agent: Arc<StorageAgent>, token: String) -> Router {
-    Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/v1/datastores", get(datastores))
-        .route("/v1/providers", get(providers))
-        .route("/v1/snapshots", post(take_snapshot).get(list_snapshots))
-        .route("/v1/snapshots/{id}", delete(delete_snapshot))
-        .route("/v1/retention", post(retention))
-        .route("/v1/backups", post(backups))
-        .route("/v1/restores", post(restores))
-        .route("/v1/rdm/resolve", post(rdm_resolve))
-        .route("/v1/stats", get(stats))
-        .layer(axum::middleware::from_fn_with_state(
-            cairn_http::server::Token(Arc::new(token)),
-            cairn_http::server::require_token,
-        ))
-        .with_state(agent)
+    cairn_http::server::with_token(
+        Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .route("/v1/datastores", get(datastores))
+            .route("/v1/providers", get(providers))
+            .route("/v1/snapshots", post(take_snapshot).get(list_snapshots))
+            .route("/v1/snapshots/{id}", delete(delete_snapshot))
+            .route("/v1/retention", post(retention))
+            .route("/v1/backups", post(backups))
+            .route("/v1/restores", post(restores))
+            .route("/v1/rdm/resolve", post(rdm_resolve))
+            .route("/v1/stats", get(stats)),
+        token,
+    )
+    .with_state(agent)
 }
 
 /// Serves until the task is aborted; returns once bound, with the listening address.
@@ -321,13 +320,5 @@ pub async fn serve(
     tls: rustls::ServerConfig,
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = cairn_http::server::TlsListener::bind(addr, tls).await?;
-    let local = axum::serve::Listener::local_addr(&listener)?;
-    let app = router(agent, token);
-    let h = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("storage agent service stopped: {e}");
-        }
-    });
-    Ok((local, h))
+    cairn_http::server::serve(router(agent, token), addr, tls, "storage agent service").await
 }

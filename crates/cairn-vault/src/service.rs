@@ -97,29 +97,28 @@ impl VaultService {
 
     /// The router, with the token check applied to every route but `/health`.
     pub fn router(self: Arc<Self>, token: String) -> Router {
-        Router::new()
-            .route("/health", get(|| async { "ok" }))
-            .route("/v1/config", get(config))
-            .route("/v1/stats", get(stats))
-            .route("/v1/snapshots", get(list))
-            .route("/v1/snapshots/{spec}", get(find))
-            .route("/v1/snapshots/{spec}/entries", get(entries))
-            .route("/v1/snapshots/{spec}/data", get(data))
-            .route("/v1/sessions", post(begin))
-            .route("/v1/sessions/{id}/lacking", post(lacking))
-            .route("/v1/sessions/{id}/blobs", post(blobs))
-            .route("/v1/sessions/{id}/commit", post(commit))
-            .route("/v1/sessions/{id}", delete(abort))
-            .route("/v1/fetch", post(fetch))
-            .route("/v1/verify", post(verify))
-            .route("/v1/prune", post(prune))
-            .route("/v1/gc", post(gc))
-            .layer(DefaultBodyLimit::max(wire::MAX_BODY))
-            .layer(axum::middleware::from_fn_with_state(
-                cairn_http::server::Token(Arc::new(token)),
-                cairn_http::server::require_token,
-            ))
-            .with_state(self)
+        cairn_http::server::with_token(
+            Router::new()
+                .route("/health", get(|| async { "ok" }))
+                .route("/v1/config", get(config))
+                .route("/v1/stats", get(stats))
+                .route("/v1/snapshots", get(list))
+                .route("/v1/snapshots/{spec}", get(find))
+                .route("/v1/snapshots/{spec}/entries", get(entries))
+                .route("/v1/snapshots/{spec}/data", get(data))
+                .route("/v1/sessions", post(begin))
+                .route("/v1/sessions/{id}/lacking", post(lacking))
+                .route("/v1/sessions/{id}/blobs", post(blobs))
+                .route("/v1/sessions/{id}/commit", post(commit))
+                .route("/v1/sessions/{id}", delete(abort))
+                .route("/v1/fetch", post(fetch))
+                .route("/v1/verify", post(verify))
+                .route("/v1/prune", post(prune))
+                .route("/v1/gc", post(gc))
+                .layer(DefaultBodyLimit::max(wire::MAX_BODY)),
+            token,
+        )
+        .with_state(self)
     }
 }
 
@@ -326,13 +325,5 @@ pub async fn serve(
     tls: rustls::ServerConfig,
     token: String,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = cairn_http::server::TlsListener::bind(addr, tls).await?;
-    let local = axum::serve::Listener::local_addr(&listener)?;
-    let app = service.router(token);
-    let h = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("vault service stopped: {e}");
-        }
-    });
-    Ok((local, h))
+    cairn_http::server::serve(service.router(token), addr, tls, "vault service").await
 }
