@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cairn_chunk::format::BlobKind;
@@ -698,7 +698,6 @@ fn restore_into(
     let next = AtomicU64::new(0);
     let written = AtomicU64::new(0);
     let error: Mutex<Option<VaultError>> = Mutex::new(None);
-    let batches = Arc::new(batches);
     std::thread::scope(|sc| {
         for _ in 0..threads {
             sc.spawn(|| {

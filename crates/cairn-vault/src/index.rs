@@ -442,16 +442,6 @@ impl Index {
         Ok(())
     }
 
-    /// Every entry (runs and pending), for maintenance.
-    pub fn entries(&self) -> Result<HashMap<Digest, Location>> {
-        let mut out = HashMap::new();
-        for r in &self.runs {
-            out.extend(r.scan()?);
-        }
-        out.extend(self.pending.iter().map(|(d, l)| (*d, *l)));
-        Ok(out)
-    }
-
     /// Bytes of RAM the index holds beyond its pending entries.
     pub fn resident_bytes(&self) -> usize {
         self.runs

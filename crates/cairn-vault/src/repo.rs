@@ -247,7 +247,34 @@ impl Repository {
     /// Reads and verifies many blobs, in order, merging reads of neighbouring blobs of one
     /// container into one range read (restores read whole runs of a container at once).
     pub fn read_many(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(digests.len());
+        self.for_each_stored(digests, |i, loc, stored| {
+            out.push(decode_blob(&digests[i], loc, stored)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The stored (still encoded) bytes of blobs, with their locations, for sending to a
+    /// client that verifies them itself. Reads like [`read_many`](Self::read_many).
+    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Vec<u8>)>> {
+        let mut out = Vec::with_capacity(digests.len());
+        self.for_each_stored(digests, |_, loc, stored| {
+            out.push((*loc, stored.to_vec()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f(i, location, stored bytes)` for every digest, in order, reading neighbouring
+    /// blobs of one container (at most 256 KiB apart, 32 MiB per read) with one range read.
+    fn for_each_stored(
+        &self,
+        digests: &[Digest],
+        mut f: impl FnMut(usize, &Location, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         const GAP: u64 = 256 << 10;
+        const MAX_READ: u64 = 32 << 20;
         let locs: Vec<Location> = {
             let ix = self.index();
             digests
@@ -255,7 +282,6 @@ impl Repository {
                 .map(|d| ix.get(d)?.ok_or(VaultError::MissingSegment(*d)))
                 .collect::<Result<_>>()?
         };
-        let mut out = Vec::with_capacity(digests.len());
         let mut i = 0;
         while i < locs.len() {
             let first = locs[i];
@@ -266,7 +292,7 @@ impl Repository {
                 && locs[j].container == first.container
                 && u64::from(locs[j].offset) >= start
                 && u64::from(locs[j].offset) <= end + GAP
-                && u64::from(locs[j].offset) + u64::from(locs[j].stored_len) - start <= 32 << 20
+                && u64::from(locs[j].offset) + u64::from(locs[j].stored_len) - start <= MAX_READ
             {
                 end = end.max(u64::from(locs[j].offset) + u64::from(locs[j].stored_len));
                 j += 1;
@@ -274,38 +300,13 @@ impl Repository {
             let buf = self
                 .store
                 .get_range(&container_key(&first.container), start, end - start)?;
-            for k in i..j {
-                let o = (u64::from(locs[k].offset) - start) as usize;
-                out.push(decode_blob(
-                    &digests[k],
-                    &locs[k],
-                    &buf[o..o + locs[k].stored_len as usize],
-                )?);
+            for (k, loc) in locs.iter().enumerate().take(j).skip(i) {
+                let o = (u64::from(loc.offset) - start) as usize;
+                f(k, loc, &buf[o..o + loc.stored_len as usize])?;
             }
             i = j;
         }
-        Ok(out)
-    }
-
-    /// The stored (still encoded) bytes of blobs, with their locations, for sending to a
-    /// client that verifies them itself.
-    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Vec<u8>)>> {
-        let ix = self.index();
-        let locs: Vec<Location> = digests
-            .iter()
-            .map(|d| ix.get(d)?.ok_or(VaultError::MissingSegment(*d)))
-            .collect::<Result<_>>()?;
-        drop(ix);
-        locs.into_iter()
-            .map(|l| {
-                let b = self.store.get_range(
-                    &container_key(&l.container),
-                    u64::from(l.offset),
-                    u64::from(l.stored_len),
-                )?;
-                Ok((l, b))
-            })
-            .collect()
+        Ok(())
     }
 
     /// Reads and parses a recipe tree node.

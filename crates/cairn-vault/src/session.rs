@@ -25,7 +25,7 @@ use std::time::Instant;
 use cairn_chunk::container::ContainerBuilder;
 use cairn_chunk::format::{BlobKind, CONTAINER_TARGET_LEN};
 use cairn_chunk::recipe::{Node, TreeRoot};
-use cairn_chunk::{ChunkerParams, EncodedSegment, Encoder, EntryKind, fingerprint};
+use cairn_chunk::{ChunkerParams, EncodedSegment, EntryKind};
 use cairn_types::{ContainerId, Digest, SnapshotId};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
@@ -230,15 +230,6 @@ impl BackupSession {
             .map_err(|e| VaultError::Invalid(format!("tree node {digest:?}: {e}")))?;
         self.shared.state().new_nodes.insert(digest, plain);
         Ok(())
-    }
-
-    /// Stores a tree node given as plaintext.
-    pub fn put_node(&self, bytes: Vec<u8>) -> Result<Digest> {
-        let d = fingerprint(&bytes);
-        let seg = Encoder::new(1).encode(&bytes);
-        self.put(d, BlobKind::Tree, bytes.len() as u32, &seg)?;
-        self.shared.state().new_nodes.insert(d, bytes);
-        Ok(d)
     }
 
     fn send(&self, b: ContainerBuilder) -> Result<()> {
