@@ -73,6 +73,11 @@ fn json<T: serde::Serialize>(v: T) -> Response {
     axum::Json(v).into_response()
 }
 
+fn parse_session(id: &str) -> ApiResult<SessionId> {
+    id.parse()
+        .map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))
+}
+
 impl VaultService {
     pub fn new(repo: Arc<Repository>) -> Arc<Self> {
         Arc::new(Self {
@@ -84,9 +89,7 @@ impl VaultService {
     }
 
     fn session(&self, id: &str) -> ApiResult<Arc<BackupSession>> {
-        let id: SessionId = id
-            .parse()
-            .map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
+        let id = parse_session(id)?;
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -229,28 +232,32 @@ async fn commit(
 ) -> ApiResult<Response> {
     let req: CommitRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("commit request: {e}")))?;
-    let sid: SessionId = id
-        .parse()
-        .map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
+    let sid = parse_session(&id)?;
     let session = s
         .sessions
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&sid)
         .ok_or_else(|| ApiError::not_found(format!("no open session {sid}")))?;
-    let session = Arc::try_unwrap(session).map_err(|_| {
-        ApiError::new(
-            cairn_http::ErrorKind::Conflict,
-            "session has requests in flight",
-        )
-    })?;
+    let session = match Arc::try_unwrap(session) {
+        Ok(session) => session,
+        Err(session) => {
+            // Still in use by another request: keep it open so the client can retry.
+            s.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sid, session);
+            return Err(ApiError::new(
+                cairn_http::ErrorKind::Conflict,
+                "session has requests in flight",
+            ));
+        }
+    };
     Ok(json(blocking(move || session.commit(req)).await?))
 }
 
 async fn abort(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
-    let sid: SessionId = id
-        .parse()
-        .map_err(|e: cairn_types::IdParseError| ApiError::bad_request(e.to_string()))?;
+    let sid = parse_session(&id)?;
     let gone = s
         .sessions
         .lock()
