@@ -237,7 +237,9 @@ pub fn backup(
     if opts.changed.is_some() && parent.is_none() {
         return Err(VaultError::Invalid("--changed needs --parent".into()));
     }
-    let level = vault.config()?.compression;
+    // One config read (a request to a remote vault) serves the whole backup.
+    let config = vault.config()?;
+    let level = config.compression;
     let session = vault.begin(&format!("backup {}", opts.name))?;
     let sent = AtomicU64::new(0);
     let mut stats = BackupStats::default();
@@ -257,7 +259,7 @@ pub fn backup(
             let chunker = opts
                 .chunker
                 .or(parent.as_ref().map(|p| p.chunker))
-                .unwrap_or(vault.config()?.chunker);
+                .unwrap_or(config.chunker);
             chunker.validate().map_err(VaultError::Invalid)?;
             let e = full(
                 &*session,
