@@ -22,6 +22,7 @@ set -euo pipefail
 #   libnbd-bin        nbdinfo --map / nbdcopy: oracle for the NBD client and fleecing exports
 #   xfsprogs          mkfs.xfs: a reflink-capable file system for storage-unit snapshots
 #   btrfs-progs       mkfs.btrfs: the other reflink-capable file system
+#   postgresql        the catalog's migrations are tested on a real PostgreSQL
 CAIRN_APT_PACKAGES="
   qemu-utils
   qemu-system-x86
@@ -32,6 +33,7 @@ CAIRN_APT_PACKAGES="
   libnbd-bin
   xfsprogs
   btrfs-progs
+  postgresql
   ${CAIRN_EXTRA_APT_PACKAGES:-}
 "
 

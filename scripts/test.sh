@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 if [[ $(id -u) -eq 0 ]]; then
     scripts/install-deps.sh
-    export CAIRN_REQUIRE_QEMU=1
+    export CAIRN_REQUIRE_QEMU=1 CAIRN_REQUIRE_POSTGRES=1
 else
     echo "test.sh: not root: not installing packages; tests needing them will say so" >&2
 fi

@@ -273,6 +273,11 @@ impl HostAgentService {
                 .route("/v1/vms/{vm}/changes", get(changes))
                 .route("/v1/vms/{vm}/state", post(save_state))
                 .route("/v1/vms/{vm}/usage", get(usage))
+                .route("/v1/vms/{vm}/guest", get(guest))
+                .route(
+                    "/v1/saved/{name}",
+                    get(saved_state).delete(delete_saved_state),
+                )
                 .route("/v1/snapshots", get(list_snapshots))
                 .route(
                     "/v1/snapshots/{snapshot}",
@@ -493,6 +498,91 @@ async fn usage(State(s): State<Shared>, Path(vm): Path<String>) -> ApiResult<Res
         .await
         .map_err(|e| api_error(&e))?;
     Ok(json(u))
+}
+
+/// What the guest agent says (proof that a guest booted and mounted its disks).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GuestStatus {
+    /// `qemu-ga` answered a ping within `timeout_ms`.
+    pub agent: bool,
+    /// `(mountpoint, type, device)` of each mounted file system.
+    pub filesystems: Vec<(String, String, String)>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct GuestQuery {
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+async fn guest(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    Query(q): Query<GuestQuery>,
+) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let info = s.driver.vm_status(vm).await.map_err(|e| api_error(&e))?;
+    let ga = crate::qga::GuestAgent::new(&info.handle.qga_socket, Default::default());
+    let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(2000).min(60_000));
+    let status = match ga.wait_ready(timeout).await {
+        Err(e) => GuestStatus {
+            agent: false,
+            filesystems: vec![],
+            error: Some(e.to_string()),
+        },
+        Ok(_) => match ga.get_fsinfo().await {
+            Ok(fs) => GuestStatus {
+                agent: true,
+                filesystems: fs
+                    .into_iter()
+                    .map(|f| (f.mountpoint, f.fs_type, f.name))
+                    .collect(),
+                error: None,
+            },
+            Err(e) => GuestStatus {
+                agent: true,
+                filesystems: vec![],
+                error: Some(e.to_string()),
+            },
+        },
+    };
+    Ok(json(status))
+}
+
+/// Downloads a saved execution state (`GET`) or deletes it (`DELETE`).
+async fn saved_state(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
+    if !valid_state_name(&name) {
+        return Err(ApiError::bad_request(format!("state file name {name:?}")));
+    }
+    let path = s.state_dir.join(SAVED_STATE_DIR).join(&name);
+    match tokio::fs::read(&path).await {
+        Ok(b) => Ok(b.into_response()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("no saved state {name}"),
+        )),
+        Err(source) => Err(api_error(&DriverError::Io { path, source })),
+    }
+}
+
+async fn delete_saved_state(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    if !valid_state_name(&name) {
+        return Err(ApiError::bad_request(format!("state file name {name:?}")));
+    }
+    let path = s.state_dir.join(SAVED_STATE_DIR).join(&name);
+    match tokio::fs::remove_file(&path).await {
+        Ok(()) => Ok(json(serde_json::json!({ "deleted": name }))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("no saved state {name}"),
+        )),
+        Err(source) => Err(api_error(&DriverError::Io { path, source })),
+    }
 }
 
 async fn recover(State(s): State<Shared>) -> ApiResult<Response> {

@@ -261,11 +261,21 @@ pub struct NbdOpen {
 /// A disk image exported by a private `qemu-nbd`.
 pub struct NbdImage {
     path: PathBuf,
-    child: Child,
-    sock_dir: PathBuf,
+    /// Our own `qemu-nbd` and its socket directory; `None` for someone else's export.
+    child: Option<(Child, PathBuf)>,
     rt: tokio::runtime::Runtime,
     client: cairn_nbd::Client,
-    bitmap: Option<String>,
+    /// The meta context holding the dirty bitmap (`qemu:dirty-bitmap:NAME`).
+    bitmap_context: Option<String>,
+}
+
+fn nbd_runtime(path: &Path) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("cairn-nbd")
+        .enable_all()
+        .build()
+        .map_err(StorageError::io(path, "start NBD runtime"))
 }
 
 impl std::fmt::Debug for NbdImage {
@@ -341,16 +351,11 @@ impl NbdImage {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("cairn-nbd")
-            .enable_all()
-            .build()
-        {
+        let rt = match nbd_runtime(path) {
             Ok(rt) => rt,
             Err(e) => {
                 cleanup(&mut child);
-                return Err(StorageError::io(path, "start NBD runtime")(e));
+                return Err(e);
             }
         };
         let mut copts = cairn_nbd::ConnectOptions::default();
@@ -380,11 +385,36 @@ impl NbdImage {
         };
         Ok(Self {
             path: path.to_path_buf(),
-            child,
-            sock_dir,
+            child: Some((child, sock_dir)),
             rt,
             client,
-            bitmap: opts.bitmap.clone(),
+            bitmap_context: opts
+                .bitmap
+                .as_ref()
+                .map(|b| format!("qemu:dirty-bitmap:{b}")),
+        })
+    }
+
+    /// Connects to an export someone else serves (a host agent's fleecing export) on a
+    /// unix socket, asking for the meta context `bitmap_context` when given.
+    pub fn connect(socket: &Path, export: &str, bitmap_context: Option<&str>) -> Result<Self> {
+        let rt = nbd_runtime(socket)?;
+        let mut copts = cairn_nbd::ConnectOptions::default();
+        if let Some(c) = bitmap_context {
+            copts = copts.with_context(c);
+        }
+        let client = rt
+            .block_on(cairn_nbd::Client::connect_unix(socket, export, copts))
+            .map_err(|source| StorageError::Nbd {
+                path: socket.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            path: socket.join(export),
+            child: None,
+            rt,
+            client,
+            bitmap_context: bitmap_context.map(str::to_string),
         })
     }
 
@@ -427,11 +457,10 @@ impl NbdImage {
 
     /// The dirty extents of the exported bitmap.
     pub fn dirty_extents(&self) -> Result<ExtentList> {
-        let name = self
-            .bitmap
-            .as_ref()
+        let ctx = self
+            .bitmap_context
+            .clone()
             .ok_or_else(|| StorageError::Invalid("no bitmap exported".into()))?;
-        let ctx = format!("qemu:dirty-bitmap:{name}");
         let size = self.size();
         if size == 0 {
             return Ok(ExtentList::default());
@@ -455,21 +484,24 @@ impl Drop for NbdImage {
             tokio::time::timeout(Duration::from_secs(5), self.client.disconnect()).await
         });
         // qemu-nbd exits after its only client leaves; make sure, by our own child's pid.
+        let Some((child, sock_dir)) = &mut self.child else {
+            return;
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match self.child.try_wait() {
+            match child.try_wait() {
                 Ok(Some(_)) => break,
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
+                    let _ = child.kill();
+                    let _ = child.wait();
                     break;
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.sock_dir);
+        let _ = std::fs::remove_dir_all(sock_dir);
     }
 }
 

@@ -10,9 +10,10 @@
 //! | GET | `/v1/snapshots` | → list of `UnitSnapshot` |
 //! | DELETE | `/v1/snapshots/{id}` | → `{"deleted": id}` |
 //! | POST | `/v1/retention` | `{keep, dry_run}` → RetentionPlan |
-//! | POST | `/v1/backups` | `{vault, parallel?, disks: [{source, request}]}` → [`{ok}` or `{error}`] per disk |
+//! | POST | `/v1/backups` | `{vault, parallel?, disks: [{source, request}]}` → [`{ok}` or `{error}`] per disk; `source` is `{kind: snapshot\|in_place\|nbd\|rdm, ...}` ([`DiskSource`]) |
 //! | POST | `/v1/restores` | `{vault, snapshot, datastore, disk, format, mode}` → RestoreReport |
 //! | POST | `/v1/rdm/resolve` | `{datastore, disk}` → RdmMapping (mapping file written) |
+//! | POST | `/v1/rdm/restores` | `{vault, snapshot, datastore, disk}` → RdmRestore (new LUN + mapping file) |
 //! | GET | `/v1/stats` | → AgentStats: disk data read/sent/received/written |
 //!
 //! `vault` is `{url, token, fingerprint}` for a vault service, or `{url: "/path"}` for a local
@@ -32,14 +33,15 @@ use axum::routing::{delete, get, post};
 use cairn_http::ApiError;
 use cairn_vault::Vault;
 
-use crate::agent::{BackupRequest, StorageAgent};
+use crate::agent::{BackupRequest, BackupResult, StorageAgent};
 use crate::error::{Result, StorageError};
 use crate::provider::{
     CopyProvider, DiskSnapshot, Qcow2Mode, Qcow2Provider, ReflinkProvider, SnapshotProvider,
     provider_for,
 };
-use crate::qemu::DiskFormat;
+use crate::qemu::{DiskFormat, NbdImage};
 use crate::restore::{RestoreMode, RestoreRequest};
+use crate::tracker::ChangeHint;
 
 type Shared = Arc<StorageAgent>;
 type ApiResult<T> = std::result::Result<T, ApiError>;
@@ -125,6 +127,18 @@ pub enum DiskSource {
     Snapshot { snapshot: String, index: usize },
     /// A disk read in place (offline, or a frozen base).
     InPlace { datastore: String, disk: String },
+    /// A read-only NBD export on a unix socket (a host agent's fleecing snapshot). With
+    /// `bitmap_context` (`qemu:dirty-bitmap:NAME`) the export's dirty bitmap becomes the
+    /// first change hint (source `hypervisor_bitmap`).
+    Nbd {
+        socket: PathBuf,
+        export: String,
+        #[serde(default)]
+        bitmap_context: Option<String>,
+    },
+    /// A raw device mapping (seed 003): the LUN `disk` of `datastore`, read in place, plus
+    /// its mapping (see [`crate::rdm`]).
+    Rdm { datastore: String, disk: String },
 }
 
 /// One disk of a backup call.
@@ -171,6 +185,46 @@ impl StorageAgent {
             DiskSource::InPlace { datastore, disk } => {
                 DiskSnapshot::of_file(&self.disk_path(datastore, disk)?)
             }
+            DiskSource::Nbd { .. } | DiskSource::Rdm { .. } => {
+                Err(StorageError::Invalid("not a storage snapshot".into()))
+            }
+        }
+    }
+
+    /// Backs up one disk of a backup call.
+    fn run_backup_job(&self, vault: &VaultTarget, job: &BackupJob) -> Result<BackupResult> {
+        let v = vault.open()?;
+        match &job.source {
+            DiskSource::Nbd {
+                socket,
+                export,
+                bitmap_context,
+            } => {
+                let img = NbdImage::connect(socket, export, bitmap_context.as_deref())?;
+                let mut req = job.request.clone();
+                if bitmap_context.is_some() && req.parent.is_some() {
+                    match img.dirty_extents() {
+                        Ok(extents) => req.hints.insert(0, ChangeHint::Hypervisor { extents }),
+                        Err(e) => tracing::warn!("{}: dirty bitmap unreadable: {e}", req.name),
+                    }
+                }
+                let snap = DiskSnapshot {
+                    disk: PathBuf::from(format!("nbd:{export}")),
+                    image: img_path(socket, export),
+                    format: DiskFormat::Raw,
+                    internal: None,
+                    size: img.size(),
+                };
+                self.backup_source(&*v, &snap, &img, &req)
+            }
+            DiskSource::Rdm { datastore, disk } => {
+                let r = self.backup_rdm(&*v, datastore, disk, &job.request)?;
+                Ok(r.data)
+            }
+            s => {
+                let snap = self.resolve_source(s)?;
+                self.backup_disk(&*v, &snap, &job.request)
+            }
         }
     }
 
@@ -181,12 +235,12 @@ impl StorageAgent {
         jobs: &[BackupJob],
         parallel: usize,
     ) -> Vec<Result<crate::agent::BackupResult>> {
-        crate::agent::parallel_map(jobs, parallel, |job| {
-            let snap = self.resolve_source(&job.source)?;
-            let v = vault.open()?;
-            self.backup_disk(&*v, &snap, &job.request)
-        })
+        crate::agent::parallel_map(jobs, parallel, |job| self.run_backup_job(vault, job))
     }
+}
+
+fn img_path(socket: &std::path::Path, export: &str) -> PathBuf {
+    PathBuf::from(format!("nbd+unix:///{export}?socket={}", socket.display()))
 }
 
 fn all_providers() -> Vec<Box<dyn SnapshotProvider>> {
@@ -285,6 +339,24 @@ async fn restores(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Re
     .await
 }
 
+#[derive(serde::Deserialize)]
+struct RdmRestoreBody {
+    vault: VaultTarget,
+    snapshot: String,
+    datastore: String,
+    /// The new LUN: `luns/NAME` (created) or a block device.
+    disk: String,
+}
+
+async fn rdm_restore(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: RdmRestoreBody = body(&b)?;
+    blocking(move || {
+        let v = req.vault.open()?;
+        a.restore_rdm(&*v, &req.datastore, &req.snapshot, &req.disk)
+    })
+    .await
+}
+
 async fn rdm_resolve(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
     let req: DiskRef = body(&b)?;
     blocking(move || crate::rdm::resolve(a.datastore(&req.datastore)?, &req.disk)).await
@@ -307,6 +379,7 @@ pub fn router(agent: Arc<StorageAgent>, token: String) -> Router {
             .route("/v1/backups", post(backups))
             .route("/v1/restores", post(restores))
             .route("/v1/rdm/resolve", post(rdm_resolve))
+            .route("/v1/rdm/restores", post(rdm_restore))
             .route("/v1/stats", get(stats)),
         token,
     )

@@ -1,0 +1,176 @@
+//! The catalog against SQLite files: migrations, atomic backups, jobs, schedules, retention.
+
+use cairn_catalog::*;
+
+fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
+    BackupRecord {
+        id: id.into(),
+        vm: vm.into(),
+        job_id: "j1".into(),
+        kind: "full".into(),
+        group_id: None,
+        timestamp_id: ts.into(),
+        created_ms: created,
+        duration_ms: 10,
+        host: "h1".into(),
+        checkpoint: Some("00000000000000aa".into()),
+        snapshot_kind: "fleecing".into(),
+        quiesce: "guest_freeze".into(),
+        quiesce_window_ms: 50,
+        vm_snapshot_lifetime_ms: 900,
+        bytes_read: 100,
+        bytes_sent: 10,
+        attributes: serde_json::json!({"name": vm, "vcpus": 1}),
+        disks: vec![BackupDisk {
+            disk: "vda".into(),
+            vault_snapshot: "abcd".into(),
+            size: 1 << 20,
+            format: "qcow2".into(),
+            storage_agent: "s1".into(),
+            datastore: "ds1".into(),
+            datastore_disk: format!("{vm}.qcow2"),
+            change_source: "full".into(),
+            changed_bytes: 1 << 20,
+            bytes_read: 100,
+            bytes_sent: 10,
+            rdm: None,
+        }],
+    }
+}
+
+fn meta(ts: &str, vm: &str) -> MetadataSnapshot {
+    MetadataSnapshot {
+        timestamp_id: ts.into(),
+        vm: vm.into(),
+        created_ms: 1,
+        config_digest: "c1".into(),
+        config_reused: false,
+        state_file: None,
+        state_bytes: None,
+        usage: serde_json::json!({"rss_bytes": 5}),
+    }
+}
+
+#[test]
+fn migrations_run_once_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let c = Catalog::open(&path).unwrap();
+    assert_eq!(c.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    c.ensure_vm("web1").unwrap();
+    drop(c);
+    let c = Catalog::open(&path).unwrap();
+    assert_eq!(c.vms().unwrap()[0].name, "web1");
+}
+
+#[test]
+fn a_newer_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    drop(Catalog::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, applied_ms) VALUES (999, 'future', 0)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let e = Catalog::open(&path).unwrap_err();
+    assert!(matches!(e, CatalogError::TooNew { found: 999, .. }), "{e}");
+}
+
+#[test]
+fn backups_round_trip_and_are_atomic() {
+    let c = Catalog::open_in_memory().unwrap();
+    c.ensure_vm("web1").unwrap();
+    c.insert_metadata(&meta("t1", "web1")).unwrap();
+    let b = backup("0123456789abcdef", "web1", "t1", 5);
+    c.insert_backup(&b).unwrap();
+    assert_eq!(c.backup("0123").unwrap(), b);
+    assert_eq!(c.latest_backup("web1").unwrap().unwrap(), b);
+    // A duplicate disk makes the whole insert fail: no half-recorded backup.
+    let mut bad = backup("1123456789abcdef", "web1", "t1", 6);
+    bad.disks.push(bad.disks[0].clone());
+    assert!(c.insert_backup(&bad).is_err());
+    assert!(matches!(c.backup("1123"), Err(CatalogError::NotFound(_))));
+    assert_eq!(c.backups(None).unwrap().len(), 1);
+    // A backup of an unknown metadata snapshot is refused (foreign key).
+    assert!(
+        c.insert_backup(&backup("2123456789abcdef", "web1", "nope", 7))
+            .is_err()
+    );
+    c.delete_backup(&b.id).unwrap();
+    assert_eq!(c.orphan_metadata().unwrap().len(), 1);
+}
+
+#[test]
+fn jobs_events_and_cancel() {
+    let c = Catalog::open_in_memory().unwrap();
+    let j = JobRecord {
+        id: "aaaa000000000001".into(),
+        kind: "backup".into(),
+        state: JobState::Queued,
+        params: serde_json::json!({"vms": ["web1"]}),
+        vms: vec!["web1".into()],
+        created_ms: now_ms(),
+        started_ms: None,
+        finished_ms: None,
+        error: None,
+        result: None,
+        holds: vec![],
+        cancel_requested: false,
+    };
+    c.insert_job(&j).unwrap();
+    c.set_job_state(&j.id, JobState::Running, None, None)
+        .unwrap();
+    c.set_job_holds(
+        &j.id,
+        &[Hold::VmSnapshot {
+            vm: "web1".into(),
+            snapshot: "s".into(),
+        }],
+    )
+    .unwrap();
+    c.add_event(&j.id, "info", "one").unwrap();
+    c.add_event(&j.id, "info", "two").unwrap();
+    assert_eq!(c.events(&j.id).unwrap()[1].seq, 2);
+    assert_eq!(c.jobs_in(JobState::Running).unwrap()[0].holds.len(), 1);
+    assert!(c.request_cancel(&j.id).unwrap());
+    assert!(c.cancel_requested(&j.id).unwrap());
+    c.set_job_state(&j.id, JobState::Failed, Some("boom"), None)
+        .unwrap();
+    let got = c.job("aaaa").unwrap();
+    assert_eq!(got.state, JobState::Failed);
+    assert_eq!(got.error.as_deref(), Some("boom"));
+    assert!(got.finished_ms.is_some());
+    assert!(!c.request_cancel(&j.id).unwrap());
+}
+
+#[test]
+fn schedules_and_retention() {
+    let c = Catalog::open_in_memory().unwrap();
+    let s = Schedule {
+        name: "nightly".into(),
+        vms: vec!["a".into(), "b".into()],
+        group: true,
+        every_s: 3600,
+        next_ms: 10,
+        enabled: true,
+    };
+    c.upsert_schedule(&s).unwrap();
+    c.upsert_schedule(&Schedule {
+        every_s: 60,
+        ..s.clone()
+    })
+    .unwrap();
+    assert_eq!(c.schedules().unwrap()[0].every_s, 60);
+    c.delete_schedule("nightly").unwrap();
+    assert!(c.delete_schedule("nightly").is_err());
+    assert_eq!(c.retention("web1").unwrap(), None);
+    let r = Retention {
+        keep_last: Some(3),
+        ..Default::default()
+    };
+    c.set_retention("*", &r).unwrap();
+    assert_eq!(c.retention("web1").unwrap(), Some(r));
+}
