@@ -4,6 +4,7 @@
 //! This crate depends on nothing of ours. Everything here is plain data; nothing does I/O
 //! except the `ReadAt` implementations for files.
 
+pub mod durable;
 mod extent;
 mod id;
 mod read_at;

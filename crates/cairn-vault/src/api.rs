@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cairn_chunk::format::BlobKind;
 use cairn_chunk::{EncodedSegment, Entry};
-use cairn_types::Digest;
+use cairn_types::{Digest, SnapshotId};
 
 use crate::error::Result;
 use crate::maint::{GcPlan, PruneOptions, PrunePlan, VerifyReport};
@@ -52,6 +52,8 @@ pub trait Vault: Send + Sync {
     fn verify(&self, read_data: bool) -> Result<VerifyReport>;
     fn prune(&self, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan>;
     fn gc(&self, dry_run: bool) -> Result<GcPlan>;
+    /// Forgets snapshots (ids or unique prefixes); all or none. Data is freed by GC.
+    fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>>;
     /// Bytes of disk data sent to / received from the vault over a network (0 when local).
     fn wire_bytes(&self) -> (u64, u64) {
         (0, 0)
@@ -129,6 +131,10 @@ impl Vault for LocalVault {
 
     fn gc(&self, dry_run: bool) -> Result<GcPlan> {
         crate::maint::gc(&self.repo, dry_run)
+    }
+
+    fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {
+        crate::maint::forget(&self.repo, specs)
     }
 
     fn location(&self) -> String {

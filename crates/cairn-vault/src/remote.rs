@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cairn_chunk::Entry;
 use cairn_http::{Client, ClientError, Trust};
-use cairn_types::{Digest, SessionId};
+use cairn_types::{Digest, SessionId, SnapshotId};
 
 use crate::api::{Upload, Vault, VaultSession};
 use crate::error::{Result, VaultError};
@@ -199,6 +199,12 @@ impl Vault for RemoteVault {
                     ..Default::default()
                 },
             )
+            .map_err(remote)
+    }
+
+    fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {
+        self.client
+            .post_json("/v1/forget", &serde_json::json!({ "snapshots": specs }))
             .map_err(remote)
     }
 

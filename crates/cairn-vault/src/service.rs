@@ -118,6 +118,7 @@ impl VaultService {
                 .route("/v1/verify", post(verify))
                 .route("/v1/prune", post(prune))
                 .route("/v1/gc", post(gc))
+                .route("/v1/forget", post(forget))
                 .layer(DefaultBodyLimit::max(wire::MAX_BODY)),
             token,
         )
@@ -314,6 +315,21 @@ async fn prune(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     let repo = s.repo.clone();
     Ok(json(
         blocking(move || crate::maint::prune(&repo, &opts, r.dry_run)).await?,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgetRequest {
+    snapshots: Vec<String>,
+}
+
+async fn forget(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
+    let r: ForgetRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("forget request: {e}")))?;
+    let repo = s.repo.clone();
+    Ok(json(
+        blocking(move || crate::maint::forget(&repo, &r.snapshots)).await?,
     ))
 }
 

@@ -6,5 +6,5 @@ mod prune;
 mod verify;
 
 pub use gc::{GcPlan, gc};
-pub use prune::{PruneOptions, PrunePlan, prune};
+pub use prune::{PruneOptions, PrunePlan, forget, keep_mask, prune};
 pub use verify::{Damage, VerifyReport, verify};

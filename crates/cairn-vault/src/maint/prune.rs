@@ -43,6 +43,32 @@ fn year_month(day: i64) -> (i64, u32) {
     (y, m)
 }
 
+/// Which of a history's points the rules keep. `times` are creation times in seconds since
+/// the Unix epoch, **newest first**; all-zero rules keep nothing (callers treat that as
+/// "no policy"). Shared with the backup server's retention of whole backups.
+pub fn keep_mask(times: &[u64], opts: &PruneOptions) -> Vec<bool> {
+    let mut keep = vec![false; times.len()];
+    keep.iter_mut().take(opts.keep_last).for_each(|k| *k = true);
+    let mut bucket = |n: usize, key: &dyn Fn(u64) -> i64| {
+        let mut seen = BTreeSet::new();
+        for (i, t) in times.iter().enumerate() {
+            if seen.len() >= n {
+                break;
+            }
+            if seen.insert(key(*t)) {
+                keep[i] = true;
+            }
+        }
+    };
+    bucket(opts.keep_daily, &|t| days(t));
+    bucket(opts.keep_weekly, &|t| (days(t) + 3).div_euclid(7));
+    bucket(opts.keep_monthly, &|t| {
+        let (y, m) = year_month(days(t));
+        y * 12 + i64::from(m)
+    });
+    keep
+}
+
 /// Plans (and unless `dry_run`, executes) a prune.
 pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan> {
     let all = repo.list_snapshots()?;
@@ -54,30 +80,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<Pr
     let mut plan = PrunePlan::default();
     for (_, mut snaps) in by_name {
         snaps.sort_by_key(|s| std::cmp::Reverse((s.created, s.created_ms, s.id))); // newest first
-        let mut keep: BTreeSet<SnapshotId> = BTreeSet::new();
-        snaps.iter().take(opts.keep_last).for_each(|s| {
-            keep.insert(s.id);
-        });
-        let mut bucket = |n: usize, key: &dyn Fn(u64) -> i64| {
-            let mut seen = BTreeSet::new();
-            for s in &snaps {
-                if seen.len() >= n {
-                    break;
-                }
-                if seen.insert(key(s.created)) {
-                    keep.insert(s.id);
-                }
-            }
-        };
-        bucket(opts.keep_daily, &|t| days(t));
-        bucket(opts.keep_weekly, &|t| (days(t) + 3).div_euclid(7));
-        bucket(opts.keep_monthly, &|t| {
-            let (y, m) = year_month(days(t));
-            y * 12 + i64::from(m)
-        });
-        for s in snaps {
+        let times: Vec<u64> = snaps.iter().map(|s| s.created).collect();
+        let keep = keep_mask(&times, opts);
+        for (s, kept) in snaps.into_iter().zip(keep) {
             let row = (s.id, s.name.clone(), s.created);
-            if nothing || keep.contains(&s.id) {
+            if nothing || kept {
                 plan.keep.push(row);
             } else {
                 plan.forget.push(row);
@@ -92,6 +99,20 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<Pr
         plan.executed = true;
     }
     Ok(plan)
+}
+
+/// Forgets the snapshots `specs` (ids or unique prefixes) under the exclusive lock; an
+/// unknown snapshot fails the call before anything is forgotten. Data is freed by GC.
+pub fn forget(repo: &Repository, specs: &[String]) -> Result<Vec<SnapshotId>> {
+    let _lock = crate::lock::RepoLock::acquire(repo.store().clone(), true, "forget")?;
+    let ids = specs
+        .iter()
+        .map(|s| repo.find_snapshot(s).map(|m| m.id))
+        .collect::<Result<Vec<_>>>()?;
+    for id in &ids {
+        repo.forget(id)?;
+    }
+    Ok(ids)
 }
 
 #[cfg(test)]

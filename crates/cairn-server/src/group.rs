@@ -1,0 +1,227 @@
+//! The targeted snapshot of a VM group (seed 004, DESIGN flow 5).
+//!
+//! 1. Each VM is quiesced and switched to an **overlay** VM snapshot: its disk files are
+//!    frozen on the datastore.
+//! 2. The storage units holding those files are found from the snapshot metadata (the
+//!    manager's map disk → datastore → unit), and **one storage snapshot per unit** is taken
+//!    (reflink clones where the unit can share extents, else a plain copy, reported as slow).
+//! 3. As soon as the unit snapshots are confirmed, every VM snapshot is deleted (the overlay
+//!    merged back): the VM-snapshot lifetime covers steps 1–3 only, not the backup.
+//! 4. Every VM is then backed up from the unit snapshots, fingerprints first; the unit
+//!    snapshots are deleted at the end (or on failure).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use cairn_catalog::{BackupRecord, Hold, new_id, now_ms};
+use serde_json::{Value, json};
+
+use crate::backup::{self, DiskJob, Parent, VmSnap};
+use crate::jobs::JobCtx;
+use crate::{Result, ServerError};
+
+fn canonical(p: &std::path::Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
+    let started = Instant::now();
+    let created_ms = now_ms();
+    let group_id = new_id();
+    let s = ctx.server;
+    let locs = vms
+        .iter()
+        .map(|v| backup::locate(ctx, v))
+        .collect::<Result<Vec<_>>>()?;
+    let parents = locs
+        .iter()
+        .map(|l| Parent::of(ctx, l, full))
+        .collect::<Result<Vec<_>>>()?;
+    ctx.info(format!("group {group_id}: {} VMs", locs.len()));
+
+    // 1. VM snapshots (overlay: the base files freeze on the datastore).
+    let mut snaps: Vec<(VmSnap, Instant)> = Vec::new();
+    for (loc, parent) in locs.iter().zip(&parents) {
+        let t = Instant::now();
+        let snap = backup::snapshot_vm(ctx, loc, "overlay", parent.since.as_deref())?;
+        snaps.push((snap, t));
+    }
+
+    // 2. One storage snapshot per unit, per storage agent.
+    let mut per_agent: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
+    for (vi, loc) in locs.iter().enumerate() {
+        for (di, d) in loc.disks.iter().enumerate() {
+            if d.kind.as_deref() == Some("lun") {
+                continue; // RDM disks are read in place (see backup::run)
+            }
+            per_agent
+                .entry(d.storage_agent.clone().unwrap_or_default())
+                .or_default()
+                .push((vi, di));
+        }
+    }
+    // (vm index, disk index) → (agent, unit snapshot id, index within it)
+    let mut unit_of: BTreeMap<(usize, usize), (String, String, usize)> = BTreeMap::new();
+    let mut unit_snaps = Vec::new();
+    let unit_started = Instant::now();
+    for (agent, disks) in &per_agent {
+        let c = s.storage_agent(agent)?;
+        let reflink = disks
+            .iter()
+            .all(|&(v, d)| locs[v].disks[d].unit_reflink == Some(true));
+        let provider = if reflink { "reflink" } else { "copy" };
+        if !reflink {
+            ctx.warn(format!(
+                "storage agent {agent}: a unit cannot reflink: plain copies (slow, full space)"
+            ));
+        }
+        let body = json!({
+            "provider": provider,
+            "tag": format!("group-{group_id}"),
+            "disks": disks.iter().map(|&(v, d)| json!({
+                "datastore": locs[v].disks[d].datastore,
+                "disk": locs[v].disks[d].datastore_disk,
+            })).collect::<Vec<_>>(),
+        });
+        let answer: Value = c
+            .post_json("/v1/snapshots", &body)
+            .map_err(ServerError::call(format!(
+                "storage agent {agent}: unit snapshot"
+            )))?;
+        for u in answer.as_array().cloned().unwrap_or_default() {
+            let id = u
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            ctx.hold(Hold::StorageSnapshot {
+                agent: agent.clone(),
+                snapshot: id.clone(),
+            })?;
+            ctx.info(format!(
+                "storage snapshot {id} on {agent}: unit {}, {} disk(s), {provider}, window {} µs",
+                u.get("unit").and_then(Value::as_str).unwrap_or("-"),
+                u.get("disks").and_then(Value::as_array).map_or(0, Vec::len),
+                u.get("window_us").and_then(Value::as_u64).unwrap_or(0)
+            ));
+            let udisks = u
+                .get("disks")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for (ui, ud) in udisks.iter().enumerate() {
+                let p = canonical(std::path::Path::new(
+                    ud.get("disk").and_then(Value::as_str).unwrap_or_default(),
+                ));
+                for &(v, d) in disks {
+                    if canonical(&locs[v].disks[d].path) == p {
+                        unit_of.insert((v, d), (agent.clone(), id.clone(), ui));
+                    }
+                }
+            }
+            unit_snaps.push((agent.clone(), id));
+        }
+    }
+    let unit_ms = unit_started.elapsed().as_millis() as i64;
+
+    // 3. Unit snapshots confirmed: release every VM snapshot at once.
+    let mut lifetimes = Vec::new();
+    for ((snap, t), loc) in snaps.iter().zip(&locs) {
+        let host_ms = backup::release_vm_snapshot(ctx, loc, snap)?;
+        lifetimes.push((host_ms, t.elapsed().as_millis() as i64));
+    }
+    ctx.check_cancel()?;
+
+    // 4. Back up every VM from the unit snapshots.
+    let mut out = Vec::new();
+    for (vi, loc) in locs.iter().enumerate() {
+        let ts = crate::meta::timestamp_id();
+        let backup_id = new_id();
+        let meta = backup::metadata(ctx, loc, &ts)?;
+        let mut jobs = Vec::new();
+        for (di, d) in loc.disks.iter().enumerate() {
+            let source = match unit_of.get(&(vi, di)) {
+                Some((_, snap, index)) => {
+                    json!({ "kind": "snapshot", "snapshot": snap, "index": index })
+                }
+                None if d.kind.as_deref() == Some("lun") => {
+                    json!({ "kind": "rdm", "datastore": d.datastore, "disk": d.datastore_disk })
+                }
+                None => {
+                    return Err(ServerError::Failed(format!(
+                        "disk {} of {} is in no storage snapshot",
+                        d.disk, loc.name
+                    )));
+                }
+            };
+            jobs.push(DiskJob {
+                loc: d,
+                source,
+                parent: parents[vi].disk_snapshot(&d.disk),
+            });
+        }
+        let disks = backup::send_disks(ctx, &loc.name, &backup_id, &ts, &jobs)?;
+        let snap = &snaps[vi].0;
+        let b = BackupRecord {
+            id: backup_id,
+            vm: loc.name.clone(),
+            job_id: ctx.id.clone(),
+            kind: if parents[vi].backup.is_some() {
+                "incremental"
+            } else {
+                "full"
+            }
+            .into(),
+            group_id: Some(group_id.clone()),
+            timestamp_id: meta.timestamp_id.clone(),
+            created_ms,
+            duration_ms: started.elapsed().as_millis() as i64,
+            host: loc.host.clone(),
+            checkpoint: snap.checkpoint.clone(),
+            snapshot_kind: "overlay".into(),
+            quiesce: snap.quiesce.clone(),
+            quiesce_window_ms: snap.quiesce_window_ms,
+            vm_snapshot_lifetime_ms: lifetimes[vi].0,
+            bytes_read: disks.iter().map(|d| d.bytes_read).sum(),
+            bytes_sent: disks.iter().map(|d| d.bytes_sent).sum(),
+            attributes: loc.spec.clone(),
+            disks,
+        };
+        s.catalog.insert_backup(&b)?;
+        out.push(backup::summary(&b));
+    }
+
+    // Unit snapshots are no longer needed.
+    for (agent, id) in &unit_snaps {
+        let h = Hold::StorageSnapshot {
+            agent: agent.clone(),
+            snapshot: id.clone(),
+        };
+        match crate::jobs::release(s, &h) {
+            Ok(()) => ctx.unhold(&h),
+            Err(e) => ctx.warn(format!(
+                "storage snapshot {id} on {agent} kept: {}",
+                e.chain()
+            )),
+        }
+    }
+    for vm in vms {
+        crate::schedule::apply_retention(ctx, vm)?;
+    }
+    let total_ms = started.elapsed().as_millis() as i64;
+    ctx.info(format!(
+        "group {group_id}: {} VMs in {total_ms} ms; VM snapshot lifetimes {:?} ms",
+        locs.len(),
+        lifetimes.iter().map(|l| l.0).collect::<Vec<_>>()
+    ));
+    Ok(json!({
+        "group": group_id,
+        "duration_ms": total_ms,
+        "unit_snapshot_ms": unit_ms,
+        "vm_snapshot_lifetimes_ms": locs.iter().zip(&lifetimes).map(|(l, t)| json!({
+            "vm": l.name, "host_measured_ms": t.0, "server_measured_ms": t.1,
+        })).collect::<Vec<_>>(),
+        "backups": out,
+    }))
+}

@@ -1,0 +1,216 @@
+//! `cairn server`, the backup application server of seed 002: it plans backups and restores,
+//! records them in the catalog, and **never touches disk data**.
+//!
+//! ```text
+//!   REST API ─► jobs (queue, workers, holds) ─► flows ─┬─► manager ─► host agents  (snapshots)
+//!                    │                                 ├─► storage agents ─► vault (disk data)
+//!                    └─► catalog (SQLite)              └─► metadata store (config, state, usage)
+//! ```
+//!
+//! | module | holds |
+//! |---|---|
+//! | [`jobs`] | the job engine: queue, concurrency limit, per-VM exclusion, holds, cancel, restart recovery |
+//! | [`backup`] | full and incremental backup of one VM (flows 1–4) |
+//! | [`group`] | the targeted snapshot of a VM group (flow 5) |
+//! | [`restore`] | full VM restore as a new VM (flow 6) |
+//! | [`meta`] | the metadata store of seed 001 |
+//! | [`schedule`] | schedules and retention |
+//! | [`service`] | the REST API (`docs/openapi.yaml`) |
+//!
+//! Invariants:
+//! - **No disk data here.** The server sends control requests to the manager and the
+//!   storage agents and reads JSON answers; disk bytes go storage agent ↔ vault. The
+//!   server's own counter of disk-data bytes ([`Server::disk_bytes`]) stays 0 and is reported
+//!   next to the agents' counters.
+//! - **A job that fails releases what it holds.** Every VM snapshot, storage snapshot and
+//!   saved state is recorded in the job's `holds` (durably, in the catalog) *before* it is
+//!   acquired and removed once released; failure, cancel, and a server restart release what
+//!   is left.
+//! - **A backup is recorded only once every disk is committed** in the vault, in one
+//!   catalog transaction.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use cairn_catalog::{Catalog, CatalogError};
+use cairn_http::{ApiError, ClientError, ErrorKind};
+use cairn_manager::ManagerClient;
+use cairn_storage::service::VaultTarget;
+
+pub mod backup;
+pub mod group;
+pub mod jobs;
+pub mod meta;
+pub mod restore;
+pub mod schedule;
+pub mod service;
+
+pub use jobs::{JobCtx, JobKind};
+
+/// Server errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("catalog")]
+    Catalog(#[from] CatalogError),
+    /// A call to another service failed.
+    #[error("{what}")]
+    Call {
+        what: String,
+        #[source]
+        source: Box<ClientError>,
+    },
+    /// A storage agent reported a failed disk.
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = ServerError> = std::result::Result<T, E>;
+
+impl ServerError {
+    /// Wraps a client error with what was being done.
+    pub fn call(what: impl Into<String>) -> impl FnOnce(ClientError) -> ServerError {
+        let what = what.into();
+        move |e| ServerError::Call {
+            what,
+            source: Box::new(e),
+        }
+    }
+
+    /// The whole error chain on one line.
+    pub fn chain(&self) -> String {
+        let mut msg = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        msg
+    }
+
+    pub fn to_api(&self) -> ApiError {
+        let kind = match self {
+            Self::NotFound(_) | Self::Catalog(CatalogError::NotFound(_)) => ErrorKind::NotFound,
+            Self::Conflict(_) | Self::Catalog(CatalogError::Conflict(_)) => ErrorKind::Conflict,
+            Self::Invalid(_) => ErrorKind::BadRequest,
+            Self::Call { source, .. } => match source.kind() {
+                Some(k @ (ErrorKind::NotFound | ErrorKind::Conflict | ErrorKind::BadRequest)) => k,
+                Some(ErrorKind::InsufficientStorage) => ErrorKind::InsufficientStorage,
+                _ => ErrorKind::Internal,
+            },
+            _ => ErrorKind::Internal,
+        };
+        ApiError::new(kind, self.chain())
+    }
+}
+
+/// How the server is set up.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// `catalog.db`, `metadata/` (the metadata store unless `metadata_dir` is set).
+    pub state_dir: PathBuf,
+    /// The metadata store (seed 001), apart from the vault.
+    pub metadata_dir: Option<PathBuf>,
+    /// The vault every backup goes to, as handed to storage agents.
+    pub vault: VaultTarget,
+    /// Jobs run at once (default 2).
+    pub max_jobs: usize,
+    /// Save the VM's execution state into each metadata snapshot.
+    pub save_state: bool,
+}
+
+/// The backup server.
+pub struct Server {
+    pub config: ServerConfig,
+    pub catalog: Catalog,
+    pub manager: ManagerClient,
+    pub meta: meta::MetadataStore,
+    pub(crate) engine: jobs::Engine,
+    /// Disk-data bytes this process sent or received: by design always 0.
+    pub disk_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("state_dir", &self.config.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the catalog and the metadata store, recovers jobs a previous process left, and
+    /// starts the workers and the scheduler.
+    pub fn start(config: ServerConfig, manager: ManagerClient) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| ServerError::Io {
+            what: "create",
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let catalog = Catalog::open(&config.state_dir.join("catalog.db"))?;
+        let meta_dir = config
+            .metadata_dir
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("metadata"));
+        let server = Arc::new(Self {
+            meta: meta::MetadataStore::open(&meta_dir)?,
+            engine: jobs::Engine::new(config.max_jobs.max(1)),
+            config,
+            catalog,
+            manager,
+            disk_bytes: AtomicU64::new(0),
+        });
+        jobs::recover(&server)?;
+        jobs::start_workers(&server);
+        schedule::start_scheduler(&server);
+        Ok(server)
+    }
+
+    /// A client of a live storage agent, through the manager's registry.
+    pub fn storage_agent(&self, name: &str) -> Result<cairn_http::Client> {
+        let a = self
+            .manager
+            .agent("storage", name)
+            .map_err(ServerError::call(format!("storage agent {name}")))?;
+        cairn_manager::inventory::client_for(&a.registration).map_err(|e| {
+            ServerError::Failed(format!("storage agent {name}: {}", e.to_api().message))
+        })
+    }
+
+    /// Disk-data counters of every service, for the data-path proof.
+    pub fn data_path(&self) -> serde_json::Value {
+        let mut agents = Vec::new();
+        if let Ok(list) = self.manager.agents() {
+            for a in list
+                .iter()
+                .filter(|a| a.registration.kind == cairn_manager::AgentKind::Storage)
+            {
+                let stats = self
+                    .storage_agent(&a.registration.name)
+                    .ok()
+                    .and_then(|c| c.get_json::<serde_json::Value>("/v1/stats").ok());
+                agents.push(serde_json::json!({"name": a.registration.name, "stats": stats}));
+            }
+        }
+        serde_json::json!({
+            "server_disk_bytes": self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "storage_agents": agents,
+        })
+    }
+}

@@ -1,0 +1,238 @@
+//! Schedules and retention.
+//!
+//! A schedule backs up its VMs every interval (`30m`, `6h`, `1d`; at least 1 minute); the
+//! scheduler wakes every second, submits due jobs (a VM still busy skips that round, logged)
+//! and moves `next_ms` forward. Retention (keep-last/daily/weekly/monthly, the vault's own
+//! rules via [`cairn_vault::maint::keep_mask`]) runs after each backup and as a `prune` job:
+//! the plan is computed from the catalog, then each forgotten backup's vault snapshots are
+//! forgotten first and its catalog rows and metadata removed after. The newest backup of a
+//! VM is always kept.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_catalog::{Retention, Schedule, now_ms};
+use cairn_vault::maint::PruneOptions;
+use serde_json::{Value, json};
+
+use crate::jobs::{JobCtx, JobKind, submit};
+use crate::{Result, Server, ServerError};
+
+/// Parses `90s`, `30m`, `6h`, `1d` (or bare seconds) into seconds; at least 60.
+pub fn parse_every(s: &str) -> Result<i64> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: i64 = num
+        .parse()
+        .map_err(|_| ServerError::Invalid(format!("interval {s:?}: like 30m, 6h or 1d")))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(ServerError::Invalid(format!(
+                "interval {s:?}: unit s, m, h or d"
+            )));
+        }
+    };
+    let secs = n
+        .checked_mul(mult)
+        .filter(|v| *v <= 366 * 86_400)
+        .ok_or_else(|| ServerError::Invalid(format!("interval {s:?} is too long")))?;
+    if secs < 60 {
+        return Err(ServerError::Invalid(format!(
+            "interval {s:?}: at least 1 minute"
+        )));
+    }
+    Ok(secs)
+}
+
+/// Validates and stores a schedule; the first run is one interval from now.
+pub fn put_schedule(
+    server: &Server,
+    name: &str,
+    vms: Vec<String>,
+    group: bool,
+    every: &str,
+) -> Result<Schedule> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(ServerError::Invalid(format!("schedule name {name:?}")));
+    }
+    if vms.is_empty() {
+        return Err(ServerError::Invalid(
+            "a schedule needs at least one VM".into(),
+        ));
+    }
+    let every_s = parse_every(every)?;
+    let s = Schedule {
+        name: name.into(),
+        vms,
+        group,
+        every_s,
+        next_ms: now_ms() + every_s * 1000,
+        enabled: true,
+    };
+    server.catalog.upsert_schedule(&s)?;
+    Ok(s)
+}
+
+pub(crate) fn start_scheduler(server: &Arc<Server>) {
+    let s = Arc::clone(server);
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let Ok(list) = s.catalog.schedules() else {
+                    continue;
+                };
+                let now = now_ms();
+                for mut sc in list.into_iter().filter(|x| x.enabled && x.next_ms <= now) {
+                    let kind = if sc.group {
+                        JobKind::GroupBackup {
+                            vms: sc.vms.clone(),
+                            full: false,
+                        }
+                    } else {
+                        JobKind::Backup {
+                            vms: sc.vms.clone(),
+                            full: false,
+                        }
+                    };
+                    match submit(&s, kind) {
+                        Ok(j) => tracing::info!("schedule {}: job {}", sc.name, j.id),
+                        Err(e) => tracing::warn!("schedule {}: skipped: {}", sc.name, e.chain()),
+                    }
+                    while sc.next_ms <= now {
+                        sc.next_ms += sc.every_s * 1000;
+                    }
+                    let _ = s.catalog.upsert_schedule(&sc);
+                }
+            }
+        })
+        .expect("spawn scheduler");
+}
+
+fn prune_options(r: &Retention) -> PruneOptions {
+    let n = |v: Option<i64>| v.unwrap_or(0).max(0) as usize;
+    PruneOptions {
+        keep_last: n(r.keep_last),
+        keep_daily: n(r.keep_daily),
+        keep_weekly: n(r.keep_weekly),
+        keep_monthly: n(r.keep_monthly),
+    }
+}
+
+/// Plans and (unless `dry_run`) applies the retention of one VM; returns the plan.
+fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
+    let s = ctx.server;
+    let Some(policy) = s.catalog.retention(vm)? else {
+        return Ok(json!({ "vm": vm, "policy": null, "forget": [] }));
+    };
+    let opts = prune_options(&policy);
+    let mut backups = s.catalog.backups(Some(vm))?;
+    backups.reverse(); // newest first
+    let times: Vec<u64> = backups
+        .iter()
+        .map(|b| (b.created_ms / 1000) as u64)
+        .collect();
+    let mut keep = cairn_vault::maint::keep_mask(&times, &opts);
+    if let Some(k) = keep.first_mut() {
+        *k = true; // never the newest
+    }
+    let forget: Vec<_> = backups
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| !**k)
+        .map(|(b, _)| b)
+        .collect();
+    let ids: Vec<&str> = forget.iter().map(|b| b.id.as_str()).collect();
+    if !dry_run && !forget.is_empty() {
+        let vault = s
+            .config
+            .vault
+            .open()
+            .map_err(|e| ServerError::Failed(format!("vault: {e}")))?;
+        for b in &forget {
+            let mut snaps: Vec<String> = b.disks.iter().map(|d| d.vault_snapshot.clone()).collect();
+            snaps.extend(b.disks.iter().filter_map(|d| {
+                d.rdm
+                    .as_ref()
+                    .and_then(|r| r.get("mapping_snapshot"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            }));
+            // Snapshots another backup still names (a reused parent never is, but be safe).
+            match vault.forget(&snaps) {
+                Ok(_) => {}
+                Err(cairn_vault::VaultError::SnapshotNotFound(_)) => {
+                    ctx.warn(format!(
+                        "backup {}: some vault snapshots were already gone",
+                        b.id
+                    ));
+                    for one in &snaps {
+                        let _ = vault.forget(std::slice::from_ref(one));
+                    }
+                }
+                Err(e) => return Err(ServerError::Failed(format!("vault forget: {e}"))),
+            }
+            s.catalog.delete_backup(&b.id)?;
+            if let Ok(m) = s.catalog.metadata(&b.timestamp_id) {
+                s.meta.remove(&s.catalog, &m)?;
+            }
+            ctx.info(format!("{vm}: backup {} pruned", b.id));
+        }
+    }
+    Ok(json!({ "vm": vm, "policy": policy, "forget": ids, "dry_run": dry_run }))
+}
+
+/// Applies retention after a backup (errors are logged, not fatal: the backup stands).
+pub fn apply_retention(ctx: &JobCtx<'_>, vm: &str) -> Result<()> {
+    if let Err(e) = retain(ctx, vm, false) {
+        ctx.warn(format!("{vm}: retention not applied: {}", e.chain()));
+    }
+    Ok(())
+}
+
+/// The `prune` job.
+pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<Value> {
+    let vms: Vec<String> = if vms.is_empty() {
+        ctx.server
+            .catalog
+            .vms()?
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    } else {
+        vms.to_vec()
+    };
+    let plans = vms
+        .iter()
+        .map(|v| retain(ctx, v, dry_run))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(json!({ "plans": plans }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_every;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_every("30m").unwrap(), 1800);
+        assert_eq!(parse_every("6h").unwrap(), 21_600);
+        assert_eq!(parse_every("120").unwrap(), 120);
+        for bad in ["", "10s", "5x", "h", "-1h", "99999999999999d", "400d"] {
+            assert!(parse_every(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The server's REST API (`docs/openapi.yaml`, also served at `/v1/openapi.yaml`). Handlers
+//! only turn a request into a [`JobKind`] or a catalog query; long work runs as jobs and
+//! answers `202` with the job, which clients poll at `/v1/jobs/{id}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cairn_catalog::Retention;
+use cairn_http::ApiError;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::jobs::{JobKind, submit};
+use crate::restore::RestoreParams;
+use crate::{Result, Server};
+
+type Shared = Arc<Server>;
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// The OpenAPI document.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
+
+async fn blocking<T: serde::Serialize + Send + 'static>(
+    status: StatusCode,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> ApiResult<Response> {
+    let v = tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| e.to_api())?;
+    Ok((status, axum::Json(v)).into_response())
+}
+
+fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("request: {e}")))
+}
+
+async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        let live = s
+            .manager
+            .vms()
+            .map_err(crate::ServerError::call("list VMs"))?;
+        let known = s.catalog.vms()?;
+        let mut out: Vec<Value> = live
+            .iter()
+            .map(|v| {
+                let k = known.iter().find(|k| k.name == v.name);
+                json!({
+                    "name": v.name, "host": v.host, "state": v.state,
+                    "vcpus": v.spec.get("vcpus"), "memory_mib": v.spec.get("memory_mib"),
+                    "disks": v.disks,
+                    "backups": k.map_or(0, |k| k.backups),
+                    "last_backup_ms": k.and_then(|k| k.last_backup_ms),
+                })
+            })
+            .collect();
+        // VMs with backups that no host runs any more.
+        for k in known
+            .iter()
+            .filter(|k| !live.iter().any(|v| v.name == k.name))
+        {
+            out.push(json!({
+                "name": k.name, "host": null, "state": "absent",
+                "backups": k.backups, "last_backup_ms": k.last_backup_ms,
+            }));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct VmFilter {
+    #[serde(default)]
+    vm: Option<String>,
+}
+
+async fn backups(State(s): State<Shared>, Query(q): Query<VmFilter>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        Ok(s.catalog.backups(q.vm.as_deref())?)
+    })
+    .await
+}
+
+async fn backup(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        let b = s.catalog.backup(&id)?;
+        let meta = s.catalog.metadata(&b.timestamp_id).ok();
+        let mut v = serde_json::to_value(&b).unwrap_or_default();
+        v["metadata"] = serde_json::to_value(meta).unwrap_or_default();
+        Ok(v)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {
+    vms: Vec<String>,
+    #[serde(default)]
+    group: bool,
+    #[serde(default)]
+    full: bool,
+}
+
+async fn start_backup(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+    let r: BackupBody = body(&b)?;
+    let kind = if r.group {
+        JobKind::GroupBackup {
+            vms: r.vms,
+            full: r.full,
+        }
+    } else {
+        JobKind::Backup {
+            vms: r.vms,
+            full: r.full,
+        }
+    };
+    blocking(StatusCode::ACCEPTED, move || submit(&s, kind)).await
+}
+
+async fn start_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+    let r: RestoreParams = body(&b)?;
+    blocking(StatusCode::ACCEPTED, move || {
+        s.catalog.backup(&r.backup)?; // unknown backup: 404 now, not a failed job later
+        submit(&s, JobKind::Restore(r))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneBody {
+    #[serde(default)]
+    vms: Vec<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn start_prune(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+    let r: PruneBody = body(&b)?;
+    blocking(StatusCode::ACCEPTED, move || {
+        submit(
+            &s,
+            JobKind::Prune {
+                vms: r.vms,
+                dry_run: r.dry_run,
+            },
+        )
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn jobs(State(s): State<Shared>, Query(q): Query<JobsQuery>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        Ok(s.catalog.jobs(q.limit.unwrap_or(50))?)
+    })
+    .await
+}
+
+async fn job(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        let j = s.catalog.job(&id)?;
+        let events = s.catalog.events(&j.id)?;
+        let mut v = serde_json::to_value(&j).unwrap_or_default();
+        v["events"] = serde_json::to_value(events).unwrap_or_default();
+        Ok(v)
+    })
+    .await
+}
+
+async fn cancel_job(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || crate::jobs::cancel(&s, &id)).await
+}
+
+async fn schedules(State(s): State<Shared>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || Ok(s.catalog.schedules()?)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleBody {
+    vms: Vec<String>,
+    every: String,
+    #[serde(default)]
+    group: bool,
+}
+
+async fn put_schedule(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let r: ScheduleBody = body(&b)?;
+    blocking(StatusCode::OK, move || {
+        crate::schedule::put_schedule(&s, &name, r.vms, r.group, &r.every)
+    })
+    .await
+}
+
+async fn delete_schedule(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        s.catalog.delete_schedule(&name)?;
+        Ok(json!({ "deleted": name }))
+    })
+    .await
+}
+
+async fn get_retention(State(s): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || Ok(s.catalog.retention(&vm)?)).await
+}
+
+async fn put_retention(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let r: Retention = body(&b)?;
+    for v in [r.keep_last, r.keep_daily, r.keep_weekly, r.keep_monthly]
+        .into_iter()
+        .flatten()
+    {
+        if !(0..=100_000).contains(&v) {
+            return Err(ApiError::bad_request(format!("retention count {v}")));
+        }
+    }
+    blocking(StatusCode::OK, move || {
+        s.catalog.set_retention(&vm, &r)?;
+        Ok(r)
+    })
+    .await
+}
+
+async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || Ok(s.data_path())).await
+}
+
+/// The router, with the token check on every route but `/health` and the OpenAPI document.
+pub fn router(server: Arc<Server>, token: String) -> Router {
+    let api = cairn_http::server::with_token(
+        Router::new()
+            .route("/v1/vms", get(vms))
+            .route("/v1/backups", get(backups).post(start_backup))
+            .route("/v1/backups/{id}", get(backup))
+            .route("/v1/restores", post(start_restore))
+            .route("/v1/prune", post(start_prune))
+            .route("/v1/jobs", get(jobs))
+            .route("/v1/jobs/{id}", get(job))
+            .route("/v1/jobs/{id}/cancel", post(cancel_job))
+            .route("/v1/schedules", get(schedules))
+            .route(
+                "/v1/schedules/{name}",
+                axum::routing::put(put_schedule).delete(delete_schedule),
+            )
+            .route("/v1/retention/{vm}", get(get_retention).put(put_retention))
+            .route("/v1/stats", get(stats)),
+        token,
+    )
+    .with_state(server);
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/v1/openapi.yaml",
+            get(|| async { ([("content-type", "application/yaml")], OPENAPI) }),
+        )
+        .merge(api)
+}
+
+/// Serves until the task is aborted; returns once bound, with the listening address.
+pub async fn serve(
+    server: Arc<Server>,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    token: String,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    cairn_http::server::serve(router(server, token), addr, tls, "backup server").await
+}
