@@ -1,9 +1,14 @@
 //! `cairn`: the one binary. Subcommands either act on a repository (a directory or a vault
 //! service at `https://HOST:PORT`) or run a service.
 
+mod allinone;
+mod control;
+mod demo;
 mod host_agent;
 mod image;
+mod ops;
 mod progress;
+mod register;
 mod repo;
 mod service;
 mod storage_agent;
@@ -18,6 +23,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    conn: ops::Conn,
 }
 
 #[derive(Subcommand, Debug)]
@@ -34,6 +41,68 @@ enum Cmd {
     StorageAgent(storage_agent::StorageAgentArgs),
     /// Run the QEMU host agent service over a state directory.
     HostAgent(host_agent::HostAgentArgs),
+    /// Run the VM management server (inventory, agent registry, snapshot relay).
+    Manager(control::ManagerArgs),
+    /// Run the backup server (jobs, catalog, schedules, REST API).
+    Server(control::ServerArgs),
+    /// Run every role in one process on the embedded defaults.
+    AllInOne(allinone::AllInOneArgs),
+    /// The guided demo: tiny QEMU guests, every backup and restore flow, a summary.
+    Demo(demo::DemoArgs),
+    /// VMs and their backups.
+    #[command(subcommand)]
+    Vm(ops::VmCmd),
+    /// Back up VMs (full the first time, incremental after); --group for one targeted
+    /// snapshot of all of them.
+    Backup {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[arg(long)]
+        group: bool,
+        /// Read every disk whole even when a previous backup exists.
+        #[arg(long)]
+        full: bool,
+        /// Print the job and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List backups (of one VM).
+    Backups { vm: Option<String> },
+    /// Restore a backup of VM as a new VM.
+    Restore {
+        vm: String,
+        #[arg(long)]
+        backup: String,
+        #[arg(long = "as")]
+        as_name: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// Restore the disks only.
+        #[arg(long)]
+        no_start: bool,
+        /// Wait until the guest agent answers (seconds; 0 = do not wait).
+        #[arg(long, default_value_t = 0)]
+        wait_boot: u64,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Jobs: list, show, cancel.
+    #[command(subcommand)]
+    Job(ops::JobCmd),
+    /// Backup schedules.
+    #[command(subcommand)]
+    Schedule(ops::ScheduleCmd),
+    /// Retention policies.
+    #[command(subcommand)]
+    Retention(ops::RetentionCmd),
+    /// Apply retention now.
+    Prune {
+        vms: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Disk-data counters of the server and the storage agents.
+    Stats,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +120,34 @@ fn main() -> ExitCode {
         Cmd::Vault(a) => service::run(a),
         Cmd::StorageAgent(a) => storage_agent::run(a),
         Cmd::HostAgent(a) => host_agent::run(a),
+        Cmd::Manager(a) => control::run_manager(a),
+        Cmd::Server(a) => control::run_server(a),
+        Cmd::AllInOne(a) => allinone::run(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Vm(c) => ops::vm(&cli.conn, c),
+        Cmd::Backup {
+            vms,
+            group,
+            full,
+            no_wait,
+        } => ops::backup(&cli.conn, vms, group, full, no_wait),
+        Cmd::Backups { vm } => ops::backups(&cli.conn, vm),
+        Cmd::Restore {
+            vm,
+            backup,
+            as_name,
+            host,
+            no_start,
+            wait_boot,
+            no_wait,
+        } => ops::restore(
+            &cli.conn, &vm, &backup, &as_name, host, no_start, wait_boot, no_wait,
+        ),
+        Cmd::Job(c) => ops::job(&cli.conn, c),
+        Cmd::Schedule(c) => ops::schedule(&cli.conn, c),
+        Cmd::Retention(c) => ops::retention(&cli.conn, c),
+        Cmd::Prune { vms, dry_run } => ops::prune(&cli.conn, vms, dry_run),
+        Cmd::Stats => ops::stats(&cli.conn),
     };
     match r {
         Ok(code) => code,

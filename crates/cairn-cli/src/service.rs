@@ -75,12 +75,31 @@ where
     F: FnOnce(rustls::ServerConfig, String) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>>,
 {
+    serve_registered(what, creds, None, start)
+}
+
+/// As [`serve_until_signal`], and once bound, registers with the manager and heartbeats.
+pub fn serve_registered<F, Fut>(
+    what: &str,
+    creds: Credentials,
+    announce: Option<crate::register::Announce>,
+    start: F,
+) -> Result<ExitCode>
+where
+    F: FnOnce(rustls::ServerConfig, String) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>>,
+{
+    let fingerprint = creds.fingerprint.clone();
+    let token = creds.token.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let (addr, handle) = start(creds.tls, creds.token).await?;
+        if let Some(a) = announce {
+            a.start(&format!("https://{addr}"), &fingerprint, &token);
+        }
         println!(
             "{}",
             serde_json::json!({

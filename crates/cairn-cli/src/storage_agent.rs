@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use cairn_storage::{AgentConfig, DatastoreConfig, StorageAgent};
 
-use crate::service::{credentials, serve_until_signal};
+use crate::service::{credentials, serve_registered};
 
 #[derive(clap::Args, Debug)]
 pub struct StorageAgentArgs {
@@ -23,6 +23,8 @@ pub struct StorageAgentArgs {
     /// Disks backed up at once.
     #[arg(long, default_value_t = 2)]
     parallel: usize,
+    #[command(flatten)]
+    register: crate::register::ManagerArgs,
 }
 
 fn parse_datastore(s: &str) -> Result<DatastoreConfig, String> {
@@ -53,7 +55,9 @@ pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
         state_dir: a.state_dir.clone(),
         parallel: a.parallel,
     }));
-    serve_until_signal("storage agent", creds, move |tls, token| {
+    let announce =
+        crate::register::Announce::from_args(cairn_manager::AgentKind::Storage, &a.register)?;
+    serve_registered("storage agent", creds, announce, move |tls, token| {
         cairn_storage::service::serve(agent, a.listen, tls, token)
     })
 }

@@ -172,6 +172,24 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
+        self.send_json("POST", path, body)
+    }
+
+    /// PUT a JSON body, JSON answer.
+    pub fn put_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send_json("PUT", path, body)
+    }
+
+    fn send_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let url = self.url(path);
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
             url: url.clone(),
@@ -179,7 +197,7 @@ impl Client {
         })?;
         let r = self.call(
             self.agent
-                .post(&url)
+                .request(method, &url)
                 .set("Content-Type", "application/json"),
             Some(&bytes),
         )?;

@@ -328,4 +328,9 @@ pub trait HypervisorDriver: Send + Sync {
         path: &'a std::path::Path,
     ) -> BoxFuture<'a, Result<SavedState, DriverError>>;
     fn resource_usage(&self, vm: VmId) -> BoxFuture<'_, Result<ResourceUsage, DriverError>>;
+    /// The VM's one guest-agent client (the chardev takes one connection; the driver's
+    /// quiesce uses the same client). `None` for drivers without a guest agent.
+    fn guest_agent_of(&self, _vm: VmId) -> Option<std::sync::Arc<crate::qga::GuestAgent>> {
+        None
+    }
 }

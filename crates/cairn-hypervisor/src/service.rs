@@ -274,6 +274,7 @@ impl HostAgentService {
                 .route("/v1/vms/{vm}/state", post(save_state))
                 .route("/v1/vms/{vm}/usage", get(usage))
                 .route("/v1/vms/{vm}/guest", get(guest))
+                .route("/v1/vms/{vm}/guest/exec", post(guest_exec))
                 .route(
                     "/v1/saved/{name}",
                     get(saved_state).delete(delete_saved_state),
@@ -517,14 +518,24 @@ struct GuestQuery {
     timeout_ms: Option<u64>,
 }
 
+/// The driver's guest-agent client of `vm` (a second connection would starve the first).
+async fn guest_agent(s: &HostAgentService, vm: VmId) -> ApiResult<Arc<crate::qga::GuestAgent>> {
+    let info = s.driver.vm_status(vm).await.map_err(|e| api_error(&e))?;
+    Ok(s.driver.guest_agent_of(vm).unwrap_or_else(|| {
+        Arc::new(crate::qga::GuestAgent::new(
+            &info.handle.qga_socket,
+            Default::default(),
+        ))
+    }))
+}
+
 async fn guest(
     State(s): State<Shared>,
     Path(vm): Path<String>,
     Query(q): Query<GuestQuery>,
 ) -> ApiResult<Response> {
     let vm: VmId = parse_id(&vm)?;
-    let info = s.driver.vm_status(vm).await.map_err(|e| api_error(&e))?;
-    let ga = crate::qga::GuestAgent::new(&info.handle.qga_socket, Default::default());
+    let ga = guest_agent(&s, vm).await?;
     let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(2000).min(60_000));
     let status = match ga.wait_ready(timeout).await {
         Err(e) => GuestStatus {
@@ -549,6 +560,37 @@ async fn guest(
         },
     };
     Ok(json(status))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExecRequest {
+    /// Run with `/bin/sh -c`.
+    shell: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// Runs a shell command in the guest through `qemu-ga` (`guest-exec`) and waits for it.
+async fn guest_exec(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let vm: VmId = parse_id(&vm)?;
+    let req: ExecRequest = body(&b, "exec request")?;
+    let ga = guest_agent(&s, vm).await?;
+    let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(30_000).min(600_000));
+    let st = ga
+        .exec_wait(&crate::qga::GuestExec::shell(&req.shell), timeout)
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Conflict, format!("guest agent: {e}")))?;
+    Ok(json(serde_json::json!({
+        "exit_code": st.exit_code,
+        "signal": st.signal,
+        "stdout": String::from_utf8_lossy(&st.stdout),
+        "stderr": String::from_utf8_lossy(&st.stderr),
+    })))
 }
 
 /// Downloads a saved execution state (`GET`) or deletes it (`DELETE`).

@@ -108,6 +108,14 @@ impl ManagerClient {
         ))
     }
 
+    /// Runs a shell command in the VM's guest (guest agent).
+    pub fn guest_exec(&self, vm: &str, shell: &str) -> R<Value> {
+        self.http.post_json(
+            &format!("/v1/vms/{}/guest/exec", seg(vm)),
+            &serde_json::json!({ "shell": shell }),
+        )
+    }
+
     /// Asks `host` to start a VM from a `VmSpec`.
     pub fn provision(&self, host: &str, spec: &Value) -> R<Value> {
         self.http

@@ -146,6 +146,15 @@ async fn guest(
     blocking(move || relay_vm(&inv, &name, "GET", &path, None)).await
 }
 
+async fn guest_exec(
+    State(inv): State<Shared>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let req: Value = body(&b)?;
+    blocking(move || relay_vm(&inv, &name, "POST", "/v1/vms/{id}/guest/exec", Some(&req))).await
+}
+
 fn host_client(inv: &Inventory, host: &str) -> Result<(cairn_http::Client, Registration)> {
     let a = inv.agent(AgentKind::Host, host)?;
     Ok((
@@ -221,6 +230,7 @@ pub fn router(inv: Arc<Inventory>, token: String) -> Router {
             .route("/v1/vms/{vm}/state", post(save_state))
             .route("/v1/vms/{vm}/usage", get(usage))
             .route("/v1/vms/{vm}/guest", get(guest))
+            .route("/v1/vms/{vm}/guest/exec", post(guest_exec))
             .route("/v1/hosts/{host}/snapshots/{id}", delete(delete_snapshot))
             .route("/v1/hosts/{host}/vms", post(provision))
             .route(

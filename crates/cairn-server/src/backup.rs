@@ -396,10 +396,12 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
     let created_ms = now_ms();
     let loc = locate(ctx, vm)?;
     let parent = Parent::of(ctx, &loc, full)?;
-    let snap = snapshot_vm(ctx, &loc, "fleecing", parent.since.as_deref())?;
+    // The metadata snapshot first: QEMU cannot migrate (save state) while the fleecing
+    // copy-before-write job runs, and the VM snapshot then lives as short as possible.
     let ts = crate::meta::timestamp_id();
     let backup_id = new_id();
     let meta = metadata(ctx, &loc, &ts)?;
+    let snap = snapshot_vm(ctx, &loc, "fleecing", parent.since.as_deref())?;
     ctx.check_cancel()?;
     let mut jobs = Vec::new();
     for d in &loc.disks {

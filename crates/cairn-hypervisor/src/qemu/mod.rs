@@ -463,6 +463,10 @@ impl QemuDriver {
 }
 
 impl HypervisorDriver for QemuDriver {
+    fn guest_agent_of(&self, vm: VmId) -> Option<Arc<GuestAgent>> {
+        self.guest_agent(vm).ok()
+    }
+
     fn start_vm<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<VmHandle, DriverError>> {
         Box::pin(QemuDriver::start_vm(self, spec))
     }

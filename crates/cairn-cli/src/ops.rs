@@ -1,0 +1,428 @@
+//! The operator's commands over the server's REST API: `vm list`, `backup`, `backups`,
+//! `restore`, `job`, `schedule`, `retention`, `prune`, `stats`. Every command takes `--json`
+//! for scripts; waiting commands show the job's events as they happen.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cairn_http::{Client, Trust};
+use serde_json::{Value, json};
+
+/// How to reach the server.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Conn {
+    /// A `connection.json` written by `cairn server` / `cairn all-in-one` (url, fingerprint,
+    /// token file).
+    #[arg(long, global = true, env = "CAIRN_CONNECT")]
+    connect: Option<PathBuf>,
+    /// The server's URL (instead of --connect).
+    #[arg(long, global = true, env = "CAIRN_SERVER")]
+    server: Option<String>,
+    #[arg(long, global = true, env = "CAIRN_SERVER_FINGERPRINT")]
+    server_fingerprint: Option<String>,
+    #[arg(long, global = true, env = "CAIRN_SERVER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// One JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Conn {
+    pub fn client(&self) -> Result<Client> {
+        let (url, fp, tf) = match (&self.server, &self.connect) {
+            (Some(u), _) => (
+                u.clone(),
+                self.server_fingerprint
+                    .clone()
+                    .context("--server needs --server-fingerprint")?,
+                self.token_file
+                    .clone()
+                    .context("--server needs --token-file")?,
+            ),
+            (None, c) => {
+                let path = c
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/cairn/server/connection.json"));
+                let c: Value =
+                    serde_json::from_slice(&std::fs::read(&path).with_context(|| {
+                        format!(
+                            "no server connection: {} (use --connect or --server)",
+                            path.display()
+                        )
+                    })?)?;
+                let s = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
+                (
+                    s("url").context("connection: url")?,
+                    s("fingerprint").context("connection: fingerprint")?,
+                    PathBuf::from(s("token_file").context("connection: token_file")?),
+                )
+            }
+        };
+        let token =
+            std::fs::read_to_string(&tf).with_context(|| format!("reading {}", tf.display()))?;
+        Ok(Client::new(&url, token.trim(), &Trust::Fingerprint(fp))?)
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum VmCmd {
+    /// VMs the manager knows, with their backups.
+    List,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum JobCmd {
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    Show {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ScheduleCmd {
+    /// Back VMs up every interval (`30m`, `6h`, `1d`).
+    Set {
+        name: String,
+        #[arg(long)]
+        every: String,
+        #[arg(long)]
+        group: bool,
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    List,
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RetentionCmd {
+    /// Set the retention of a VM (`*` for the default).
+    Set {
+        vm: String,
+        #[arg(long)]
+        keep_last: Option<i64>,
+        #[arg(long)]
+        keep_daily: Option<i64>,
+        #[arg(long)]
+        keep_weekly: Option<i64>,
+        #[arg(long)]
+        keep_monthly: Option<i64>,
+    },
+    Show {
+        vm: String,
+    },
+}
+
+fn out(conn: &Conn, v: &Value, human: impl FnOnce(&Value)) {
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        human(v);
+    }
+}
+
+fn ago(ms: Option<i64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(t) => {
+            let s = (cairn_catalog::now_ms() - t) / 1000;
+            match s {
+                s if s < 120 => format!("{s} s ago"),
+                s if s < 7200 => format!("{} min ago", s / 60),
+                s => format!("{} h ago", s / 3600),
+            }
+        }
+    }
+}
+
+pub fn vm(conn: &Conn, _c: VmCmd) -> Result<ExitCode> {
+    let v: Value = conn.client()?.get_json("/v1/vms")?;
+    out(conn, &v, |v| {
+        println!(
+            "{:<16} {:<12} {:<10} {:>7} LAST BACKUP",
+            "VM", "HOST", "STATE", "BACKUPS"
+        );
+        for x in v.as_array().into_iter().flatten() {
+            println!(
+                "{:<16} {:<12} {:<10} {:>7} {}",
+                x["name"].as_str().unwrap_or("?"),
+                x["host"].as_str().unwrap_or("-"),
+                x["state"].as_str().unwrap_or("?"),
+                x["backups"].as_i64().unwrap_or(0),
+                ago(x["last_backup_ms"].as_i64())
+            );
+        }
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls a job until it ends, printing new events on stderr; returns the final job.
+pub fn wait_job(c: &Client, id: &str, show: bool) -> Result<Value> {
+    let mut seen = 0;
+    loop {
+        let j: Value = c.get_json(&format!("/v1/jobs/{id}"))?;
+        if show {
+            for e in j["events"].as_array().into_iter().flatten().skip(seen) {
+                eprintln!(
+                    "  [{}] {}",
+                    e["level"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or("")
+                );
+                seen += 1;
+            }
+        }
+        match j["state"].as_str() {
+            Some("succeeded" | "failed" | "cancelled") => return Ok(j),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn finish(conn: &Conn, c: &Client, job: Value, wait: bool) -> Result<ExitCode> {
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    if !wait {
+        out(conn, &job, |j| {
+            println!("job {} queued", j["id"].as_str().unwrap_or("?"))
+        });
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !conn.json {
+        eprintln!("job {id} ({})", job["kind"].as_str().unwrap_or("?"));
+    }
+    let j = wait_job(
+        c,
+        &id,
+        !conn.json && std::io::stderr().is_terminal() || !conn.json,
+    )?;
+    let ok = j["state"] == "succeeded";
+    out(conn, &j, |j| {
+        if ok {
+            println!("job {id} succeeded");
+            if let Some(r) = j.get("result") {
+                println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            }
+        } else {
+            println!(
+                "job {id} {}: {}",
+                j["state"].as_str().unwrap_or("?"),
+                j["error"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub fn backup(
+    conn: &Conn,
+    vms: Vec<String>,
+    group: bool,
+    full: bool,
+    no_wait: bool,
+) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let job: Value = c.post_json(
+        "/v1/backups",
+        &json!({ "vms": vms, "group": group, "full": full }),
+    )?;
+    finish(conn, &c, job, !no_wait)
+}
+
+pub fn backups(conn: &Conn, vm: Option<String>) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let path = match &vm {
+        Some(v) => format!("/v1/backups?vm={v}"),
+        None => "/v1/backups".into(),
+    };
+    let v: Value = c.get_json(&path)?;
+    out(conn, &v, |v| {
+        println!(
+            "{:<17} {:<14} {:<12} {:<8} {:>9} {:>12} {:>11} WHEN",
+            "BACKUP", "VM", "KIND", "GROUP", "DURATION", "SENT", "SNAPSHOT"
+        );
+        for b in v.as_array().into_iter().flatten() {
+            println!(
+                "{:<17} {:<14} {:<12} {:<8} {:>7}ms {:>12} {:>9}ms {}",
+                b["id"].as_str().unwrap_or("?"),
+                b["vm"].as_str().unwrap_or("?"),
+                b["kind"].as_str().unwrap_or("?"),
+                b["group_id"]
+                    .as_str()
+                    .map(|g| &g[..g.len().min(8)])
+                    .unwrap_or("-"),
+                b["duration_ms"].as_i64().unwrap_or(0),
+                b["bytes_sent"].as_i64().unwrap_or(0),
+                b["vm_snapshot_lifetime_ms"].as_i64().unwrap_or(0),
+                ago(b["created_ms"].as_i64())
+            );
+        }
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn restore(
+    conn: &Conn,
+    vm: &str,
+    backup: &str,
+    as_name: &str,
+    host: Option<String>,
+    no_start: bool,
+    wait_boot_s: u64,
+    no_wait: bool,
+) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let b: Value = c.get_json(&format!("/v1/backups/{backup}"))?;
+    if b["vm"].as_str() != Some(vm) {
+        bail!(
+            "backup {backup} is of VM {}, not {vm}",
+            b["vm"].as_str().unwrap_or("?")
+        );
+    }
+    let job: Value = c.post_json(
+        "/v1/restores",
+        &json!({ "backup": backup, "as_name": as_name, "host": host, "start": !no_start,
+                 "wait_boot_s": wait_boot_s }),
+    )?;
+    finish(conn, &c, job, !no_wait)
+}
+
+pub fn job(conn: &Conn, cmd: JobCmd) -> Result<ExitCode> {
+    let c = conn.client()?;
+    match cmd {
+        JobCmd::List { limit } => {
+            let v: Value = c.get_json(&format!("/v1/jobs?limit={limit}"))?;
+            out(conn, &v, |v| {
+                println!(
+                    "{:<17} {:<13} {:<10} {:<24} ERROR",
+                    "JOB", "KIND", "STATE", "VMS"
+                );
+                for j in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<17} {:<13} {:<10} {:<24} {}",
+                        j["id"].as_str().unwrap_or("?"),
+                        j["kind"].as_str().unwrap_or("?"),
+                        j["state"].as_str().unwrap_or("?"),
+                        j["vms"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default(),
+                        j["error"].as_str().unwrap_or("")
+                    );
+                }
+            });
+        }
+        JobCmd::Show { id } => {
+            let v: Value = c.get_json(&format!("/v1/jobs/{id}"))?;
+            out(conn, &v, |v| {
+                println!(
+                    "job {} ({}): {}",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["kind"].as_str().unwrap_or("?"),
+                    v["state"].as_str().unwrap_or("?")
+                );
+                for e in v["events"].as_array().into_iter().flatten() {
+                    println!(
+                        "  [{}] {}",
+                        e["level"].as_str().unwrap_or(""),
+                        e["message"].as_str().unwrap_or("")
+                    );
+                }
+                if let Some(e) = v["error"].as_str() {
+                    println!("error: {e}");
+                }
+            });
+        }
+        JobCmd::Cancel { id } => {
+            let v: Value = c.post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}))?;
+            out(conn, &v, |v| {
+                println!(
+                    "cancel requested for job {}",
+                    v["id"].as_str().unwrap_or("?")
+                )
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn schedule(conn: &Conn, cmd: ScheduleCmd) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let v: Value = match cmd {
+        ScheduleCmd::Set {
+            name,
+            every,
+            group,
+            vms,
+        } => c.put_json(
+            &format!("/v1/schedules/{name}"),
+            &json!({ "vms": vms, "every": every, "group": group }),
+        )?,
+        ScheduleCmd::List => c.get_json("/v1/schedules")?,
+        ScheduleCmd::Rm { name } => c.delete_json(&format!("/v1/schedules/{name}"))?,
+    };
+    out(conn, &v, |v| {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn retention(conn: &Conn, cmd: RetentionCmd) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let v: Value = match cmd {
+        RetentionCmd::Set {
+            vm,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+        } => c.put_json(
+            &format!(
+                "/v1/retention/{}",
+                if vm == "*" { "%2A".into() } else { vm }
+            ),
+            &json!({ "keep_last": keep_last, "keep_daily": keep_daily,
+                     "keep_weekly": keep_weekly, "keep_monthly": keep_monthly }),
+        )?,
+        RetentionCmd::Show { vm } => c.get_json(&format!(
+            "/v1/retention/{}",
+            if vm == "*" { "%2A".into() } else { vm }
+        ))?,
+    };
+    out(conn, &v, |v| {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn prune(conn: &Conn, vms: Vec<String>, dry_run: bool) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let job: Value = c.post_json("/v1/prune", &json!({ "vms": vms, "dry_run": dry_run }))?;
+    finish(conn, &c, job, true)
+}
+
+pub fn stats(conn: &Conn) -> Result<ExitCode> {
+    let v: Value = conn.client()?.get_json("/v1/stats")?;
+    out(conn, &v, |v| {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+    });
+    Ok(ExitCode::SUCCESS)
+}
