@@ -1,0 +1,499 @@
+//! Every flow end to end, each role in its own process on loopback: `cairn vault`,
+//! `cairn manager`, `cairn host-agent`, `cairn storage-agent`, `cairn server`, two tiny QEMU
+//! guests under TCG, and the operator CLI. Also the bad inputs: bad token, malformed and
+//! invalid requests, unknown VM, conflicting jobs, a host that stopped heartbeating.
+//!
+//! Needs `qemu-system-x86_64` and the tiny guest (`scripts/build-test-guest.sh`); with
+//! `CAIRN_REQUIRE_QEMU=1` (scripts/test.sh as root) their absence fails the test, otherwise it
+//! says loudly that it skipped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_http::{Client, Trust};
+use serde_json::{Value, json};
+
+const KERNEL_APPEND: &str = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable \
+    no_timer_check lpj=4200000 8250.nr_uarts=1";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn skip_or_fail(msg: &str) -> bool {
+    if std::env::var("CAIRN_REQUIRE_QEMU").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("\n!!!!!!!! SKIPPED e2e: {msg} !!!!!!!!\n");
+    false
+}
+
+fn guest() -> Option<PathBuf> {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip_or_fail("qemu-system-x86_64 missing");
+        return None;
+    }
+    let dir = std::env::var_os("CAIRN_TEST_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/test-guest"));
+    let ok = Command::new("bash")
+        .arg(repo_root().join("scripts/build-test-guest.sh"))
+        .arg(&dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        skip_or_fail("building the test guest failed");
+        return None;
+    }
+    Some(dir)
+}
+
+/// A service process, stopped by its pid when dropped.
+struct Service {
+    child: Child,
+    info: Value,
+}
+
+impl Service {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cairn");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let info: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{args:?}: first line {line:?}: {e}"));
+        Self { child, info }
+    }
+
+    fn url(&self) -> &str {
+        self.info["listen"].as_str().unwrap()
+    }
+
+    fn fp(&self) -> &str {
+        self.info["fingerprint"].as_str().unwrap()
+    }
+
+    fn token_file(&self) -> &str {
+        self.info["token_file"].as_str().unwrap()
+    }
+
+    fn client(&self) -> Client {
+        let token = std::fs::read_to_string(self.token_file()).unwrap();
+        Client::new(
+            self.url(),
+            token.trim(),
+            &Trust::Fingerprint(self.fp().into()),
+        )
+        .unwrap()
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the QEMU processes a host agent state directory records (VMs outlive their agent).
+struct VmReaper(PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        for dir in std::fs::read_dir(self.0.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(dir.path().join("vm.json")) else {
+                continue;
+            };
+            let rec: Value = serde_json::from_str(&text).unwrap_or_default();
+            let (Some(pid), Some(sock)) = (rec["pid"].as_u64(), rec["qmp_socket"].as_str()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.windows(sock.len()).any(|w| w == sock.as_bytes()) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+fn disk(dir: &Path, name: &str) -> PathBuf {
+    let src = dir.join(format!("src-{name}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), format!("hello from {name}\n")).unwrap();
+    let raw = dir.join(format!("{name}.raw"));
+    assert!(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-d"])
+            .arg(&src)
+            .arg(&raw)
+            .arg("32M")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = dir.join("ds").join(format!("{name}.qcow2"));
+    assert!(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success()
+    );
+    out
+}
+
+fn wait_job(c: &Client, id: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let j: Value = c.get_json(&format!("/v1/jobs/{id}")).unwrap();
+        if matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return j;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "job {id} hangs: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn submit(c: &Client, path: &str, body: Value) -> Value {
+    let j: Value = c.post_json(path, &body).unwrap();
+    wait_job(c, j["id"].as_str().unwrap())
+}
+
+fn status(r: Result<Value, cairn_http::ClientError>) -> u16 {
+    match r {
+        Err(cairn_http::ClientError::Api { status, .. }) => status,
+        Err(e) => panic!("{e}"),
+        Ok(v) => panic!("unexpected success: {v}"),
+    }
+}
+
+fn cli(conn: &Path, args: &[&str]) -> (bool, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--connect")
+        .arg(conn)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "cairn {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}
+
+#[test]
+fn every_flow_with_each_role_in_its_own_process() {
+    let Some(guest) = guest() else { return };
+    let lock = std::fs::File::create(std::env::temp_dir().join("cairn-test-guest.lock")).unwrap();
+    lock.lock().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let p = |s: &str| t.join(s).display().to_string();
+    std::fs::create_dir_all(t.join("ds")).unwrap();
+    let _reaper = VmReaper(t.join("host"));
+
+    let vault = Service::start(&["vault", "--repo", &p("vault"), "--listen", "127.0.0.1:0"]);
+    let manager = Service::start(&[
+        "manager",
+        "--state-dir",
+        &p("manager"),
+        "--listen",
+        "127.0.0.1:0",
+        "--stale-after-s",
+        "3",
+    ]);
+    let reg = |name: &str| {
+        vec![
+            "--manager".to_string(),
+            manager.url().into(),
+            "--manager-fingerprint".into(),
+            manager.fp().into(),
+            "--manager-token-file".into(),
+            manager.token_file().into(),
+            "--name".into(),
+            name.into(),
+            "--heartbeat-s".into(),
+            "1".into(),
+        ]
+    };
+    let mut args = vec![
+        "host-agent".to_string(),
+        "--state-dir".into(),
+        p("host"),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(reg("h1"));
+    let mut host = Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args = vec![
+        "storage-agent".to_string(),
+        "--state-dir".into(),
+        p("storage"),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--datastore".into(),
+        format!("ds={}", p("ds")),
+    ];
+    args.extend(reg("s1"));
+    let storage = Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let server = Service::start(&[
+        "server",
+        "--state-dir",
+        &p("server"),
+        "--listen",
+        "127.0.0.1:0",
+        "--manager",
+        manager.url(),
+        "--manager-fingerprint",
+        manager.fp(),
+        "--manager-token-file",
+        manager.token_file(),
+        "--vault",
+        vault.url(),
+        "--vault-fingerprint",
+        vault.fp(),
+        "--vault-token-file",
+        vault.token_file(),
+        "--no-state",
+    ]);
+    let conn = t.join("server/connection.json");
+    let s = server.client();
+    let m = manager.client();
+
+    // Bad token, malformed and invalid requests.
+    let bad = Client::new(
+        server.url(),
+        "wrong",
+        &Trust::Fingerprint(server.fp().into()),
+    )
+    .unwrap();
+    assert_eq!(status(bad.get_json("/v1/vms")), 401);
+    assert_eq!(status(s.post_json("/v1/backups", &json!({"vms": []}))), 400);
+    assert_eq!(status(s.post_json("/v1/backups", &json!({"vm": "x"}))), 400);
+    assert_eq!(
+        status(s.put_json("/v1/schedules/x", &json!({"vms": ["vm1"], "every": "5s"}))),
+        400
+    );
+    assert_eq!(
+        status(s.post_json(
+            "/v1/restores",
+            &json!({"backup": "abcd1234", "as_name": "x"})
+        )),
+        404
+    );
+
+    // Two VMs on host h1, disks on storage agent s1.
+    for name in ["vm1", "vm2"] {
+        let d = disk(t, name);
+        let spec = json!({
+            "name": name, "vcpus": 1, "memory_mib": 192,
+            "disks": [{"id": "vda", "path": d, "format": "qcow2"}],
+            "boot": {"type": "kernel", "kernel": guest.join("vmlinux"),
+                     "initrd": guest.join("initrd.gz"), "append": KERNEL_APPEND},
+        });
+        let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
+    }
+    for name in ["vm1", "vm2"] {
+        let t0 = Instant::now();
+        loop {
+            let g: Value = m.get_json(&format!("/v1/vms/{name}/guest")).unwrap();
+            if g["agent"] == true {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "{name} did not boot"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let vms: Value = s.get_json("/v1/vms").unwrap();
+    let vm1 = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vm1")
+        .unwrap();
+    assert_eq!(vm1["host"], "h1");
+    assert_eq!(vm1["disks"][0]["storage_agent"], "s1");
+    assert_eq!(vm1["disks"][0]["datastore_disk"], "vm1.qcow2");
+
+    // Unknown VM: the job fails with a clear error.
+    let j = submit(&s, "/v1/backups", json!({"vms": ["nope"]}));
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["error"].as_str().unwrap().contains("VM nope not found"),
+        "{j}"
+    );
+
+    // Full backup through the CLI.
+    let (ok, j) = cli(&conn, &["backup", "vm1", "vm2"]);
+    assert!(ok, "{j}");
+    assert_eq!(j["state"], "succeeded");
+    let full = &j["result"]["backups"][0];
+    assert_eq!(full["kind"], "full");
+    assert_eq!(full["quiesce"], "guest_freeze");
+
+    // Conflicting jobs on one VM: the second is refused while the first is unfinished.
+    let first: Value = s
+        .post_json("/v1/backups", &json!({"vms": ["vm1"]}))
+        .unwrap();
+    assert_eq!(
+        status(s.post_json("/v1/backups", &json!({"vms": ["vm1"]}))),
+        409
+    );
+    assert_eq!(
+        wait_job(&s, first["id"].as_str().unwrap())["state"],
+        "succeeded"
+    );
+
+    // Guest writes, then an incremental that reads only the dirty blocks.
+    let w: Value = m
+        .post_json(
+            "/v1/vms/vm1/guest/exec",
+            &json!({"shell": "dd if=/dev/urandom of=/mnt/new.bin bs=1M count=2 2>/dev/null && sync"}),
+        )
+        .unwrap();
+    assert_eq!(w["exit_code"], 0, "{w}");
+    let j = submit(&s, "/v1/backups", json!({"vms": ["vm1"]}));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let inc = &j["result"]["backups"][0];
+    assert_eq!(inc["kind"], "incremental");
+    assert_eq!(
+        inc["disks"][0]["change_source"], "hypervisor_bitmap",
+        "{inc}"
+    );
+    assert!(inc["bytes_read"].as_i64().unwrap() < 16 << 20, "{inc}");
+    assert!(inc["bytes_sent"].as_i64().unwrap() >= 2 << 20, "{inc}");
+
+    // Group backup: one storage snapshot, every VM snapshot released before the backups.
+    let j = submit(
+        &s,
+        "/v1/backups",
+        json!({"vms": ["vm1", "vm2"], "group": true}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let lifetimes = j["result"]["vm_snapshot_lifetimes_ms"].as_array().unwrap();
+    assert_eq!(lifetimes.len(), 2);
+    let events = s
+        .get_json::<Value>(&format!("/v1/jobs/{}", j["id"].as_str().unwrap()))
+        .unwrap();
+    let log: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    let deleted = log
+        .iter()
+        .rposition(|l| l.contains("VM snapshot") && l.contains("deleted"))
+        .unwrap();
+    let sent = log.iter().position(|l| l.contains("vm1/vda:")).unwrap();
+    assert!(
+        deleted < sent,
+        "VM snapshots must be released before data is sent: {log:#?}"
+    );
+    // Nothing left behind on the storage agent.
+    let left: Value = storage.client().get_json("/v1/snapshots").unwrap();
+    assert_eq!(left, json!([]));
+
+    // Restore the newest vm1 backup as a new VM and boot it.
+    let backups: Value = s.get_json("/v1/backups?vm=vm1").unwrap();
+    let newest = backups.as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, j) = cli(
+        &conn,
+        &[
+            "restore",
+            "vm1",
+            "--backup",
+            &newest,
+            "--as",
+            "vm1-copy",
+            "--wait-boot",
+            "120",
+        ],
+    );
+    assert!(ok, "{j}");
+    assert_eq!(j["result"]["guest"]["agent"], true, "{j}");
+    let out: Value = m
+        .post_json(
+            "/v1/vms/vm1-copy/guest/exec",
+            &json!({"shell": "cat /mnt/hello.txt; ls /mnt/new.bin"}),
+        )
+        .unwrap();
+    assert_eq!(out["stdout"], "hello from vm1\n/mnt/new.bin\n", "{out}");
+    // A restore onto a name in use is refused.
+    let j = submit(
+        &s,
+        "/v1/restores",
+        json!({"backup": newest, "as_name": "vm2"}),
+    );
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["error"].as_str().unwrap().contains("already exists"),
+        "{j}"
+    );
+
+    // The data path: the server carried no disk data, the storage agent sent it all.
+    let stats: Value = s.get_json("/v1/stats").unwrap();
+    assert_eq!(stats["server_disk_bytes"], 0);
+    let sa = &stats["storage_agents"][0]["stats"];
+    assert!(sa["bytes_sent"].as_u64().unwrap() > 0, "{stats}");
+    let (ok, list) = cli(&conn, &["backups", "vm1"]);
+    assert!(ok);
+    assert_eq!(list.as_array().unwrap().len(), 4);
+
+    // A host that stopped heartbeating: clear error, nothing recorded.
+    host.stop();
+    std::thread::sleep(Duration::from_secs(4));
+    let j = submit(&s, "/v1/backups", json!({"vms": ["vm2"]}));
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped heartbeating"),
+        "{j}"
+    );
+    let b: Value = s.get_json("/v1/backups?vm=vm2").unwrap();
+    assert_eq!(b.as_array().unwrap().len(), 2);
+}
