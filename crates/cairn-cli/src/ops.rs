@@ -2,7 +2,6 @@
 //! `restore`, `job`, `schedule`, `retention`, `prune`, `stats`. Every command takes `--json`
 //! for scripts; waiting commands show the job's events as they happen.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -200,11 +199,7 @@ fn finish(conn: &Conn, c: &Client, job: Value, wait: bool) -> Result<ExitCode> {
     if !conn.json {
         eprintln!("job {id} ({})", job["kind"].as_str().unwrap_or("?"));
     }
-    let j = wait_job(
-        c,
-        &id,
-        !conn.json && std::io::stderr().is_terminal() || !conn.json,
-    )?;
+    let j = wait_job(c, &id, !conn.json)?;
     let ok = j["state"] == "succeeded";
     out(conn, &j, |j| {
         if ok {
