@@ -391,6 +391,26 @@ pub fn release_vm_snapshot(ctx: &JobCtx<'_>, loc: &VmLocation, snap: &VmSnap) ->
     Ok(lifetime)
 }
 
+/// Test hook: `CAIRN_FAULT_PAUSE_AFTER_VM_SNAPSHOT_MS` holds a backup right after its VM
+/// snapshot was taken (cancellable), so tests can kill or cancel a job that holds one.
+fn fault_pause(ctx: &JobCtx<'_>) -> Result<()> {
+    let Some(ms) = std::env::var("CAIRN_FAULT_PAUSE_AFTER_VM_SNAPSHOT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return Ok(());
+    };
+    ctx.warn(format!(
+        "fault injection: pausing {ms} ms while holding the VM snapshot"
+    ));
+    let until = Instant::now() + std::time::Duration::from_millis(ms);
+    while Instant::now() < until {
+        ctx.check_cancel()?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
     let started = Instant::now();
     let created_ms = now_ms();
@@ -402,6 +422,7 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
     let backup_id = new_id();
     let meta = metadata(ctx, &loc, &ts)?;
     let snap = snapshot_vm(ctx, &loc, "fleecing", parent.since.as_deref())?;
+    fault_pause(ctx)?;
     ctx.check_cancel()?;
     let mut jobs = Vec::new();
     for d in &loc.disks {

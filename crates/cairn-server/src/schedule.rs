@@ -51,13 +51,15 @@ pub fn parse_every(s: &str) -> Result<i64> {
     Ok(secs)
 }
 
-/// Validates and stores a schedule; the first run is one interval from now.
+/// Validates and stores a schedule; the first run is `first_in_s` (default: one interval)
+/// from now.
 pub fn put_schedule(
     server: &Server,
     name: &str,
     vms: Vec<String>,
     group: bool,
     every: &str,
+    first_in_s: Option<i64>,
 ) -> Result<Schedule> {
     if name.is_empty()
         || name.len() > 64
@@ -73,12 +75,21 @@ pub fn put_schedule(
         ));
     }
     let every_s = parse_every(every)?;
+    let first = match first_in_s {
+        Some(f) if !(0..=every_s).contains(&f) => {
+            return Err(ServerError::Invalid(format!(
+                "first_in_s {f}: between 0 and the interval"
+            )));
+        }
+        Some(f) => f,
+        None => every_s,
+    };
     let s = Schedule {
         name: name.into(),
         vms,
         group,
         every_s,
-        next_ms: now_ms() + every_s * 1000,
+        next_ms: now_ms() + first * 1000,
         enabled: true,
     };
     server.catalog.upsert_schedule(&s)?;

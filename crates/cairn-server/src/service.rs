@@ -197,6 +197,9 @@ struct ScheduleBody {
     every: String,
     #[serde(default)]
     group: bool,
+    /// Seconds until the first run (default: one interval).
+    #[serde(default)]
+    first_in_s: Option<i64>,
 }
 
 async fn put_schedule(
@@ -206,7 +209,7 @@ async fn put_schedule(
 ) -> ApiResult<Response> {
     let r: ScheduleBody = body(&b)?;
     blocking(StatusCode::OK, move || {
-        crate::schedule::put_schedule(&s, &name, r.vms, r.group, &r.every)
+        crate::schedule::put_schedule(&s, &name, r.vms, r.group, &r.every, r.first_in_s)
     })
     .await
 }

@@ -57,7 +57,8 @@ struct State {
 struct Shared {
     repo: Arc<Repository>,
     state: Mutex<State>,
-    error: Mutex<Option<String>>,
+    /// The background writer's failure: kind (out of space stays out of space) and message.
+    error: Mutex<Option<(crate::store::StoreErrorKind, String, String)>>,
     stored: Mutex<u64>,
 }
 
@@ -103,7 +104,8 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<(ContainerId, ContainerBuilder)
                 } else {
                     format!("writing container {id}: {e}")
                 };
-                *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+                *shared.error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((e.kind, e.key.clone(), msg));
             }
         }
     }
@@ -146,7 +148,11 @@ impl BackupSession {
 
     fn check_error(&self) -> Result<()> {
         match &*self.shared.error.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(m) => Err(VaultError::Invalid(m.clone())),
+            Some((kind, key, m)) => Err(VaultError::Store(crate::store::StoreError::new(
+                *kind,
+                key,
+                m.clone(),
+            ))),
             None => Ok(()),
         }
     }
