@@ -240,6 +240,107 @@ fn cli(conn: &Path, args: &[&str]) -> (bool, Value) {
     (out.status.success(), v)
 }
 
+/// Every role in its own process: vault, manager, host agent `h1` and storage agent `s1`
+/// (registered, heartbeating every second, stale after 3 s), and the server.
+struct Cluster {
+    vault: Service,
+    manager: Service,
+    host: Service,
+    storage: Service,
+    server: Service,
+}
+
+impl Cluster {
+    fn start(t: &Path, vault_repo: &str, save_state: bool) -> Self {
+        let p = |s: &str| t.join(s).display().to_string();
+        let vault = Service::start(&["vault", "--repo", vault_repo, "--listen", "127.0.0.1:0"]);
+        let manager = Service::start(&[
+            "manager",
+            "--state-dir",
+            &p("manager"),
+            "--listen",
+            "127.0.0.1:0",
+            "--stale-after-s",
+            "3",
+        ]);
+        let agent = |mut args: Vec<String>, name: &str| {
+            args.extend(
+                [
+                    "--manager",
+                    manager.url(),
+                    "--manager-fingerprint",
+                    manager.fp(),
+                    "--manager-token-file",
+                    manager.token_file(),
+                    "--heartbeat-s",
+                    "1",
+                    "--name",
+                    name,
+                ]
+                .map(String::from),
+            );
+            Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let host = agent(
+            [
+                "host-agent",
+                "--state-dir",
+                &p("host"),
+                "--listen",
+                "127.0.0.1:0",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "h1",
+        );
+        let storage = agent(
+            [
+                "storage-agent",
+                "--state-dir",
+                &p("storage"),
+                "--listen",
+                "127.0.0.1:0",
+                "--datastore",
+                &format!("ds={}", p("ds")),
+            ]
+            .map(String::from)
+            .to_vec(),
+            "s1",
+        );
+        let server_state = p("server");
+        let mut args = vec![
+            "server",
+            "--state-dir",
+            &server_state,
+            "--listen",
+            "127.0.0.1:0",
+            "--manager",
+            manager.url(),
+            "--manager-fingerprint",
+            manager.fp(),
+            "--manager-token-file",
+            manager.token_file(),
+            "--vault",
+            vault.url(),
+            "--vault-fingerprint",
+            vault.fp(),
+            "--vault-token-file",
+            vault.token_file(),
+        ];
+        if !save_state {
+            args.push("--no-state");
+        }
+        let server = Service::start(&args);
+        Self {
+            vault,
+            manager,
+            host,
+            storage,
+            server,
+        }
+    }
+}
+
 #[test]
 fn every_flow_with_each_role_in_its_own_process() {
     let Some(guest) = guest() else { return };
@@ -251,70 +352,13 @@ fn every_flow_with_each_role_in_its_own_process() {
     std::fs::create_dir_all(t.join("ds")).unwrap();
     let _reaper = VmReaper(t.join("host"));
 
-    let vault = Service::start(&["vault", "--repo", &p("vault"), "--listen", "127.0.0.1:0"]);
-    let manager = Service::start(&[
-        "manager",
-        "--state-dir",
-        &p("manager"),
-        "--listen",
-        "127.0.0.1:0",
-        "--stale-after-s",
-        "3",
-    ]);
-    let reg = |name: &str| {
-        vec![
-            "--manager".to_string(),
-            manager.url().into(),
-            "--manager-fingerprint".into(),
-            manager.fp().into(),
-            "--manager-token-file".into(),
-            manager.token_file().into(),
-            "--name".into(),
-            name.into(),
-            "--heartbeat-s".into(),
-            "1".into(),
-        ]
-    };
-    let mut args = vec![
-        "host-agent".to_string(),
-        "--state-dir".into(),
-        p("host"),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend(reg("h1"));
-    let mut host = Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut args = vec![
-        "storage-agent".to_string(),
-        "--state-dir".into(),
-        p("storage"),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--datastore".into(),
-        format!("ds={}", p("ds")),
-    ];
-    args.extend(reg("s1"));
-    let storage = Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let server = Service::start(&[
-        "server",
-        "--state-dir",
-        &p("server"),
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        manager.url(),
-        "--manager-fingerprint",
-        manager.fp(),
-        "--manager-token-file",
-        manager.token_file(),
-        "--vault",
-        vault.url(),
-        "--vault-fingerprint",
-        vault.fp(),
-        "--vault-token-file",
-        vault.token_file(),
-        "--no-state",
-    ]);
+    let Cluster {
+        vault: _vault,
+        manager,
+        mut host,
+        storage,
+        server,
+    } = Cluster::start(t, &p("vault"), false);
     let conn = t.join("server/connection.json");
     let s = server.client();
     let m = manager.client();
@@ -583,81 +627,13 @@ fn rdm_metadata_retention_schedules_and_failures() {
         );
     }
 
-    let vault = Service::start(&[
-        "vault",
-        "--repo",
-        &p("vault/repo"),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let manager = Service::start(&[
-        "manager",
-        "--state-dir",
-        &p("manager"),
-        "--listen",
-        "127.0.0.1:0",
-        "--stale-after-s",
-        "3",
-    ]);
-    let reg: Vec<String> = vec![
-        "--manager".into(),
-        manager.url().into(),
-        "--manager-fingerprint".into(),
-        manager.fp().into(),
-        "--manager-token-file".into(),
-        manager.token_file().into(),
-        "--heartbeat-s".into(),
-        "1".into(),
-    ];
-    let with = |mut a: Vec<String>, name: &str| {
-        a.extend(reg.iter().cloned());
-        a.extend(["--name".to_string(), name.to_string()]);
-        a
-    };
-    let hargs = with(
-        vec![
-            "host-agent".into(),
-            "--state-dir".into(),
-            p("host"),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-        ],
-        "h1",
-    );
-    let host = Service::start(&hargs.iter().map(String::as_str).collect::<Vec<_>>());
-    let sargs = with(
-        vec![
-            "storage-agent".into(),
-            "--state-dir".into(),
-            p("storage"),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--datastore".into(),
-            format!("ds={}", p("ds")),
-        ],
-        "s1",
-    );
-    let mut storage = Service::start(&sargs.iter().map(String::as_str).collect::<Vec<_>>());
-    let server_args = [
-        "server",
-        "--state-dir",
-        &p("server"),
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        manager.url(),
-        "--manager-fingerprint",
-        manager.fp(),
-        "--manager-token-file",
-        manager.token_file(),
-        "--vault",
-        vault.url(),
-        "--vault-fingerprint",
-        vault.fp(),
-        "--vault-token-file",
-        vault.token_file(),
-    ];
-    let mut server = Service::start(&server_args);
+    let Cluster {
+        vault,
+        manager,
+        host,
+        mut storage,
+        mut server,
+    } = Cluster::start(t, &p("vault/repo"), true);
     let m = manager.client();
 
     // vm1: an ext4 system disk and a raw LUN (raw device mapping) on virtio-scsi.

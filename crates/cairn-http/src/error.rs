@@ -75,3 +75,16 @@ impl IntoResponse for ApiError {
         (status, axum::Json(ErrorBody { error: self })).into_response()
     }
 }
+
+/// An error and its sources on one line (`outer: inner: innermost`), for API messages and
+/// job logs: each level once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}

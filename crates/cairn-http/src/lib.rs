@@ -18,4 +18,4 @@ pub mod server;
 pub mod tls;
 
 pub use client::{Client, ClientError, Trust};
-pub use error::{ApiError, ErrorBody, ErrorKind};
+pub use error::{ApiError, ErrorBody, ErrorKind, chain};

@@ -161,3 +161,27 @@ pub fn ensure_token(path: &std::path::Path) -> std::io::Result<String> {
     crate::tls::write_private(path, t.as_bytes())?;
     Ok(t)
 }
+
+/// Runs blocking work `f` on the blocking pool and answers its value as JSON with `status`;
+/// an error becomes the service's JSON error. Handlers of every service use it, so none
+/// blocks the async runtime.
+pub async fn blocking_json<T, E>(
+    status: axum::http::StatusCode,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<axum::response::Response, crate::ApiError>
+where
+    T: serde::Serialize + Send + 'static,
+    E: Into<crate::ApiError> + Send + 'static,
+{
+    use axum::response::IntoResponse;
+    let v = tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| crate::ApiError::internal(e.to_string()))?
+        .map_err(Into::into)?;
+    Ok((status, axum::Json(v)).into_response())
+}
+
+/// Parses a JSON request body; a malformed one is `400` naming what was wrong.
+pub fn json_body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, crate::ApiError> {
+    serde_json::from_slice(b).map_err(|e| crate::ApiError::bad_request(format!("request: {e}")))
+}

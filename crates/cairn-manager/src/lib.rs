@@ -71,14 +71,13 @@ impl ManagerError {
             },
             Self::State { .. } => ErrorKind::Internal,
         };
-        let mut msg = self.to_string();
-        let mut src = std::error::Error::source(self);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        ApiError::new(kind, msg)
+        ApiError::new(kind, cairn_http::chain(self))
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        e.to_api()
     }
 }
 

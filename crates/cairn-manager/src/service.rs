@@ -22,16 +22,10 @@ type ApiResult<T> = std::result::Result<T, ApiError>;
 async fn blocking<T: serde::Serialize + Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> ApiResult<Response> {
-    let v = tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| e.to_api())?;
-    Ok(axum::Json(v).into_response())
+    cairn_http::server::blocking_json(StatusCode::OK, f).await
 }
 
-fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("request: {e}")))
-}
+use cairn_http::server::json_body as body;
 
 fn kind(s: &str) -> ApiResult<AgentKind> {
     match s {

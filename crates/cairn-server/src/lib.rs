@@ -94,14 +94,7 @@ impl ServerError {
 
     /// The whole error chain on one line.
     pub fn chain(&self) -> String {
-        let mut msg = self.to_string();
-        let mut src = std::error::Error::source(self);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        msg
+        cairn_http::chain(self)
     }
 
     pub fn to_api(&self) -> ApiError {
@@ -212,5 +205,11 @@ impl Server {
             "server_disk_bytes": self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed),
             "storage_agents": agents,
         })
+    }
+}
+
+impl From<ServerError> for ApiError {
+    fn from(e: ServerError) -> Self {
+        e.to_api()
     }
 }

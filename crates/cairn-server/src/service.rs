@@ -9,7 +9,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use cairn_catalog::Retention;
 use cairn_http::ApiError;
@@ -30,16 +30,10 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
     status: StatusCode,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> ApiResult<Response> {
-    let v = tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| e.to_api())?;
-    Ok((status, axum::Json(v)).into_response())
+    cairn_http::server::blocking_json(status, f).await
 }
 
-fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("request: {e}")))
-}
+use cairn_http::server::json_body as body;
 
 async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {

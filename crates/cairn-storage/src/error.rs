@@ -91,14 +91,12 @@ impl StorageError {
             }
             _ => ErrorKind::Internal,
         };
-        // The whole chain, once.
-        let mut msg = self.to_string();
-        let mut src = std::error::Error::source(self);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        ApiError::new(kind, msg)
+        ApiError::new(kind, cairn_http::chain(self))
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        e.to_api()
     }
 }
