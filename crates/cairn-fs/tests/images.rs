@@ -620,6 +620,90 @@ fn fat12_and_fat16_unpartitioned() {
     }
 }
 
+// ---------- NTFS ----------
+
+const NTFS_CAPS: Caps = Caps {
+    modes: false,
+    mtime_ns: 100,
+};
+
+/// An NTFS image of `src` made with mkntfs and filled with wimlib (no mount needed).
+fn ntfs_image(dir: &Path, src: &Path, size: u64, start_sector: u64) -> PathBuf {
+    let img = dir.join("ntfs.img");
+    sparse_file(&img, size);
+    let p = img.to_str().unwrap();
+    let start = start_sector.to_string();
+    run(
+        "mkntfs",
+        &[
+            "-F", "-Q", "-q", "-s", "512", "-p", &start, "-H", "16", "-S", "63", p,
+        ],
+    );
+    let wim = dir.join("src.wim");
+    let w = wim.to_str().unwrap();
+    run(
+        "wimlib-imagex",
+        &["capture", src.to_str().unwrap(), w, "--compress=none"],
+    );
+    run("wimlib-imagex", &["apply", w, "1", p]);
+    img
+}
+
+fn ntfs_tree(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    make_tree(
+        &src,
+        &TreeOpts {
+            symlinks: true,
+            big: true,
+            many: 30,
+        },
+    );
+    src
+}
+
+#[test]
+fn ntfs_unpartitioned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = ntfs_tree(tmp.path());
+    let img = ntfs_image(tmp.path(), &src, 16 << 20, 0);
+    let (l, found) = only_fs(&img);
+    assert_eq!(l.table, TableKind::None);
+    assert_eq!(found[0].fs, FsKind::Ntfs);
+    let entries = check(&img, &found[0], &src, &NTFS_CAPS);
+    // Small files are resident (inline), the big one has runs, hard links share a record.
+    assert!(by_path(&entries, "/run.sh").inline_data.is_some());
+    assert!(!by_path(&entries, "/big.bin").extents.is_empty());
+    assert_eq!(
+        by_path(&entries, "/a/hard").inode,
+        by_path(&entries, "/a/b/c/deep.txt").inode
+    );
+    assert_eq!(by_path(&entries, "/a/hard").nlink, Some(2));
+    let sp = by_path(&entries, "/sparse.bin");
+    assert!(sp.extents.iter().map(|x| x.length).sum::<u64>() < 1 << 20);
+}
+
+#[test]
+fn ntfs_in_mbr_partition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = ntfs_tree(tmp.path());
+    let img = tmp.path().join("disk.img");
+    sparse_file(&img, 20 << 20);
+    let parts = sfdisk(&img, "label: dos\nstart=2048, size=34816, type=7\n");
+    let ntfs = ntfs_image(tmp.path(), &src, parts[0].1 * 512, parts[0].0);
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::File::options().write(true).open(&img).unwrap();
+        disk.write_all_at(&std::fs::read(&ntfs).unwrap(), parts[0].0 * 512)
+            .unwrap();
+    }
+    let (l, found) = only_fs(&img);
+    assert_eq!(l.table, TableKind::Mbr);
+    assert_eq!(found[0].part_type, cairn_fs::PartitionType::Mbr(7));
+    assert_eq!(found[0].fs, FsKind::Ntfs);
+    check(&img, &found[0], &src, &NTFS_CAPS);
+}
+
 // ---------- journal replay ----------
 
 /// A 1 KiB-block ext4 image of `src`; returns (image, block of directory `/a/b/c`).
