@@ -326,14 +326,16 @@ fn short_name(e: &[u8]) -> String {
 fn lfn_checksum(short: &[u8]) -> u8 {
     short[..11]
         .iter()
-        .fold(0u8, |s, &c| (s >> 1 | s << 7).wrapping_add(c))
+        .fold(0u8, |s, &c| s.rotate_right(1).wrapping_add(c))
 }
+
+/// A long name being collected: (expected parts, checksum, parts by index).
+type Lfn = (u8, u8, Vec<Option<[u16; 13]>>);
 
 /// Parses directory bytes into entries (no `.`, `..`, volume labels or deleted entries).
 fn parse_dir(buf: &[u8]) -> Vec<DirEntry> {
     let mut out = Vec::new();
-    // (expected count, checksum, parts by index)
-    let mut lfn: Option<(u8, u8, Vec<Option<[u16; 13]>>)> = None;
+    let mut lfn: Option<Lfn> = None;
     for e in buf.chunks_exact(FAT_DIRENT_LEN) {
         if e[0] == 0 {
             break;

@@ -66,9 +66,10 @@ pub fn scan_with(reader: &dyn ReadAt, limits: &Limits) -> Result<DiskLayout> {
     part::scan(reader, limits)
 }
 
-/// Lists every file of the file system in `partition`, handing each to `visitor` (parents
-/// before their children; the root, path `/`, first). The visitor returns
-/// `ControlFlow::Break(())` to stop early.
+/// Lists every file of the file system in `partition`, handing each to `visitor`. The root
+/// (path `/`) comes first; on ext and FAT a directory's entries come before its subtree, on
+/// NTFS entries come in MFT order. A hard-linked file is reported once per path (same
+/// `inode`). The visitor returns `ControlFlow::Break(())` to stop early.
 ///
 /// Fails only when the file system cannot be opened at all; damage further down is reported
 /// in the returned [`WalkReport`] and the listing is partial.

@@ -108,7 +108,7 @@ fn attrs(rec: &[u8]) -> Result<Vec<Attr<'_>>> {
             break;
         }
         let len = le32(rec, off + 4) as usize;
-        if len < 16 || off + len > used || len % 8 != 0 {
+        if len < 16 || off + len > used || !len.is_multiple_of(8) {
             return Err(Error::corrupt(format!(
                 "NTFS attribute at {off}: length {len}"
             )));

@@ -146,7 +146,7 @@ fn gpt_at(
     let entries_lba = le64(&h, 72);
     let count = le32(&h, 80);
     let esize = le32(&h, 84);
-    if esize < GPT_ENTRY_MIN_LEN || esize > 4096 || !esize.is_power_of_two() {
+    if !(GPT_ENTRY_MIN_LEN..=4096).contains(&esize) || !esize.is_power_of_two() {
         return Err(Error::corrupt(format!(
             "GPT header at {at}: entry size {esize}"
         )));

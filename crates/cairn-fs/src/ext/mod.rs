@@ -150,7 +150,7 @@ impl Super {
         }
         [3u64, 5, 7].iter().any(|&p| {
             let mut x = g;
-            while x % p == 0 {
+            while x.is_multiple_of(p) {
                 x /= p;
             }
             x == 1
@@ -523,7 +523,7 @@ impl<'a> Ext<'a> {
 
     /// The (inode, name) pairs of a directory, without `.` and `..`. Damaged blocks are
     /// skipped and returned as errors beside the entries that could be read.
-    fn read_dir(&self, ino: u32, inode: &Inode) -> Result<(Vec<(u32, Vec<u8>)>, Vec<Error>)> {
+    fn read_dir(&self, ino: u32, inode: &Inode) -> Result<(Vec<DirName>, Vec<Error>)> {
         if inode.flags & EXT_INODE_FLAG_ENCRYPT != 0 {
             return Err(Error::unsupported(format!(
                 "ext directory inode {ino} is encrypted"
@@ -574,8 +574,11 @@ impl<'a> Ext<'a> {
     }
 }
 
+/// A directory entry: (inode, name bytes).
+type DirName = (u32, Vec<u8>);
+
 /// Appends the live entries of one directory block (or inline area) to `out`.
-fn parse_dirents(b: &[u8], ino: u32, out: &mut Vec<(u32, Vec<u8>)>) -> Result<()> {
+fn parse_dirents(b: &[u8], ino: u32, out: &mut Vec<DirName>) -> Result<()> {
     let mut at = 0usize;
     while at + 8 <= b.len() {
         let child = le32(b, at);
@@ -584,7 +587,11 @@ fn parse_dirents(b: &[u8], ino: u32, out: &mut Vec<(u32, Vec<u8>)>) -> Result<()
             rec_len = 65536;
         }
         let name_len = b[at + 6] as usize;
-        if rec_len < 8 || rec_len % 4 != 0 || at + rec_len > b.len() || 8 + name_len > rec_len {
+        if rec_len < 8
+            || !rec_len.is_multiple_of(4)
+            || at + rec_len > b.len()
+            || 8 + name_len > rec_len
+        {
             return Err(Error::corrupt(format!(
                 "ext directory inode {ino}: bad entry at byte {at} of a block"
             )));
