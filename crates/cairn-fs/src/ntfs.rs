@@ -65,12 +65,17 @@ impl Geometry {
         } else {
             1u64 << (-(cpr as i32)).clamp(0, 31)
         };
-        if !(512..=65536).contains(&record) || !record.is_power_of_two() || cluster > 2 << 20 {
+        let clusters = le64(b, 0x28) / spc;
+        if !(512..=65536).contains(&record)
+            || !record.is_power_of_two()
+            || cluster > 2 << 20
+            || clusters.checked_mul(cluster).is_none()
+        {
             return None;
         }
         Some(Self {
             cluster,
-            clusters: le64(b, 0x28) / spc,
+            clusters,
             mft_lcn: le64(b, 0x30),
             record,
         })
@@ -336,7 +341,7 @@ impl<'a> Ntfs<'a> {
     fn read_runs(&self, runs: &[Run], size: u64) -> Result<Vec<u8>> {
         let mut v = alloc(size, self.limits, "NTFS attribute list")?;
         for r in runs {
-            let fo = r.vcn * self.geo.cluster;
+            let fo = r.vcn.saturating_mul(self.geo.cluster);
             if fo >= size {
                 continue;
             }
@@ -469,7 +474,7 @@ impl<'a> Ntfs<'a> {
                 let k = (run_bytes - done).min(MFT_CHUNK.max(rs));
                 buf.resize(k as usize, 0);
                 self.read_volume(run.lcn * cl + done, &mut buf)?;
-                let first_byte = run.vcn * cl + done;
+                let first_byte = run.vcn.saturating_mul(cl).saturating_add(done);
                 // Records straddling a run boundary are read one by one.
                 // A record whose start lies before this chunk was read by number there.
                 let mut at = (rs - first_byte % rs) % rs;
@@ -518,7 +523,8 @@ impl<'a> Ntfs<'a> {
 
 fn ntfs_time(v: u64) -> i64 {
     let t = v as i64; // 100 ns units since 1601
-    (t - NTFS_EPOCH_DELTA_SECS * 10_000_000).saturating_mul(100)
+    t.saturating_sub(NTFS_EPOCH_DELTA_SECS * 10_000_000)
+        .saturating_mul(100)
 }
 
 /// Symlink or junction target from a reparse point value.
@@ -591,7 +597,7 @@ fn entry(fs: &Ntfs, path: String, n: u64, info: &Info) -> (FileEntry, Option<Err
     }
     let cl = fs.geo.cluster;
     for r in &d.runs {
-        let fo = r.vcn * cl;
+        let fo = r.vcn.saturating_mul(cl);
         if fo >= d.init {
             break;
         }

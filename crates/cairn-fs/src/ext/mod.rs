@@ -124,6 +124,7 @@ impl Super {
             || s.desc_size > 1024
             || !s.desc_size.is_power_of_two()
             || s.first_data_block >= s.blocks_count
+            || s.blocks_count.checked_mul(block_size).is_none()
         {
             return Err(Error::corrupt("ext superblock geometry"));
         }
@@ -192,7 +193,7 @@ fn ext_time(secs: u32, extra: Option<u32>) -> i64 {
         s += ((x & 3) as i64) << 32;
         ns = (x >> 2) as i64;
     }
-    s * 1_000_000_000 + ns
+    s.saturating_mul(1_000_000_000).saturating_add(ns)
 }
 
 impl Inode {
@@ -680,4 +681,33 @@ pub(crate) fn walk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ext_times_use_epoch_bits_and_nanoseconds() {
+        assert_eq!(ext_time(10, None), 10_000_000_000);
+        // Pre-1970 seconds are signed; extra epoch bits add 2^32 s; the rest is nanoseconds.
+        assert_eq!(ext_time(u32::MAX, None), -1_000_000_000);
+        let t = ext_time(5, Some((123 << 2) | 1));
+        assert_eq!(t, ((1i64 << 32) + 5) * 1_000_000_000 + 123);
+        // The largest value saturates instead of overflowing.
+        assert_eq!(ext_time(u32::MAX, Some(u32::MAX)), i64::MAX);
+    }
+
+    #[test]
+    fn dirents_with_bad_record_lengths_are_errors() {
+        let mut b = vec![0u8; 1024];
+        b[0..4].copy_from_slice(&12u32.to_le_bytes());
+        b[4..6].copy_from_slice(&12u16.to_le_bytes());
+        b[6] = 1;
+        b[8] = b'a';
+        b[12 + 4..12 + 6].copy_from_slice(&3u16.to_le_bytes()); // rec_len 3
+        let mut out = Vec::new();
+        assert!(parse_dirents(&b, 2, &mut out).is_err());
+        assert_eq!(out, [(12, b"a".to_vec())]);
+    }
 }
