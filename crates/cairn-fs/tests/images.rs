@@ -535,6 +535,72 @@ fn ext3_ext4_and_fat16_in_mbr_with_logical_partitions() {
     check(&img, &found[2], &fat_src, &FAT_CAPS);
 }
 
+#[test]
+fn ext4_feature_variants() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(
+        &src,
+        &TreeOpts {
+            symlinks: true,
+            big: true,
+            many: 100,
+        },
+    );
+    let variants: &[&[&str]] = &[
+        &["-t", "ext4", "-O", "meta_bg,^resize_inode", "-b", "1024"],
+        &["-t", "ext4", "-O", "bigalloc", "-C", "16384"],
+        &["-t", "ext4", "-O", "^extent,^64bit,^flex_bg", "-b", "2048"],
+        &["-t", "ext4", "-O", "^64bit,^metadata_csum", "-I", "128"],
+        &["-t", "ext4", "-b", "4096", "-N", "2048"],
+        &["-t", "ext3", "-b", "1024", "-I", "256"],
+    ];
+    for v in variants {
+        let img = tmp.path().join("v.img");
+        let _ = std::fs::remove_file(&img);
+        sparse_file(&img, 32 << 20);
+        let p = img.to_str().unwrap();
+        let mut args = vec!["-q"];
+        args.extend_from_slice(v);
+        args.extend_from_slice(&["-d", src.to_str().unwrap(), p]);
+        run("mke2fs", &args);
+        let (_, parts) = only_fs(&img);
+        assert_eq!(parts.len(), 1, "{v:?}");
+        let entries = check(&img, &parts[0], &src, &EXT_SECS);
+        assert!(entries.len() > 100, "{v:?}");
+    }
+}
+
+#[test]
+fn ext4_nanosecond_and_creation_times() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(
+        &src,
+        &TreeOpts {
+            symlinks: false,
+            big: false,
+            many: 0,
+        },
+    );
+    let (img, _) = journal_image(tmp.path(), &src, &["-O", "^has_journal"]);
+    // mtime 2000-01-01 00:00:00 + 2^32 s (extra epoch bit 1) + 123456789 ns.
+    let extra = (123_456_789u32 << 2) | 1;
+    debugfs_script(
+        &img,
+        &format!(
+            "sif /run.sh mtime 20000101000000\nsif /run.sh mtime_extra {extra}\nsif /run.sh crtime 19991231235959\nsif /run.sh crtime_extra {}\n",
+            7u32 << 2
+        ),
+    );
+    let (entries, _) = walk_all(&img, &only_fs(&img).1[0]);
+    let e = by_path(&entries, "/run.sh");
+    let secs = 946_684_800i64 + (1 << 32);
+    assert_eq!(e.mtime, Some(secs * 1_000_000_000 + 123_456_789));
+    assert_eq!(e.crtime, Some(946_684_799 * 1_000_000_000 + 7));
+    assert_eq!(e.mode, Some(0o100755));
+}
+
 // ---------- FAT ----------
 
 const FAT_CAPS: Caps = Caps {
@@ -821,6 +887,99 @@ fn journal_revoked_and_uncommitted_blocks_are_not_replayed() {
     let (n, rep) = names(&img);
     assert_eq!(rep.journal_transactions, 0);
     assert!(n.contains(&"/a/b/c/deep.txt".to_string()), "{n:?}");
+}
+
+#[test]
+fn journal_replayed_data_block_points_at_the_journal_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(
+        &src,
+        &TreeOpts {
+            symlinks: false,
+            big: false,
+            many: 0,
+        },
+    );
+    let (img, _) = journal_image(tmp.path(), &src, &[]);
+    let p = img.to_str().unwrap();
+    let block: u64 = run("debugfs", &["-R", "blocks /a/b/c/deep.txt", p])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // As data=journal would: the file's block, new content, only in the journal.
+    let mut new = b"jour down\n".to_vec();
+    new.resize(1024, 0);
+    let blk = tmp.path().join("data");
+    std::fs::write(&blk, &new).unwrap();
+    debugfs_script(
+        &img,
+        &format!("jo\njw -b {block} {}\njc\n", blk.to_str().unwrap()),
+    );
+    let (_, parts) = only_fs(&img);
+    let (entries, rep) = walk_all(&img, &parts[0]);
+    assert!(rep.is_complete(), "{:?}", rep.errors);
+    let e = by_path(&entries, "/a/b/c/deep.txt");
+    assert!(e.data_from_journal);
+    assert_ne!(e.extents[0].disk_offset, block * 1024);
+    let f = std::fs::File::open(&img).unwrap();
+    assert_eq!(
+        cairn_fs::read_file(&f, e, &Limits::default()).unwrap(),
+        b"jour down\n"
+    );
+    // The hard link sees the same replayed data; an untouched file does not.
+    assert!(by_path(&entries, "/a/hard").data_from_journal);
+    assert!(!by_path(&entries, "/run.sh").data_from_journal);
+
+    // A data block that begins with the jbd2 magic is escaped in the journal: no disk range
+    // holds its content, so the file is reported with an error instead of wrong bytes.
+    let (img, _) = journal_image(tmp.path(), &src, &[]);
+    let mut magic = vec![0xC0, 0x3B, 0x39, 0x98];
+    magic.resize(1024, 7);
+    std::fs::write(&blk, &magic).unwrap();
+    debugfs_script(
+        &img,
+        &format!("jo\njw -b {block} {}\njc\n", blk.to_str().unwrap()),
+    );
+    let (_, parts) = only_fs(&img);
+    let (entries, rep) = walk_all(&img, &parts[0]);
+    assert!(
+        rep.errors.iter().any(
+            |e| e.path == "/a/b/c/deep.txt" && e.error.kind == cairn_fs::ErrorKind::Unsupported
+        ),
+        "{:?}",
+        rep.errors
+    );
+    assert!(by_path(&entries, "/a/b/c/deep.txt").extents.is_empty());
+}
+
+#[test]
+fn gpt_backup_header_is_used_when_the_primary_is_damaged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    sparse_file(&img, 8 << 20);
+    sfdisk(
+        &img,
+        "label: gpt\nstart=2048, size=4096, type=L, name=one\n",
+    );
+    let p = img.to_str().unwrap();
+    run(
+        "mke2fs",
+        &["-q", "-t", "ext4", "-E", "offset=1048576", p, "2M"],
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xFF; 16], 512 + 24).unwrap(); // primary header CRC now wrong
+    }
+    let (l, found) = only_fs(&img);
+    assert_eq!(l.table, TableKind::Gpt);
+    assert!(!l.warnings.is_empty());
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].name, "one");
+    assert_eq!(found[0].fs, FsKind::Ext4);
 }
 
 // ---------- damage ----------

@@ -112,9 +112,15 @@ impl Super {
             first_meta_bg: le32(b, 0x104) as u64,
             groups: 0,
         };
+        // With bigalloc the bitmaps count clusters of 2^(log_cluster - log) blocks.
+        let ratio = if s.ro_compat & EXT_RO_COMPAT_BIGALLOC != 0 {
+            1u64 << le32(b, 0x1C).saturating_sub(log).min(16)
+        } else {
+            1
+        };
         let bits = block_size * 8;
         if s.blocks_per_group == 0
-            || s.blocks_per_group > bits
+            || s.blocks_per_group > bits * ratio
             || s.inodes_per_group == 0
             || s.inodes_per_group > bits
             || s.inode_size < 128
@@ -161,11 +167,15 @@ impl Super {
     /// Block holding group descriptor block `i`.
     fn desc_block(&self, i: u64) -> u64 {
         let per_block = self.block_size / self.desc_size;
+        // The superblock's own block (1 with 1 KiB blocks, even when bigalloc makes
+        // first_data_block 0), then the descriptors.
+        let sb_block = EXT_SUPERBLOCK_OFFSET / self.block_size;
         if self.incompat & EXT_INCOMPAT_META_BG == 0 || i < self.first_meta_bg {
-            return self.first_data_block + 1 + i;
+            return sb_block + 1 + i;
         }
         let g = i * per_block;
-        self.first_data_block + g * self.blocks_per_group + u64::from(self.has_super(g))
+        let first = self.first_data_block + g * self.blocks_per_group;
+        first + u64::from(self.has_super(g)) + u64::from(g == 0 && first < sb_block)
     }
 }
 
