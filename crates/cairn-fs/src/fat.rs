@@ -3,7 +3,9 @@
 //! The FAT type follows from the cluster count (Microsoft's rule), not from the label in the
 //! boot sector. The first FAT is decoded once into memory (4 bytes per cluster, checked against
 //! `max_alloc`); every cluster chain is followed at most as far as the file size needs (files)
-//! or `max_dir_bytes` and the cluster count allow (directories), so a looping chain ends.
+//! or `max_dir_bytes` allows (directories). Every cluster a chain visits is claimed in a bitmap
+//! for the whole walk: a cluster met twice (a looping or cross-linked chain) is corruption, so a
+//! walk follows each cluster at most once whatever the image.
 //!
 //! Entries: `inode` is the first cluster (0 for empty files); `fat_attributes` is the raw
 //! attribute byte; times are the stored local times taken as UTC (mtime to 2 s, creation to
@@ -11,6 +13,7 @@
 //! entry, as the specification requires; otherwise the 8.3 name (with the NT lower-case bits)
 //! is reported. Short names are decoded as Latin-1.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 
@@ -137,6 +140,8 @@ struct Fat<'a> {
     bpb: Bpb,
     /// Decoded first FAT (FAT32 entries masked to 28 bits).
     table: Vec<u32>,
+    /// One bit per cluster already visited by some chain during this walk.
+    claimed: RefCell<Vec<u64>>,
     limits: &'a Limits,
 }
 
@@ -174,6 +179,7 @@ impl<'a> Fat<'a> {
             len: part.length,
             bpb,
             table,
+            claimed: RefCell::new(vec![0u64; n.div_ceil(64) as usize]),
             limits,
         })
     }
@@ -197,12 +203,16 @@ impl<'a> Fat<'a> {
                     "FAT cluster chain from {first}: cluster {c} is not a data cluster"
                 )));
             }
-            out.push(c);
-            if out.len() as u64 > self.bpb.clusters as u64 {
+            let (word, bit) = (c as usize / 64, 1u64 << (c % 64));
+            let mut claimed = self.claimed.borrow_mut();
+            if claimed[word] & bit != 0 {
                 return Err(Error::corrupt(format!(
-                    "FAT cluster chain from {first} loops"
+                    "FAT cluster chain from {first}: cluster {c} loops or is cross-linked"
                 )));
             }
+            claimed[word] |= bit;
+            drop(claimed);
+            out.push(c);
             let next = self.table[c as usize];
             if self.is_end(next) {
                 break;

@@ -5,6 +5,13 @@
 //! many tree or indirect blocks read, extent trees no deeper than `max_extent_depth`, and
 //! every physical block inside the file system. Unwritten extents are left out (they read
 //! as zeros, like holes).
+//!
+//! Tree and indirect blocks are *claimed* in a set shared by the whole walk: a block met a
+//! second time (two inodes sharing a node, or a tree pointing back into itself) is corruption.
+//! This bounds the mapping work of a walk by the size of the file system, whatever the image.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
 
 use crate::format::*;
 use crate::util::{le16, le32};
@@ -25,18 +32,26 @@ pub(crate) struct Mapper<'v, 'a> {
     pub blocks_count: u64,
     pub limits: &'v Limits,
     pub ino: u32,
+    claimed: &'v RefCell<HashSet<u64>>,
     runs: Vec<Run>,
     /// Tree / indirect blocks read so far.
     reads: usize,
 }
 
 impl<'v, 'a> Mapper<'v, 'a> {
-    pub fn new(vol: &'v Volume<'a>, blocks_count: u64, limits: &'v Limits, ino: u32) -> Self {
+    pub fn new(
+        vol: &'v Volume<'a>,
+        blocks_count: u64,
+        limits: &'v Limits,
+        ino: u32,
+        claimed: &'v RefCell<HashSet<u64>>,
+    ) -> Self {
         Self {
             vol,
             blocks_count,
             limits,
             ino,
+            claimed,
             runs: Vec::new(),
             reads: 0,
         }
@@ -88,6 +103,12 @@ impl<'v, 'a> Mapper<'v, 'a> {
         if block == 0 || block >= self.blocks_count {
             return Err(Error::corrupt(format!(
                 "ext inode {}: mapping block {block} outside the file system",
+                self.ino
+            )));
+        }
+        if !self.claimed.borrow_mut().insert(block) {
+            return Err(Error::corrupt(format!(
+                "ext inode {}: mapping block {block} is used twice",
                 self.ino
             )));
         }

@@ -19,6 +19,7 @@ mod journal;
 mod map;
 mod volume;
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 
@@ -269,6 +270,10 @@ pub(crate) struct Ext<'a> {
     itables: Vec<u64>,
     cache: HashMap<u64, Vec<u8>>,
     limits: &'a Limits,
+    /// Mapping and directory blocks read so far: each may be read once per walk.
+    claimed: RefCell<HashSet<u64>>,
+    /// Extents of hard-linked files already mapped (their blocks are claimed).
+    linked: RefCell<HashMap<u32, (Vec<FileExtent>, bool)>>,
 }
 
 impl<'a> Ext<'a> {
@@ -292,6 +297,8 @@ impl<'a> Ext<'a> {
             sb,
             cache: HashMap::new(),
             limits,
+            claimed: RefCell::default(),
+            linked: RefCell::default(),
         };
         fs.itables = fs.read_groups()?;
         if fs.sb.incompat & EXT_INCOMPAT_RECOVER != 0 {
@@ -399,7 +406,13 @@ impl<'a> Ext<'a> {
         if inode.flags & EXT_INODE_FLAG_ENCRYPT != 0 && inode.kind() != FileKind::File {
             return Err(Error::unsupported(format!("ext inode {ino} is encrypted")));
         }
-        let m = Mapper::new(&self.vol, self.sb.blocks_count, self.limits, ino);
+        let m = Mapper::new(
+            &self.vol,
+            self.sb.blocks_count,
+            self.limits,
+            ino,
+            &self.claimed,
+        );
         if inode.flags & EXT_INODE_FLAG_EXTENTS != 0 {
             m.extents(&inode.i_block, nblocks)
         } else {
@@ -478,6 +491,10 @@ impl<'a> Ext<'a> {
                 if inode.is_inline() {
                     e.inline_data = Some(inode.inline_data());
                     None
+                } else if let Some((x, j)) = self.linked.borrow().get(&ino) {
+                    e.extents = x.clone();
+                    e.data_from_journal = *j;
+                    None
                 } else {
                     let nblocks = inode.size.div_ceil(self.sb.block_size);
                     match self
@@ -485,6 +502,9 @@ impl<'a> Ext<'a> {
                         .and_then(|r| self.extents(&r, inode.size))
                     {
                         Ok((x, j)) => {
+                            if inode.links > 1 {
+                                self.linked.borrow_mut().insert(ino, (x.clone(), j));
+                            }
                             e.extents = x;
                             e.data_from_journal = j;
                             None
@@ -559,6 +579,18 @@ impl<'a> Ext<'a> {
         }
         let bs = self.sb.block_size;
         let runs = self.runs(ino, inode, inode.size.div_ceil(bs))?;
+        {
+            let mut claimed = self.claimed.borrow_mut();
+            for r in &runs {
+                for b in r.phys..r.phys + r.count {
+                    if !claimed.insert(b) {
+                        return Err(Error::corrupt(format!(
+                            "ext directory inode {ino}: block {b} is used twice"
+                        )));
+                    }
+                }
+            }
+        }
         let mut buf = Vec::new();
         for r in &runs {
             let mut done = 0;

@@ -90,6 +90,73 @@ fn absurd_sizes_and_broken_extent_trees_give_errors() {
 }
 
 #[test]
+fn cross_linked_ext_directories_are_read_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(
+        &src,
+        &TreeOpts {
+            symlinks: false,
+            big: false,
+            many: 20,
+        },
+    );
+    let (img, _) = journal_image(tmp.path(), &src, &["-O", "^has_journal"]);
+    let p = img.to_str().unwrap();
+    let many: u64 = run("debugfs", &["-R", "blocks /many", p])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // /a/b's one-extent root now points at /many's first block (i_block[5] = ee_start_lo).
+    debugfs_script(&img, &format!("sif /a/b block[5] {many}\n"));
+    let (n, rep) = names(&img);
+    assert!(
+        rep.errors
+            .iter()
+            .any(|e| e.error.to_string().contains("used twice")),
+        "{:?}",
+        rep.errors
+    );
+    // Whichever of the two was read first is listed, the other is skipped.
+    let listed = n.iter().filter(|p| p.ends_with("/file-0000.txt")).count();
+    assert_eq!(listed, 1, "{n:?}");
+}
+
+#[test]
+fn cross_linked_fat_chains_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("A.TXT"), vec![b'a'; 3000]).unwrap();
+    std::fs::write(src.join("B.TXT"), vec![b'b'; 3000]).unwrap();
+    let img = tmp.path().join("f.img");
+    run(
+        "mkfs.fat",
+        &["-C", "-F", "12", "-s", "1", img.to_str().unwrap(), "1024"],
+    );
+    mcopy(&img, 0, &src);
+    let mut d = std::fs::read(&img).unwrap();
+    let find = |d: &[u8], name: &[u8; 11]| d.windows(11).position(|w| w == name).unwrap();
+    let a = find(&d, b"A       TXT");
+    let b = find(&d, b"B       TXT");
+    let (lo, hi) = (d[a + 26], d[a + 27]);
+    d[b + 26] = lo;
+    d[b + 27] = hi;
+    std::fs::write(&img, &d).unwrap();
+    let (entries, rep) = walk_all(&img, &only_fs(&img).1[0]);
+    assert_eq!(entries.len(), 3);
+    assert!(
+        rep.errors
+            .iter()
+            .any(|e| e.error.to_string().contains("cross-linked")),
+        "{:?}",
+        rep.errors
+    );
+}
+
+#[test]
 fn truncated_and_flipped_images_never_panic() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
