@@ -30,6 +30,8 @@ use crate::{Error, FileEntry, FileExtent, FileKind, Limits, Partition, Result};
 
 /// MFT bytes read at once during the scan.
 const MFT_CHUNK: u64 = 1 << 20;
+/// Largest non-resident attribute list read (a list entry is about 32 bytes).
+const MAX_ATTRIBUTE_LIST: u64 = 4 << 20;
 /// The USA stride: fixups protect the last two bytes of every 512 bytes.
 const FIXUP_STRIDE: usize = 512;
 
@@ -269,6 +271,8 @@ struct Ntfs<'a> {
     geo: Geometry,
     mft: Vec<Run>,
     limits: &'a Limits,
+    /// Clusters of non-resident attribute lists read in the current pass: each at most once.
+    claimed: std::cell::RefCell<HashSet<u64>>,
 }
 
 impl<'a> Ntfs<'a> {
@@ -283,6 +287,7 @@ impl<'a> Ntfs<'a> {
             geo,
             mft: Vec::new(),
             limits,
+            claimed: Default::default(),
         };
         // Record 0 ($MFT) sits at mft_lcn; its $DATA maps the whole MFT.
         let mut rec0 = vec![0u8; geo.record as usize];
@@ -322,10 +327,11 @@ impl<'a> Ntfs<'a> {
                 .and_then(|b| b.checked_add(done))
                 .ok_or_else(|| Error::corrupt("NTFS record number"))?;
             let vcn = byte / self.geo.cluster;
+            let i = self.mft.partition_point(|r| r.vcn + r.len <= vcn);
             let run = self
                 .mft
-                .iter()
-                .find(|r| r.vcn <= vcn && vcn < r.vcn + r.len)
+                .get(i)
+                .filter(|r| r.vcn <= vcn)
                 .ok_or_else(|| Error::corrupt(format!("NTFS record {n} not in the MFT")))?;
             let within = byte % self.geo.cluster;
             let k = (self.geo.cluster - within).min(rs - done);
@@ -339,6 +345,21 @@ impl<'a> Ntfs<'a> {
 
     /// Reads a non-resident attribute's content (attribute lists only; bounded by max_alloc).
     fn read_runs(&self, runs: &[Run], size: u64) -> Result<Vec<u8>> {
+        if size > MAX_ATTRIBUTE_LIST {
+            return Err(Error::limit(format!("NTFS attribute list of {size} bytes")));
+        }
+        {
+            let mut claimed = self.claimed.borrow_mut();
+            for r in runs {
+                for c in r.lcn..r.lcn + r.len.min(MAX_ATTRIBUTE_LIST) {
+                    if !claimed.insert(c) {
+                        return Err(Error::corrupt(format!(
+                            "NTFS attribute list cluster {c} is used twice"
+                        )));
+                    }
+                }
+            }
+        }
         let mut v = alloc(size, self.limits, "NTFS attribute list")?;
         for r in runs {
             let fo = r.vcn.saturating_mul(self.geo.cluster);
@@ -664,6 +685,7 @@ pub(crate) fn walk(
 ) -> Result<()> {
     let fs = Ntfs::open(r, part, limits)?;
     // Pass 1: directories.
+    fs.claimed.borrow_mut().clear();
     let mut dirs = DirMap::new();
     let errors = std::cell::RefCell::new(Vec::new());
     fs.scan(
@@ -686,6 +708,7 @@ pub(crate) fn walk(
         sink.error(&format!("MFT record {n}"), e);
     }
     // Pass 2: entries.
+    fs.claimed.borrow_mut().clear();
     let root_rec = fs.record(NTFS_ROOT_RECORD)?;
     let root = fs.info(NTFS_ROOT_RECORD, &root_rec)?;
     let (e, _) = entry(&fs, "/".into(), NTFS_ROOT_RECORD, &root);
@@ -699,6 +722,7 @@ pub(crate) fn walk(
         return Ok(());
     }
     let mut memo = HashMap::new();
+    fs.claimed.borrow_mut().clear();
     fs.scan(
         |n, rec| {
             if n < NTFS_FIRST_USER_RECORD {

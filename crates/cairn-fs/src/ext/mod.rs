@@ -34,8 +34,10 @@ use volume::Volume;
 
 /// Inode-table bytes read (and cached) at once.
 const INODE_CHUNK: u64 = 256 << 10;
-/// Cached inode chunks before the cache is dropped (64 MiB).
-const INODE_CACHE_CHUNKS: usize = 256;
+/// Fewest inode chunks cached before the cache is dropped (64 MiB); more up to
+/// `Limits::max_alloc`, so the inode tables of file systems up to about a million inodes are
+/// read only once per walk.
+const INODE_CACHE_MIN_CHUNKS: usize = 256;
 /// Longest symlink target read from data blocks.
 const MAX_SYMLINK: u64 = 64 << 10;
 
@@ -385,7 +387,8 @@ impl<'a> Ext<'a> {
             })?;
         let chunk = off / INODE_CHUNK;
         if !self.cache.contains_key(&chunk) {
-            if self.cache.len() >= INODE_CACHE_CHUNKS {
+            let max = INODE_CACHE_MIN_CHUNKS.max(self.limits.max_alloc / INODE_CHUNK as usize);
+            if self.cache.len() >= max {
                 self.cache.clear();
             }
             let start = chunk * INODE_CHUNK;

@@ -170,3 +170,27 @@ fn ntfs_in_mbr_partition() {
     assert_eq!(found[0].fs, FsKind::Ntfs);
     check(&img, &found[0], &src, &NTFS_CAPS);
 }
+
+#[test]
+fn ntfs_attribute_list_from_many_hard_links() {
+    // 26 long names do not fit one 1 KiB MFT record: ntfs-3g moves $FILE_NAMEs to extension
+    // records listed in an $ATTRIBUTE_LIST.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("d/x"), &pseudo_random(100_000, 3), 1_600_000_000);
+    for i in 0..25 {
+        let name = format!("link{i:02}_{}", "n".repeat(120));
+        std::fs::hard_link(src.join("d/x"), src.join("d").join(name)).unwrap();
+    }
+    let img = ntfs_image(tmp.path(), &src, 8 << 20, 0);
+    let info = run("ntfsinfo", &["-F", "/d/x", img.to_str().unwrap()]);
+    assert!(
+        info.contains("$ATTRIBUTE_LIST"),
+        "no attribute list was made"
+    );
+    let (_, found) = only_fs(&img);
+    let entries = check(&img, &found[0], &src, &NTFS_CAPS);
+    let x = by_path(&entries, "/d/x");
+    assert_eq!(x.nlink, Some(26));
+    assert_eq!(entries.iter().filter(|e| e.inode == x.inode).count(), 26);
+}
