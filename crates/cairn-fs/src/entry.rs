@@ -193,7 +193,8 @@ pub struct Limits {
     pub max_journal_transactions: u64,
     /// Journal blocks scanned while looking for transactions.
     pub max_journal_blocks: u64,
-    /// Largest single allocation (a FAT table, an MFT record, a symlink, `read_file`).
+    /// Largest single allocation (a FAT table, an attribute list, `read_file`); also the size of
+    /// the ext inode-table cache.
     pub max_alloc: usize,
     /// Partitions read from one table (GPT entries, EBR chain).
     pub max_partitions: u32,

@@ -34,6 +34,8 @@ use super::volume::{JournalCopy, Volume};
 pub(crate) struct Replay {
     pub overlay: HashMap<u64, JournalCopy>,
     pub transactions: u64,
+    /// Image offset of the journal superblock, whose first 4 bytes are the jbd2 magic.
+    pub magic_disk: u64,
 }
 
 struct Tag {
@@ -192,6 +194,7 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
 
     let mut out = Replay {
         transactions: committed.len() as u64,
+        magic_disk: vol.base + jmap(0)? * bs,
         ..Replay::default()
     };
     for (tseq, tags) in committed {

@@ -357,6 +357,7 @@ impl<'a> Ext<'a> {
         }
         let blocks = rep.overlay.len() as u64;
         self.vol.overlay = rep.overlay;
+        self.vol.magic_disk = rep.magic_disk;
         self.cache.clear();
         let mut sbuf = vec![0u8; EXT_SUPERBLOCK_LEN];
         self.vol.read(EXT_SUPERBLOCK_OFFSET, &mut sbuf, &|| {
@@ -461,9 +462,14 @@ impl<'a> Ext<'a> {
                 let blen = bs.min(fo + len - bfo);
                 match self.vol.overlay.get(&(r.phys + i)) {
                     Some(c) if c.escaped => {
-                        return Err(Error::unsupported(
-                            "data block replayed from an escaped journal copy",
-                        ));
+                        // The copy's first 4 bytes were zeroed; the jbd2 magic they stood
+                        // for is at the start of the journal superblock.
+                        journaled = true;
+                        let head = blen.min(4);
+                        push(bfo, self.vol.magic_disk, head);
+                        if blen > head {
+                            push(bfo + head, c.disk + head, blen - head);
+                        }
                     }
                     Some(c) => {
                         journaled = true;

@@ -32,6 +32,9 @@ pub(crate) struct Volume<'a> {
     pub block_size: u64,
     /// File-system block number → journal copy.
     pub overlay: HashMap<u64, JournalCopy>,
+    /// Image offset of 4 bytes holding the jbd2 magic (the journal superblock's start): the
+    /// missing head of an escaped copy, as a disk range.
+    pub magic_disk: u64,
 }
 
 impl<'a> Volume<'a> {
@@ -42,6 +45,7 @@ impl<'a> Volume<'a> {
             len,
             block_size,
             overlay: HashMap::new(),
+            magic_disk: 0,
         }
     }
 
