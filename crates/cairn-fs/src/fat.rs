@@ -503,7 +503,7 @@ pub(crate) fn walk(
             if sink.emit(e) == ControlFlow::Break(()) {
                 return Ok(());
             }
-            if !is_dir {
+            if !is_dir || !sink.descend(&cpath) {
                 continue;
             }
             if depth + 1 > limits.max_depth {

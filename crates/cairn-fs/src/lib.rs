@@ -79,7 +79,19 @@ pub fn walk(
     limits: &Limits,
     mut visitor: impl FnMut(FileEntry) -> ControlFlow<()>,
 ) -> Result<WalkReport> {
-    let mut sink = util::Sink::new(&mut visitor, limits);
+    walk_to(reader, partition, limits, &mut visitor, None)
+}
+
+/// [`walk`], listing only the ancestors of `target` when it is given (ext, FAT).
+fn walk_to(
+    reader: &dyn ReadAt,
+    partition: &Partition,
+    limits: &Limits,
+    visitor: &mut dyn FnMut(FileEntry) -> ControlFlow<()>,
+    target: Option<String>,
+) -> Result<WalkReport> {
+    let mut sink = util::Sink::new(visitor, limits);
+    sink.target = target;
     let fs = match partition.fs {
         FsKind::Unknown => part::probe_fs(reader, partition.offset, partition.length),
         k => k,
@@ -104,7 +116,8 @@ pub fn walk(
 
 /// Finds one entry by its full path (`/` separated, leading `/` optional).
 ///
-/// Walks until the entry is met, so it costs up to one full walk.
+/// On ext and FAT only the directories along the path are read; on NTFS it costs up to one
+/// walk (the MFT is scanned).
 pub fn lookup(
     reader: &dyn ReadAt,
     partition: &Partition,
@@ -113,14 +126,15 @@ pub fn lookup(
 ) -> Result<FileEntry> {
     let want = format!("/{}", path.trim_matches('/'));
     let mut found = None;
-    walk(reader, partition, limits, |e| {
+    let mut visitor = |e: FileEntry| {
         if e.path == want {
             found = Some(e);
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
-    })?;
+    };
+    walk_to(reader, partition, limits, &mut visitor, Some(want.clone()))?;
     found.ok_or_else(|| Error::new(ErrorKind::NotFound, want))
 }
 

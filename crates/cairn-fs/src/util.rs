@@ -130,6 +130,8 @@ pub(crate) struct Sink<'a> {
     visitor: &'a mut dyn FnMut(FileEntry) -> ControlFlow<()>,
     pub(crate) limits: &'a Limits,
     pub(crate) report: WalkReport,
+    /// When looking up one path: only its ancestors need to be listed.
+    pub(crate) target: Option<String>,
 }
 
 impl<'a> Sink<'a> {
@@ -141,6 +143,16 @@ impl<'a> Sink<'a> {
             visitor,
             limits,
             report: WalkReport::default(),
+            target: None,
+        }
+    }
+
+    /// Whether the walk should list directory `dir`: always, unless it is looking up one
+    /// path that does not lie below `dir`.
+    pub(crate) fn descend(&self, dir: &str) -> bool {
+        match &self.target {
+            None => true,
+            Some(t) => t.len() > dir.len() && t.starts_with(dir) && t.as_bytes()[dir.len()] == b'/',
         }
     }
 

@@ -717,7 +717,7 @@ pub(crate) fn walk(
             if sink.emit(entry) == ControlFlow::Break(()) {
                 return Ok(());
             }
-            if is_dir {
+            if is_dir && sink.descend(&cpath) {
                 if depth + 1 > limits.max_depth {
                     sink.error(&cpath, Error::limit("directory deeper than max_depth"));
                 } else if !visited.insert(child) {

@@ -58,6 +58,12 @@ fn fat32_in_gpt_with_long_names() {
     assert_eq!(found[0].fs, FsKind::Fat32);
     let entries = check(&img, &found[0], &src, &FAT_CAPS);
     assert!(by_path(&entries, "/big.bin").fat_attributes.is_some());
+    let f = std::fs::File::open(&img).unwrap();
+    let l = Limits::default();
+    let e = cairn_fs::lookup(&f, &found[0], &l, "日本語/ファイル.txt").unwrap();
+    assert_eq!(cairn_fs::read_file(&f, &e, &l).unwrap(), b"nihongo");
+    let miss = cairn_fs::lookup(&f, &found[0], &l, "/a/b/nope").unwrap_err();
+    assert_eq!(miss.kind, cairn_fs::ErrorKind::NotFound);
 }
 
 #[test]
@@ -148,6 +154,10 @@ fn ntfs_unpartitioned() {
     assert_eq!(by_path(&entries, "/a/hard").nlink, Some(2));
     let sp = by_path(&entries, "/sparse.bin");
     assert!(sp.extents.iter().map(|x| x.length).sum::<u64>() < 1 << 20);
+    let f = std::fs::File::open(&img).unwrap();
+    let l = Limits::default();
+    let e = cairn_fs::lookup(&f, &found[0], &l, "/a/b/c/deep.txt").unwrap();
+    assert_eq!(cairn_fs::read_file(&f, &e, &l).unwrap(), b"deep down\n");
 }
 
 #[test]
