@@ -373,6 +373,60 @@ mod tests {
         assert!(l.partitions[1].logical);
     }
 
+    /// A GPT disk of `sectors` sectors of `sector` bytes with one partition (LBA 34..=99).
+    fn gpt_disk(sector: usize, sectors: usize) -> Vec<u8> {
+        let mut img = vec![0u8; sector * sectors];
+        entry(&mut img, 0, MBR_TYPE_GPT_PROTECTIVE, 1, sectors as u32 - 1);
+        img[510] = 0x55;
+        img[511] = 0xAA;
+        let mut e = vec![0u8; 128 * 128];
+        e[..16].copy_from_slice(&[
+            0xaf, 0x3d, 0xc6, 0x0f, 0x83, 0x84, 0x72, 0x47, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47,
+            0x7d, 0xe4,
+        ]);
+        e[16] = 1;
+        e[32..40].copy_from_slice(&34u64.to_le_bytes());
+        e[40..48].copy_from_slice(&99u64.to_le_bytes());
+        for (i, c) in "data".encode_utf16().enumerate() {
+            e[56 + 2 * i..58 + 2 * i].copy_from_slice(&c.to_le_bytes());
+        }
+        let h = &mut img[sector..sector + 92];
+        h[..8].copy_from_slice(&GPT_SIGNATURE);
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        h[72..80].copy_from_slice(&2u64.to_le_bytes());
+        h[80..84].copy_from_slice(&128u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&crc32(&e).to_le_bytes());
+        let crc = crc32(h);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        img[2 * sector..2 * sector + e.len()].copy_from_slice(&e);
+        img
+    }
+
+    #[test]
+    fn gpt_with_512_and_4096_byte_sectors() {
+        for sector in [512usize, 4096] {
+            let img = gpt_disk(sector, 200);
+            let l = scan(&img, &Limits::default()).unwrap();
+            assert_eq!(l.table, TableKind::Gpt, "{sector}");
+            assert_eq!(l.partitions.len(), 1);
+            let p = &l.partitions[0];
+            assert_eq!(
+                (p.index, p.offset, p.length),
+                (1, 34 * sector as u64, 66 * sector as u64)
+            );
+            assert_eq!(p.name, "data");
+            // A flipped bit in the entries breaks their CRC: no GPT, the protective MBR remains.
+            let mut bad = img.clone();
+            bad[2 * sector + 40] ^= 1;
+            let l = scan(&bad, &Limits::default()).unwrap();
+            assert_eq!(l.table, TableKind::Mbr);
+            assert!(!l.warnings.is_empty());
+        }
+    }
+
     #[test]
     fn tiny_and_empty_images_are_whole_disks() {
         for n in [0usize, 10, 512, 4096] {

@@ -140,6 +140,8 @@ fn make_tree(root: &Path, o: &TreeOpts) {
     write(&root.join("run.sh"), b"#!/bin/sh\necho hi\n", t + 10);
     std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     write(&root.join("secret"), b"private", t + 12);
+    // 60 < size < ~150: ext4 inline data continues in the system.data attribute.
+    write(&root.join("medium.txt"), &[b'm'; 120], t + 18);
     std::fs::set_permissions(root.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::hard_link(root.join("a/b/c/deep.txt"), root.join("a/hard")).unwrap();
     if o.big {
@@ -408,6 +410,11 @@ fn ext4_inline_data() {
     assert!(
         entries.iter().any(|e| e.inline_data.is_some()),
         "no file was stored inline"
+    );
+    assert_eq!(
+        by_path(&entries, "/medium.txt").inline_data.as_deref(),
+        Some(&[b'm'; 120][..]),
+        "120 bytes: i_block plus the system.data attribute"
     );
 }
 
