@@ -18,10 +18,10 @@
 //! All three file-system readers are our own rather than `ext4-view`, `fatfs` or `ntfs`: the
 //! catalog needs every file's data as byte ranges of the *disk image*, a bounded streaming walk,
 //! and speed (one read per inode-table chunk and per directory run). `fatfs` hides cluster
-//! locations and wants `Read + Write + Seek`; `ext4-view` (which also replays the journal in memory) gives
-//! file contents, not their block locations;
-//! `ntfs` exposes data runs but reads through one `&mut Read + Seek` cursor, whereas one
-//! sequential MFT scan over [`ReadAt`] is simpler to bound and faster.
+//! locations and wants `Read + Write + Seek`; `ext4-view` (which also replays the journal in
+//! memory) gives file contents, not their block locations; `ntfs` exposes data runs but reads
+//! through one `&mut Read + Seek` cursor, whereas one sequential MFT scan over [`ReadAt`] is
+//! simpler to bound and faster.
 //!
 //! # Invariants
 //!
