@@ -23,6 +23,11 @@ set -euo pipefail
 #   xfsprogs          mkfs.xfs: a reflink-capable file system for storage-unit snapshots
 #   btrfs-progs       mkfs.btrfs: the other reflink-capable file system
 #   postgresql        the catalog's migrations are tested on a real PostgreSQL
+#   dosfstools        mkfs.fat: FAT12/16/32 test images for cairn-fs
+#   mtools            mcopy: fills FAT test images without mounting
+#   ntfs-3g           mkntfs: NTFS test images for cairn-fs
+#   wimtools          wimlib-imagex capture/apply: fills NTFS test images without mounting
+#   fdisk             sfdisk: GPT and MBR partition tables on plain image files
 CAIRN_APT_PACKAGES="
   qemu-utils
   qemu-system-x86
@@ -34,6 +39,11 @@ CAIRN_APT_PACKAGES="
   xfsprogs
   btrfs-progs
   postgresql
+  dosfstools
+  mtools
+  ntfs-3g
+  wimtools
+  fdisk
   ${CAIRN_EXTRA_APT_PACKAGES:-}
 "
 

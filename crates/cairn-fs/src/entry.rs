@@ -1,0 +1,264 @@
+//! What a walk produces: layouts, file entries, limits and reports.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Kind of partition table found on a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TableKind {
+    Gpt,
+    Mbr,
+    /// No partition table: the file system (if any) starts at byte 0.
+    None,
+}
+
+/// File system found in a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsKind {
+    Ext2,
+    Ext3,
+    Ext4,
+    Fat12,
+    Fat16,
+    Fat32,
+    Ntfs,
+    /// Nothing this crate can read.
+    Unknown,
+}
+
+/// The partition type as the table states it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartitionType {
+    /// MBR system id, e.g. `0x83` (Linux), `0x07` (NTFS/exFAT), `0x0c` (FAT32 LBA).
+    Mbr(u8),
+    /// GPT partition type GUID in its canonical text form (lower case).
+    Gpt(String),
+    /// The whole disk (no table).
+    WholeDisk,
+}
+
+/// One partition (or the whole disk when there is no table).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// 1-based number as Linux names it (`sda1`..; MBR logical partitions start at 5); 0 for
+    /// the whole disk.
+    pub index: u32,
+    pub part_type: PartitionType,
+    /// GPT unique partition GUID.
+    pub guid: Option<String>,
+    /// GPT partition name (empty for MBR).
+    pub name: String,
+    /// Byte offset of the partition in the disk image.
+    pub offset: u64,
+    /// Length in bytes (clamped to the image size).
+    pub length: u64,
+    /// An MBR logical partition inside an extended one.
+    pub logical: bool,
+    /// MBR active (boot) flag.
+    pub bootable: bool,
+    pub fs: FsKind,
+}
+
+/// Partition table and partitions of a disk image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLayout {
+    pub table: TableKind,
+    /// Image size in bytes.
+    pub size: u64,
+    /// GPT disk GUID.
+    pub disk_guid: Option<String>,
+    /// MBR disk signature.
+    pub mbr_signature: Option<u32>,
+    pub partitions: Vec<Partition>,
+    /// Problems that did not stop the scan (e.g. a bad backup GPT header, a broken EBR chain).
+    pub warnings: Vec<String>,
+}
+
+/// Kind of a directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    /// Device node, FIFO, socket, or an NTFS reparse point that is not a link.
+    Other,
+}
+
+/// A run of file bytes stored contiguously on the disk image.
+///
+/// Bytes `[file_offset, file_offset + length)` of the file are at
+/// `[disk_offset, disk_offset + length)` of the **disk image** (partition offset included).
+/// File ranges not covered by any extent read as zeros (holes, unwritten extents).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileExtent {
+    pub file_offset: u64,
+    pub disk_offset: u64,
+    pub length: u64,
+}
+
+impl FileExtent {
+    /// The disk byte range as a workspace [`cairn_types::Extent`].
+    pub fn disk(&self) -> cairn_types::Extent {
+        cairn_types::Extent::new(self.disk_offset, self.length)
+    }
+}
+
+/// One file, directory or link as found in a file system.
+///
+/// Timestamps are nanoseconds since the Unix epoch (UTC; FAT stores local time, which is
+/// taken as UTC). Fields a file system does not store are `None`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Full path from the file system root, `/`-separated, starting with `/` (the root
+    /// itself is `/`). Names that are not valid UTF-8 (ext) are converted lossily.
+    pub path: String,
+    pub kind: FileKind,
+    /// Logical size in bytes (for symlinks: length of the target).
+    pub size: u64,
+    /// Unix mode including the file type bits (ext only).
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Inode number (ext), MFT record number (NTFS), first cluster (FAT).
+    pub inode: u64,
+    /// Hard-link count (ext, NTFS).
+    pub nlink: Option<u32>,
+    pub mtime: Option<i64>,
+    pub atime: Option<i64>,
+    /// Inode / MFT record change time.
+    pub ctime: Option<i64>,
+    /// Creation time.
+    pub crtime: Option<i64>,
+    /// FAT attribute byte (read-only 0x01, hidden 0x02, system 0x04, dir 0x10, archive 0x20).
+    pub fat_attributes: Option<u8>,
+    /// NTFS file attributes from `$STANDARD_INFORMATION`.
+    pub ntfs_attributes: Option<u32>,
+    /// NTFS security id (index into `$Secure`).
+    pub ntfs_security_id: Option<u32>,
+    pub symlink_target: Option<String>,
+    /// Where the data is, in file order; empty for directories, empty files and inline data.
+    pub extents: Vec<FileExtent>,
+    /// The whole content when it lives in metadata (ext4 inline data, NTFS resident data).
+    pub inline_data: Option<Vec<u8>>,
+    /// Some extents point into the ext journal: the block was replayed from a committed
+    /// transaction (data=journal mode), so the current content lives there, not at the
+    /// block's home location.
+    pub data_from_journal: bool,
+}
+
+impl FileEntry {
+    pub(crate) fn new(path: String, kind: FileKind, inode: u64) -> Self {
+        Self {
+            path,
+            kind,
+            size: 0,
+            mode: None,
+            uid: None,
+            gid: None,
+            inode,
+            nlink: None,
+            mtime: None,
+            atime: None,
+            ctime: None,
+            crtime: None,
+            fat_attributes: None,
+            ntfs_attributes: None,
+            ntfs_security_id: None,
+            symlink_target: None,
+            extents: Vec::new(),
+            inline_data: None,
+            data_from_journal: false,
+        }
+    }
+}
+
+/// Hard bounds on what a walk reads and allocates; a hostile image hits one of these and
+/// yields an error or a partial listing instead of exhausting memory or time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Entries reported by one walk.
+    pub max_entries: u64,
+    /// Directory nesting below the root.
+    pub max_depth: u32,
+    /// Bytes of a full path.
+    pub max_path_len: usize,
+    /// Bytes of one directory's data (ext directory blocks, FAT cluster chain, NTFS index).
+    pub max_dir_bytes: u64,
+    /// Extents (runs) of one file; more is an error for that file.
+    pub max_extents_per_file: usize,
+    /// Depth of an ext4 extent tree (the format allows 5).
+    pub max_extent_depth: u32,
+    /// Committed jbd2 transactions replayed.
+    pub max_journal_transactions: u64,
+    /// Journal blocks scanned while looking for transactions.
+    pub max_journal_blocks: u64,
+    /// Largest single allocation (a FAT table, an attribute list, `read_file`); also the size of
+    /// the ext inode-table cache.
+    pub max_alloc: usize,
+    /// Partitions read from one table (GPT entries, EBR chain).
+    pub max_partitions: u32,
+    /// Errors kept in a [`WalkReport`]; more are only counted.
+    pub max_errors: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_entries: 50_000_000,
+            max_depth: 512,
+            max_path_len: 32 * 1024,
+            max_dir_bytes: 512 << 20,
+            max_extents_per_file: 4 << 20,
+            max_extent_depth: 5,
+            max_journal_transactions: 1 << 20,
+            max_journal_blocks: 1 << 24,
+            max_alloc: 256 << 20,
+            max_partitions: 256,
+            max_errors: 1000,
+        }
+    }
+}
+
+/// A problem met during a walk that made the listing partial.
+#[derive(Debug)]
+pub struct WalkError {
+    /// Path of the entry or directory concerned (empty when not tied to one).
+    pub path: String,
+    pub error: Error,
+}
+
+/// What a walk did.
+#[derive(Debug, Default)]
+pub struct WalkReport {
+    /// Entries handed to the visitor.
+    pub entries: u64,
+    /// The visitor asked to stop.
+    pub stopped: bool,
+    /// Errors met (at most `Limits::max_errors`); each one lost part of the listing.
+    pub errors: Vec<WalkError>,
+    /// Errors beyond `errors`.
+    pub errors_dropped: u64,
+    /// ext only: committed journal transactions overlaid before reading.
+    pub journal_transactions: u64,
+    /// ext only: distinct blocks taken from the journal.
+    pub journal_blocks: u64,
+}
+
+impl WalkReport {
+    /// Every entry was listed: no error and the visitor did not stop early.
+    pub fn is_complete(&self) -> bool {
+        !self.stopped && self.errors.is_empty() && self.errors_dropped == 0
+    }
+
+    pub(crate) fn error(&mut self, limits: &Limits, path: &str, error: Error) {
+        if self.errors.len() < limits.max_errors {
+            self.errors.push(WalkError {
+                path: path.to_string(),
+                error,
+            });
+        } else {
+            self.errors_dropped += 1;
+        }
+    }
+}

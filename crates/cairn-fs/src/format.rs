@@ -1,0 +1,109 @@
+//! Every on-disk magic number and fixed offset this crate relies on, in one place.
+//!
+//! Sources: the UEFI specification (GPT), the MBR/EBR conventions, the kernel's
+//! `Documentation/filesystems/ext4/` and `include/linux/jbd2.h` descriptions, Microsoft's FAT
+//! specification and the public NTFS documentation (linux-ntfs). Integers are little-endian
+//! unless a name says `BE` (jbd2 is big-endian).
+
+// ---- partition tables ----
+/// `0x55 0xAA` at byte 510 of an MBR, EBR or FAT/NTFS boot sector.
+pub const BOOT_SIGNATURE: [u8; 2] = [0x55, 0xAA];
+pub const MBR_TABLE_OFFSET: usize = 446;
+pub const MBR_ENTRY_LEN: usize = 16;
+pub const MBR_TYPE_GPT_PROTECTIVE: u8 = 0xEE;
+/// CHS extended, LBA extended, Linux extended.
+pub const MBR_TYPES_EXTENDED: [u8; 3] = [0x05, 0x0F, 0x85];
+pub const GPT_SIGNATURE: [u8; 8] = *b"EFI PART";
+pub const GPT_HEADER_MIN_LEN: u32 = 92;
+pub const GPT_ENTRY_MIN_LEN: u32 = 128;
+
+// ---- ext2/3/4 ----
+pub const EXT_SUPERBLOCK_OFFSET: u64 = 1024;
+pub const EXT_SUPERBLOCK_LEN: usize = 1024;
+pub const EXT_MAGIC: u16 = 0xEF53;
+pub const EXT_ROOT_INO: u32 = 2;
+pub const EXT_COMPAT_HAS_JOURNAL: u32 = 0x4;
+pub const EXT_INCOMPAT_COMPRESSION: u32 = 0x1;
+pub const EXT_INCOMPAT_FILETYPE: u32 = 0x2;
+pub const EXT_INCOMPAT_RECOVER: u32 = 0x4;
+pub const EXT_INCOMPAT_JOURNAL_DEV: u32 = 0x8;
+pub const EXT_INCOMPAT_META_BG: u32 = 0x10;
+pub const EXT_INCOMPAT_EXTENTS: u32 = 0x40;
+pub const EXT_INCOMPAT_64BIT: u32 = 0x80;
+pub const EXT_INCOMPAT_FLEX_BG: u32 = 0x200;
+pub const EXT_INCOMPAT_INLINE_DATA: u32 = 0x8000;
+pub const EXT_RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+pub const EXT_RO_COMPAT_HUGE_FILE: u32 = 0x8;
+pub const EXT_RO_COMPAT_GDT_CSUM: u32 = 0x10;
+pub const EXT_RO_COMPAT_BIGALLOC: u32 = 0x200;
+pub const EXT_RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+pub const EXT_INODE_FLAG_ENCRYPT: u32 = 0x800;
+pub const EXT_INODE_FLAG_HUGE_FILE: u32 = 0x4_0000;
+pub const EXT_INODE_FLAG_EXTENTS: u32 = 0x8_0000;
+pub const EXT_INODE_FLAG_INLINE_DATA: u32 = 0x1000_0000;
+pub const EXT_EXTENT_MAGIC: u16 = 0xF30A;
+/// `ee_len` above this marks an unwritten (preallocated, reads as zeros) extent.
+pub const EXT_EXTENT_INIT_MAX_LEN: u16 = 32768;
+/// Size of `i_block` (direct/indirect block map, extent root, fast symlink, inline data).
+pub const EXT_I_BLOCK_LEN: usize = 60;
+/// In-inode extended attribute header magic.
+pub const EXT_XATTR_MAGIC: u32 = 0xEA02_0000;
+/// `system.` attribute name index (inline data lives in `system.data`).
+pub const EXT_XATTR_INDEX_SYSTEM: u8 = 7;
+
+// ---- jbd2 (big-endian) ----
+pub const JBD2_MAGIC_BE: u32 = 0xC03B_3998;
+pub const JBD2_DESCRIPTOR_BLOCK: u32 = 1;
+pub const JBD2_COMMIT_BLOCK: u32 = 2;
+pub const JBD2_SUPERBLOCK_V1: u32 = 3;
+pub const JBD2_SUPERBLOCK_V2: u32 = 4;
+pub const JBD2_REVOKE_BLOCK: u32 = 5;
+pub const JBD2_INCOMPAT_64BIT: u32 = 0x2;
+pub const JBD2_INCOMPAT_CSUM_V2: u32 = 0x8;
+pub const JBD2_INCOMPAT_CSUM_V3: u32 = 0x10;
+pub const JBD2_INCOMPAT_FAST_COMMIT: u32 = 0x20;
+pub const JBD2_FLAG_ESCAPE: u32 = 0x1;
+pub const JBD2_FLAG_SAME_UUID: u32 = 0x2;
+pub const JBD2_FLAG_LAST_TAG: u32 = 0x8;
+/// Fast-commit blocks when the superblock says 0.
+pub const JBD2_DEFAULT_FC_BLOCKS: u32 = 256;
+/// Descriptor and revoke blocks end in a 4-byte checksum tail with csum v2/v3.
+pub const JBD2_TAIL_LEN: usize = 4;
+
+// ---- FAT ----
+pub const FAT_DIRENT_LEN: usize = 32;
+pub const FAT_ATTR_READ_ONLY: u8 = 0x01;
+pub const FAT_ATTR_VOLUME_ID: u8 = 0x08;
+pub const FAT_ATTR_DIRECTORY: u8 = 0x10;
+pub const FAT_ATTR_LFN: u8 = 0x0F;
+pub const FAT_DELETED: u8 = 0xE5;
+/// Cluster counts below these make a volume FAT12 / FAT16 (Microsoft's rule).
+pub const FAT12_MAX_CLUSTERS: u32 = 4085;
+pub const FAT16_MAX_CLUSTERS: u32 = 65525;
+
+// ---- NTFS ----
+pub const NTFS_OEM_ID: [u8; 8] = *b"NTFS    ";
+pub const NTFS_FILE_MAGIC: [u8; 4] = *b"FILE";
+pub const NTFS_ROOT_RECORD: u64 = 5;
+/// `$Extend`, parent of `$Quota`, `$ObjId`, `$Reparse`, ...: hidden from listings.
+pub const NTFS_EXTEND_RECORD: u64 = 11;
+/// Records below this are NTFS metadata files (only the root is listed).
+pub const NTFS_FIRST_USER_RECORD: u64 = 16;
+pub const NTFS_ATTR_STANDARD_INFORMATION: u32 = 0x10;
+pub const NTFS_ATTR_ATTRIBUTE_LIST: u32 = 0x20;
+pub const NTFS_ATTR_FILE_NAME: u32 = 0x30;
+pub const NTFS_ATTR_DATA: u32 = 0x80;
+pub const NTFS_ATTR_REPARSE_POINT: u32 = 0xC0;
+pub const NTFS_ATTR_END: u32 = 0xFFFF_FFFF;
+pub const NTFS_RECORD_IN_USE: u16 = 0x1;
+pub const NTFS_RECORD_IS_DIR: u16 = 0x2;
+pub const NTFS_ATTR_FLAG_COMPRESSED: u16 = 0x1;
+pub const NTFS_ATTR_FLAG_ENCRYPTED: u16 = 0x4000;
+pub const NTFS_NAMESPACE_DOS: u8 = 2;
+pub const NTFS_REPARSE_TAG_SYMLINK: u32 = 0xA000_000C;
+pub const NTFS_REPARSE_TAG_MOUNT_POINT: u32 = 0xA000_0003;
+/// Seconds between 1601-01-01 and 1970-01-01 (NTFS times count 100 ns from 1601).
+pub const NTFS_EPOCH_DELTA_SECS: i64 = 11_644_473_600;
+
+const _: () = assert!(MBR_TABLE_OFFSET + 4 * MBR_ENTRY_LEN + 2 == 512);
+const _: () = assert!(EXT_I_BLOCK_LEN == 15 * 4);

@@ -1,0 +1,207 @@
+//! Small shared pieces: bounded reads, little/big-endian field access, CRC-32, the entry
+//! sink every walker reports through.
+
+use std::ops::ControlFlow;
+
+use cairn_types::ReadAt;
+
+use crate::{Error, FileEntry, Limits, Result, WalkReport};
+
+/// Reads exactly `buf.len()` bytes at `offset` of the image; a short read is `Corrupt`.
+pub(crate) fn read_exact(
+    r: &dyn ReadAt,
+    buf: &mut [u8],
+    offset: u64,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    r.read_exact_at(buf, offset)
+        .map_err(|e| Error::io(format!("{} at byte {offset}", what()), e))
+}
+
+/// Allocates a zeroed buffer of `len` bytes unless that exceeds `limits.max_alloc`.
+pub(crate) fn alloc(len: u64, limits: &Limits, what: &str) -> Result<Vec<u8>> {
+    if len > limits.max_alloc as u64 {
+        return Err(Error::limit(format!(
+            "{what}: {len} bytes exceeds max_alloc {}",
+            limits.max_alloc
+        )));
+    }
+    Ok(vec![0u8; len as usize])
+}
+
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .unwrap_or(0)
+}
+
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .unwrap_or(0)
+}
+
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .map(|s| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
+        .unwrap_or(0)
+}
+
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        .unwrap_or(0)
+}
+
+/// Decodes little-endian UTF-16 (unpaired surrogates become U+FFFD).
+pub(crate) fn utf16le(b: &[u8]) -> String {
+    let units = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    char::decode_utf16(units)
+        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+        .collect()
+}
+
+/// A GUID in its canonical text form (first three fields little-endian on disk).
+pub(crate) fn guid(b: &[u8]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, idx) in [3, 2, 1, 0, 5, 4, 7, 6, 8, 9, 10, 11, 12, 13, 14, 15]
+        .iter()
+        .enumerate()
+    {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{:02x}", b.get(*idx).copied().unwrap_or(0)));
+    }
+    s
+}
+
+/// CRC-32 (IEEE 802.3, reflected), as GPT uses it.
+pub(crate) fn crc32(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut c = !0u32;
+    for &b in data {
+        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// Joins a directory path and an entry name, refusing names that would break the path
+/// (empty, `.`, `..`, containing `/` or NUL) and paths over `max_path_len`.
+pub(crate) fn join(parent: &str, name: &str, limits: &Limits) -> Result<String> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(Error::corrupt(format!("invalid name {name:?} in {parent}")));
+    }
+    let len = parent.len() + 1 + name.len();
+    if len > limits.max_path_len {
+        return Err(Error::limit(format!(
+            "path of {len} bytes under {parent} exceeds max_path_len"
+        )));
+    }
+    let mut p = String::with_capacity(len);
+    p.push_str(parent);
+    if !parent.ends_with('/') {
+        p.push('/');
+    }
+    p.push_str(name);
+    Ok(p)
+}
+
+/// Where walkers send entries: counts them, enforces `max_entries`, remembers a stop.
+pub(crate) struct Sink<'a> {
+    visitor: &'a mut dyn FnMut(FileEntry) -> ControlFlow<()>,
+    pub(crate) limits: &'a Limits,
+    pub(crate) report: WalkReport,
+    /// When looking up one path: only its ancestors need to be listed.
+    pub(crate) target: Option<String>,
+}
+
+impl<'a> Sink<'a> {
+    pub(crate) fn new(
+        visitor: &'a mut dyn FnMut(FileEntry) -> ControlFlow<()>,
+        limits: &'a Limits,
+    ) -> Self {
+        Self {
+            visitor,
+            limits,
+            report: WalkReport::default(),
+            target: None,
+        }
+    }
+
+    /// Whether the walk should list directory `dir`: always, unless it is looking up one
+    /// path that does not lie below `dir`.
+    pub(crate) fn descend(&self, dir: &str) -> bool {
+        match &self.target {
+            None => true,
+            Some(t) => t.len() > dir.len() && t.starts_with(dir) && t.as_bytes()[dir.len()] == b'/',
+        }
+    }
+
+    /// Hands one entry to the visitor; `Break` means the walk must end now.
+    pub(crate) fn emit(&mut self, e: FileEntry) -> ControlFlow<()> {
+        if self.report.entries >= self.limits.max_entries {
+            let err = Error::limit(format!("more than max_entries {}", self.limits.max_entries));
+            self.report.error(self.limits, &e.path, err);
+            return ControlFlow::Break(());
+        }
+        self.report.entries += 1;
+        if (self.visitor)(e).is_break() {
+            self.report.stopped = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    pub(crate) fn error(&mut self, path: &str, e: Error) {
+        self.report.error(self.limits, path, e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn guid_text_is_mixed_endian() {
+        // The Linux filesystem data GUID as stored on disk.
+        let raw = [
+            0xaf, 0x3d, 0xc6, 0x0f, 0x83, 0x84, 0x72, 0x47, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47,
+            0x7d, 0xe4,
+        ];
+        assert_eq!(guid(&raw), "0fc63daf-8483-4772-8e79-3d69d8477de4");
+    }
+
+    #[test]
+    fn join_refuses_bad_names() {
+        let l = Limits::default();
+        assert_eq!(join("/", "a", &l).unwrap(), "/a");
+        assert_eq!(join("/a", "b", &l).unwrap(), "/a/b");
+        for bad in ["", ".", "..", "a/b", "a\0"] {
+            assert!(join("/", bad, &l).is_err(), "{bad:?}");
+        }
+    }
+}
