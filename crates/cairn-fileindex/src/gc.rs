@@ -9,13 +9,14 @@
 //! the replaced packs, then deletes the files no longer named. A crash at any point leaves
 //! either the old or the new manifest, both complete; leftovers are deleted on the next open.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{IndexError, Result};
-use crate::format::{PATHS_MAGIC, seal, unseal};
+use crate::format::{LISTING_MAGIC, PATHS_MAGIC, seal, unseal};
 use crate::index::FileIndex;
+use crate::listing::ListingFile;
 use crate::manifest::{PackRef, listing_file, paths_file, records_file};
 use crate::pack::PackWriter;
 use crate::paths::PathPack;
@@ -41,6 +42,8 @@ pub struct GcPlan {
     pub remove_backups: Vec<String>,
     pub record_packs: Vec<(u64, PackAction)>,
     pub path_packs: Vec<(u64, PackAction)>,
+    /// Remaining backups whose delta listing is based on a removed one: rewritten in full.
+    pub rewrite_listings: Vec<String>,
     pub dead_records: u64,
     pub dead_paths: u64,
     /// Bytes of listings and packs deleted (rewritten packs not counted).
@@ -56,6 +59,14 @@ impl fmt::Display for GcPlan {
             self.remove_backups.join(", ")
         )?;
         let count = |v: &[(u64, PackAction)], a| v.iter().filter(|x| x.1 == a).count();
+        if !self.rewrite_listings.is_empty() {
+            writeln!(
+                f,
+                "rewrite {} listing(s) in full: {}",
+                self.rewrite_listings.len(),
+                self.rewrite_listings.join(", ")
+            )?;
+        }
         writeln!(
             f,
             "records: {} dead; {} pack(s) deleted, {} rewritten",
@@ -125,6 +136,7 @@ impl FileIndex {
             path_packs: Vec::new(),
             dead_records: 0,
             dead_paths: 0,
+            rewrite_listings: Vec::new(),
             bytes_deleted: 0,
         };
         plan.remove_backups.sort();
@@ -135,6 +147,20 @@ impl FileIndex {
             .filter(|b| remove.contains(b.backup_id.as_str()))
         {
             plan.bytes_deleted += file_len(&st, &listing_file(b.listing_seq));
+        }
+        let removed_seqs: HashSet<u64> = st
+            .manifest
+            .backups
+            .iter()
+            .filter(|b| remove.contains(b.backup_id.as_str()))
+            .map(|b| b.listing_seq)
+            .collect();
+        for b in &st.manifest.backups {
+            if !remove.contains(b.backup_id.as_str())
+                && b.base.is_some_and(|s| removed_seqs.contains(&s))
+            {
+                plan.rewrite_listings.push(b.backup_id.clone());
+            }
         }
         for pack in &st.packs {
             let l = &pack.layout;
@@ -274,6 +300,36 @@ impl FileIndex {
                 };
                 seq += 1;
             }
+            // Listings based on a removed one are rewritten in full; later deltas based on a
+            // rewritten listing follow it to its new sequence number (same content).
+            let mut renumbered = HashMap::new();
+            for id in &plan.rewrite_listings {
+                let b = st
+                    .manifest
+                    .backup(id)
+                    .ok_or_else(|| IndexError::invalid("plan names an unknown backup"))?;
+                let vols = self.listing_of(&st, b)?;
+                let bytes = seal(LISTING_MAGIC, &ListingFile::full(&vols).encode());
+                let tmp = store::write_tmp(&self.dir, &listing_file(seq), &bytes)?;
+                written.push(tmp.clone());
+                let dst = self.dir.join(listing_file(seq));
+                store::rename(&tmp, &dst)?;
+                written.push(dst);
+                obsolete.push(listing_file(b.listing_seq));
+                renumbered.insert(b.listing_seq, seq);
+                let e = m
+                    .backups
+                    .iter_mut()
+                    .find(|x| x.backup_id == *id)
+                    .expect("backup in manifest");
+                (e.listing_seq, e.base, e.listing_bytes) = (seq, None, bytes.len() as u64);
+                seq += 1;
+            }
+            for b in m.backups.iter_mut() {
+                if let Some(new) = b.base.and_then(|s| renumbered.get(&s)) {
+                    b.base = Some(*new);
+                }
+            }
             for b in m
                 .backups
                 .iter()
@@ -300,12 +356,7 @@ impl FileIndex {
         let next = State::load(&self.dir, m)?;
         {
             let mut cache = self.listings.lock().expect("cache lock");
-            for b in st
-                .manifest
-                .backups
-                .iter()
-                .filter(|b| remove.contains(b.backup_id.as_str()))
-            {
+            for b in &st.manifest.backups {
                 cache.remove(b.listing_seq);
             }
         }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::error::{IndexError, Result};
 use crate::format::{LISTING_MAGIC, MAX_ID_LEN, PATHS_MAGIC, checksum, seal};
 use crate::glob::Pattern;
-use crate::listing::{self, VolumeListing, check_volume_name};
+use crate::listing::{ListingFile, MAX_CHAIN, VolumeListing, check_volume_name};
 use crate::manifest::{
     BackupRef, Manifest, PackRef, is_data_file, listing_file, paths_file, records_file,
 };
@@ -74,15 +74,17 @@ pub struct FindOptions {
     pub limit: usize,
 }
 
-/// A search result: one file in one backup.
+/// A search result: one file in one backup. Strings are shared between hits, so large
+/// result sets stay cheap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hit {
-    pub backup_id: String,
-    pub vm: String,
+    pub backup_id: Arc<str>,
+    pub vm: Arc<str>,
     pub created_ms: i64,
-    pub disk: String,
-    pub volume: String,
-    pub path: String,
+    pub disk: Arc<str>,
+    pub volume: Arc<str>,
+    /// Path within the volume.
+    pub path: Arc<str>,
     pub kind: record::FileKind,
     pub size: u64,
     pub mtime_ns: Option<i64>,
@@ -369,7 +371,25 @@ impl FileIndex {
             });
             manifest.next_path_id = table.next_id();
         }
-        let bytes = seal(LISTING_MAGIC, &listing::encode(&volumes_out));
+        let file = match meta.parent.as_deref().and_then(|p| st.manifest.backup(p)) {
+            Some(p)
+                if st
+                    .manifest
+                    .chain_len(p)
+                    .map_err(|e| store::corrupt(MANIFEST, e))?
+                    < MAX_CHAIN =>
+            {
+                let base = self.listing_of(&st, p)?;
+                let delta = ListingFile::delta(p.listing_seq, &base, &volumes_out);
+                if delta.items() as u64 <= report.files / 4 {
+                    delta
+                } else {
+                    ListingFile::full(&volumes_out)
+                }
+            }
+            _ => ListingFile::full(&volumes_out),
+        };
+        let bytes = seal(LISTING_MAGIC, &file.encode());
         report.listing_bytes = bytes.len() as u64;
         report.bytes_written += bytes.len() as u64;
         let tmp = store::write_tmp(&self.dir, &listing_file(listing_seq), &bytes)?;
@@ -396,6 +416,7 @@ impl FileIndex {
             created_ms: meta.created_ms,
             parent: meta.parent.clone(),
             listing_seq,
+            base: file.base,
             files: report.files,
             listing_bytes: report.listing_bytes,
         });
@@ -471,16 +492,40 @@ impl FileIndex {
         Ok((b, l))
     }
 
+    /// The resolved listing of `b`: cached, or read with its chain of bases (each listing
+    /// on the way is cached too).
     pub(crate) fn listing_of(&self, st: &State, b: &BackupRef) -> Result<Arc<Vec<VolumeListing>>> {
-        if let Some(l) = self.listings.lock().expect("cache lock").get(b.listing_seq) {
+        let cached = |seq| self.listings.lock().expect("cache lock").get(seq);
+        if let Some(l) = cached(b.listing_seq) {
             return Ok(l);
         }
-        let l = Arc::new(st.read_listing(b)?);
-        self.listings
-            .lock()
-            .expect("cache lock")
-            .insert(b.listing_seq, l.clone());
-        Ok(l)
+        let mut chain = vec![b];
+        let mut resolved: Arc<Vec<VolumeListing>> = Arc::new(Vec::new());
+        while let Some(seq) = chain[chain.len() - 1].base {
+            if let Some(l) = cached(seq) {
+                resolved = l;
+                break;
+            }
+            // The manifest's chains were checked when it was decoded.
+            let base = st
+                .manifest
+                .by_listing(seq)
+                .ok_or_else(|| store::corrupt(MANIFEST, format!("missing base listing {seq}")))?;
+            chain.push(base);
+        }
+        for r in chain.iter().rev() {
+            let file = st.read_listing_file(r)?;
+            let vols = file
+                .resolve(&resolved)
+                .map_err(|e| store::corrupt(&listing_file(r.listing_seq), e))?;
+            st.check_listing(r, &vols)?;
+            resolved = Arc::new(vols);
+            self.listings
+                .lock()
+                .expect("cache lock")
+                .insert(r.listing_seq, resolved.clone());
+        }
+        Ok(resolved)
     }
 
     /// The volumes of a backup.
@@ -584,18 +629,26 @@ impl FileIndex {
     /// backup first, then by disk, volume and path.
     pub fn find(&self, pattern: &Pattern, opts: &FindOptions) -> Result<Vec<Hit>> {
         let st = self.snapshot();
-        let mut matched = vec![false; st.paths.next_id() as usize];
-        let mut any = false;
+        // Match every distinct path once, then rank the matches in path order so that the
+        // per-volume sort below compares integers.
+        let mut matched: Vec<u32> = Vec::new();
         st.paths.for_each(pattern.is_case_insensitive(), |id, p| {
             if pattern.matches(p) {
-                matched[id as usize] = true;
-                any = true;
+                matched.push(id);
             }
         });
         let mut hits = Vec::new();
-        if !any {
+        if matched.is_empty() {
             return Ok(hits);
         }
+        matched.sort_unstable_by(|a, b| st.paths.path(*a).cmp(st.paths.path(*b)));
+        let mut rank = vec![u32::MAX; st.paths.next_id() as usize];
+        for (i, &id) in matched.iter().enumerate() {
+            rank[id as usize] = i as u32;
+        }
+        let mut path_strs: Vec<Option<Arc<str>>> = vec![None; matched.len()];
+        let mut summaries: HashMap<u32, record::Summary> = HashMap::new();
+
         let mut backups: Vec<&BackupRef> = st
             .manifest
             .backups
@@ -613,27 +666,38 @@ impl FileIndex {
             let l = self.listing_of(&st, b)?;
             let mut vols: Vec<&VolumeListing> = l.iter().collect();
             vols.sort_by(|x, y| (&x.disk, &x.volume).cmp(&(&y.disk, &y.volume)));
+            let (backup_id, vm): (Arc<str>, Arc<str>) =
+                (b.backup_id.as_str().into(), b.vm.as_str().into());
             for v in vols {
                 found.clear();
-                found.extend(
-                    v.entries
-                        .iter()
-                        .copied()
-                        .filter(|&(p, _)| matched[p as usize]),
-                );
-                found.sort_unstable_by(|a, b| st.paths.path(a.0).cmp(st.paths.path(b.0)));
-                for &(p, r) in &found {
+                found.extend(v.entries.iter().filter_map(|&(p, r)| {
+                    let k = rank[p as usize];
+                    (k != u32::MAX).then_some((k, r))
+                }));
+                if found.is_empty() {
+                    continue;
+                }
+                found.sort_unstable();
+                let (disk, volume): (Arc<str>, Arc<str>) =
+                    (v.disk.as_str().into(), v.volume.as_str().into());
+                for &(k, r) in &found {
                     if hits.len() >= limit {
                         return Ok(hits);
                     }
-                    let s = st.summary(r)?;
+                    let s = match summaries.get(&r) {
+                        Some(s) => *s,
+                        None => *summaries.entry(r).or_insert(st.summary(r)?),
+                    };
+                    let path = path_strs[k as usize]
+                        .get_or_insert_with(|| st.paths.path(matched[k as usize]).into())
+                        .clone();
                     hits.push(Hit {
-                        backup_id: b.backup_id.clone(),
-                        vm: b.vm.clone(),
+                        backup_id: backup_id.clone(),
+                        vm: vm.clone(),
                         created_ms: b.created_ms,
-                        disk: v.disk.clone(),
-                        volume: v.volume.clone(),
-                        path: st.paths.path(p).to_string(),
+                        disk: disk.clone(),
+                        volume: volume.clone(),
+                        path,
                         kind: s.kind,
                         size: s.size,
                         mtime_ns: s.mtime_ns,

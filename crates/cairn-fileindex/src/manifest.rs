@@ -12,7 +12,7 @@
 //! path_packs   { seq first_id count }*
 //! record_packs { seq first_id count }*
 //! backups      { backup_id(str) vm(str) created_ms(zz) has_parent(u8) [parent(str)]
-//!                listing_seq files listing_bytes }*
+//!                listing_seq has_base(u8) [base_seq] files listing_bytes }*
 //! ```
 //!
 //! File names derive from sequence numbers: `paths-<seq>.cfp`, `records-<seq>.cfr`,
@@ -22,6 +22,7 @@ use std::collections::HashSet;
 
 use crate::error::DecodeError;
 use crate::format::{MAX_BACKUPS, MAX_ID, MAX_ID_LEN, MAX_PACK_ITEMS, Reader, Writer};
+use crate::listing::MAX_CHAIN_READ;
 
 /// A pack named by the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,8 @@ pub struct BackupRef {
     pub created_ms: i64,
     pub parent: Option<String>,
     pub listing_seq: u64,
+    /// For a delta listing: the listing (of another backup) it is based on.
+    pub base: Option<u64>,
     pub files: u64,
     pub listing_bytes: u64,
 }
@@ -101,6 +104,28 @@ impl Manifest {
         self.backups.iter().find(|b| b.backup_id == id)
     }
 
+    /// The backup whose listing has sequence number `seq`.
+    pub fn by_listing(&self, seq: u64) -> Option<&BackupRef> {
+        self.backups.iter().find(|b| b.listing_seq == seq)
+    }
+
+    /// Number of delta listings from `b` down to its full listing (0 for a full one); fails
+    /// on a missing base or a chain longer than [`MAX_CHAIN_READ`] (which includes cycles).
+    pub fn chain_len(&self, b: &BackupRef) -> Result<u32, String> {
+        let mut cur = b;
+        let mut n = 0;
+        while let Some(base) = cur.base {
+            n += 1;
+            if n > MAX_CHAIN_READ {
+                return Err("delta chain too long or cyclic".into());
+            }
+            cur = self
+                .by_listing(base)
+                .ok_or_else(|| format!("base listing {base} is not in the manifest"))?;
+        }
+        Ok(n)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u64(self.generation);
@@ -128,6 +153,13 @@ impl Manifest {
                 None => w.buf.push(0),
             }
             w.u64(b.listing_seq);
+            match b.base {
+                Some(s) => {
+                    w.buf.push(1);
+                    w.u64(s);
+                }
+                None => w.buf.push(0),
+            }
             w.u64(b.files);
             w.u64(b.listing_bytes);
         }
@@ -191,18 +223,28 @@ impl Manifest {
             if !ids.insert(backup_id.clone()) {
                 return Err(r.err(format!("backup {backup_id:?} listed twice")));
             }
+            let base = match r.u8()? {
+                0 => None,
+                1 => Some(r.u64()?),
+                x => return Err(r.err(format!("bad base flag {x}"))),
+            };
             m.backups.push(BackupRef {
                 backup_id,
                 vm,
                 created_ms,
                 parent,
                 listing_seq,
+                base,
                 files: r.u64()?,
                 listing_bytes: r.u64()?,
             });
         }
         if !r.is_empty() {
             return Err(r.err("trailing bytes after manifest"));
+        }
+        for b in &m.backups {
+            m.chain_len(b)
+                .map_err(|e| r.err(format!("backup {:?}: {e}", b.backup_id)))?;
         }
         Ok(m)
     }
@@ -242,6 +284,7 @@ mod tests {
                 created_ms: 1_700_000_000_000,
                 parent: Some("b0".into()),
                 listing_seq: 3,
+                base: None,
                 files: 49,
                 listing_bytes: 100,
             }],
@@ -255,6 +298,12 @@ mod tests {
         let mut seq = m.clone();
         seq.backups[0].listing_seq = 2;
         assert!(Manifest::decode(&seq.encode()).is_err());
+        let mut cyclic = m.clone();
+        cyclic.backups[0].base = Some(3);
+        assert!(Manifest::decode(&cyclic.encode()).is_err());
+        let mut dangling = m.clone();
+        dangling.backups[0].base = Some(4);
+        assert!(Manifest::decode(&dangling.encode()).is_err());
         assert!(is_data_file("records-0000000000000001.cfr.tmp"));
         assert!(!is_data_file("MANIFEST"));
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{IndexError, Result};
 use crate::format::{LISTING_MAGIC, MANIFEST_MAGIC, MAX_BODY_RAW, PATHS_MAGIC, unseal};
-use crate::listing::{self, VolumeListing};
+use crate::listing::{ListingFile, VolumeListing};
 use crate::manifest::{BackupRef, Manifest, listing_file, paths_file, records_file};
 use crate::pack::RecordPack;
 use crate::paths::{PathPack, PathTable};
@@ -154,14 +154,23 @@ impl State {
         self.with_record(id, record::decode_summary)
     }
 
-    /// Reads and checks one backup's listing.
-    pub fn read_listing(&self, b: &BackupRef) -> Result<Vec<VolumeListing>> {
+    /// Reads one listing file and checks it against the manifest entry of its backup.
+    pub fn read_listing_file(&self, b: &BackupRef) -> Result<ListingFile> {
         let name = listing_file(b.listing_seq);
         let data = read(&self.dir, &name)?;
         let body = unseal(&data, LISTING_MAGIC).map_err(|e| e.in_file(&name))?;
-        let vols = listing::decode(&body).map_err(|e| e.in_file(&name))?;
+        let file = ListingFile::decode(&body).map_err(|e| e.in_file(&name))?;
+        if file.base != b.base {
+            return Err(corrupt(&name, "base listing differs from the manifest"));
+        }
+        Ok(file)
+    }
+
+    /// Checks a resolved listing against the manifest and the id ranges.
+    pub fn check_listing(&self, b: &BackupRef, vols: &[VolumeListing]) -> Result<()> {
+        let name = listing_file(b.listing_seq);
         let mut files = 0u64;
-        for v in &vols {
+        for v in vols {
             files += v.entries.len() as u64;
             for &(p, r) in &v.entries {
                 if !self.paths.is_live(p) || r >= self.manifest.next_record_id {
@@ -175,7 +184,7 @@ impl State {
         if files != b.files {
             return Err(corrupt(&name, "file count differs from the manifest"));
         }
-        Ok(vols)
+        Ok(())
     }
 }
 
