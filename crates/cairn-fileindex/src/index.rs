@@ -371,24 +371,21 @@ impl FileIndex {
             });
             manifest.next_path_id = table.next_id();
         }
-        let file = match meta.parent.as_deref().and_then(|p| st.manifest.backup(p)) {
-            Some(p)
-                if st
-                    .manifest
-                    .chain_len(p)
-                    .map_err(|e| store::corrupt(MANIFEST, e))?
-                    < MAX_CHAIN =>
-            {
-                let base = self.listing_of(&st, p)?;
-                let delta = ListingFile::delta(p.listing_seq, &base, &volumes_out);
+        // A delta from the parent's listing when the chain stays short and the delta small.
+        let mut file = ListingFile::full(&volumes_out);
+        let mut base_seq = None;
+        if let Some(p) = meta.parent.as_deref().and_then(|p| st.manifest.backup(p)) {
+            let depth = st
+                .manifest
+                .chain_len(p)
+                .map_err(|e| store::corrupt(MANIFEST, e))?;
+            if depth < MAX_CHAIN {
+                let delta = ListingFile::delta(&self.listing_of(&st, p)?, &volumes_out);
                 if delta.items() as u64 <= report.files / 4 {
-                    delta
-                } else {
-                    ListingFile::full(&volumes_out)
+                    (file, base_seq) = (delta, Some(p.listing_seq));
                 }
             }
-            _ => ListingFile::full(&volumes_out),
-        };
+        }
         let bytes = seal(LISTING_MAGIC, &file.encode());
         report.listing_bytes = bytes.len() as u64;
         report.bytes_written += bytes.len() as u64;
@@ -416,7 +413,7 @@ impl FileIndex {
             created_ms: meta.created_ms,
             parent: meta.parent.clone(),
             listing_seq,
-            base: file.base,
+            base: base_seq,
             files: report.files,
             listing_bytes: report.listing_bytes,
         });

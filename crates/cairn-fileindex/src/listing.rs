@@ -4,14 +4,14 @@
 //! Body (framed by [`crate::format::seal`], so zstd-compressed and checksummed):
 //!
 //! ```text
-//! kind(u8: 0 full, 1 delta) [base_seq]
+//! kind(u8: 0 full, 1 delta)
 //! volumes { disk(str) volume(str)
 //!           removed_count { path_delta }*       (delta only; full listings write 0)
 //!           upsert_count  { path_delta record_delta(zz) }* }*
 //! ```
 //!
-//! A full listing's upserts are its entries. A delta listing names the listing it is based
-//! on (`base_seq`, also in the manifest); each of its volumes is the base's volume of the
+//! A full listing's upserts are its entries. A delta listing is based on the listing the
+//! manifest names as its base; each of its volumes is the base's volume of the
 //! same name (or nothing) minus `removed` paths, with `upserts` added or replaced. A delta
 //! is written when the parent's chain is shorter than [`MAX_CHAIN`] and the difference is
 //! at most a quarter of the entries, so reading a listing touches at most `MAX_CHAIN`
@@ -62,8 +62,9 @@ pub struct VolumeDiff {
 /// A decoded listing file.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListingFile {
-    /// Sequence number of the base listing, for a delta.
-    pub base: Option<u64>,
+    /// Whether this is a delta from a base listing (named by the manifest, not here, so a
+    /// base can be renumbered without touching its deltas).
+    pub delta: bool,
     pub volumes: Vec<VolumeDiff>,
 }
 
@@ -79,7 +80,7 @@ impl ListingFile {
     /// A full listing of `volumes`.
     pub fn full(volumes: &[VolumeListing]) -> Self {
         Self {
-            base: None,
+            delta: false,
             volumes: volumes
                 .iter()
                 .map(|v| VolumeDiff {
@@ -92,10 +93,10 @@ impl ListingFile {
         }
     }
 
-    /// The difference of `volumes` from `base` (listing `base_seq`).
-    pub fn delta(base_seq: u64, base: &[VolumeListing], volumes: &[VolumeListing]) -> Self {
+    /// The difference of `volumes` from `base`.
+    pub fn delta(base: &[VolumeListing], volumes: &[VolumeListing]) -> Self {
         let mut out = Self {
-            base: Some(base_seq),
+            delta: true,
             volumes: Vec::with_capacity(volumes.len()),
         };
         for v in volumes {
@@ -202,13 +203,7 @@ impl ListingFile {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        match self.base {
-            None => w.buf.push(0),
-            Some(s) => {
-                w.buf.push(1);
-                w.u64(s);
-            }
-        }
+        w.buf.push(u8::from(self.delta));
         w.u64(self.volumes.len() as u64);
         for v in &self.volumes {
             w.str(&v.disk);
@@ -232,14 +227,14 @@ impl ListingFile {
 
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body, 0);
-        let base = match r.u8()? {
-            0 => None,
-            1 => Some(r.u64()?),
+        let delta = match r.u8()? {
+            0 => false,
+            1 => true,
             k => return Err(r.err(format!("unknown listing kind {k}"))),
         };
         let n = r.bounded(MAX_VOLUMES, "volume count")?;
         let mut out = Self {
-            base,
+            delta,
             volumes: Vec::with_capacity(n as usize),
         };
         for _ in 0..n {
@@ -256,7 +251,7 @@ impl ListingFile {
                 return Err(r.err(format!("volume {disk}/{volume} listed twice")));
             }
             let count = r.bounded(MAX_PACK_ITEMS, "removal count")?;
-            if count > (body.len() - r.pos()) as u64 || (base.is_none() && count > 0) {
+            if count > (body.len() - r.pos()) as u64 || (!delta && count > 0) {
                 return Err(r.err("bad removal count"));
             }
             let mut removed = Vec::with_capacity(count as usize);
@@ -344,7 +339,7 @@ mod tests {
             vol("p1", vec![(0, 1), (3, 9), (4, 10), (5, 4), (8, 11)]),
             vol("p2", vec![(1, 1)]),
         ];
-        let d = ListingFile::delta(7, &base, &new);
+        let d = ListingFile::delta(&base, &new);
         assert_eq!(d.volumes[0].removed, vec![2]);
         assert_eq!(d.volumes[0].upserts, vec![(3, 9), (4, 10), (8, 11)]);
         let back = ListingFile::decode(&d.encode()).unwrap();

@@ -160,8 +160,11 @@ impl State {
         let data = read(&self.dir, &name)?;
         let body = unseal(&data, LISTING_MAGIC).map_err(|e| e.in_file(&name))?;
         let file = ListingFile::decode(&body).map_err(|e| e.in_file(&name))?;
-        if file.base != b.base {
-            return Err(corrupt(&name, "base listing differs from the manifest"));
+        if file.delta != b.base.is_some() {
+            return Err(corrupt(
+                &name,
+                "kind (full or delta) differs from the manifest",
+            ));
         }
         Ok(file)
     }
