@@ -84,8 +84,12 @@ pub const MAX_VOLUMES: u64 = 4096;
 pub const MAX_BACKUPS: u64 = 1 << 24;
 /// Largest decompressed body of a manifest, path pack or listing.
 pub const MAX_BODY_RAW: usize = 1 << 30;
-/// Largest path id / record id (ids are u32; `u32::MAX` is reserved).
+/// Largest id of any kind in a file (ids are u32; `u32::MAX` is reserved).
 pub const MAX_ID: u64 = u32::MAX as u64 - 1;
+/// Path ids stay below this (the path table lives in memory: 2^28 paths is tens of GiB).
+pub const MAX_PATH_IDS: u64 = 1 << 28;
+/// Record ids stay below this (garbage collection keeps one flag per id).
+pub const MAX_RECORD_IDS: u64 = 1 << 30;
 
 /// BLAKE3 truncated to [`CHECKSUM_LEN`] bytes.
 pub fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {

@@ -43,6 +43,10 @@ pub struct AddReport {
     pub paths_new: u64,
     /// Bytes of all files written, manifest included.
     pub bytes_written: u64,
+    /// Bytes of the new record pack (the new and changed files' metadata).
+    pub record_bytes: u64,
+    /// Bytes of the new path pack.
+    pub path_bytes: u64,
     pub listing_bytes: u64,
 }
 
@@ -338,7 +342,8 @@ impl FileIndex {
         let mut manifest = st.manifest.clone();
         if let Some(w) = pack {
             let count = w.count();
-            report.bytes_written += w.finish()?;
+            report.record_bytes = w.finish()?;
+            report.bytes_written += report.record_bytes;
             let tmp = self.dir.join(format!("{}.tmp", records_file(rec_seq)));
             renames.push((tmp, self.dir.join(records_file(rec_seq))));
             manifest.record_packs.push(PackRef {
@@ -360,6 +365,7 @@ impl FileIndex {
                 .encode(),
             );
             report.paths_new = (table.next_id() - first_id) as u64;
+            report.path_bytes = bytes.len() as u64;
             report.bytes_written += bytes.len() as u64;
             let tmp = store::write_tmp(&self.dir, &paths_file(paths_seq), &bytes)?;
             cleanup.0.push(tmp.clone());

@@ -76,30 +76,36 @@ pub use index::{
 };
 pub use record::{FileExtent, FileKind, FileRecord};
 
-/// Decodes `data` as every kind of index file; for the fuzz target. Never panics.
+/// Decodes `data` as every kind of index file, sealed or as a bare body; for the fuzz
+/// target. Never panics.
 pub fn decode_any(data: &[u8]) {
     use format::{LISTING_MAGIC, MANIFEST_MAGIC, PATHS_MAGIC, unseal};
+    let paths = |body: &[u8]| {
+        if let Ok(pack) = paths::PathPack::decode(body) {
+            let _ = paths::PathTable::new().extend(&pack);
+        }
+    };
+    let listing = |body: &[u8]| {
+        if let Ok(l) = listing::ListingFile::decode(body) {
+            // Resolve against nothing and against itself (as its own base).
+            if let Ok(base) = l.resolve(&[]) {
+                let _ = l.resolve(&base);
+            }
+        }
+    };
     if let Ok(body) = unseal(data, MANIFEST_MAGIC) {
         let _ = manifest::Manifest::decode(&body);
     }
     if let Ok(body) = unseal(data, PATHS_MAGIC) {
-        if let Ok(pack) = paths::PathPack::decode(&body) {
-            let _ = paths::PathTable::new().extend(&pack);
-        }
+        paths(&body);
     }
     if let Ok(body) = unseal(data, LISTING_MAGIC) {
-        if let Ok(l) = listing::ListingFile::decode(&body) {
-            let _ = l.resolve(&[]);
-        }
+        listing(&body);
     }
-    // The raw bodies too, so the fuzzer need not forge checksums.
+    // The bare bodies too, so the fuzzer need not forge checksums.
     let _ = manifest::Manifest::decode(data);
-    if let Ok(pack) = paths::PathPack::decode(data) {
-        let _ = paths::PathTable::new().extend(&pack);
-    }
-    if let Ok(l) = listing::ListingFile::decode(data) {
-        let _ = l.resolve(&[]);
-    }
+    paths(data);
+    listing(data);
     let _ = record::decode(data, String::new());
     let _ = record::decode_summary(data);
     if let Ok((_, records)) = pack::parse_all(data) {

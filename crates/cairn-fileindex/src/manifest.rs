@@ -21,7 +21,9 @@
 use std::collections::HashSet;
 
 use crate::error::DecodeError;
-use crate::format::{MAX_BACKUPS, MAX_ID, MAX_ID_LEN, MAX_PACK_ITEMS, Reader, Writer};
+use crate::format::{
+    MAX_BACKUPS, MAX_ID, MAX_ID_LEN, MAX_PACK_ITEMS, MAX_PATH_IDS, MAX_RECORD_IDS, Reader, Writer,
+};
 use crate::listing::MAX_CHAIN_READ;
 
 /// A pack named by the manifest.
@@ -171,8 +173,8 @@ impl Manifest {
         let mut m = Manifest {
             generation: r.u64()?,
             next_seq: r.u64()?,
-            next_path_id: r.bounded(MAX_ID + 1, "next path id")? as u32,
-            next_record_id: r.bounded(MAX_ID + 1, "next record id")? as u32,
+            next_path_id: r.bounded(MAX_PATH_IDS, "next path id")? as u32,
+            next_record_id: r.bounded(MAX_RECORD_IDS, "next record id")? as u32,
             ..Manifest::default()
         };
         if m.next_path_id == 0 || m.next_record_id == 0 {

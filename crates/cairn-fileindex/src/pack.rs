@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use crate::error::{DecodeError, IndexError, Result};
 use crate::format::{
     BLOCK_ENTRY_LEN, BLOCK_TARGET_RAW, CHECKSUM_LEN, HEADER_LEN, MAX_BLOCK_RAW, MAX_BLOCKS,
-    MAX_PACK_ITEMS, MAX_RECORD_LEN, RECORDS_END_MAGIC, RECORDS_FOOTER_LEN, RECORDS_MAGIC, Reader,
-    Writer, ZSTD_LEVEL, check_header, checksum, decompress, header,
+    MAX_PACK_ITEMS, MAX_RECORD_IDS, MAX_RECORD_LEN, RECORDS_END_MAGIC, RECORDS_FOOTER_LEN,
+    RECORDS_MAGIC, Reader, Writer, ZSTD_LEVEL, check_header, checksum, decompress, header,
 };
 
 /// Where one block lies and what it holds.
@@ -188,19 +188,20 @@ impl Block {
     }
 }
 
-/// An open record pack.
+/// A record pack whose header, table and footer were verified.
 #[derive(Debug)]
 pub struct RecordPack {
     pub seq: u64,
     pub layout: PackLayout,
     pub file_len: u64,
     name: String,
-    file: File,
+    /// Opened per block read, so thousands of packs do not hold thousands of descriptors.
+    path: PathBuf,
     cache: Mutex<HashMap<u32, Arc<Block>>>,
 }
 
-/// Blocks kept decoded per pack before the cache is reset.
-const CACHE_BLOCKS: usize = 256;
+/// Blocks (of up to 64 KiB raw) kept decoded per pack before the pack's cache is reset.
+const CACHE_BLOCKS: usize = 64;
 
 impl RecordPack {
     /// Opens a pack and verifies its header, table and footer.
@@ -236,7 +237,7 @@ impl RecordPack {
             layout,
             file_len,
             name,
-            file,
+            path: path.to_path_buf(),
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -270,9 +271,9 @@ impl RecordPack {
         }
         let e = self.layout.blocks[b];
         let mut stored = vec![0u8; e.stored_len as usize];
-        self.file
-            .read_exact_at(&mut stored, e.offset)
-            .map_err(|x| IndexError::io(&self.name, "read block", x))?;
+        File::open(&self.path)
+            .and_then(|f| f.read_exact_at(&mut stored, e.offset))
+            .map_err(|x| IndexError::io(&self.path, "read block", x))?;
         let block = Arc::new(Block::decode(&stored, &e).map_err(|x| x.in_file(&self.name))?);
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_BLOCKS {
@@ -328,8 +329,10 @@ impl PackWriter {
 
     /// Appends an encoded record; returns its id.
     pub fn push(&mut self, rec: &[u8]) -> Result<u32> {
-        if u64::from(self.count) >= MAX_PACK_ITEMS {
-            return Err(IndexError::invalid("too many new records in one backup"));
+        if u64::from(self.count) >= MAX_PACK_ITEMS
+            || u64::from(self.first_id + self.count) >= MAX_RECORD_IDS
+        {
+            return Err(IndexError::invalid("too many records"));
         }
         let id = self.first_id + self.count;
         self.raw.bytes(rec);

@@ -19,7 +19,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::OnceLock;
 
 use crate::error::DecodeError;
-use crate::format::{MAX_ID, MAX_NAME_LEN, MAX_PACK_ITEMS, MAX_PATH_LEN, Reader, Writer};
+use crate::format::{
+    MAX_ID, MAX_NAME_LEN, MAX_PACK_ITEMS, MAX_PATH_IDS, MAX_PATH_LEN, Reader, Writer,
+};
 
 /// Parent value of an id that is not (or no longer) a path.
 const DEAD: u32 = u32::MAX;
@@ -52,7 +54,7 @@ impl PathPack {
             return Err(r.err("path id 0 is the implicit root"));
         }
         let count = r.bounded(MAX_PACK_ITEMS, "path count")?;
-        if first_id + count > MAX_ID + 1 {
+        if first_id + count > MAX_PATH_IDS {
             return Err(r.err("path ids exceed the id space"));
         }
         // Each entry takes at least 2 bytes.
@@ -170,7 +172,7 @@ impl PathTable {
     /// Appends `(parent, name)` as the next id. The caller checks that it is new.
     pub fn push(&mut self, parent: u32, name: &str) -> Result<u32, String> {
         let id = self.next_id();
-        if u64::from(id) > MAX_ID {
+        if u64::from(id) >= MAX_PATH_IDS {
             return Err("path id space exhausted".into());
         }
         if !self.is_live(parent) || parent >= id {

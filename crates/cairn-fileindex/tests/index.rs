@@ -63,12 +63,16 @@ fn meta(id: &str, vm: &str, t: i64, parent: Option<&str>) -> BackupMeta {
     }
 }
 
-fn vol(
+fn vol<'a>(
     disk: &str,
     volume: &str,
-    files: &[FileRecord],
-) -> (String, String, std::vec::IntoIter<FileRecord>) {
-    (disk.into(), volume.into(), files.to_vec().into_iter())
+    files: &'a [FileRecord],
+) -> (
+    String,
+    String,
+    std::iter::Cloned<std::slice::Iter<'a, FileRecord>>,
+) {
+    (disk.into(), volume.into(), files.iter().cloned())
 }
 
 fn data_files(dir: &Path) -> Vec<String> {
