@@ -81,7 +81,11 @@ pub use record::{FileExtent, FileKind, FileRecord};
 pub fn decode_any(data: &[u8]) {
     use format::{LISTING_MAGIC, MANIFEST_MAGIC, PATHS_MAGIC, unseal};
     let paths = |body: &[u8]| {
-        if let Ok(pack) = paths::PathPack::decode(body) {
+        // A pack may start at any id below 2^28; the table fills the gap with dead ids,
+        // which is legitimate but too slow for a fuzzer, so only small gaps are replayed.
+        if let Ok(pack) = paths::PathPack::decode(body)
+            && pack.first_id < 1 << 16
+        {
             let _ = paths::PathTable::new().extend(&pack);
         }
     };

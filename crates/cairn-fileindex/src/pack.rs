@@ -77,7 +77,7 @@ pub fn parse_footer(tail: &[u8], file_len: u64) -> Result<(u64, u32, u32, u32), 
     if u64::from(count) > MAX_PACK_ITEMS || u64::from(blocks) > MAX_BLOCKS {
         return Err(DecodeError::new(at, "record or block count exceeds limit"));
     }
-    if first_id == 0 || first_id + u64::from(count) > u64::from(u32::MAX) {
+    if first_id == 0 || first_id.saturating_add(u64::from(count)) > MAX_RECORD_IDS {
         return Err(DecodeError::new(at + 8, "record ids outside the id space"));
     }
     let table_end = table_offset.checked_add(u64::from(blocks) * BLOCK_ENTRY_LEN as u64);
@@ -459,5 +459,10 @@ mod tests {
         for n in [0, 10, data.len() / 2, data.len() - 1] {
             assert!(parse_all(&data[..n]).is_err());
         }
+        // Found by the fuzzer: a first id near u64::MAX overflowed.
+        let mut huge = data.clone();
+        let at = huge.len() - RECORDS_FOOTER_LEN + 8;
+        huge[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse_all(&huge).is_err());
     }
 }
