@@ -353,7 +353,7 @@ impl FileIndex {
         // Committed. Reload from disk (ids of dead paths and records are gone) and delete
         // what the new manifest no longer names; a failure here leaves files the next open
         // deletes.
-        let next = State::load(&self.dir, m)?;
+        let next = State::load(&self.dir, m, st.blocks.clone())?;
         {
             let mut cache = self.listings.lock().expect("cache lock");
             for b in &st.manifest.backups {

@@ -13,7 +13,10 @@ use crate::listing::{ListingFile, MAX_CHAIN, VolumeListing, check_volume_name};
 use crate::manifest::{
     BackupRef, Manifest, PackRef, is_data_file, listing_file, paths_file, records_file,
 };
-use crate::pack::{PackWriter, RecordPack};
+use crate::pack::{BlockCache, PackWriter, RecordPack};
+
+/// Decoded record blocks kept in memory (all packs together).
+const BLOCK_CACHE_BYTES: usize = 256 << 20;
 use crate::paths::PathPack;
 use crate::record::{self, FileRecord, TOMBSTONE, split_path};
 use crate::store::{self, LOCK, ListingCache, MANIFEST, State};
@@ -164,7 +167,7 @@ impl FileIndex {
             Err(fs::TryLockError::Error(e)) => return Err(IndexError::io(&lock_path, "lock", e)),
         }
         let manifest = store::load_manifest(dir)?.unwrap_or_else(Manifest::empty);
-        let state = State::load(dir, manifest)?;
+        let state = State::load(dir, manifest, Arc::new(BlockCache::new(BLOCK_CACHE_BYTES)))?;
         let index = Self {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -409,6 +412,7 @@ impl FileIndex {
             packs.push(Arc::new(RecordPack::open(
                 &self.dir.join(records_file(s)),
                 s,
+                &st.blocks,
             )?));
         }
         manifest.generation += 1;
@@ -436,6 +440,7 @@ impl FileIndex {
             manifest,
             paths,
             packs,
+            blocks: st.blocks.clone(),
         };
         self.listings
             .lock()
@@ -622,10 +627,7 @@ impl FileIndex {
                 .collect(),
         };
         items.sort_unstable_by(|a, b| st.paths.path(a.0).cmp(st.paths.path(b.0)));
-        Ok(Walk {
-            state: st,
-            items: items.into_iter(),
-        })
+        Ok(Walk::new(st, items))
     }
 
     /// Files whose path matches `pattern` in every backup (of `opts.vm`, if given), newest
@@ -650,7 +652,7 @@ impl FileIndex {
             rank[id as usize] = i as u32;
         }
         let mut path_strs: Vec<Option<Arc<str>>> = vec![None; matched.len()];
-        let mut summaries: HashMap<u32, record::Summary> = HashMap::new();
+        let mut records: Vec<u32> = Vec::new();
 
         let mut backups: Vec<&BackupRef> = st
             .manifest
@@ -665,7 +667,7 @@ impl FileIndex {
             opts.limit
         };
         let mut found: Vec<(u32, u32)> = Vec::new();
-        for b in backups {
+        'scan: for b in backups {
             let l = self.listing_of(&st, b)?;
             let mut vols: Vec<&VolumeListing> = l.iter().collect();
             vols.sort_by(|x, y| (&x.disk, &x.volume).cmp(&(&y.disk, &y.volume)));
@@ -685,12 +687,9 @@ impl FileIndex {
                     (v.disk.as_str().into(), v.volume.as_str().into());
                 for &(k, r) in &found {
                     if hits.len() >= limit {
-                        return Ok(hits);
+                        break 'scan;
                     }
-                    let s = match summaries.get(&r) {
-                        Some(s) => *s,
-                        None => *summaries.entry(r).or_insert(st.summary(r)?),
-                    };
+                    records.push(r);
                     let path = path_strs[k as usize]
                         .get_or_insert_with(|| st.paths.path(matched[k as usize]).into())
                         .clone();
@@ -701,12 +700,27 @@ impl FileIndex {
                         disk: disk.clone(),
                         volume: volume.clone(),
                         path,
-                        kind: s.kind,
-                        size: s.size,
-                        mtime_ns: s.mtime_ns,
+                        kind: record::FileKind::Other,
+                        size: 0,
+                        mtime_ns: None,
                     });
                 }
             }
+        }
+        // Fill in sizes and times reading each record once, in id order (which is block
+        // order), so large result sets do not hop between blocks.
+        let mut order: Vec<usize> = (0..hits.len()).collect();
+        order.sort_unstable_by_key(|&i| records[i]);
+        let mut last: Option<(u32, record::Summary)> = None;
+        for i in order {
+            let r = records[i];
+            let s = match last {
+                Some((lr, s)) if lr == r => s,
+                _ => st.summary(r)?,
+            };
+            last = Some((r, s));
+            let h = &mut hits[i];
+            (h.kind, h.size, h.mtime_ns) = (s.kind, s.size, s.mtime_ns);
         }
         Ok(hits)
     }
@@ -748,19 +762,54 @@ impl FileIndex {
 #[derive(Debug)]
 pub struct Walk {
     state: Arc<State>,
-    items: std::vec::IntoIter<(u32, u32)>,
+    /// `(path id, record id)` in path order.
+    items: Vec<(u32, u32)>,
+    pos: usize,
+    /// Decoded records of the current chunk, in path order.
+    ready: std::collections::VecDeque<Result<FileRecord>>,
+}
+
+/// Records decoded together, in record-id (block) order, then handed out in path order.
+const WALK_CHUNK: usize = 4096;
+
+impl Walk {
+    fn new(state: Arc<State>, items: Vec<(u32, u32)>) -> Self {
+        Self {
+            state,
+            items,
+            pos: 0,
+            ready: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn fill(&mut self) {
+        let end = (self.pos + WALK_CHUNK).min(self.items.len());
+        let chunk = &self.items[self.pos..end];
+        let mut order: Vec<usize> = (0..chunk.len()).collect();
+        order.sort_unstable_by_key(|&i| chunk[i].1);
+        let mut out: Vec<Option<Result<FileRecord>>> = (0..chunk.len()).map(|_| None).collect();
+        for i in order {
+            let (p, r) = chunk[i];
+            out[i] = Some(self.state.record(r, self.state.paths.path(p).to_string()));
+        }
+        self.ready.extend(out.into_iter().flatten());
+        self.pos = end;
+    }
 }
 
 impl Iterator for Walk {
     type Item = Result<FileRecord>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let (p, r) = self.items.next()?;
-        Some(self.state.record(r, self.state.paths.path(p).to_string()))
+        if self.ready.is_empty() && self.pos < self.items.len() {
+            self.fill();
+        }
+        self.ready.pop_front()
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.items.size_hint()
+        let n = self.ready.len() + self.items.len() - self.pos;
+        (n, Some(n))
     }
 }
 

@@ -197,15 +197,54 @@ pub struct RecordPack {
     name: String,
     /// Opened per block read, so thousands of packs do not hold thousands of descriptors.
     path: PathBuf,
-    cache: Mutex<HashMap<u32, Arc<Block>>>,
+    cache: Arc<BlockCache>,
 }
 
-/// Blocks (of up to 64 KiB raw) kept decoded per pack before the pack's cache is reset.
-const CACHE_BLOCKS: usize = 64;
+/// Decoded blocks of all packs of an index, keyed by (pack sequence number, block), within a
+/// byte budget; when an insert would exceed it, the cache is emptied (cheap and adequate:
+/// queries touch blocks in bursts).
+#[derive(Debug)]
+pub struct BlockCache {
+    budget: usize,
+    /// The blocks and their total size.
+    inner: Mutex<(BlockMap, usize)>,
+}
+
+type BlockMap = HashMap<(u64, u32), Arc<Block>>;
+
+impl BlockCache {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            inner: Mutex::new((HashMap::new(), 0)),
+        }
+    }
+
+    fn get(&self, key: (u64, u32)) -> Option<Arc<Block>> {
+        self.inner
+            .lock()
+            .expect("block cache lock")
+            .0
+            .get(&key)
+            .cloned()
+    }
+
+    fn insert(&self, key: (u64, u32), block: Arc<Block>) {
+        let mut inner = self.inner.lock().expect("block cache lock");
+        let size = block.raw.len() + block.spans.len() * 8;
+        if inner.1 + size > self.budget {
+            inner.0.clear();
+            inner.1 = 0;
+        }
+        if inner.0.insert(key, block).is_none() {
+            inner.1 += size;
+        }
+    }
+}
 
 impl RecordPack {
     /// Opens a pack and verifies its header, table and footer.
-    pub fn open(path: &Path, seq: u64) -> Result<Self> {
+    pub fn open(path: &Path, seq: u64, cache: &Arc<BlockCache>) -> Result<Self> {
         let name = file_name(path);
         let file = File::open(path).map_err(|e| IndexError::io(path, "open", e))?;
         let file_len = file
@@ -238,7 +277,7 @@ impl RecordPack {
             file_len,
             name,
             path: path.to_path_buf(),
-            cache: Mutex::new(HashMap::new()),
+            cache: cache.clone(),
         })
     }
 
@@ -266,8 +305,8 @@ impl RecordPack {
 
     /// Block `b`, from the cache or read and verified.
     pub fn block(&self, b: usize) -> Result<Arc<Block>> {
-        if let Some(hit) = self.cache.lock().expect("cache lock").get(&(b as u32)) {
-            return Ok(hit.clone());
+        if let Some(hit) = self.cache.get((self.seq, b as u32)) {
+            return Ok(hit);
         }
         let e = self.layout.blocks[b];
         let mut stored = vec![0u8; e.stored_len as usize];
@@ -275,11 +314,7 @@ impl RecordPack {
             .and_then(|f| f.read_exact_at(&mut stored, e.offset))
             .map_err(|x| IndexError::io(&self.path, "read block", x))?;
         let block = Arc::new(Block::decode(&stored, &e).map_err(|x| x.in_file(&self.name))?);
-        let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_BLOCKS {
-            cache.clear();
-        }
-        cache.insert(b as u32, block.clone());
+        self.cache.insert((self.seq, b as u32), block.clone());
         Ok(block)
     }
 }
@@ -445,7 +480,7 @@ mod tests {
         let (layout, back) = parse_all(&data).unwrap();
         assert_eq!(back, recs);
         assert!(layout.blocks.len() > 1);
-        let pack = RecordPack::open(&p, 1).unwrap();
+        let pack = RecordPack::open(&p, 1, &Arc::new(BlockCache::new(1 << 20))).unwrap();
         for id in [10u32, 11, 2000, 5009] {
             let (b, i) = pack.block_of(id).unwrap();
             assert_eq!(b.get(i).unwrap(), recs[(id - 10) as usize].as_slice());

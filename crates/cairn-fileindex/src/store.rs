@@ -10,7 +10,7 @@ use crate::error::{IndexError, Result};
 use crate::format::{LISTING_MAGIC, MANIFEST_MAGIC, MAX_BODY_RAW, PATHS_MAGIC, unseal};
 use crate::listing::{ListingFile, VolumeListing};
 use crate::manifest::{BackupRef, Manifest, listing_file, paths_file, records_file};
-use crate::pack::RecordPack;
+use crate::pack::{BlockCache, RecordPack};
 use crate::paths::{PathPack, PathTable};
 use crate::record::{self, FileRecord, Summary};
 
@@ -83,11 +83,12 @@ pub struct State {
     pub paths: Arc<PathTable>,
     /// Sorted by first id.
     pub packs: Vec<Arc<RecordPack>>,
+    pub blocks: Arc<BlockCache>,
 }
 
 impl State {
     /// Loads every pack the manifest names and checks it against the manifest.
-    pub fn load(dir: &Path, manifest: Manifest) -> Result<Self> {
+    pub fn load(dir: &Path, manifest: Manifest, blocks: Arc<BlockCache>) -> Result<Self> {
         let mut paths = PathTable::new();
         for p in &manifest.path_packs {
             let name = paths_file(p.seq);
@@ -107,7 +108,7 @@ impl State {
         }
         let mut packs = Vec::with_capacity(manifest.record_packs.len());
         for p in &manifest.record_packs {
-            let pack = RecordPack::open(&dir.join(records_file(p.seq)), p.seq)?;
+            let pack = RecordPack::open(&dir.join(records_file(p.seq)), p.seq, &blocks)?;
             if pack.layout.first_id != p.first_id || pack.layout.count != p.count {
                 return Err(corrupt(pack.name(), "record ids differ from the manifest"));
             }
@@ -118,6 +119,7 @@ impl State {
             manifest,
             paths: Arc::new(paths),
             packs,
+            blocks,
         })
     }
 
