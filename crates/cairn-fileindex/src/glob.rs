@@ -271,11 +271,31 @@ fn close(nodes: &[Node], set: &mut [bool]) {
 }
 
 fn run(nodes: &[Node], subject: &str) -> bool {
+    // State sets live on the stack for ordinary patterns (searches call this per path).
+    const STACK: usize = 64;
     let n = nodes.len();
-    let mut cur = vec![false; n + 1];
-    let mut next = vec![false; n + 1];
+    if n < STACK {
+        let (mut a, mut b) = ([false; STACK], [false; STACK]);
+        run_in(nodes, subject, &mut a[..=n], &mut b[..=n])
+    } else {
+        run_in(
+            nodes,
+            subject,
+            &mut vec![false; n + 1],
+            &mut vec![false; n + 1],
+        )
+    }
+}
+
+fn run_in<'a>(
+    nodes: &[Node],
+    subject: &str,
+    mut cur: &'a mut [bool],
+    mut next: &'a mut [bool],
+) -> bool {
+    let n = nodes.len();
     cur[0] = true;
-    close(nodes, &mut cur);
+    close(nodes, cur);
     for ch in subject.chars() {
         next.iter_mut().for_each(|b| *b = false);
         let mut any = false;
@@ -302,7 +322,7 @@ fn run(nodes: &[Node], subject: &str) -> bool {
         if !any {
             return false;
         }
-        close(nodes, &mut next);
+        close(nodes, next);
         std::mem::swap(&mut cur, &mut next);
     }
     cur[n]

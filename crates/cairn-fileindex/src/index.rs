@@ -626,7 +626,8 @@ impl FileIndex {
                 .filter(|&(p, _)| st.paths.is_under(p, top))
                 .collect(),
         };
-        items.sort_unstable_by(|a, b| st.paths.path(a.0).cmp(st.paths.path(b.0)));
+        let order = st.paths.rank();
+        items.sort_unstable_by_key(|&(p, _)| order[p as usize]);
         Ok(Walk::new(st, items))
     }
 
@@ -646,7 +647,8 @@ impl FileIndex {
         if matched.is_empty() {
             return Ok(hits);
         }
-        matched.sort_unstable_by(|a, b| st.paths.path(*a).cmp(st.paths.path(*b)));
+        let order = st.paths.rank();
+        matched.sort_unstable_by_key(|&id| order[id as usize]);
         let mut rank = vec![u32::MAX; st.paths.next_id() as usize];
         for (i, &id) in matched.iter().enumerate() {
             rank[id as usize] = i as u32;

@@ -100,6 +100,8 @@ pub struct PathTable {
     collided: HashMap<Box<str>, u32>,
     children: HashMap<u32, Vec<u32>>,
     lower: OnceLock<(String, Vec<usize>)>,
+    /// Position of every id in path order, computed on first use.
+    rank: OnceLock<Vec<u32>>,
 }
 
 impl Default for PathTable {
@@ -119,6 +121,7 @@ impl PathTable {
             collided: HashMap::new(),
             children: HashMap::new(),
             lower: OnceLock::new(),
+            rank: OnceLock::new(),
         };
         t.by_hash.insert(hash_of("/"), 0);
         t
@@ -206,6 +209,7 @@ impl PathTable {
         self.off.push(self.full.len());
         self.children.entry(parent).or_default().push(id);
         self.lower = OnceLock::new();
+        self.rank = OnceLock::new();
         Ok(id)
     }
 
@@ -287,6 +291,21 @@ impl PathTable {
                 f(id as u32, &full[w[0]..w[1]]);
             }
         }
+    }
+
+    /// The position of every id when all paths are sorted bytewise, so callers order paths
+    /// by comparing integers. Sorted once per table (after an add that created paths, the
+    /// next query that needs it pays one sort of all paths).
+    pub fn rank(&self) -> &[u32] {
+        self.rank.get_or_init(|| {
+            let mut ids: Vec<u32> = (0..self.next_id()).collect();
+            ids.sort_unstable_by(|a, b| self.path(*a).cmp(self.path(*b)));
+            let mut rank = vec![0u32; ids.len()];
+            for (i, id) in ids.into_iter().enumerate() {
+                rank[id as usize] = i as u32;
+            }
+            rank
+        })
     }
 
     /// Whether `id` is `ancestor` or below it.
