@@ -27,7 +27,16 @@ pub struct Pattern {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     Substring(String),
-    Glob { nodes: Vec<Node>, basename: bool },
+    Glob {
+        nodes: Vec<Node>,
+        basename: bool,
+        /// Literal every match starts with (the pattern's leading literals).
+        prefix: String,
+        /// Literal every match ends with (the pattern's trailing literals).
+        suffix: String,
+        /// The prefix and suffix checks decide a match alone (`abc*`, `*.conf`, `lib*.so`).
+        simple: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +125,7 @@ impl Pattern {
         Ok(Self {
             source: pattern.to_string(),
             ignore_case,
-            kind: Kind::Glob { nodes, basename },
+            kind: glob_kind(nodes, basename),
             required,
         })
     }
@@ -126,15 +135,50 @@ impl Pattern {
     pub fn matches(&self, path: &str) -> bool {
         match &self.kind {
             Kind::Substring(s) => path.contains(s.as_str()),
-            Kind::Glob { nodes, basename } => {
+            Kind::Glob {
+                nodes,
+                basename,
+                prefix,
+                suffix,
+                simple,
+            } => {
                 let subject = if *basename {
                     path.rsplit('/').next().unwrap_or(path)
                 } else {
                     path
                 };
-                subject.contains(self.required.as_str()) && run(nodes, subject)
+                let fixed = subject.len() >= prefix.len() + suffix.len()
+                    && subject.starts_with(prefix.as_str())
+                    && subject.ends_with(suffix.as_str());
+                if *simple {
+                    return fixed;
+                }
+                fixed && subject.contains(self.required.as_str()) && run(nodes, subject)
             }
         }
+    }
+}
+
+/// Wraps compiled nodes with the literal prefix and suffix used to skip most paths quickly.
+fn glob_kind(nodes: Vec<Node>, basename: bool) -> Kind {
+    let lit = |n: &Node| match n.step {
+        Step::Lit(c) => Some(c),
+        _ => None,
+    };
+    let prefix: String = nodes.iter().map_while(lit).collect();
+    let rest = &nodes[prefix.chars().count()..];
+    let suffix_rev: Vec<char> = rest.iter().rev().map_while(lit).collect();
+    let suffix: String = suffix_rev.into_iter().rev().collect();
+    let middle = &rest[..rest.len() - suffix.chars().count()];
+    // `lits * lits` within one component: the literal checks decide alone. (`*` never
+    // crosses `/`, which a basename does not contain.)
+    let simple = basename && middle.len() == 1 && middle[0].step == Step::Star;
+    Kind::Glob {
+        nodes,
+        basename,
+        prefix,
+        suffix,
+        simple,
     }
 }
 
@@ -378,5 +422,52 @@ mod tests {
         // Many stars stay linear.
         let p = Pattern::new(&"*a".repeat(50)).unwrap();
         assert!(!p.matches(&format!("/{}", "a".repeat(49))));
+    }
+
+    #[test]
+    fn literal_shortcuts_agree_with_the_nfa() {
+        let pats = [
+            "*.conf",
+            "lib*.so",
+            "a*",
+            "*",
+            "*b*",
+            "/etc/**/pass*",
+            "x?y*",
+            "[ab]*.c",
+            "*.tar.gz",
+            "ab*ba",
+        ];
+        let paths = [
+            "/etc/nginx.conf",
+            "/lib/libc.so",
+            "/lib/lib.so",
+            "/a",
+            "/",
+            "/abba",
+            "/aba",
+            "/etc/x/passwd",
+            "/xzy.q",
+            "/src/a.c",
+            "/x/y.tar.gz",
+            "/conf",
+        ];
+        for p in pats {
+            let pat = Pattern::new(p).unwrap();
+            let Kind::Glob {
+                nodes, basename, ..
+            } = &pat.kind
+            else {
+                panic!("{p} is a glob")
+            };
+            for path in paths {
+                let subject = if *basename {
+                    path.rsplit('/').next().unwrap()
+                } else {
+                    path
+                };
+                assert_eq!(pat.matches(path), run(nodes, subject), "{p} on {path}");
+            }
+        }
     }
 }
