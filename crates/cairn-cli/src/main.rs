@@ -103,6 +103,9 @@ enum Cmd {
     },
     /// Disk-data counters of the server and the storage agents.
     Stats,
+    /// The file catalog: list, search, versions, restore single files.
+    #[command(subcommand)]
+    Files(ops::FilesCmd),
 }
 
 fn main() -> ExitCode {
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
         Cmd::Retention(c) => ops::retention(&cli.conn, c),
         Cmd::Prune { vms, dry_run } => ops::prune(&cli.conn, vms, dry_run),
         Cmd::Stats => ops::stats(&cli.conn),
+        Cmd::Files(c) => ops::files(&cli.conn, c),
     };
     match r {
         Ok(code) => code,

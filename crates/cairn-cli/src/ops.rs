@@ -421,3 +421,151 @@ pub fn stats(conn: &Conn) -> Result<ExitCode> {
     });
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub enum FilesCmd {
+    /// List a backup's volumes, or a directory (`/<disk>/<volume>/<path>`).
+    Ls {
+        backup: String,
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Files matching a glob (`*.conf`, `/etc/**/pass*`) or substring, in every backup.
+    Find {
+        pattern: String,
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        /// Ignore case.
+        #[arg(short = 'i', long)]
+        ignore_case: bool,
+    },
+    /// One file across a VM's backups.
+    Versions { vm: String, path: String },
+    /// Restore a file (or a directory, as a tar stream) from a backup to OUT (`-`: stdout).
+    Restore {
+        backup: String,
+        path: String,
+        out: PathBuf,
+    },
+}
+
+fn q(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let table = |v: &Value| {
+        for f in v.as_array().into_iter().flatten() {
+            println!(
+                "{:<7} {:>12} {:<17} {}",
+                f["kind"].as_str().unwrap_or("?"),
+                f["size"]
+                    .as_u64()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                f["backup"].as_str().unwrap_or(""),
+                f["path"].as_str().unwrap_or("?")
+            );
+        }
+    };
+    match cmd {
+        FilesCmd::Ls { backup, path } => {
+            let v: Value = c.get_json(&format!(
+                "/v1/files?backup={}&path={}",
+                q(&backup),
+                q(&path)
+            ))?;
+            out(conn, &v, table);
+        }
+        FilesCmd::Find {
+            pattern,
+            vm,
+            limit,
+            ignore_case,
+        } => {
+            let mut path = format!(
+                "/v1/files/find?pattern={}&limit={limit}&icase={ignore_case}",
+                q(&pattern)
+            );
+            if let Some(vm) = vm {
+                path.push_str(&format!("&vm={}", q(&vm)));
+            }
+            let v: Value = c.get_json(&path)?;
+            out(conn, &v, table);
+        }
+        FilesCmd::Versions { vm, path } => {
+            let v: Value = c.get_json(&format!(
+                "/v1/files/versions?vm={}&path={}",
+                q(&vm),
+                q(&path)
+            ))?;
+            out(conn, &v, |v| {
+                for x in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<17} {:>12} {} {}",
+                        x["backup"].as_str().unwrap_or("?"),
+                        x["size"].as_u64().unwrap_or(0),
+                        ago(x["created_ms"].as_i64()),
+                        if x["changed"] == true { "changed" } else { "" }
+                    );
+                }
+            });
+        }
+        FilesCmd::Restore {
+            backup,
+            path,
+            out: dest,
+        } => {
+            let (data, headers) = c.get_for_bytes(&format!(
+                "/v1/files/content?backup={}&path={}",
+                q(&backup),
+                q(&path)
+            ))?;
+            let h = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let meta: Value = h("x-cairn-file")
+                .and_then(|m| serde_json::from_str(&m).ok())
+                .unwrap_or_default();
+            if dest.as_os_str() == "-" {
+                use std::io::Write;
+                std::io::stdout().write_all(&data)?;
+            } else {
+                cairn_types::durable::write_atomic(&dest, &data)?;
+                #[cfg(unix)]
+                if let Some(mode) = meta["mode"].as_u64().filter(|_| meta["kind"] == "file") {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(
+                        &dest,
+                        std::fs::Permissions::from_mode(mode as u32 & 0o7777),
+                    )?;
+                }
+            }
+            let v = json!({
+                "path": path, "out": dest, "bytes": data.len(),
+                "vault_bytes_read": h("x-cairn-vault-bytes").and_then(|b| b.parse::<u64>().ok()),
+                "file": meta,
+            });
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if dest.as_os_str() != "-" {
+                eprintln!(
+                    "{path}: {} bytes to {} ({} bytes read from the vault)",
+                    data.len(),
+                    dest.display(),
+                    v["vault_bytes_read"]
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -500,6 +500,118 @@ fn every_flow_with_each_role_in_its_own_process() {
     let left: Value = storage.client().get_json("/v1/snapshots").unwrap();
     assert_eq!(left, json!([]));
 
+    // The file catalog: every backup was indexed off its data path by an `index` job.
+    let t0 = Instant::now();
+    loop {
+        let jobs: Value = s.get_json("/v1/jobs?limit=100").unwrap();
+        let idx: Vec<&Value> = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["kind"] == "index")
+            .collect();
+        assert!(idx.iter().all(|j| j["state"] != "failed"), "{idx:#?}");
+        if idx.len() >= 5 && idx.iter().all(|j| j["state"] == "succeeded") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "index jobs: {idx:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, hits) = cli(&conn, &["files", "find", "new.bin", "--vm", "vm1"]);
+    assert!(ok, "{hits}");
+    let hits = hits.as_array().unwrap();
+    assert_eq!(
+        hits.len(),
+        2,
+        "the incremental and the group backup hold it: {hits:#?}"
+    );
+    assert!(
+        hits.iter()
+            .all(|h| h["path"] == "/vda/whole/new.bin" && h["size"] == 2 << 20)
+    );
+    let (ok, v) = cli(&conn, &["files", "versions", "vm1", "/vda/whole/hello.txt"]);
+    assert!(ok);
+    assert_eq!(v.as_array().unwrap().len(), 4, "{v}");
+    assert_eq!(v[0]["changed"], true);
+    assert_eq!(v[1]["changed"], false, "{v}");
+    let in_group = hits.iter().find(|h| h["backup"] != inc["backup"]).unwrap()["backup"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, ls) = cli(&conn, &["files", "ls", &in_group, "/vda/whole/"]);
+    assert!(ok);
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"/vda/whole/hello.txt") && names.contains(&"/vda/whole/new.bin"),
+        "{names:?}"
+    );
+    // Restore one file: the same bytes as in the guest, reading only its segments.
+    let out = t.join("new.bin");
+    let (ok, r) = cli(
+        &conn,
+        &[
+            "files",
+            "restore",
+            &in_group,
+            "/vda/whole/new.bin",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{r}");
+    let read = r["vault_bytes_read"].as_u64().unwrap();
+    assert!(
+        read >= 2 << 20 && read <= 2 * (2 << 20),
+        "read {read} B from the vault for a 2 MiB file"
+    );
+    let sum_guest: Value = m
+        .post_json(
+            "/v1/vms/vm1/guest/exec",
+            &json!({"shell": "sha256sum /mnt/new.bin"}),
+        )
+        .unwrap();
+    let sum_host = Command::new("sha256sum").arg(&out).output().unwrap();
+    assert_eq!(
+        sum_guest["stdout"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .next(),
+        String::from_utf8_lossy(&sum_host.stdout)
+            .split_whitespace()
+            .next()
+    );
+    // A directory comes back as a tar stream.
+    let tarball = t.join("root.tar");
+    let (ok, _) = cli(
+        &conn,
+        &[
+            "files",
+            "restore",
+            &in_group,
+            "/vda/whole/",
+            tarball.to_str().unwrap(),
+        ],
+    );
+    assert!(ok);
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&tarball)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.lines().any(|l| l == "hello.txt") && listing.lines().any(|l| l == "new.bin"),
+        "{listing}"
+    );
+
     // Restore the newest vm1 backup as a new VM and boot it.
     let backups: Value = s.get_json("/v1/backups?vm=vm1").unwrap();
     let newest = backups.as_array().unwrap().last().unwrap()["id"]

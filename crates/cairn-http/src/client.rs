@@ -175,6 +175,36 @@ impl Client {
         self.send_json("POST", path, body)
     }
 
+    /// POST a JSON body; the answer's bytes and its `x-cairn-*` headers.
+    pub fn post_json_for_bytes<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(Vec<u8>, Vec<(String, String)>), ClientError> {
+        let url = self.url(path);
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
+            url: url.clone(),
+            msg: e.to_string(),
+        })?;
+        let r = self.call(
+            self.agent
+                .post(&url)
+                .set("Content-Type", "application/json"),
+            Some(&bytes),
+        )?;
+        with_headers(&url, r)
+    }
+
+    /// GET; the answer's bytes and its `x-cairn-*` headers.
+    pub fn get_for_bytes(
+        &self,
+        path: &str,
+    ) -> Result<(Vec<u8>, Vec<(String, String)>), ClientError> {
+        let url = self.url(path);
+        let r = self.call(self.agent.get(&url), None)?;
+        with_headers(&url, r)
+    }
+
     /// PUT a JSON body, JSON answer.
     pub fn put_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         &self,
@@ -245,6 +275,20 @@ impl Client {
 
 fn read_body(url: &str, r: ureq::Response) -> Result<Vec<u8>, ClientError> {
     read_limited(url, r, 1 << 31)
+}
+
+/// The body (up to 8 GiB) and the `x-cairn-*` headers of an answer.
+fn with_headers(
+    url: &str,
+    r: ureq::Response,
+) -> Result<(Vec<u8>, Vec<(String, String)>), ClientError> {
+    let headers = r
+        .headers_names()
+        .into_iter()
+        .filter(|h| h.starts_with("x-cairn-"))
+        .filter_map(|h| r.header(&h).map(|v| (h.clone(), v.to_string())))
+        .collect();
+    Ok((read_limited(url, r, 1 << 33)?, headers))
 }
 
 fn read_limited(url: &str, r: ureq::Response, limit: u64) -> Result<Vec<u8>, ClientError> {

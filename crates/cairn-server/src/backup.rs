@@ -498,6 +498,7 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
         disks,
     };
     ctx.server.catalog.insert_backup(&b)?;
+    crate::files::queue_index(ctx, &b.id);
     ctx.info(format!(
         "{vm}: {} backup {} recorded in {} ms",
         b.kind, b.id, b.duration_ms

@@ -189,6 +189,7 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
             disks,
         };
         s.catalog.insert_backup(&b)?;
+        crate::files::queue_index(ctx, &b.id);
         out.push(backup::summary(&b));
     }
 

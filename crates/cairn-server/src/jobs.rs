@@ -38,6 +38,8 @@ pub enum JobKind {
     },
     /// A backup restored as a new VM.
     Restore(crate::restore::RestoreParams),
+    /// Parses a recorded backup's disks into the file catalog.
+    Index { backup: String },
     /// Applies the retention policy of the VMs (all VMs when empty).
     Prune {
         #[serde(default)]
@@ -54,6 +56,7 @@ impl JobKind {
             Self::GroupBackup { .. } => "group_backup",
             Self::Restore(_) => "restore",
             Self::Prune { .. } => "prune",
+            Self::Index { .. } => "index",
         }
     }
 
@@ -62,7 +65,7 @@ impl JobKind {
         match self {
             Self::Backup { vms, .. } | Self::GroupBackup { vms, .. } => vms.clone(),
             Self::Restore(p) => vec![p.as_name.clone()],
-            Self::Prune { .. } => Vec::new(),
+            Self::Prune { .. } | Self::Index { .. } => Vec::new(),
         }
     }
 
@@ -81,7 +84,7 @@ impl JobKind {
                 Ok(())
             }
             Self::Restore(p) => p.validate(),
-            Self::Prune { .. } => Ok(()),
+            Self::Prune { .. } | Self::Index { .. } => Ok(()),
         }
     }
 }
@@ -321,6 +324,7 @@ fn run_one(server: &Arc<Server>, id: &str) {
         Ok(JobKind::GroupBackup { vms, full }) => crate::group::run(&ctx, &vms, full),
         Ok(JobKind::Restore(p)) => crate::restore::run(&ctx, &p),
         Ok(JobKind::Prune { vms, dry_run }) => crate::schedule::prune(&ctx, &vms, dry_run),
+        Ok(JobKind::Index { backup }) => crate::files::index_backup(&ctx, &backup),
     };
     match outcome {
         Ok(result) => {

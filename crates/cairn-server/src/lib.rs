@@ -39,6 +39,7 @@ use cairn_manager::ManagerClient;
 use cairn_storage::service::VaultTarget;
 
 pub mod backup;
+pub mod files;
 pub mod group;
 pub mod jobs;
 pub mod meta;
@@ -137,6 +138,10 @@ pub struct Server {
     pub(crate) engine: jobs::Engine,
     /// Disk-data bytes this process sent or received: by design always 0.
     pub disk_bytes: AtomicU64,
+    /// Bytes of single files restored through this server (file contents, not disk data).
+    pub file_bytes: AtomicU64,
+    /// The file catalog's index (`STATE/files`); an error when it could not be opened.
+    pub files: std::result::Result<cairn_fileindex::FileIndex, String>,
 }
 
 impl std::fmt::Debug for Server {
@@ -161,7 +166,14 @@ impl Server {
             .metadata_dir
             .clone()
             .unwrap_or_else(|| config.state_dir.join("metadata"));
+        let files = cairn_fileindex::FileIndex::open(&config.state_dir.join("files"))
+            .map_err(|e| e.to_string());
+        if let Err(e) = &files {
+            tracing::error!("file index: {e}; file catalog disabled");
+        }
         let server = Arc::new(Self {
+            files,
+            file_bytes: AtomicU64::new(0),
             meta: meta::MetadataStore::open(&meta_dir)?,
             engine: jobs::Engine::new(config.max_jobs.max(1)),
             config,
@@ -203,6 +215,7 @@ impl Server {
         }
         serde_json::json!({
             "server_disk_bytes": self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "server_file_restore_bytes": self.file_bytes.load(std::sync::atomic::Ordering::Relaxed),
             "storage_agents": agents,
         })
     }

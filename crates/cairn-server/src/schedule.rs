@@ -197,6 +197,12 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
                 Err(e) => return Err(ServerError::Failed(format!("vault forget: {e}"))),
             }
             s.catalog.delete_backup(&b.id)?;
+            if let Ok(files) = s.files()
+                && files.backups().iter().any(|x| x.backup_id == b.id)
+                && let Err(e) = files.remove_backup(&b.id)
+            {
+                ctx.warn(format!("backup {}: file catalog entry kept: {e}", b.id));
+            }
             if let Ok(m) = s.catalog.metadata(&b.timestamp_id) {
                 s.meta.remove(&s.catalog, &m)?;
             }

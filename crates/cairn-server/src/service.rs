@@ -9,7 +9,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cairn_catalog::Retention;
 use cairn_http::ApiError;
@@ -241,6 +241,83 @@ async fn put_retention(
     .await
 }
 
+#[derive(Deserialize)]
+struct LsQuery {
+    backup: String,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+async fn files_ls(State(s): State<Shared>, Query(q): Query<LsQuery>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        s.files_ls(&q.backup, q.path.as_deref().unwrap_or("/"))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct FindQuery {
+    pattern: String,
+    #[serde(default)]
+    vm: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    icase: bool,
+}
+
+async fn files_find(State(s): State<Shared>, Query(q): Query<FindQuery>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        s.files_find(&q.pattern, q.vm, q.limit.unwrap_or(1000), q.icase)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct VersionsQuery {
+    vm: String,
+    path: String,
+}
+
+async fn files_versions(
+    State(s): State<Shared>,
+    Query(q): Query<VersionsQuery>,
+) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || s.files_versions(&q.vm, &q.path)).await
+}
+
+#[derive(Deserialize)]
+struct ContentQuery {
+    backup: String,
+    path: String,
+}
+
+/// A file's bytes (or a directory's tar stream), with its metadata in `x-cairn-*` headers.
+async fn files_content(
+    State(s): State<Shared>,
+    Query(q): Query<ContentQuery>,
+) -> ApiResult<Response> {
+    let (body, tar, meta, fetched) =
+        tokio::task::spawn_blocking(move || s.files_content(&q.backup, &q.path))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| e.to_api())?;
+    let ct = if tar {
+        "application/x-tar"
+    } else {
+        "application/octet-stream"
+    };
+    Ok((
+        [
+            ("content-type", ct.to_string()),
+            ("x-cairn-file", meta.to_string()),
+            ("x-cairn-vault-bytes", fetched.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.data_path())).await
 }
@@ -263,6 +340,10 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
                 axum::routing::put(put_schedule).delete(delete_schedule),
             )
             .route("/v1/retention/{vm}", get(get_retention).put(put_retention))
+            .route("/v1/files", get(files_ls))
+            .route("/v1/files/find", get(files_find))
+            .route("/v1/files/versions", get(files_versions))
+            .route("/v1/files/content", get(files_content))
             .route("/v1/stats", get(stats)),
         token,
     )

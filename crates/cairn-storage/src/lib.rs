@@ -58,6 +58,7 @@ pub mod agent;
 pub mod catalog;
 pub mod datastore;
 pub mod error;
+pub mod files;
 pub mod provider;
 pub mod qemu;
 pub mod rdm;

@@ -14,6 +14,8 @@
 //! | POST | `/v1/restores` | `{vault, snapshot, datastore, disk, format, mode}` → RestoreReport |
 //! | POST | `/v1/rdm/resolve` | `{datastore, disk}` → RdmMapping (mapping file written) |
 //! | POST | `/v1/rdm/restores` | `{vault, snapshot, datastore, disk}` → RdmRestore (new LUN + mapping file) |
+//! | POST | `/v1/files/scan` | `{vault, snapshot}` → ScanResult: every file of every volume, with disk extents (file catalog) |
+//! | POST | `/v1/files/read` | `{vault, snapshot, entry}` → the file's bytes; `x-cairn-vault-bytes` / `-segments` say what was fetched |
 //! | GET | `/v1/stats` | → AgentStats: disk data read/sent/received/written |
 //!
 //! `vault` is `{url, token, fingerprint}` for a vault service, or `{url: "/path"}` for a local
@@ -356,6 +358,58 @@ async fn rdm_resolve(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult
     blocking(move || crate::rdm::resolve(a.datastore(&req.datastore)?, &req.disk)).await
 }
 
+#[derive(serde::Deserialize)]
+struct ScanBody {
+    vault: VaultTarget,
+    snapshot: String,
+}
+
+async fn scan_files(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: ScanBody = body(&b)?;
+    blocking(move || {
+        let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
+        a.scan_files(v, &req.snapshot)
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct ReadBody {
+    vault: VaultTarget,
+    snapshot: String,
+    entry: cairn_fs::FileEntry,
+}
+
+/// Files larger than this are refused by `/v1/files/read` (one response in memory).
+const MAX_FILE_READ: u64 = 4 << 30;
+
+async fn read_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: ReadBody = body(&b)?;
+    if req.entry.size > MAX_FILE_READ {
+        return Err(ApiError::bad_request(format!(
+            "{}: {} bytes, more than the {MAX_FILE_READ} a read returns",
+            req.entry.path, req.entry.size
+        )));
+    }
+    let (data, stats) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
+        let mut out = Vec::with_capacity(req.entry.size as usize);
+        let stats = a.read_file(v, &req.snapshot, &req.entry, &mut out)?;
+        Ok((out, stats))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| e.to_api())?;
+    Ok((
+        [
+            ("x-cairn-vault-bytes", stats.bytes.to_string()),
+            ("x-cairn-vault-segments", stats.segments.to_string()),
+        ],
+        data,
+    )
+        .into_response())
+}
+
 async fn stats(State(a): State<Shared>) -> Response {
     axum::Json(a.stats()).into_response()
 }
@@ -374,6 +428,8 @@ pub fn router(agent: Arc<StorageAgent>, token: String) -> Router {
             .route("/v1/restores", post(restores))
             .route("/v1/rdm/resolve", post(rdm_resolve))
             .route("/v1/rdm/restores", post(rdm_restore))
+            .route("/v1/files/scan", post(scan_files))
+            .route("/v1/files/read", post(read_file))
             .route("/v1/stats", get(stats)),
         token,
     )

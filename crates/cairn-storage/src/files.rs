@@ -1,0 +1,131 @@
+//! The file catalog's data side (seed 002, FIG. 6): the storage agent parses a backed-up disk
+//! image straight from the vault, and reads single files from it, so the backup server gets
+//! file listings and files but never disk images.
+//!
+//! - [`StorageAgent::scan_files`]: partition table and every file of every volume, each with
+//!   its extents as byte ranges of the disk image. Reads go through a [`SnapshotReader`]:
+//!   only the segments holding file-system metadata are fetched.
+//! - [`StorageAgent::read_file`]: one file's bytes, fetching only the segments that cover its
+//!   extents; the returned [`ReadStats`] prove it.
+//!
+//! A volume is named `whole` on an unpartitioned disk and `pN` (the partition's index)
+//! otherwise. A damaged file system yields a partial listing with its errors, never a panic.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use cairn_fs::{DiskLayout, FileEntry, FsKind, Limits, Partition, TableKind};
+use cairn_vault::Vault;
+use cairn_vault::reader::{ReadStats, SnapshotReader};
+
+use crate::agent::StorageAgent;
+use crate::error::{Result, StorageError};
+
+/// One volume's listing.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ScannedVolume {
+    /// `whole` or `pN`.
+    pub volume: String,
+    pub partition: Partition,
+    /// False when damage cut the listing short (see `errors`).
+    pub complete: bool,
+    pub errors: Vec<String>,
+    pub files: Vec<FileEntry>,
+}
+
+/// Everything a scan found in one snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ScanResult {
+    pub snapshot: String,
+    pub layout: DiskLayout,
+    pub volumes: Vec<ScannedVolume>,
+    /// What was fetched from the vault.
+    pub read: ReadStats,
+    pub elapsed_ms: u64,
+}
+
+/// The volume name of a partition.
+pub fn volume_name(layout: &DiskLayout, p: &Partition) -> String {
+    if layout.table == TableKind::None {
+        "whole".into()
+    } else {
+        format!("p{}", p.index)
+    }
+}
+
+fn fs_error(what: &str) -> impl FnOnce(cairn_fs::Error) -> StorageError + '_ {
+    move |e| StorageError::Invalid(format!("{what}: {e}"))
+}
+
+impl StorageAgent {
+    fn snapshot_reader(&self, vault: Arc<dyn Vault>, snapshot: &str) -> Result<SnapshotReader> {
+        let m = vault.find(snapshot)?;
+        Ok(SnapshotReader::over(vault, &m)?)
+    }
+
+    /// Lists every file of every volume of `snapshot`.
+    pub fn scan_files(&self, vault: Arc<dyn Vault>, snapshot: &str) -> Result<ScanResult> {
+        let started = Instant::now();
+        let reader = self.snapshot_reader(vault, snapshot)?;
+        let layout = cairn_fs::scan(&reader).map_err(fs_error(snapshot))?;
+        let limits = Limits::default();
+        let mut volumes = Vec::new();
+        for p in &layout.partitions {
+            if p.fs == FsKind::Unknown {
+                continue;
+            }
+            let mut files = Vec::new();
+            let volume = volume_name(&layout, p);
+            let (complete, errors) = match cairn_fs::walk(&reader, p, &limits, |e| {
+                files.push(e);
+                ControlFlow::Continue(())
+            }) {
+                Ok(r) => (
+                    r.errors.is_empty() && r.errors_dropped == 0,
+                    r.errors.iter().map(|e| format!("{e:?}")).collect(),
+                ),
+                Err(e) => (false, vec![e.to_string()]),
+            };
+            volumes.push(ScannedVolume {
+                volume,
+                partition: p.clone(),
+                complete,
+                errors,
+                files,
+            });
+        }
+        let read = reader.stats();
+        self.counters
+            .received
+            .fetch_add(read.bytes, Ordering::Relaxed);
+        Ok(ScanResult {
+            snapshot: snapshot.into(),
+            layout,
+            volumes,
+            read,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Writes the content of `entry` (as listed by a scan of `snapshot`) to `out`, fetching
+    /// only the segments covering its extents.
+    pub fn read_file(
+        &self,
+        vault: Arc<dyn Vault>,
+        snapshot: &str,
+        entry: &FileEntry,
+        out: &mut dyn Write,
+    ) -> Result<ReadStats> {
+        // No cache: every segment is read once anyway, and the counters stay exact.
+        let reader = self.snapshot_reader(vault, snapshot)?.with_cache_limit(0);
+        cairn_fs::copy_file(&reader, entry, out).map_err(fs_error(&entry.path))?;
+        let read = reader.stats();
+        self.counters
+            .received
+            .fetch_add(read.bytes, Ordering::Relaxed);
+        Ok(read)
+    }
+}
