@@ -12,7 +12,8 @@
 //! `[^a]` one character of (not of) the set; `\c` the character `c` literally. Matching is
 //! per Unicode scalar value and case-sensitive unless the pattern is made
 //! [case-insensitive](Pattern::case_insensitive) (then both sides are lowercased).
-//! Matching is an NFA simulation: linear in path length × pattern length, never backtracking.
+//! Matching is an NFA simulation: linear in path length × pattern length, never backtracking;
+//! the pattern's literal prefix, suffix and longest inner literal are checked first.
 
 /// A compiled search pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +21,7 @@ pub struct Pattern {
     source: String,
     ignore_case: bool,
     kind: Kind,
-    /// A literal every match contains (longest literal run of the pattern).
+    /// A literal every match contains (for globs: the longest inner literal run).
     required: String,
 }
 
@@ -121,11 +122,12 @@ impl Pattern {
         if !basename && !glob.starts_with('/') {
             glob.insert_str(0, "**/");
         }
-        let (nodes, required) = compile(&glob).map_err(err)?;
+        let nodes = compile(&glob).map_err(err)?;
+        let (kind, required) = glob_kind(nodes, basename);
         Ok(Self {
             source: pattern.to_string(),
             ignore_case,
-            kind: glob_kind(nodes, basename),
+            kind,
             required,
         })
     }
@@ -160,7 +162,9 @@ impl Pattern {
 }
 
 /// Wraps compiled nodes with the literal prefix and suffix used to skip most paths quickly.
-fn glob_kind(nodes: Vec<Node>, basename: bool) -> Kind {
+/// Also returns the longest literal run between prefix and suffix, which every match
+/// contains (checked before running the NFA).
+fn glob_kind(nodes: Vec<Node>, basename: bool) -> (Kind, String) {
     let lit = |n: &Node| match n.step {
         Step::Lit(c) => Some(c),
         _ => None,
@@ -173,25 +177,37 @@ fn glob_kind(nodes: Vec<Node>, basename: bool) -> Kind {
     // `lits * lits` within one component: the literal checks decide alone. (`*` never
     // crosses `/`, which a basename does not contain.)
     let simple = basename && middle.len() == 1 && middle[0].step == Step::Star;
-    Kind::Glob {
+    // The `/` closing a `**/` group is left out: when the group matches nothing, the `/`
+    // before the group stands in for it.
+    let (mut required, mut run) = (String::new(), String::new());
+    for (i, n) in middle.iter().enumerate() {
+        let after_group = i > 0 && middle[i - 1].step == Step::AnyStar;
+        match lit(n) {
+            Some(c) if !after_group => run.push(c),
+            _ => {
+                if run.chars().count() > required.chars().count() {
+                    required = std::mem::take(&mut run);
+                }
+                run.clear();
+            }
+        }
+    }
+    if run.chars().count() > required.chars().count() {
+        required = run;
+    }
+    let kind = Kind::Glob {
         nodes,
         basename,
         prefix,
         suffix,
         simple,
-    }
+    };
+    (kind, required)
 }
 
-fn compile(glob: &str) -> Result<(Vec<Node>, String), &'static str> {
+fn compile(glob: &str) -> Result<Vec<Node>, &'static str> {
     let chars: Vec<char> = glob.chars().collect();
     let mut nodes: Vec<Node> = Vec::new();
-    let (mut required, mut run_lit) = (String::new(), String::new());
-    let flush = |run_lit: &mut String, required: &mut String| {
-        if run_lit.len() > required.len() {
-            *required = std::mem::take(run_lit);
-        }
-        run_lit.clear();
-    };
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
@@ -199,7 +215,6 @@ fn compile(glob: &str) -> Result<(Vec<Node>, String), &'static str> {
         let step = match c {
             '*' if chars.get(i + 1) == Some(&'*') => {
                 i += 2;
-                flush(&mut run_lit, &mut required);
                 if at_dir_start && chars.get(i) == Some(&'/') {
                     // `**/`: ε, or anything followed by '/'.
                     i += 1;
@@ -229,7 +244,6 @@ fn compile(glob: &str) -> Result<(Vec<Node>, String), &'static str> {
                 continue;
             }
             '*' => {
-                flush(&mut run_lit, &mut required);
                 let n = nodes.len();
                 nodes.push(Node {
                     step: Step::Star,
@@ -238,12 +252,8 @@ fn compile(glob: &str) -> Result<(Vec<Node>, String), &'static str> {
                 i += 1;
                 continue;
             }
-            '?' => {
-                flush(&mut run_lit, &mut required);
-                Step::One
-            }
+            '?' => Step::One,
             '[' => {
-                flush(&mut run_lit, &mut required);
                 let (class, next) = parse_class(&chars, i)?;
                 i = next;
                 nodes.push(Node {
@@ -255,19 +265,14 @@ fn compile(glob: &str) -> Result<(Vec<Node>, String), &'static str> {
             '\\' => {
                 i += 1;
                 let lit = *chars.get(i).ok_or("trailing backslash")?;
-                run_lit.push(lit);
                 Step::Lit(lit)
             }
-            _ => {
-                run_lit.push(c);
-                Step::Lit(c)
-            }
+            _ => Step::Lit(c),
         };
         nodes.push(Node { step, eps: vec![] });
         i += 1;
     }
-    flush(&mut run_lit, &mut required);
-    Ok((nodes, required))
+    Ok(nodes)
 }
 
 fn parse_class(chars: &[char], start: usize) -> Result<(Step, usize), &'static str> {

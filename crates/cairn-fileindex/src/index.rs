@@ -677,14 +677,25 @@ impl FileIndex {
                 (b.backup_id.as_str().into(), b.vm.as_str().into());
             for v in vols {
                 found.clear();
-                found.extend(v.entries.iter().filter_map(|&(p, r)| {
-                    let k = rank[p as usize];
-                    (k != u32::MAX).then_some((k, r))
-                }));
+                // Few matches: look each up (already in path order). Many: one pass over
+                // the listing.
+                if matched.len() * 24 < v.entries.len() {
+                    found.extend(
+                        matched
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(k, &id)| v.record_of(id).map(|r| (k as u32, r))),
+                    );
+                } else {
+                    found.extend(v.entries.iter().filter_map(|&(p, r)| {
+                        let k = rank[p as usize];
+                        (k != u32::MAX).then_some((k, r))
+                    }));
+                    found.sort_unstable();
+                }
                 if found.is_empty() {
                     continue;
                 }
-                found.sort_unstable();
                 let (disk, volume): (Arc<str>, Arc<str>) =
                     (v.disk.as_str().into(), v.volume.as_str().into());
                 for &(k, r) in &found {

@@ -22,12 +22,13 @@
 //! | `MANIFEST` | live files, backups, next ids ([`manifest`]) | replaced on every commit |
 //! | `paths-<seq>.cfp` | new distinct paths as `(parent id, name)` ([`paths`]) | once, by an add |
 //! | `records-<seq>.cfr` | new distinct records in checksummed zstd blocks ([`pack`]) | once, by an add |
-//! | `listing-<seq>.cfl` | one backup: sorted `(path id, record id)` per volume ([`listing`]) | once, by an add |
+//! | `listing-<seq>.cfl` | one backup: sorted `(path id, record id)` per volume, in full or as a delta from the parent's ([`listing`]) | once, by an add |
 //! | `LOCK` | the process lock | never |
 //!
 //! Paths and records are shared by all backups: a record is stored once per distinct
-//! encoding (BLAKE3), so a file unchanged since the parent backup costs one listing entry,
-//! which the delta coding of listings shrinks to about a bit. All formats are in
+//! encoding (BLAKE3), and a backup's listing is stored as its difference from the parent
+//! backup's (at most 16 deltas in a row), so a file unchanged since the parent costs
+//! nothing. Garbage collection is planned, then executed ([`gc`]). All formats are in
 //! [`format`]; `docs/FILE-CATALOG.md` has the whole picture and the measured figures.
 //!
 //! # Invariants

@@ -703,3 +703,54 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn gc_rewrites_half_dead_packs_with_tombstones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let idx = FileIndex::open(tmp.path()).unwrap();
+    let a = tree(400);
+    // B keeps half of A's libraries and has its own files.
+    let mut b: Vec<FileRecord> = a
+        .iter()
+        .filter(|f| !f.path.contains("lib2"))
+        .cloned()
+        .collect();
+    b.push(file("/home/new", 5, 5));
+    idx.add_backup(&meta("a", "vm", 1, None), [vol("sda", "p1", &a)])
+        .unwrap();
+    idx.add_backup(&meta("b", "vm", 2, Some("a")), [vol("sda", "p1", &b)])
+        .unwrap();
+    let plan = idx.plan_remove(&["a"]).unwrap();
+    assert!(
+        plan.record_packs
+            .contains(&(0, cairn_fileindex::PackAction::Rewrite)),
+        "{plan:?}"
+    );
+    assert!(plan.dead_records > 100 && plan.dead_paths > 100, "{plan}");
+    idx.execute_gc(&plan).unwrap();
+    let expect = |idx: &FileIndex| {
+        let got: Vec<FileRecord> = idx
+            .walk("b", "sda", "p1", "/")
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let mut want = b.clone();
+        want.sort_by(|x, y| x.path.cmp(&y.path));
+        assert_eq!(got, want);
+        assert!(
+            idx.find(&Pattern::new("lib2*").unwrap(), &FindOptions::default())
+                .unwrap()
+                .is_empty()
+        );
+    };
+    expect(&idx);
+    drop(idx);
+    let idx = FileIndex::open(tmp.path()).unwrap();
+    expect(&idx);
+    // Dead paths and records stay dead; re-adding them stores them again under new ids.
+    let r = idx
+        .add_backup(&meta("a2", "vm", 3, Some("b")), [vol("sda", "p1", &a)])
+        .unwrap();
+    assert!(r.records_new > 100 && r.paths_new > 100, "{r:?}");
+    assert_eq!(idx.walk("a2", "sda", "p1", "/").unwrap().count(), a.len());
+}
