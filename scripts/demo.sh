@@ -23,7 +23,7 @@ fi
 echo "demo: building the test guest (cached in target/test-guest)" >&2
 scripts/build-test-guest.sh "$ROOT/target/test-guest"
 
-echo "demo: building cairn" >&2
-cargo build --locked -q -p cairn-cli
+echo "demo: building cairn (profile demo: unoptimised, the fastest cold build)" >&2
+cargo build --locked -q -p cairn-cli --profile demo
 
-exec "$ROOT/target/debug/cairn" demo --guest "$ROOT/target/test-guest" "$@"
+exec "$ROOT/target/demo/cairn" demo --guest "$ROOT/target/test-guest" "$@"

@@ -443,11 +443,16 @@ pub enum FilesCmd {
     },
     /// One file across a VM's backups.
     Versions { vm: String, path: String },
-    /// Restore a file (or a directory, as a tar stream) from a backup to OUT (`-`: stdout).
+    /// Restore a file (or a directory, as a tar stream) from a backup to OUT (`-`: stdout);
+    /// with --into-datastore, the storage agent writes the file at OUT inside that datastore
+    /// (FIG. 6: straight from the vault into primary storage).
     Restore {
         backup: String,
         path: String,
         out: PathBuf,
+        /// `[AGENT:]DATASTORE` to restore into (OUT is then relative to it).
+        #[arg(long)]
+        into_datastore: Option<String>,
     },
 }
 
@@ -526,6 +531,32 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
             backup,
             path,
             out: dest,
+            into_datastore: Some(ds),
+        } => {
+            let (agent, ds) = match ds.split_once(':') {
+                Some((a, d)) => (Some(a.to_string()), d.to_string()),
+                None => (None, ds),
+            };
+            let v: Value = c.post_json(
+                "/v1/files/restore",
+                &json!({ "backup": backup, "path": path, "storage_agent": agent,
+                         "datastore": ds, "dest": dest }),
+            )?;
+            out(conn, &v, |v| {
+                eprintln!(
+                    "{path}: {} bytes written to {} on storage agent {} ({} bytes read from the vault)",
+                    v["bytes"],
+                    v["path"].as_str().unwrap_or("?"),
+                    v["storage_agent"].as_str().unwrap_or("?"),
+                    v["vault_bytes_read"]
+                )
+            });
+        }
+        FilesCmd::Restore {
+            backup,
+            path,
+            out: dest,
+            into_datastore: None,
         } => {
             let (data, headers) = c.get_for_bytes(&format!(
                 "/v1/files/content?backup={}&path={}",

@@ -19,7 +19,8 @@ use cairn_vault::{LocalVault, Repository, Vault};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let image = args.get(1).expect("usage: catalog_bench IMAGE [WORKDIR]");
-    let work = std::path::PathBuf::from(args.get(2).cloned().unwrap_or("/tmp/catalog-bench".into()));
+    let work =
+        std::path::PathBuf::from(args.get(2).cloned().unwrap_or("/tmp/catalog-bench".into()));
     let repo_dir = work.join("repo");
     let repo = if repo_dir.join("config").exists() {
         Repository::open_dir(&repo_dir).unwrap()
@@ -50,7 +51,9 @@ fn main() {
         let dir = work.join(format!("index-{run}"));
         let _ = std::fs::remove_dir_all(&dir);
         let t = Instant::now();
-        let scan = agent.scan_files(Arc::clone(&vault), &snap.id.to_string()).unwrap();
+        let scan = agent
+            .scan_files(Arc::clone(&vault), &snap.id.to_string())
+            .unwrap();
         let scan_s = t.elapsed().as_secs_f64();
         let files: usize = scan.volumes.iter().map(|v| v.files.len()).sum();
         let index = cairn_fileindex::FileIndex::open(&dir).unwrap();
@@ -62,7 +65,11 @@ fn main() {
                 (
                     "vda".to_string(),
                     v.volume.clone(),
-                    v.files.iter().cloned().map(cairn_server::files::to_record).collect::<Vec<_>>(),
+                    v.files
+                        .iter()
+                        .cloned()
+                        .map(cairn_server::files::to_record)
+                        .collect::<Vec<_>>(),
                 )
             })
             .collect();

@@ -308,6 +308,56 @@ impl Server {
         Ok((data, fetched))
     }
 
+    /// FIG. 6: restores one file into primary storage — a datastore of a storage agent (by
+    /// default the one holding the backed-up disk) at `dest` — without the bytes passing
+    /// through this server.
+    pub fn files_restore_into(
+        &self,
+        backup: &str,
+        path: &str,
+        storage_agent: Option<&str>,
+        datastore: Option<&str>,
+        dest: &str,
+    ) -> Result<Value> {
+        let b = self.catalog.backup(backup)?;
+        let (Some(disk), Some(volume), rest) = split(path) else {
+            return Err(ServerError::Invalid(format!(
+                "path {path:?}: /<disk>/<volume>/<path>"
+            )));
+        };
+        let r = self
+            .files()?
+            .get(&b.id, disk, volume, &rest)
+            .map_err(index_err)?
+            .ok_or_else(|| ServerError::NotFound(format!("{path} in backup {}", b.id)))?;
+        if r.kind != FileKind::File {
+            return Err(ServerError::Invalid(format!(
+                "{path} is not a regular file"
+            )));
+        }
+        let d = b
+            .disks
+            .iter()
+            .find(|d| d.disk == disk)
+            .ok_or_else(|| ServerError::NotFound(format!("disk {disk} in backup {}", b.id)))?;
+        let agent = storage_agent.unwrap_or(&d.storage_agent);
+        let c = self.storage_agent(agent)?;
+        let mut entry = to_entry(&r);
+        entry.mode = r.mode;
+        entry.mtime = r.mtime_ns;
+        let mut v: Value = c
+            .post_json(
+                "/v1/files/restore",
+                &json!({ "vault": self.config.vault, "snapshot": d.vault_snapshot,
+                         "entry": entry, "datastore": datastore.unwrap_or(&d.datastore),
+                         "dest": dest }),
+            )
+            .map_err(ServerError::call(format!("restore {path} into {agent}")))?;
+        v["storage_agent"] = json!(agent);
+        v["file"] = record_json(disk, volume, &r);
+        Ok(v)
+    }
+
     /// A file's bytes, or a directory as a tar stream: (body, is_tar, file record JSON,
     /// vault bytes fetched).
     pub fn files_content(&self, backup: &str, path: &str) -> Result<(Vec<u8>, bool, Value, u64)> {

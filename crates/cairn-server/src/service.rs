@@ -318,6 +318,32 @@ async fn files_content(
         .into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRestoreBody {
+    backup: String,
+    path: String,
+    #[serde(default)]
+    storage_agent: Option<String>,
+    #[serde(default)]
+    datastore: Option<String>,
+    dest: String,
+}
+
+async fn files_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+    let r: FileRestoreBody = body(&b)?;
+    blocking(StatusCode::OK, move || {
+        s.files_restore_into(
+            &r.backup,
+            &r.path,
+            r.storage_agent.as_deref(),
+            r.datastore.as_deref(),
+            &r.dest,
+        )
+    })
+    .await
+}
+
 async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.data_path())).await
 }
@@ -344,6 +370,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
             .route("/v1/files/find", get(files_find))
             .route("/v1/files/versions", get(files_versions))
             .route("/v1/files/content", get(files_content))
+            .route("/v1/files/restore", post(files_restore))
             .route("/v1/stats", get(stats)),
         token,
     )

@@ -110,6 +110,54 @@ impl StorageAgent {
         })
     }
 
+    /// FIG. 6: restores one file of `snapshot` into this primary storage — the datastore
+    /// `datastore` at the relative path `dest` (which must not exist) — with its mode and
+    /// modification time. Data goes vault → here only; returns what was fetched.
+    pub fn restore_file_into(
+        &self,
+        vault: Arc<dyn Vault>,
+        snapshot: &str,
+        entry: &FileEntry,
+        datastore: &str,
+        dest: &str,
+    ) -> Result<(std::path::PathBuf, ReadStats)> {
+        let ds = self.datastore(datastore)?;
+        let target = ds.path.join(crate::datastore::check_relative(dest)?);
+        if target.exists() {
+            return Err(StorageError::Invalid(format!(
+                "{} exists",
+                target.display()
+            )));
+        }
+        let dir = target.parent().unwrap_or(&ds.path).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(StorageError::io(&dir, "create"))?;
+        let tmp = dir.join(format!(".cairn-restore-{}", std::process::id()));
+        let r = (|| -> Result<ReadStats> {
+            let mut f = std::fs::File::create(&tmp).map_err(StorageError::io(&tmp, "create"))?;
+            let stats = self.read_file(vault, snapshot, entry, &mut f)?;
+            if let Some(mode) = entry.mode {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(StorageError::io(&tmp, "chmod"))?;
+            }
+            if let Some(ns) = entry.mtime {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
+                f.set_modified(t)
+                    .map_err(StorageError::io(&tmp, "set mtime"))?;
+            }
+            f.sync_all().map_err(StorageError::io(&tmp, "fsync"))?;
+            std::fs::rename(&tmp, &target).map_err(StorageError::io(&target, "rename"))?;
+            self.counters
+                .disk_written
+                .fetch_add(entry.size, Ordering::Relaxed);
+            Ok(stats)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        Ok((target, r?))
+    }
+
     /// Writes the content of `entry` (as listed by a scan of `snapshot`) to `out`, fetching
     /// only the segments covering its extents.
     pub fn read_file(

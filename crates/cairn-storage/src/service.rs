@@ -16,6 +16,7 @@
 //! | POST | `/v1/rdm/restores` | `{vault, snapshot, datastore, disk}` → RdmRestore (new LUN + mapping file) |
 //! | POST | `/v1/files/scan` | `{vault, snapshot}` → ScanResult: every file of every volume, with disk extents (file catalog) |
 //! | POST | `/v1/files/read` | `{vault, snapshot, entry}` → the file's bytes; `x-cairn-vault-bytes` / `-segments` say what was fetched |
+//! | POST | `/v1/files/restore` | `{vault, snapshot, entry, datastore, dest}` → the file written into the datastore (FIG. 6), with what was fetched |
 //! | GET | `/v1/stats` | → AgentStats: disk data read/sent/received/written |
 //!
 //! `vault` is `{url, token, fingerprint}` for a vault service, or `{url: "/path"}` for a local
@@ -410,6 +411,29 @@ async fn read_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<R
         .into_response())
 }
 
+#[derive(serde::Deserialize)]
+struct FileRestoreBody {
+    vault: VaultTarget,
+    snapshot: String,
+    entry: cairn_fs::FileEntry,
+    datastore: String,
+    dest: String,
+}
+
+async fn restore_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: FileRestoreBody = body(&b)?;
+    blocking(move || {
+        let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
+        let (path, read) =
+            a.restore_file_into(v, &req.snapshot, &req.entry, &req.datastore, &req.dest)?;
+        Ok(serde_json::json!({
+            "path": path, "bytes": req.entry.size, "vault_bytes_read": read.bytes,
+            "vault_segments_read": read.segments,
+        }))
+    })
+    .await
+}
+
 async fn stats(State(a): State<Shared>) -> Response {
     axum::Json(a.stats()).into_response()
 }
@@ -430,6 +454,7 @@ pub fn router(agent: Arc<StorageAgent>, token: String) -> Router {
             .route("/v1/rdm/restores", post(rdm_restore))
             .route("/v1/files/scan", post(scan_files))
             .route("/v1/files/read", post(read_file))
+            .route("/v1/files/restore", post(restore_file))
             .route("/v1/stats", get(stats)),
         token,
     )
