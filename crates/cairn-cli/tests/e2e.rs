@@ -616,8 +616,13 @@ fn every_flow_with_each_role_in_its_own_process() {
     let (ok, r) = cli(
         &conn,
         &[
-            "files", "restore", &in_group, "/vda/whole/new.bin", "restored/new.bin",
-            "--into-datastore", "ds",
+            "files",
+            "restore",
+            &in_group,
+            "/vda/whole/new.bin",
+            "restored/new.bin",
+            "--into-datastore",
+            "ds",
         ],
     );
     assert!(ok, "{r}");
@@ -625,7 +630,10 @@ fn every_flow_with_each_role_in_its_own_process() {
         std::fs::read(t.join("ds/restored/new.bin")).unwrap(),
         std::fs::read(&out).unwrap()
     );
-    assert!(r["vault_bytes_read"].as_u64().unwrap() <= 2 * (2 << 20), "{r}");
+    assert!(
+        r["vault_bytes_read"].as_u64().unwrap() <= 2 * (2 << 20),
+        "{r}"
+    );
 
     // Restore the newest vm1 backup as a new VM and boot it.
     let backups: Value = s.get_json("/v1/backups?vm=vm1").unwrap();
