@@ -568,7 +568,7 @@ fn every_flow_with_each_role_in_its_own_process() {
     assert!(ok, "{r}");
     let read = r["vault_bytes_read"].as_u64().unwrap();
     assert!(
-        read >= 2 << 20 && read <= 2 * (2 << 20),
+        (2 << 20..=2 * (2 << 20)).contains(&read),
         "read {read} B from the vault for a 2 MiB file"
     );
     let sum_guest: Value = m

@@ -76,6 +76,9 @@ impl ErrorKind {
     }
 }
 
+/// An answer's body and its `x-cairn-*` headers (name, value).
+pub type BytesAndHeaders = (Vec<u8>, Vec<(String, String)>);
+
 /// A connection pool to one service.
 #[derive(Clone)]
 pub struct Client {
@@ -180,7 +183,7 @@ impl Client {
         &self,
         path: &str,
         body: &B,
-    ) -> Result<(Vec<u8>, Vec<(String, String)>), ClientError> {
+    ) -> Result<BytesAndHeaders, ClientError> {
         let url = self.url(path);
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
             url: url.clone(),
@@ -196,10 +199,7 @@ impl Client {
     }
 
     /// GET; the answer's bytes and its `x-cairn-*` headers.
-    pub fn get_for_bytes(
-        &self,
-        path: &str,
-    ) -> Result<(Vec<u8>, Vec<(String, String)>), ClientError> {
+    pub fn get_for_bytes(&self, path: &str) -> Result<BytesAndHeaders, ClientError> {
         let url = self.url(path);
         let r = self.call(self.agent.get(&url), None)?;
         with_headers(&url, r)
@@ -278,10 +278,7 @@ fn read_body(url: &str, r: ureq::Response) -> Result<Vec<u8>, ClientError> {
 }
 
 /// The body (up to 8 GiB) and the `x-cairn-*` headers of an answer.
-fn with_headers(
-    url: &str,
-    r: ureq::Response,
-) -> Result<(Vec<u8>, Vec<(String, String)>), ClientError> {
+fn with_headers(url: &str, r: ureq::Response) -> Result<BytesAndHeaders, ClientError> {
     let headers = r
         .headers_names()
         .into_iter()
