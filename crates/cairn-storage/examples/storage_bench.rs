@@ -48,6 +48,14 @@ fn apply_changes(disk: &Path, day2: &Path, changed: &Path) -> u64 {
 }
 
 fn main() {
+    // CAIRN_LOG=debug shows the phases of each backup with their times.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
     let [mount, corpus, out] = &args[..] else {
         eprintln!("usage: storage_bench MOUNT CORPUS_DIR OUT_JSON");

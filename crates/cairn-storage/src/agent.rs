@@ -282,6 +282,7 @@ impl StorageAgent {
             labels,
             threads: req.threads,
         };
+        tracing::debug!("{}: change source {} chosen", req.name, source.as_str());
         let manifest = imager::backup(vault, reader, &opts, &NoProgress)?;
         // Encoded disk data handed to the vault by this backup (exact even when backups
         // share one vault connection).

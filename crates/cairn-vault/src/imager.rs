@@ -248,6 +248,12 @@ pub fn backup(
         (Some(p), Some(changed)) => {
             let chunker = p.chunker;
             let (pentries, pnodes) = vault.entries_and_nodes(p)?;
+            tracing::debug!(
+                "parent recipe read: {} entries, {} nodes, {:?}",
+                pentries.len(),
+                pnodes.len(),
+                started.elapsed()
+            );
             known_nodes.extend(pnodes);
             let e = incremental(
                 &*session, source, size, &pentries, changed, chunker, level, &sent, &mut stats,
@@ -281,7 +287,9 @@ pub fn backup(
         .filter(|e| e.kind == EntryKind::Zero)
         .map(|e| u64::from(e.len))
         .sum();
+    tracing::debug!("segments done: {:?}", started.elapsed());
     let root = upload_tree(&*session, &entries, &known_nodes)?;
+    tracing::debug!("recipe tree uploaded: {:?}", started.elapsed());
     if root.size != size {
         return Err(VaultError::Invalid(format!(
             "recipe covers {} bytes, image has {size}",
@@ -291,14 +299,16 @@ pub fn backup(
     // Disk data this backup handed to the vault, as encoded (what crosses a network).
     stats.bytes_sent = sent.load(Ordering::Relaxed);
     stats.duration_ms = started.elapsed().as_millis() as u64;
-    session.commit(CommitRequest {
+    let committed = session.commit(CommitRequest {
         name: opts.name.clone(),
         root: Some(root),
         chunker: Some(chunker),
         parent: parent.map(|p| p.id),
         client_stats: stats,
         labels: opts.labels.clone(),
-    })
+    });
+    tracing::debug!("committed: {:?}", started.elapsed());
+    committed
 }
 
 #[allow(clippy::too_many_arguments)]
