@@ -81,13 +81,7 @@ pub fn migrate(conn: &mut Connection) -> Result<Vec<i64>> {
     Ok(applied)
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use cairn_types::now_ms;
 
 /// A new random id: 16 lowercase hex digits.
 pub fn new_id() -> String {

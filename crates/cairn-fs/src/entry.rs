@@ -148,7 +148,8 @@ pub struct FileEntry {
 }
 
 impl FileEntry {
-    pub(crate) fn new(path: String, kind: FileKind, inode: u64) -> Self {
+    /// An entry with only its path, kind and inode; every other field empty.
+    pub fn new(path: String, kind: FileKind, inode: u64) -> Self {
         Self {
             path,
             kind,

@@ -111,13 +111,6 @@ pub struct Inventory {
     agents: Mutex<BTreeMap<(AgentKind, String), AgentRecord>>,
 }
 
-fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
 impl Inventory {
     /// Opens the registry in `state_dir`.
     pub fn open(state_dir: &Path, stale_after: Duration) -> Result<Self> {
@@ -166,7 +159,7 @@ impl Inventory {
 
     /// Registers an agent or records its heartbeat.
     pub fn heartbeat(&self, r: Registration) -> Result<AgentRecord> {
-        if !valid_name(&r.name) {
+        if !cairn_types::is_plain_name(&r.name) {
             return Err(ManagerError::Invalid(format!(
                 "agent name {:?}: letters, digits, '-', '_', '.'",
                 r.name

@@ -15,6 +15,7 @@
 
 use std::sync::atomic::Ordering;
 
+use cairn_catalog::{BackupDisk, BackupRecord};
 use cairn_fileindex::{BackupMeta, FileIndex, FileKind, FileRecord, FindOptions, Pattern};
 use serde_json::{Value, json};
 
@@ -61,16 +62,18 @@ pub fn to_record(e: cairn_fs::FileEntry) -> FileRecord {
     }
 }
 
-/// What the storage agent needs to read a file back.
+/// What the storage agent needs to read a file back (and restore its mode and mtime).
 fn to_entry(r: &FileRecord) -> cairn_fs::FileEntry {
-    let mut e: cairn_fs::FileEntry = serde_json::from_value(json!({
-        "path": r.path, "kind": "File", "size": r.size, "mode": r.mode, "uid": r.uid,
-        "gid": r.gid, "inode": r.inode.unwrap_or(0), "nlink": null, "mtime": r.mtime_ns,
-        "atime": null, "ctime": null, "crtime": null, "fat_attributes": null,
-        "ntfs_attributes": null, "ntfs_security_id": null, "symlink_target": null,
-        "extents": [], "inline_data": null, "data_from_journal": false,
-    }))
-    .expect("a well-formed entry");
+    let mut e = cairn_fs::FileEntry::new(
+        r.path.clone(),
+        cairn_fs::FileKind::File,
+        r.inode.unwrap_or(0),
+    );
+    e.size = r.size;
+    e.mode = r.mode;
+    e.uid = r.uid;
+    e.gid = r.gid;
+    e.mtime = r.mtime_ns;
     e.extents = r
         .extents
         .iter()
@@ -102,11 +105,11 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<Value> {
     let s = ctx.server;
     let b = s.catalog.backup(backup)?;
     let files = s.files()?;
-    if files.backups().iter().any(|x| x.backup_id == b.id) {
+    let indexed = files.backups();
+    if indexed.iter().any(|x| x.backup_id == b.id) {
         return Ok(json!({ "backup": b.id, "already_indexed": true }));
     }
-    let parent = files
-        .backups()
+    let parent = indexed
         .into_iter()
         .filter(|x| x.vm == b.vm && x.created_ms <= b.created_ms)
         .max_by_key(|x| x.created_ms)
@@ -204,6 +207,14 @@ fn record_json(disk: &str, volume: &str, r: &FileRecord) -> Value {
     })
 }
 
+/// A file found in the index.
+struct Found {
+    b: BackupRecord,
+    disk: String,
+    volume: String,
+    r: FileRecord,
+}
+
 impl Server {
     /// The file index (opened at start).
     pub fn files(&self) -> Result<&FileIndex> {
@@ -278,20 +289,48 @@ impl Server {
         ))
     }
 
-    /// Reads one regular file of a backup through its storage agent: (bytes, record,
-    /// vault bytes fetched).
-    fn read_one(
+    /// The backup and the indexed record at `/<disk>/<volume>/<path>`.
+    fn find_file(&self, backup: &str, path: &str) -> Result<Found> {
+        let b = self.catalog.backup(backup)?;
+        let (Some(disk), Some(volume), rest) = split(path) else {
+            return Err(ServerError::Invalid(format!(
+                "path {path:?}: /<disk>/<volume>/<path>"
+            )));
+        };
+        let r = self
+            .files()?
+            .get(&b.id, disk, volume, &rest)
+            .map_err(index_err)?
+            .ok_or_else(|| ServerError::NotFound(format!("{path} in backup {}", b.id)))?;
+        Ok(Found {
+            disk: disk.to_string(),
+            volume: volume.to_string(),
+            b,
+            r,
+        })
+    }
+
+    /// Disk `disk` of backup `b` and a client of the storage agent that holds it.
+    fn disk_source<'b>(
         &self,
-        b: &cairn_catalog::BackupRecord,
+        b: &'b BackupRecord,
         disk: &str,
-        r: &FileRecord,
-    ) -> Result<(Vec<u8>, u64)> {
+    ) -> Result<(&'b BackupDisk, cairn_http::Client)> {
         let d = b
             .disks
             .iter()
             .find(|d| d.disk == disk)
             .ok_or_else(|| ServerError::NotFound(format!("disk {disk} in backup {}", b.id)))?;
-        let c = self.storage_agent(&d.storage_agent)?;
+        Ok((d, self.storage_agent(&d.storage_agent)?))
+    }
+
+    /// Reads one regular file through the storage agent `c`: (bytes, vault bytes fetched).
+    fn read_one(
+        &self,
+        c: &cairn_http::Client,
+        d: &BackupDisk,
+        r: &FileRecord,
+    ) -> Result<(Vec<u8>, u64)> {
         let (data, headers) = c
             .post_json_for_bytes(
                 "/v1/files/read",
@@ -319,17 +358,7 @@ impl Server {
         datastore: Option<&str>,
         dest: &str,
     ) -> Result<Value> {
-        let b = self.catalog.backup(backup)?;
-        let (Some(disk), Some(volume), rest) = split(path) else {
-            return Err(ServerError::Invalid(format!(
-                "path {path:?}: /<disk>/<volume>/<path>"
-            )));
-        };
-        let r = self
-            .files()?
-            .get(&b.id, disk, volume, &rest)
-            .map_err(index_err)?
-            .ok_or_else(|| ServerError::NotFound(format!("{path} in backup {}", b.id)))?;
+        let Found { b, disk, volume, r } = self.find_file(backup, path)?;
         if r.kind != FileKind::File {
             return Err(ServerError::Invalid(format!(
                 "{path} is not a regular file"
@@ -342,9 +371,7 @@ impl Server {
             .ok_or_else(|| ServerError::NotFound(format!("disk {disk} in backup {}", b.id)))?;
         let agent = storage_agent.unwrap_or(&d.storage_agent);
         let c = self.storage_agent(agent)?;
-        let mut entry = to_entry(&r);
-        entry.mode = r.mode;
-        entry.mtime = r.mtime_ns;
+        let entry = to_entry(&r);
         let mut v: Value = c
             .post_json(
                 "/v1/files/restore",
@@ -354,28 +381,21 @@ impl Server {
             )
             .map_err(ServerError::call(format!("restore {path} into {agent}")))?;
         v["storage_agent"] = json!(agent);
-        v["file"] = record_json(disk, volume, &r);
+        v["file"] = record_json(&disk, &volume, &r);
         Ok(v)
     }
 
     /// A file's bytes, or a directory as a tar stream: (body, is_tar, file record JSON,
     /// vault bytes fetched).
     pub fn files_content(&self, backup: &str, path: &str) -> Result<(Vec<u8>, bool, Value, u64)> {
-        let b = self.catalog.backup(backup)?;
-        let (Some(disk), Some(volume), rest) = split(path) else {
-            return Err(ServerError::Invalid(format!(
-                "path {path:?}: /<disk>/<volume>/<path>"
-            )));
-        };
+        let Found { b, disk, volume, r } = self.find_file(backup, path)?;
         let files = self.files()?;
-        let r = files
-            .get(&b.id, disk, volume, &rest)
-            .map_err(index_err)?
-            .ok_or_else(|| ServerError::NotFound(format!("{path} in backup {}", b.id)))?;
+        let (d, c) = self.disk_source(&b, &disk)?;
+        let rest = r.path.clone();
         match r.kind {
             FileKind::File => {
-                let (data, fetched) = self.read_one(&b, disk, &r)?;
-                Ok((data, false, record_json(disk, volume, &r), fetched))
+                let (data, fetched) = self.read_one(&c, d, &r)?;
+                Ok((data, false, record_json(&disk, &volume, &r), fetched))
             }
             FileKind::Dir => {
                 let mut tar = tar::Builder::new(Vec::new());
@@ -387,7 +407,10 @@ impl Server {
                     .unwrap_or("")
                     .to_string();
                 let strip = rest.len() - base.len();
-                for item in files.walk(&b.id, disk, volume, &rest).map_err(index_err)? {
+                for item in files
+                    .walk(&b.id, &disk, &volume, &rest)
+                    .map_err(index_err)?
+                {
                     let f = item.map_err(index_err)?;
                     let name = f.path.get(strip..).unwrap_or("").trim_start_matches('/');
                     let name = if name.is_empty() { "." } else { name };
@@ -411,7 +434,7 @@ impl Server {
                                 .map_err(io)?;
                         }
                         FileKind::File => {
-                            let (data, n) = self.read_one(&b, disk, &f)?;
+                            let (data, n) = self.read_one(&c, d, &f)?;
                             fetched += n;
                             h.set_entry_type(tar::EntryType::Regular);
                             h.set_size(data.len() as u64);
@@ -423,7 +446,7 @@ impl Server {
                 let body = tar
                     .into_inner()
                     .map_err(|e| ServerError::Failed(format!("tar: {e}")))?;
-                Ok((body, true, record_json(disk, volume, &r), fetched))
+                Ok((body, true, record_json(&disk, &volume, &r), fetched))
             }
             _ => Err(ServerError::Invalid(format!(
                 "{path} is not a file or directory"

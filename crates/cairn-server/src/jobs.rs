@@ -382,11 +382,10 @@ pub(crate) fn recover(server: &Arc<Server>) -> Result<()> {
     for j in server.catalog.jobs_in(JobState::Queued)? {
         server.engine.push(j.id);
     }
-    // Metadata snapshots of backups that never got recorded.
+    // Metadata snapshots of backups that never got recorded (no job runs yet, so every one
+    // without a backup is an orphan).
     for m in server.catalog.orphan_metadata()? {
-        if now_ms() - m.created_ms > 60_000 {
-            let _ = server.meta.remove(&server.catalog, &m);
-        }
+        let _ = server.meta.remove(&server.catalog, &m);
     }
     Ok(())
 }

@@ -42,12 +42,7 @@ pub fn timestamp_id() -> String {
 }
 
 fn safe(name: &str) -> Result<&str> {
-    if name.is_empty()
-        || name.starts_with('.')
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+    if !cairn_types::is_plain_name(name) {
         return Err(ServerError::Invalid(format!("name {name:?}")));
     }
     Ok(name)

@@ -41,13 +41,7 @@ fn yes() -> bool {
 impl RestoreParams {
     pub(crate) fn validate(&self) -> Result<()> {
         let n = &self.as_name;
-        if n.is_empty()
-            || n.len() > 64
-            || n.starts_with('.')
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        if !cairn_types::is_plain_name(n) {
             return Err(ServerError::Invalid(format!(
                 "VM name {n:?}: letters, digits, '-', '_', '.'"
             )));

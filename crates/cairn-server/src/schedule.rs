@@ -61,12 +61,7 @@ pub fn put_schedule(
     every: &str,
     first_in_s: Option<i64>,
 ) -> Result<Schedule> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+    if !cairn_types::is_plain_name(name) {
         return Err(ServerError::Invalid(format!("schedule name {name:?}")));
     }
     if vms.is_empty() {

@@ -1,0 +1,357 @@
+//! Every flow with each role in its own process, and the file catalog over it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_http::{Client, Trust};
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+#[test]
+fn every_flow_with_each_role_in_its_own_process() {
+    let Some(guest) = guest() else { return };
+    let lock = std::fs::File::create(std::env::temp_dir().join("cairn-test-guest.lock")).unwrap();
+    lock.lock().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let p = |s: &str| t.join(s).display().to_string();
+    std::fs::create_dir_all(t.join("ds")).unwrap();
+    let _reaper = VmReaper(t.join("host"));
+
+    let Cluster {
+        vault: _vault,
+        manager,
+        mut host,
+        storage,
+        server,
+    } = Cluster::start(t, &p("vault"), false);
+    let conn = t.join("server/connection.json");
+    let s = server.client();
+    let m = manager.client();
+
+    // Bad token, malformed and invalid requests.
+    let bad = Client::new(
+        server.url(),
+        "wrong",
+        &Trust::Fingerprint(server.fp().into()),
+    )
+    .unwrap();
+    assert_eq!(status(bad.get_json("/v1/vms")), 401);
+    assert_eq!(status(s.post_json("/v1/backups", &json!({"vms": []}))), 400);
+    assert_eq!(status(s.post_json("/v1/backups", &json!({"vm": "x"}))), 400);
+    assert_eq!(
+        status(s.put_json("/v1/schedules/x", &json!({"vms": ["vm1"], "every": "5s"}))),
+        400
+    );
+    assert_eq!(
+        status(s.post_json(
+            "/v1/restores",
+            &json!({"backup": "abcd1234", "as_name": "x"})
+        )),
+        404
+    );
+
+    // Two VMs on host h1, disks on storage agent s1.
+    for name in ["vm1", "vm2"] {
+        let d = disk(t, name);
+        let spec = json!({
+            "name": name, "vcpus": 1, "memory_mib": 192,
+            "disks": [{"id": "vda", "path": d, "format": "qcow2"}],
+            "boot": {"type": "kernel", "kernel": guest.join("vmlinux"),
+                     "initrd": guest.join("initrd.gz"), "append": KERNEL_APPEND},
+        });
+        let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
+    }
+    for name in ["vm1", "vm2"] {
+        wait_guest(&m, name);
+    }
+    let vms: Value = s.get_json("/v1/vms").unwrap();
+    let vm1 = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vm1")
+        .unwrap();
+    assert_eq!(vm1["host"], "h1");
+    assert_eq!(vm1["disks"][0]["storage_agent"], "s1");
+    assert_eq!(vm1["disks"][0]["datastore_disk"], "vm1.qcow2");
+
+    // Unknown VM: the job fails with a clear error.
+    let j = submit(&s, "/v1/backups", json!({"vms": ["nope"]}));
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["error"].as_str().unwrap().contains("VM nope not found"),
+        "{j}"
+    );
+
+    // Full backup through the CLI.
+    let (ok, j) = cli(&conn, &["backup", "vm1", "vm2"]);
+    assert!(ok, "{j}");
+    assert_eq!(j["state"], "succeeded");
+    let full = &j["result"]["backups"][0];
+    assert_eq!(full["kind"], "full");
+    assert_eq!(full["quiesce"], "guest_freeze");
+
+    // Conflicting jobs on one VM: the second is refused while the first is unfinished.
+    let first: Value = s
+        .post_json("/v1/backups", &json!({"vms": ["vm1"]}))
+        .unwrap();
+    assert_eq!(
+        status(s.post_json("/v1/backups", &json!({"vms": ["vm1"]}))),
+        409
+    );
+    assert_eq!(
+        wait_job(&s, first["id"].as_str().unwrap())["state"],
+        "succeeded"
+    );
+
+    // Guest writes, then an incremental that reads only the dirty blocks.
+    let w: Value = m
+        .post_json(
+            "/v1/vms/vm1/guest/exec",
+            &json!({"shell": "dd if=/dev/urandom of=/mnt/new.bin bs=1M count=2 2>/dev/null && sync"}),
+        )
+        .unwrap();
+    assert_eq!(w["exit_code"], 0, "{w}");
+    let j = submit(&s, "/v1/backups", json!({"vms": ["vm1"]}));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let inc = &j["result"]["backups"][0];
+    assert_eq!(inc["kind"], "incremental");
+    assert_eq!(
+        inc["disks"][0]["change_source"], "hypervisor_bitmap",
+        "{inc}"
+    );
+    assert!(inc["bytes_read"].as_i64().unwrap() < 16 << 20, "{inc}");
+    assert!(inc["bytes_sent"].as_i64().unwrap() >= 2 << 20, "{inc}");
+
+    // Group backup: one storage snapshot, every VM snapshot released before the backups.
+    let j = submit(
+        &s,
+        "/v1/backups",
+        json!({"vms": ["vm1", "vm2"], "group": true}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let lifetimes = j["result"]["vm_snapshot_lifetimes_ms"].as_array().unwrap();
+    assert_eq!(lifetimes.len(), 2);
+    let events = s
+        .get_json::<Value>(&format!("/v1/jobs/{}", j["id"].as_str().unwrap()))
+        .unwrap();
+    let log: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    let deleted = log
+        .iter()
+        .rposition(|l| l.contains("VM snapshot") && l.contains("deleted"))
+        .unwrap();
+    let sent = log.iter().position(|l| l.contains("vm1/vda:")).unwrap();
+    assert!(
+        deleted < sent,
+        "VM snapshots must be released before data is sent: {log:#?}"
+    );
+    // Nothing left behind on the storage agent.
+    let left: Value = storage.client().get_json("/v1/snapshots").unwrap();
+    assert_eq!(left, json!([]));
+
+    // The file catalog: every backup was indexed off its data path by an `index` job.
+    let t0 = Instant::now();
+    loop {
+        let jobs: Value = s.get_json("/v1/jobs?limit=100").unwrap();
+        let idx: Vec<&Value> = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["kind"] == "index")
+            .collect();
+        assert!(idx.iter().all(|j| j["state"] != "failed"), "{idx:#?}");
+        if idx.len() >= 5 && idx.iter().all(|j| j["state"] == "succeeded") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "index jobs: {idx:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, hits) = cli(&conn, &["files", "find", "new.bin", "--vm", "vm1"]);
+    assert!(ok, "{hits}");
+    let hits = hits.as_array().unwrap();
+    assert_eq!(
+        hits.len(),
+        2,
+        "the incremental and the group backup hold it: {hits:#?}"
+    );
+    assert!(
+        hits.iter()
+            .all(|h| h["path"] == "/vda/whole/new.bin" && h["size"] == 2 << 20)
+    );
+    let (ok, v) = cli(&conn, &["files", "versions", "vm1", "/vda/whole/hello.txt"]);
+    assert!(ok);
+    assert_eq!(v.as_array().unwrap().len(), 4, "{v}");
+    assert_eq!(v[0]["changed"], true);
+    assert_eq!(v[1]["changed"], false, "{v}");
+    let in_group = hits.iter().find(|h| h["backup"] != inc["backup"]).unwrap()["backup"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, ls) = cli(&conn, &["files", "ls", &in_group, "/vda/whole/"]);
+    assert!(ok);
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"/vda/whole/hello.txt") && names.contains(&"/vda/whole/new.bin"),
+        "{names:?}"
+    );
+    // Restore one file: the same bytes as in the guest, reading only its segments.
+    let out = t.join("new.bin");
+    let (ok, r) = cli(
+        &conn,
+        &[
+            "files",
+            "restore",
+            &in_group,
+            "/vda/whole/new.bin",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{r}");
+    let read = r["vault_bytes_read"].as_u64().unwrap();
+    assert!(
+        (2 << 20..=2 * (2 << 20)).contains(&read),
+        "read {read} B from the vault for a 2 MiB file"
+    );
+    let sum_guest: Value = m
+        .post_json(
+            "/v1/vms/vm1/guest/exec",
+            &json!({"shell": "sha256sum /mnt/new.bin"}),
+        )
+        .unwrap();
+    let sum_host = Command::new("sha256sum").arg(&out).output().unwrap();
+    assert_eq!(
+        sum_guest["stdout"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .next(),
+        String::from_utf8_lossy(&sum_host.stdout)
+            .split_whitespace()
+            .next()
+    );
+    // A directory comes back as a tar stream.
+    let tarball = t.join("root.tar");
+    let (ok, _) = cli(
+        &conn,
+        &[
+            "files",
+            "restore",
+            &in_group,
+            "/vda/whole/",
+            tarball.to_str().unwrap(),
+        ],
+    );
+    assert!(ok);
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&tarball)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.lines().any(|l| l == "hello.txt") && listing.lines().any(|l| l == "new.bin"),
+        "{listing}"
+    );
+
+    // FIG. 6: a file restored into primary storage, straight from the vault.
+    let (ok, r) = cli(
+        &conn,
+        &[
+            "files",
+            "restore",
+            &in_group,
+            "/vda/whole/new.bin",
+            "restored/new.bin",
+            "--into-datastore",
+            "ds",
+        ],
+    );
+    assert!(ok, "{r}");
+    assert_eq!(
+        std::fs::read(t.join("ds/restored/new.bin")).unwrap(),
+        std::fs::read(&out).unwrap()
+    );
+    assert!(
+        r["vault_bytes_read"].as_u64().unwrap() <= 2 * (2 << 20),
+        "{r}"
+    );
+
+    // Restore the newest vm1 backup as a new VM and boot it.
+    let backups: Value = s.get_json("/v1/backups?vm=vm1").unwrap();
+    let newest = backups.as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, j) = cli(
+        &conn,
+        &[
+            "restore",
+            "vm1",
+            "--backup",
+            &newest,
+            "--as",
+            "vm1-copy",
+            "--wait-boot",
+            "120",
+        ],
+    );
+    assert!(ok, "{j}");
+    assert_eq!(j["result"]["guest"]["agent"], true, "{j}");
+    let out: Value = m
+        .post_json(
+            "/v1/vms/vm1-copy/guest/exec",
+            &json!({"shell": "cat /mnt/hello.txt; ls /mnt/new.bin"}),
+        )
+        .unwrap();
+    assert_eq!(out["stdout"], "hello from vm1\n/mnt/new.bin\n", "{out}");
+    // A restore onto a name in use is refused.
+    let j = submit(
+        &s,
+        "/v1/restores",
+        json!({"backup": newest, "as_name": "vm2"}),
+    );
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["error"].as_str().unwrap().contains("already exists"),
+        "{j}"
+    );
+
+    // The data path: the server carried no disk data, the storage agent sent it all.
+    let stats: Value = s.get_json("/v1/stats").unwrap();
+    assert_eq!(stats["server_disk_bytes"], 0);
+    let sa = &stats["storage_agents"][0]["stats"];
+    assert!(sa["bytes_sent"].as_u64().unwrap() > 0, "{stats}");
+    let (ok, list) = cli(&conn, &["backups", "vm1"]);
+    assert!(ok);
+    assert_eq!(list.as_array().unwrap().len(), 4);
+
+    // A host that stopped heartbeating: clear error, nothing recorded.
+    host.stop();
+    std::thread::sleep(Duration::from_secs(4));
+    let j = submit(&s, "/v1/backups", json!({"vms": ["vm2"]}));
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped heartbeating"),
+        "{j}"
+    );
+    let b: Value = s.get_json("/v1/backups?vm=vm2").unwrap();
+    assert_eq!(b.as_array().unwrap().len(), 2);
+}

@@ -1,0 +1,382 @@
+//! What the end-to-end tests share: service processes, the cluster of every role, guests,
+//! disks, jobs and the CLI.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_http::{Client, Trust};
+use serde_json::Value;
+
+pub const KERNEL_APPEND: &str = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable \
+    no_timer_check lpj=4200000 8250.nr_uarts=1";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn skip_or_fail(msg: &str) -> bool {
+    if std::env::var("CAIRN_REQUIRE_QEMU").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("\n!!!!!!!! SKIPPED e2e: {msg} !!!!!!!!\n");
+    false
+}
+
+pub fn guest() -> Option<PathBuf> {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip_or_fail("qemu-system-x86_64 missing");
+        return None;
+    }
+    let dir = std::env::var_os("CAIRN_TEST_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/test-guest"));
+    let ok = Command::new("bash")
+        .arg(repo_root().join("scripts/build-test-guest.sh"))
+        .arg(&dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        skip_or_fail("building the test guest failed");
+        return None;
+    }
+    Some(dir)
+}
+
+/// A service process, stopped by its pid when dropped.
+pub struct Service {
+    child: Child,
+    info: Value,
+    args: Vec<String>,
+}
+
+impl Service {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_env(args, &[])
+    }
+
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cairn");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let info: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{args:?}: first line {line:?}: {e}"));
+        Self {
+            child,
+            info,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// Starts the same command again (after [`Self::stop`] or [`Self::kill`]).
+    pub fn restart(&mut self, env: &[(&str, &str)]) {
+        let args = self.args.clone();
+        *self = Self::start_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
+    }
+
+    pub fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    pub fn url(&self) -> &str {
+        self.info["listen"].as_str().unwrap()
+    }
+
+    pub fn fp(&self) -> &str {
+        self.info["fingerprint"].as_str().unwrap()
+    }
+
+    pub fn token_file(&self) -> &str {
+        self.info["token_file"].as_str().unwrap()
+    }
+
+    pub fn client(&self) -> Client {
+        let token = std::fs::read_to_string(self.token_file()).unwrap();
+        Client::new(
+            self.url(),
+            token.trim(),
+            &Trust::Fingerprint(self.fp().into()),
+        )
+        .unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the QEMU processes a host agent state directory records (VMs outlive their agent).
+pub struct VmReaper(pub PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        for dir in std::fs::read_dir(self.0.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(dir.path().join("vm.json")) else {
+                continue;
+            };
+            let rec: Value = serde_json::from_str(&text).unwrap_or_default();
+            let (Some(pid), Some(sock)) = (rec["pid"].as_u64(), rec["qmp_socket"].as_str()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.windows(sock.len()).any(|w| w == sock.as_bytes()) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+pub fn disk(dir: &Path, name: &str) -> PathBuf {
+    let src = dir.join(format!("src-{name}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), format!("hello from {name}\n")).unwrap();
+    let raw = dir.join(format!("{name}.raw"));
+    assert!(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-d"])
+            .arg(&src)
+            .arg(&raw)
+            .arg("32M")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = dir.join("ds").join(format!("{name}.qcow2"));
+    assert!(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success()
+    );
+    out
+}
+
+pub fn wait_job(c: &Client, id: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let j: Value = c.get_json(&format!("/v1/jobs/{id}")).unwrap();
+        if matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return j;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "job {id} hangs: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn submit(c: &Client, path: &str, body: Value) -> Value {
+    let j: Value = c.post_json(path, &body).unwrap();
+    wait_job(c, j["id"].as_str().unwrap())
+}
+
+pub fn status(r: Result<Value, cairn_http::ClientError>) -> u16 {
+    match r {
+        Err(cairn_http::ClientError::Api { status, .. }) => status,
+        Err(e) => panic!("{e}"),
+        Ok(v) => panic!("unexpected success: {v}"),
+    }
+}
+
+pub fn cli(conn: &Path, args: &[&str]) -> (bool, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--connect")
+        .arg(conn)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "cairn {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}
+
+/// Every role in its own process: vault, manager, host agent `h1` and storage agent `s1`
+/// (registered, heartbeating every second, stale after 3 s), and the server.
+pub struct Cluster {
+    pub vault: Service,
+    pub manager: Service,
+    pub host: Service,
+    pub storage: Service,
+    pub server: Service,
+}
+
+impl Cluster {
+    pub fn start(t: &Path, vault_repo: &str, save_state: bool) -> Self {
+        let p = |s: &str| t.join(s).display().to_string();
+        let vault = Service::start(&["vault", "--repo", vault_repo, "--listen", "127.0.0.1:0"]);
+        let manager = Service::start(&[
+            "manager",
+            "--state-dir",
+            &p("manager"),
+            "--listen",
+            "127.0.0.1:0",
+            "--stale-after-s",
+            "3",
+        ]);
+        let agent = |mut args: Vec<String>, name: &str| {
+            args.extend(
+                [
+                    "--manager",
+                    manager.url(),
+                    "--manager-fingerprint",
+                    manager.fp(),
+                    "--manager-token-file",
+                    manager.token_file(),
+                    "--heartbeat-s",
+                    "1",
+                    "--name",
+                    name,
+                ]
+                .map(String::from),
+            );
+            Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let host = agent(
+            [
+                "host-agent",
+                "--state-dir",
+                &p("host"),
+                "--listen",
+                "127.0.0.1:0",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "h1",
+        );
+        let storage = agent(
+            [
+                "storage-agent",
+                "--state-dir",
+                &p("storage"),
+                "--listen",
+                "127.0.0.1:0",
+                "--datastore",
+                &format!("ds={}", p("ds")),
+            ]
+            .map(String::from)
+            .to_vec(),
+            "s1",
+        );
+        let server_state = p("server");
+        let mut args = vec![
+            "server",
+            "--state-dir",
+            &server_state,
+            "--listen",
+            "127.0.0.1:0",
+            "--manager",
+            manager.url(),
+            "--manager-fingerprint",
+            manager.fp(),
+            "--manager-token-file",
+            manager.token_file(),
+            "--vault",
+            vault.url(),
+            "--vault-fingerprint",
+            vault.fp(),
+            "--vault-token-file",
+            vault.token_file(),
+        ];
+        if !save_state {
+            args.push("--no-state");
+        }
+        let server = Service::start(&args);
+        Self {
+            vault,
+            manager,
+            host,
+            storage,
+            server,
+        }
+    }
+}
+
+/// Unmounts a tmpfs we mounted.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+pub fn host_snapshots(host: &Service) -> usize {
+    host.client()
+        .get_json::<Value>("/v1/snapshots")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+/// Waits until the job holds a VM snapshot (the fault hook keeps it there).
+pub fn wait_hold(s: &Client, id: &str) {
+    let t0 = Instant::now();
+    loop {
+        let j: Value = s.get_json(&format!("/v1/jobs/{id}")).unwrap();
+        if j["holds"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|h| h["type"] == "vm_snapshot"))
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "job {id} never held a snapshot: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (up to 2 minutes) until the VM's guest agent answers through the manager.
+pub fn wait_guest(m: &Client, vm: &str) {
+    let t0 = Instant::now();
+    while m.get_json::<Value>(&format!("/v1/vms/{vm}/guest")).unwrap()["agent"] != true {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{vm} did not boot");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
