@@ -204,6 +204,19 @@ impl Chunker {
         }
     }
 
+    /// [`cut`](Self::cut) on a prefix of the stream, which may be shorter than the window:
+    /// `Some(n)` when `n` is certainly the cut the whole stream gives, `None` when `data` is
+    /// too short to tell (read more and ask again). `at_end` says `data` ends the stream.
+    ///
+    /// Why this is exact: both modes cut at the first qualifying position scanning left to
+    /// right, and the only look-ahead is the aligned zero block that may stop a segment. A
+    /// cut `n` with a whole zero block's room after it in `data` saw every zero block that
+    /// could start before `n`; a shorter answer may be the end of `data` rather than a cut.
+    pub fn cut_prefix(&self, data: &[u8], at: u64, at_end: bool) -> Option<usize> {
+        let n = self.cut(data, at);
+        (at_end || data.len() >= self.window() || n + ZERO_BLOCK <= data.len()).then_some(n)
+    }
+
     /// All cut lengths of a complete buffer (the whole stream, starting at offset 0).
     pub fn cuts(&self, mut data: &[u8]) -> Vec<usize> {
         let mut out = Vec::new();
@@ -292,6 +305,41 @@ mod tests {
             pos += n;
         }
         assert_eq!(again, cuts[10..].to_vec());
+    }
+
+    #[test]
+    fn cut_prefix_is_exact_or_asks_for_more() {
+        // Random data with aligned zero blocks and zero runs, so every branch is taken.
+        let mut a = random(1 << 20, 9);
+        for (i, b) in [3usize, 40, 41, 42, 43, 100, 180].into_iter().enumerate() {
+            let n = if i % 2 == 0 { 1 } else { 9 };
+            a[b * ZERO_BLOCK..(b + n) * ZERO_BLOCK].fill(0);
+        }
+        for params in [
+            ChunkerParams::default(),
+            ChunkerParams::Fixed { size: 4096 },
+            ChunkerParams::Cdc {
+                min: 4 << 10,
+                avg: 16 << 10,
+                max: 64 << 10,
+            },
+        ] {
+            let c = Chunker::new(params);
+            let mut pos = 0usize;
+            let mut exact = 0;
+            while pos < a.len() {
+                let whole = c.cut(&a[pos..], pos as u64);
+                for len in (1..=c.window() + ZERO_BLOCK + 10).step_by(509) {
+                    let end = (pos + len).min(a.len());
+                    if let Some(n) = c.cut_prefix(&a[pos..end], pos as u64, end == a.len()) {
+                        assert_eq!(n, whole, "{params:?} at {pos} with {len} bytes");
+                        exact += 1;
+                    }
+                }
+                pos += whole;
+            }
+            assert!(exact > 0);
+        }
     }
 
     #[test]

@@ -213,6 +213,7 @@ impl StorageAgent {
         reader: &dyn ReadAt,
         req: &BackupRequest,
     ) -> Result<BackupResult> {
+        let started = std::time::Instant::now();
         let size = reader
             .size()
             .map_err(StorageError::io(&snap.image, "size"))?;
@@ -282,7 +283,12 @@ impl StorageAgent {
             labels,
             threads: req.threads,
         };
-        tracing::debug!("{}: change source {} chosen", req.name, source.as_str());
+        tracing::debug!(
+            "{}: change source {} chosen in {:?}",
+            req.name,
+            source.as_str(),
+            started.elapsed()
+        );
         let manifest = imager::backup(vault, reader, &opts, &NoProgress)?;
         // Encoded disk data handed to the vault by this backup (exact even when backups
         // share one vault connection).

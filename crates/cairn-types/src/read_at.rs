@@ -23,6 +23,10 @@ pub trait ReadAt: Send + Sync {
     /// parallel). The default does nothing.
     fn prefetch(&self, _offset: u64, _len: u64) {}
 
+    /// Hints that reads from now on are scattered: no read-ahead beyond what is read or
+    /// prefetched. The default does nothing.
+    fn expect_scattered_reads(&self) {}
+
     /// Fills `buf` completely or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -57,6 +61,10 @@ impl ReadAt for File {
             std::num::NonZeroU64::new(len),
             rustix::fs::Advice::WillNeed,
         );
+    }
+
+    fn expect_scattered_reads(&self) {
+        let _ = rustix::fs::fadvise(self, 0, None, rustix::fs::Advice::Random);
     }
 
     fn data_ranges(&self, offset: u64, len: u64) -> Option<Vec<crate::Extent>> {

@@ -21,7 +21,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cairn_chunk::format::BlobKind;
 use cairn_chunk::recipe::TreeBuilder;
@@ -63,6 +63,16 @@ pub struct BackupOptions {
 }
 
 const BATCH_BYTES: usize = 4 << 20;
+
+/// An incremental's batches are smaller: its worker finishes soon after the walk does.
+const INCREMENTAL_BATCH_BYTES: usize = 1 << 20;
+
+/// How much an incremental reads at a time past a cut it cannot yet tell.
+const READ_STEP: u64 = 16 << 10;
+
+/// How far past a changed extent an incremental asks the kernel to read ahead: enough for the
+/// re-chunking to realign almost always, so the walk rarely waits for a read of its own.
+const PREFETCH_PAST: u64 = 32 << 10;
 
 fn source_err(e: std::io::Error, offset: u64) -> VaultError {
     VaultError::io(format!("source image at offset {offset}"), "read", e)
@@ -454,7 +464,6 @@ fn incremental(
     progress: &dyn Progress,
 ) -> Result<Vec<Entry>> {
     let chunker = Chunker::new(params);
-    let window = chunker.window();
     // Parent entry start offsets; ends[i] = starts[i + 1].
     let mut starts = Vec::with_capacity(parent.len() + 1);
     let mut acc = 0u64;
@@ -464,7 +473,6 @@ fn incremental(
     }
     let psize = acc;
     starts.push(psize);
-    let is_boundary = |o: u64| starts.binary_search(&o).is_ok();
     // Everything past the smaller size changed too.
     let mut ext: Vec<cairn_types::Extent> = changed.clamp(size).iter().copied().collect();
     if size > psize {
@@ -474,39 +482,108 @@ fn incremental(
     }
     let ext = ExtentList::from_unsorted(ext).clamp(size);
     let ext = ext.as_slice();
-    // Ask the kernel to read every region ahead, in parallel, before the serial walk below.
-    for x in ext {
-        let i = starts.partition_point(|&s| s <= x.offset).saturating_sub(1);
-        let from = starts[i].min(x.offset);
-        source.prefetch(from, x.end() - from + 2 * window as u64);
-    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    source.expect_scattered_reads();
+    std::thread::scope(|sc| -> Result<Vec<Entry>> {
+        // Readahead hints for every region, from a helper thread: a hint blocks while the
+        // kernel queues the reads, so the walk below starts at once and finds later regions
+        // already in memory.
+        {
+            let (starts, stop) = (&starts, &stop);
+            sc.spawn(move || {
+                for x in ext {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = starts.partition_point(|&s| s <= x.offset).saturating_sub(1);
+                    let from = starts[i].min(x.offset);
+                    source.prefetch(from, x.end() - from + PREFETCH_PAST);
+                }
+            });
+        }
+        // Batches go to a worker that hashes, dedups, compresses and uploads them while this
+        // thread reads and cuts the next regions.
+        let (btx, brx) = crossbeam_channel::bounded::<Batch>(8);
+        let worker = sc.spawn(move || -> Result<Vec<(Vec<usize>, Vec<Entry>)>> {
+            let mut enc = Encoder::new(level);
+            let mut done = Vec::new();
+            for b in brx {
+                let es = process_batch(session, &mut enc, &b.data, &b.cuts, sent, true)?;
+                done.push((b.slots, es));
+            }
+            Ok(done)
+        });
+        let walked = walk_changes(source, size, parent, &starts, ext, &chunker, &btx, progress);
+        drop(btx);
+        stop.store(true, Ordering::Relaxed);
+        let done = worker
+            .join()
+            .map_err(|_| VaultError::Invalid("backup worker panicked".into()))??;
+        let (mut out, read) = walked?;
+        for (slots, es) in done {
+            for (slot, e) in slots.into_iter().zip(es) {
+                out[slot] = e;
+            }
+        }
+        stats.bytes_read = read;
+        progress.update(size, size);
+        Ok(out)
+    })
+}
 
+/// New segments of an incremental, with the recipe positions they fill.
+struct Batch {
+    data: Vec<u8>,
+    cuts: Vec<usize>,
+    slots: Vec<usize>,
+}
+
+/// The serial part of an incremental: copies the parent's entries, reads and re-chunks each
+/// changed region until a cut realigns with the parent, and sends the new segments to the
+/// worker in batches (their recipe slots hold placeholders until the worker's entries come
+/// back). Returns the recipe and the bytes read.
+#[allow(clippy::too_many_arguments)]
+fn walk_changes(
+    source: &dyn ReadAt,
+    size: u64,
+    parent: &[Entry],
+    starts: &[u64],
+    ext: &[cairn_types::Extent],
+    chunker: &Chunker,
+    batches: &crossbeam_channel::Sender<Batch>,
+    progress: &dyn Progress,
+) -> Result<(Vec<Entry>, u64)> {
+    let psize = *starts.last().expect("starts ends with the parent size");
+    let is_boundary = |o: u64| starts.binary_search(&o).is_ok();
     let mut out: Vec<Entry> = Vec::with_capacity(parent.len() + 1024);
-    let mut enc = Encoder::new(level);
-    let mut batch_data: Vec<u8> = Vec::new();
-    let mut batch_cuts: Vec<usize> = Vec::new();
-    let mut batch_slots: Vec<usize> = Vec::new(); // out positions to fill
-    let mut flush = |out: &mut Vec<Entry>,
-                     data: &mut Vec<u8>,
-                     cuts: &mut Vec<usize>,
-                     slots: &mut Vec<usize>|
-     -> Result<()> {
-        if cuts.is_empty() {
+    let mut batch = Batch {
+        data: Vec::with_capacity(INCREMENTAL_BATCH_BYTES + (64 << 10)),
+        cuts: Vec::new(),
+        slots: Vec::new(),
+    };
+    let send = |batch: &mut Batch| -> Result<()> {
+        if batch.cuts.is_empty() {
             return Ok(());
         }
-        let es = process_batch(session, &mut enc, data, cuts, sent, true)?;
-        for (slot, e) in slots.iter().zip(es) {
-            out[*slot] = e;
-        }
-        data.clear();
-        cuts.clear();
-        slots.clear();
-        Ok(())
+        let full = std::mem::replace(
+            batch,
+            Batch {
+                data: Vec::with_capacity(INCREMENTAL_BATCH_BYTES + (64 << 10)),
+                cuts: Vec::new(),
+                slots: Vec::new(),
+            },
+        );
+        // A closed channel means the worker failed; the caller reports its error.
+        batches
+            .send(full)
+            .map_err(|_| VaultError::Invalid("backup worker stopped".into()))
     };
     let mut pi = 0usize; // next parent entry to copy
     let mut pos = 0u64; // image offset covered so far (always a parent boundary or the end)
     let mut xi = 0usize;
     let mut read = 0u64;
+    let mut buf: Vec<u8> = Vec::new(); // one region's bytes, reused
+    let (walk_started, mut reading, mut waiting) = (Instant::now(), Duration::ZERO, Duration::ZERO);
     while xi < ext.len() && pos < size {
         let x = ext[xi];
         if x.end() <= pos {
@@ -526,40 +603,42 @@ fn incremental(
         debug_assert!(start >= pos);
         // Re-chunk from `start` until a cut realigns with the parent past every change it met.
         let mut dirty_until = x.end();
-        let mut buf: Vec<u8> = Vec::new();
+        buf.clear();
         let mut buf_at = start; // image offset of buf[0]
         let mut cur = start;
         loop {
-            // Keep at least `window` bytes ahead of `cur` unless at the end.
+            // Read in small steps until the chunker can tell the next cut: most cuts need far
+            // less than a whole window past `cur`.
             let have = buf_at + buf.len() as u64;
-            if have < size && have - cur < window as u64 {
-                // Read just enough to decide the next cut (rounded up to 16 KiB).
-                let deficit = window as u64 - (have - cur);
-                let n = deficit
-                    .div_ceil(16 << 10)
-                    .saturating_mul(16 << 10)
-                    .min(size - have) as usize;
+            let rel = (cur - buf_at) as usize;
+            let cut = (have > cur)
+                .then(|| chunker.cut_prefix(&buf[rel..], cur, have >= size))
+                .flatten();
+            let Some(c) = cut else {
+                let n = READ_STEP.min(size - have) as usize;
                 let old = buf.len();
                 buf.resize(old + n, 0);
+                let t = Instant::now();
                 source
                     .read_exact_at(&mut buf[old..], have)
                     .map_err(|e| source_err(e, have))?;
+                reading += t.elapsed();
                 read += n as u64;
                 continue;
-            }
-            let rel = (cur - buf_at) as usize;
-            let c = chunker.cut(&buf[rel..], cur);
-            batch_data.extend_from_slice(&buf[rel..rel + c]);
-            batch_cuts.push(c);
-            batch_slots.push(out.len());
-            out.push(Entry::zero(c as u32)); // placeholder, filled by flush
+            };
+            batch.data.extend_from_slice(&buf[rel..rel + c]);
+            batch.cuts.push(c);
+            batch.slots.push(out.len());
+            out.push(Entry::zero(c as u32)); // placeholder, filled from the worker's entries
             cur += c as u64;
             while xi + 1 < ext.len() && ext[xi + 1].offset < cur {
                 xi += 1;
                 dirty_until = dirty_until.max(ext[xi].end());
             }
-            if batch_data.len() >= BATCH_BYTES {
-                flush(&mut out, &mut batch_data, &mut batch_cuts, &mut batch_slots)?;
+            if batch.data.len() >= INCREMENTAL_BATCH_BYTES {
+                let t = Instant::now();
+                send(&mut batch)?;
+                waiting += t.elapsed();
             }
             // Drop consumed bytes now and then.
             if rel > (8 << 20) {
@@ -578,14 +657,17 @@ fn incremental(
         }
         xi += 1;
     }
-    flush(&mut out, &mut batch_data, &mut batch_cuts, &mut batch_slots)?;
+    send(&mut batch)?;
+    tracing::debug!(
+        "walked {} changed regions in {:?}: {read} bytes read in {reading:?}, {waiting:?} waiting for the worker",
+        ext.len(),
+        walk_started.elapsed()
+    );
     while pi < parent.len() && starts[pi + 1] <= size && pos < size {
         out.push(parent[pi]);
         pi += 1;
     }
-    stats.bytes_read = read;
-    progress.update(size, size);
-    Ok(out)
+    Ok((out, read))
 }
 
 /// Options of one restore.

@@ -275,13 +275,13 @@ impl Repository {
     ) -> Result<()> {
         const GAP: u64 = 256 << 10;
         const MAX_READ: u64 = 32 << 20;
-        let locs: Vec<Location> = {
-            let ix = self.index();
-            digests
-                .iter()
-                .map(|d| ix.get(d)?.ok_or(VaultError::MissingSegment(*d)))
-                .collect::<Result<_>>()?
-        };
+        let locs: Vec<Location> = self
+            .index()
+            .get_many(digests)?
+            .into_iter()
+            .zip(digests)
+            .map(|(l, d)| l.ok_or(VaultError::MissingSegment(*d)))
+            .collect::<Result<_>>()?;
         let mut i = 0;
         while i < locs.len() {
             let first = locs[i];

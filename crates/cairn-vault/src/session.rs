@@ -18,6 +18,7 @@
 //!   container is fsynced.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -33,6 +34,9 @@ use crate::error::{Result, VaultError};
 use crate::lock::RepoLock;
 use crate::manifest::{BackupStats, SnapshotManifest, now};
 use crate::repo::{Repository, container_key, snapshot_key};
+
+/// A data container at least this long is sealed early when the writer has nothing to do.
+const EARLY_SEAL_LEN: usize = 4 << 20;
 
 /// What a client says about the snapshot it commits.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -60,6 +64,8 @@ struct Shared {
     /// The background writer's failure: kind (out of space stays out of space) and message.
     error: Mutex<Option<(crate::store::StoreErrorKind, String, String)>>,
     stored: Mutex<u64>,
+    /// Containers handed to the writer and not yet written.
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -86,6 +92,7 @@ impl std::fmt::Debug for BackupSession {
 fn writer_loop(shared: Arc<Shared>, rx: Receiver<(ContainerId, ContainerBuilder)>) {
     for (id, builder) in rx {
         if shared.error.lock().map(|e| e.is_some()).unwrap_or(true) {
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
             continue; // after a failure, drain without writing
         }
         let (bytes, records) = builder.finish();
@@ -97,8 +104,10 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<(ContainerId, ContainerBuilder)
                 for r in &records {
                     st.in_flight.remove(&r.digest);
                 }
+                shared.queued.fetch_sub(1, Ordering::Relaxed);
             }
             Err(e) => {
+                shared.queued.fetch_sub(1, Ordering::Relaxed);
                 let msg = if e.kind == crate::store::StoreErrorKind::NoSpace {
                     format!("vault out of space while writing container {id}: {e}")
                 } else {
@@ -126,6 +135,7 @@ impl BackupSession {
             }),
             error: Mutex::new(None),
             stored: Mutex::new(0),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         });
         let (tx, rx) = bounded(2);
         let s2 = shared.clone();
@@ -164,12 +174,12 @@ impl BackupSession {
             let st = self.shared.state();
             digests.iter().map(|d| st.in_flight.contains(d)).collect()
         };
-        let ix = self.shared.repo.index();
-        digests
-            .iter()
-            .zip(in_flight)
-            .map(|(d, f)| Ok(!f && !ix.contains(d)?))
-            .collect()
+        let found = self.shared.repo.index().get_many(digests)?;
+        Ok(in_flight
+            .into_iter()
+            .zip(found)
+            .map(|(f, l)| !f && l.is_none())
+            .collect())
     }
 
     /// Stores a blob unless the vault has it; returns whether it was stored. The caller
@@ -199,7 +209,13 @@ impl BackupSession {
                 BlobKind::Tree => &mut st.tree,
             };
             builder.push(digest, kind, raw_len, seg);
-            if builder.len() >= CONTAINER_TARGET_LEN {
+            // Full containers are sealed; so is a smaller one when the writer is idle, so
+            // that little is left to write (and fsync) at commit.
+            if builder.len() >= CONTAINER_TARGET_LEN
+                || (kind == BlobKind::Data
+                    && builder.len() >= EARLY_SEAL_LEN
+                    && self.shared.queued.load(Ordering::Relaxed) == 0)
+            {
                 Some(std::mem::take(builder))
             } else {
                 None
@@ -242,6 +258,7 @@ impl BackupSession {
         if b.is_empty() {
             return Ok(());
         }
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         self.tx
             .as_ref()
             .expect("open session")
@@ -274,9 +291,16 @@ impl BackupSession {
                 "snapshot name must be 1..200 printable characters".into(),
             ));
         }
+        let t0 = Instant::now();
         self.drain()?;
+        let t_drain = t0.elapsed();
         self.check_tree(&root)?;
+        let t_check = t0.elapsed();
         let index_bytes = self.shared.repo.index_mut().flush()?;
+        tracing::debug!(
+            "commit: containers durable {t_drain:?}, tree checked {t_check:?}, index flushed {:?}",
+            t0.elapsed()
+        );
         let st = self.shared.state();
         let mut stats = req.client_stats;
         stats.bytes_new = st.stats.bytes_new;
@@ -328,6 +352,8 @@ impl BackupSession {
             )));
         }
         let mut stack = vec![(root.digest, root.level, root.size, root.entries)];
+        // Data referenced by new leaves, checked in one batch (most of it is the parent's).
+        let mut leaf_data: Vec<Digest> = Vec::new();
         while let Some((d, level, span, count)) = stack.pop() {
             let Some(bytes) = st.new_nodes.get(&d) else {
                 continue;
@@ -342,14 +368,11 @@ impl BackupSession {
             }
             let (got_span, got_count) = match &node {
                 Node::Leaf(es) => {
-                    for e in es {
-                        if e.kind == EntryKind::Data && !repo.index().contains(&e.digest)? {
-                            return Err(VaultError::Invalid(format!(
-                                "segment {:?} referenced but never uploaded",
-                                e.digest
-                            )));
-                        }
-                    }
+                    leaf_data.extend(
+                        es.iter()
+                            .filter(|e| e.kind == EntryKind::Data)
+                            .map(|e| e.digest),
+                    );
                     (
                         es.iter().map(|e| u64::from(e.len)).sum::<u64>(),
                         es.len() as u64,
@@ -376,6 +399,14 @@ impl BackupSession {
                     "tree node {d:?} covers {got_span} bytes / {got_count} entries, parent says {span} / {count}"
                 )));
             }
+        }
+        leaf_data.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        leaf_data.dedup();
+        let found = repo.index().get_many(&leaf_data)?;
+        if let Some((d, _)) = leaf_data.iter().zip(&found).find(|(_, l)| l.is_none()) {
+            return Err(VaultError::Invalid(format!(
+                "segment {d:?} referenced but never uploaded"
+            )));
         }
         Ok(())
     }

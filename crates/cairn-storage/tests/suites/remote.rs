@@ -105,6 +105,14 @@ fn killed_backup_resumes_without_resending() {
     child.kill().unwrap();
     child.wait().unwrap();
     let durable = count();
+    // Segment bytes durable at the kill (incompressible data: stored = raw).
+    let durable_bytes: u64 = std::fs::read_dir(&containers)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
+        .filter(|f| !f.file_name().to_string_lossy().contains(".tmp-"))
+        .map(|f| f.metadata().unwrap().len())
+        .sum();
     println!(
         "killed after {durable} durable containers ({:?})",
         t.elapsed()
@@ -129,7 +137,8 @@ fn killed_backup_resumes_without_resending() {
         64 << 20
     );
     assert!(
-        r.manifest.stats.bytes_new <= (64 << 20) - (durable as u64 - 1) * (12 << 20),
+        // Each container holds at most ~1% of trailer beside its segments.
+        r.manifest.stats.bytes_new + durable_bytes * 98 / 100 <= 64 << 20,
         "{:?}",
         r.manifest.stats
     );
