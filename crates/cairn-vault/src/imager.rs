@@ -67,6 +67,9 @@ const BATCH_BYTES: usize = 4 << 20;
 /// An incremental's batches are smaller: its worker finishes soon after the walk does.
 const INCREMENTAL_BATCH_BYTES: usize = 1 << 20;
 
+/// A restore starts writeback after every this many bytes written.
+const FLUSH_EVERY: u64 = 64 << 20;
+
 /// How much an incremental reads at a time past a cut it cannot yet tell.
 const READ_STEP: u64 = 16 << 10;
 
@@ -792,25 +795,46 @@ fn restore_into(
     let next = AtomicU64::new(0);
     let written = AtomicU64::new(0);
     let error: Mutex<Option<VaultError>> = Mutex::new(None);
+    let finished = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
-        for _ in 0..threads {
-            sc.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if i >= batches.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                        break;
-                    }
-                    if let Err(e) = restore_batch(vault, &batches[i], file, &written) {
-                        error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                        break;
-                    }
-                    progress.update(written.load(Ordering::Relaxed) + zeros, size);
+        // Writeback as the restore goes (every FLUSH_EVERY bytes written), so the final
+        // fsync that makes the image durable has little left to wait for.
+        sc.spawn(|| {
+            let mut flushed = 0u64;
+            while !finished.load(Ordering::Relaxed) {
+                let w = written.load(Ordering::Relaxed);
+                if w >= flushed + FLUSH_EVERY {
+                    let _ = file.sync_data();
+                    flushed = w;
+                } else {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
                 }
-            });
+            }
+        });
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                sc.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if i >= batches.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                            break;
+                        }
+                        if let Err(e) = restore_batch(vault, &batches[i], file, &written) {
+                            error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            break;
+                        }
+                        progress.update(written.load(Ordering::Relaxed) + zeros, size);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            let _ = w.join();
         }
+        finished.store(true, Ordering::Relaxed);
     });
     if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
