@@ -9,6 +9,10 @@
 //! widened to the parent's segment boundary before it and re-chunked until a cut point falls
 //! back on one of the parent's boundaries; every other entry is the parent's. The result is a
 //! synthetic full: a complete recipe that shares all unchanged tree nodes with the parent.
+//! Three threads share the work: a helper hints readahead of every region up front (scattered
+//! reads are latency-bound), the walk reads each region only as far as the chunker needs
+//! ([`Chunker::cut_prefix`]) and cuts it, and a worker hashes, dedups, compresses and uploads
+//! the new segments in batches while the walk goes on.
 //!
 //! **Restore**: the recipe is split into batches that worker threads fetch (verified against
 //! their digests) and write with positional writes; zero entries are left as holes. The output
