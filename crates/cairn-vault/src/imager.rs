@@ -77,6 +77,9 @@ const FLUSH_EVERY: u64 = 64 << 20;
 /// How much an incremental reads at a time past a cut it cannot yet tell.
 const READ_STEP: u64 = 16 << 10;
 
+/// The most an incremental reads with one call.
+const MAX_READ: u64 = 1 << 20;
+
 /// How far past a changed extent an incremental asks the kernel to read ahead: enough for the
 /// re-chunking to realign almost always, so the walk rarely waits for a read of its own.
 const PREFETCH_PAST: u64 = 32 << 10;
@@ -622,7 +625,13 @@ fn walk_changes(
                 .then(|| chunker.cut_prefix(&buf[rel..], cur, have >= size))
                 .flatten();
             let Some(c) = cut else {
-                let n = READ_STEP.min(size - have) as usize;
+                // At least READ_STEP; through the rest of the changed bytes and READ_STEP past
+                // them when that is more (in one read: fewer calls and fewer re-scans), but at
+                // most MAX_READ at a time.
+                let want = (dirty_until + READ_STEP)
+                    .saturating_sub(have)
+                    .clamp(READ_STEP, MAX_READ);
+                let n = want.min(size - have) as usize;
                 let old = buf.len();
                 buf.resize(old + n, 0);
                 let t = Instant::now();

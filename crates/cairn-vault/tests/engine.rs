@@ -134,6 +134,48 @@ fn incremental_with_changed_extents_is_a_synthetic_full() {
 }
 
 #[test]
+fn incremental_with_large_and_adjacent_extents_matches_a_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let img = image(12 << 20, 5);
+    let s1 = backup(&v, &img, dir.path(), "disk0", None, None);
+    let mut img2 = img.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // A 3 MiB rewrite (several reads of at most 1 MiB), two touching extents, one block
+    // zeroed inside data, and a change in the last bytes of the image.
+    let edits: [(usize, usize, bool); 5] = [
+        ((1 << 20) + 100, 3 << 20, false),
+        (6 << 20, 4096, false),
+        ((6 << 20) + 4096, 8192, false),
+        (9 << 20, 4096, true),
+        ((12 << 20) - 4096, 4096, false),
+    ];
+    let mut changes = Vec::new();
+    for (off, len, zero) in edits {
+        if zero {
+            img2[off..off + len].fill(0);
+        } else {
+            rng.fill_bytes(&mut img2[off..off + len]);
+        }
+        changes.push(Extent::new(off as u64, len as u64));
+    }
+    let s2 = backup(
+        &v,
+        &img2,
+        dir.path(),
+        "disk0",
+        Some(&s1.id.to_string()),
+        Some(ExtentList::from_unsorted(changes)),
+    );
+    assert_eq!(restore(&v, &s2.id.to_string(), dir.path()), img2);
+    let s3 = backup(&v, &img2, dir.path(), "disk0-full", None, None);
+    assert_eq!(
+        s3.root, s2.root,
+        "the incremental cut exactly where a full does"
+    );
+}
+
+#[test]
 fn incremental_handles_growth_and_shrink() {
     let dir = tempfile::tempdir().unwrap();
     let v = vault(dir.path());
