@@ -548,6 +548,16 @@ struct Batch {
     slots: Vec<usize>,
 }
 
+impl Batch {
+    fn new() -> Self {
+        Self {
+            data: Vec::with_capacity(INCREMENTAL_BATCH_BYTES + (64 << 10)),
+            cuts: Vec::new(),
+            slots: Vec::new(),
+        }
+    }
+}
+
 /// The serial part of an incremental: copies the parent's entries, reads and re-chunks each
 /// changed region until a cut realigns with the parent, and sends the new segments to the
 /// worker in batches (their recipe slots hold placeholders until the worker's entries come
@@ -566,23 +576,12 @@ fn walk_changes(
     let psize = *starts.last().expect("starts ends with the parent size");
     let is_boundary = |o: u64| starts.binary_search(&o).is_ok();
     let mut out: Vec<Entry> = Vec::with_capacity(parent.len() + 1024);
-    let mut batch = Batch {
-        data: Vec::with_capacity(INCREMENTAL_BATCH_BYTES + (64 << 10)),
-        cuts: Vec::new(),
-        slots: Vec::new(),
-    };
+    let mut batch = Batch::new();
     let send = |batch: &mut Batch| -> Result<()> {
         if batch.cuts.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(
-            batch,
-            Batch {
-                data: Vec::with_capacity(INCREMENTAL_BATCH_BYTES + (64 << 10)),
-                cuts: Vec::new(),
-                slots: Vec::new(),
-            },
-        );
+        let full = std::mem::replace(batch, Batch::new());
         // A closed channel means the worker failed; the caller reports its error.
         batches
             .send(full)
@@ -808,46 +807,44 @@ fn restore_into(
     let next = AtomicU64::new(0);
     let written = AtomicU64::new(0);
     let error: Mutex<Option<VaultError>> = Mutex::new(None);
-    let finished = std::sync::atomic::AtomicBool::new(false);
+    // Writeback as the restore goes: a worker that carries `written` past a multiple of
+    // FLUSH_EVERY wakes the flusher, so the final fsync that makes the image durable has
+    // little left to wait for. The flusher ends when the last worker drops its sender.
+    let flush_step = AtomicU64::new(0);
+    let (wake, woken) = crossbeam_channel::bounded::<()>(1);
     std::thread::scope(|sc| {
-        // Writeback as the restore goes (every FLUSH_EVERY bytes written), so the final
-        // fsync that makes the image durable has little left to wait for.
-        sc.spawn(|| {
-            let mut flushed = 0u64;
-            while !finished.load(Ordering::Relaxed) {
-                let w = written.load(Ordering::Relaxed);
-                if w >= flushed + FLUSH_EVERY {
-                    let _ = file.sync_data();
-                    flushed = w;
-                } else {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+        sc.spawn(move || {
+            for () in woken {
+                let _ = file.sync_data();
             }
         });
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                sc.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        if i >= batches.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                            break;
-                        }
-                        if let Err(e) = restore_batch(vault, &batches[i], file, &written) {
-                            error
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                            break;
-                        }
-                        progress.update(written.load(Ordering::Relaxed) + zeros, size);
+        for _ in 0..threads {
+            let wake = wake.clone();
+            let (next, written, error, flush_step, batches) =
+                (&next, &written, &error, &flush_step, &batches);
+            sc.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= batches.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                        break;
                     }
-                })
-            })
-            .collect();
-        for w in workers {
-            let _ = w.join();
+                    if let Err(e) = restore_batch(vault, &batches[i], file, written) {
+                        error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                    let w = written.load(Ordering::Relaxed);
+                    let step = w / FLUSH_EVERY;
+                    if flush_step.fetch_max(step, Ordering::Relaxed) < step {
+                        let _ = wake.try_send(()); // a flush already pending covers this one
+                    }
+                    progress.update(w + zeros, size);
+                }
+            });
         }
-        finished.store(true, Ordering::Relaxed);
+        drop(wake);
     });
     if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);

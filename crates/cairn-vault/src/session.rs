@@ -91,31 +91,34 @@ impl std::fmt::Debug for BackupSession {
 
 fn writer_loop(shared: Arc<Shared>, rx: Receiver<(ContainerId, ContainerBuilder)>) {
     for (id, builder) in rx {
-        if shared.error.lock().map(|e| e.is_some()).unwrap_or(true) {
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
-            continue; // after a failure, drain without writing
+        // After a failure, drain without writing.
+        if shared.error.lock().map(|e| e.is_none()).unwrap_or(false) {
+            write_container(&shared, id, builder);
         }
-        let (bytes, records) = builder.finish();
-        match shared.repo.store().put(&container_key(&id), &bytes) {
-            Ok(()) => {
-                shared.repo.index_mut().add_container(id, &records);
-                *shared.stored.lock().unwrap_or_else(|p| p.into_inner()) += bytes.len() as u64;
-                let mut st = shared.state();
-                for r in &records {
-                    st.in_flight.remove(&r.digest);
-                }
-                shared.queued.fetch_sub(1, Ordering::Relaxed);
+        shared.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Writes one sealed container and indexes it, or records the failure for the session.
+fn write_container(shared: &Shared, id: ContainerId, builder: ContainerBuilder) {
+    let (bytes, records) = builder.finish();
+    match shared.repo.store().put(&container_key(&id), &bytes) {
+        Ok(()) => {
+            shared.repo.index_mut().add_container(id, &records);
+            *shared.stored.lock().unwrap_or_else(|p| p.into_inner()) += bytes.len() as u64;
+            let mut st = shared.state();
+            for r in &records {
+                st.in_flight.remove(&r.digest);
             }
-            Err(e) => {
-                shared.queued.fetch_sub(1, Ordering::Relaxed);
-                let msg = if e.kind == crate::store::StoreErrorKind::NoSpace {
-                    format!("vault out of space while writing container {id}: {e}")
-                } else {
-                    format!("writing container {id}: {e}")
-                };
-                *shared.error.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((e.kind, e.key.clone(), msg));
-            }
+        }
+        Err(e) => {
+            let msg = if e.kind == crate::store::StoreErrorKind::NoSpace {
+                format!("vault out of space while writing container {id}: {e}")
+            } else {
+                format!("writing container {id}: {e}")
+            };
+            *shared.error.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((e.kind, e.key.clone(), msg));
         }
     }
 }
@@ -400,8 +403,6 @@ impl BackupSession {
                 )));
             }
         }
-        leaf_data.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        leaf_data.dedup();
         let found = repo.index().get_many(&leaf_data)?;
         if let Some((d, _)) = leaf_data.iter().zip(&found).find(|(_, l)| l.is_none()) {
             return Err(VaultError::Invalid(format!(
