@@ -139,11 +139,9 @@ pub trait SnapshotProvider: Send + Sync {
     fn delete(&self, snap: &UnitSnapshot) -> Result<()>;
 }
 
+/// [`cairn_types::now_ms`], unsigned as stored here.
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    u64::try_from(cairn_types::now_ms()).unwrap_or(0)
 }
 
 fn new_id() -> String {

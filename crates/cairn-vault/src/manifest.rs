@@ -63,11 +63,9 @@ pub struct SnapshotManifest {
     pub labels: BTreeMap<String, String>,
 }
 
+/// [`cairn_types::now_ms`], unsigned as stored here.
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    u64::try_from(cairn_types::now_ms()).unwrap_or(0)
 }
 
 pub(crate) fn now() -> u64 {
