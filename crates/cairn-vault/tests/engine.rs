@@ -106,15 +106,7 @@ fn incremental_with_changed_extents_is_a_synthetic_full() {
         rng.fill_bytes(&mut img2[off as usize..off as usize + 4096]);
         changes.push(Extent::new(off, 4096));
     }
-    let changed = ExtentList::from_unsorted(changes);
-    let s2 = backup(
-        &v,
-        &img2,
-        dir.path(),
-        "disk0",
-        Some(&s1.id.to_string()),
-        Some(changed.clone()),
-    );
+    let s2 = incremental_matching_full(&v, dir.path(), &s1, &img2, changes);
     assert!(
         s2.stats.bytes_read < 4 << 20,
         "reads only around changes: {}",
@@ -126,11 +118,34 @@ fn incremental_with_changed_extents_is_a_synthetic_full() {
         s2.stats.bytes_new
     );
     assert_eq!(s2.parent, Some(s1.id));
-    assert_eq!(restore(&v, &s2.id.to_string(), dir.path()), img2);
     assert_eq!(restore(&v, &s1.id.to_string(), dir.path()), img);
-    // A full backup of the same image yields the same recipe as the incremental.
-    let s3 = backup(&v, &img2, dir.path(), "disk0-full", None, None);
-    assert_eq!(s3.root, s2.root);
+}
+
+/// Backs `img2` up as an incremental of `parent` given the `changes`, checks that it restores
+/// to `img2` and that a full backup of `img2` yields the same recipe (the incremental cut
+/// exactly where a full does); returns the incremental.
+fn incremental_matching_full(
+    v: &LocalVault,
+    dir: &Path,
+    parent: &cairn_vault::SnapshotManifest,
+    img2: &[u8],
+    changes: Vec<Extent>,
+) -> cairn_vault::SnapshotManifest {
+    let s2 = backup(
+        v,
+        img2,
+        dir,
+        "disk0",
+        Some(&parent.id.to_string()),
+        Some(ExtentList::from_unsorted(changes)),
+    );
+    assert_eq!(restore(v, &s2.id.to_string(), dir), img2);
+    let full = backup(v, img2, dir, "disk0-full", None, None);
+    assert_eq!(
+        full.root, s2.root,
+        "the incremental cut exactly where a full does"
+    );
+    s2
 }
 
 #[test]
@@ -159,20 +174,7 @@ fn incremental_with_large_and_adjacent_extents_matches_a_full() {
         }
         changes.push(Extent::new(off as u64, len as u64));
     }
-    let s2 = backup(
-        &v,
-        &img2,
-        dir.path(),
-        "disk0",
-        Some(&s1.id.to_string()),
-        Some(ExtentList::from_unsorted(changes)),
-    );
-    assert_eq!(restore(&v, &s2.id.to_string(), dir.path()), img2);
-    let s3 = backup(&v, &img2, dir.path(), "disk0-full", None, None);
-    assert_eq!(
-        s3.root, s2.root,
-        "the incremental cut exactly where a full does"
-    );
+    incremental_matching_full(&v, dir.path(), &s1, &img2, changes);
 }
 
 #[test]

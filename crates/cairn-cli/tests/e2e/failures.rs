@@ -9,15 +9,11 @@ use crate::harness::*;
 
 #[test]
 fn rdm_metadata_retention_schedules_and_failures() {
-    let Some(guest) = guest() else { return };
-    let lock = std::fs::File::create(std::env::temp_dir().join("cairn-test-guest.lock")).unwrap();
-    lock.lock().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
+    let Some(g) = guest_test() else { return };
+    let t = g.tmp.path();
     let p = |s: &str| t.join(s).display().to_string();
     std::fs::create_dir_all(t.join("ds/luns")).unwrap();
     std::fs::create_dir_all(t.join("vault")).unwrap();
-    let _reaper = VmReaper(t.join("host"));
     // A small vault (tmpfs) to fill up later; root only.
     let small_vault = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
@@ -55,8 +51,7 @@ fn rdm_metadata_retention_schedules_and_failures() {
             {"id": "vda", "path": d, "format": "qcow2"},
             {"id": "sdb", "path": lun, "format": "raw", "bus": "virtio-scsi", "lun": "naa.6000c29000000001"},
         ],
-        "boot": {"type": "kernel", "kernel": guest.join("vmlinux"),
-                 "initrd": guest.join("initrd.gz"), "append": KERNEL_APPEND},
+        "boot": g.boot(),
     });
     let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
     wait_guest(&m, "vm1");
@@ -151,14 +146,7 @@ fn rdm_metadata_retention_schedules_and_failures() {
     let j = submit(&s, "/v1/backups", json!({"vms": ["vm1"]}));
     assert_eq!(j["state"], "failed", "{j}");
     assert_eq!(host_snapshots(&host), 0);
-    assert_eq!(
-        s.get_json::<Value>("/v1/backups?vm=vm1")
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(list_len(&s, "/v1/backups?vm=vm1"), 1);
     storage.restart(&[]);
     std::thread::sleep(Duration::from_secs(2));
 
@@ -252,28 +240,18 @@ fn rdm_metadata_retention_schedules_and_failures() {
 
     // Last, a full vault: a clear error, nothing recorded, the snapshot released.
     if small_vault {
-        let w: Value = m
-            .post_json("/v1/vms/vm1/guest/exec", &json!({"shell": "dd if=/dev/urandom of=/mnt/big bs=1M count=26 2>/dev/null; sync"}))
-            .unwrap();
+        let w = guest_exec(
+            &m,
+            "vm1",
+            "dd if=/dev/urandom of=/mnt/big bs=1M count=26 2>/dev/null; sync",
+        );
         assert_eq!(w["exit_code"], 0, "{w}");
         let j = submit(&s, "/v1/backups", json!({"vms": ["vm1"]}));
         assert_eq!(j["state"], "failed", "{j}");
         let e = j["error"].as_str().unwrap();
         assert!(e.contains("space") || e.contains("insufficient"), "{e}");
         assert_eq!(host_snapshots(&host), 0);
-        assert_eq!(
-            s.get_json::<Value>("/v1/backups?vm=vm1")
-                .unwrap()
-                .as_array()
-                .unwrap()
-                .len(),
-            1
-        );
-        let _: Value = m
-            .post_json(
-                "/v1/vms/vm1/guest/exec",
-                &json!({"shell": "rm -f /mnt/big; sync; fstrim /mnt || true"}),
-            )
-            .unwrap();
+        assert_eq!(list_len(&s, "/v1/backups?vm=vm1"), 1);
+        guest_exec(&m, "vm1", "rm -f /mnt/big; sync; fstrim /mnt || true");
     }
 }

@@ -10,14 +10,10 @@ use crate::harness::*;
 
 #[test]
 fn every_flow_with_each_role_in_its_own_process() {
-    let Some(guest) = guest() else { return };
-    let lock = std::fs::File::create(std::env::temp_dir().join("cairn-test-guest.lock")).unwrap();
-    lock.lock().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
+    let Some(g) = guest_test() else { return };
+    let t = g.tmp.path();
     let p = |s: &str| t.join(s).display().to_string();
     std::fs::create_dir_all(t.join("ds")).unwrap();
-    let _reaper = VmReaper(t.join("host"));
 
     let Cluster {
         vault: _vault,
@@ -58,8 +54,7 @@ fn every_flow_with_each_role_in_its_own_process() {
         let spec = json!({
             "name": name, "vcpus": 1, "memory_mib": 192,
             "disks": [{"id": "vda", "path": d, "format": "qcow2"}],
-            "boot": {"type": "kernel", "kernel": guest.join("vmlinux"),
-                     "initrd": guest.join("initrd.gz"), "append": KERNEL_APPEND},
+            "boot": g.boot(),
         });
         let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
     }
@@ -107,12 +102,11 @@ fn every_flow_with_each_role_in_its_own_process() {
     );
 
     // Guest writes, then an incremental that reads only the dirty blocks.
-    let w: Value = m
-        .post_json(
-            "/v1/vms/vm1/guest/exec",
-            &json!({"shell": "dd if=/dev/urandom of=/mnt/new.bin bs=1M count=2 2>/dev/null && sync"}),
-        )
-        .unwrap();
+    let w = guest_exec(
+        &m,
+        "vm1",
+        "dd if=/dev/urandom of=/mnt/new.bin bs=1M count=2 2>/dev/null && sync",
+    );
     assert_eq!(w["exit_code"], 0, "{w}");
     let j = submit(&s, "/v1/backups", json!({"vms": ["vm1"]}));
     assert_eq!(j["state"], "succeeded", "{j}");
@@ -227,12 +221,7 @@ fn every_flow_with_each_role_in_its_own_process() {
         (2 << 20..=2 * (2 << 20)).contains(&read),
         "read {read} B from the vault for a 2 MiB file"
     );
-    let sum_guest: Value = m
-        .post_json(
-            "/v1/vms/vm1/guest/exec",
-            &json!({"shell": "sha256sum /mnt/new.bin"}),
-        )
-        .unwrap();
+    let sum_guest = guest_exec(&m, "vm1", "sha256sum /mnt/new.bin");
     let sum_host = Command::new("sha256sum").arg(&out).output().unwrap();
     assert_eq!(
         sum_guest["stdout"]
@@ -312,12 +301,7 @@ fn every_flow_with_each_role_in_its_own_process() {
     );
     assert!(ok, "{j}");
     assert_eq!(j["result"]["guest"]["agent"], true, "{j}");
-    let out: Value = m
-        .post_json(
-            "/v1/vms/vm1-copy/guest/exec",
-            &json!({"shell": "cat /mnt/hello.txt; ls /mnt/new.bin"}),
-        )
-        .unwrap();
+    let out = guest_exec(&m, "vm1-copy", "cat /mnt/hello.txt; ls /mnt/new.bin");
     assert_eq!(out["stdout"], "hello from vm1\n/mnt/new.bin\n", "{out}");
     // A restore onto a name in use is refused.
     let j = submit(

@@ -49,6 +49,42 @@ pub fn guest() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// What every guest test starts from: the test guest, the machine-wide lock that serialises
+/// guest tests, a scratch directory, and a reaper for the VMs of the host agent state kept in
+/// its `host/` (fields drop in order: VMs are killed before the directory goes).
+pub struct GuestTest {
+    pub guest: PathBuf,
+    _reaper: VmReaper,
+    pub tmp: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+/// `None` (after saying so loudly, or failing under `CAIRN_REQUIRE_QEMU=1`) without QEMU.
+pub fn guest_test() -> Option<GuestTest> {
+    let guest = guest()?;
+    let lock = std::fs::File::create(std::env::temp_dir().join("cairn-test-guest.lock")).unwrap();
+    lock.lock().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    Some(GuestTest {
+        guest,
+        _reaper: VmReaper(tmp.path().join("host")),
+        tmp,
+        _lock: lock,
+    })
+}
+
+impl GuestTest {
+    /// The `boot` part of a VM spec that boots the test guest.
+    pub fn boot(&self) -> Value {
+        serde_json::json!({
+            "type": "kernel",
+            "kernel": self.guest.join("vmlinux"),
+            "initrd": self.guest.join("initrd.gz"),
+            "append": KERNEL_APPEND,
+        })
+    }
+}
+
 /// A service process, stopped by its pid when dropped.
 pub struct Service {
     child: Child,
@@ -101,6 +137,19 @@ impl Service {
 
     pub fn fp(&self) -> &str {
         self.info["fingerprint"].as_str().unwrap()
+    }
+
+    /// The flags that point another role at this service: `--ROLE URL --ROLE-fingerprint FP
+    /// --ROLE-token-file FILE`.
+    pub fn flags_for(&self, role: &str) -> Vec<String> {
+        vec![
+            format!("--{role}"),
+            self.url().into(),
+            format!("--{role}-fingerprint"),
+            self.fp().into(),
+            format!("--{role}-token-file"),
+            self.token_file().into(),
+        ]
     }
 
     pub fn token_file(&self) -> &str {
@@ -258,21 +307,8 @@ impl Cluster {
             "3",
         ]);
         let agent = |mut args: Vec<String>, name: &str| {
-            args.extend(
-                [
-                    "--manager",
-                    manager.url(),
-                    "--manager-fingerprint",
-                    manager.fp(),
-                    "--manager-token-file",
-                    manager.token_file(),
-                    "--heartbeat-s",
-                    "1",
-                    "--name",
-                    name,
-                ]
-                .map(String::from),
-            );
+            args.extend(manager.flags_for("manager"));
+            args.extend(["--heartbeat-s", "1", "--name", name].map(String::from));
             Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
         };
         let host = agent(
@@ -302,29 +338,21 @@ impl Cluster {
             "s1",
         );
         let server_state = p("server");
-        let mut args = vec![
+        let mut args: Vec<String> = [
             "server",
             "--state-dir",
             &server_state,
             "--listen",
             "127.0.0.1:0",
-            "--manager",
-            manager.url(),
-            "--manager-fingerprint",
-            manager.fp(),
-            "--manager-token-file",
-            manager.token_file(),
-            "--vault",
-            vault.url(),
-            "--vault-fingerprint",
-            vault.fp(),
-            "--vault-token-file",
-            vault.token_file(),
-        ];
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(manager.flags_for("manager"));
+        args.extend(vault.flags_for("vault"));
         if !save_state {
-            args.push("--no-state");
+            args.push("--no-state".into());
         }
-        let server = Service::start(&args);
+        let server = Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
         Self {
             vault,
             manager,
@@ -344,13 +372,26 @@ impl Drop for Unmount {
     }
 }
 
-pub fn host_snapshots(host: &Service) -> usize {
-    host.client()
-        .get_json::<Value>("/v1/snapshots")
+/// Length of the JSON list a GET of `path` answers.
+pub fn list_len(c: &Client, path: &str) -> usize {
+    c.get_json::<Value>(path)
         .unwrap()
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("{path} did not answer a list"))
         .len()
+}
+
+pub fn host_snapshots(host: &Service) -> usize {
+    list_len(&host.client(), "/v1/snapshots")
+}
+
+/// Runs `shell` in the guest of `vm` through the manager; the guest agent's answer.
+pub fn guest_exec(m: &Client, vm: &str, shell: &str) -> Value {
+    m.post_json(
+        &format!("/v1/vms/{vm}/guest/exec"),
+        &serde_json::json!({ "shell": shell }),
+    )
+    .unwrap()
 }
 
 /// Waits until the job holds a VM snapshot (the fault hook keeps it there).

@@ -65,14 +65,16 @@ fn killed_backup_resumes_without_resending() {
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
     write_raw(&d, &data);
     let containers = vp.repo.join("containers");
-    let count = || -> usize {
-        std::fs::read_dir(&containers)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| std::fs::read_dir(e.path()).map(|r| r.count()).unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0)
+    // Sizes of the containers that are durable (renamed into place; not temporary files).
+    let durable_sizes = || -> Vec<u64> {
+        let Ok(rd) = std::fs::read_dir(&containers) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+            .filter(|f| !f.file_name().to_string_lossy().contains(".tmp-"))
+            .filter_map(|f| f.metadata().ok().map(|m| m.len()))
+            .collect()
     };
     let mut child = std::process::Command::new(cairn_bin())
         .args([
@@ -94,7 +96,7 @@ fn killed_backup_resumes_without_resending() {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while count() < 2 {
+    while durable_sizes().len() < 2 {
         assert!(
             child.try_wait().unwrap().is_none(),
             "backup finished before it could be killed"
@@ -104,15 +106,10 @@ fn killed_backup_resumes_without_resending() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let durable = count();
+    let sizes = durable_sizes();
+    let durable = sizes.len();
     // Segment bytes durable at the kill (incompressible data: stored = raw).
-    let durable_bytes: u64 = std::fs::read_dir(&containers)
-        .unwrap()
-        .flatten()
-        .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
-        .filter(|f| !f.file_name().to_string_lossy().contains(".tmp-"))
-        .map(|f| f.metadata().unwrap().len())
-        .sum();
+    let durable_bytes: u64 = sizes.iter().sum();
     println!(
         "killed after {durable} durable containers ({:?})",
         t.elapsed()
