@@ -3,6 +3,12 @@
 //! A segment is compressed with zstd only when that saves at least 1/32 of its size; otherwise
 //! it is stored raw. Decoding always re-hashes the plaintext and compares it with the expected
 //! fingerprint, so damaged bytes are reported, never returned.
+//!
+//! A stored blob is a **frame**: the encoding of one segment or of several consecutive ones
+//! (compressing neighbours together saves space and time). A segment is found in its frame by
+//! its place (`inner`) and length, and each segment's own bytes are fingerprinted on read:
+//! damage to a frame fails the members whose bytes it changed (all of them when the frame no
+//! longer decodes), never returns wrong bytes.
 
 use cairn_types::Digest;
 
@@ -49,6 +55,49 @@ pub enum CodecError {
     },
     #[error("segment {digest:?}: content hashes to {got:?}")]
     Mismatch { digest: Digest, got: Digest },
+    #[error("segment {digest:?}: {len} bytes at {inner} lie outside its {frame_len}-byte frame")]
+    Outside {
+        digest: Digest,
+        inner: u32,
+        len: u32,
+        frame_len: u32,
+    },
+}
+
+/// Where a segment lies in its frame: the frame's plaintext length, the segment's place in
+/// that plaintext and its length. A frame of one segment has `inner == 0` and
+/// `raw_len == frame_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Member {
+    pub frame_len: u32,
+    pub inner: u32,
+    pub raw_len: u32,
+}
+
+impl Member {
+    /// The member of a frame that holds only it.
+    pub fn whole(raw_len: u32) -> Self {
+        Self {
+            frame_len: raw_len,
+            inner: 0,
+            raw_len,
+        }
+    }
+
+    /// Is the segment the whole frame?
+    pub fn is_whole(&self) -> bool {
+        self.inner == 0 && self.raw_len == self.frame_len
+    }
+}
+
+impl EncodedSegment {
+    /// Plaintext stored as it is.
+    pub fn raw(data: &[u8]) -> Self {
+        Self {
+            codec: Codec::Raw,
+            bytes: data.to_vec(),
+        }
+    }
 }
 
 /// Reusable compression state (one per thread).
@@ -91,10 +140,7 @@ impl Encoder {
                 };
             }
         }
-        EncodedSegment {
-            codec: Codec::Raw,
-            bytes: data.to_vec(),
-        }
+        EncodedSegment::raw(data)
     }
 }
 
@@ -112,6 +158,98 @@ pub fn decode(
     raw_len: usize,
     digest: &Digest,
 ) -> Result<Vec<u8>, CodecError> {
+    let plain = decode_frame(codec, stored, raw_len, digest)?;
+    check(&plain, digest)?;
+    Ok(plain)
+}
+
+/// Checks plaintext against its fingerprint.
+pub fn check(plain: &[u8], digest: &Digest) -> Result<(), CodecError> {
+    let got = fingerprint(plain);
+    if got != *digest {
+        return Err(CodecError::Mismatch {
+            digest: *digest,
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes one segment of a stored frame and checks it against `digest`.
+pub fn decode_member(
+    codec: Codec,
+    stored: &[u8],
+    m: Member,
+    digest: &Digest,
+) -> Result<Vec<u8>, CodecError> {
+    if m.is_whole() {
+        return decode(codec, stored, m.raw_len as usize, digest);
+    }
+    let frame = decode_frame(codec, stored, m.frame_len as usize, digest)?;
+    Ok(member_of(&frame, m, digest)?.to_vec())
+}
+
+/// The segment `m` of a decoded frame, checked against `digest`.
+pub fn member_of<'a>(frame: &'a [u8], m: Member, digest: &Digest) -> Result<&'a [u8], CodecError> {
+    let end = u64::from(m.inner) + u64::from(m.raw_len);
+    if end > frame.len() as u64 || frame.len() as u64 != u64::from(m.frame_len) {
+        return Err(CodecError::Outside {
+            digest: *digest,
+            inner: m.inner,
+            len: m.raw_len,
+            frame_len: m.frame_len,
+        });
+    }
+    let piece = &frame[m.inner as usize..end as usize];
+    check(piece, digest)?;
+    Ok(piece)
+}
+
+/// Decodes segments of frames, keeping the last frame decoded: the members of one frame are
+/// usually read one after another, and each frame is then decoded once. `K` names a frame
+/// (for example its container and offset).
+#[derive(Debug, Default)]
+pub struct FrameCache<K> {
+    last: Option<(K, Vec<u8>)>,
+}
+
+impl<K: PartialEq> FrameCache<K> {
+    pub fn new() -> Self {
+        Self { last: None }
+    }
+
+    /// The plaintext of member `m` of the frame `key`, whose stored bytes `stored` returns
+    /// (called only when the frame is not the cached one).
+    pub fn member<'s, E: From<CodecError>>(
+        &mut self,
+        key: K,
+        codec: Codec,
+        stored: impl FnOnce() -> Result<&'s [u8], E>,
+        m: Member,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, E> {
+        if m.is_whole() {
+            return Ok(decode(codec, stored()?, m.raw_len as usize, digest)?);
+        }
+        if self.last.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.last = None;
+            let frame = decode_frame(codec, stored()?, m.frame_len as usize, digest)?;
+            self.last = Some((key, frame));
+        }
+        let (_, frame) = self.last.as_ref().expect("just decoded");
+        Ok(member_of(frame, m, digest)?.to_vec())
+    }
+}
+
+/// Decodes a stored frame to its `frame_len` bytes of plaintext, without a fingerprint check
+/// (`digest` names the segment asked for, in errors).
+pub fn decode_frame(
+    codec: Codec,
+    stored: &[u8],
+    frame_len: usize,
+    digest: &Digest,
+) -> Result<Vec<u8>, CodecError> {
+    let raw_len = frame_len;
     if stored.len() > SEGMENT_MAX_LEN || raw_len > SEGMENT_MAX_LEN {
         return Err(CodecError::TooLarge {
             digest: *digest,
@@ -144,13 +282,6 @@ pub fn decode(
             digest: *digest,
             got: plain.len(),
             want: raw_len,
-        });
-    }
-    let got = fingerprint(&plain);
-    if got != *digest {
-        return Err(CodecError::Mismatch {
-            digest: *digest,
-            got,
         });
     }
     Ok(plain)
@@ -186,6 +317,70 @@ mod tests {
             decode(Codec::Raw, &bad, data.len(), &d),
             Err(CodecError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn members_of_a_frame_decode_once_and_are_checked_alone() {
+        let parts: Vec<Vec<u8>> = (0..4)
+            .map(|i| format!("part {i} ").repeat(300).into_bytes())
+            .collect();
+        let frame_len = parts.iter().map(Vec::len).sum::<usize>() as u32;
+        let e = Encoder::new(3).encode(&parts.concat());
+        assert_eq!(e.codec, Codec::Zstd);
+        let mut cache = FrameCache::new();
+        let mut decoded = 0;
+        let mut inner = 0;
+        for p in &parts {
+            let m = Member {
+                frame_len,
+                inner,
+                raw_len: p.len() as u32,
+            };
+            let got = cache
+                .member(
+                    7u32,
+                    e.codec,
+                    || {
+                        decoded += 1;
+                        Ok::<_, CodecError>(&e.bytes[..])
+                    },
+                    m,
+                    &fingerprint(p),
+                )
+                .unwrap();
+            assert_eq!(&got, p);
+            assert_eq!(
+                decode_member(e.codec, &e.bytes, m, &fingerprint(p)).unwrap(),
+                *p
+            );
+            inner += p.len() as u32;
+        }
+        assert_eq!(decoded, 1, "one decode for four members");
+        // A member asked for under another segment's digest, or outside its frame, fails.
+        let m = Member {
+            frame_len,
+            inner: 0,
+            raw_len: parts[0].len() as u32,
+        };
+        assert!(matches!(
+            decode_member(e.codec, &e.bytes, m, &fingerprint(&parts[1])),
+            Err(CodecError::Mismatch { .. })
+        ));
+        let out = Member {
+            frame_len,
+            inner: frame_len - 10,
+            raw_len: 20,
+        };
+        assert!(matches!(
+            decode_member(e.codec, &e.bytes, out, &fingerprint(&parts[0])),
+            Err(CodecError::Outside { .. })
+        ));
+        let short = Member {
+            frame_len: frame_len + 1,
+            inner: 0,
+            raw_len: 5,
+        };
+        assert!(decode_member(e.codec, &e.bytes, short, &fingerprint(&parts[0])).is_err());
     }
 
     proptest! {

@@ -1,60 +1,72 @@
-//! The container (pack file) format: segments written together, in write order, followed by a
-//! trailer that describes every one of them. A container alone is enough to rebuild the index
-//! entries that point into it.
+//! The container (pack file) format: frames of segments written together, in write order,
+//! followed by a trailer that describes every one of them. A container alone is enough to
+//! rebuild the index entries that point into it.
 //!
 //! ```text
 //! "CAIRNPK1"                                   header, 8 bytes
-//! blob 0 | blob 1 | ...                        stored segment bytes (see codec)
-//! record 0 | record 1 | ...                    trailer, CONTAINER_RECORD_LEN bytes each:
-//!     digest[32] offset u64 stored_len u32 raw_len u32 kind u8 codec u8 pad[2]
-//! trailer_offset u64 | count u32 | version u32 | blake3(trailer)[..16] | "CAIRNEND"
+//! frame 0 | frame 1 | ...                      stored frames (see codec)
+//! trailer, for each frame in order:
+//!     offset u64 stored_len u32 raw_len u32 members u32 kind u8 codec u8 pad[2]
+//!     then per member: digest[32] raw_len u32  (a member starts where the one before ends)
+//! trailer_offset u64 | frames u32 | version u32 | blake3(trailer)[..16] | "CAIRNEND"
 //! ```
 //!
-//! Containers are immutable once written. A reader checks the footer, the trailer checksum, and
-//! that every record lies between the header and the trailer.
+//! Version 1 containers (one segment per blob, flat 52-byte records, `count` = records) are
+//! still read. Containers are immutable once written. A reader checks the footer, the trailer
+//! checksum, that every frame lies between the header and the trailer, and that its members'
+//! lengths add up to the frame's.
 
 use cairn_types::Digest;
 
 use crate::FormatError;
-use crate::codec::{Codec, EncodedSegment};
+use crate::codec::{Codec, EncodedSegment, Member};
 use crate::format::{
-    BlobKind, CONTAINER_END_MAGIC, CONTAINER_FOOTER_LEN, CONTAINER_MAGIC, CONTAINER_MAX_RECORDS,
-    CONTAINER_RECORD_LEN, CONTAINER_VERSION, SEGMENT_MAX_LEN,
+    BlobKind, CONTAINER_END_MAGIC, CONTAINER_FOOTER_LEN, CONTAINER_FRAME_LEN, CONTAINER_MAGIC,
+    CONTAINER_MAX_RECORDS, CONTAINER_MEMBER_LEN, CONTAINER_RECORD_LEN, CONTAINER_VERSION,
+    CONTAINER_VERSION_SINGLE, SEGMENT_MAX_LEN,
 };
 
-/// Where one blob lies in its container.
+/// Where one segment lies in its container: its frame (offset, stored and plaintext
+/// lengths, codec) and its place in the frame's plaintext.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record {
     pub digest: Digest,
     pub offset: u64,
     pub stored_len: u32,
+    pub frame_len: u32,
+    pub inner: u32,
     pub raw_len: u32,
     pub kind: BlobKind,
     pub codec: Codec,
 }
 
 impl Record {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.digest.as_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(&self.stored_len.to_le_bytes());
-        out.extend_from_slice(&self.raw_len.to_le_bytes());
-        out.push(self.kind as u8);
-        out.push(self.codec as u8);
-        out.extend_from_slice(&[0, 0]);
+    pub fn member(&self) -> Member {
+        Member {
+            frame_len: self.frame_len,
+            inner: self.inner,
+            raw_len: self.raw_len,
+        }
     }
 
-    fn decode(b: &[u8]) -> Result<Self, FormatError> {
+    fn decode_v1(b: &[u8]) -> Result<Self, FormatError> {
         let err = |r: &str| FormatError::new("container record", r);
+        let raw_len = le32(&b[44..48]);
         Ok(Self {
             digest: Digest::from_slice(&b[..32]).expect("32 bytes"),
             offset: u64::from_le_bytes(b[32..40].try_into().expect("8")),
-            stored_len: u32::from_le_bytes(b[40..44].try_into().expect("4")),
-            raw_len: u32::from_le_bytes(b[44..48].try_into().expect("4")),
+            stored_len: le32(&b[40..44]),
+            frame_len: raw_len,
+            inner: 0,
+            raw_len,
             kind: BlobKind::from_u8(b[48]).ok_or_else(|| err("unknown kind"))?,
             codec: Codec::from_u8(b[49]).ok_or_else(|| err("unknown codec"))?,
         })
     }
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b.try_into().expect("4 bytes"))
 }
 
 /// Accumulates one container in memory.
@@ -80,7 +92,7 @@ impl ContainerBuilder {
         }
     }
 
-    /// Appends a blob; returns its record.
+    /// Appends a frame holding one segment; returns its record.
     pub fn push(
         &mut self,
         digest: Digest,
@@ -88,20 +100,34 @@ impl ContainerBuilder {
         raw_len: u32,
         seg: &EncodedSegment,
     ) -> Record {
-        let r = Record {
-            digest,
-            offset: self.buf.len() as u64,
-            stored_len: seg.bytes.len() as u32,
-            raw_len,
-            kind,
-            codec: seg.codec,
-        };
-        self.buf.extend_from_slice(&seg.bytes);
-        self.records.push(r);
-        r
+        self.push_frame(kind, &[(digest, raw_len)], seg);
+        *self.records.last().expect("just pushed")
     }
 
-    /// Bytes of blobs so far (including the header).
+    /// Appends a frame holding `members` (digest and plaintext length, in order; at least
+    /// one), encoded as `seg`.
+    pub fn push_frame(&mut self, kind: BlobKind, members: &[(Digest, u32)], seg: &EncodedSegment) {
+        assert!(!members.is_empty(), "a frame holds at least one segment");
+        let frame_len: u32 = members.iter().map(|m| m.1).sum();
+        let offset = self.buf.len() as u64;
+        let mut inner = 0;
+        for &(digest, raw_len) in members {
+            self.records.push(Record {
+                digest,
+                offset,
+                stored_len: seg.bytes.len() as u32,
+                frame_len,
+                inner,
+                raw_len,
+                kind,
+                codec: seg.codec,
+            });
+            inner += raw_len;
+        }
+        self.buf.extend_from_slice(&seg.bytes);
+    }
+
+    /// Bytes of frames so far (including the header).
     pub fn len(&self) -> usize {
         self.buf.len()
     }
@@ -110,6 +136,7 @@ impl ContainerBuilder {
         self.records.is_empty()
     }
 
+    /// One record per segment, frames in order, members in frame order.
     pub fn records(&self) -> &[Record] {
         &self.records
     }
@@ -117,13 +144,25 @@ impl ContainerBuilder {
     /// Appends trailer and footer; returns the finished container bytes and its records.
     pub fn finish(mut self) -> (Vec<u8>, Vec<Record>) {
         let trailer_offset = self.buf.len() as u64;
-        let mut trailer = Vec::with_capacity(self.records.len() * CONTAINER_RECORD_LEN);
-        self.records.iter().for_each(|r| r.encode(&mut trailer));
+        let mut trailer = Vec::with_capacity(self.records.len() * CONTAINER_MEMBER_LEN);
+        let mut frames = 0u32;
+        for frame in self.records.chunk_by(|a, b| a.offset == b.offset) {
+            let f = frame[0];
+            trailer.extend_from_slice(&f.offset.to_le_bytes());
+            trailer.extend_from_slice(&f.stored_len.to_le_bytes());
+            trailer.extend_from_slice(&f.frame_len.to_le_bytes());
+            trailer.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            trailer.extend_from_slice(&[f.kind as u8, f.codec as u8, 0, 0]);
+            for m in frame {
+                trailer.extend_from_slice(m.digest.as_bytes());
+                trailer.extend_from_slice(&m.raw_len.to_le_bytes());
+            }
+            frames += 1;
+        }
         let sum = blake3::hash(&trailer);
         self.buf.extend_from_slice(&trailer);
         self.buf.extend_from_slice(&trailer_offset.to_le_bytes());
-        self.buf
-            .extend_from_slice(&(self.records.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&frames.to_le_bytes());
         self.buf.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
         self.buf.extend_from_slice(&sum.as_bytes()[..16]);
         self.buf.extend_from_slice(&CONTAINER_END_MAGIC);
@@ -135,14 +174,17 @@ impl ContainerBuilder {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footer {
     pub trailer_offset: u64,
+    /// Records (version 1) or frames (version 2).
     pub count: u32,
+    pub version: u32,
+    trailer_len: u64,
     checksum: [u8; 16],
 }
 
 impl Footer {
     /// Byte length of the trailer.
     pub fn trailer_len(&self) -> u64 {
-        u64::from(self.count) * CONTAINER_RECORD_LEN as u64
+        self.trailer_len
     }
 }
 
@@ -159,28 +201,36 @@ pub fn parse_footer(tail: &[u8], total: u64) -> Result<Footer, FormatError> {
         return Err(err("bad end magic (truncated container?)".into()));
     }
     let trailer_offset = u64::from_le_bytes(tail[0..8].try_into().expect("8"));
-    let count = u32::from_le_bytes(tail[8..12].try_into().expect("4"));
-    let version = u32::from_le_bytes(tail[12..16].try_into().expect("4"));
-    if version != CONTAINER_VERSION {
+    let count = le32(&tail[8..12]);
+    let version = le32(&tail[12..16]);
+    if version != CONTAINER_VERSION && version != CONTAINER_VERSION_SINGLE {
         return Err(err(format!("unsupported version {version}")));
     }
     if count as usize > CONTAINER_MAX_RECORDS {
         return Err(err(format!("{count} records exceed the limit")));
     }
-    let f = Footer {
-        trailer_offset,
-        count,
-        checksum: tail[16..32].try_into().expect("16"),
+    let trailer_len = (total.checked_sub(CONTAINER_FOOTER_LEN as u64))
+        .and_then(|end| end.checked_sub(trailer_offset));
+    let fits = match (trailer_len, version) {
+        (Some(n), CONTAINER_VERSION_SINGLE) => n == u64::from(count) * CONTAINER_RECORD_LEN as u64,
+        (Some(n), _) => {
+            let frames = u64::from(count) * CONTAINER_FRAME_LEN as u64;
+            n >= frames && n <= frames + CONTAINER_MAX_RECORDS as u64 * CONTAINER_MEMBER_LEN as u64
+        }
+        (None, _) => false,
     };
-    let end = trailer_offset
-        .checked_add(f.trailer_len())
-        .and_then(|e| e.checked_add(CONTAINER_FOOTER_LEN as u64));
-    if trailer_offset < CONTAINER_MAGIC.len() as u64 || end != Some(total) {
+    if trailer_offset < CONTAINER_MAGIC.len() as u64 || !fits {
         return Err(err(format!(
             "trailer at {trailer_offset} with {count} records does not fit {total} bytes"
         )));
     }
-    Ok(f)
+    Ok(Footer {
+        trailer_offset,
+        count,
+        version,
+        trailer_len: trailer_len.expect("fits"),
+        checksum: tail[16..32].try_into().expect("16"),
+    })
 }
 
 /// Parses and checks the trailer described by `footer`.
@@ -196,22 +246,78 @@ pub fn parse_trailer(trailer: &[u8], footer: &Footer) -> Result<Vec<Record>, For
     if blake3::hash(trailer).as_bytes()[..16] != footer.checksum {
         return Err(err("checksum mismatch".into()));
     }
-    let recs: Vec<Record> = trailer
-        .chunks_exact(CONTAINER_RECORD_LEN)
-        .map(Record::decode)
-        .collect::<Result<_, _>>()?;
+    let recs = if footer.version == CONTAINER_VERSION_SINGLE {
+        trailer
+            .chunks_exact(CONTAINER_RECORD_LEN)
+            .map(Record::decode_v1)
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        parse_frames(trailer, footer.count)?
+    };
     for r in &recs {
         let end = r.offset.checked_add(u64::from(r.stored_len));
         if r.offset < CONTAINER_MAGIC.len() as u64
             || end.is_none_or(|e| e > footer.trailer_offset)
             || r.stored_len as usize > SEGMENT_MAX_LEN
-            || r.raw_len as usize > SEGMENT_MAX_LEN
+            || r.frame_len as usize > SEGMENT_MAX_LEN
         {
             return Err(err(format!(
                 "record {:?} at {} lies outside the blob area",
                 r.digest, r.offset
             )));
         }
+    }
+    Ok(recs)
+}
+
+/// Version 2 trailer: `frames` frame records, each followed by its members.
+fn parse_frames(mut b: &[u8], frames: u32) -> Result<Vec<Record>, FormatError> {
+    let err = |r: String| FormatError::new("container trailer", r);
+    let mut recs = Vec::new();
+    for i in 0..frames {
+        if b.len() < CONTAINER_FRAME_LEN {
+            return Err(err(format!("frame {i} is cut short")));
+        }
+        let (h, rest) = b.split_at(CONTAINER_FRAME_LEN);
+        let offset = u64::from_le_bytes(h[0..8].try_into().expect("8"));
+        let (stored_len, frame_len, members) =
+            (le32(&h[8..12]), le32(&h[12..16]), le32(&h[16..20]));
+        let kind =
+            BlobKind::from_u8(h[20]).ok_or_else(|| err(format!("frame {i}: unknown kind")))?;
+        let codec =
+            Codec::from_u8(h[21]).ok_or_else(|| err(format!("frame {i}: unknown codec")))?;
+        let mlen = (members as usize).checked_mul(CONTAINER_MEMBER_LEN);
+        if members == 0
+            || recs.len() + members as usize > CONTAINER_MAX_RECORDS
+            || mlen.is_none_or(|n| n > rest.len())
+        {
+            return Err(err(format!("frame {i}: {members} members do not fit")));
+        }
+        let (ms, rest) = rest.split_at(mlen.expect("checked"));
+        let mut inner = 0u64;
+        for m in ms.chunks_exact(CONTAINER_MEMBER_LEN) {
+            let raw_len = le32(&m[32..36]);
+            recs.push(Record {
+                digest: Digest::from_slice(&m[..32]).expect("32 bytes"),
+                offset,
+                stored_len,
+                frame_len,
+                inner: inner as u32,
+                raw_len,
+                kind,
+                codec,
+            });
+            inner += u64::from(raw_len);
+        }
+        if inner != u64::from(frame_len) {
+            return Err(err(format!(
+                "frame {i}: members hold {inner} bytes, the frame {frame_len}"
+            )));
+        }
+        b = rest;
+    }
+    if !b.is_empty() {
+        return Err(err(format!("{} bytes after the last frame", b.len())));
     }
     Ok(recs)
 }
@@ -251,6 +357,9 @@ mod tests {
                 &enc.encode(&data),
             );
         }
+        let parts: Vec<Vec<u8>> = (0..3u8).map(|i| vec![b'a' + i; 700]).collect();
+        let members: Vec<(Digest, u32)> = parts.iter().map(|p| (fingerprint(p), 700)).collect();
+        b.push_frame(BlobKind::Data, &members, &enc.encode(&parts.concat()));
         b.finish()
     }
 
@@ -258,10 +367,73 @@ mod tests {
     fn round_trip() {
         let (bytes, recs) = sample();
         assert_eq!(parse(&bytes).unwrap(), recs);
+        assert_eq!(recs.len(), 13);
         for r in &recs {
             let blob = &bytes[r.offset as usize..][..r.stored_len as usize];
-            crate::codec::decode(r.codec, blob, r.raw_len as usize, &r.digest).unwrap();
+            let plain = crate::codec::decode_member(r.codec, blob, r.member(), &r.digest).unwrap();
+            assert_eq!(plain.len(), r.raw_len as usize);
         }
+        // The three members of the last frame share its bytes and follow one another.
+        let f = &recs[10..];
+        assert!(
+            f.iter()
+                .all(|r| r.offset == f[0].offset && r.frame_len == 3 * 700)
+        );
+        assert_eq!(
+            f.iter().map(|r| r.inner).collect::<Vec<_>>(),
+            [0, 700, 1400]
+        );
+    }
+
+    #[test]
+    fn members_that_do_not_add_up_are_rejected() {
+        let (mut bytes, _) = sample();
+        // The last frame's record says 2100 plaintext bytes; make it 2101 and fix the checksum.
+        let footer = parse_footer(
+            &bytes[bytes.len() - CONTAINER_FOOTER_LEN..],
+            bytes.len() as u64,
+        )
+        .unwrap();
+        let t = footer.trailer_offset as usize;
+        let last_frame =
+            t + footer.trailer_len() as usize - 3 * CONTAINER_MEMBER_LEN - CONTAINER_FRAME_LEN;
+        bytes[last_frame + 12] += 1;
+        let sum = blake3::hash(&bytes[t..t + footer.trailer_len() as usize]);
+        let n = bytes.len();
+        bytes[n - 24..n - 8].copy_from_slice(&sum.as_bytes()[..16]);
+        let e = parse(&bytes).unwrap_err().to_string();
+        assert!(e.contains("members hold 2100 bytes"), "{e}");
+    }
+
+    #[test]
+    fn version_1_containers_are_read() {
+        let data = b"old segment".repeat(10);
+        let d = fingerprint(&data);
+        let mut v1 = CONTAINER_MAGIC.to_vec();
+        v1.extend_from_slice(&data);
+        let mut rec = d.as_bytes().to_vec();
+        rec.extend_from_slice(&8u64.to_le_bytes());
+        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&[0, 0, 0, 0]);
+        let t = v1.len() as u64;
+        v1.extend_from_slice(&rec);
+        v1.extend_from_slice(&t.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&CONTAINER_VERSION_SINGLE.to_le_bytes());
+        v1.extend_from_slice(&blake3::hash(&rec).as_bytes()[..16]);
+        v1.extend_from_slice(&CONTAINER_END_MAGIC);
+        let recs = parse(&v1).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(
+            recs[0].member(),
+            crate::codec::Member::whole(data.len() as u32)
+        );
+        let blob = &v1[8..8 + data.len()];
+        assert_eq!(
+            crate::codec::decode_member(recs[0].codec, blob, recs[0].member(), &d).unwrap(),
+            data
+        );
     }
 
     #[test]

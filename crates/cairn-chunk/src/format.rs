@@ -7,12 +7,22 @@
 pub const CONTAINER_MAGIC: [u8; 8] = *b"CAIRNPK1";
 /// Last 8 bytes of every container.
 pub const CONTAINER_END_MAGIC: [u8; 8] = *b"CAIRNEND";
-/// Version of the container layout, stored in the footer.
-pub const CONTAINER_VERSION: u32 = 1;
-/// One trailer record: digest(32) offset(u64) stored_len(u32) raw_len(u32) kind(u8) codec(u8) pad(2).
+/// Version of the container layout written today, stored in the footer: frames of segments.
+pub const CONTAINER_VERSION: u32 = 2;
+/// The first layout, one segment per blob; still read.
+pub const CONTAINER_VERSION_SINGLE: u32 = 1;
+/// Version 1 trailer record: digest(32) offset(u64) stored_len(u32) raw_len(u32) kind(u8) codec(u8) pad(2).
 pub const CONTAINER_RECORD_LEN: usize = 52;
+/// Version 2 frame record: offset(u64) stored_len(u32) raw_len(u32) members(u32) kind(u8) codec(u8) pad(2).
+pub const CONTAINER_FRAME_LEN: usize = 24;
+/// Version 2 member record, after its frame's record: digest(32) raw_len(u32).
+pub const CONTAINER_MEMBER_LEN: usize = 36;
 /// Footer: trailer_offset(u64) count(u32) version(u32) trailer_checksum(16) end_magic(8).
+/// `count` is records in version 1, frames in version 2.
 pub const CONTAINER_FOOTER_LEN: usize = 40;
+/// Consecutive new data segments are compressed together up to this many plaintext bytes
+/// (measured on the benchmark corpus: see docs/BENCHMARKS.md, "Compression frames").
+pub const FRAME_TARGET_LEN: usize = 256 << 10;
 /// Containers are sealed once they reach this many bytes of segments.
 pub const CONTAINER_TARGET_LEN: usize = 16 << 20;
 /// Hard limit on segments in one container, checked when parsing.
@@ -35,12 +45,13 @@ pub const NODE_MAX_LEVEL: u8 = 12;
 
 /// First 8 bytes of an index run file.
 pub const INDEX_MAGIC: [u8; 8] = *b"CAIRNIX1";
-/// Version of the index run layout.
-pub const INDEX_VERSION: u32 = 1;
+/// Version of the index run layout (runs of other versions are dropped and rebuilt).
+pub const INDEX_VERSION: u32 = 2;
 /// Index run header: magic(8) version(u32) containers(u32) records(u64) bloom_words(u64) bloom_k(u32) pad(u32).
 pub const INDEX_HEADER_LEN: usize = 40;
-/// Index record: digest(32) container(16) offset(u32) stored_len(u32) raw_len(u32) kind(u8) codec(u8) pad(2).
-pub const INDEX_RECORD_LEN: usize = 64;
+/// Index record: digest(32) container(u32, a place in the run's container table) offset(u32)
+/// stored_len(u32) frame_len(u32) inner(u32) raw_len(u32) kind(u8) codec(u8) pad(2).
+pub const INDEX_RECORD_LEN: usize = 60;
 /// Records per fence (one in-memory key per this many records).
 pub const INDEX_FENCE_STRIDE: usize = 64;
 /// Bloom filter bits per record (about 0.8% false positives with 7 hashes).
@@ -52,10 +63,12 @@ pub const INDEX_BLOOM_K: u32 = 7;
 pub const SEGMENT_MAX_LEN: usize = 16 << 20;
 
 const _: () = assert!(CONTAINER_RECORD_LEN == 32 + 8 + 4 + 4 + 1 + 1 + 2);
+const _: () = assert!(CONTAINER_FRAME_LEN == 8 + 4 + 4 + 4 + 1 + 1 + 2);
+const _: () = assert!(CONTAINER_MEMBER_LEN == 32 + 4);
 const _: () = assert!(CONTAINER_FOOTER_LEN == 8 + 4 + 4 + 16 + 8);
 const _: () = assert!(LEAF_RECORD_LEN == 32 + 4 + 1);
 const _: () = assert!(INNER_RECORD_LEN == 32 + 8 + 8);
-const _: () = assert!(INDEX_RECORD_LEN == 32 + 16 + 4 + 4 + 4 + 1 + 1 + 2);
+const _: () = assert!(INDEX_RECORD_LEN == 32 + 4 * 6 + 1 + 1 + 2);
 const _: () = assert!(INDEX_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 4 + 4);
 
 /// Kind of a blob stored in a container.

@@ -20,7 +20,7 @@ pub mod format;
 pub mod recipe;
 
 pub use chunker::{Chunker, ChunkerParams};
-pub use codec::{Codec, CodecError, EncodedSegment, Encoder};
+pub use codec::{Codec, CodecError, EncodedSegment, Encoder, FrameCache, Member};
 pub use fingerprint::{fingerprint, is_zero};
 pub use recipe::{Entry, EntryKind};
 

@@ -18,8 +18,8 @@ pub enum RepoCmd {
         /// Segmentation: `cdc:MIN,AVG,MAX` or `fixed:SIZE` (e.g. cdc:4k,16k,64k).
         #[arg(long)]
         chunker: Option<String>,
-        /// zstd level per segment; 0 disables compression.
-        #[arg(long, default_value_t = 1)]
+        /// zstd level of the frames segments are stored in; 0 disables compression.
+        #[arg(long, default_value_t = cairn_vault::repo::DEFAULT_COMPRESSION)]
         compression: i32,
         #[arg(long)]
         json: bool,

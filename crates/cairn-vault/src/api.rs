@@ -16,13 +16,24 @@ use crate::manifest::{RepoConfig, SnapshotManifest};
 use crate::repo::Repository;
 use crate::session::{BackupSession, CommitRequest};
 
-/// One blob to upload.
+/// One frame to upload: one segment or several consecutive ones, encoded together.
 #[derive(Clone, Debug)]
 pub struct Upload {
-    pub digest: Digest,
     pub kind: BlobKind,
-    pub raw_len: u32,
+    /// Fingerprint and plaintext length of each segment, in the order of the plaintext.
+    pub members: Vec<(Digest, u32)>,
     pub seg: EncodedSegment,
+}
+
+impl Upload {
+    /// A frame of one segment.
+    pub fn single(digest: Digest, kind: BlobKind, raw_len: u32, seg: EncodedSegment) -> Self {
+        Self {
+            kind,
+            members: vec![(digest, raw_len)],
+            seg,
+        }
+    }
 }
 
 /// An open backup on a vault.
@@ -76,9 +87,9 @@ impl VaultSession for LocalSession {
 
     fn upload(&self, blobs: Vec<Upload>) -> Result<()> {
         for b in blobs {
-            self.0.put(b.digest, b.kind, b.raw_len, &b.seg)?;
-            if b.kind == BlobKind::Tree {
-                self.0.note_node(b.digest, &b.seg, b.raw_len)?;
+            self.0.put_frame(b.kind, &b.members, &b.seg)?;
+            if let (BlobKind::Tree, [(d, n)]) = (b.kind, &b.members[..]) {
+                self.0.note_node(*d, &b.seg, *n)?;
             }
         }
         Ok(())

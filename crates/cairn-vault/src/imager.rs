@@ -27,9 +27,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cairn_chunk::format::BlobKind;
+use cairn_chunk::format::{BlobKind, FRAME_TARGET_LEN};
 use cairn_chunk::recipe::TreeBuilder;
-use cairn_chunk::{Chunker, ChunkerParams, Encoder, Entry, EntryKind, fingerprint, is_zero};
+use cairn_chunk::{
+    Chunker, ChunkerParams, EncodedSegment, Encoder, Entry, EntryKind, fingerprint, is_zero,
+};
 use cairn_types::{Digest, ExtentList, ReadAt};
 
 use crate::api::{Upload, Vault, VaultSession};
@@ -171,23 +173,58 @@ fn process_batch(
         .filter(|(_, l)| *l)
         .map(|(w, _)| w)
         .collect();
-    let encode = |enc: &mut Encoder, part: &[&(Digest, usize, usize)]| -> Vec<Upload> {
-        part.iter()
-            .map(|(d, p, n)| {
-                let seg = enc.encode(&data[*p..*p + *n]);
-                sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
-                Upload {
-                    digest: *d,
-                    kind: BlobKind::Data,
-                    raw_len: *n as u32,
-                    seg,
-                }
+    // Neighbouring new segments are compressed together, up to FRAME_TARGET_LEN each.
+    let mut frames: Vec<&[&(Digest, usize, usize)]> = Vec::new();
+    let mut rest = &todo[..];
+    while !rest.is_empty() {
+        let mut len = 0;
+        let k = rest
+            .iter()
+            .position(|w| {
+                len += w.2;
+                len >= FRAME_TARGET_LEN
             })
-            .collect()
+            .map_or(rest.len(), |i| i + 1);
+        let (f, r) = rest.split_at(k);
+        frames.push(f);
+        rest = r;
+    }
+    let encode = |enc: &mut Encoder, part: &[&[&(Digest, usize, usize)]]| -> Vec<Upload> {
+        let mut out = Vec::with_capacity(part.len());
+        let mut scratch = Vec::new();
+        for f in part {
+            let (first, last) = (f[0], f[f.len() - 1]);
+            let contiguous = f.windows(2).all(|w| w[0].1 + w[0].2 == w[1].1);
+            let plain: &[u8] = if contiguous {
+                &data[first.1..last.1 + last.2]
+            } else {
+                scratch.clear();
+                f.iter()
+                    .for_each(|(_, p, n)| scratch.extend_from_slice(&data[*p..*p + *n]));
+                &scratch
+            };
+            let seg = enc.encode(plain);
+            if seg.codec == cairn_chunk::Codec::Raw && f.len() > 1 {
+                // Not worth compressing: each segment stands alone and reads alone.
+                for &&(d, p, n) in f.iter() {
+                    let seg = EncodedSegment::raw(&data[p..p + n]);
+                    sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
+                    out.push(Upload::single(d, BlobKind::Data, n as u32, seg));
+                }
+                continue;
+            }
+            sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
+            out.push(Upload {
+                kind: BlobKind::Data,
+                members: f.iter().map(|(d, _, n)| (*d, *n as u32)).collect(),
+                seg,
+            });
+        }
+        out
     };
-    let uploads: Vec<Upload> = if split && todo.len() >= 64 {
+    let uploads: Vec<Upload> = if split && frames.len() >= 4 {
         // A helper thread compresses half: for callers whose batches are not already parallel.
-        let (a, b) = todo.split_at(todo.len() / 2);
+        let (a, b) = frames.split_at(frames.len() / 2);
         let level = enc.level();
         std::thread::scope(|sc| {
             let h = sc.spawn(|| encode(&mut Encoder::new(level), b));
@@ -196,7 +233,7 @@ fn process_batch(
             first
         })
     } else {
-        encode(enc, &todo)
+        encode(enc, &frames)
     };
     if !uploads.is_empty() {
         session.upload(uploads)?;
@@ -227,11 +264,8 @@ fn upload_tree(
             .iter()
             .zip(lacking)
             .filter(|(_, l)| *l)
-            .map(|((d, bytes), _)| Upload {
-                digest: *d,
-                kind: BlobKind::Tree,
-                raw_len: bytes.len() as u32,
-                seg: enc.encode(bytes),
+            .map(|((d, bytes), _)| {
+                Upload::single(*d, BlobKind::Tree, bytes.len() as u32, enc.encode(bytes))
             })
             .collect();
         if !ups.is_empty() {

@@ -34,22 +34,24 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use cairn_chunk::Codec;
 use cairn_chunk::container::Record;
 use cairn_chunk::format::{
     BlobKind, INDEX_BLOOM_BITS_PER_RECORD, INDEX_BLOOM_K, INDEX_FENCE_STRIDE, INDEX_HEADER_LEN,
     INDEX_MAGIC, INDEX_RECORD_LEN, INDEX_VERSION,
 };
+use cairn_chunk::{Codec, Member};
 use cairn_types::{ContainerId, Digest};
 
 use crate::error::{Result, VaultError};
 
-/// Where a blob lies.
+/// Where a segment lies: its frame in a container, and its place in the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Location {
     pub container: ContainerId,
     pub offset: u32,
     pub stored_len: u32,
+    pub frame_len: u32,
+    pub inner: u32,
     pub raw_len: u32,
     pub kind: BlobKind,
     pub codec: Codec,
@@ -61,34 +63,54 @@ impl Location {
             container,
             offset: r.offset as u32,
             stored_len: r.stored_len,
+            frame_len: r.frame_len,
+            inner: r.inner,
             raw_len: r.raw_len,
             kind: r.kind,
             codec: r.codec,
         }
     }
 
-    fn encode(&self, d: &Digest, out: &mut Vec<u8>) {
+    pub fn member(&self) -> Member {
+        Member {
+            frame_len: self.frame_len,
+            inner: self.inner,
+            raw_len: self.raw_len,
+        }
+    }
+
+    /// `container` is the location's place in the run's container table.
+    fn encode(&self, d: &Digest, container: u32, out: &mut Vec<u8>) {
         out.extend_from_slice(d.as_bytes());
-        out.extend_from_slice(self.container.as_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(&self.stored_len.to_le_bytes());
-        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        for v in [
+            container,
+            self.offset,
+            self.stored_len,
+            self.frame_len,
+            self.inner,
+            self.raw_len,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
         out.push(self.kind as u8);
         out.push(self.codec as u8);
         out.extend_from_slice(&[0, 0]);
     }
 
-    fn decode(b: &[u8]) -> Option<(Digest, Self)> {
+    fn decode(b: &[u8], containers: &[ContainerId]) -> Option<(Digest, Self)> {
         let d = Digest::from_slice(&b[..32])?;
+        let u = |i: usize| u32::from_le_bytes(b[32 + 4 * i..36 + 4 * i].try_into().expect("4"));
         Some((
             d,
             Self {
-                container: ContainerId::from_slice(&b[32..48])?,
-                offset: u32::from_le_bytes(b[48..52].try_into().ok()?),
-                stored_len: u32::from_le_bytes(b[52..56].try_into().ok()?),
-                raw_len: u32::from_le_bytes(b[56..60].try_into().ok()?),
-                kind: BlobKind::from_u8(b[60])?,
-                codec: Codec::from_u8(b[61])?,
+                container: *containers.get(u(0) as usize)?,
+                offset: u(1),
+                stored_len: u(2),
+                frame_len: u(3),
+                inner: u(4),
+                raw_len: u(5),
+                kind: BlobKind::from_u8(b[56])?,
+                codec: Codec::from_u8(b[57])?,
             },
         ))
     }
@@ -236,7 +258,7 @@ impl Run {
                 std::cmp::Ordering::Less => a = m + 1,
                 std::cmp::Ordering::Greater => b = m,
                 std::cmp::Ordering::Equal => {
-                    return Location::decode(rec(m))
+                    return Location::decode(rec(m), &self.containers)
                         .map(|(_, l)| Some(l))
                         .ok_or_else(|| {
                             VaultError::Corrupt(format!(
@@ -310,7 +332,7 @@ impl Run {
             .map_err(|e| VaultError::io(self.path.display(), "read index run", e))?;
         buf.chunks_exact(INDEX_RECORD_LEN)
             .map(|r| {
-                Location::decode(r).ok_or_else(|| {
+                Location::decode(r, &self.containers).ok_or_else(|| {
                     VaultError::Corrupt(format!("index run {}: bad record", self.path.display()))
                 })
             })
@@ -326,6 +348,13 @@ fn write_run(
 ) -> Result<u64> {
     recs.sort_unstable_by_key(|a| a.0);
     recs.dedup_by(|a, b| a.0 == b.0);
+    // The table lists the containers the run covers and every container a record points
+    // into (a record of an already covered container may be re-added): both are covered.
+    let mut containers = containers.to_vec();
+    containers.extend(recs.iter().map(|(_, l)| l.container));
+    containers.sort_unstable();
+    containers.dedup();
+    let place = |c: &ContainerId| containers.binary_search(c).expect("listed") as u32;
     let mut bloom = Bloom::with_capacity(recs.len());
     recs.iter().for_each(|(d, _)| bloom.insert(d));
     let nf = recs.len().div_ceil(INDEX_FENCE_STRIDE);
@@ -353,7 +382,8 @@ fn write_run(
     recs.iter()
         .step_by(INDEX_FENCE_STRIDE)
         .for_each(|(d, _)| out.extend_from_slice(&key64(d).to_le_bytes()));
-    recs.iter().for_each(|(d, l)| l.encode(d, &mut out));
+    recs.iter()
+        .for_each(|(d, l)| l.encode(d, place(&l.container), &mut out));
     let tmp = path.with_extension("tmp");
     let io = |what| move |e| VaultError::io(path.display(), what, e);
     let mut f = File::create(&tmp).map_err(io("create index run"))?;
@@ -555,6 +585,8 @@ mod tests {
             digest: digest(i),
             offset: 8 + i,
             stored_len: 10,
+            frame_len: 60,
+            inner: 20,
             raw_len: 20,
             kind: BlobKind::Data,
             codec: Codec::Raw,
@@ -579,6 +611,7 @@ mod tests {
         for i in (0..6000).step_by(7) {
             let l = ix.get(&digest(i)).unwrap().expect("present");
             assert_eq!(l.offset, 8 + i as u32);
+            assert_eq!((l.frame_len, l.inner, l.raw_len), (60, 20, 20));
             assert_eq!(l.container, if i < 5000 { c1 } else { c2 });
         }
         let misses = (10_000..20_000)

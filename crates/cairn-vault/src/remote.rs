@@ -180,9 +180,23 @@ impl Vault for RemoteVault {
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
             let frames = wire::decode_download(&body, chunk.len())
                 .map_err(|e| VaultError::Corrupt(format!("fetch answer: {e}")))?;
-            for ((codec, raw_len, bytes), d) in frames.into_iter().zip(chunk) {
+            // A frame is named by the answer that carried it.
+            let mut cache = cairn_chunk::FrameCache::new();
+            let mut carried = (0, None::<&[u8]>);
+            for (i, ((codec, m, bytes), d)) in frames.into_iter().zip(chunk).enumerate() {
+                if let Some(b) = bytes {
+                    carried = (i, Some(b));
+                }
                 // End-to-end check: what arrives must hash to what was asked for.
-                let plain = cairn_chunk::codec::decode(codec, bytes, raw_len as usize, d)
+                let plain = cache
+                    .member(
+                        carried.0,
+                        codec,
+                        // The first answer always carries its frame (decode_download).
+                        || Ok::<_, cairn_chunk::CodecError>(carried.1.unwrap_or_default()),
+                        m,
+                        d,
+                    )
                     .map_err(|e| VaultError::Corrupt(format!("segment from the vault: {e}")))?;
                 out.push(plain);
             }

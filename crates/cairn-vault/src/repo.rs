@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use cairn_chunk::container::{self, Record};
 use cairn_chunk::format::CONTAINER_FOOTER_LEN;
 use cairn_chunk::recipe::Node;
-use cairn_chunk::{ChunkerParams, Entry, codec};
+use cairn_chunk::{ChunkerParams, Entry, FrameCache, codec};
 use cairn_types::{ContainerId, Digest, SnapshotId};
 
 use crate::error::{Result, VaultError};
@@ -40,6 +40,11 @@ impl std::fmt::Debug for Repository {
     }
 }
 
+/// zstd level of new repositories: frames of neighbouring segments at level 3 keep a
+/// repository under restic's size on the benchmark corpus, level 1 does not (docs/BENCHMARKS.md).
+/// Only first backups compress much: incrementals send little.
+pub const DEFAULT_COMPRESSION: i32 = 3;
+
 /// Options for a new repository.
 #[derive(Clone, Debug)]
 pub struct InitOptions {
@@ -51,7 +56,7 @@ impl Default for InitOptions {
     fn default() -> Self {
         Self {
             chunker: ChunkerParams::default(),
-            compression: 1,
+            compression: DEFAULT_COMPRESSION,
         }
     }
 }
@@ -246,21 +251,36 @@ impl Repository {
 
     /// Reads and verifies many blobs, in order, merging reads of neighbouring blobs of one
     /// container into one range read (restores read whole runs of a container at once).
+    /// Each frame is decoded once for a run of its members.
     pub fn read_many(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::with_capacity(digests.len());
+        let mut frames = FrameCache::new();
         self.for_each_stored(digests, |i, loc, stored| {
-            out.push(decode_blob(&digests[i], loc, stored)?);
+            let plain = frames
+                .member(
+                    (loc.container, loc.offset),
+                    loc.codec,
+                    || Ok::<_, cairn_chunk::CodecError>(stored),
+                    loc.member(),
+                    &digests[i],
+                )
+                .map_err(|e| segment_error(&digests[i], loc, e))?;
+            out.push(plain);
             Ok(())
         })?;
         Ok(out)
     }
 
-    /// The stored (still encoded) bytes of blobs, with their locations, for sending to a
-    /// client that verifies them itself. Reads like [`read_many`](Self::read_many).
-    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Vec<u8>)>> {
-        let mut out = Vec::with_capacity(digests.len());
+    /// The stored (still encoded) frames of segments, with their locations, for sending to
+    /// a client that verifies them itself; `None` where the frame is the previous one's.
+    /// Reads like [`read_many`](Self::read_many).
+    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Option<Vec<u8>>)>> {
+        let mut out: Vec<(Location, Option<Vec<u8>>)> = Vec::with_capacity(digests.len());
         self.for_each_stored(digests, |_, loc, stored| {
-            out.push((*loc, stored.to_vec()));
+            let same = out.last().is_some_and(|(l, _)| {
+                (l.container, l.offset) == (loc.container, loc.offset) && !loc.member().is_whole()
+            });
+            out.push((*loc, (!same).then(|| stored.to_vec())));
             Ok(())
         })?;
         Ok(out)
@@ -413,15 +433,22 @@ impl Repository {
     }
 }
 
+/// Decodes one segment from its stored frame.
 pub(crate) fn decode_blob(d: &Digest, loc: &Location, stored: &[u8]) -> Result<Vec<u8>> {
-    codec::decode(loc.codec, stored, loc.raw_len as usize, d).map_err(|source| {
-        VaultError::Segment {
-            digest: *d,
-            container: loc.container,
-            offset: loc.offset,
-            source,
-        }
-    })
+    codec::decode_member(loc.codec, stored, loc.member(), d).map_err(|e| segment_error(d, loc, e))
+}
+
+pub(crate) fn segment_error(
+    d: &Digest,
+    loc: &Location,
+    source: cairn_chunk::CodecError,
+) -> VaultError {
+    VaultError::Segment {
+        digest: *d,
+        container: loc.container,
+        offset: loc.offset,
+        source,
+    }
 }
 
 pub(crate) fn find_in(all: &[SnapshotManifest], spec: &str) -> Result<SnapshotManifest> {

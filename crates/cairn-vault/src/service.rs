@@ -217,7 +217,7 @@ async fn blobs(
     let stored = blocking(move || {
         let mut k = 0;
         for u in ups {
-            k += usize::from(session.put_verified(u.digest, u.kind, u.raw_len, &u.seg)?);
+            k += usize::from(session.put_verified(u.kind, &u.members, &u.seg)?);
         }
         Ok(k)
     })
@@ -274,9 +274,14 @@ async fn fetch(State(s): State<Shared>, body: Bytes) -> ApiResult<Vec<u8>> {
     let digests = wire::decode_digests(&body).map_err(ApiError::bad_request)?;
     let repo = s.repo.clone();
     let blobs = blocking(move || repo.read_many_raw(&digests)).await?;
-    let mut out = Vec::with_capacity(blobs.iter().map(|b| b.1.len() + 9).sum());
+    let mut out = Vec::with_capacity(
+        blobs
+            .iter()
+            .map(|b| b.1.as_ref().map_or(0, Vec::len) + 18)
+            .sum(),
+    );
     for (loc, b) in &blobs {
-        wire::encode_download(&mut out, loc.codec, loc.raw_len, b);
+        wire::encode_download(&mut out, loc.codec, loc.member(), b.as_deref());
     }
     s.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
     Ok(out)

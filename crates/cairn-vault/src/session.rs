@@ -194,24 +194,46 @@ impl BackupSession {
         raw_len: u32,
         seg: &EncodedSegment,
     ) -> Result<bool> {
+        self.put_frame(kind, &[(digest, raw_len)], seg)
+    }
+
+    /// Stores a frame of segments (fingerprint and plaintext length of each, in order) unless
+    /// the vault has every one of them; returns whether it was stored. A frame with some
+    /// members the vault has is stored whole: those members then have two copies, both valid.
+    /// The caller vouches for the fingerprints.
+    pub fn put_frame(
+        &self,
+        kind: BlobKind,
+        members: &[(Digest, u32)],
+        seg: &EncodedSegment,
+    ) -> Result<bool> {
         self.check_error()?;
-        if self.shared.repo.index().contains(&digest)? {
-            return Ok(false);
+        if members.is_empty() {
+            return Err(VaultError::Invalid("a frame without segments".into()));
         }
+        let digests: Vec<Digest> = members.iter().map(|m| m.0).collect();
+        let indexed = self.shared.repo.index().get_many(&digests)?;
         let sealed = {
             let mut st = self.shared.state();
-            if !st.in_flight.insert(digest) {
+            let new: Vec<u32> = members
+                .iter()
+                .zip(&indexed)
+                .filter(|((d, _), l)| l.is_none() && !st.in_flight.contains(d))
+                .map(|((_, n), _)| *n)
+                .collect();
+            if new.is_empty() {
                 return Ok(false);
             }
+            st.in_flight.extend(digests);
             let builder = match kind {
                 BlobKind::Data => {
-                    st.stats.bytes_new += u64::from(raw_len);
-                    st.stats.segments_new += 1;
+                    st.stats.bytes_new += new.iter().map(|&n| u64::from(n)).sum::<u64>();
+                    st.stats.segments_new += new.len() as u64;
                     &mut st.data
                 }
                 BlobKind::Tree => &mut st.tree,
             };
-            builder.push(digest, kind, raw_len, seg);
+            builder.push_frame(kind, members, seg);
             // Full containers are sealed; so is a smaller one when the writer is idle, so
             // that little is left to write (and fsync) at commit.
             if builder.len() >= CONTAINER_TARGET_LEN
@@ -230,23 +252,45 @@ impl BackupSession {
         Ok(true)
     }
 
-    /// Like [`put`](Self::put), but first decodes the blob and checks its fingerprint: for
-    /// blobs from untrusted clients.
+    /// Like [`put_frame`](Self::put_frame), but first decodes the frame and checks every
+    /// member's fingerprint: for frames from untrusted clients. A tree node is a frame of its
+    /// own.
     pub fn put_verified(
         &self,
-        digest: Digest,
         kind: BlobKind,
-        raw_len: u32,
+        members: &[(Digest, u32)],
         seg: &EncodedSegment,
     ) -> Result<bool> {
-        let plain = cairn_chunk::codec::decode(seg.codec, &seg.bytes, raw_len as usize, &digest)
-            .map_err(|e| VaultError::Invalid(format!("rejected upload: {e}")))?;
-        if kind == BlobKind::Tree {
-            Node::decode(&plain)
-                .map_err(|e| VaultError::Invalid(format!("rejected tree node {digest:?}: {e}")))?;
-            self.shared.state().new_nodes.insert(digest, plain);
+        let reject = |e: String| VaultError::Invalid(format!("rejected upload: {e}"));
+        let frame_len: u64 = members.iter().map(|m| u64::from(m.1)).sum();
+        let (first, _) = *members
+            .first()
+            .ok_or_else(|| reject("no segments".into()))?;
+        if frame_len > u64::from(u32::MAX) {
+            return Err(reject(format!("frame of {frame_len} bytes")));
         }
-        self.put(digest, kind, raw_len, seg)
+        let plain =
+            cairn_chunk::codec::decode_frame(seg.codec, &seg.bytes, frame_len as usize, &first)
+                .map_err(|e| reject(e.to_string()))?;
+        let mut inner = 0;
+        for &(d, n) in members {
+            let m = cairn_chunk::Member {
+                frame_len: frame_len as u32,
+                inner,
+                raw_len: n,
+            };
+            cairn_chunk::codec::member_of(&plain, m, &d).map_err(|e| reject(e.to_string()))?;
+            inner += n;
+        }
+        if kind == BlobKind::Tree {
+            if members.len() != 1 {
+                return Err(reject("a tree node must be a frame of its own".into()));
+            }
+            Node::decode(&plain)
+                .map_err(|e| VaultError::Invalid(format!("rejected tree node {first:?}: {e}")))?;
+            self.shared.state().new_nodes.insert(first, plain);
+        }
+        self.put_frame(kind, members, seg)
     }
 
     /// Records an uploaded tree node so `commit` can check the tree below it.

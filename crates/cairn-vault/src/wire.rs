@@ -3,15 +3,21 @@
 //! ```text
 //! digest list : digest[32] × n
 //! lacking     : u8 × n (1 = lacking)
-//! upload      : (digest[32] kind u8 codec u8 raw_len u32 stored_len u32 bytes[stored_len]) × n
-//! download    : (codec u8 raw_len u32 stored_len u32 bytes[stored_len]) × n, in request order
+//! upload      : (kind u8 codec u8 members u32 stored_len u32
+//!                (digest[32] raw_len u32) × members  bytes[stored_len]) × n     one frame each
+//! download    : (codec u8 same u8 frame_len u32 inner u32 raw_len u32 stored_len u32
+//!                bytes[stored_len]) × n, in request order
 //! ```
 //!
-//! All integers little-endian. Parsers check every length against the limits below.
+//! An uploaded frame's members follow one another in its plaintext. A download answers each
+//! digest with the frame that holds it and the segment's place in it; `same = 1` (with
+//! `stored_len = 0`) means "the frame of the previous answer", so a frame is sent once for a
+//! run of its members. All integers little-endian. Parsers check every length against the
+//! limits below.
 
-use cairn_chunk::Codec;
 use cairn_chunk::EncodedSegment;
 use cairn_chunk::format::{BlobKind, SEGMENT_MAX_LEN};
+use cairn_chunk::{Codec, Member};
 use cairn_types::Digest;
 
 use crate::api::Upload;
@@ -38,13 +44,20 @@ pub fn decode_digests(b: &[u8]) -> Result<Vec<Digest>, String> {
 }
 
 pub fn encode_uploads(u: &[Upload]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(u.iter().map(|x| 42 + x.seg.bytes.len()).sum());
+    let mut out = Vec::with_capacity(
+        u.iter()
+            .map(|x| 10 + 36 * x.members.len() + x.seg.bytes.len())
+            .sum(),
+    );
     for x in u {
-        out.extend_from_slice(x.digest.as_bytes());
         out.push(x.kind as u8);
         out.push(x.seg.codec as u8);
-        out.extend_from_slice(&x.raw_len.to_le_bytes());
+        out.extend_from_slice(&(x.members.len() as u32).to_le_bytes());
         out.extend_from_slice(&(x.seg.bytes.len() as u32).to_le_bytes());
+        for (d, n) in &x.members {
+            out.extend_from_slice(d.as_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
+        }
         out.extend_from_slice(&x.seg.bytes);
     }
     out
@@ -65,55 +78,95 @@ fn u32_at(b: &[u8]) -> u32 {
 
 pub fn decode_uploads(mut b: &[u8]) -> Result<Vec<Upload>, String> {
     let mut out = Vec::new();
+    let mut segments = 0usize;
     while !b.is_empty() {
-        if out.len() >= MAX_DIGESTS {
-            return Err("too many blobs in one request".into());
+        let h = take(&mut b, 10, "frame header")?;
+        let kind = BlobKind::from_u8(h[0]).ok_or("unknown blob kind")?;
+        let codec = Codec::from_u8(h[1]).ok_or("unknown codec")?;
+        let n = u32_at(&h[2..6]) as usize;
+        let stored = u32_at(&h[6..10]) as usize;
+        segments += n;
+        if n == 0 || segments > MAX_DIGESTS {
+            return Err(format!(
+                "frame of {n} segments (1..{MAX_DIGESTS} per request)"
+            ));
         }
-        let h = take(&mut b, 42, "blob header")?;
-        let digest = Digest::from_slice(&h[..32]).expect("32");
-        let kind = BlobKind::from_u8(h[32]).ok_or("unknown blob kind")?;
-        let codec = Codec::from_u8(h[33]).ok_or("unknown codec")?;
-        let raw_len = u32_at(&h[34..38]);
-        let stored = u32_at(&h[38..42]) as usize;
-        if stored > SEGMENT_MAX_LEN || raw_len as usize > SEGMENT_MAX_LEN {
-            return Err(format!("blob of {stored} bytes exceeds the limit"));
+        if stored > SEGMENT_MAX_LEN {
+            return Err(format!("frame of {stored} bytes exceeds the limit"));
         }
-        let bytes = take(&mut b, stored, "blob body")?.to_vec();
+        let ms = take(&mut b, n * 36, "frame members")?;
+        let members: Vec<(Digest, u32)> = ms
+            .chunks_exact(36)
+            .map(|m| {
+                (
+                    Digest::from_slice(&m[..32]).expect("32"),
+                    u32_at(&m[32..36]),
+                )
+            })
+            .collect();
+        let total: u64 = members.iter().map(|m| u64::from(m.1)).sum();
+        if total > SEGMENT_MAX_LEN as u64 {
+            return Err(format!(
+                "frame of {total} plaintext bytes exceeds the limit"
+            ));
+        }
+        let bytes = take(&mut b, stored, "frame body")?.to_vec();
         out.push(Upload {
-            digest,
             kind,
-            raw_len,
+            members,
             seg: EncodedSegment { codec, bytes },
         });
     }
     Ok(out)
 }
 
-pub fn encode_download(out: &mut Vec<u8>, codec: Codec, raw_len: u32, bytes: &[u8]) {
+/// Appends the answer for one digest; `bytes` is `None` when the frame is the previous
+/// answer's.
+pub fn encode_download(out: &mut Vec<u8>, codec: Codec, m: Member, bytes: Option<&[u8]>) {
     out.push(codec as u8);
-    out.extend_from_slice(&raw_len.to_le_bytes());
+    out.push(u8::from(bytes.is_none()));
+    for v in [m.frame_len, m.inner, m.raw_len] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let bytes = bytes.unwrap_or_default();
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(bytes);
 }
 
-/// One downloaded blob: codec, plaintext length, stored bytes.
-pub type DownloadedBlob<'a> = (Codec, u32, &'a [u8]);
+/// One downloaded answer: codec, the segment's place in its frame, and the frame's stored
+/// bytes (`None`: the previous answer's frame).
+pub type DownloadedBlob<'a> = (Codec, Member, Option<&'a [u8]>);
 
-/// Parses a download of exactly `n` blobs.
+/// Parses a download of exactly `n` answers.
 pub fn decode_download(mut b: &[u8], n: usize) -> Result<Vec<DownloadedBlob<'_>>, String> {
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let h = take(&mut b, 9, "blob header")?;
+    for i in 0..n {
+        let h = take(&mut b, 18, "answer header")?;
         let codec = Codec::from_u8(h[0]).ok_or("unknown codec")?;
-        let raw_len = u32_at(&h[1..5]);
-        let stored = u32_at(&h[5..9]) as usize;
-        if stored > SEGMENT_MAX_LEN || raw_len as usize > SEGMENT_MAX_LEN {
-            return Err(format!("blob of {stored} bytes exceeds the limit"));
+        let same = match h[1] {
+            0 => false,
+            1 if i > 0 => true,
+            _ => return Err("bad \"same frame\" flag".into()),
+        };
+        let m = Member {
+            frame_len: u32_at(&h[2..6]),
+            inner: u32_at(&h[6..10]),
+            raw_len: u32_at(&h[10..14]),
+        };
+        let stored = u32_at(&h[14..18]) as usize;
+        if stored > SEGMENT_MAX_LEN
+            || m.frame_len as usize > SEGMENT_MAX_LEN
+            || (same && stored != 0)
+        {
+            return Err(format!(
+                "answer of {stored} bytes exceeds the limit or the flag"
+            ));
         }
-        out.push((codec, raw_len, take(&mut b, stored, "blob body")?));
+        let bytes = take(&mut b, stored, "frame body")?;
+        out.push((codec, m, (!same).then_some(bytes)));
     }
     if !b.is_empty() {
-        return Err("trailing bytes after the last blob".into());
+        return Err("trailing bytes after the last answer".into());
     }
     Ok(out)
 }
@@ -133,18 +186,40 @@ mod tests {
 
     #[test]
     fn upload_round_trip() {
-        let u = vec![Upload {
-            digest: Digest([3; 32]),
-            kind: BlobKind::Tree,
-            raw_len: 9,
-            seg: EncodedSegment {
-                codec: Codec::Raw,
-                bytes: vec![1, 2, 3],
+        let seg = EncodedSegment {
+            codec: Codec::Raw,
+            bytes: vec![1, 2, 3],
+        };
+        let u = vec![
+            Upload::single(Digest([3; 32]), BlobKind::Tree, 9, seg.clone()),
+            Upload {
+                kind: BlobKind::Data,
+                members: vec![(Digest([4; 32]), 1), (Digest([5; 32]), 2)],
+                seg,
             },
-        }];
+        ];
         let back = decode_uploads(&encode_uploads(&u)).unwrap();
-        assert_eq!(back[0].digest, u[0].digest);
-        assert_eq!(back[0].seg, u[0].seg);
+        assert_eq!(back.len(), 2);
+        for (a, b) in back.iter().zip(&u) {
+            assert_eq!((a.kind, &a.members, &a.seg), (b.kind, &b.members, &b.seg));
+        }
         assert!(decode_uploads(&encode_uploads(&u)[..20]).is_err());
+    }
+
+    #[test]
+    fn download_round_trip_sends_a_frame_once() {
+        let m = |inner| Member {
+            frame_len: 6,
+            inner,
+            raw_len: 3,
+        };
+        let mut out = Vec::new();
+        encode_download(&mut out, Codec::Raw, m(0), Some(b"abcdef"));
+        encode_download(&mut out, Codec::Raw, m(3), None);
+        let back = decode_download(&out, 2).unwrap();
+        assert_eq!(back[0], (Codec::Raw, m(0), Some(&b"abcdef"[..])));
+        assert_eq!(back[1], (Codec::Raw, m(3), None));
+        // "Same frame" cannot open an answer.
+        assert!(decode_download(&out[24..], 1).is_err());
     }
 }

@@ -7,13 +7,16 @@
 //!    containers, then delete them. A crash at any point leaves every snapshot intact: doomed
 //!    containers are deleted only after nothing in the index points at them.
 //!
+//! A frame is live while any of its segments is: repacking copies live frames whole, with all
+//! their members, so a frame's bytes are never re-encoded.
+//!
 //! GC takes the exclusive repository lock, so it never runs beside a backup session (which
 //! might otherwise reuse a blob GC is about to delete); it fails fast if one is running.
 
 use std::collections::{HashMap, HashSet};
 
 use cairn_chunk::EncodedSegment;
-use cairn_chunk::container::ContainerBuilder;
+use cairn_chunk::container::{ContainerBuilder, Record};
 use cairn_chunk::format::CONTAINER_TARGET_LEN;
 use cairn_types::{ContainerId, Digest};
 
@@ -31,6 +34,11 @@ pub struct GcPlan {
     pub repack: Vec<ContainerId>,
     pub bytes_freed_estimate: u64,
     pub executed: bool,
+}
+
+/// A container's records grouped by frame (members of a frame are consecutive).
+fn frames(recs: &[Record]) -> impl Iterator<Item = &[Record]> {
+    recs.chunk_by(|a, b| a.offset == b.offset)
 }
 
 /// Plans and (unless `dry_run`) runs a GC.
@@ -58,10 +66,9 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
                 continue;
             }
         };
-        let live_bytes: u64 = recs
-            .iter()
-            .filter(|r| live.contains(&r.digest))
-            .map(|r| u64::from(r.stored_len))
+        let live_bytes: u64 = frames(&recs)
+            .filter(|f| f.iter().any(|r| live.contains(&r.digest)))
+            .map(|f| u64::from(f[0].stored_len))
             .sum();
         if live_bytes == 0 {
             plan.delete.push(*c);
@@ -91,16 +98,22 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
     };
     for c in &plan.repack {
         let data = repo.store().get(&container_key(c))?;
-        for r in &repack_records[c] {
-            if !live.contains(&r.digest) || !copied.insert(r.digest) {
+        for f in frames(&repack_records[c]) {
+            let wanted = f
+                .iter()
+                .any(|r| live.contains(&r.digest) && !copied.contains(&r.digest));
+            if !wanted {
                 continue;
             }
+            copied.extend(f.iter().map(|r| r.digest));
+            let r = f[0];
             let blob = &data[r.offset as usize..(r.offset + u64::from(r.stored_len)) as usize];
             let seg = EncodedSegment {
                 codec: r.codec,
                 bytes: blob.to_vec(),
             };
-            builder.push(r.digest, r.kind, r.raw_len, &seg);
+            let members: Vec<(Digest, u32)> = f.iter().map(|m| (m.digest, m.raw_len)).collect();
+            builder.push_frame(r.kind, &members, &seg);
             if builder.len() >= CONTAINER_TARGET_LEN {
                 flush(std::mem::take(&mut builder), &mut new_containers)?;
             }

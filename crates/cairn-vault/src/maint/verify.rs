@@ -3,13 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use cairn_chunk::EntryKind;
 use cairn_chunk::recipe::Node;
+use cairn_chunk::{CodecError, EntryKind, FrameCache};
 use cairn_types::{ContainerId, Digest, SnapshotId};
 
 use crate::error::Result;
 use crate::index::Location;
-use crate::repo::{Repository, container_key, decode_blob};
+use crate::repo::{Repository, container_key, segment_error};
 
 /// One problem found.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,13 +75,24 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
         } else {
             None
         };
+        // Each frame is decoded once for all its members.
+        let mut frames = FrameCache::new();
         for r in &recs {
             let loc = Location::from_record(*c, r);
             if let Some(bytes) = &data {
                 let blob = &bytes[r.offset as usize..(r.offset + u64::from(r.stored_len)) as usize];
                 rep.blobs_checked += 1;
                 rep.bytes_checked += u64::from(r.raw_len);
-                if let Err(e) = decode_blob(&r.digest, &loc, blob) {
+                let got = frames
+                    .member(
+                        r.offset,
+                        r.codec,
+                        || Ok::<_, CodecError>(blob),
+                        r.member(),
+                        &r.digest,
+                    )
+                    .map_err(|e| segment_error(&r.digest, &loc, e));
+                if let Err(e) = got {
                     rep.damage.push(Damage {
                         container: Some(*c),
                         digest: Some(r.digest),
