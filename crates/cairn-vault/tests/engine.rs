@@ -4,7 +4,7 @@ use std::path::Path;
 
 use cairn_types::{Extent, ExtentList};
 use cairn_vault::imager::{self, BackupOptions, NoProgress, RestoreOptions};
-use cairn_vault::maint::PruneOptions;
+use cairn_vault::maint::{GcPlan, PruneOptions};
 use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
 use rand::{RngCore, SeedableRng};
 
@@ -277,19 +277,26 @@ fn gc_frees_forgotten_data_and_keeps_live_data() {
     let sb = backup(&v, &b, dir.path(), "b", None, None);
     let plan = v.gc(true).unwrap();
     assert!(plan.delete.is_empty() && plan.repack.is_empty() && !plan.executed);
-    v.repo.forget(&v.find("a").unwrap().id).unwrap();
-    let plan = v.gc(false).unwrap();
+    let plan = forget_a_and_gc(&v, dir.path(), &sb.id.to_string(), &b);
     assert!(
-        plan.executed && !(plan.delete.is_empty() && plan.repack.is_empty()),
+        !(plan.delete.is_empty() && plan.repack.is_empty()),
         "{plan:?}"
     );
+}
+
+/// Forgets snapshot "a", runs GC, and checks that the repository verifies and `keep`
+/// restores to `want`, also after reopening (the index matches the store).
+fn forget_a_and_gc(v: &LocalVault, dir: &Path, keep: &str, want: &[u8]) -> GcPlan {
+    v.repo.forget(&v.find("a").unwrap().id).unwrap();
+    let plan = v.gc(false).unwrap();
+    assert!(plan.executed, "{plan:?}");
     assert!(v.verify(true).unwrap().ok());
-    assert_eq!(restore(&v, &sb.id.to_string(), dir.path()), b);
-    // Reopen: the index matches the store.
+    assert_eq!(restore(v, keep, dir), want);
     let v2 = LocalVault {
-        repo: Repository::open_dir(&dir.path().join("repo")).unwrap(),
+        repo: Repository::open_dir(&dir.join("repo")).unwrap(),
     };
-    assert_eq!(restore(&v2, "b", dir.path()), b);
+    assert_eq!(restore(&v2, keep, dir), want);
+    plan
 }
 
 #[test]
@@ -381,15 +388,8 @@ fn neighbouring_segments_share_frames_and_gc_keeps_partly_live_frames_whole() {
     let mut y = x[..600 << 10].to_vec();
     y.extend_from_slice(&text((4 << 20) - (600 << 10), 22));
     backup(&v, &y, dir.path(), "b", None, None);
-    v.repo.forget(&v.find("a").unwrap().id).unwrap();
-    let plan = v.gc(false).unwrap();
-    assert!(plan.executed && !plan.repack.is_empty(), "{plan:?}");
-    assert!(v.verify(true).unwrap().ok());
-    assert_eq!(restore(&v, "b", dir.path()), y);
-    let v2 = LocalVault {
-        repo: Repository::open_dir(&dir.path().join("repo")).unwrap(),
-    };
-    assert_eq!(restore(&v2, "b", dir.path()), y);
+    let plan = forget_a_and_gc(&v, dir.path(), "b", &y);
+    assert!(!plan.repack.is_empty(), "{plan:?}");
 }
 
 #[test]
