@@ -127,6 +127,11 @@ impl ContainerBuilder {
         self.buf.extend_from_slice(&seg.bytes);
     }
 
+    /// Whether a frame of `members` segments still fits the record limit readers enforce.
+    pub fn has_room(&self, members: usize) -> bool {
+        self.records.len() + members <= CONTAINER_MAX_RECORDS
+    }
+
     /// Bytes of frames so far (including the header).
     pub fn len(&self) -> usize {
         self.buf.len()
@@ -403,6 +408,27 @@ mod tests {
         bytes[n - 24..n - 8].copy_from_slice(&sum.as_bytes()[..16]);
         let e = parse(&bytes).unwrap_err().to_string();
         assert!(e.contains("members hold 2100 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_container_of_the_most_records_readers_accept_parses() {
+        let mut b = ContainerBuilder::new();
+        let one = EncodedSegment::raw(b"x");
+        let members: Vec<(Digest, u32)> = vec![(fingerprint(b"x"), 1); 1024];
+        let frame = EncodedSegment::raw(&[b'x'; 1024]);
+        while b.has_room(members.len()) {
+            b.push_frame(BlobKind::Data, &members, &frame);
+        }
+        assert_eq!(b.records().len(), CONTAINER_MAX_RECORDS);
+        assert!(!b.has_room(1));
+        let (bytes, recs) = b.finish();
+        assert_eq!(parse(&bytes).unwrap().len(), recs.len());
+        // One more and readers refuse it: the session seals before that.
+        let mut over = ContainerBuilder::new();
+        for _ in 0..=CONTAINER_MAX_RECORDS {
+            over.push(fingerprint(b"x"), BlobKind::Data, 1, &one);
+        }
+        assert!(parse(&over.finish().0).is_err());
     }
 
     #[test]

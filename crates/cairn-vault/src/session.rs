@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use cairn_chunk::container::ContainerBuilder;
-use cairn_chunk::format::{BlobKind, CONTAINER_TARGET_LEN};
+use cairn_chunk::format::{BlobKind, CONTAINER_MAX_RECORDS, CONTAINER_TARGET_LEN};
 use cairn_chunk::recipe::{Node, TreeRoot};
 use cairn_chunk::{ChunkerParams, EncodedSegment, EntryKind};
 use cairn_types::{ContainerId, Digest, SnapshotId};
@@ -213,7 +213,14 @@ impl BackupSession {
         }
         let digests: Vec<Digest> = members.iter().map(|m| m.0).collect();
         let indexed = self.shared.repo.index().get_many(&digests)?;
-        let sealed = {
+        if members.len() > CONTAINER_MAX_RECORDS {
+            return Err(VaultError::Invalid(format!(
+                "a frame of {} segments (at most {CONTAINER_MAX_RECORDS})",
+                members.len()
+            )));
+        }
+        let mut sealed = Vec::new();
+        {
             let mut st = self.shared.state();
             let new: Vec<u32> = members
                 .iter()
@@ -233,6 +240,11 @@ impl BackupSession {
                 }
                 BlobKind::Tree => &mut st.tree,
             };
+            // A container holds at most CONTAINER_MAX_RECORDS segments (what readers accept),
+            // however small they are.
+            if !builder.has_room(members.len()) {
+                sealed.push(std::mem::take(builder));
+            }
             builder.push_frame(kind, members, seg);
             // Full containers are sealed; so is a smaller one when the writer is idle, so
             // that little is left to write (and fsync) at commit.
@@ -241,12 +253,10 @@ impl BackupSession {
                     && builder.len() >= EARLY_SEAL_LEN
                     && self.shared.queued.load(Ordering::Relaxed) == 0)
             {
-                Some(std::mem::take(builder))
-            } else {
-                None
+                sealed.push(std::mem::take(builder));
             }
-        };
-        if let Some(b) = sealed {
+        }
+        for b in sealed {
             self.send(b)?;
         }
         Ok(true)
