@@ -736,7 +736,9 @@ pub struct RestoreStats {
 }
 
 /// Restores snapshot `spec` to `output` (a file, created or replaced atomically; or a block
-/// device, written in place).
+/// device, written in place). Anything else that exists at `output` (a directory, a
+/// character device, a FIFO, a socket) is refused before anything is read: the atomic
+/// replace would put a regular file in its place.
 pub fn restore(
     vault: &dyn Vault,
     spec: &str,
@@ -745,11 +747,16 @@ pub fn restore(
     progress: &dyn Progress,
 ) -> Result<RestoreStats> {
     let started = Instant::now();
+    let existing = std::fs::metadata(output).ok().map(|m| m.file_type());
+    let is_dev = existing.is_some_and(|t| t.is_block_device());
+    if existing.is_some_and(|t| !t.is_file() && !is_dev) {
+        return Err(VaultError::Invalid(format!(
+            "{} exists and is neither a regular file nor a block device: not replacing it",
+            output.display()
+        )));
+    }
     let snap = vault.find(spec)?;
     let entries = vault.entries(&snap)?;
-    let is_dev = std::fs::metadata(output)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
     let target: PathBuf = if is_dev {
         output.to_path_buf()
     } else {

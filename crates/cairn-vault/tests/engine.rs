@@ -432,3 +432,34 @@ fn a_damaged_frame_fails_the_members_it_changes() {
     let out = dir.path().join("out.img");
     assert!(imager::restore(&v, "t", &out, &RestoreOptions::default(), &NoProgress).is_err());
 }
+
+#[test]
+fn restore_refuses_to_replace_what_is_not_a_file_or_block_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    backup(&v, &image(1 << 20, 30), dir.path(), "x", None, None);
+    let sub = dir.path().join("a-directory");
+    std::fs::create_dir(&sub).unwrap();
+    let fifo = dir.path().join("a-fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    let mut targets = vec![sub];
+    if made.is_ok_and(|s| s.success()) {
+        targets.push(fifo);
+    }
+    for t in &targets {
+        let e = imager::restore(&v, "x", t, &RestoreOptions::default(), &NoProgress)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("neither a regular file nor a block device"),
+            "{e}"
+        );
+        let kind = std::fs::symlink_metadata(t).unwrap().file_type();
+        assert!(!kind.is_file(), "{} was replaced", t.display());
+    }
+    // A regular file is replaced as before.
+    let f = dir.path().join("old.img");
+    std::fs::write(&f, b"old").unwrap();
+    imager::restore(&v, "x", &f, &RestoreOptions::default(), &NoProgress).unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), image(1 << 20, 30));
+}
