@@ -30,6 +30,12 @@ MODULES=(virtio_pci virtio_blk virtio_console virtio_scsi sd_mod)
 
 log() { printf 'build-test-guest: %s\n' "$*" >&2; }
 
+# Test binaries run in parallel and may all call this script at once: the first builds while
+# the others wait here, then find the guest up to date.
+mkdir -p "$OUTDIR"
+exec 9>"$OUTDIR/.build.lock"
+flock 9
+
 # The recipe is this script plus its helper: change either and the guest is rebuilt.
 recipe=$(cat "$0" "$HELPER" | sha256sum | cut -d' ' -f1)
 if [[ -f $OUTDIR/stamp && -f $OUTDIR/vmlinux && -f $OUTDIR/initrd.gz ]] &&
