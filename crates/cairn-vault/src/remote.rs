@@ -182,21 +182,15 @@ impl Vault for RemoteVault {
                 .map_err(|e| VaultError::Corrupt(format!("fetch answer: {e}")))?;
             // A frame is named by the answer that carried it.
             let mut cache = cairn_chunk::FrameCache::new();
-            let mut carried = (0, None::<&[u8]>);
+            // (The first answer always carries its frame: decode_download checks.)
+            let mut carried: (usize, &[u8]) = (0, &[]);
             for (i, ((codec, m, bytes), d)) in frames.into_iter().zip(chunk).enumerate() {
                 if let Some(b) = bytes {
-                    carried = (i, Some(b));
+                    carried = (i, b);
                 }
                 // End-to-end check: what arrives must hash to what was asked for.
                 let plain = cache
-                    .member(
-                        carried.0,
-                        codec,
-                        // The first answer always carries its frame (decode_download).
-                        || Ok::<_, cairn_chunk::CodecError>(carried.1.unwrap_or_default()),
-                        m,
-                        d,
-                    )
+                    .member(carried.0, codec, carried.1, m, d)
                     .map_err(|e| VaultError::Corrupt(format!("segment from the vault: {e}")))?;
                 out.push(plain);
             }

@@ -260,7 +260,7 @@ impl Repository {
                 .member(
                     (loc.container, loc.offset),
                     loc.codec,
-                    || Ok::<_, cairn_chunk::CodecError>(stored),
+                    stored,
                     loc.member(),
                     &digests[i],
                 )

@@ -1,7 +1,7 @@
 //! A backup session: the vault side of the fingerprint-first protocol.
 //!
 //! ```text
-//! begin (shared lock) → lacking(digests)* → put(blob)* → commit(root) → manifest visible
+//! begin (shared lock) → lacking(digests)* → put_frame(frame)* → commit(root) → manifest visible
 //! ```
 //!
 //! # Invariants
@@ -183,18 +183,6 @@ impl BackupSession {
             .zip(found)
             .map(|(f, l)| !f && l.is_none())
             .collect())
-    }
-
-    /// Stores a blob unless the vault has it; returns whether it was stored. The caller
-    /// vouches that `digest` is the fingerprint of the plaintext (see [`put_verified`](Self::put_verified)).
-    pub fn put(
-        &self,
-        digest: Digest,
-        kind: BlobKind,
-        raw_len: u32,
-        seg: &EncodedSegment,
-    ) -> Result<bool> {
-        self.put_frame(kind, &[(digest, raw_len)], seg)
     }
 
     /// Stores a frame of segments (fingerprint and plaintext length of each, in order) unless

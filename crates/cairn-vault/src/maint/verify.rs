@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use cairn_chunk::recipe::Node;
-use cairn_chunk::{CodecError, EntryKind, FrameCache};
+use cairn_chunk::{EntryKind, FrameCache};
 use cairn_types::{ContainerId, Digest, SnapshotId};
 
 use crate::error::Result;
@@ -84,13 +84,7 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
                 rep.blobs_checked += 1;
                 rep.bytes_checked += u64::from(r.raw_len);
                 let got = frames
-                    .member(
-                        r.offset,
-                        r.codec,
-                        || Ok::<_, CodecError>(blob),
-                        r.member(),
-                        &r.digest,
-                    )
+                    .member(r.offset, r.codec, blob, r.member(), &r.digest)
                     .map_err(|e| segment_error(&r.digest, &loc, e));
                 if let Err(e) = got {
                     rep.damage.push(Damage {
