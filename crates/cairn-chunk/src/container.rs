@@ -11,6 +11,9 @@
 //! trailer_offset u64 | frames u32 | version u32 | blake3(trailer)[..16] | "CAIRNEND"
 //! ```
 //!
+//! Frames are never empty and lie in write order without overlapping, so consecutive records
+//! of one frame are exactly those with its offset ([`frames`]); parsing checks it.
+//!
 //! Version 1 containers (one segment per blob, flat 52-byte records, `count` = records) are
 //! still read. Containers are immutable once written. A reader checks the footer, the trailer
 //! checksum, that every frame lies between the header and the trailer, and that its members'
@@ -108,6 +111,7 @@ impl ContainerBuilder {
     /// one), encoded as `seg`.
     pub fn push_frame(&mut self, kind: BlobKind, members: &[(Digest, u32)], seg: &EncodedSegment) {
         assert!(!members.is_empty(), "a frame holds at least one segment");
+        assert!(!seg.bytes.is_empty(), "a frame is never empty");
         let frame_len: u32 = members.iter().map(|m| m.1).sum();
         let offset = self.buf.len() as u64;
         let mut inner = 0;
@@ -150,8 +154,8 @@ impl ContainerBuilder {
     pub fn finish(mut self) -> (Vec<u8>, Vec<Record>) {
         let trailer_offset = self.buf.len() as u64;
         let mut trailer = Vec::with_capacity(self.records.len() * CONTAINER_MEMBER_LEN);
-        let mut frames = 0u32;
-        for frame in self.records.chunk_by(|a, b| a.offset == b.offset) {
+        let mut count = 0u32;
+        for frame in frames(&self.records) {
             let f = frame[0];
             trailer.extend_from_slice(&f.offset.to_le_bytes());
             trailer.extend_from_slice(&f.stored_len.to_le_bytes());
@@ -162,17 +166,34 @@ impl ContainerBuilder {
                 trailer.extend_from_slice(m.digest.as_bytes());
                 trailer.extend_from_slice(&m.raw_len.to_le_bytes());
             }
-            frames += 1;
+            count += 1;
         }
         let sum = blake3::hash(&trailer);
         self.buf.extend_from_slice(&trailer);
         self.buf.extend_from_slice(&trailer_offset.to_le_bytes());
-        self.buf.extend_from_slice(&frames.to_le_bytes());
+        self.buf.extend_from_slice(&count.to_le_bytes());
         self.buf.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
         self.buf.extend_from_slice(&sum.as_bytes()[..16]);
         self.buf.extend_from_slice(&CONTAINER_END_MAGIC);
         (self.buf, self.records)
     }
+}
+
+/// A container's records grouped by frame: a frame's members are consecutive and share its
+/// offset, which no other frame has (frames are non-empty and in order; parsing checks it).
+pub fn frames(recs: &[Record]) -> impl Iterator<Item = &[Record]> {
+    recs.chunk_by(|a, b| a.offset == b.offset)
+}
+
+/// Where the next frame may start, after a frame at `offset` of `stored_len` bytes that must
+/// not be empty nor start before `next`.
+fn frame_in_order(offset: u64, stored_len: u32, next: u64) -> Result<u64, String> {
+    if stored_len == 0 || offset < next {
+        return Err(format!(
+            "frame at {offset} is empty or overlaps the one before (which ends at {next})"
+        ));
+    }
+    Ok(offset.saturating_add(u64::from(stored_len)))
 }
 
 /// The parsed footer: where the trailer lies.
@@ -252,10 +273,15 @@ pub fn parse_trailer(trailer: &[u8], footer: &Footer) -> Result<Vec<Record>, For
         return Err(err("checksum mismatch".into()));
     }
     let recs = if footer.version == CONTAINER_VERSION_SINGLE {
-        trailer
+        let recs = trailer
             .chunks_exact(CONTAINER_RECORD_LEN)
             .map(Record::decode_v1)
-            .collect::<Result<Vec<_>, _>>()?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut next = CONTAINER_MAGIC.len() as u64;
+        for r in &recs {
+            next = frame_in_order(r.offset, r.stored_len, next).map_err(err)?;
+        }
+        recs
     } else {
         parse_frames(trailer, footer.count)?
     };
@@ -279,6 +305,7 @@ pub fn parse_trailer(trailer: &[u8], footer: &Footer) -> Result<Vec<Record>, For
 fn parse_frames(mut b: &[u8], frames: u32) -> Result<Vec<Record>, FormatError> {
     let err = |r: String| FormatError::new("container trailer", r);
     let mut recs = Vec::new();
+    let mut next = CONTAINER_MAGIC.len() as u64;
     for i in 0..frames {
         if b.len() < CONTAINER_FRAME_LEN {
             return Err(err(format!("frame {i} is cut short")));
@@ -291,6 +318,8 @@ fn parse_frames(mut b: &[u8], frames: u32) -> Result<Vec<Record>, FormatError> {
             BlobKind::from_u8(h[20]).ok_or_else(|| err(format!("frame {i}: unknown kind")))?;
         let codec =
             Codec::from_u8(h[21]).ok_or_else(|| err(format!("frame {i}: unknown codec")))?;
+        next =
+            frame_in_order(offset, stored_len, next).map_err(|e| err(format!("frame {i}: {e}")))?;
         let mlen = (members as usize).checked_mul(CONTAINER_MEMBER_LEN);
         if members == 0
             || recs.len() + members as usize > CONTAINER_MAX_RECORDS
@@ -429,6 +458,46 @@ mod tests {
             over.push(fingerprint(b"x"), BlobKind::Data, 1, &one);
         }
         assert!(parse(&over.finish().0).is_err());
+    }
+
+    #[test]
+    fn empty_or_overlapping_frames_are_rejected() {
+        // Two one-member frames; the second claims the first's offset, then a zero length.
+        let frame = |offset: u64, stored: u32, d: u8| {
+            let mut t = offset.to_le_bytes().to_vec();
+            t.extend_from_slice(&stored.to_le_bytes());
+            t.extend_from_slice(&4u32.to_le_bytes());
+            t.extend_from_slice(&1u32.to_le_bytes());
+            t.extend_from_slice(&[0, 0, 0, 0]);
+            t.extend_from_slice(&[d; 32]);
+            t.extend_from_slice(&4u32.to_le_bytes());
+            t
+        };
+        let build = |trailer: Vec<u8>| {
+            let mut c = CONTAINER_MAGIC.to_vec();
+            c.extend_from_slice(b"abcdefgh");
+            let at = c.len() as u64;
+            c.extend_from_slice(&trailer);
+            c.extend_from_slice(&at.to_le_bytes());
+            c.extend_from_slice(&2u32.to_le_bytes());
+            c.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
+            c.extend_from_slice(&blake3::hash(&trailer).as_bytes()[..16]);
+            c.extend_from_slice(&CONTAINER_END_MAGIC);
+            parse(&c)
+        };
+        assert_eq!(
+            build([frame(8, 4, 1), frame(12, 4, 2)].concat())
+                .unwrap()
+                .len(),
+            2
+        );
+        for bad in [
+            [frame(8, 4, 1), frame(8, 4, 2)],
+            [frame(8, 4, 1), frame(12, 0, 2)],
+        ] {
+            let e = build(bad.concat()).unwrap_err().to_string();
+            assert!(e.contains("empty or overlaps"), "{e}");
+        }
     }
 
     #[test]

@@ -196,8 +196,9 @@ impl BackupSession {
         seg: &EncodedSegment,
     ) -> Result<bool> {
         self.check_error()?;
-        if members.is_empty() {
-            return Err(VaultError::Invalid("a frame without segments".into()));
+        if members.is_empty() || seg.bytes.is_empty() {
+            // Containers name a frame by its offset: an empty one would share its successor's.
+            return Err(VaultError::Invalid("an empty frame".into()));
         }
         let digests: Vec<Digest> = members.iter().map(|m| m.0).collect();
         let indexed = self.shared.repo.index().get_many(&digests)?;

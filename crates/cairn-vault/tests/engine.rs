@@ -463,3 +463,27 @@ fn restore_refuses_to_replace_what_is_not_a_file_or_block_device() {
     imager::restore(&v, "x", &f, &RestoreOptions::default(), &NoProgress).unwrap();
     assert_eq!(std::fs::read(&f).unwrap(), image(1 << 20, 30));
 }
+
+#[test]
+fn an_empty_frame_is_refused_and_the_session_goes_on() {
+    use cairn_chunk::format::BlobKind;
+    use cairn_chunk::{EncodedSegment, fingerprint};
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let s = cairn_vault::BackupSession::begin(v.repo.clone(), "test").unwrap();
+    // An empty segment hashes correctly, but as a frame of no bytes it would share its
+    // offset with the next frame in the container.
+    let empty = [(fingerprint(b""), 0)];
+    let e = s
+        .put_verified(BlobKind::Data, &empty, &EncodedSegment::raw(b""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty frame"), "{e}");
+    let data = b"one segment".to_vec();
+    let one = [(fingerprint(&data), data.len() as u32)];
+    assert!(
+        s.put_verified(BlobKind::Data, &one, &EncodedSegment::raw(&data))
+            .unwrap()
+    );
+    assert_eq!(s.lacking(&[one[0].0, empty[0].0]).unwrap(), [false, true]);
+}

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 
 use cairn_chunk::EncodedSegment;
-use cairn_chunk::container::{ContainerBuilder, Record};
+use cairn_chunk::container::{ContainerBuilder, frames};
 use cairn_chunk::format::CONTAINER_TARGET_LEN;
 use cairn_types::{ContainerId, Digest};
 
@@ -34,11 +34,6 @@ pub struct GcPlan {
     pub repack: Vec<ContainerId>,
     pub bytes_freed_estimate: u64,
     pub executed: bool,
-}
-
-/// A container's records grouped by frame (members of a frame are consecutive).
-fn frames(recs: &[Record]) -> impl Iterator<Item = &[Record]> {
-    recs.chunk_by(|a, b| a.offset == b.offset)
 }
 
 /// Plans and (unless `dry_run`) runs a GC.
