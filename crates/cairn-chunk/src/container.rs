@@ -460,6 +460,21 @@ mod tests {
         assert!(parse(&over.finish().0).is_err());
     }
 
+    /// A container of `blobs` and a hand-made `trailer` of `count` records or frames, behind
+    /// a valid footer and checksum.
+    fn wrap(blobs: &[u8], trailer: &[u8], count: u32, version: u32) -> Vec<u8> {
+        let mut c = CONTAINER_MAGIC.to_vec();
+        c.extend_from_slice(blobs);
+        let at = c.len() as u64;
+        c.extend_from_slice(trailer);
+        c.extend_from_slice(&at.to_le_bytes());
+        c.extend_from_slice(&count.to_le_bytes());
+        c.extend_from_slice(&version.to_le_bytes());
+        c.extend_from_slice(&blake3::hash(trailer).as_bytes()[..16]);
+        c.extend_from_slice(&CONTAINER_END_MAGIC);
+        c
+    }
+
     #[test]
     fn empty_or_overlapping_frames_are_rejected() {
         // Two one-member frames; the second claims the first's offset, then a zero length.
@@ -473,18 +488,7 @@ mod tests {
             t.extend_from_slice(&4u32.to_le_bytes());
             t
         };
-        let build = |trailer: Vec<u8>| {
-            let mut c = CONTAINER_MAGIC.to_vec();
-            c.extend_from_slice(b"abcdefgh");
-            let at = c.len() as u64;
-            c.extend_from_slice(&trailer);
-            c.extend_from_slice(&at.to_le_bytes());
-            c.extend_from_slice(&2u32.to_le_bytes());
-            c.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
-            c.extend_from_slice(&blake3::hash(&trailer).as_bytes()[..16]);
-            c.extend_from_slice(&CONTAINER_END_MAGIC);
-            parse(&c)
-        };
+        let build = |trailer: Vec<u8>| parse(&wrap(b"abcdefgh", &trailer, 2, CONTAINER_VERSION));
         assert_eq!(
             build([frame(8, 4, 1), frame(12, 4, 2)].concat())
                 .unwrap()
@@ -504,20 +508,12 @@ mod tests {
     fn version_1_containers_are_read() {
         let data = b"old segment".repeat(10);
         let d = fingerprint(&data);
-        let mut v1 = CONTAINER_MAGIC.to_vec();
-        v1.extend_from_slice(&data);
         let mut rec = d.as_bytes().to_vec();
         rec.extend_from_slice(&8u64.to_le_bytes());
         rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
         rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
         rec.extend_from_slice(&[0, 0, 0, 0]);
-        let t = v1.len() as u64;
-        v1.extend_from_slice(&rec);
-        v1.extend_from_slice(&t.to_le_bytes());
-        v1.extend_from_slice(&1u32.to_le_bytes());
-        v1.extend_from_slice(&CONTAINER_VERSION_SINGLE.to_le_bytes());
-        v1.extend_from_slice(&blake3::hash(&rec).as_bytes()[..16]);
-        v1.extend_from_slice(&CONTAINER_END_MAGIC);
+        let v1 = wrap(&data, &rec, 1, CONTAINER_VERSION_SINGLE);
         let recs = parse(&v1).unwrap();
         assert_eq!(recs.len(), 1);
         assert!(recs[0].member().is_whole() && recs[0].raw_len == data.len() as u32);
