@@ -33,6 +33,14 @@ fn settle() {
     assert!(ok, "sync failed");
 }
 
+/// With `PERF_CTL=FIFO` (a `perf record --control fifo:FIFO -D -1` control pipe), profiling
+/// is switched on for the incremental backup only.
+fn perf_ctl(cmd: &str) {
+    if let Some(p) = std::env::var_os("PERF_CTL") {
+        std::fs::write(p, format!("{cmd}\n")).expect("perf control fifo");
+    }
+}
+
 fn apply_changes(disk: &Path, day2: &Path, changed: &Path) -> u64 {
     let src = std::fs::File::open(day2).expect("day2");
     let dst = std::fs::OpenOptions::new()
@@ -123,6 +131,7 @@ fn main() {
         &corpus.join("day2.raw.changed"),
     );
     settle();
+    perf_ctl("enable");
     let t = Instant::now();
     let s2 = agent
         .snapshot(&ReflinkProvider, std::slice::from_ref(&disk), "day2")
@@ -144,6 +153,7 @@ fn main() {
         )
         .unwrap();
     let incr_s = secs(t);
+    perf_ctl("disable");
 
     let restored = out.with_extension("restored.raw");
     imager::restore(

@@ -144,6 +144,10 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
         (**self).prefetch(offset, len)
     }
 
+    fn expect_scattered_reads(&self) {
+        (**self).expect_scattered_reads()
+    }
+
     fn size(&self) -> io::Result<u64> {
         (**self).size()
     }

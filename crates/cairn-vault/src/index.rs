@@ -240,11 +240,17 @@ impl Run {
     }
 
     fn read_records(&self, lo: u64, hi: u64) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; ((hi - lo) as usize) * INDEX_RECORD_LEN];
-        self.file
-            .read_exact_at(&mut buf, self.records_at + lo * INDEX_RECORD_LEN as u64)
-            .map_err(|e| VaultError::io(self.path.display(), "read index run", e))?;
+        let mut buf = Vec::new();
+        self.read_records_into(lo, hi, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Reads records `lo..hi` into `buf` (resized to fit; its memory is reused).
+    fn read_records_into(&self, lo: u64, hi: u64, buf: &mut Vec<u8>) -> Result<()> {
+        buf.resize(((hi - lo) as usize) * INDEX_RECORD_LEN, 0);
+        self.file
+            .read_exact_at(buf, self.records_at + lo * INDEX_RECORD_LEN as u64)
+            .map_err(|e| VaultError::io(self.path.display(), "read index run", e))
     }
 
     /// Binary search for `d` in `recs` (whole records, sorted).
@@ -294,6 +300,7 @@ impl Run {
             })
             .collect();
         let mut k = 0;
+        let mut buf = Vec::new(); // one span's records, reused
         while k < cand.len() {
             let (lo, mut hi) = (cand[k].1, cand[k].2);
             let mut j = k + 1;
@@ -303,7 +310,7 @@ impl Run {
                 hi = hi.max(cand[j].2);
                 j += 1;
             }
-            let buf = self.read_records(lo, hi)?;
+            self.read_records_into(lo, hi, &mut buf)?;
             for &(i, a, b) in &cand[k..j] {
                 let slice = &buf[((a - lo) as usize) * INDEX_RECORD_LEN
                     ..((b - lo) as usize) * INDEX_RECORD_LEN];
