@@ -254,9 +254,12 @@ fn upload_tree(
             nodes.push((d, bytes))
         }
     });
+    let t0 = Instant::now();
     entries.iter().for_each(|&e| b.push(e));
     let root = b.finish();
+    let built = t0.elapsed();
     let mut enc = Encoder::new(1);
+    let (mut raw, mut stored) = (0usize, 0usize);
     for chunk in nodes.chunks(4096) {
         let digests: Vec<Digest> = chunk.iter().map(|n| n.0).collect();
         let lacking = session.lacking(&digests)?;
@@ -265,13 +268,21 @@ fn upload_tree(
             .zip(lacking)
             .filter(|(_, l)| *l)
             .map(|((d, bytes), _)| {
-                Upload::single(*d, BlobKind::Tree, bytes.len() as u32, enc.encode(bytes))
+                raw += bytes.len();
+                let seg = enc.encode(bytes);
+                stored += seg.bytes.len();
+                Upload::single(*d, BlobKind::Tree, bytes.len() as u32, seg)
             })
             .collect();
         if !ups.is_empty() {
             session.upload(ups)?;
         }
     }
+    tracing::debug!(
+        "tree: {} new nodes, {raw} bytes ({stored} stored); built in {built:?}, uploaded in {:?}",
+        nodes.len(),
+        t0.elapsed() - built
+    );
     Ok(root)
 }
 
