@@ -2,7 +2,7 @@
 //! The bytes are also wrapped as the trailer of a container with a valid footer and checksum,
 //! so that the frame parser itself is reached, not only the checksum test.
 #![no_main]
-use cairn_chunk::format::{CONTAINER_END_MAGIC, CONTAINER_MAGIC, CONTAINER_VERSION};
+use cairn_chunk::format::{CONTAINER_MAGIC, CONTAINER_VERSION};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = cairn_chunk::container::parse(data);
@@ -16,12 +16,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let mut c = CONTAINER_MAGIC.to_vec();
         c.resize(CONTAINER_MAGIC.len() + blob, 0xab);
         let at = c.len() as u64;
-        c.extend_from_slice(trailer);
-        c.extend_from_slice(&at.to_le_bytes());
-        c.extend_from_slice(&frames.to_le_bytes());
-        c.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
-        c.extend_from_slice(&cairn_chunk::fingerprint(trailer).as_bytes()[..16]);
-        c.extend_from_slice(&CONTAINER_END_MAGIC);
+        cairn_chunk::container::append_trailer(&mut c, trailer, frames, CONTAINER_VERSION);
         if let Ok(recs) = cairn_chunk::container::parse(&c) {
             // Whatever parses must describe frames inside the blob area whose members add up.
             for r in &recs {

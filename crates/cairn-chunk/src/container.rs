@@ -161,7 +161,6 @@ impl ContainerBuilder {
 
     /// Appends trailer and footer; returns the finished container bytes and its records.
     pub fn finish(mut self) -> (Vec<u8>, Vec<Record>) {
-        let trailer_offset = self.buf.len() as u64;
         let mut trailer = Vec::with_capacity(self.records.len() * CONTAINER_MEMBER_LEN);
         let mut count = 0u32;
         for frame in frames(&self.records) {
@@ -177,15 +176,22 @@ impl ContainerBuilder {
             }
             count += 1;
         }
-        let sum = blake3::hash(&trailer);
-        self.buf.extend_from_slice(&trailer);
-        self.buf.extend_from_slice(&trailer_offset.to_le_bytes());
-        self.buf.extend_from_slice(&count.to_le_bytes());
-        self.buf.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
-        self.buf.extend_from_slice(&sum.as_bytes()[..16]);
-        self.buf.extend_from_slice(&CONTAINER_END_MAGIC);
+        append_trailer(&mut self.buf, &trailer, count, CONTAINER_VERSION);
         (self.buf, self.records)
     }
+}
+
+/// Ends a container whose frames are in `buf`: appends `trailer` (of `count` frames, or of
+/// `count` records in version 1) and the footer that locates and checksums it. The one place
+/// the footer is laid out; tests and the fuzz target use it to wrap hand-made trailers.
+pub fn append_trailer(buf: &mut Vec<u8>, trailer: &[u8], count: u32, version: u32) {
+    let trailer_offset = buf.len() as u64;
+    buf.extend_from_slice(trailer);
+    buf.extend_from_slice(&trailer_offset.to_le_bytes());
+    buf.extend_from_slice(&count.to_le_bytes());
+    buf.extend_from_slice(&version.to_le_bytes());
+    buf.extend_from_slice(&blake3::hash(trailer).as_bytes()[..16]);
+    buf.extend_from_slice(&CONTAINER_END_MAGIC);
 }
 
 /// A container's records grouped by frame: a frame's members are consecutive and share its
@@ -444,7 +450,7 @@ mod tests {
 
     #[test]
     fn members_that_do_not_add_up_are_rejected() {
-        let (mut bytes, _) = sample();
+        let (bytes, _) = sample();
         // The last frame's record says 2100 plaintext bytes; make it 2101 and fix the checksum.
         let footer = parse_footer(
             &bytes[bytes.len() - CONTAINER_FOOTER_LEN..],
@@ -452,12 +458,10 @@ mod tests {
         )
         .unwrap();
         let t = footer.trailer_offset as usize;
-        let last_frame =
-            t + footer.trailer_len() as usize - 3 * CONTAINER_MEMBER_LEN - CONTAINER_FRAME_LEN;
-        bytes[last_frame + 12] += 1;
-        let sum = blake3::hash(&bytes[t..t + footer.trailer_len() as usize]);
-        let n = bytes.len();
-        bytes[n - 24..n - 8].copy_from_slice(&sum.as_bytes()[..16]);
+        let mut trailer = bytes[t..t + footer.trailer_len() as usize].to_vec();
+        let last_frame = trailer.len() - 3 * CONTAINER_MEMBER_LEN - CONTAINER_FRAME_LEN;
+        trailer[last_frame + 12] += 1;
+        let bytes = wrap(&bytes[8..t], &trailer, footer.count, CONTAINER_VERSION);
         let e = parse(&bytes).unwrap_err().to_string();
         assert!(e.contains("members hold 2100 bytes"), "{e}");
     }
@@ -488,13 +492,7 @@ mod tests {
     fn wrap(blobs: &[u8], trailer: &[u8], count: u32, version: u32) -> Vec<u8> {
         let mut c = CONTAINER_MAGIC.to_vec();
         c.extend_from_slice(blobs);
-        let at = c.len() as u64;
-        c.extend_from_slice(trailer);
-        c.extend_from_slice(&at.to_le_bytes());
-        c.extend_from_slice(&count.to_le_bytes());
-        c.extend_from_slice(&version.to_le_bytes());
-        c.extend_from_slice(&blake3::hash(trailer).as_bytes()[..16]);
-        c.extend_from_slice(&CONTAINER_END_MAGIC);
+        append_trailer(&mut c, trailer, count, version);
         c
     }
 

@@ -66,13 +66,11 @@ struct Shared {
     stored: Mutex<u64>,
     /// Containers handed to the writer and not yet written.
     queued: std::sync::atomic::AtomicUsize,
-    /// Buffers of containers already stored, for the next builders (at most `SPARE_BUFFERS`).
-    spare: Mutex<Vec<Vec<u8>>>,
+    /// The buffer of the container stored last, for the next builder: a new container then
+    /// fills memory that is already mapped rather than faulting in (and zeroing) up to
+    /// 17 MiB of fresh pages.
+    spare: Mutex<Option<Vec<u8>>>,
 }
-
-/// Stored containers' buffers kept for reuse: a new container then fills memory that is
-/// already mapped rather than faulting in (and zeroing) up to 17 MiB of fresh pages.
-const SPARE_BUFFERS: usize = 1;
 
 impl Shared {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -81,7 +79,7 @@ impl Shared {
 
     /// A builder for the next container, on a spare buffer when there is one.
     fn builder(&self) -> ContainerBuilder {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
         spare.map_or_else(ContainerBuilder::new, ContainerBuilder::with_buffer)
     }
 }
@@ -106,10 +104,7 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<(ContainerId, ContainerBuilder)
         // After a failure, drain without writing.
         if shared.error.lock().map(|e| e.is_none()).unwrap_or(false) {
             let buf = write_container(&shared, id, builder);
-            let mut spare = shared.spare.lock().unwrap_or_else(|p| p.into_inner());
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(buf);
-            }
+            *shared.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(buf);
         }
         shared.queued.fetch_sub(1, Ordering::Relaxed);
     }
@@ -157,7 +152,7 @@ impl BackupSession {
             error: Mutex::new(None),
             stored: Mutex::new(0),
             queued: std::sync::atomic::AtomicUsize::new(0),
-            spare: Mutex::new(Vec::new()),
+            spare: Mutex::new(None),
         });
         let (tx, rx) = bounded(2);
         let s2 = shared.clone();
@@ -219,14 +214,14 @@ impl BackupSession {
             // Containers name a frame by its offset: an empty one would share its successor's.
             return Err(VaultError::Invalid("an empty frame".into()));
         }
-        let digests: Vec<Digest> = members.iter().map(|m| m.0).collect();
-        let indexed = self.shared.repo.index().get_many(&digests)?;
         if members.len() > CONTAINER_MAX_RECORDS {
             return Err(VaultError::Invalid(format!(
                 "a frame of {} segments (at most {CONTAINER_MAX_RECORDS})",
                 members.len()
             )));
         }
+        let digests: Vec<Digest> = members.iter().map(|m| m.0).collect();
+        let indexed = self.shared.repo.index().get_many(&digests)?;
         let mut sealed = Vec::new();
         {
             let mut st = self.shared.state();
