@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use cairn_types::ReadAt;
-use cairn_vault::imager::{self, BackupOptions, NoProgress};
+use cairn_vault::imager::{self, BackupOptions, NoProgress, ParentRecipe};
 use cairn_vault::{SnapshotManifest, Vault};
 
 use crate::catalog::SnapshotCatalog;
@@ -230,11 +230,27 @@ impl StorageAgent {
                 Err(e) => return Err(e.into()),
             },
         };
+        // The parent's recipe is read while the tracker works (both take a few milliseconds;
+        // an incremental needs both).
+        let mut recipe: Option<std::sync::Arc<ParentRecipe>> = None;
         let (source, changed) = match &parent {
             None => (ChangeSource::Full, None),
-            Some(pm) => {
+            Some(pm) => std::thread::scope(|sc| -> Result<_> {
+                let mut reading = (!req.hints.is_empty()).then(|| {
+                    sc.spawn(|| {
+                        ParentRecipe::read(vault, pm)
+                            .map(std::sync::Arc::new)
+                            .map_err(Box::new)
+                    })
+                });
+                let join = |h: std::thread::ScopedJoinHandle<'_, _>| -> Result<_> {
+                    let r: std::result::Result<_, Box<cairn_vault::VaultError>> =
+                        h.join().map_err(|_| {
+                            cairn_vault::VaultError::Invalid("parent recipe reader panicked".into())
+                        })?;
+                    r.map_err(|e| StorageError::from(*e))
+                };
                 let mut chosen = None;
-                let mut pentries = None;
                 for hint in &req.hints {
                     let set = match changed_extents(snap, hint) {
                         Ok(s) => s,
@@ -245,10 +261,14 @@ impl StorageAgent {
                         }
                     };
                     if let Some(cc) = &req.cross_check {
-                        if pentries.is_none() {
-                            pentries = Some(vault.entries(pm)?);
+                        if recipe.is_none() {
+                            recipe = Some(match reading.take() {
+                                Some(h) => join(h)?,
+                                None => std::sync::Arc::new(ParentRecipe::read(vault, pm)?),
+                            });
                         }
-                        match cross_check(reader, pentries.as_deref().unwrap_or(&[]), &set, cc) {
+                        let entries = &recipe.as_ref().expect("read above").entries;
+                        match cross_check(reader, entries, &set, cc) {
                             Ok(r) => check_read += r.bytes,
                             Err(e @ StorageError::TrackingMismatch { .. }) => {
                                 tracing::warn!("{}: {e}", req.name);
@@ -261,11 +281,14 @@ impl StorageAgent {
                     chosen = Some(set);
                     break;
                 }
-                match chosen {
+                if let Some(h) = reading {
+                    recipe = Some(join(h)?);
+                }
+                Ok(match chosen {
                     Some(set) => (set.source, Some(set.extents)),
                     None => (ChangeSource::RecipeCompare, None),
-                }
-            }
+                })
+            })?,
         };
         let changed_bytes = changed.as_ref().map(|c| c.total_bytes()).unwrap_or(size);
         let mut labels = req.labels.clone();
@@ -279,6 +302,7 @@ impl StorageAgent {
             name: req.name.clone(),
             parent: parent.as_ref().map(|p| p.id.to_string()),
             changed,
+            parent_recipe: recipe,
             chunker: None,
             labels,
             threads: req.threads,

@@ -32,7 +32,7 @@ use cairn_chunk::recipe::TreeBuilder;
 use cairn_chunk::{
     Chunker, ChunkerParams, EncodedSegment, Encoder, Entry, EntryKind, fingerprint, is_zero,
 };
-use cairn_types::{Digest, ExtentList, ReadAt};
+use cairn_types::{Digest, ExtentList, ReadAt, SnapshotId};
 
 use crate::api::{Upload, Vault, VaultSession};
 use crate::error::{Result, VaultError};
@@ -61,11 +61,35 @@ pub struct BackupOptions {
     pub parent: Option<String>,
     /// Regions that may differ from the parent; requires `parent`.
     pub changed: Option<ExtentList>,
+    /// The parent's recipe, when the caller has already read it (the storage agent reads it
+    /// while it asks the change tracker). Used only if it is the recipe of `parent`.
+    pub parent_recipe: Option<std::sync::Arc<ParentRecipe>>,
     /// Overrides the repository's default segmentation (full backups only).
     pub chunker: Option<ChunkerParams>,
     pub labels: std::collections::BTreeMap<String, String>,
     /// Worker threads (0 = one per core).
     pub threads: usize,
+}
+
+/// A snapshot's recipe as an incremental needs it: its entries and the digests of its tree
+/// nodes (nodes the vault therefore has).
+#[derive(Debug)]
+pub struct ParentRecipe {
+    pub snapshot: SnapshotId,
+    pub entries: Vec<Entry>,
+    pub nodes: Vec<Digest>,
+}
+
+impl ParentRecipe {
+    /// Reads the recipe of `parent` from `vault`.
+    pub fn read(vault: &dyn Vault, parent: &SnapshotManifest) -> Result<Self> {
+        let (entries, nodes) = vault.entries_and_nodes(parent)?;
+        Ok(Self {
+            snapshot: parent.id,
+            entries,
+            nodes,
+        })
+    }
 }
 
 const BATCH_BYTES: usize = 4 << 20;
@@ -76,14 +100,18 @@ const INCREMENTAL_BATCH_BYTES: usize = 1 << 20;
 /// A restore starts writeback after every this many bytes written.
 const FLUSH_EVERY: u64 = 64 << 20;
 
-/// How much an incremental reads at a time past a cut it cannot yet tell.
+/// How much an incremental reads at a time past a cut it cannot yet tell, beyond the end of
+/// the parent (where there are no parent boundaries to aim for).
 const READ_STEP: u64 = 16 << 10;
+
+/// What the chunker must see past a cut to be sure of it (an aligned zero block may follow).
+const LOOK_AHEAD: u64 = cairn_chunk::chunker::ZERO_BLOCK as u64;
 
 /// The most an incremental reads with one call.
 const MAX_READ: u64 = 1 << 20;
 
-/// How far past a changed extent an incremental asks the kernel to read ahead: enough for the
-/// re-chunking to realign almost always, so the walk rarely waits for a read of its own.
+/// How far past a changed extent beyond the end of the parent an incremental asks the kernel
+/// to read ahead.
 const PREFETCH_PAST: u64 = 32 << 10;
 
 fn source_err(e: std::io::Error, offset: u64) -> VaultError {
@@ -312,16 +340,27 @@ pub fn backup(
     let (entries, chunker) = match (&parent, &opts.changed) {
         (Some(p), Some(changed)) => {
             let chunker = p.chunker;
-            let (pentries, pnodes) = vault.entries_and_nodes(p)?;
+            let recipe = match &opts.parent_recipe {
+                Some(r) if r.snapshot == p.id => r.clone(),
+                _ => std::sync::Arc::new(ParentRecipe::read(vault, p)?),
+            };
             tracing::debug!(
                 "parent recipe read: {} entries, {} nodes, {:?}",
-                pentries.len(),
-                pnodes.len(),
+                recipe.entries.len(),
+                recipe.nodes.len(),
                 started.elapsed()
             );
-            known_nodes.extend(pnodes);
+            known_nodes.extend(recipe.nodes.iter().copied());
             let e = incremental(
-                &*session, source, size, &pentries, changed, chunker, level, &sent, &mut stats,
+                &*session,
+                source,
+                size,
+                &recipe.entries,
+                changed,
+                chunker,
+                level,
+                &sent,
+                &mut stats,
                 progress,
             )?;
             (e, chunker)
@@ -550,9 +589,17 @@ fn incremental(
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let i = starts.partition_point(|&s| s <= x.offset).saturating_sub(1);
-                    let from = starts[i].min(x.offset);
-                    source.prefetch(from, x.end() - from + PREFETCH_PAST);
+                    let from = starts[first_affected(starts, x.offset)].min(x.offset);
+                    // Through the second parent boundary after the change: the re-chunking
+                    // realigns at the first in four regions of five and by the second in
+                    // nineteen of twenty (the bench corpus, 8 KiB segments). Reading less
+                    // matters: every byte read ahead is a page-cache page filled.
+                    let j = starts.partition_point(|&s| s < x.end());
+                    let to = match starts.get(j + 1) {
+                        Some(&b) => b + LOOK_AHEAD,
+                        None => x.end() + PREFETCH_PAST,
+                    };
+                    source.prefetch(from, to.min(size) - from);
                 }
             });
         }
@@ -589,6 +636,16 @@ fn incremental(
         progress.update(size, size);
         Ok(out)
     })
+}
+
+/// The first parent entry a change at `offset` may have moved: the one holding `offset`, or
+/// an earlier one ending at the aligned zero block that holds `offset`. A cut at an aligned
+/// position depends on whether a zero block follows it (the chunker's only look-ahead), so a
+/// change that makes or unmakes a zero block can move the cut just before that block.
+fn first_affected(starts: &[u64], offset: u64) -> usize {
+    let block = offset - offset % LOOK_AHEAD;
+    // Entry i ends at starts[i + 1]: the first one ending at or after `block`.
+    starts.partition_point(|&s| s < block).saturating_sub(1)
 }
 
 /// New segments of an incremental, with the recipe positions they fill.
@@ -659,8 +716,9 @@ fn walk_changes(
             xi += 1;
             continue;
         }
-        // Copy parent entries that end at or before the change.
-        while pi < parent.len() && starts[pi + 1] <= x.offset && starts[pi + 1] <= size {
+        // Copy parent entries the change cannot have moved (see `first_affected`).
+        let keep_before = x.offset - x.offset % LOOK_AHEAD;
+        while pi < parent.len() && starts[pi + 1] < keep_before && starts[pi + 1] <= size {
             out.push(parent[pi]);
             pi += 1;
         }
@@ -684,12 +742,17 @@ fn walk_changes(
                 .then(|| chunker.cut_prefix(&buf[rel..], cur, have >= size))
                 .flatten();
             let Some(c) = cut else {
-                // At least READ_STEP; through the rest of the changed bytes and READ_STEP past
-                // them when that is more (in one read: fewer calls and fewer re-scans), but at
-                // most MAX_READ at a time.
-                let want = (dirty_until + READ_STEP)
-                    .saturating_sub(have)
-                    .clamp(READ_STEP, MAX_READ);
+                // Through the rest of the changed bytes and on to the next parent boundary
+                // past them (where the re-chunking may realign), and the chunker's look-ahead
+                // past that: one read, no more than the walk can use. At most MAX_READ at a
+                // time.
+                let from = dirty_until.max(have);
+                let until = if from <= psize {
+                    starts[starts.partition_point(|&s| s < from)] + LOOK_AHEAD
+                } else {
+                    have + READ_STEP
+                };
+                let want = until.saturating_sub(have).clamp(1, MAX_READ);
                 let n = want.min(size - have) as usize;
                 let old = buf.len();
                 buf.resize(old + n, 0);

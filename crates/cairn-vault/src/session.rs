@@ -326,7 +326,9 @@ impl BackupSession {
             .map_err(|_| VaultError::Invalid("container writer stopped".into()))
     }
 
-    fn drain(&mut self) -> Result<()> {
+    /// Hands the open containers to the writer and closes its queue; [`Self::drain`] then
+    /// waits for it.
+    fn seal_all(&mut self) -> Result<()> {
         let (data, tree) = {
             let mut st = self.shared.state();
             (std::mem::take(&mut st.data), std::mem::take(&mut st.tree))
@@ -335,6 +337,11 @@ impl BackupSession {
         self.send(data)?;
         self.send(tree)?;
         drop(self.tx.take());
+        Ok(())
+    }
+
+    /// Waits until every container is durable (or the writer failed).
+    fn drain(&mut self) -> Result<()> {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -352,13 +359,17 @@ impl BackupSession {
             ));
         }
         let t0 = Instant::now();
-        self.drain()?;
-        let t_drain = t0.elapsed();
+        // The tree is checked while the writer makes the last containers durable: what it
+        // still holds counts as present (in flight), and nothing is published unless it
+        // then succeeds.
+        self.seal_all()?;
         self.check_tree(&root)?;
         let t_check = t0.elapsed();
+        self.drain()?;
+        let t_drain = t0.elapsed();
         let index_bytes = self.shared.repo.index_mut().flush()?;
         tracing::debug!(
-            "commit: containers durable {t_drain:?}, tree checked {t_check:?}, index flushed {:?}",
+            "commit: tree checked {t_check:?}, containers durable {t_drain:?}, index flushed {:?}",
             t0.elapsed()
         );
         let st = self.shared.state();
@@ -411,6 +422,7 @@ impl BackupSession {
                 root.digest
             )));
         }
+        let t0 = Instant::now();
         let mut stack = vec![(root.digest, root.level, root.size, root.entries)];
         // Data referenced by new leaves, checked in one batch (most of it is the parent's).
         let mut leaf_data: Vec<Digest> = Vec::new();
@@ -460,7 +472,17 @@ impl BackupSession {
                 )));
             }
         }
+        // In flight: handed to the writer, not yet indexed. The writer indexes a container
+        // before it forgets its segments, so a segment is always in one or the other.
+        let walked = t0.elapsed();
+        let referenced = leaf_data.len();
+        leaf_data.retain(|d| !st.in_flight.contains(d));
         let found = repo.index().get_many(&leaf_data)?;
+        tracing::debug!(
+            "tree check: nodes walked in {walked:?}; {referenced} segments referenced, {} looked up in the index in {:?}",
+            leaf_data.len(),
+            t0.elapsed() - walked
+        );
         if let Some((d, _)) = leaf_data.iter().zip(&found).find(|(_, l)| l.is_none()) {
             return Err(VaultError::Invalid(format!(
                 "segment {d:?} referenced but never uploaded"

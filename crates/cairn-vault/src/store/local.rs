@@ -66,8 +66,20 @@ impl LocalStore {
             rand::random::<u64>()
         ));
         let res = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
+            // Large objects bypass the page cache where the file system allows it.
+            let direct = if data.len() >= super::direct::DIRECT_MIN {
+                super::direct::create_with(&tmp, data)?
+            } else {
+                None
+            };
+            let f = match direct {
+                Some(f) => f,
+                None => {
+                    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                    f.write_all(data)?;
+                    f
+                }
+            };
             f.sync_all()
         })();
         if let Err(e) = res {

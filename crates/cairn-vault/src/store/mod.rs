@@ -17,6 +17,7 @@
 //! Every backend passes the one conformance suite in [`conformance`].
 
 pub mod conformance;
+mod direct;
 mod local;
 
 pub use local::LocalStore;
