@@ -86,13 +86,17 @@ impl VaultSession for LocalSession {
     }
 
     fn upload(&self, blobs: Vec<Upload>) -> Result<()> {
-        for b in blobs {
+        let mut nodes = Vec::new();
+        for b in &blobs {
             self.0.put_frame(b.kind, &b.members, &b.seg)?;
             if let (BlobKind::Tree, [(d, n)]) = (b.kind, &b.members[..]) {
-                self.0.note_node(*d, &b.seg, *n)?;
+                nodes.push((*d, &b.seg, *n));
             }
         }
-        Ok(())
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        self.0.note_nodes(&nodes)
     }
 
     fn commit(self: Box<Self>, req: CommitRequest) -> Result<SnapshotManifest> {

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_chunk::format::{BlobKind, FRAME_TARGET_LEN};
-use cairn_chunk::recipe::TreeBuilder;
+use cairn_chunk::recipe::{TreeBuilder, TreeRoot};
 use cairn_chunk::{
     Chunker, ChunkerParams, EncodedSegment, Encoder, Entry, EntryKind, fingerprint, is_zero,
 };
@@ -274,7 +274,7 @@ fn upload_tree(
     session: &dyn VaultSession,
     entries: &[Entry],
     known: &std::collections::HashSet<Digest>,
-) -> Result<cairn_chunk::recipe::TreeRoot> {
+) -> Result<TreeRoot> {
     let mut nodes: Vec<(Digest, Vec<u8>)> = Vec::new();
     // Nodes the parent already has need no question to the vault.
     let mut b = TreeBuilder::new(|d, bytes| {
@@ -286,8 +286,32 @@ fn upload_tree(
     entries.iter().for_each(|&e| b.push(e));
     let root = b.finish();
     let built = t0.elapsed();
-    let mut enc = Encoder::new(1);
-    let (mut raw, mut stored) = (0usize, 0usize);
+    let mut sizes = NodeBytes::default();
+    upload_nodes(session, &mut Encoder::new(1), &nodes, &mut sizes)?;
+    tracing::debug!(
+        "tree: {} new nodes, {} bytes ({} stored); built in {built:?}, uploaded in {:?}",
+        nodes.len(),
+        sizes.raw,
+        sizes.stored,
+        t0.elapsed() - built
+    );
+    Ok(root)
+}
+
+/// Plaintext and stored bytes of the tree nodes a backup uploaded.
+#[derive(Default)]
+struct NodeBytes {
+    raw: usize,
+    stored: usize,
+}
+
+/// Uploads the tree nodes among `nodes` that the vault lacks.
+fn upload_nodes(
+    session: &dyn VaultSession,
+    enc: &mut Encoder,
+    nodes: &[(Digest, Vec<u8>)],
+    sizes: &mut NodeBytes,
+) -> Result<()> {
     for chunk in nodes.chunks(4096) {
         let digests: Vec<Digest> = chunk.iter().map(|n| n.0).collect();
         let lacking = session.lacking(&digests)?;
@@ -296,9 +320,9 @@ fn upload_tree(
             .zip(lacking)
             .filter(|(_, l)| *l)
             .map(|((d, bytes), _)| {
-                raw += bytes.len();
+                sizes.raw += bytes.len();
                 let seg = enc.encode(bytes);
-                stored += seg.bytes.len();
+                sizes.stored += seg.bytes.len();
                 Upload::single(*d, BlobKind::Tree, bytes.len() as u32, seg)
             })
             .collect();
@@ -306,12 +330,7 @@ fn upload_tree(
             session.upload(ups)?;
         }
     }
-    tracing::debug!(
-        "tree: {} new nodes, {raw} bytes ({stored} stored); built in {built:?}, uploaded in {:?}",
-        nodes.len(),
-        t0.elapsed() - built
-    );
-    Ok(root)
+    Ok(())
 }
 
 /// Backs up `source` into `vault`.
@@ -337,7 +356,7 @@ pub fn backup(
     let sent = AtomicU64::new(0);
     let mut stats = BackupStats::default();
     let mut known_nodes = std::collections::HashSet::new();
-    let (entries, chunker) = match (&parent, &opts.changed) {
+    let (root, chunker) = match (&parent, &opts.changed) {
         (Some(p), Some(changed)) => {
             let chunker = p.chunker;
             let recipe = match &opts.parent_recipe {
@@ -351,11 +370,12 @@ pub fn backup(
                 started.elapsed()
             );
             known_nodes.extend(recipe.nodes.iter().copied());
-            let e = incremental(
+            let root = incremental(
                 &*session,
                 source,
                 size,
                 &recipe.entries,
+                &known_nodes,
                 changed,
                 chunker,
                 level,
@@ -363,7 +383,8 @@ pub fn backup(
                 &mut stats,
                 progress,
             )?;
-            (e, chunker)
+            tracing::debug!("recipe tree uploaded: {:?}", started.elapsed());
+            (root, chunker)
         }
         _ => {
             let chunker = opts
@@ -371,7 +392,7 @@ pub fn backup(
                 .or(parent.as_ref().map(|p| p.chunker))
                 .unwrap_or(config.chunker);
             chunker.validate().map_err(VaultError::Invalid)?;
-            let e = full(
+            let entries = full(
                 &*session,
                 source,
                 size,
@@ -382,18 +403,18 @@ pub fn backup(
                 &mut stats,
                 progress,
             )?;
-            (e, chunker)
+            stats.segments = entries.len() as u64;
+            stats.zero_bytes = entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Zero)
+                .map(|e| u64::from(e.len))
+                .sum();
+            tracing::debug!("segments done: {:?}", started.elapsed());
+            let root = upload_tree(&*session, &entries, &known_nodes)?;
+            tracing::debug!("recipe tree uploaded: {:?}", started.elapsed());
+            (root, chunker)
         }
     };
-    stats.segments = entries.len() as u64;
-    stats.zero_bytes = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Zero)
-        .map(|e| u64::from(e.len))
-        .sum();
-    tracing::debug!("segments done: {:?}", started.elapsed());
-    let root = upload_tree(&*session, &entries, &known_nodes)?;
-    tracing::debug!("recipe tree uploaded: {:?}", started.elapsed());
     if root.size != size {
         return Err(VaultError::Invalid(format!(
             "recipe covers {} bytes, image has {size}",
@@ -550,13 +571,14 @@ fn incremental(
     source: &dyn ReadAt,
     size: u64,
     parent: &[Entry],
+    known_nodes: &std::collections::HashSet<Digest>,
     changed: &ExtentList,
     params: ChunkerParams,
     level: i32,
     sent: &AtomicU64,
     stats: &mut BackupStats,
     progress: &dyn Progress,
-) -> Result<Vec<Entry>> {
+) -> Result<TreeRoot> {
     let chunker = Chunker::new(params);
     // Parent entry start offsets; ends[i] = starts[i + 1].
     let mut starts = Vec::with_capacity(parent.len() + 1);
@@ -577,8 +599,9 @@ fn incremental(
     let ext = ExtentList::from_unsorted(ext).clamp(size);
     let ext = ext.as_slice();
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let walk_failed = std::sync::atomic::AtomicBool::new(false);
     source.expect_scattered_reads();
-    std::thread::scope(|sc| -> Result<Vec<Entry>> {
+    std::thread::scope(|sc| -> Result<TreeRoot> {
         // Readahead hints for every region, from a helper thread: a hint blocks while the
         // kernel queues the reads, so the walk below starts at once and finds later regions
         // already in memory.
@@ -604,38 +627,109 @@ fn incremental(
             });
         }
         // Batches go to a worker that hashes, dedups, compresses and uploads them while this
-        // thread reads and cuts the next regions.
+        // thread reads and cuts the next regions. The worker also builds the recipe tree as
+        // entries become final (batches come in recipe order) and uploads finished nodes as
+        // it goes, so that little of the tree is left when the walk ends.
         let (btx, brx) = crossbeam_channel::bounded::<Batch>(8);
         // Processed batches' buffers go back to the walk for reuse.
         let (spare_tx, spare_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
-        let worker = sc.spawn(move || -> Result<Vec<(Vec<usize>, Vec<Entry>)>> {
+        let walk_failed = &walk_failed;
+        let worker = sc.spawn(move || -> Result<(TreeRoot, RecipeCounts)> {
             let mut enc = Encoder::new(level);
-            let mut done = Vec::new();
+            let mut node_enc = Encoder::new(1);
+            let nodes = std::cell::RefCell::new(Vec::<(Digest, Vec<u8>)>::new());
+            // Nodes the parent already has need no question to the vault.
+            let mut tree = TreeBuilder::new(|d, bytes| {
+                if !known_nodes.contains(&d) {
+                    nodes.borrow_mut().push((d, bytes));
+                }
+            });
+            let mut counts = RecipeCounts::default();
+            let mut sizes = NodeBytes::default();
             for b in brx {
                 let es = process_batch(session, &mut enc, &b.data, &b.cuts, sent, true)?;
                 let _ = spare_tx.send(b.data);
-                done.push((b.slots, es));
+                let mut new = es.into_iter();
+                for piece in b.pieces {
+                    match piece {
+                        Piece::Parent(from, to) => {
+                            counts.feed(&mut tree, parent[from..to].iter().copied())
+                        }
+                        Piece::New(n) => counts.feed(&mut tree, new.by_ref().take(n)),
+                    }
+                }
+                if nodes.borrow().len() >= NODE_GROUP {
+                    let group = std::mem::take(&mut *nodes.borrow_mut());
+                    upload_nodes(session, &mut node_enc, &group, &mut sizes)?;
+                }
             }
-            Ok(done)
+            if walk_failed.load(Ordering::Relaxed) {
+                // The walk's error is the one reported; upload nothing more.
+                return Err(VaultError::Invalid("walk failed".into()));
+            }
+            let t = Instant::now();
+            let root = tree.finish();
+            let last = nodes.take();
+            upload_nodes(session, &mut node_enc, &last, &mut sizes)?;
+            tracing::debug!(
+                "tree: {} bytes of new nodes ({} stored), {} nodes left after the walk, uploaded in {:?}",
+                sizes.raw,
+                sizes.stored,
+                last.len(),
+                t.elapsed()
+            );
+            Ok((root, counts))
         });
         let walked = walk_changes(
             source, size, parent, &starts, ext, &chunker, &btx, &spare_rx, progress,
         );
+        walk_failed.store(walked.is_err(), Ordering::Relaxed);
         drop(btx);
         stop.store(true, Ordering::Relaxed);
-        let done = worker
+        let built = worker
             .join()
-            .map_err(|_| VaultError::Invalid("backup worker panicked".into()))??;
-        let (mut out, read) = walked?;
-        for (slots, es) in done {
-            for (slot, e) in slots.into_iter().zip(es) {
-                out[slot] = e;
-            }
-        }
-        stats.bytes_read = read;
+            .map_err(|_| VaultError::Invalid("backup worker panicked".into()));
+        stats.bytes_read = walked?;
+        let (root, counts) = built??;
+        stats.segments = counts.segments;
+        stats.zero_bytes = counts.zero_bytes;
         progress.update(size, size);
-        Ok(out)
+        Ok(root)
     })
+}
+
+/// Tree nodes an incremental's worker collects before it uploads them.
+const NODE_GROUP: usize = 256;
+
+/// Segment counts of a recipe, taken as its tree is built.
+#[derive(Default)]
+struct RecipeCounts {
+    segments: u64,
+    zero_bytes: u64,
+}
+
+impl RecipeCounts {
+    fn feed<F: FnMut(Digest, Vec<u8>)>(
+        &mut self,
+        tree: &mut TreeBuilder<F>,
+        entries: impl Iterator<Item = Entry>,
+    ) {
+        for e in entries {
+            self.segments += 1;
+            if e.kind == EntryKind::Zero {
+                self.zero_bytes += u64::from(e.len);
+            }
+            tree.push(e);
+        }
+    }
+}
+
+/// A run of an incremental's recipe, in order: parent entries `from..to`, or the next `n` new
+/// segments of the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Piece {
+    Parent(usize, usize),
+    New(usize),
 }
 
 /// The first parent entry a change at `offset` may have moved: the one holding `offset`, or
@@ -648,11 +742,12 @@ fn first_affected(starts: &[u64], offset: u64) -> usize {
     starts.partition_point(|&s| s < block).saturating_sub(1)
 }
 
-/// New segments of an incremental, with the recipe positions they fill.
+/// New segments of an incremental, and the part of the recipe they end: the parent entries
+/// before and between them, in order.
 struct Batch {
     data: Vec<u8>,
     cuts: Vec<usize>,
-    slots: Vec<usize>,
+    pieces: Vec<Piece>,
 }
 
 impl Batch {
@@ -669,15 +764,33 @@ impl Batch {
         Self {
             data,
             cuts: Vec::new(),
-            slots: Vec::new(),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// Parent entry `i` comes next in the recipe.
+    fn copy(&mut self, i: usize) {
+        match self.pieces.last_mut() {
+            Some(Piece::Parent(_, to)) if *to == i => *to += 1,
+            _ => self.pieces.push(Piece::Parent(i, i + 1)),
+        }
+    }
+
+    /// A new segment, `data`, comes next in the recipe.
+    fn push(&mut self, data: &[u8]) {
+        self.data.extend_from_slice(data);
+        self.cuts.push(data.len());
+        match self.pieces.last_mut() {
+            Some(Piece::New(n)) => *n += 1,
+            _ => self.pieces.push(Piece::New(1)),
         }
     }
 }
 
-/// The serial part of an incremental: copies the parent's entries, reads and re-chunks each
-/// changed region until a cut realigns with the parent, and sends the new segments to the
-/// worker in batches (their recipe slots hold placeholders until the worker's entries come
-/// back). Returns the recipe and the bytes read.
+/// The serial part of an incremental: reads and re-chunks each changed region until a cut
+/// realigns with the parent, and sends the new segments to the worker in batches, each with
+/// the parent entries that come before and between its segments in the recipe. Returns the
+/// bytes read.
 #[allow(clippy::too_many_arguments)]
 fn walk_changes(
     source: &dyn ReadAt,
@@ -689,13 +802,12 @@ fn walk_changes(
     batches: &crossbeam_channel::Sender<Batch>,
     spare: &crossbeam_channel::Receiver<Vec<u8>>,
     progress: &dyn Progress,
-) -> Result<(Vec<Entry>, u64)> {
+) -> Result<u64> {
     let psize = *starts.last().expect("starts ends with the parent size");
     let is_boundary = |o: u64| starts.binary_search(&o).is_ok();
-    let mut out: Vec<Entry> = Vec::with_capacity(parent.len() + 1024);
     let mut batch = Batch::new(None);
     let send = |batch: &mut Batch| -> Result<()> {
-        if batch.cuts.is_empty() {
+        if batch.pieces.is_empty() {
             return Ok(());
         }
         let full = std::mem::replace(batch, Batch::new(spare.try_recv().ok()));
@@ -719,7 +831,7 @@ fn walk_changes(
         // Copy parent entries the change cannot have moved (see `first_affected`).
         let keep_before = x.offset - x.offset % LOOK_AHEAD;
         while pi < parent.len() && starts[pi + 1] < keep_before && starts[pi + 1] <= size {
-            out.push(parent[pi]);
+            batch.copy(pi);
             pi += 1;
         }
         let start = if pi < parent.len() {
@@ -764,10 +876,7 @@ fn walk_changes(
                 read += n as u64;
                 continue;
             };
-            batch.data.extend_from_slice(&buf[rel..rel + c]);
-            batch.cuts.push(c);
-            batch.slots.push(out.len());
-            out.push(Entry::zero(c as u32)); // placeholder, filled from the worker's entries
+            batch.push(&buf[rel..rel + c]);
             cur += c as u64;
             while xi + 1 < ext.len() && ext[xi + 1].offset < cur {
                 xi += 1;
@@ -795,17 +904,17 @@ fn walk_changes(
         }
         xi += 1;
     }
+    while pi < parent.len() && starts[pi + 1] <= size && pos < size {
+        batch.copy(pi);
+        pi += 1;
+    }
     send(&mut batch)?;
     tracing::debug!(
         "walked {} changed regions in {:?}: {read} bytes read in {reading:?}, {waiting:?} waiting for the worker",
         ext.len(),
         walk_started.elapsed()
     );
-    while pi < parent.len() && starts[pi + 1] <= size && pos < size {
-        out.push(parent[pi]);
-        pi += 1;
-    }
-    Ok((out, read))
+    Ok(read)
 }
 
 /// Options of one restore.

@@ -55,6 +55,11 @@ struct State {
     tree: ContainerBuilder,
     in_flight: HashSet<Digest>,
     new_nodes: HashMap<Digest, Vec<u8>>,
+    /// New leaves whose data was all present (indexed or in flight) when they were noted,
+    /// with the bytes and entries each covers: `commit` need not look their data up again.
+    /// (Present stays present: the session's shared lock keeps GC out, and a container the
+    /// writer fails to write fails the commit.)
+    checked_leaves: HashMap<Digest, (u64, u64)>,
     stats: BackupStats,
 }
 
@@ -147,6 +152,7 @@ impl BackupSession {
                 tree: ContainerBuilder::new(),
                 in_flight: HashSet::new(),
                 new_nodes: HashMap::new(),
+                checked_leaves: HashMap::new(),
                 stats: BackupStats::default(),
             }),
             error: Mutex::new(None),
@@ -306,11 +312,55 @@ impl BackupSession {
         self.put_frame(kind, members, seg)
     }
 
-    /// Records an uploaded tree node so `commit` can check the tree below it.
-    pub fn note_node(&self, digest: Digest, seg: &EncodedSegment, raw_len: u32) -> Result<()> {
-        let plain = cairn_chunk::codec::decode(seg.codec, &seg.bytes, raw_len as usize, &digest)
-            .map_err(|e| VaultError::Invalid(format!("tree node {digest:?}: {e}")))?;
-        self.shared.state().new_nodes.insert(digest, plain);
+    /// Records uploaded tree nodes (digest, encoded node, plaintext length) so that `commit`
+    /// can check the tree below them. The data of new leaves is looked up now, while the
+    /// backup is still running, rather than all at once at commit.
+    pub fn note_nodes(&self, nodes: &[(Digest, &EncodedSegment, u32)]) -> Result<()> {
+        let mut leaves: Vec<(Digest, u64, u64, std::ops::Range<usize>)> = Vec::new();
+        let mut data: Vec<Digest> = Vec::new();
+        let mut plains = Vec::with_capacity(nodes.len());
+        for &(digest, seg, raw_len) in nodes {
+            let plain =
+                cairn_chunk::codec::decode(seg.codec, &seg.bytes, raw_len as usize, &digest)
+                    .map_err(|e| VaultError::Invalid(format!("tree node {digest:?}: {e}")))?;
+            // A node that does not decode is left to `commit`, which refuses it.
+            if let Ok(Node::Leaf(es)) = Node::decode(&plain) {
+                let from = data.len();
+                data.extend(
+                    es.iter()
+                        .filter(|e| e.kind == EntryKind::Data)
+                        .map(|e| e.digest),
+                );
+                let span = es.iter().map(|e| u64::from(e.len)).sum();
+                leaves.push((digest, span, es.len() as u64, from..data.len()));
+            }
+            plains.push((digest, plain));
+        }
+        // In flight first, then the index: the writer indexes a container before it forgets
+        // its segments, so a present segment is always found in one or the other.
+        let in_flight: Vec<bool> = {
+            let st = self.shared.state();
+            data.iter().map(|d| st.in_flight.contains(d)).collect()
+        };
+        let ask: Vec<Digest> = data
+            .iter()
+            .zip(&in_flight)
+            .filter(|(_, f)| !**f)
+            .map(|(d, _)| *d)
+            .collect();
+        let found = self.shared.repo.index().get_many(&ask)?;
+        let mut answers = found.iter();
+        let present: Vec<bool> = in_flight
+            .iter()
+            .map(|&f| f || answers.next().is_some_and(|l| l.is_some()))
+            .collect();
+        let mut st = self.shared.state();
+        for (digest, span, count, r) in leaves {
+            if present[r].iter().all(|&p| p) {
+                st.checked_leaves.insert(digest, (span, count));
+            }
+        }
+        st.new_nodes.extend(plains);
         Ok(())
     }
 
@@ -427,6 +477,16 @@ impl BackupSession {
         // Data referenced by new leaves, checked in one batch (most of it is the parent's).
         let mut leaf_data: Vec<Digest> = Vec::new();
         while let Some((d, level, span, count)) = stack.pop() {
+            if let (0, Some(&got)) = (level, st.checked_leaves.get(&d)) {
+                // A new leaf whose data was found when it was uploaded.
+                if got != (span, count) {
+                    return Err(VaultError::Invalid(format!(
+                        "tree node {d:?} covers {} bytes / {} entries, parent says {span} / {count}",
+                        got.0, got.1
+                    )));
+                }
+                continue;
+            }
             let Some(bytes) = st.new_nodes.get(&d) else {
                 continue;
             }; // pre-existing: complete
@@ -477,7 +537,22 @@ impl BackupSession {
         let walked = t0.elapsed();
         let referenced = leaf_data.len();
         leaf_data.retain(|d| !st.in_flight.contains(d));
-        let found = repo.index().get_many(&leaf_data)?;
+        let index = repo.index();
+        let found = if leaf_data.len() >= 16 << 10 {
+            // Most of an incremental's leaves are the parent's segments: tens of thousands of
+            // lookups, split over two threads (the writer is only waiting for the disk now).
+            let (a, b) = leaf_data.split_at(leaf_data.len() / 2);
+            let index: &crate::index::Index = &index;
+            std::thread::scope(|sc| -> Result<Vec<_>> {
+                let second = sc.spawn(|| index.get_many(b));
+                let mut found = index.get_many(a)?;
+                found.extend(second.join().expect("index lookup thread")?);
+                Ok(found)
+            })?
+        } else {
+            index.get_many(&leaf_data)?
+        };
+        drop(index);
         tracing::debug!(
             "tree check: nodes walked in {walked:?}; {referenced} segments referenced, {} looked up in the index in {:?}",
             leaf_data.len(),

@@ -523,3 +523,64 @@ fn scattered_small_edits_match_a_full() {
         incremental_matching_full(&v, dir.path(), &s1, &img2, changes);
     }
 }
+
+/// A commit checks that every segment a new leaf names is stored, whether the leaf came
+/// before its data (checked at commit) or after it (checked when the leaf was uploaded).
+#[test]
+fn a_leaf_naming_a_missing_segment_fails_the_commit() {
+    use cairn_chunk::format::BlobKind;
+    use cairn_chunk::recipe::{Node, TreeRoot};
+    use cairn_chunk::{EncodedSegment, Entry, fingerprint};
+    use cairn_vault::Upload;
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault(dir.path());
+    let data = b"a stored segment".to_vec();
+    let stored = fingerprint(&data);
+    let upload_data = |s: &dyn cairn_vault::VaultSession| {
+        s.upload(vec![Upload::single(
+            stored,
+            BlobKind::Data,
+            data.len() as u32,
+            EncodedSegment::raw(&data),
+        )])
+        .unwrap();
+    };
+    let commit = |s: Box<dyn cairn_vault::VaultSession>, entries: Vec<Entry>, leaf_first: bool| {
+        let bytes = Node::Leaf(entries.clone()).encode();
+        let digest = fingerprint(&bytes);
+        let node = Upload::single(
+            digest,
+            BlobKind::Tree,
+            bytes.len() as u32,
+            EncodedSegment::raw(&bytes),
+        );
+        if leaf_first {
+            s.upload(vec![node]).unwrap();
+            upload_data(&*s);
+        } else {
+            upload_data(&*s);
+            s.upload(vec![node]).unwrap();
+        }
+        s.commit(cairn_vault::CommitRequest {
+            name: "t".into(),
+            root: Some(TreeRoot {
+                digest,
+                level: 0,
+                size: entries.iter().map(|e| u64::from(e.len)).sum(),
+                entries: entries.len() as u64,
+            }),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())
+    };
+    let good = vec![Entry::data(stored, data.len() as u32)];
+    let bad = vec![
+        Entry::data(stored, data.len() as u32),
+        Entry::data(fingerprint(b"never uploaded"), 14),
+    ];
+    for leaf_first in [false, true] {
+        commit(v.begin("t").unwrap(), good.clone(), leaf_first).unwrap();
+        let e = commit(v.begin("t").unwrap(), bad.clone(), leaf_first).unwrap_err();
+        assert!(e.contains("never uploaded"), "{e}");
+    }
+}
