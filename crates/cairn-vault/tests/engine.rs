@@ -165,16 +165,21 @@ fn incremental_with_large_and_adjacent_extents_matches_a_full() {
         (9 << 20, 4096, true),
         ((12 << 20) - 4096, 4096, false),
     ];
-    let mut changes = Vec::new();
-    for (off, len, zero) in edits {
-        if zero {
-            img2[off..off + len].fill(0);
-        } else {
-            rng.fill_bytes(&mut img2[off..off + len]);
-        }
-        changes.push(Extent::new(off as u64, len as u64));
-    }
+    let changes = edits
+        .into_iter()
+        .map(|(off, len, zero)| edit(&mut img2, &mut rng, off, len, zero))
+        .collect();
     incremental_matching_full(&v, dir.path(), &s1, &img2, changes);
+}
+
+/// Overwrites `img[off..off + len]` with zeros or random bytes; returns the changed extent.
+fn edit(img: &mut [u8], rng: &mut impl RngCore, off: usize, len: usize, zero: bool) -> Extent {
+    if zero {
+        img[off..off + len].fill(0);
+    } else {
+        rng.fill_bytes(&mut img[off..off + len]);
+    }
+    Extent::new(off as u64, len as u64)
 }
 
 #[test]
@@ -510,15 +515,12 @@ fn scattered_small_edits_match_a_full() {
         for i in 0..300 {
             let len = 1 + (rng.next_u32() as usize % 6000);
             let off = rng.next_u32() as usize % (img2.len() - len);
-            if i % 7 == 0 {
-                // An aligned zero block.
-                let off = off / 4096 * 4096;
-                img2[off..off + 4096].fill(0);
-                changes.push(Extent::new(off as u64, 4096));
+            // Every seventh edit is an aligned zero block.
+            changes.push(if i % 7 == 0 {
+                edit(&mut img2, &mut rng, off / 4096 * 4096, 4096, true)
             } else {
-                rng.fill_bytes(&mut img2[off..off + len]);
-                changes.push(Extent::new(off as u64, len as u64));
-            }
+                edit(&mut img2, &mut rng, off, len, false)
+            });
         }
         incremental_matching_full(&v, dir.path(), &s1, &img2, changes);
     }
