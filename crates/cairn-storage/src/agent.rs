@@ -236,6 +236,7 @@ impl StorageAgent {
         let (source, changed) = match &parent {
             None => (ChangeSource::Full, None),
             Some(pm) => std::thread::scope(|sc| -> Result<_> {
+                // Hints are tried only if there are some; without, no recipe is needed.
                 let mut reading = (!req.hints.is_empty()).then(|| {
                     sc.spawn(|| {
                         ParentRecipe::read(vault, pm)
@@ -243,12 +244,15 @@ impl StorageAgent {
                             .map_err(Box::new)
                     })
                 });
-                let join = |h: std::thread::ScopedJoinHandle<'_, _>| -> Result<_> {
-                    let r: std::result::Result<_, Box<cairn_vault::VaultError>> =
-                        h.join().map_err(|_| {
+                // Waits for the reader once; later calls find the recipe already there.
+                let mut wait = |recipe: &mut Option<std::sync::Arc<ParentRecipe>>| -> Result<()> {
+                    if let Some(h) = reading.take() {
+                        let r = h.join().map_err(|_| {
                             cairn_vault::VaultError::Invalid("parent recipe reader panicked".into())
                         })?;
-                    r.map_err(|e| StorageError::from(*e))
+                        *recipe = Some(r.map_err(|e| StorageError::from(*e))?);
+                    }
+                    Ok(())
                 };
                 let mut chosen = None;
                 for hint in &req.hints {
@@ -261,13 +265,8 @@ impl StorageAgent {
                         }
                     };
                     if let Some(cc) = &req.cross_check {
-                        if recipe.is_none() {
-                            recipe = Some(match reading.take() {
-                                Some(h) => join(h)?,
-                                None => std::sync::Arc::new(ParentRecipe::read(vault, pm)?),
-                            });
-                        }
-                        let entries = &recipe.as_ref().expect("read above").entries;
+                        wait(&mut recipe)?;
+                        let entries = &recipe.as_ref().expect("read while there are hints").entries;
                         match cross_check(reader, entries, &set, cc) {
                             Ok(r) => check_read += r.bytes,
                             Err(e @ StorageError::TrackingMismatch { .. }) => {
@@ -281,9 +280,7 @@ impl StorageAgent {
                     chosen = Some(set);
                     break;
                 }
-                if let Some(h) = reading {
-                    recipe = Some(join(h)?);
-                }
+                wait(&mut recipe)?;
                 Ok(match chosen {
                     Some(set) => (set.source, Some(set.extents)),
                     None => (ChangeSource::RecipeCompare, None),

@@ -336,24 +336,11 @@ impl BackupSession {
             }
             plains.push((digest, plain));
         }
-        // In flight first, then the index: the writer indexes a container before it forgets
-        // its segments, so a present segment is always found in one or the other.
         let in_flight: Vec<bool> = {
             let st = self.shared.state();
             data.iter().map(|d| st.in_flight.contains(d)).collect()
         };
-        let ask: Vec<Digest> = data
-            .iter()
-            .zip(&in_flight)
-            .filter(|(_, f)| !**f)
-            .map(|(d, _)| *d)
-            .collect();
-        let found = self.shared.repo.index().get_many(&ask)?;
-        let mut answers = found.iter();
-        let present: Vec<bool> = in_flight
-            .iter()
-            .map(|&f| f || answers.next().is_some_and(|l| l.is_some()))
-            .collect();
+        let present = present(&self.shared.repo.index(), &data, &in_flight)?;
         let mut st = self.shared.state();
         for (digest, span, count, r) in leaves {
             if present[r].iter().all(|&p| p) {
@@ -532,39 +519,55 @@ impl BackupSession {
                 )));
             }
         }
-        // In flight: handed to the writer, not yet indexed. The writer indexes a container
-        // before it forgets its segments, so a segment is always in one or the other.
         let walked = t0.elapsed();
-        let referenced = leaf_data.len();
-        leaf_data.retain(|d| !st.in_flight.contains(d));
-        let index = repo.index();
-        let found = if leaf_data.len() >= 16 << 10 {
-            // Most of an incremental's leaves are the parent's segments: tens of thousands of
-            // lookups, split over two threads (the writer is only waiting for the disk now).
-            let (a, b) = leaf_data.split_at(leaf_data.len() / 2);
-            let index: &crate::index::Index = &index;
-            std::thread::scope(|sc| -> Result<Vec<_>> {
-                let second = sc.spawn(|| index.get_many(b));
-                let mut found = index.get_many(a)?;
-                found.extend(second.join().expect("index lookup thread")?);
-                Ok(found)
-            })?
-        } else {
-            index.get_many(&leaf_data)?
-        };
-        drop(index);
+        let in_flight: Vec<bool> = leaf_data.iter().map(|d| st.in_flight.contains(d)).collect();
+        let present = present(&repo.index(), &leaf_data, &in_flight)?;
         tracing::debug!(
-            "tree check: nodes walked in {walked:?}; {referenced} segments referenced, {} looked up in the index in {:?}",
+            "tree check: nodes walked in {walked:?}; {} segments referenced by leaves not checked on upload, looked up in {:?}",
             leaf_data.len(),
             t0.elapsed() - walked
         );
-        if let Some((d, _)) = leaf_data.iter().zip(&found).find(|(_, l)| l.is_none()) {
+        if let Some((d, _)) = leaf_data.iter().zip(&present).find(|(_, p)| !**p) {
             return Err(VaultError::Invalid(format!(
                 "segment {d:?} referenced but never uploaded"
             )));
         }
         Ok(())
     }
+}
+
+/// Which of `digests` are stored or on their way: flagged `in_flight` (handed to the writer,
+/// not yet indexed) or found in `index`. Callers read the flags first: the writer indexes a
+/// container before it forgets its segments, so a segment is always in one or the other.
+/// Tens of thousands of lookups (an incremental's leaves are mostly the parent's segments) use
+/// two threads.
+fn present(
+    index: &crate::index::Index,
+    digests: &[Digest],
+    in_flight: &[bool],
+) -> Result<Vec<bool>> {
+    let ask: Vec<Digest> = digests
+        .iter()
+        .zip(in_flight)
+        .filter(|(_, f)| !**f)
+        .map(|(d, _)| *d)
+        .collect();
+    let found = if ask.len() >= 16 << 10 {
+        let (a, b) = ask.split_at(ask.len() / 2);
+        std::thread::scope(|sc| -> Result<Vec<_>> {
+            let second = sc.spawn(|| index.get_many(b));
+            let mut found = index.get_many(a)?;
+            found.extend(second.join().expect("index lookup thread")?);
+            Ok(found)
+        })?
+    } else {
+        index.get_many(&ask)?
+    };
+    let mut answers = found.iter();
+    Ok(in_flight
+        .iter()
+        .map(|&f| f || answers.next().is_some_and(|l| l.is_some()))
+        .collect())
 }
 
 impl Drop for BackupSession {

@@ -1,0 +1,564 @@
+//! Backup and restore of disk images against any [`Vault`]: the client side of the
+//! fingerprint-first protocol, used by the CLI and the storage agent.
+//!
+//! **Full backup**: a reader thread cuts the image into segments; worker threads fingerprint
+//! them, ask the vault which it lacks, compress only those and upload them; the main thread
+//! puts the entries in order, builds the recipe tree and commits.
+//!
+//! **Incremental backup** (`parent` + changed extents): only the changed extents are read, each
+//! widened to the parent's segment boundary before it and re-chunked until a cut point falls
+//! back on one of the parent's boundaries; every other entry is the parent's. The result is a
+//! synthetic full: a complete recipe that shares all unchanged tree nodes with the parent.
+//! Three threads share the work: a helper hints readahead of every region up front (scattered
+//! reads are latency-bound), the walk reads each region only as far as the chunker needs
+//! ([`Chunker::cut_prefix`]) and cuts it, and a worker hashes, dedups, compresses and uploads
+//! the new segments in batches while the walk goes on.
+//!
+//! **Restore**: the recipe is split into batches that worker threads fetch (verified against
+//! their digests) and write with positional writes; zero entries are left as holes. The output
+//! is written under a temporary name and renamed only when complete, so a failed restore never
+//! leaves a plausible-looking wrong image.
+//!
+//! This file holds the shared parts and the full backup; `incremental.rs` the walk of changed
+//! regions, `restore.rs` the restore.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use cairn_chunk::format::{BlobKind, FRAME_TARGET_LEN};
+use cairn_chunk::recipe::{TreeBuilder, TreeRoot};
+use cairn_chunk::{
+    Chunker, ChunkerParams, EncodedSegment, Encoder, Entry, EntryKind, fingerprint, is_zero,
+};
+use cairn_types::{Digest, ExtentList, ReadAt, SnapshotId};
+
+use crate::api::{Upload, Vault, VaultSession};
+use crate::error::{Result, VaultError};
+use crate::manifest::{BackupStats, SnapshotManifest};
+use crate::session::CommitRequest;
+
+mod incremental;
+mod restore;
+
+use incremental::incremental;
+
+pub use restore::{RestoreOptions, RestoreStats, restore};
+
+/// Progress reports; implementations must be cheap (called per batch).
+pub trait Progress: Send + Sync {
+    /// `done` of `total` bytes processed.
+    fn update(&self, done: u64, total: u64);
+}
+
+/// No progress reporting.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&self, _: u64, _: u64) {}
+}
+
+/// Options of one image backup (shared by CLI, API and config).
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    pub name: String,
+    /// Snapshot spec (id, prefix or name) of the parent.
+    pub parent: Option<String>,
+    /// Regions that may differ from the parent; requires `parent`.
+    pub changed: Option<ExtentList>,
+    /// The parent's recipe, when the caller has already read it (the storage agent reads it
+    /// while it asks the change tracker). Used only if it is the recipe of `parent`.
+    pub parent_recipe: Option<std::sync::Arc<ParentRecipe>>,
+    /// Overrides the repository's default segmentation (full backups only).
+    pub chunker: Option<ChunkerParams>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Worker threads (0 = one per core).
+    pub threads: usize,
+}
+
+/// A snapshot's recipe as an incremental needs it: its entries and the digests of its tree
+/// nodes (nodes the vault therefore has).
+#[derive(Debug)]
+pub struct ParentRecipe {
+    pub snapshot: SnapshotId,
+    pub entries: Vec<Entry>,
+    pub nodes: Vec<Digest>,
+}
+
+impl ParentRecipe {
+    /// Reads the recipe of `parent` from `vault`.
+    pub fn read(vault: &dyn Vault, parent: &SnapshotManifest) -> Result<Self> {
+        let (entries, nodes) = vault.entries_and_nodes(parent)?;
+        Ok(Self {
+            snapshot: parent.id,
+            entries,
+            nodes,
+        })
+    }
+}
+
+const BATCH_BYTES: usize = 4 << 20;
+
+fn source_err(e: std::io::Error, offset: u64) -> VaultError {
+    VaultError::io(format!("source image at offset {offset}"), "read", e)
+}
+
+/// Fills `buf` (already zeroed) from `source` at `off`, reading only the data ranges of a
+/// sparse source: holes are not read at all.
+fn read_sparse(source: &dyn ReadAt, buf: &mut [u8], off: u64) -> Result<()> {
+    match source.data_ranges(off, buf.len() as u64) {
+        Some(ranges) => {
+            for r in ranges {
+                let a = (r.offset - off) as usize;
+                let b = (r.end() - off) as usize;
+                source
+                    .read_exact_at(&mut buf[a..b], r.offset)
+                    .map_err(|e| source_err(e, r.offset))?;
+            }
+            Ok(())
+        }
+        None => source
+            .read_exact_at(buf, off)
+            .map_err(|e| source_err(e, off)),
+    }
+}
+
+/// Hashes, dedups against the vault, compresses and uploads one batch; returns its entries.
+fn process_batch(
+    session: &dyn VaultSession,
+    enc: &mut Encoder,
+    data: &[u8],
+    cuts: &[usize],
+    sent: &AtomicU64,
+    split: bool,
+) -> Result<Vec<Entry>> {
+    // Segment i spans data[offsets[i]..offsets[i] + cuts[i]].
+    let offsets: Vec<usize> = cuts
+        .iter()
+        .scan(0usize, |p, &n| {
+            let at = *p;
+            *p += n;
+            Some(at)
+        })
+        .collect();
+    let hash = |range: std::ops::Range<usize>| -> Vec<Entry> {
+        range
+            .map(|i| {
+                let piece = &data[offsets[i]..offsets[i] + cuts[i]];
+                let n = cuts[i] as u32;
+                if is_zero(piece) {
+                    Entry::zero(n)
+                } else {
+                    Entry::data(fingerprint(piece), n)
+                }
+            })
+            .collect()
+    };
+    let entries: Vec<Entry> = if split && cuts.len() >= 64 {
+        // A helper thread hashes half: for callers whose batches are not already parallel.
+        let mid = cuts.len() / 2;
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| hash(mid..cuts.len()));
+            let mut first = hash(0..mid);
+            first.extend(h.join().expect("hashing thread"));
+            first
+        })
+    } else {
+        hash(0..cuts.len())
+    };
+    let mut want: Vec<(Digest, usize, usize)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut pos = 0;
+    for (e, &n) in entries.iter().zip(cuts) {
+        if e.kind == EntryKind::Data && seen.insert(e.digest) {
+            want.push((e.digest, pos, n));
+        }
+        pos += n;
+    }
+    if want.is_empty() {
+        return Ok(entries);
+    }
+    let digests: Vec<Digest> = want.iter().map(|w| w.0).collect();
+    let lacking = session.lacking(&digests)?;
+    let todo: Vec<&(Digest, usize, usize)> = want
+        .iter()
+        .zip(lacking)
+        .filter(|(_, l)| *l)
+        .map(|(w, _)| w)
+        .collect();
+    // Neighbouring new segments are compressed together, up to FRAME_TARGET_LEN each.
+    let mut frames: Vec<&[&(Digest, usize, usize)]> = Vec::new();
+    let mut rest = &todo[..];
+    while !rest.is_empty() {
+        let mut len = 0;
+        let k = rest
+            .iter()
+            .position(|w| {
+                len += w.2;
+                len >= FRAME_TARGET_LEN
+            })
+            .map_or(rest.len(), |i| i + 1);
+        let (f, r) = rest.split_at(k);
+        frames.push(f);
+        rest = r;
+    }
+    let encode = |enc: &mut Encoder, part: &[&[&(Digest, usize, usize)]]| -> Vec<Upload> {
+        let mut out = Vec::with_capacity(part.len());
+        let mut scratch = Vec::new();
+        for f in part {
+            let (first, last) = (f[0], f[f.len() - 1]);
+            let contiguous = f.windows(2).all(|w| w[0].1 + w[0].2 == w[1].1);
+            let plain: &[u8] = if contiguous {
+                &data[first.1..last.1 + last.2]
+            } else {
+                scratch.clear();
+                f.iter()
+                    .for_each(|(_, p, n)| scratch.extend_from_slice(&data[*p..*p + *n]));
+                &scratch
+            };
+            let seg = enc.encode(plain);
+            if seg.codec == cairn_chunk::Codec::Raw && f.len() > 1 {
+                // Not worth compressing: each segment stands alone and reads alone.
+                for &&(d, p, n) in f.iter() {
+                    let seg = EncodedSegment::raw(&data[p..p + n]);
+                    sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
+                    out.push(Upload::single(d, BlobKind::Data, n as u32, seg));
+                }
+                continue;
+            }
+            sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
+            out.push(Upload {
+                kind: BlobKind::Data,
+                members: f.iter().map(|(d, _, n)| (*d, *n as u32)).collect(),
+                seg,
+            });
+        }
+        out
+    };
+    let uploads: Vec<Upload> = if split && frames.len() >= 4 {
+        // A helper thread compresses half: for callers whose batches are not already parallel.
+        let (a, b) = frames.split_at(frames.len() / 2);
+        let level = enc.level();
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| encode(&mut Encoder::new(level), b));
+            let mut first = encode(enc, a);
+            first.extend(h.join().expect("encoder thread"));
+            first
+        })
+    } else {
+        encode(enc, &frames)
+    };
+    if !uploads.is_empty() {
+        session.upload(uploads)?;
+    }
+    Ok(entries)
+}
+
+/// Builds the tree over `entries`, uploads the nodes the vault lacks, and returns the root
+/// and the recipe's counts.
+fn upload_tree(session: &dyn VaultSession, entries: &[Entry]) -> Result<(TreeRoot, RecipeCounts)> {
+    let mut nodes: Vec<(Digest, Vec<u8>)> = Vec::new();
+    let mut b = TreeBuilder::new(|d, bytes| nodes.push((d, bytes)));
+    let t0 = Instant::now();
+    let mut counts = RecipeCounts::default();
+    counts.feed(&mut b, entries.iter().copied());
+    let root = b.finish();
+    let built = t0.elapsed();
+    let mut sizes = NodeBytes::default();
+    upload_nodes(session, &mut Encoder::new(1), &nodes, &mut sizes)?;
+    tracing::debug!(
+        "tree: {} new nodes, {} bytes ({} stored); built in {built:?}, uploaded in {:?}",
+        nodes.len(),
+        sizes.raw,
+        sizes.stored,
+        t0.elapsed() - built
+    );
+    Ok((root, counts))
+}
+
+/// Plaintext and stored bytes of the tree nodes a backup uploaded.
+#[derive(Default)]
+struct NodeBytes {
+    raw: usize,
+    stored: usize,
+}
+
+/// Uploads the tree nodes among `nodes` that the vault lacks.
+fn upload_nodes(
+    session: &dyn VaultSession,
+    enc: &mut Encoder,
+    nodes: &[(Digest, Vec<u8>)],
+    sizes: &mut NodeBytes,
+) -> Result<()> {
+    for chunk in nodes.chunks(4096) {
+        let digests: Vec<Digest> = chunk.iter().map(|n| n.0).collect();
+        let lacking = session.lacking(&digests)?;
+        let ups: Vec<Upload> = chunk
+            .iter()
+            .zip(lacking)
+            .filter(|(_, l)| *l)
+            .map(|((d, bytes), _)| {
+                sizes.raw += bytes.len();
+                let seg = enc.encode(bytes);
+                sizes.stored += seg.bytes.len();
+                Upload::single(*d, BlobKind::Tree, bytes.len() as u32, seg)
+            })
+            .collect();
+        if !ups.is_empty() {
+            session.upload(ups)?;
+        }
+    }
+    Ok(())
+}
+
+/// Backs up `source` into `vault`.
+pub fn backup(
+    vault: &dyn Vault,
+    source: &dyn ReadAt,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<SnapshotManifest> {
+    let started = Instant::now();
+    let size = source.size().map_err(|e| source_err(e, 0))?;
+    let parent = match &opts.parent {
+        Some(p) => Some(vault.find(p)?),
+        None => None,
+    };
+    if opts.changed.is_some() && parent.is_none() {
+        return Err(VaultError::Invalid("--changed needs --parent".into()));
+    }
+    // One config read (a request to a remote vault) serves the whole backup.
+    let config = vault.config()?;
+    let level = config.compression;
+    let session = vault.begin(&format!("backup {}", opts.name))?;
+    let sent = AtomicU64::new(0);
+    let mut stats = BackupStats::default();
+    let (root, counts, chunker) = match (&parent, &opts.changed) {
+        (Some(p), Some(changed)) => {
+            let chunker = p.chunker;
+            let recipe = match &opts.parent_recipe {
+                Some(r) if r.snapshot == p.id => r.clone(),
+                _ => std::sync::Arc::new(ParentRecipe::read(vault, p)?),
+            };
+            tracing::debug!(
+                "parent recipe read: {} entries, {} nodes, {:?}",
+                recipe.entries.len(),
+                recipe.nodes.len(),
+                started.elapsed()
+            );
+            // Nodes the parent has need no question to the vault.
+            let known_nodes = recipe.nodes.iter().copied().collect();
+            let (root, counts) = incremental(
+                &*session,
+                source,
+                size,
+                &recipe.entries,
+                &known_nodes,
+                changed,
+                chunker,
+                level,
+                &sent,
+                &mut stats,
+                progress,
+            )?;
+            tracing::debug!("recipe tree uploaded: {:?}", started.elapsed());
+            (root, counts, chunker)
+        }
+        _ => {
+            let chunker = opts
+                .chunker
+                .or(parent.as_ref().map(|p| p.chunker))
+                .unwrap_or(config.chunker);
+            chunker.validate().map_err(VaultError::Invalid)?;
+            let entries = full(
+                &*session,
+                source,
+                size,
+                chunker,
+                level,
+                opts.threads,
+                &sent,
+                &mut stats,
+                progress,
+            )?;
+            tracing::debug!("segments done: {:?}", started.elapsed());
+            let (root, counts) = upload_tree(&*session, &entries)?;
+            tracing::debug!("recipe tree uploaded: {:?}", started.elapsed());
+            (root, counts, chunker)
+        }
+    };
+    stats.segments = counts.segments;
+    stats.zero_bytes = counts.zero_bytes;
+    if root.size != size {
+        return Err(VaultError::Invalid(format!(
+            "recipe covers {} bytes, image has {size}",
+            root.size
+        )));
+    }
+    // Disk data this backup handed to the vault, as encoded (what crosses a network).
+    stats.bytes_sent = sent.load(Ordering::Relaxed);
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    let committed = session.commit(CommitRequest {
+        name: opts.name.clone(),
+        root: Some(root),
+        chunker: Some(chunker),
+        parent: parent.map(|p| p.id),
+        client_stats: stats,
+        labels: opts.labels.clone(),
+    });
+    tracing::debug!("committed: {:?}", started.elapsed());
+    committed
+}
+
+#[allow(clippy::too_many_arguments)]
+fn full(
+    session: &dyn VaultSession,
+    source: &dyn ReadAt,
+    size: u64,
+    params: ChunkerParams,
+    level: i32,
+    threads: usize,
+    sent: &AtomicU64,
+    stats: &mut BackupStats,
+    progress: &dyn Progress,
+) -> Result<Vec<Entry>> {
+    let chunker = Chunker::new(params);
+    let threads = if threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    } else {
+        threads
+    };
+    let (btx, brx) = crossbeam_channel::bounded::<(usize, Vec<u8>, Vec<usize>)>(threads * 2);
+    let (rtx, rrx) = crossbeam_channel::unbounded::<(usize, Result<Vec<Entry>>)>();
+    let done = AtomicU64::new(0);
+    let (pool_tx, pool_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    std::thread::scope(|sc| -> Result<Vec<Entry>> {
+        // Reader: cut the image into batches of whole segments.
+        let reader = sc.spawn(move || -> Result<u64> {
+            let window = chunker.window();
+            // Buffers come back from the workers: no fresh pages to fault in per batch.
+            let take = || {
+                pool_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(BATCH_BYTES + window))
+            };
+            let mut buf: Vec<u8> = take();
+            let mut off = 0u64;
+            let mut seq = 0;
+            loop {
+                let want = (BATCH_BYTES + window).saturating_sub(buf.len());
+                let n = want.min((size - off) as usize);
+                let start = buf.len();
+                buf.resize(start + n, 0);
+                read_sparse(source, &mut buf[start..], off)?;
+                off += n as u64;
+                let eof = off == size;
+                let buf_abs = off - buf.len() as u64;
+                let mut cuts = Vec::new();
+                let mut pos = 0;
+                while pos < buf.len()
+                    && (eof || buf.len() - pos >= window)
+                    && (pos < BATCH_BYTES || eof)
+                {
+                    let c = chunker.cut(&buf[pos..], buf_abs + pos as u64);
+                    cuts.push(c);
+                    pos += c;
+                }
+                let mut next = take();
+                next.clear();
+                next.extend_from_slice(&buf[pos..]);
+                buf.truncate(pos);
+                if !cuts.is_empty() {
+                    if btx
+                        .send((seq, std::mem::replace(&mut buf, next), cuts))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    seq += 1;
+                } else {
+                    buf = next;
+                }
+                if eof && buf.is_empty() {
+                    break;
+                }
+            }
+            drop(btx);
+            Ok(off)
+        });
+        for _ in 0..threads {
+            let brx = brx.clone();
+            let rtx = rtx.clone();
+            let pool_tx = pool_tx.clone();
+            let done = &done;
+            sc.spawn(move || {
+                let mut enc = Encoder::new(level);
+                for (seq, data, cuts) in brx {
+                    let r = process_batch(session, &mut enc, &data, &cuts, sent, false);
+                    let len = data.len() as u64;
+                    let _ = pool_tx.send(data);
+                    let failed = r.is_err();
+                    progress.update(done.fetch_add(len, Ordering::Relaxed) + len, size);
+                    if rtx.send((seq, r)).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(rtx);
+        drop(brx);
+        let mut pending: HashMap<usize, Vec<Entry>> = HashMap::new();
+        let mut next = 0;
+        let mut out = Vec::new();
+        let mut err = None;
+        for (seq, r) in rrx {
+            match r {
+                Ok(e) => {
+                    pending.insert(seq, e);
+                    while let Some(e) = pending.remove(&next) {
+                        out.extend(e);
+                        next += 1;
+                    }
+                }
+                Err(e) => {
+                    err.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        let read = reader
+            .join()
+            .map_err(|_| VaultError::Invalid("reader thread panicked".into()))?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        stats.bytes_read = read?;
+        Ok(out)
+    })
+}
+
+/// Segment counts of a recipe, taken as its tree is built.
+#[derive(Default)]
+struct RecipeCounts {
+    segments: u64,
+    zero_bytes: u64,
+}
+
+impl RecipeCounts {
+    fn feed<F: FnMut(Digest, Vec<u8>)>(
+        &mut self,
+        tree: &mut TreeBuilder<F>,
+        entries: impl Iterator<Item = Entry>,
+    ) {
+        for e in entries {
+            self.segments += 1;
+            if e.kind == EntryKind::Zero {
+                self.zero_bytes += u64::from(e.len);
+            }
+            tree.push(e);
+        }
+    }
+}
