@@ -46,9 +46,17 @@ pub const NODE_MAX_LEVEL: u8 = 12;
 /// First 8 bytes of an index run file.
 pub const INDEX_MAGIC: [u8; 8] = *b"CAIRNIX1";
 /// Version of the index run layout (runs of other versions are dropped and rebuilt).
-pub const INDEX_VERSION: u32 = 2;
-/// Index run header: magic(8) version(u32) containers(u32) records(u64) bloom_words(u64) bloom_k(u32) pad(u32).
-pub const INDEX_HEADER_LEN: usize = 40;
+/// Version 3 added the checksums: one over the header and everything before the records, one
+/// per fence page of records.
+pub const INDEX_VERSION: u32 = 3;
+/// Index run header: magic(8) version(u32) containers(u32) records(u64) bloom_words(u64)
+/// bloom_k(u32) pad(u32) meta_checksum(16). The checksum is BLAKE3 (first 16 bytes) of the
+/// header's first 40 bytes, the container table, the bloom words, the fences and the page
+/// checksums.
+pub const INDEX_HEADER_LEN: usize = 56;
+/// Per fence page (INDEX_FENCE_STRIDE records, the last one shorter), after the fences: the
+/// first 8 bytes of BLAKE3 of the page's records. Checked on every read of the page.
+pub const INDEX_PAGE_SUM_LEN: usize = 8;
 /// Index record: digest(32) container(u32, a place in the run's container table) offset(u32)
 /// stored_len(u32) frame_len(u32) inner(u32) raw_len(u32) kind(u8) codec(u8) pad(2).
 pub const INDEX_RECORD_LEN: usize = 60;
@@ -69,7 +77,7 @@ const _: () = assert!(CONTAINER_FOOTER_LEN == 8 + 4 + 4 + 16 + 8);
 const _: () = assert!(LEAF_RECORD_LEN == 32 + 4 + 1);
 const _: () = assert!(INNER_RECORD_LEN == 32 + 8 + 8);
 const _: () = assert!(INDEX_RECORD_LEN == 32 + 4 * 6 + 1 + 1 + 2);
-const _: () = assert!(INDEX_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 4 + 4);
+const _: () = assert!(INDEX_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 4 + 4 + 16);
 
 /// Kind of a blob stored in a container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -43,6 +43,9 @@ pub enum ImageCmd {
         repo: String,
         snapshot: String,
         output: PathBuf,
+        /// Replace OUTPUT if it exists (a file or a block device).
+        #[arg(long)]
+        force: bool,
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[arg(long)]
@@ -70,19 +73,24 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             image,
         } => {
             let v = open(&repo)?;
-            let changed = match changed {
-                Some(p) => {
-                    let t = std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading {}", p.display()))?;
-                    Some(ExtentList::parse(&t).with_context(|| format!("in {}", p.display()))?)
-                }
-                None => None,
-            };
             let chunker = chunker
                 .map(|s| ChunkerParams::parse(&s).map_err(anyhow::Error::msg))
                 .transpose()?;
             let f = std::fs::File::open(&image)
                 .with_context(|| format!("opening {}", image.display()))?;
+            let changed = match changed {
+                Some(p) => {
+                    let t = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let size = cairn_types::ReadAt::size(&f)
+                        .with_context(|| format!("size of {}", image.display()))?;
+                    Some(
+                        ExtentList::parse_within(&t, size)
+                            .with_context(|| format!("in {}", p.display()))?,
+                    )
+                }
+                None => None,
+            };
             let opts = BackupOptions {
                 name,
                 parent,
@@ -127,9 +135,16 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             repo,
             snapshot,
             output,
+            force,
             threads,
             json,
         } => {
+            if !force && std::fs::symlink_metadata(&output).is_ok() {
+                anyhow::bail!(
+                    "{} exists: restoring would replace it (give --force to do so)",
+                    output.display()
+                );
+            }
             let v = open(&repo)?;
             let bar = Bar::new("restore", json);
             let st = imager::restore(&*v, &snapshot, &output, &RestoreOptions { threads }, &bar)?;

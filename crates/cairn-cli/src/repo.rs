@@ -57,8 +57,32 @@ pub enum RepoCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Rebuild the local fingerprint index from the containers alone.
-    RebuildIndex { dir: PathBuf },
+    /// Forget snapshots (ids, unique id prefixes or names; a damaged snapshot by its id).
+    /// Run `gc` to free space.
+    Forget {
+        repo: String,
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild what can be rebuilt (config, index, container trailers, snapshot manifests from
+    /// their recipes) and forget only what cannot be read. Exit code 2 when anything was lost.
+    Repair {
+        dir: PathBuf,
+        /// Report what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the local fingerprint index from the containers (keeping the entries of
+    /// containers with a damaged trailer whose segments still read back intact).
+    RebuildIndex {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Opens REPO: a directory or `https://HOST:PORT` (token in `CAIRN_TOKEN`, trust in
@@ -127,33 +151,7 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
             if json {
                 print_json(&rep);
             } else {
-                println!(
-                    "checked {} snapshots, {} containers, {} segments ({} bytes)",
-                    rep.snapshots, rep.containers, rep.blobs_checked, rep.bytes_checked
-                );
-                for d in &rep.damage {
-                    println!(
-                        "damage: {}{}{}",
-                        d.container
-                            .map(|c| format!("container {c}: "))
-                            .unwrap_or_default(),
-                        d.digest
-                            .map(|c| format!("segment {c}: "))
-                            .unwrap_or_default(),
-                        d.problem
-                    );
-                }
-                for (id, name) in &rep.damaged_snapshots {
-                    println!("damaged snapshot: {id} ({name})");
-                }
-                println!(
-                    "{}",
-                    if rep.ok() {
-                        "repository OK"
-                    } else {
-                        "repository DAMAGED"
-                    }
-                );
+                print_verify(&rep);
             }
             if !rep.ok() {
                 return Ok(ExitCode::from(2));
@@ -192,10 +190,10 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
                     "{} kept, {} {}",
                     plan.keep.len(),
                     plan.forget.len(),
-                    if plan.executed {
-                        "forgotten"
-                    } else {
-                        "would be forgotten (dry run)"
+                    match (plan.executed, dry_run) {
+                        (true, _) => "forgotten",
+                        (false, true) => "would be forgotten (dry run)",
+                        (false, false) => "forgotten (nothing to forget)",
                     }
                 );
             }
@@ -222,24 +220,141 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
                 );
             }
         }
-        RepoCmd::RebuildIndex { dir } => {
-            let idx = dir.join("index");
-            if !dir.join("config").exists() {
+        RepoCmd::Forget {
+            repo,
+            snapshots,
+            json,
+        } => {
+            let v = open(&repo)?;
+            let ids = v.forget(&snapshots)?;
+            if json {
+                print_json(&ids);
+            } else {
+                for id in &ids {
+                    println!("forgot {id}");
+                }
+                println!(
+                    "{} forgotten; run `cairn repo gc` to free their data",
+                    ids.len()
+                );
+            }
+        }
+        RepoCmd::Repair { dir, dry_run, json } => {
+            let r = Repository::open_dir(&dir)?;
+            let rep = cairn_vault::maint::repair(&r, dry_run)?;
+            if json {
+                print_json(&rep);
+            } else {
+                print_repair(&rep);
+            }
+            if rep.segments_lost > 0 || !rep.snapshots_forgotten.is_empty() {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        RepoCmd::RebuildIndex { dir, json } => {
+            if !dir.join("config").exists() && !dir.join("config.copy").exists() {
                 anyhow::bail!("{} is not a repository", dir.display());
             }
             let store: Arc<dyn cairn_vault::store::ObjectStore> =
                 Arc::new(cairn_vault::store::LocalStore::open(&dir)?);
-            let _lock = cairn_vault::lock::RepoLock::acquire(store, true, "rebuild-index")?;
-            if idx.exists() {
-                std::fs::remove_dir_all(&idx)
-                    .with_context(|| format!("removing {}", idx.display()))?;
-            }
+            let lock = cairn_vault::lock::RepoLock::acquire(store, true, "rebuild-index")?;
             let r = Repository::open_dir(&dir)?;
-            println!(
-                "index rebuilt from {} containers",
-                r.list_containers()?.len()
-            );
+            let rep = r.rebuild_index()?;
+            lock.release()?;
+            if json {
+                print_json(&rep);
+            } else {
+                println!(
+                    "index rebuilt from {} containers; {} with a damaged trailer kept through \
+                     {} segments of the old index (`cairn repo repair` rebuilds their trailers); \
+                     {} unreadable containers skipped",
+                    rep.containers_read,
+                    rep.containers_salvaged,
+                    rep.segments_salvaged,
+                    rep.containers_skipped
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_verify(rep: &cairn_vault::maint::VerifyReport) {
+    println!(
+        "checked {} snapshots, {} containers, {} segments ({} bytes), {} index entries",
+        rep.snapshots,
+        rep.containers,
+        rep.blobs_checked,
+        rep.bytes_checked,
+        rep.index_entries_checked
+    );
+    for d in &rep.damage {
+        println!(
+            "damage: {}{}{}",
+            d.container
+                .map(|c| format!("container {c}: "))
+                .unwrap_or_default(),
+            d.digest
+                .map(|c| format!("segment {c}: "))
+                .unwrap_or_default(),
+            d.problem
+        );
+    }
+    for s in rep.per_snapshot.iter().filter(|s| !s.ok) {
+        println!(
+            "damaged snapshot: {} ({}): {}",
+            s.id,
+            s.name,
+            s.problem.as_deref().unwrap_or("damaged")
+        );
+    }
+    if rep.marked > 0 {
+        println!(
+            "{} damaged segments marked: the next backup that has their data stores them again \
+             and heals the snapshots above",
+            rep.marked
+        );
+    }
+    if rep.superseded > 0 {
+        println!(
+            "{} damaged copies have an intact copy elsewhere (gc removes them)",
+            rep.superseded
+        );
+    }
+    println!(
+        "{}",
+        if rep.ok() {
+            "repository OK"
+        } else {
+            "repository DAMAGED"
+        }
+    );
+}
+
+fn print_repair(rep: &cairn_vault::maint::RepairReport) {
+    let verb = if rep.executed { "" } else { "would be " };
+    if rep.config_rewritten {
+        println!("config and its copy {verb}rewritten");
+    }
+    if rep.index_runs_rebuilt > 0 {
+        println!("{} damaged index runs rebuilt", rep.index_runs_rebuilt);
+    }
+    for (old, new, kept) in &rep.containers_rebuilt {
+        println!("container {old}: trailer {verb}rebuilt as {new} ({kept} segments kept)");
+    }
+    for id in &rep.snapshots_rebuilt {
+        println!("snapshot {id}: manifest {verb}rebuilt from its recipe");
+    }
+    for id in &rep.snapshots_forgotten {
+        println!("snapshot {id}: manifest unreadable, recipe unreadable: {verb}forgotten");
+    }
+    println!(
+        "{} segments lost; {}",
+        rep.segments_lost,
+        if rep.executed {
+            "repair done (run `cairn repo verify` to check)"
+        } else {
+            "dry run: nothing changed"
+        }
+    );
 }

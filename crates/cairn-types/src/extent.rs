@@ -69,36 +69,36 @@ impl ExtentList {
 
     /// Parses `OFFSET LENGTH` lines (decimal bytes; blank lines and `#` comments ignored).
     pub fn parse(text: &str) -> Result<Self, ExtentParseError> {
-        let mut v = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let err = |reason: &str| ExtentParseError {
-                line: i + 1,
-                reason: reason.to_string(),
-            };
-            let mut it = line.split_whitespace();
-            let off: u64 = it
-                .next()
-                .ok_or_else(|| err("missing offset"))?
-                .parse()
-                .map_err(|_| err("offset is not a decimal number"))?;
-            let len: u64 = it
-                .next()
-                .ok_or_else(|| err("missing length"))?
-                .parse()
-                .map_err(|_| err("length is not a decimal number"))?;
-            if it.next().is_some() {
-                return Err(err("expected exactly two numbers"));
-            }
-            if off.checked_add(len).is_none() {
-                return Err(err("offset + length overflows"));
-            }
-            v.push(Extent::new(off, len));
+        Ok(Self::from_unsorted(
+            parse_lines(text)?.into_iter().map(|(_, e)| e).collect(),
+        ))
+    }
+
+    /// [`parse`](Self::parse) for a list that describes an image of `size` bytes: an extent
+    /// past the end, or two that overlap, are errors (they mean the list is not the one for
+    /// this image).
+    pub fn parse_within(text: &str, size: u64) -> Result<Self, ExtentParseError> {
+        let mut lines = parse_lines(text)?;
+        if let Some((line, e)) = lines.iter().find(|(_, e)| e.end() > size) {
+            return Err(ExtentParseError {
+                line: *line,
+                reason: format!(
+                    "extent {}+{} ends past the image's end ({size} bytes)",
+                    e.offset, e.len
+                ),
+            });
         }
-        Ok(Self::from_unsorted(v))
+        lines.retain(|(_, e)| !e.is_empty());
+        lines.sort_unstable_by_key(|(_, e)| *e);
+        if let Some(w) = lines.windows(2).find(|w| w[1].1.offset < w[0].1.end()) {
+            return Err(ExtentParseError {
+                line: w[1].0,
+                reason: format!("extent overlaps the one on line {}", w[0].0),
+            });
+        }
+        Ok(Self::from_unsorted(
+            lines.into_iter().map(|(_, e)| e).collect(),
+        ))
     }
 
     /// Keeps only the parts below `size`.
@@ -134,9 +134,54 @@ impl ExtentList {
     }
 }
 
+/// The extents of `OFFSET LENGTH` lines, each with its line number.
+fn parse_lines(text: &str) -> Result<Vec<(usize, Extent)>, ExtentParseError> {
+    let mut v = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |reason: &str| ExtentParseError {
+            line: i + 1,
+            reason: reason.to_string(),
+        };
+        let mut it = line.split_whitespace();
+        let off: u64 = it
+            .next()
+            .ok_or_else(|| err("missing offset"))?
+            .parse()
+            .map_err(|_| err("offset is not a decimal number"))?;
+        let len: u64 = it
+            .next()
+            .ok_or_else(|| err("missing length"))?
+            .parse()
+            .map_err(|_| err("length is not a decimal number"))?;
+        if it.next().is_some() {
+            return Err(err("expected exactly two numbers"));
+        }
+        if off.checked_add(len).is_none() {
+            return Err(err("offset + length overflows"));
+        }
+        v.push((i + 1, Extent::new(off, len)));
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_for_an_image_refuses_extents_past_its_end_and_overlaps() {
+        assert!(ExtentList::parse_within("0 4096\n8192 4096\n", 12288).is_ok());
+        let e = ExtentList::parse_within("0 4096\n8192 8192\n", 12288).unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.reason.contains("past the image's end"), "{e}");
+        let e = ExtentList::parse_within("4096 4096\n0 8192\n", 1 << 20).unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.reason.contains("overlaps the one on line 2"), "{e}");
+    }
 
     #[test]
     fn parse_merges_and_sorts() {

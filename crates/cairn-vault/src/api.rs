@@ -65,6 +65,12 @@ pub trait Vault: Send + Sync {
     fn gc(&self, dry_run: bool) -> Result<GcPlan>;
     /// Forgets snapshots (ids or unique prefixes); all or none. Data is freed by GC.
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>>;
+    /// Segments whose stored copy is marked damaged: a backup that has their data reads and
+    /// sends them again, healing every snapshot that needs them. Empty where the vault does
+    /// not say.
+    fn damaged_segments(&self) -> Result<Vec<Digest>> {
+        Ok(Vec::new())
+    }
     /// Bytes of disk data sent to / received from the vault over a network (0 when local).
     fn wire_bytes(&self) -> (u64, u64) {
         (0, 0)
@@ -150,6 +156,10 @@ impl Vault for LocalVault {
 
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {
         crate::maint::forget(&self.repo, specs)
+    }
+
+    fn damaged_segments(&self) -> Result<Vec<Digest>> {
+        self.repo.damaged_segments()
     }
 
     fn location(&self) -> String {

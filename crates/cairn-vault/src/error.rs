@@ -25,6 +25,9 @@ pub enum VaultError {
     },
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    /// A run of the local index cache failed its checksums; the repository rebuilds it.
+    #[error("index run {path} is damaged: {what}")]
+    IndexDamaged { path: String, what: String },
     #[error("segment {digest:?} in container {container} at offset {offset}: {source}")]
     Segment {
         digest: Digest,
@@ -71,7 +74,10 @@ impl VaultError {
             Self::SnapshotNotFound(_) | Self::MissingSegment(_) => K::NotFound,
             Self::Invalid(_) => K::BadRequest,
             Self::Locked(_) => K::Conflict,
-            Self::Corrupt(_) | Self::Segment { .. } | Self::Format { .. } => K::Corrupt,
+            Self::Corrupt(_)
+            | Self::IndexDamaged { .. }
+            | Self::Segment { .. }
+            | Self::Format { .. } => K::Corrupt,
             Self::Remote { kind, .. } => *kind,
             _ => K::Internal,
         };

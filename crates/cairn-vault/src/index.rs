@@ -12,8 +12,18 @@
 //! ```text
 //! run file: header (INDEX_HEADER_LEN) | container ids (16 each) | bloom words (u64 each)
 //!           | fences (u64 each, first 8 digest bytes of every INDEX_FENCE_STRIDE-th record)
+//!           | page checksums (INDEX_PAGE_SUM_LEN each, one per fence page of records)
 //!           | records (INDEX_RECORD_LEN each, sorted by digest)
 //! ```
+//!
+//! # Damage
+//!
+//! Everything before the records is checked against the header's checksum when a run is
+//! opened, and every page of records against its checksum whenever it is read. A run that
+//! fails either is never believed: it is reported as [`VaultError::IndexDamaged`], and the
+//! repository drops it and re-reads the trailers of the containers it covered
+//! ([`Repository::heal_index`](crate::Repository::heal_index)), so a damaged cache costs a
+//! rebuild, never a wrong answer.
 //!
 //! # Memory
 //!
@@ -37,7 +47,7 @@ use std::path::{Path, PathBuf};
 use cairn_chunk::container::Record;
 use cairn_chunk::format::{
     BlobKind, INDEX_BLOOM_BITS_PER_RECORD, INDEX_BLOOM_K, INDEX_FENCE_STRIDE, INDEX_HEADER_LEN,
-    INDEX_MAGIC, INDEX_RECORD_LEN, INDEX_VERSION,
+    INDEX_MAGIC, INDEX_PAGE_SUM_LEN, INDEX_RECORD_LEN, INDEX_VERSION,
 };
 use cairn_chunk::{Codec, Member};
 use cairn_types::{ContainerId, Digest};
@@ -160,8 +170,22 @@ struct Run {
     containers: Vec<ContainerId>,
     bloom: Bloom,
     fences: Vec<u64>,
+    page_sums: Vec<u64>,
     records_at: u64,
     n: u64,
+}
+
+/// The checksum of one page of records.
+fn page_sum(records: &[u8]) -> u64 {
+    u64::from_le_bytes(blake3::hash(records).as_bytes()[..8].try_into().expect("8"))
+}
+
+/// The header's checksum over its first 40 bytes and the metadata that follows it.
+fn meta_sum(header: &[u8], meta: &[u8]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(&header[..INDEX_HEADER_LEN - 16]);
+    h.update(meta);
+    h.finalize().as_bytes()[..16].try_into().expect("16")
 }
 
 impl Run {
@@ -172,7 +196,10 @@ impl Run {
         let mut h = [0u8; INDEX_HEADER_LEN];
         file.read_exact_at(&mut h, 0)
             .map_err(io("read index run header"))?;
-        let bad = |r: &str| VaultError::Corrupt(format!("index run {}: {r}", path.display()));
+        let bad = |r: &str| VaultError::IndexDamaged {
+            path: path.display().to_string(),
+            what: r.to_string(),
+        };
         if h[..8] != INDEX_MAGIC
             || u32::from_le_bytes(h[8..12].try_into().expect("4")) != INDEX_VERSION
         {
@@ -186,7 +213,7 @@ impl Run {
         let want = (INDEX_HEADER_LEN as u64)
             .checked_add(nc.checked_mul(16).ok_or_else(|| bad("size overflow"))?)
             .and_then(|v| v.checked_add(words.checked_mul(8)?))
-            .and_then(|v| v.checked_add(nf.checked_mul(8)?))
+            .and_then(|v| v.checked_add(nf.checked_mul(8 + INDEX_PAGE_SUM_LEN as u64)?))
             .and_then(|v| v.checked_add(n.checked_mul(INDEX_RECORD_LEN as u64)?));
         if want != Some(len) || k == 0 || k > 32 || words == 0 {
             return Err(bad("length does not match header (truncated?)"));
@@ -195,8 +222,12 @@ impl Run {
         let mut meta = vec![0u8; meta_len];
         file.read_exact_at(&mut meta, INDEX_HEADER_LEN as u64)
             .map_err(io("read index run"))?;
+        if meta_sum(&h, &meta)[..] != h[INDEX_HEADER_LEN - 16..] {
+            return Err(bad("header checksum mismatch"));
+        }
         let (cbytes, rest) = meta.split_at(nc as usize * 16);
-        let (wbytes, fbytes) = rest.split_at(words as usize * 8);
+        let (wbytes, rest) = rest.split_at(words as usize * 8);
+        let (fbytes, sbytes) = rest.split_at(nf as usize * 8);
         let containers = cbytes
             .chunks_exact(16)
             .map(|c| ContainerId::from_slice(c).expect("16"))
@@ -215,6 +246,7 @@ impl Run {
                 k,
             },
             fences: u64s(fbytes),
+            page_sums: u64s(sbytes),
             records_at: len - n * INDEX_RECORD_LEN as u64,
             n,
         })
@@ -245,12 +277,28 @@ impl Run {
         Ok(buf)
     }
 
-    /// Reads records `lo..hi` into `buf` (resized to fit; its memory is reused).
+    /// Reads records `lo..hi` into `buf` (resized to fit; its memory is reused) and checks
+    /// their pages. `lo` is the start of a page, `hi` the end of one or of the run.
     fn read_records_into(&self, lo: u64, hi: u64, buf: &mut Vec<u8>) -> Result<()> {
+        let stride = INDEX_FENCE_STRIDE as u64;
+        debug_assert!(lo.is_multiple_of(stride) && (hi.is_multiple_of(stride) || hi == self.n));
         buf.resize(((hi - lo) as usize) * INDEX_RECORD_LEN, 0);
         self.file
             .read_exact_at(buf, self.records_at + lo * INDEX_RECORD_LEN as u64)
-            .map_err(|e| VaultError::io(self.path.display(), "read index run", e))
+            .map_err(|e| VaultError::io(self.path.display(), "read index run", e))?;
+        let first_page = (lo / stride) as usize;
+        for (i, page) in buf
+            .chunks(INDEX_FENCE_STRIDE * INDEX_RECORD_LEN)
+            .enumerate()
+        {
+            if self.page_sums.get(first_page + i) != Some(&page_sum(page)) {
+                return Err(VaultError::IndexDamaged {
+                    path: self.path.display().to_string(),
+                    what: format!("records of page {} fail their checksum", first_page + i),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Binary search for `d` in `recs` (whole records, sorted).
@@ -266,11 +314,9 @@ impl Run {
                 std::cmp::Ordering::Equal => {
                     return Location::decode(rec(m), &self.containers)
                         .map(|(_, l)| Some(l))
-                        .ok_or_else(|| {
-                            VaultError::Corrupt(format!(
-                                "index run {}: bad record",
-                                self.path.display()
-                            ))
+                        .ok_or_else(|| VaultError::IndexDamaged {
+                            path: self.path.display().to_string(),
+                            what: "a record names no container".into(),
                         });
                 }
             }
@@ -333,14 +379,12 @@ impl Run {
 
     /// All records, in digest order.
     fn scan(&self) -> Result<Vec<(Digest, Location)>> {
-        let mut buf = vec![0u8; self.n as usize * INDEX_RECORD_LEN];
-        self.file
-            .read_exact_at(&mut buf, self.records_at)
-            .map_err(|e| VaultError::io(self.path.display(), "read index run", e))?;
+        let buf = self.read_records(0, self.n)?;
         buf.chunks_exact(INDEX_RECORD_LEN)
             .map(|r| {
-                Location::decode(r, &self.containers).ok_or_else(|| {
-                    VaultError::Corrupt(format!("index run {}: bad record", self.path.display()))
+                Location::decode(r, &self.containers).ok_or_else(|| VaultError::IndexDamaged {
+                    path: self.path.display().to_string(),
+                    what: "a record names no container".into(),
                 })
             })
             .collect()
@@ -353,7 +397,9 @@ fn write_run(
     containers: &[ContainerId],
     mut recs: Vec<(Digest, Location)>,
 ) -> Result<u64> {
-    recs.sort_unstable_by_key(|a| a.0);
+    // Stable: of two entries for one digest the first given wins (callers list the newest
+    // first).
+    recs.sort_by_key(|a| a.0);
     recs.dedup_by(|a, b| a.0 == b.0);
     // The table lists the containers the run covers and every container a record points
     // into (a record of an already covered container may be re-added): both are covered.
@@ -369,7 +415,7 @@ fn write_run(
         INDEX_HEADER_LEN
             + containers.len() * 16
             + bloom.words.len() * 8
-            + nf * 8
+            + nf * (8 + INDEX_PAGE_SUM_LEN)
             + recs.len() * INDEX_RECORD_LEN,
     );
     out.extend_from_slice(&INDEX_MAGIC);
@@ -379,6 +425,7 @@ fn write_run(
     out.extend_from_slice(&(bloom.words.len() as u64).to_le_bytes());
     out.extend_from_slice(&bloom.k.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&[0; 16]); // the checksum, set below
     containers
         .iter()
         .for_each(|c| out.extend_from_slice(c.as_bytes()));
@@ -389,8 +436,15 @@ fn write_run(
     recs.iter()
         .step_by(INDEX_FENCE_STRIDE)
         .for_each(|(d, _)| out.extend_from_slice(&key64(d).to_le_bytes()));
+    let mut records = Vec::with_capacity(recs.len() * INDEX_RECORD_LEN);
     recs.iter()
-        .for_each(|(d, l)| l.encode(d, place(&l.container), &mut out));
+        .for_each(|(d, l)| l.encode(d, place(&l.container), &mut records));
+    for page in records.chunks(INDEX_FENCE_STRIDE * INDEX_RECORD_LEN) {
+        out.extend_from_slice(&page_sum(page).to_le_bytes());
+    }
+    let sum = meta_sum(&out[..INDEX_HEADER_LEN], &out[INDEX_HEADER_LEN..]);
+    out[INDEX_HEADER_LEN - 16..INDEX_HEADER_LEN].copy_from_slice(&sum);
+    out.extend_from_slice(&records);
     let tmp = path.with_extension("tmp");
     let io = |what| move |e| VaultError::io(path.display(), what, e);
     let mut f = File::create(&tmp).map_err(io("create index run"))?;
@@ -516,6 +570,29 @@ impl Index {
         }
     }
 
+    /// Adds entries of a container whose trailer cannot be read (salvaged from an older
+    /// index), and counts the container as covered.
+    pub fn add_locations(&mut self, c: ContainerId, entries: &[(Digest, Location)]) {
+        for (d, l) in entries {
+            self.pending.entry(*d).or_insert(*l);
+        }
+        if self.covered.insert(c) {
+            self.pending_containers.push(c);
+        }
+    }
+
+    /// Deletes every run and pending entry: the index then covers nothing.
+    pub fn clear(&mut self) -> Result<()> {
+        for r in std::mem::take(&mut self.runs) {
+            fs::remove_file(&r.path)
+                .map_err(|e| VaultError::io(r.path.display(), "delete index run", e))?;
+        }
+        self.pending.clear();
+        self.pending_containers.clear();
+        self.covered.clear();
+        Ok(())
+    }
+
     /// Number of entries not yet in a run.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
@@ -537,6 +614,47 @@ impl Index {
         Ok(n)
     }
 
+    /// Drops a damaged run (file and all): the containers only it covered are no longer
+    /// covered, so the next [`Repository::sync_index`](crate::Repository::sync_index) reads
+    /// their trailers again. Returns whether a run of that path was open.
+    pub fn drop_run(&mut self, path: &str) -> Result<bool> {
+        let Some(i) = self
+            .runs
+            .iter()
+            .position(|r| r.path.display().to_string() == path)
+        else {
+            return Ok(false);
+        };
+        let run = self.runs.remove(i);
+        fs::remove_file(&run.path)
+            .map_err(|e| VaultError::io(run.path.display(), "delete index run", e))?;
+        self.covered = self
+            .runs
+            .iter()
+            .flat_map(|r| r.containers.iter().copied())
+            .chain(self.pending_containers.iter().copied())
+            .collect();
+        Ok(true)
+    }
+
+    /// Reads every page of every run, checking its checksum; returns the first damage.
+    pub fn check_runs(&self) -> Result<u64> {
+        let mut n = 0;
+        for r in &self.runs {
+            n += r.scan()?.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Every entry of every run and the pending ones (a digest may appear more than once).
+    pub fn all_entries(&self) -> Result<Vec<(Digest, Location)>> {
+        let mut out: Vec<(Digest, Location)> = self.pending.iter().map(|(d, l)| (*d, *l)).collect();
+        for r in self.runs.iter().rev() {
+            out.extend(r.scan()?);
+        }
+        Ok(out)
+    }
+
     /// Number of runs on disk.
     pub fn run_count(&self) -> usize {
         self.runs.len()
@@ -548,7 +666,7 @@ impl Index {
         self.flush()?;
         let mut all = Vec::new();
         let mut containers: Vec<ContainerId> = Vec::new();
-        for r in &self.runs {
+        for r in self.runs.iter().rev() {
             all.extend(
                 r.scan()?
                     .into_iter()

@@ -16,5 +16,5 @@ pub mod wire;
 pub use api::{LocalVault, Upload, Vault, VaultSession};
 pub use error::{Result, VaultError};
 pub use manifest::{BackupStats, RepoConfig, SnapshotManifest};
-pub use repo::{InitOptions, Repository};
+pub use repo::{InitOptions, RebuildReport, Repository};
 pub use session::{BackupSession, CommitRequest};

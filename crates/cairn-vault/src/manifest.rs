@@ -2,6 +2,13 @@
 //!
 //! A snapshot exists exactly when its manifest `snapshots/<id>.json` exists; the manifest is
 //! written last, after every blob it reaches is durable.
+//!
+//! Manifests are authenticated against damage: `checksum` is the BLAKE3 hash of the
+//! manifest's canonical JSON (this struct serialised with `checksum` absent), its `size` must
+//! equal its recipe root's, and its id must be the one its object is named after. A manifest
+//! that fails any of these is *damaged*: listed apart, never trusted (see
+//! [`Repository::scan_snapshots`](crate::Repository::scan_snapshots)). Manifests written
+//! before the checksum existed are checked on size and name only.
 
 use std::collections::BTreeMap;
 
@@ -61,6 +68,50 @@ pub struct SnapshotManifest {
     pub stats: BackupStats,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// BLAKE3 of the canonical JSON without this field (hex); see the module docs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+impl SnapshotManifest {
+    fn canonical_hash(&self) -> String {
+        let mut bare = self.clone();
+        bare.checksum = None;
+        let json = serde_json::to_vec(&bare).expect("manifest json");
+        blake3::hash(&json).to_hex().to_string()
+    }
+
+    /// Sets `checksum` from the other fields; call after the last change.
+    pub fn seal(&mut self) {
+        self.checksum = Some(self.canonical_hash());
+    }
+
+    /// Checks the manifest against itself: its checksum (when it has one) and its size
+    /// against the recipe root. Returns what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(sum) = &self.checksum
+            && *sum != self.canonical_hash()
+        {
+            return Err("checksum does not match the manifest's fields".into());
+        }
+        if self.size != self.root.size {
+            return Err(format!(
+                "size {} differs from its recipe's {}",
+                self.size, self.root.size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parses and checks the manifest stored as `snapshots/<file_id>.json`.
+    pub fn parse_stored(file_id: &str, bytes: &[u8]) -> Result<Self, String> {
+        let m: Self = serde_json::from_slice(bytes).map_err(|e| format!("unreadable: {e}"))?;
+        if m.id.to_string() != file_id {
+            return Err(format!("holds snapshot {} under another name", m.id));
+        }
+        m.check()?;
+        Ok(m)
+    }
 }
 
 /// [`cairn_types::now_ms`], unsigned as stored here.
@@ -73,4 +124,78 @@ pub(crate) fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A manifest that failed [`SnapshotManifest::parse_stored`]: reported and skipped, never
+/// trusted, until it is forgotten (by its file id) or repaired.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DamagedSnapshot {
+    /// The id its object is named after.
+    pub id: String,
+    pub problem: String,
+    /// The recipe root the damaged text still names, if one can be read from it: GC keeps
+    /// what it reaches, so the snapshot's data outlives the damage to its manifest.
+    pub root: Option<cairn_types::Digest>,
+}
+
+impl DamagedSnapshot {
+    /// Salvages what it can from a damaged manifest's bytes.
+    pub fn salvage(id: &str, problem: String, bytes: &[u8]) -> Self {
+        Self {
+            id: id.to_string(),
+            problem,
+            root: salvage_root(bytes),
+        }
+    }
+}
+
+/// Fields read back from a damaged manifest's text, where they still can be.
+#[derive(Debug, Default)]
+pub struct SalvagedFields {
+    pub name: Option<String>,
+    pub created: Option<u64>,
+    pub chunker: Option<ChunkerParams>,
+}
+
+impl DamagedSnapshot {
+    /// Reads what it can of the manifest's other fields from its damaged `bytes`.
+    pub fn salvaged_fields(&self, bytes: &[u8]) -> SalvagedFields {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) {
+            return SalvagedFields {
+                name: v["name"].as_str().map(str::to_string),
+                created: v["created"].as_u64(),
+                chunker: serde_json::from_value(v["chunker"].clone()).ok(),
+            };
+        }
+        let text = String::from_utf8_lossy(bytes);
+        let after = |field: &str| {
+            let at = text.find(&format!("\"{field}\""))? + field.len() + 2;
+            Some(text[at..].trim_start_matches([' ', ':', '\n']).to_string())
+        };
+        SalvagedFields {
+            name: after("name").and_then(|t| {
+                let t = t.strip_prefix('"')?;
+                let name = &t[..t.find('"')?];
+                (!name.is_empty() && !name.chars().any(char::is_control)).then(|| name.to_string())
+            }),
+            created: after("created").and_then(|t| {
+                let digits: String = t.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok()
+            }),
+            chunker: None,
+        }
+    }
+}
+
+/// The first 64-hex-digit string after `"root"` in a (possibly damaged) manifest.
+fn salvage_root(bytes: &[u8]) -> Option<cairn_types::Digest> {
+    let at = bytes.windows(6).position(|w| w == b"\"root\"")?;
+    let rest = &bytes[at..];
+    let start = rest
+        .windows(64)
+        .position(|w| w.iter().all(u8::is_ascii_hexdigit))?;
+    std::str::from_utf8(&rest[start..start + 64])
+        .ok()?
+        .parse()
+        .ok()
 }

@@ -6,8 +6,18 @@
 //! containers/<2 hex>/<32 hex>    containers (see cairn_chunk::container)
 //! snapshots/<32 hex>.json        SnapshotManifest: a snapshot exists iff this exists
 //! locks/<16 hex>.json            RepoLock
+//! repair/damaged.json            segment copies found damaged (see "Healing" below)
 //! index/   (local directory)     the fingerprint index cache (see crate::index)
 //! ```
+//!
+//! # Healing
+//!
+//! A segment copy that verify or a read finds damaged is *marked* (its digest and place, in
+//! `repair/damaged.json`). Backups treat a marked copy as absent: the next backup that has the
+//! segment's data uploads it again (an incremental reads the regions of its parent's marked
+//! segments as changed), the index then names the new copy, and every older snapshot that
+//! needs the segment reads the new one: it is healed. GC collects the damaged copy, which no
+//! longer is the indexed one, and drops marks of containers that are gone.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -21,7 +31,7 @@ use cairn_types::{ContainerId, Digest, SnapshotId};
 
 use crate::error::{Result, VaultError};
 use crate::index::{Index, Location};
-use crate::manifest::{REPO_VERSION, RepoConfig, SnapshotManifest, now};
+use crate::manifest::{DamagedSnapshot, REPO_VERSION, RepoConfig, SnapshotManifest, now};
 use crate::store::{Key, LocalStore, ObjectStore, StoreErrorKind};
 
 /// An open repository. Cheap to share (`Arc`); all methods take `&self`.
@@ -30,6 +40,27 @@ pub struct Repository {
     config: RepoConfig,
     index: RwLock<Index>,
     cache_dir: PathBuf,
+    damaged: RwLock<HashSet<Mark>>,
+}
+
+/// What [`Repository::rebuild_index`] did.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RebuildReport {
+    /// Containers whose trailers were read.
+    pub containers_read: usize,
+    /// Containers with a damaged trailer whose segments the old index still knew (run
+    /// `cairn repo repair` to rebuild their trailers).
+    pub containers_salvaged: usize,
+    pub segments_salvaged: usize,
+    /// Containers with a damaged trailer and nothing to salvage.
+    pub containers_skipped: usize,
+}
+
+/// A damaged copy of a segment: its digest and the frame it lies in.
+type Mark = (Digest, ContainerId, u32);
+
+fn damaged_key() -> Key {
+    Key::new("repair/damaged.json").expect("valid key")
 }
 
 impl std::fmt::Debug for Repository {
@@ -74,6 +105,12 @@ fn config_key() -> Key {
     Key::new("config").expect("valid key")
 }
 
+/// A second copy of the config, written at init and by repair: one damaged byte in `config`
+/// must not lose the repository (its id, chunker and compression are needed to read it).
+fn config_copy_key() -> Key {
+    Key::new("config.copy").expect("valid key")
+}
+
 impl Repository {
     /// Creates a repository in an empty store.
     pub fn init(
@@ -98,19 +135,73 @@ impl Repository {
                 }
                 _ => e.into(),
             })?;
+        store.put(&config_copy_key(), &body)?;
         Self::open(store, cache_dir)
+    }
+
+    /// Reads and parses the config, falling back on its copy when it is damaged.
+    fn read_config(store: &dyn ObjectStore) -> Result<RepoConfig> {
+        let read = |key: &Key| -> Result<RepoConfig> {
+            let raw = store.get(key).map_err(|e| match e.kind {
+                StoreErrorKind::NotFound => {
+                    VaultError::NotARepository(format!("no {key} in {}", store.location()))
+                }
+                _ => e.into(),
+            })?;
+            serde_json::from_slice(&raw)
+                .map_err(|e| VaultError::NotARepository(format!("unreadable {key}: {e}")))
+        };
+        match read(&config_key()) {
+            Ok(c) => Ok(c),
+            Err(first) => match read(&config_copy_key()) {
+                Ok(c) => {
+                    tracing::warn!(
+                        "{first}; using the config's copy (`cairn repo repair` restores it)"
+                    );
+                    Ok(c)
+                }
+                Err(_) => Err(first),
+            },
+        }
+    }
+
+    /// Checks that the config and its copy agree (a repository without a copy, made before
+    /// copies existed, is fine).
+    pub fn check_config_copies(&self) -> Result<()> {
+        let main = self.store.get(&config_key())?;
+        let ok = serde_json::from_slice::<RepoConfig>(&main).is_ok_and(|c| c == self.config);
+        if !ok {
+            return Err(VaultError::Corrupt(
+                "the config is damaged (its copy is in use; `cairn repo repair` rewrites it)"
+                    .into(),
+            ));
+        }
+        match self.store.get(&config_copy_key()) {
+            Ok(copy)
+                if serde_json::from_slice::<RepoConfig>(&copy).ok()
+                    != Some(self.config.clone()) =>
+            {
+                Err(VaultError::Corrupt(
+                    "the config's copy is damaged (`cairn repo repair` rewrites it)".into(),
+                ))
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the config and its copy again from the one in use.
+    pub fn rewrite_config(&self) -> Result<()> {
+        let body = serde_json::to_vec_pretty(&self.config).expect("config json");
+        self.store.put(&config_key(), &body)?;
+        self.store.put(&config_copy_key(), &body)?;
+        Ok(())
     }
 
     /// Opens a repository and brings the index up to date with the containers in the store.
     pub fn open(store: Arc<dyn ObjectStore>, cache_dir: &Path) -> Result<Arc<Self>> {
-        let raw = store.get(&config_key()).map_err(|e| match e.kind {
-            StoreErrorKind::NotFound => {
-                VaultError::NotARepository(format!("no config in {}", store.location()))
-            }
-            _ => e.into(),
-        })?;
-        let config: RepoConfig = serde_json::from_slice(&raw)
-            .map_err(|e| VaultError::NotARepository(format!("unreadable config: {e}")))?;
+        let config = Self::read_config(store.as_ref())?;
         if config.version != REPO_VERSION {
             return Err(VaultError::NotARepository(format!(
                 "unsupported repository version {}",
@@ -118,11 +209,20 @@ impl Repository {
             )));
         }
         let index = Index::open(&cache_dir.join("index"))?;
+        let damaged = match store.get(&damaged_key()) {
+            Ok(b) => serde_json::from_slice::<Vec<Mark>>(&b).unwrap_or_else(|e| {
+                tracing::warn!("ignoring unreadable damage marks: {e}");
+                Vec::new()
+            }),
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
         let repo = Arc::new(Self {
             store,
             config,
             index: RwLock::new(index),
             cache_dir: cache_dir.to_path_buf(),
+            damaged: RwLock::new(damaged.into_iter().collect()),
         });
         repo.sync_index()?;
         Ok(repo)
@@ -130,7 +230,7 @@ impl Repository {
 
     /// A repository in a local directory (index cache inside it).
     pub fn open_dir(dir: &Path) -> Result<Arc<Self>> {
-        if !dir.join("config").exists() {
+        if !dir.join("config").exists() && !dir.join("config.copy").exists() {
             return Err(VaultError::NotARepository(format!(
                 "{} has no config (run `cairn repo init`)",
                 dir.display()
@@ -233,9 +333,170 @@ impl Repository {
         Ok(added)
     }
 
+    /// Runs `f` on the index. When a run of it turns out damaged, the run is dropped, the
+    /// containers it covered are read in again, and `f` runs again: a damaged index costs a
+    /// rebuild, never a wrong answer.
+    pub(crate) fn with_index<T>(&self, f: impl Fn(&Index) -> Result<T>) -> Result<T> {
+        let mut attempts = 0;
+        loop {
+            let r = f(&self.index());
+            match r {
+                Err(VaultError::IndexDamaged { path, what }) if attempts < 8 => {
+                    tracing::warn!("{path}: {what}: rebuilding it from the containers");
+                    self.heal_index(&path)?;
+                    attempts += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Drops a damaged index run and reads the trailers of the containers it covered.
+    pub fn heal_index(&self, run_path: &str) -> Result<()> {
+        self.index_mut().drop_run(run_path)?;
+        self.sync_index()?;
+        Ok(())
+    }
+
+    /// Rebuilds the index from the containers' trailers. Entries of containers whose trailer
+    /// cannot be read are kept from the old index where their segments still read back
+    /// intact, so a rebuild never loses what a restore could still read. The caller holds
+    /// the exclusive lock.
+    pub fn rebuild_index(&self) -> Result<RebuildReport> {
+        let old = match self.index().all_entries() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("old index unreadable, nothing to salvage from it: {e}");
+                Vec::new()
+            }
+        };
+        let mut rep = RebuildReport::default();
+        let mut readable = Vec::new();
+        let mut unreadable = HashSet::new();
+        for (c, _) in self.list_containers()? {
+            match self.container_records(&c) {
+                Ok(recs) => readable.push((c, recs)),
+                Err(e) => {
+                    tracing::warn!("container {c}: {e}");
+                    unreadable.insert(c);
+                }
+            }
+        }
+        let mut salvage: std::collections::HashMap<ContainerId, Vec<(Digest, Location)>> =
+            std::collections::HashMap::new();
+        for (d, l) in old {
+            if unreadable.contains(&l.container) {
+                salvage.entry(l.container).or_default().push((d, l));
+            }
+        }
+        let mut ix = self.index_mut();
+        ix.clear()?;
+        for (c, recs) in &readable {
+            ix.add_container(*c, recs);
+            rep.containers_read += 1;
+        }
+        drop(ix);
+        for c in unreadable {
+            let mut kept = Vec::new();
+            for (d, l) in salvage.remove(&c).unwrap_or_default() {
+                let stored = self.store.get_range(
+                    &container_key(&c),
+                    u64::from(l.offset),
+                    u64::from(l.stored_len),
+                );
+                if stored.is_ok_and(|b| decode_blob(&d, &l, &b).is_ok()) {
+                    kept.push((d, l));
+                }
+            }
+            if kept.is_empty() {
+                rep.containers_skipped += 1;
+            } else {
+                rep.containers_salvaged += 1;
+                rep.segments_salvaged += kept.len();
+                self.index_mut().add_locations(c, &kept);
+            }
+        }
+        self.index_mut().flush()?;
+        Ok(rep)
+    }
+
     /// Where a blob lies, if the vault has it.
     pub fn locate(&self, d: &Digest) -> Result<Option<Location>> {
-        self.index().get(d)
+        self.with_index(|ix| ix.get(d))
+    }
+
+    /// Locations of many blobs (see [`Index::get_many`]).
+    pub fn locate_many(&self, digests: &[Digest]) -> Result<Vec<Option<Location>>> {
+        self.with_index(|ix| ix.get_many(digests))
+    }
+
+    /// Locations of blobs that a backup may reuse: a copy marked damaged counts as absent,
+    /// so the backup stores the segment again (healing every snapshot that needs it).
+    pub fn locate_reusable(&self, digests: &[Digest]) -> Result<Vec<Option<Location>>> {
+        let mut locs = self.locate_many(digests)?;
+        let marks = self.damaged.read().unwrap_or_else(|p| p.into_inner());
+        if !marks.is_empty() {
+            for (d, l) in digests.iter().zip(&mut locs) {
+                if l.is_some_and(|l| marks.contains(&(*d, l.container, l.offset))) {
+                    *l = None;
+                }
+            }
+        }
+        Ok(locs)
+    }
+
+    /// The copies marked damaged: digest, container and frame offset.
+    pub fn marked_copies(&self) -> Vec<(Digest, ContainerId, u32)> {
+        self.damaged
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Digests whose indexed copy is marked damaged.
+    pub fn damaged_segments(&self) -> Result<Vec<Digest>> {
+        let marks: Vec<Mark> = self
+            .damaged
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let digests: Vec<Digest> = marks.iter().map(|m| m.0).collect();
+        let locs = self.locate_many(&digests)?;
+        Ok(marks
+            .iter()
+            .zip(locs)
+            .filter(|(m, l)| l.is_some_and(|l| (l.container, l.offset) == (m.1, m.2)))
+            .map(|(m, _)| m.0)
+            .collect())
+    }
+
+    /// Marks segment copies as damaged (and keeps only marks of `keep_containers`, when
+    /// given: GC drops marks of containers it deleted). Persists the marks.
+    pub fn mark_damaged(
+        &self,
+        marks: &[(Digest, Location)],
+        keep_containers: Option<&HashSet<ContainerId>>,
+    ) -> Result<()> {
+        let body = {
+            let mut set = self.damaged.write().unwrap_or_else(|p| p.into_inner());
+            let before = set.clone();
+            set.extend(marks.iter().map(|(d, l)| (*d, l.container, l.offset)));
+            if let Some(keep) = keep_containers {
+                set.retain(|m| keep.contains(&m.1));
+            }
+            if *set == before {
+                return Ok(());
+            }
+            let mut list: Vec<Mark> = set.iter().copied().collect();
+            list.sort();
+            serde_json::to_vec(&list).expect("marks json")
+        };
+        self.store.put(&damaged_key(), &body)?;
+        Ok(())
     }
 
     /// Reads and verifies one blob.
@@ -296,8 +557,7 @@ impl Repository {
         const GAP: u64 = 256 << 10;
         const MAX_READ: u64 = 32 << 20;
         let locs: Vec<Location> = self
-            .index()
-            .get_many(digests)?
+            .locate_many(digests)?
             .into_iter()
             .zip(digests)
             .map(|(l, d)| l.ok_or(VaultError::MissingSegment(*d)))
@@ -335,26 +595,48 @@ impl Repository {
         Node::decode(&b).map_err(|e| VaultError::Corrupt(format!("tree node {d:?}: {e}")))
     }
 
-    /// Every committed snapshot, oldest first. Unreadable manifests are reported as errors.
+    /// Every committed snapshot whose manifest is intact, oldest first. Damaged manifests are
+    /// skipped with a warning (see [`scan_snapshots`](Self::scan_snapshots)).
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotManifest>> {
+        let (good, damaged) = self.scan_snapshots()?;
+        for d in &damaged {
+            tracing::warn!("skipping damaged snapshot {}: {}", d.id, d.problem);
+        }
+        Ok(good)
+    }
+
+    /// Every manifest: the intact ones (oldest first) and the damaged ones.
+    pub fn scan_snapshots(&self) -> Result<(Vec<SnapshotManifest>, Vec<DamagedSnapshot>)> {
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for m in self.store.list("snapshots")? {
-            if !m.key.as_str().ends_with(".json") {
+            let Some(file_id) = m
+                .key
+                .as_str()
+                .strip_prefix("snapshots/")
+                .and_then(|k| k.strip_suffix(".json"))
+            else {
                 continue;
+            };
+            let b = match self.store.get(&m.key) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => continue, // forgotten meanwhile
+                Err(e) => return Err(e.into()),
+            };
+            match SnapshotManifest::parse_stored(file_id, &b) {
+                Ok(s) => out.push(s),
+                Err(problem) => damaged.push(DamagedSnapshot::salvage(file_id, problem, &b)),
             }
-            let b = self.store.get(&m.key)?;
-            let s: SnapshotManifest = serde_json::from_slice(&b)
-                .map_err(|e| VaultError::Corrupt(format!("manifest {}: {e}", m.key)))?;
-            out.push(s);
         }
         out.sort_by(|a, b| {
             (a.created, a.created_ms, &a.name, a.id).cmp(&(b.created, b.created_ms, &b.name, b.id))
         });
-        Ok(out)
+        damaged.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((out, damaged))
     }
 
     /// Finds a snapshot by id, unique id prefix (at least 6 digits), or name (the newest with
-    /// that name).
+    /// that name). A spec that is both a name and another snapshot's id prefix is ambiguous.
     pub fn find_snapshot(&self, spec: &str) -> Result<SnapshotManifest> {
         let all = self.list_snapshots()?;
         find_in(&all, spec)
@@ -408,7 +690,12 @@ impl Repository {
 
     /// Every blob digest a snapshot reaches (tree nodes and data), for GC marking.
     pub fn reachable(&self, s: &SnapshotManifest, into: &mut HashSet<Digest>) -> Result<()> {
-        let mut stack = vec![s.root.digest];
+        self.reachable_from(&s.root.digest, into)
+    }
+
+    /// Every blob digest the tree rooted at `root` reaches.
+    pub fn reachable_from(&self, root: &Digest, into: &mut HashSet<Digest>) -> Result<()> {
+        let mut stack = vec![*root];
         while let Some(d) = stack.pop() {
             if !into.insert(d) {
                 continue; // a shared subtree already marked
@@ -430,6 +717,13 @@ impl Repository {
     /// Deletes a snapshot's manifest (its data stays until GC).
     pub fn forget(&self, id: &SnapshotId) -> Result<()> {
         Ok(self.store.delete(&snapshot_key(id))?)
+    }
+
+    /// Deletes a damaged manifest, named by the id of its object.
+    pub fn forget_damaged(&self, file_id: &str) -> Result<()> {
+        let key = Key::new(format!("snapshots/{file_id}.json"))
+            .map_err(|_| VaultError::Invalid(format!("{file_id:?} is not a snapshot id")))?;
+        Ok(self.store.delete(&key)?)
     }
 }
 
@@ -457,23 +751,33 @@ pub(crate) fn find_in(all: &[SnapshotManifest], spec: &str) -> Result<SnapshotMa
     {
         return Ok(s.clone());
     }
-    if let Some(s) = all.iter().rev().find(|s| s.name == spec) {
-        return Ok(s.clone());
+    let by_prefix: Vec<&SnapshotManifest> =
+        if spec.len() >= 6 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
+            let p = spec.to_ascii_lowercase();
+            all.iter()
+                .filter(|s| s.id.to_hex().starts_with(&p))
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let by_name = all.iter().rev().find(|s| s.name == spec);
+    match (by_name, by_prefix.as_slice()) {
+        (Some(named), [one]) if one.id != named.id => Err(VaultError::Invalid(format!(
+            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of snapshot {}'s id \
+             (give the whole id)",
+            named.id, one.id
+        ))),
+        (Some(named), _) if by_prefix.len() > 1 => Err(VaultError::Invalid(format!(
+            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of {} ids",
+            named.id,
+            by_prefix.len()
+        ))),
+        (Some(named), _) => Ok(named.clone()),
+        (None, [one]) => Ok((*one).clone()),
+        (None, []) => Err(VaultError::SnapshotNotFound(spec.to_string())),
+        (None, many) => Err(VaultError::Invalid(format!(
+            "snapshot prefix {spec:?} is ambiguous ({} matches)",
+            many.len()
+        ))),
     }
-    if spec.len() >= 6 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
-        let hits: Vec<_> = all
-            .iter()
-            .filter(|s| s.id.to_hex().starts_with(&spec.to_ascii_lowercase()))
-            .collect();
-        match hits.len() {
-            1 => return Ok(hits[0].clone()),
-            n if n > 1 => {
-                return Err(VaultError::Invalid(format!(
-                    "snapshot prefix {spec:?} is ambiguous ({n} matches)"
-                )));
-            }
-            _ => {}
-        }
-    }
-    Err(VaultError::SnapshotNotFound(spec.to_string()))
 }

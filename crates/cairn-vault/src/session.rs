@@ -197,7 +197,7 @@ impl BackupSession {
             let st = self.shared.state();
             digests.iter().map(|d| st.in_flight.contains(d)).collect()
         };
-        let found = self.shared.repo.index().get_many(digests)?;
+        let found = self.shared.repo.locate_reusable(digests)?;
         Ok(in_flight
             .into_iter()
             .zip(found)
@@ -227,7 +227,7 @@ impl BackupSession {
             )));
         }
         let digests: Vec<Digest> = members.iter().map(|m| m.0).collect();
-        let indexed = self.shared.repo.index().get_many(&digests)?;
+        let indexed = self.shared.repo.locate_reusable(&digests)?;
         let mut sealed = Vec::new();
         {
             let mut st = self.shared.state();
@@ -340,7 +340,7 @@ impl BackupSession {
             let st = self.shared.state();
             data.iter().map(|d| st.in_flight.contains(d)).collect()
         };
-        let present = present(&self.shared.repo.index(), &data, &in_flight)?;
+        let present = present(&self.shared.repo, &data, &in_flight)?;
         let mut st = self.shared.state();
         for (digest, span, count, r) in leaves {
             if present[r].iter().all(|&p| p) {
@@ -427,6 +427,7 @@ impl BackupSession {
             parent: req.parent,
             stats,
             labels: req.labels,
+            checksum: None,
         };
         m.stats.duration_ms = m
             .stats
@@ -435,6 +436,7 @@ impl BackupSession {
         // The manifest's own size is part of what the repository grew by.
         let guess = serde_json::to_vec_pretty(&m).expect("manifest json").len() as u64 + 24;
         m.stats.bytes_stored = containers + index_bytes + guess;
+        m.seal();
         let body = serde_json::to_vec_pretty(&m).expect("manifest json");
         self.shared
             .repo
@@ -451,7 +453,7 @@ impl BackupSession {
         let st = self.shared.state();
         let repo = &self.shared.repo;
         let exists = |d: &Digest| -> Result<bool> {
-            Ok(st.new_nodes.contains_key(d) || repo.index().contains(d)?)
+            Ok(st.new_nodes.contains_key(d) || repo.locate(d)?.is_some())
         };
         if !exists(&root.digest)? {
             return Err(VaultError::Invalid(format!(
@@ -521,7 +523,7 @@ impl BackupSession {
         }
         let walked = t0.elapsed();
         let in_flight: Vec<bool> = leaf_data.iter().map(|d| st.in_flight.contains(d)).collect();
-        let present = present(&repo.index(), &leaf_data, &in_flight)?;
+        let present = present(repo, &leaf_data, &in_flight)?;
         tracing::debug!(
             "tree check: nodes walked in {walked:?}; {} segments referenced by leaves not checked on upload, looked up in {:?}",
             leaf_data.len(),
@@ -541,11 +543,7 @@ impl BackupSession {
 /// container before it forgets its segments, so a segment is always in one or the other.
 /// Tens of thousands of lookups (an incremental's leaves are mostly the parent's segments) use
 /// two threads.
-fn present(
-    index: &crate::index::Index,
-    digests: &[Digest],
-    in_flight: &[bool],
-) -> Result<Vec<bool>> {
+fn present(repo: &Repository, digests: &[Digest], in_flight: &[bool]) -> Result<Vec<bool>> {
     let ask: Vec<Digest> = digests
         .iter()
         .zip(in_flight)
@@ -555,13 +553,13 @@ fn present(
     let found = if ask.len() >= 16 << 10 {
         let (a, b) = ask.split_at(ask.len() / 2);
         std::thread::scope(|sc| -> Result<Vec<_>> {
-            let second = sc.spawn(|| index.get_many(b));
-            let mut found = index.get_many(a)?;
+            let second = sc.spawn(|| repo.locate_many(b));
+            let mut found = repo.locate_many(a)?;
             found.extend(second.join().expect("index lookup thread")?);
             Ok(found)
         })?
     } else {
-        index.get_many(&ask)?
+        repo.locate_many(&ask)?
     };
     let mut answers = found.iter();
     Ok(in_flight

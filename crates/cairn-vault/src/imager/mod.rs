@@ -31,7 +31,7 @@ use cairn_chunk::recipe::{TreeBuilder, TreeRoot};
 use cairn_chunk::{
     Chunker, ChunkerParams, EncodedSegment, Encoder, Entry, EntryKind, fingerprint, is_zero,
 };
-use cairn_types::{Digest, ExtentList, ReadAt, SnapshotId};
+use cairn_types::{Digest, Extent, ExtentList, ReadAt, SnapshotId};
 
 use crate::api::{Upload, Vault, VaultSession};
 use crate::error::{Result, VaultError};
@@ -312,6 +312,75 @@ fn upload_nodes(
     Ok(())
 }
 
+/// How many of the parent's unchanged segments an incremental reads back to check that the
+/// parent is a backup of this source.
+const PARENT_SPOT_CHECKS: usize = 8;
+
+/// Checks a parent against the source: up to [`PARENT_SPOT_CHECKS`] of its segments, spread
+/// over the disk and outside the changed extents, must read back with their fingerprints.
+/// `Ok(Err(why))` when they do not.
+fn parent_fits(
+    source: &dyn ReadAt,
+    size: u64,
+    parent: &[Entry],
+    changed: &ExtentList,
+) -> Result<std::result::Result<(), String>> {
+    let mut candidates = Vec::new();
+    let mut at = 0u64;
+    let mut ext = changed.iter().peekable();
+    for e in parent {
+        let end = at + u64::from(e.len);
+        while ext.peek().is_some_and(|x| x.end() <= at) {
+            ext.next();
+        }
+        let touched = ext.peek().is_some_and(|x| x.offset < end);
+        if !touched && end <= size && e.len > 0 {
+            candidates.push((at, *e));
+        }
+        at = end;
+    }
+    let n = candidates.len();
+    let mut buf = Vec::new();
+    for k in 0..PARENT_SPOT_CHECKS.min(n) {
+        let (off, e) = candidates[k * n / PARENT_SPOT_CHECKS.min(n)];
+        buf.resize(e.len as usize, 0);
+        source
+            .read_exact_at(&mut buf, off)
+            .map_err(|e| source_err(e, off))?;
+        let same = match e.kind {
+            EntryKind::Zero => buf.iter().all(|&b| b == 0),
+            EntryKind::Data => fingerprint(&buf) == e.digest,
+        };
+        if !same {
+            return Ok(Err(format!(
+                "its {} bytes at offset {off} differ from the image, outside the changed extents",
+                e.len
+            )));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The changed extents, plus the parent's segments whose stored copy is marked damaged: an
+/// incremental reads them again, so the vault stores them again and heals every snapshot
+/// that needs them.
+fn with_damaged(vault: &dyn Vault, parent: &[Entry], changed: &ExtentList) -> Result<ExtentList> {
+    let damaged: std::collections::HashSet<Digest> =
+        vault.damaged_segments()?.into_iter().collect();
+    if damaged.is_empty() {
+        return Ok(changed.clone());
+    }
+    let mut ext: Vec<Extent> = changed.iter().copied().collect();
+    let mut at = 0u64;
+    for e in parent {
+        if e.kind == EntryKind::Data && damaged.contains(&e.digest) {
+            ext.push(Extent::new(at, u64::from(e.len)));
+        }
+        at += u64::from(e.len);
+    }
+    Ok(ExtentList::from_unsorted(ext))
+}
+
 /// Backs up `source` into `vault`.
 pub fn backup(
     vault: &dyn Vault,
@@ -334,20 +403,44 @@ pub fn backup(
     let session = vault.begin(&format!("backup {}", opts.name))?;
     let sent = AtomicU64::new(0);
     let mut stats = BackupStats::default();
-    let (root, counts, chunker) = match (&parent, &opts.changed) {
+    if let (Some(p), Some(_)) = (&parent, &opts.changed)
+        && p.name != opts.name
+    {
+        return Err(VaultError::Invalid(format!(
+            "parent {} is a backup of {:?}, not of {:?}: changes listed against another \
+             disk's backup would make a wrong backup (give a parent of the same disk, or no \
+             --changed for a full read)",
+            p.id, p.name, opts.name
+        )));
+    }
+    // An incremental trusts its parent for every byte outside the changed extents: the
+    // parent's recipe is read first and spot-checked against the source.
+    let incremental_plan = match (&parent, &opts.changed) {
         (Some(p), Some(changed)) => {
-            let chunker = p.chunker;
             let recipe = match &opts.parent_recipe {
                 Some(r) if r.snapshot == p.id => r.clone(),
                 _ => std::sync::Arc::new(ParentRecipe::read(vault, p)?),
             };
-            tracing::debug!(
-                "parent recipe read: {} entries, {} nodes, {:?}",
-                recipe.entries.len(),
-                recipe.nodes.len(),
-                started.elapsed()
-            );
-            // Nodes the parent has need no question to the vault.
+            match parent_fits(source, size, &recipe.entries, changed)? {
+                Ok(()) => {
+                    let changed = with_damaged(vault, &recipe.entries, changed)?;
+                    Some((p, recipe, changed))
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        "parent {} does not fit this image ({why}): reading the whole image",
+                        p.id
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let (root, counts, chunker) = match incremental_plan {
+        Some((p, recipe, changed)) => {
+            let changed = &changed;
+            let chunker = p.chunker; // Nodes the parent has need no question to the vault.
             let known_nodes = recipe.nodes.iter().copied().collect();
             let (root, counts) = incremental(
                 &*session,

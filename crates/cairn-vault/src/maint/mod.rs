@@ -3,8 +3,10 @@
 
 mod gc;
 mod prune;
+mod repair;
 mod verify;
 
-pub use gc::{GcPlan, gc};
+pub use gc::{GcPlan, LEFTOVER_MIN_AGE, gc};
 pub use prune::{PruneOptions, PrunePlan, forget, keep_mask, prune};
-pub use verify::{Damage, VerifyReport, verify};
+pub use repair::{RepairReport, repair};
+pub use verify::{Damage, SnapshotCheck, VerifyReport, verify};

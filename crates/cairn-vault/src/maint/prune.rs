@@ -101,16 +101,41 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<Pr
     Ok(plan)
 }
 
-/// Forgets the snapshots `specs` (ids or unique prefixes) under the exclusive lock; an
-/// unknown snapshot fails the call before anything is forgotten. Data is freed by GC.
+/// Forgets the snapshots `specs` (ids or unique prefixes; a damaged manifest by its whole
+/// id) under the exclusive lock; an unknown snapshot fails the call before anything is
+/// forgotten. Data is freed by GC.
 pub fn forget(repo: &Repository, specs: &[String]) -> Result<Vec<SnapshotId>> {
     let _lock = crate::lock::RepoLock::acquire(repo.store().clone(), true, "forget")?;
-    let ids = specs
+    let (good, damaged) = repo.scan_snapshots()?;
+    enum Target {
+        Good(SnapshotId),
+        Damaged(String),
+    }
+    let targets = specs
         .iter()
-        .map(|s| repo.find_snapshot(s).map(|m| m.id))
+        .map(|spec| match crate::repo::find_in(&good, spec) {
+            Ok(m) => Ok(Target::Good(m.id)),
+            Err(e) => damaged
+                .iter()
+                .find(|d| d.id == spec.to_ascii_lowercase())
+                .map(|d| Target::Damaged(d.id.clone()))
+                .ok_or(e),
+        })
         .collect::<Result<Vec<_>>>()?;
-    for id in &ids {
-        repo.forget(id)?;
+    let mut ids = Vec::new();
+    for t in targets {
+        match t {
+            Target::Good(id) => {
+                repo.forget(&id)?;
+                ids.push(id);
+            }
+            Target::Damaged(file_id) => {
+                repo.forget_damaged(&file_id)?;
+                if let Ok(id) = file_id.parse() {
+                    ids.push(id);
+                }
+            }
+        }
     }
     Ok(ids)
 }

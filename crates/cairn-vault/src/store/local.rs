@@ -36,8 +36,9 @@ impl LocalStore {
         self.root.join(key.as_str())
     }
 
-    /// Removes temporary files left by interrupted writes. Returns how many were removed.
-    pub fn clean_temporaries(&self) -> io::Result<usize> {
+    /// Removes temporary files left by interrupted writes, last modified at least `min_age`
+    /// ago (a write in progress is younger). Returns how many were removed.
+    pub fn clean_temporaries(&self, min_age: std::time::Duration) -> io::Result<usize> {
         let mut n = 0;
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
@@ -47,8 +48,11 @@ impl LocalStore {
                 if ft.is_dir() {
                     stack.push(ent.path());
                 } else if ent.file_name().to_string_lossy().contains(TMP_MARK) {
-                    fs::remove_file(ent.path())?;
-                    n += 1;
+                    let age = ent.metadata()?.modified()?.elapsed().unwrap_or_default();
+                    if age >= min_age {
+                        fs::remove_file(ent.path())?;
+                        n += 1;
+                    }
                 }
             }
         }
@@ -207,6 +211,11 @@ impl ObjectStore for LocalStore {
         }
     }
 
+    fn remove_leftovers(&self, min_age: std::time::Duration) -> Result<usize, StoreError> {
+        self.clean_temporaries(min_age)
+            .map_err(|e| StoreError::io(&self.root.display().to_string(), "remove temporaries", e))
+    }
+
     fn location(&self) -> String {
         self.root.display().to_string()
     }
@@ -229,6 +238,6 @@ mod tests {
                 .iter()
                 .all(|m| !m.key.as_str().contains(".tmp-"))
         );
-        assert_eq!(s.clean_temporaries().unwrap(), 1);
+        assert_eq!(s.clean_temporaries(std::time::Duration::ZERO).unwrap(), 1);
     }
 }

@@ -10,6 +10,7 @@
 //! | `get`, `get_range` | [`StoreErrorKind::NotFound`] for a missing key; a range past the end is an error, never a short read. |
 //! | `list` | every key under a prefix, in no particular order, with its size. |
 //! | `delete` | idempotent: deleting a missing key succeeds. |
+//! | `remove_leftovers` | removes only what interrupted writes left (never an object `list` shows). |
 //!
 //! Errors carry a kind; [`StoreErrorKind::Transient`] errors may be retried by the caller.
 //! Nothing outside a backend may assume that keys are local files.
@@ -162,6 +163,13 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
     fn delete(&self, key: &Key) -> Result<(), StoreError>;
     fn capabilities(&self) -> Capabilities;
+    /// Removes what interrupted writes left behind, if the store leaves anything (at least
+    /// `min_age` old); returns how many objects it removed. Called by GC under the
+    /// exclusive lock.
+    fn remove_leftovers(&self, min_age: std::time::Duration) -> Result<usize, StoreError> {
+        let _ = min_age;
+        Ok(0)
+    }
     /// A human-readable location, for messages.
     fn location(&self) -> String;
 }

@@ -8,6 +8,8 @@ use cairn_vault::maint::{GcPlan, PruneOptions};
 use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
 use rand::{RngCore, SeedableRng};
 
+mod damage;
+
 fn image(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut v = vec![0u8; len];
@@ -263,7 +265,10 @@ fn corruption_is_found_by_verify_and_fails_restore_with_ranges() {
     flip_byte_in_a_container(&dir.path().join("repo"));
     let rep = v.verify(true).unwrap();
     assert!(!rep.ok());
-    assert_eq!(rep.damaged_snapshots, vec![(s1.id, "victim".to_string())]);
+    assert_eq!(
+        rep.damaged_snapshots,
+        vec![(s1.id.to_string(), "victim".to_string())]
+    );
     let out = dir.path().join("out.img");
     let err = imager::restore(&v, "victim", &out, &RestoreOptions::default(), &NoProgress)
         .unwrap_err()
@@ -405,7 +410,10 @@ fn a_damaged_frame_fails_the_members_it_changes() {
     let s = backup(&v, &x, dir.path(), "t", None, None);
     flip_byte_in_a_container(&dir.path().join("repo"));
     let rep = v.verify(true).unwrap();
-    assert_eq!(rep.damaged_snapshots, vec![(s.id, "t".to_string())]);
+    assert_eq!(
+        rep.damaged_snapshots,
+        vec![(s.id.to_string(), "t".to_string())]
+    );
     // The flipped byte lies in one frame of the largest container: the members whose bytes it
     // changed are reported, each on its own hash (members it left intact stay readable).
     let (big, _) = v
@@ -425,7 +433,7 @@ fn a_damaged_frame_fails_the_members_it_changes() {
         .filter(|r| r.offset == hit.offset)
         .map(|r| r.digest)
         .collect();
-    let damaged: Vec<_> = rep.damage.iter().filter_map(|d| d.digest).collect();
+    let damaged = &rep.damaged_segments;
     assert!(
         members.len() > 1 && !damaged.is_empty(),
         "{members:?} {damaged:?}"

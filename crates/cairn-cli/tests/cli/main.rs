@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
+mod repair;
+
 const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
 
 fn cairn(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -121,6 +123,7 @@ fn exercise(repo: &str, dir: &Path, env: &[(&str, &str)]) {
         &[
             "image",
             "restore",
+            "--force",
             "--repo",
             repo,
             b2["snapshot"].as_str().unwrap(),
@@ -136,6 +139,7 @@ fn exercise(repo: &str, dir: &Path, env: &[(&str, &str)]) {
         &[
             "image",
             "restore",
+            "--force",
             "--repo",
             repo,
             "--json",
@@ -193,6 +197,7 @@ fn exercise(repo: &str, dir: &Path, env: &[(&str, &str)]) {
         &[
             "image",
             "restore",
+            "--force",
             "--repo",
             repo,
             b2["snapshot"].as_str().unwrap(),
@@ -522,7 +527,15 @@ fn kill_9_mid_backup_then_retry_does_not_resend() {
     );
     let out = dir.path().join("out.img");
     ok(
-        &["image", "restore", "--repo", s(&repo), "big", s(&out)],
+        &[
+            "image",
+            "restore",
+            "--force",
+            "--repo",
+            s(&repo),
+            "big",
+            s(&out),
+        ],
         &[],
     );
     assert!(std::fs::read(&out).unwrap() == data);
@@ -581,7 +594,15 @@ fn damaged_and_truncated_containers_are_named_and_never_restored_silently() {
     );
     let out = dir.path().join("out.img");
     let o = cairn(
-        &["image", "restore", "--repo", s(&repo), "victim", s(&out)],
+        &[
+            "image",
+            "restore",
+            "--force",
+            "--repo",
+            s(&repo),
+            "victim",
+            s(&out),
+        ],
         &[],
     );
     assert!(!o.status.success());
@@ -606,6 +627,7 @@ fn damaged_and_truncated_containers_are_named_and_never_restored_silently() {
             &[
                 "image",
                 "restore",
+                "--force",
                 "--repo",
                 s(&repo),
                 b["snapshot"].as_str().unwrap(),
@@ -617,7 +639,15 @@ fn damaged_and_truncated_containers_are_named_and_never_restored_silently() {
         .success()
     );
     ok(
-        &["image", "restore", "--repo", s(&repo), "bystander", s(&out)],
+        &[
+            "image",
+            "restore",
+            "--force",
+            "--repo",
+            s(&repo),
+            "bystander",
+            s(&out),
+        ],
         &[],
     );
     assert!(std::fs::read(&out).unwrap() == other_data);
@@ -686,7 +716,15 @@ fn disk_full_gives_a_clear_error_and_keeps_the_repository() {
     );
     let out = dir.path().join("out.img");
     ok(
-        &["image", "restore", "--repo", s(&repo), "small", s(&out)],
+        &[
+            "image",
+            "restore",
+            "--force",
+            "--repo",
+            s(&repo),
+            "small",
+            s(&out),
+        ],
         &[],
     );
     assert!(std::fs::read(&out).unwrap() == small_data);
