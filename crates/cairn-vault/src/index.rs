@@ -464,6 +464,8 @@ pub struct Index {
     pending: HashMap<Digest, Location>,
     pending_containers: Vec<ContainerId>,
     covered: HashSet<ContainerId>,
+    /// Runs found damaged and dropped (path, what was wrong), for verify to report.
+    dropped: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Index {
@@ -483,6 +485,7 @@ impl Index {
         fs::create_dir_all(dir)
             .map_err(|e| VaultError::io(dir.display(), "create index directory", e))?;
         let mut runs = Vec::new();
+        let mut dropped = Vec::new();
         let rd = fs::read_dir(dir).map_err(|e| VaultError::io(dir.display(), "list index", e))?;
         for ent in rd {
             let ent = ent.map_err(|e| VaultError::io(dir.display(), "list index", e))?;
@@ -493,6 +496,11 @@ impl Index {
                     Err(e) => {
                         tracing::warn!("dropping damaged index run: {e}");
                         let _ = fs::remove_file(&p);
+                        let what = match e {
+                            VaultError::IndexDamaged { what, .. } => what,
+                            e => e.to_string(),
+                        };
+                        dropped.push((p.display().to_string(), what));
                     }
                 },
                 Some("tmp") => {
@@ -511,6 +519,7 @@ impl Index {
             pending: HashMap::new(),
             pending_containers: Vec::new(),
             covered,
+            dropped,
         })
     }
 
@@ -626,6 +635,8 @@ impl Index {
             return Ok(false);
         };
         let run = self.runs.remove(i);
+        self.dropped
+            .push((path.to_string(), "dropped after a failed check".into()));
         fs::remove_file(&run.path)
             .map_err(|e| VaultError::io(run.path.display(), "delete index run", e))?;
         self.covered = self
@@ -635,6 +646,11 @@ impl Index {
             .chain(self.pending_containers.iter().copied())
             .collect();
         Ok(true)
+    }
+
+    /// The runs dropped as damaged since the last call (path, what was wrong).
+    pub fn take_dropped(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Reads every page of every run, checking its checksum; returns the first damage.

@@ -103,13 +103,23 @@ impl SnapshotManifest {
         Ok(())
     }
 
-    /// Parses and checks the manifest stored as `snapshots/<file_id>.json`.
+    /// The bytes a manifest is stored as: its compact JSON, checksum included.
+    pub fn to_stored(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("manifest json")
+    }
+
+    /// Parses and checks the manifest stored as `snapshots/<file_id>.json`. A manifest with a
+    /// checksum must be stored exactly as [`to_stored`](Self::to_stored) writes it, so no byte
+    /// of it can change unnoticed (not even white space).
     pub fn parse_stored(file_id: &str, bytes: &[u8]) -> Result<Self, String> {
         let m: Self = serde_json::from_slice(bytes).map_err(|e| format!("unreadable: {e}"))?;
         if m.id.to_string() != file_id {
             return Err(format!("holds snapshot {} under another name", m.id));
         }
         m.check()?;
+        if m.checksum.is_some() && m.to_stored() != bytes {
+            return Err("stored bytes differ from the manifest's own form".into());
+        }
         Ok(m)
     }
 }

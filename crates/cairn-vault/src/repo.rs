@@ -507,7 +507,14 @@ impl Repository {
             u64::from(loc.offset),
             u64::from(loc.stored_len),
         )?;
-        decode_blob(d, &loc, &bytes)
+        decode_blob(d, &loc, &bytes).inspect_err(|_| self.note_damage(d, &loc))
+    }
+
+    /// Marks a copy a read found damaged (best effort: the read fails either way).
+    fn note_damage(&self, d: &Digest, loc: &Location) {
+        if let Err(e) = self.mark_damaged(&[(*d, *loc)], None) {
+            tracing::warn!("could not mark segment {d:?} damaged: {e}");
+        }
     }
 
     /// Reads and verifies many blobs, in order, merging reads of neighbouring blobs of one
@@ -525,7 +532,10 @@ impl Repository {
                     loc.member(),
                     &digests[i],
                 )
-                .map_err(|e| segment_error(&digests[i], loc, e))?;
+                .map_err(|e| {
+                    self.note_damage(&digests[i], loc);
+                    segment_error(&digests[i], loc, e)
+                })?;
             out.push(plain);
             Ok(())
         })?;

@@ -434,10 +434,10 @@ impl BackupSession {
             .duration_ms
             .max(self.started.elapsed().as_millis() as u64);
         // The manifest's own size is part of what the repository grew by.
-        let guess = serde_json::to_vec_pretty(&m).expect("manifest json").len() as u64 + 24;
+        let guess = m.to_stored().len() as u64 + 80;
         m.stats.bytes_stored = containers + index_bytes + guess;
         m.seal();
-        let body = serde_json::to_vec_pretty(&m).expect("manifest json");
+        let body = m.to_stored();
         self.shared
             .repo
             .store()

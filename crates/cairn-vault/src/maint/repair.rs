@@ -193,8 +193,7 @@ fn repair_manifests(repo: &Repository, dry_run: bool, rep: &mut RepairReport) ->
             Some(m) => {
                 rep.snapshots_rebuilt.push(d.id.clone());
                 if !dry_run {
-                    let body = serde_json::to_vec_pretty(&m).expect("manifest json");
-                    repo.store().put(&snapshot_key(&m.id), &body)?;
+                    repo.store().put(&snapshot_key(&m.id), &m.to_stored())?;
                 }
             }
             None => {

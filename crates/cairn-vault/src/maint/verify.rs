@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use cairn_chunk::format::CONTAINER_MAGIC;
 use cairn_chunk::recipe::Node;
 use cairn_chunk::{EntryKind, FrameCache};
 use cairn_types::{ContainerId, Digest};
@@ -133,6 +134,11 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
         } else {
             None
         };
+        if let Some(bytes) = &data
+            && let Err(why) = check_layout(bytes, &recs)
+        {
+            rep.damage(Some(*c), why);
+        }
         let mut frames = FrameCache::new();
         let mut damaged_here = 0u64;
         for (d, loc) in &recs {
@@ -189,6 +195,30 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
     Ok(rep)
 }
 
+/// The bytes no record covers: the header must be intact and the frames must follow it and
+/// each other without a gap (as every writer lays them out).
+fn check_layout(bytes: &[u8], recs: &[(Digest, Location)]) -> std::result::Result<(), String> {
+    if !bytes.starts_with(&CONTAINER_MAGIC) {
+        return Err("container header is damaged".into());
+    }
+    let mut at = CONTAINER_MAGIC.len() as u64;
+    let mut last = None;
+    for (_, l) in recs {
+        if last == Some(l.offset) {
+            continue; // another member of the same frame
+        }
+        if u64::from(l.offset) != at {
+            return Err(format!(
+                "{} bytes between frames at offset {at} are not accounted for",
+                u64::from(l.offset).abs_diff(at)
+            ));
+        }
+        at += u64::from(l.stored_len);
+        last = Some(l.offset);
+    }
+    Ok(())
+}
+
 fn check_config(repo: &Repository, rep: &mut VerifyReport) {
     if let Err(e) = repo.check_config_copies() {
         rep.damage(None, e.to_string());
@@ -197,6 +227,12 @@ fn check_config(repo: &Repository, rep: &mut VerifyReport) {
 
 /// Reads every index page; a damaged run is reported and rebuilt from the containers.
 fn check_index_pages(repo: &Repository, rep: &mut VerifyReport) -> Result<()> {
+    for (path, what) in repo.index_mut().take_dropped() {
+        rep.damage(
+            None,
+            format!("index run {path}: {what} (rebuilt from the containers)"),
+        );
+    }
     for _ in 0..8 {
         let r = repo.index().check_runs();
         match r {
@@ -210,6 +246,7 @@ fn check_index_pages(repo: &Repository, rep: &mut VerifyReport) -> Result<()> {
                     format!("index run {path}: {what} (rebuilt from the containers)"),
                 );
                 repo.heal_index(&path)?;
+                repo.index_mut().take_dropped(); // just reported
             }
             Err(e) => return Err(e),
         }
