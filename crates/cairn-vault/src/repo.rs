@@ -165,8 +165,8 @@ impl Repository {
         }
     }
 
-    /// Checks that the config and its copy agree (a repository without a copy, made before
-    /// copies existed, is fine).
+    /// Checks that the config and its copy agree byte for byte (a repository without a copy,
+    /// made before copies existed, is fine).
     pub fn check_config_copies(&self) -> Result<()> {
         let main = self.store.get(&config_key())?;
         let ok = serde_json::from_slice::<RepoConfig>(&main).is_ok_and(|c| c == self.config);
@@ -177,14 +177,11 @@ impl Repository {
             ));
         }
         match self.store.get(&config_copy_key()) {
-            Ok(copy)
-                if serde_json::from_slice::<RepoConfig>(&copy).ok()
-                    != Some(self.config.clone()) =>
-            {
-                Err(VaultError::Corrupt(
-                    "the config's copy is damaged (`cairn repo repair` rewrites it)".into(),
-                ))
-            }
+            Ok(copy) if copy != main => Err(VaultError::Corrupt(
+                "the config and its copy differ (`cairn repo repair` rewrites both from the \
+                 one in use)"
+                    .into(),
+            )),
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
