@@ -55,6 +55,13 @@ pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
         state_dir: a.state_dir.clone(),
         parallel: a.parallel,
     }));
+    match agent.remove_orphaned_job_snapshots() {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!("deleted {n} storage-unit snapshots left by jobs of an earlier run")
+        }
+        Err(e) => tracing::warn!("could not delete snapshots left by an earlier run: {e}"),
+    }
     let announce =
         crate::register::Announce::from_args(cairn_manager::AgentKind::Storage, &a.register)?;
     serve_registered("storage agent", creds, announce, move |tls, token| {

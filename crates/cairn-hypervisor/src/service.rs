@@ -363,6 +363,7 @@ async fn snapshot(
         let snap = svc.driver.snapshot(vm, &opts).await?;
         // Recorded inside the task: a lost answer still leaves it deletable.
         svc.map().insert(snap.id, snap.clone());
+        cairn_types::fault::point("host.snapshot.after_snapshot");
         Ok(snap)
     })
     .await?;

@@ -108,6 +108,10 @@ pub struct StorageAgent {
     pub counters: AgentCounters,
 }
 
+/// Tags of storage-unit snapshots that live only as long as the backup job that took them
+/// (a group backup's `group-<id>`): an agent that restarts deletes the ones it finds.
+pub const JOB_SCOPED_TAG_PREFIX: &str = "group-";
+
 impl StorageAgent {
     pub fn new(config: AgentConfig) -> Self {
         let catalog = SnapshotCatalog::new(&config.state_dir);
@@ -164,7 +168,24 @@ impl StorageAgent {
             let _ = provider.delete(&s);
             return Err(e);
         }
+        cairn_types::fault::point("storage.backup.after_unit_snapshot");
         Ok(s)
+    }
+
+    /// Deletes the job-scoped snapshots (tag [`JOB_SCOPED_TAG_PREFIX`]) a previous run of
+    /// this agent left: the job that took one cannot use it after the agent restarted (its
+    /// reads failed with the agent), and when the agent died before answering, the job never
+    /// learned the snapshot's id to release it. Called at start-up; returns how many it
+    /// deleted.
+    pub fn remove_orphaned_job_snapshots(&self) -> Result<usize> {
+        let mut n = 0;
+        for s in self.catalog.list()? {
+            if s.tag.starts_with(JOB_SCOPED_TAG_PREFIX) {
+                self.delete_snapshot(&s.id)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Snapshots on primary storage made by this agent, oldest first.

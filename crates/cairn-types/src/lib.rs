@@ -6,6 +6,7 @@
 
 pub mod durable;
 mod extent;
+pub mod fault;
 mod id;
 mod read_at;
 

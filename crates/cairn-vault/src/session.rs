@@ -438,6 +438,7 @@ impl BackupSession {
         m.stats.bytes_stored = containers + index_bytes + guess;
         m.seal();
         let body = m.to_stored();
+        cairn_types::fault::point("vault.commit.before_manifest");
         self.shared
             .repo
             .store()

@@ -124,6 +124,40 @@ impl Service {
         *self = Self::start_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
     }
 
+    /// Starts the same command again on the address it listened on, so that peers
+    /// configured with its URL find it again.
+    pub fn restart_same_address(&mut self, env: &[(&str, &str)]) {
+        let listen = self
+            .url()
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| {
+                if a == "127.0.0.1:0" {
+                    listen.clone()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        let t0 = Instant::now();
+        loop {
+            // The old socket may linger for a moment after the process died.
+            if std::net::TcpListener::bind(&listen).is_ok()
+                || t0.elapsed() > Duration::from_secs(10)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut s = Self::start_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
+        s.args = self.args.clone();
+        *self = s;
+    }
+
     pub fn kill(&mut self) {
         let _ = Command::new("kill")
             .args(["-KILL", &self.child.id().to_string()])

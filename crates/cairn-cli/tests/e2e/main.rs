@@ -8,5 +8,6 @@
 //! says loudly that it skipped.
 
 mod failures;
+mod faults;
 mod flows;
 mod harness;

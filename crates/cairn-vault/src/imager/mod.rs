@@ -492,6 +492,7 @@ pub fn backup(
     // Disk data this backup handed to the vault, as encoded (what crosses a network).
     stats.bytes_sent = sent.load(Ordering::Relaxed);
     stats.duration_ms = started.elapsed().as_millis() as u64;
+    cairn_types::fault::point("storage.backup.before_commit");
     let committed = session.commit(CommitRequest {
         name: opts.name.clone(),
         root: Some(root),

@@ -262,6 +262,7 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
         }
     }
     flush(builder, &mut new_containers)?;
+    cairn_types::fault::point("vault.gc.after_repack");
     let doomed: HashSet<ContainerId> = plan.delete.iter().chain(&plan.repack).copied().collect();
     {
         let mut ix = repo.index_mut();
@@ -271,6 +272,7 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
         // Stale locations of copied blobs live in doomed containers and are dropped here.
         ix.rewrite(&doomed)?;
     }
+    cairn_types::fault::point("vault.gc.after_index");
     for c in &doomed {
         repo.store().delete(&container_key(c))?;
     }
