@@ -16,7 +16,9 @@ SECONDS_TO_RUN=${1:-600}
 W=${2:-$(mktemp -d)}
 mkdir -p "$W"
 cargo build --quiet --bin cairn
-CAIRN=$PWD/target/debug/cairn
+# A copy: later builds in this tree must not change the binary under a running soak.
+cp target/debug/cairn "$W/cairn"
+CAIRN=$W/cairn
 REPO=$W/repo
 IMG=$W/disk.img
 OUT=$W/restored.img

@@ -552,6 +552,15 @@ impl Catalog {
         )
     }
 
+    /// Finished jobs that still hold something (a release failed while a peer was away).
+    pub fn finished_jobs_holding(&self) -> Result<Vec<JobRecord>> {
+        self.jobs_where(
+            "WHERE state IN ('succeeded', 'failed', 'cancelled') AND holds IS NOT NULL \
+             AND holds <> '[]' ORDER BY created_ms, id",
+            &[],
+        )
+    }
+
     /// A job by id or unique prefix.
     pub fn job(&self, spec: &str) -> Result<JobRecord> {
         if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -252,6 +252,34 @@ fn describe(h: &Hold) -> String {
     }
 }
 
+/// Releases what finished jobs still hold: a release that failed because a peer was away
+/// (the manager restarting, a host agent down) is tried again until it succeeds, so a VM is
+/// never left with a snapshot that blocks its next backup. Runs every few seconds and before
+/// each job.
+pub(crate) fn release_leftovers(server: &Arc<Server>) {
+    let Ok(jobs) = server.catalog.finished_jobs_holding() else {
+        return;
+    };
+    for j in jobs {
+        let ctx = JobCtx {
+            server,
+            id: j.id.clone(),
+            holds: Mutex::new(j.holds.clone()),
+        };
+        for h in &j.holds {
+            match release(server, h) {
+                Ok(()) => {
+                    ctx.info(format!("released {} after the job ended", describe(h)));
+                    ctx.unhold(h);
+                }
+                Err(e) => {
+                    tracing::debug!("job {}: {} still held: {}", j.id, describe(h), e.chain())
+                }
+            }
+        }
+    }
+}
+
 /// Releases one held resource. A resource already gone counts as released.
 pub fn release(server: &Server, h: &Hold) -> Result<()> {
     let gone = |e: &cairn_http::ClientError| e.kind() == Some(cairn_http::ErrorKind::NotFound);
@@ -317,6 +345,7 @@ fn run_one(server: &Arc<Server>, id: &str) {
         .catalog
         .set_job_state(&job.id, JobState::Running, None, None);
     ctx.info("started");
+    release_leftovers(server);
     let kind: std::result::Result<JobKind, _> = serde_json::from_value(job.params.clone());
     let outcome = match kind {
         Err(e) => Err(ServerError::Invalid(format!("job parameters: {e}"))),

@@ -96,8 +96,13 @@ pub(crate) fn start_scheduler(server: &Arc<Server>) {
     std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
+            let mut ticks = 0u64;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
+                ticks += 1;
+                if ticks % 5 == 0 {
+                    crate::jobs::release_leftovers(&s);
+                }
                 let Ok(list) = s.catalog.schedules() else {
                     continue;
                 };

@@ -429,18 +429,7 @@ fn run_row(
             }
         }
         (Fault::KillWhileHolding, _) => {
-            restart_with(
-                c,
-                Role::Server,
-                &[("CAIRN_FAULT_PAUSE_AFTER_VM_SNAPSHOT_MS", "4000")],
-                server_args,
-            );
-            let s = c.server.client();
-            let j: Value = s
-                .post_json("/v1/backups", &json!({"vms": ["vm1"]}))
-                .unwrap();
-            let id = j["id"].as_str().unwrap().to_string();
-            wait_hold(&s, &id);
+            let (s, id) = held_backup(c, 4000, server_args);
             service(c, row.role).kill();
             if row.role == Role::Server {
                 return "server killed mid-job".into();
@@ -448,24 +437,36 @@ fn run_row(
             job_outcome(&wait_job(&s, &id))
         }
         (Fault::CutVaultLink, _) => {
-            restart_with(
-                c,
-                Role::Server,
-                &[("CAIRN_FAULT_PAUSE_AFTER_VM_SNAPSHOT_MS", "2000")],
-                server_args,
-            );
-            let s = c.server.client();
-            let j: Value = s
-                .post_json("/v1/backups", &json!({"vms": ["vm1"]}))
-                .unwrap();
-            let id = j["id"].as_str().unwrap().to_string();
-            wait_hold(&s, &id);
+            let (s, id) = held_backup(c, 2000, server_args);
             relay.cut.store(true, Ordering::SeqCst);
             let out = job_outcome(&wait_job(&s, &id));
             relay.cut.store(false, Ordering::SeqCst);
             out
         }
     }
+}
+
+/// Starts a backup on a server that pauses `pause_ms` after the VM snapshot, and waits until
+/// the job holds it; the server's client and the job id.
+fn held_backup(
+    c: &mut Cluster,
+    pause_ms: u64,
+    server_args: &dyn Fn(&Cluster) -> Vec<String>,
+) -> (cairn_http::Client, String) {
+    let pause = pause_ms.to_string();
+    restart_with(
+        c,
+        Role::Server,
+        &[("CAIRN_FAULT_PAUSE_AFTER_VM_SNAPSHOT_MS", &pause)],
+        server_args,
+    );
+    let s = c.server.client();
+    let j: Value = s
+        .post_json("/v1/backups", &json!({"vms": ["vm1"]}))
+        .unwrap();
+    let id = j["id"].as_str().unwrap().to_string();
+    wait_hold(&s, &id);
+    (s, id)
 }
 
 fn job_outcome(j: &Value) -> String {

@@ -8,7 +8,7 @@ use cairn_types::ExtentList;
 use cairn_vault::imager::{self, BackupOptions, NoProgress, RestoreOptions};
 use cairn_vault::{LocalVault, Repository, Vault, VaultError};
 
-use super::{backup, image, restore, vault, walk};
+use super::{backup, flip_byte_in_a_container, image, restore, vault, walk};
 
 fn repo_dir(dir: &Path) -> PathBuf {
     dir.join("repo")
@@ -201,10 +201,7 @@ fn a_new_backup_heals_damaged_segments_for_every_snapshot() {
     let v = vault(dir.path());
     let img = image(4 << 20, 42);
     let s1 = backup(&v, &img, dir.path(), "d", None, None);
-    let victim = containers_by_size(dir.path()).pop().unwrap();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[5000] ^= 0xff;
-    std::fs::write(&victim, bytes).unwrap();
+    flip_byte_in_a_container(&repo_dir(dir.path()));
     let rep = v.verify(true).unwrap();
     assert!(
         rep.marked > 0 && !rep.damaged_snapshots.is_empty(),
@@ -242,10 +239,7 @@ fn an_incremental_heals_damaged_segments_of_its_parent() {
     let v = vault(dir.path());
     let img = image(4 << 20, 43);
     let s1 = backup(&v, &img, dir.path(), "d", None, None);
-    let victim = containers_by_size(dir.path()).pop().unwrap();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[5000] ^= 0xff;
-    std::fs::write(&victim, bytes).unwrap();
+    flip_byte_in_a_container(&repo_dir(dir.path()));
     assert!(v.verify(true).unwrap().marked > 0);
     // Nothing changed, yet the incremental reads and stores the damaged segments again.
     let s2 = backup(
