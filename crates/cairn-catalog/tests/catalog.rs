@@ -135,6 +135,10 @@ fn jobs_events_and_cancel() {
     c.add_event(&j.id, "info", "two").unwrap();
     assert_eq!(c.events(&j.id).unwrap()[1].seq, 2);
     assert_eq!(c.jobs_in(JobState::Running).unwrap()[0].holds.len(), 1);
+    assert!(
+        c.finished_jobs_holding().unwrap().is_empty(),
+        "a running job's holds are its own"
+    );
     assert!(c.request_cancel(&j.id).unwrap());
     assert!(c.cancel_requested(&j.id).unwrap());
     c.set_job_state(&j.id, JobState::Failed, Some("boom"), None)
@@ -144,6 +148,10 @@ fn jobs_events_and_cancel() {
     assert_eq!(got.error.as_deref(), Some("boom"));
     assert!(got.finished_ms.is_some());
     assert!(!c.request_cancel(&j.id).unwrap());
+    // A failed job that could not release its snapshot is found until the hold is gone.
+    assert_eq!(c.finished_jobs_holding().unwrap().len(), 1);
+    c.set_job_holds(&j.id, &[]).unwrap();
+    assert!(c.finished_jobs_holding().unwrap().is_empty());
 }
 
 #[test]
