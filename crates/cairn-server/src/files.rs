@@ -30,16 +30,12 @@ fn index_err(e: cairn_fileindex::IndexError) -> ServerError {
     ServerError::Failed(format!("file index: {e}"))
 }
 
-/// A file-system entry as the file index keeps it.
+/// A file-system entry as the file index keeps it (the kind and the extents are the one
+/// file model of `cairn-types`; the rest is renamed and narrowed).
 pub fn to_record(e: FileEntry) -> FileRecord {
     FileRecord {
         path: e.path,
-        kind: match e.kind {
-            cairn_api::storage::FileKind::File => FileKind::File,
-            cairn_api::storage::FileKind::Dir => FileKind::Dir,
-            cairn_api::storage::FileKind::Symlink => FileKind::Symlink,
-            cairn_api::storage::FileKind::Other => FileKind::Other,
-        },
+        kind: e.kind,
         size: e.size,
         mode: e.mode,
         uid: e.uid,
@@ -53,40 +49,20 @@ pub fn to_record(e: FileEntry) -> FileRecord {
         attributes: e.fat_attributes.map(u32::from).or(e.ntfs_attributes),
         link_target: e.symlink_target,
         security: e.ntfs_security_id.map(|id| id.to_le_bytes().to_vec()),
-        extents: e
-            .extents
-            .into_iter()
-            .map(|x| cairn_fileindex::FileExtent {
-                file_offset: x.file_offset,
-                disk_offset: x.disk_offset,
-                length: x.length,
-            })
-            .collect(),
+        extents: e.extents,
         inline: e.inline_data,
     }
 }
 
 /// What the storage agent needs to read a file back (and restore its mode and mtime).
 fn to_entry(r: &FileRecord) -> FileEntry {
-    let mut e = FileEntry::new(
-        r.path.clone(),
-        cairn_api::storage::FileKind::File,
-        r.inode.unwrap_or(0),
-    );
+    let mut e = FileEntry::new(r.path.clone(), FileKind::File, r.inode.unwrap_or(0));
     e.size = r.size;
     e.mode = r.mode;
     e.uid = r.uid;
     e.gid = r.gid;
     e.mtime = r.mtime_ns;
-    e.extents = r
-        .extents
-        .iter()
-        .map(|x| cairn_api::storage::FileExtent {
-            file_offset: x.file_offset,
-            disk_offset: x.disk_offset,
-            length: x.length,
-        })
-        .collect();
+    e.extents = r.extents.clone();
     e.inline_data = r.inline.clone();
     e
 }
