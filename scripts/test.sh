@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs Cairn's whole test suite. This is the README's second command and what CI runs.
+# Runs Cairn's whole test suite and its checks (format, layering, clippy, docs). This is the
+# README's second command and what CI runs.
 #
 # As root (CI, a fresh machine) it first installs the Debian packages the tests need
 # (scripts/install-deps.sh) and then requires them: tests that need QEMU fail instead of
@@ -16,6 +17,21 @@ fi
 
 echo "test.sh: formatting check" >&2
 cargo fmt --all -- --check
+
+# No crate depends on one above it (scripts/layering.txt); needs no build.
+echo "test.sh: layering check" >&2
+python3 scripts/check-layering.py
+
+# Lints and docs build in check mode; the test build below reuses the dependencies' builds
+# where it can.
+echo "test.sh: clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "test.sh: documentation" >&2
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --exclude cairn-vault --no-deps --locked
+# cairn-vault is documented with warnings allowed until its src/service.rs (being reworked on
+# another branch) escapes `[SnapshotManifest]`; then it joins the line above.
+cargo doc -p cairn-vault --no-deps --locked
 
 echo "test.sh: building and testing" >&2
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2

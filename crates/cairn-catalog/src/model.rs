@@ -22,7 +22,7 @@ pub struct BackupRecord {
     pub kind: String,
     /// Set for the backups of one targeted (group) snapshot.
     pub group_id: Option<String>,
-    /// Links the backup (storage snapshot) to its metadata snapshot (seed 001).
+    /// Links the backup (storage snapshot) to its paired metadata snapshot.
     pub timestamp_id: String,
     pub created_ms: i64,
     pub duration_ms: i64,
@@ -65,11 +65,11 @@ pub struct BackupDisk {
     pub changed_bytes: i64,
     pub bytes_read: i64,
     pub bytes_sent: i64,
-    /// Raw device mapping details (seed 003) for an RDM disk.
+    /// Raw LUN mapping details for an RDM disk.
     pub rdm: Option<serde_json::Value>,
 }
 
-/// Seed 001's metadata snapshot of one backup point.
+/// The paired metadata snapshot of one backup point.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetadataSnapshot {
     pub timestamp_id: String,

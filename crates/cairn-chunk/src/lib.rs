@@ -2,9 +2,9 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`format`] | every magic number, version and fixed size of Cairn's on-disk formats |
+//! | [`format`](mod@format) | every magic number, version and fixed size of Cairn's on-disk formats |
 //! | [`chunker`] | content-defined (FastCDC 2020) and fixed-size segmentation |
-//! | [`fingerprint`] | BLAKE3 fingerprints and zero detection |
+//! | [`fingerprint`](mod@fingerprint) | BLAKE3 fingerprints and zero detection |
 //! | [`codec`] | the segment codec: per-segment zstd when it pays, verified decode |
 //! | [`recipe`] | recipe entries and the content-defined tree over them |
 //! | [`container`] | the self-describing container (pack file) format |

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cairn_manager::{AgentKind, Inventory, ManagerClient};
+use cairn_api::ManagerClient;
+use cairn_api::manager::AgentKind;
+use cairn_manager::Inventory;
 use cairn_server::{Server, ServerConfig};
 use cairn_storage::{AgentConfig, DatastoreConfig, StorageAgent};
 

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cairn_manager::{Inventory, ManagerClient};
+use cairn_api::ManagerClient;
+use cairn_api::storage::VaultTarget;
+use cairn_manager::Inventory;
 use cairn_server::{Server, ServerConfig};
-use cairn_storage::service::VaultTarget;
 
 use crate::service::{credentials, serve_until_signal};
 

@@ -8,6 +8,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use cairn_api::ManagerApi;
 use serde_json::{Value, json};
 
 use crate::allinone::AllInOne;
@@ -98,7 +99,7 @@ fn wait_guest(all: &AllInOne, vm: &str, secs: u64) -> Result<Duration> {
     let t = Instant::now();
     loop {
         if let Ok(g) = all.manager.guest(vm, 2000)
-            && g["agent"] == true
+            && g.agent
         {
             return Ok(t.elapsed());
         }
@@ -147,8 +148,8 @@ fn trust(all: &AllInOne) -> Result<cairn_http::Trust> {
 
 fn exec(all: &AllInOne, vm: &str, shell: &str) -> Result<String> {
     let r = all.manager.guest_exec(vm, shell)?;
-    ensure!(r["exit_code"] == 0, "{vm}: `{shell}` failed: {r}");
-    Ok(r["stdout"].as_str().unwrap_or_default().to_string())
+    ensure!(r.exit_code == Some(0), "{vm}: `{shell}` failed: {r:?}");
+    Ok(r.stdout)
 }
 
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
@@ -246,7 +247,8 @@ fn demo(
             "nics": [{"model": "virtio-net-pci", "mac": format!("52:54:00:00:00:0{}", &n[2..])}],
             "boot": {"type": "kernel", "kernel": guest.join("vmlinux"), "initrd": guest.join("initrd.gz"), "append": KERNEL_APPEND},
         });
-        all.manager.provision("local", &spec)?;
+        all.manager
+            .provision("local", &serde_json::from_value(spec)?)?;
     }
     for n in &names {
         let t = wait_guest(&all, n, 120)?;
@@ -343,7 +345,10 @@ fn demo(
         exact.push(json!({"disk": d["disk"], "snapshot": snap, "bit_exact": true}));
     }
     let boot_t = Instant::now();
-    all.manager.provision("local", &restored["attributes"])?;
+    all.manager.provision(
+        "local",
+        &serde_json::from_value(restored["attributes"].clone())?,
+    )?;
     wait_guest(&all, "vm1-restored", 120)?;
     let boot_ms = boot_t.elapsed().as_millis();
     let back = exec(&all, "vm1-restored", "sha256sum /mnt/day2.bin")?;
@@ -375,7 +380,7 @@ fn demo(
         "bytes_sent_to_vault": sent,
         "vault_bytes_on_disk": vault_stats,
         "dedup_ratio": if vault_stats > 0 { logical as f64 / vault_stats as f64 } else { 0.0 },
-        "server_disk_data_bytes": data_path["server_disk_bytes"],
+        "server_disk_data_bytes": data_path.server_disk_bytes,
         "data_path": data_path,
     });
     let line = |k: &str, v: String| eprintln!("  {k:<40} {v}");

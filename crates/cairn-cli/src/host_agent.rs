@@ -32,7 +32,7 @@ pub fn run(a: HostAgentArgs) -> Result<ExitCode> {
     let creds = credentials(&state, None, None)?;
     // VMs keep running when the agent stops: the next agent on this state directory adopts them.
     let announce =
-        crate::register::Announce::from_args(cairn_manager::AgentKind::Host, &a.register)?;
+        crate::register::Announce::from_args(cairn_api::manager::AgentKind::Host, &a.register)?;
     serve_registered(
         "host agent",
         creds,

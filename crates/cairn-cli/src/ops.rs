@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cairn_api::server::{PutSchedule, RestoreFileInto, RestoreParams, StartBackup, StartPrune};
 use cairn_http::{Client, Trust};
 use serde_json::{Value, json};
 
@@ -230,10 +231,7 @@ pub fn backup(
     no_wait: bool,
 ) -> Result<ExitCode> {
     let c = conn.client()?;
-    let job: Value = c.post_json(
-        "/v1/backups",
-        &json!({ "vms": vms, "group": group, "full": full }),
-    )?;
+    let job: Value = c.post_json("/v1/backups", &StartBackup { vms, group, full })?;
     finish(conn, &c, job, !no_wait)
 }
 
@@ -290,8 +288,13 @@ pub fn restore(
     }
     let job: Value = c.post_json(
         "/v1/restores",
-        &json!({ "backup": backup, "as_name": as_name, "host": host, "start": !no_start,
-                 "wait_boot_s": wait_boot_s }),
+        &RestoreParams {
+            backup: backup.to_string(),
+            as_name: as_name.to_string(),
+            host,
+            start: !no_start,
+            wait_boot_s,
+        },
     )?;
     finish(conn, &c, job, !no_wait)
 }
@@ -369,7 +372,12 @@ pub fn schedule(conn: &Conn, cmd: ScheduleCmd) -> Result<ExitCode> {
             vms,
         } => c.put_json(
             &format!("/v1/schedules/{name}"),
-            &json!({ "vms": vms, "every": every, "group": group }),
+            &PutSchedule {
+                vms,
+                every,
+                group,
+                first_in_s: None,
+            },
         )?,
         ScheduleCmd::List => c.get_json("/v1/schedules")?,
         ScheduleCmd::Rm { name } => c.delete_json(&format!("/v1/schedules/{name}"))?,
@@ -410,7 +418,7 @@ pub fn retention(conn: &Conn, cmd: RetentionCmd) -> Result<ExitCode> {
 
 pub fn prune(conn: &Conn, vms: Vec<String>, dry_run: bool) -> Result<ExitCode> {
     let c = conn.client()?;
-    let job: Value = c.post_json("/v1/prune", &json!({ "vms": vms, "dry_run": dry_run }))?;
+    let job: Value = c.post_json("/v1/prune", &StartPrune { vms, dry_run })?;
     finish(conn, &c, job, true)
 }
 
@@ -445,7 +453,7 @@ pub enum FilesCmd {
     Versions { vm: String, path: String },
     /// Restore a file (or a directory, as a tar stream) from a backup to OUT (`-`: stdout);
     /// with --into-datastore, the storage agent writes the file at OUT inside that datastore
-    /// (FIG. 6: straight from the vault into primary storage).
+    /// (restore into primary storage: straight from the vault).
     Restore {
         backup: String,
         path: String,
@@ -539,8 +547,13 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
             };
             let v: Value = c.post_json(
                 "/v1/files/restore",
-                &json!({ "backup": backup, "path": path, "storage_agent": agent,
-                         "datastore": ds, "dest": dest }),
+                &RestoreFileInto {
+                    backup,
+                    path: path.clone(),
+                    storage_agent: agent,
+                    datastore: Some(ds),
+                    dest: dest.to_string_lossy().into_owned(),
+                },
             )?;
             out(conn, &v, |v| {
                 eprintln!(

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cairn_manager::{AgentKind, ManagerClient, Registration};
+use cairn_api::ManagerApi;
+use cairn_api::ManagerClient;
+use cairn_api::manager::{AgentKind, Registration};
 
 /// Options of an agent that registers with a manager.
 #[derive(clap::Args, Debug, Clone)]
@@ -85,6 +87,6 @@ impl Announce {
         if let Err(e) = self.manager.heartbeat(&reg) {
             eprintln!("warning: registering with the manager failed (will retry): {e}");
         }
-        cairn_manager::spawn_heartbeat(self.manager, reg, self.every);
+        cairn_api::spawn_heartbeat(self.manager, reg, self.every);
     }
 }

@@ -63,7 +63,7 @@ pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
         Err(e) => tracing::warn!("could not delete snapshots left by an earlier run: {e}"),
     }
     let announce =
-        crate::register::Announce::from_args(cairn_manager::AgentKind::Storage, &a.register)?;
+        crate::register::Announce::from_args(cairn_api::manager::AgentKind::Storage, &a.register)?;
     serve_registered("storage agent", creds, announce, move |tls, token| {
         cairn_storage::service::serve(agent, a.listen, tls, token)
     })

@@ -29,7 +29,7 @@
 //! encoding (BLAKE3), and a backup's listing is stored as its difference from the parent
 //! backup's (at most 16 deltas in a row), so a file unchanged since the parent costs
 //! nothing. Garbage collection is planned, then executed ([`gc`]). All formats are in
-//! [`format`]; `docs/FILE-CATALOG.md` has the whole picture and the measured figures.
+//! [`format`](mod@format); `docs/FILE-CATALOG.md` has the whole picture and the measured figures.
 //!
 //! # Invariants
 //!

@@ -27,46 +27,26 @@ use crate::format::{
 /// Byte that stands for a record removed by garbage collection.
 pub const TOMBSTONE: u8 = 0xff;
 
-/// What a directory entry is.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub enum FileKind {
-    #[default]
-    File,
-    Dir,
-    Symlink,
-    /// Devices, FIFOs, sockets, reparse points the parser does not resolve.
-    Other,
-}
+pub use cairn_types::{FileExtent, FileKind};
 
-impl FileKind {
-    fn to_u8(self) -> u8 {
-        match self {
-            Self::File => 0,
-            Self::Dir => 1,
-            Self::Symlink => 2,
-            Self::Other => 3,
-        }
-    }
-
-    fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::File,
-            1 => Self::Dir,
-            2 => Self::Symlink,
-            3 => Self::Other,
-            _ => return None,
-        })
+/// The kind's byte in a record.
+fn kind_to_u8(k: FileKind) -> u8 {
+    match k {
+        FileKind::File => 0,
+        FileKind::Dir => 1,
+        FileKind::Symlink => 2,
+        FileKind::Other => 3,
     }
 }
 
-/// `length` bytes of the file at `file_offset` are stored at `disk_offset` of the disk image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct FileExtent {
-    pub file_offset: u64,
-    pub disk_offset: u64,
-    pub length: u64,
+fn kind_from_u8(v: u8) -> Option<FileKind> {
+    Some(match v {
+        0 => FileKind::File,
+        1 => FileKind::Dir,
+        2 => FileKind::Symlink,
+        3 => FileKind::Other,
+        _ => return None,
+    })
 }
 
 /// One file of a volume as a backup saw it.
@@ -166,7 +146,7 @@ pub fn encode(r: &FileRecord, w: &mut Writer) -> Result<(), String> {
     if r.extents.len() > MAX_EXTENTS {
         return Err(format!("{}: more than {MAX_EXTENTS} extents", r.path));
     }
-    w.buf.push(r.kind.to_u8());
+    w.buf.push(kind_to_u8(r.kind));
     let flags = [
         r.mode.is_some(),
         r.uid.is_some(),
@@ -236,7 +216,7 @@ fn header(r: &mut Reader<'_>) -> Result<(FileKind, u64, u64), DecodeError> {
     if k == TOMBSTONE {
         return Err(r.err("record was removed by garbage collection"));
     }
-    let kind = FileKind::from_u8(k).ok_or_else(|| r.err(format!("unknown file kind {k}")))?;
+    let kind = kind_from_u8(k).ok_or_else(|| r.err(format!("unknown file kind {k}")))?;
     let present = r.bounded((1 << PRESENT_BITS) - 1, "presence bits")?;
     let size = r.u64()?;
     Ok((kind, present, size))

@@ -75,34 +75,7 @@ pub struct DiskLayout {
     pub warnings: Vec<String>,
 }
 
-/// Kind of a directory entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FileKind {
-    File,
-    Dir,
-    Symlink,
-    /// Device node, FIFO, socket, or an NTFS reparse point that is not a link.
-    Other,
-}
-
-/// A run of file bytes stored contiguously on the disk image.
-///
-/// Bytes `[file_offset, file_offset + length)` of the file are at
-/// `[disk_offset, disk_offset + length)` of the **disk image** (partition offset included).
-/// File ranges not covered by any extent read as zeros (holes, unwritten extents).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileExtent {
-    pub file_offset: u64,
-    pub disk_offset: u64,
-    pub length: u64,
-}
-
-impl FileExtent {
-    /// The disk byte range as a workspace [`cairn_types::Extent`].
-    pub fn disk(&self) -> cairn_types::Extent {
-        cairn_types::Extent::new(self.disk_offset, self.length)
-    }
-}
+pub use cairn_types::{FileExtent, FileKind};
 
 /// One file, directory or link as found in a file system.
 ///

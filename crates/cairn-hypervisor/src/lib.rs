@@ -90,7 +90,7 @@ pub use driver::{
 };
 pub use qemu::{QemuDriver, QemuDriverOptions};
 pub use spec::{
-    BootSpec, CheckpointId, DiskBacking, DiskBus, DiskFormat, DiskSpec, NicSpec, VmId,
+    BootSpec, CheckpointId, DiskBacking, DiskBus, DiskFormat, DiskSpec, DiskSpecExt, NicSpec, VmId,
     VmSnapshotId, VmSpec,
 };
 pub use state::VmDisk;

@@ -60,8 +60,8 @@ use cairn_http::{ApiError, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{
-    Changes, DriverError, HypervisorDriver, QuiescePolicy, ResourceUsage, SavedState, SnapshotKind,
-    SnapshotOptions, VmInfo, VmSnapshot, VmState,
+    DriverError, HypervisorDriver, ResourceUsage, SavedState, SnapshotOptions, VmInfo, VmSnapshot,
+    VmState,
 };
 use crate::qemu::QemuDriver;
 use crate::qmp::QmpError;
@@ -74,78 +74,27 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Subdirectory of the state dir that saved execution states go to.
 pub const SAVED_STATE_DIR: &str = "saved";
 
-/// Body of `POST /v1/vms/{vm}/snapshots`. Every field is optional.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotRequest {
-    /// Default `fleecing`.
-    #[serde(default)]
-    pub kind: Option<SnapshotKind>,
-    /// `auto` (default): guest freeze when `qemu-ga` answers, else pause; `pause_only`; `none`.
-    #[serde(default)]
-    pub quiesce: QuiescePolicy,
-    /// Report the changes since this checkpoint (an incremental backup).
-    #[serde(default)]
-    pub since: Option<CheckpointId>,
-    /// How long the guest agent has to answer a ping (default 2000).
-    #[serde(default)]
-    pub agent_timeout_ms: Option<u64>,
-    /// Bound on the guest's fsfreeze (default 20000).
-    #[serde(default)]
-    pub freeze_timeout_ms: Option<u64>,
-}
+pub use cairn_api::host::{
+    ChangesReport, DeletedSnapshot, DeletedState, DiskChanges, ExecRequest, ExecResult,
+    GuestStatus, Recovered, SaveStateRequest, SnapshotRequest, StoppedVm,
+};
 
-impl SnapshotRequest {
-    /// The driver options; scratch images always go to the driver's default place.
-    pub fn options(&self) -> SnapshotOptions {
-        let d = SnapshotOptions::default();
-        SnapshotOptions {
-            kind: self.kind.unwrap_or(d.kind),
-            quiesce: self.quiesce,
-            since: self.since,
-            scratch_dir: None,
-            agent_timeout: self
-                .agent_timeout_ms
-                .map_or(d.agent_timeout, Duration::from_millis),
-            freeze_timeout: self
-                .freeze_timeout_ms
-                .map_or(d.freeze_timeout, Duration::from_millis),
-        }
+/// The driver options of a snapshot request; scratch images always go to the driver's default
+/// place.
+pub fn snapshot_options(req: &SnapshotRequest) -> SnapshotOptions {
+    let d = SnapshotOptions::default();
+    SnapshotOptions {
+        kind: req.kind.unwrap_or(d.kind),
+        quiesce: req.quiesce,
+        since: req.since,
+        scratch_dir: None,
+        agent_timeout: req
+            .agent_timeout_ms
+            .map_or(d.agent_timeout, Duration::from_millis),
+        freeze_timeout: req
+            .freeze_timeout_ms
+            .map_or(d.freeze_timeout, Duration::from_millis),
     }
-}
-
-/// Answer of `DELETE /v1/snapshots/{snapshot}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeletedSnapshot {
-    pub snapshot: VmSnapshotId,
-    pub vm: VmId,
-    /// From the snapshot's creation to the end of its teardown.
-    pub lifetime_ms: u64,
-}
-
-/// One disk of a [`ChangesReport`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiskChanges {
-    pub disk: String,
-    pub changes: Changes,
-}
-
-/// Answer of `GET /v1/vms/{vm}/changes?since=`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ChangesReport {
-    pub vm: VmId,
-    pub since: CheckpointId,
-    pub disks: Vec<DiskChanges>,
-}
-
-/// Body of `POST /v1/vms/{vm}/state`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SaveStateRequest {
-    /// File name under `STATE/saved/` (one path component, no leading dot); default
-    /// `<vm>-<unix ms>.state`. An existing file is not overwritten (`409`).
-    #[serde(default)]
-    pub name: Option<String>,
 }
 
 /// The host agent service: shared state of the handlers.
@@ -347,7 +296,7 @@ async fn stop_vm(
     // stop_vm tears the VM's snapshots down first.
     s.map().retain(|_, snap| snap.vm != vm);
     tracing::info!(vm = %vm, "VM stopped");
-    Ok(json(serde_json::json!({ "stopped": vm })))
+    Ok(json(StoppedVm { stopped: vm }))
 }
 
 async fn snapshot(
@@ -357,7 +306,7 @@ async fn snapshot(
 ) -> ApiResult<Response> {
     let vm: VmId = parse_id(&vm)?;
     let req: SnapshotRequest = body(&b, "snapshot request")?;
-    let opts = req.options();
+    let opts = snapshot_options(&req);
     let svc = Arc::clone(&s);
     let snap = detached(async move {
         let snap = svc.driver.snapshot(vm, &opts).await?;
@@ -502,17 +451,6 @@ async fn usage(State(s): State<Shared>, Path(vm): Path<String>) -> ApiResult<Res
     Ok(json(u))
 }
 
-/// What the guest agent says (proof that a guest booted and mounted its disks).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct GuestStatus {
-    /// `qemu-ga` answered a ping within `timeout_ms`.
-    pub agent: bool,
-    /// `(mountpoint, type, device)` of each mounted file system.
-    pub filesystems: Vec<(String, String, String)>,
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
 #[derive(Deserialize)]
 struct GuestQuery {
     #[serde(default)]
@@ -563,15 +501,6 @@ async fn guest(
     Ok(json(status))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ExecRequest {
-    /// Run with `/bin/sh -c`.
-    shell: String,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
 /// Runs a shell command in the guest through `qemu-ga` (`guest-exec`) and waits for it.
 async fn guest_exec(
     State(s): State<Shared>,
@@ -586,12 +515,12 @@ async fn guest_exec(
         .exec_wait(&crate::qga::GuestExec::shell(&req.shell), timeout)
         .await
         .map_err(|e| ApiError::new(ErrorKind::Conflict, format!("guest agent: {e}")))?;
-    Ok(json(serde_json::json!({
-        "exit_code": st.exit_code,
-        "signal": st.signal,
-        "stdout": String::from_utf8_lossy(&st.stdout),
-        "stderr": String::from_utf8_lossy(&st.stderr),
-    })))
+    Ok(json(ExecResult {
+        exit_code: st.exit_code,
+        signal: st.signal,
+        stdout: String::from_utf8_lossy(&st.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&st.stderr).into_owned(),
+    }))
 }
 
 /// Downloads a saved execution state (`GET`) or deletes it (`DELETE`).
@@ -619,7 +548,7 @@ async fn delete_saved_state(
     }
     let path = s.state_dir.join(SAVED_STATE_DIR).join(&name);
     match tokio::fs::remove_file(&path).await {
-        Ok(()) => Ok(json(serde_json::json!({ "deleted": name }))),
+        Ok(()) => Ok(json(DeletedState { deleted: name })),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
             ErrorKind::NotFound,
             format!("no saved state {name}"),
@@ -633,7 +562,7 @@ async fn recover(State(s): State<Shared>) -> ApiResult<Response> {
     let cleared = detached(async move { d.recover().await }).await?;
     // recover() tears down every journal entry, ours included.
     s.map().clear();
-    Ok(json(serde_json::json!({ "cleared": cleared })))
+    Ok(json(Recovered { cleared }))
 }
 
 /// Serves until the task is aborted; returns once bound, with the listening address.
@@ -649,6 +578,7 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::{QuiescePolicy, SnapshotKind};
     use crate::spec::SpecError;
 
     #[test]
@@ -691,7 +621,7 @@ mod tests {
     #[test]
     fn snapshot_request_defaults_and_strictness() {
         let r: SnapshotRequest = body(b"  ", "x").unwrap();
-        let o = r.options();
+        let o = snapshot_options(&r);
         let d = SnapshotOptions::default();
         assert_eq!((o.kind, o.quiesce, o.since), (d.kind, d.quiesce, d.since));
         assert_eq!(o.agent_timeout, d.agent_timeout);
@@ -700,7 +630,7 @@ mod tests {
             "x",
         )
         .unwrap();
-        let o = r.options();
+        let o = snapshot_options(&r);
         assert_eq!(o.kind, SnapshotKind::Overlay);
         assert_eq!(o.quiesce, QuiescePolicy::PauseOnly);
         assert_eq!(o.agent_timeout, Duration::from_millis(250));

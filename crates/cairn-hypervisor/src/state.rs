@@ -15,15 +15,15 @@
 //! removed only after the last one is gone, so `recover()` always knows what to tear down.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use cairn_api::host::VmDisk;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{DriverError, SnapshotKind};
-use crate::spec::{CheckpointId, DiskBacking, VmId, VmSnapshotId, VmSpec};
+use crate::spec::{CheckpointId, VmId, VmSnapshotId, VmSpec};
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
@@ -40,23 +40,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DriverError + '_ {
     }
 }
 
-/// Writes `value` as JSON to `path` atomically and durably (temp file, fsync, rename, fsync dir).
+/// Writes `value` as JSON to `path` atomically and durably
+/// ([`cairn_types::durable::write_atomic`]: temp file, fsync, rename, fsync dir).
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), DriverError> {
-    let dir = path.parent().expect("state files live in a directory");
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
     let data = serde_json::to_vec_pretty(value).expect("state types always serialize");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(&data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    cairn_types::durable::write_atomic(path, &data).map_err(io_err(path))
 }
 
 /// Reads a JSON file; `Ok(None)` when it does not exist.
@@ -86,17 +74,6 @@ pub(crate) fn remove_file(path: &Path) -> Result<(), DriverError> {
             .map_err(io_err(dir))?;
     }
     Ok(())
-}
-
-/// A disk of a running VM as the driver knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmDisk {
-    /// Device id, e.g. `vda`.
-    pub id: String,
-    /// The format node QEMU knows the disk by.
-    pub node_name: String,
-    pub backing: DiskBacking,
-    pub read_only: bool,
 }
 
 /// One VM in the registry (`vms/<id>/vm.json`).

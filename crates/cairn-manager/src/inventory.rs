@@ -16,99 +16,34 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cairn_http::{Client, ClientError, Trust};
-use cairn_hypervisor::VmInfo;
-use cairn_storage::{DatastoreInfo, DiskKind};
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use cairn_api::host::VmInfo;
+use cairn_api::storage::DatastoreInfo;
+use cairn_api::{AgentConnector, HostAgentApi, HttpConnector, StorageAgentApi};
+use cairn_http::ClientError;
+
+pub use cairn_api::manager::{
+    AgentKind, AgentRecord, DiskLocation, Registration, VmLocation, VmRunState,
+};
 
 use crate::{ManagerError, Result, now_ms};
 
-/// What an agent is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AgentKind {
-    Host,
-    Storage,
-}
-
-impl AgentKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Host => "host",
-            Self::Storage => "storage",
-        }
-    }
-}
-
-/// An agent's registration (its heartbeat carries the same).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Registration {
-    pub kind: AgentKind,
-    /// Unique per kind: letters, digits, `-`, `_`, `.`.
-    pub name: String,
-    /// `https://HOST:PORT` of the agent's API.
-    pub url: String,
-    /// SHA-256 of the agent's certificate (hex).
-    pub fingerprint: String,
-    /// The bearer token of the agent's API (the manager and the server call it).
-    pub token: String,
-}
-
-/// A registered agent and its liveness.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AgentRecord {
-    #[serde(flatten)]
-    pub registration: Registration,
-    pub registered_ms: i64,
-    pub last_seen_ms: i64,
-    /// Filled in answers: `live` or `stale`.
-    #[serde(default)]
-    pub state: String,
-}
-
-/// Where one disk of a VM lives.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskLocation {
-    /// The VM's device id (`vda`).
-    pub disk: String,
-    pub path: PathBuf,
-    /// `qcow2` or `raw`.
-    pub format: String,
-    /// Set for a raw LUN (raw device mapping).
-    pub lun: Option<String>,
-    /// The storage agent, datastore and disk id holding it; `None` when no storage agent
-    /// serves the path.
-    pub storage_agent: Option<String>,
-    pub datastore: Option<String>,
-    pub datastore_disk: Option<String>,
-    /// `image` or `lun`.
-    pub kind: Option<String>,
-    /// The storage unit (file system) and whether it can reflink.
-    pub unit: Option<String>,
-    pub unit_reflink: Option<bool>,
-}
-
-/// Where a VM runs and what it is made of.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmLocation {
-    pub name: String,
-    pub host: String,
-    /// The host agent's id of the VM.
-    pub host_vm_id: String,
-    /// `running`, `unresponsive` or `gone`.
-    pub state: String,
-    /// The VM's configuration (`VmSpec`).
-    pub spec: serde_json::Value,
-    pub disks: Vec<DiskLocation>,
-}
-
 /// The registry and the clients to reach agents.
-#[derive(Debug)]
 pub struct Inventory {
     file: PathBuf,
     stale_after: Duration,
     agents: Mutex<BTreeMap<(AgentKind, String), AgentRecord>>,
+    connector: Arc<dyn AgentConnector>,
+}
+
+impl std::fmt::Debug for Inventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inventory")
+            .field("file", &self.file)
+            .field("stale_after", &self.stale_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inventory {
@@ -138,7 +73,14 @@ impl Inventory {
             file,
             stale_after,
             agents: Mutex::new(agents),
+            connector: Arc::new(HttpConnector),
         })
+    }
+
+    /// Reaches agents through `connector` instead of HTTPS (tests use a fake).
+    pub fn with_connector(mut self, connector: Arc<dyn AgentConnector>) -> Self {
+        self.connector = connector;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(AgentKind, String), AgentRecord>> {
@@ -241,10 +183,25 @@ impl Inventory {
         Ok(self.with_state(a))
     }
 
-    /// A client for a live agent.
-    pub fn client(&self, kind: AgentKind, name: &str) -> Result<Client> {
-        let a = self.agent(kind, name)?;
-        client_for(&a.registration)
+    /// A client of a live host agent, and its registration (for error messages).
+    pub fn host_agent(&self, name: &str) -> Result<(Arc<dyn HostAgentApi>, Registration)> {
+        let a = self.agent(AgentKind::Host, name)?;
+        let c = self
+            .connector
+            .host_agent(&a.registration)
+            .map_err(|e| agent_error(&a.registration, e))?;
+        Ok((c, a.registration))
+    }
+
+    /// Runs `call` on the host agent running `vm`, with the host's id of the VM.
+    pub fn on_vm_host<T>(
+        &self,
+        vm: &str,
+        call: impl FnOnce(&dyn HostAgentApi, cairn_api::host::VmId) -> cairn_api::CallResult<T>,
+    ) -> Result<T> {
+        let loc = self.vm(vm)?;
+        let (host, reg) = self.host_agent(&loc.host)?;
+        call(&*host, loc.host_vm_id).map_err(|e| agent_error(&reg, e))
     }
 
     /// The VMs of every live host, with their disks mapped to storage.
@@ -252,7 +209,7 @@ impl Inventory {
         let storage = self.datastores();
         let mut out = Vec::new();
         for a in self.agents() {
-            if a.registration.kind != AgentKind::Host || a.state != "live" {
+            if a.registration.kind != AgentKind::Host || !a.is_live() {
                 continue;
             }
             match self.host_vms(&a.registration) {
@@ -277,7 +234,7 @@ impl Inventory {
             0 => {
                 // Is it on a stale host? Say so rather than "unknown".
                 for a in self.agents() {
-                    if a.registration.kind == AgentKind::Host && a.state != "live" {
+                    if a.registration.kind == AgentKind::Host && !a.is_live() {
                         return Err(ManagerError::NotFound(format!(
                             "VM {name} (host {} stopped heartbeating {} s ago; its VMs are unknown)",
                             a.registration.name,
@@ -299,20 +256,26 @@ impl Inventory {
     }
 
     fn host_vms(&self, r: &Registration) -> Result<Vec<VmInfo>> {
-        let c = client_for(r)?;
-        c.get_json("/v1/vms").map_err(|e| agent_error(r, e))
+        let c = self
+            .connector
+            .host_agent(r)
+            .map_err(|e| agent_error(r, e))?;
+        c.vms().map_err(|e| agent_error(r, e))
     }
 
     /// Datastores of every live storage agent: (agent, datastore).
     pub fn datastores(&self) -> Vec<(String, DatastoreInfo)> {
         let mut out = Vec::new();
         for a in self.agents() {
-            if a.registration.kind != AgentKind::Storage || a.state != "live" {
+            if a.registration.kind != AgentKind::Storage || !a.is_live() {
                 continue;
             }
             let r = &a.registration;
-            let got: Result<Vec<DatastoreInfo>> = client_for(r)
-                .and_then(|c| c.get_json("/v1/datastores").map_err(|e| agent_error(r, e)));
+            let got: Result<Vec<DatastoreInfo>> = self
+                .connector
+                .storage_agent(r)
+                .and_then(|c: Arc<dyn StorageAgentApi>| c.datastores())
+                .map_err(|e| agent_error(r, e));
             match got {
                 Ok(list) => out.extend(list.into_iter().map(|d| (r.name.clone(), d))),
                 Err(e) => tracing::warn!("storage agent {}: {e}", r.name),
@@ -320,12 +283,6 @@ impl Inventory {
         }
         out
     }
-}
-
-/// A client for an agent's API, trusting its certificate by fingerprint.
-pub fn client_for(r: &Registration) -> Result<Client> {
-    Client::new(&r.url, &r.token, &Trust::Fingerprint(r.fingerprint.clone()))
-        .map_err(|e| agent_error(r, e))
 }
 
 /// Maps an agent's failure to a manager error naming the agent.
@@ -342,10 +299,6 @@ fn canonical(p: &Path) -> PathBuf {
 }
 
 fn locate(host: &str, v: VmInfo, storage: &[(String, DatastoreInfo)]) -> VmLocation {
-    let state = serde_json::to_value(&v.state)
-        .ok()
-        .and_then(|s| s.get("state").and_then(|x| x.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
     let disks = v
         .spec
         .disks
@@ -355,7 +308,7 @@ fn locate(host: &str, v: VmInfo, storage: &[(String, DatastoreInfo)]) -> VmLocat
             let mut loc = DiskLocation {
                 disk: d.id.clone(),
                 path: d.path.clone(),
-                format: d.format.as_str().into(),
+                format: d.format,
                 lun: d.lun.clone(),
                 storage_agent: None,
                 datastore: None,
@@ -370,13 +323,7 @@ fn locate(host: &str, v: VmInfo, storage: &[(String, DatastoreInfo)]) -> VmLocat
                         loc.storage_agent = Some(agent.clone());
                         loc.datastore = Some(ds.name.clone());
                         loc.datastore_disk = Some(disk.id.clone());
-                        loc.kind = Some(
-                            match disk.kind {
-                                DiskKind::Image => "image",
-                                DiskKind::Lun => "lun",
-                            }
-                            .into(),
-                        );
+                        loc.kind = Some(disk.kind);
                         loc.unit = Some(ds.unit.id.clone());
                         loc.unit_reflink = Some(ds.unit.reflink_capable);
                         break 'found;
@@ -389,9 +336,294 @@ fn locate(host: &str, v: VmInfo, storage: &[(String, DatastoreInfo)]) -> VmLocat
     VmLocation {
         name: v.spec.name.clone(),
         host: host.into(),
-        host_vm_id: v.handle.id.to_string(),
-        state,
-        spec: serde_json::to_value(&v.spec).unwrap_or_default(),
+        host_vm_id: v.handle.id,
+        state: VmRunState::from(&v.state),
+        spec: v.spec.clone(),
         disks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The VM map with fake agents behind the `cairn-api` traits: no QEMU, no network.
+
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use cairn_api::host::{
+        DeletedSnapshot, DeletedState, DiskBacking, DiskSpec, ExecRequest, ExecResult, GuestStatus,
+        ResourceUsage, SaveStateRequest, SavedState, SnapshotRequest, StoppedVm, VmDisk, VmHandle,
+        VmId, VmInfo, VmSnapshot, VmSnapshotId, VmSpec, VmState,
+    };
+    use cairn_api::storage::{
+        AgentStats, BackupsRequest, DatastoreInfo, Deleted, DiskBackupOutcome, DiskInfo, DiskKind,
+        DiskRestoreRequest, FileRestoreRequest, FileRestored, RdmRestore, RdmRestoreRequest,
+        ReadFileRequest, ReadStats, RestoreReport, ScanRequest, ScanResult, StorageUnit,
+        UnitSnapshot, UnitSnapshotRequest,
+    };
+    use cairn_api::{AgentConnector, CallResult, HostAgentApi, StorageAgentApi};
+    use cairn_http::{ApiError, ClientError, ErrorKind};
+    use cairn_types::DiskFormat;
+
+    use super::*;
+
+    fn refused<T>() -> CallResult<T> {
+        Err(ClientError::Api {
+            url: "fake".into(),
+            status: 500,
+            api: ApiError::new(ErrorKind::Internal, "not faked"),
+        })
+    }
+
+    struct Host(Vec<VmInfo>);
+
+    impl HostAgentApi for Host {
+        fn vms(&self) -> CallResult<Vec<VmInfo>> {
+            Ok(self.0.clone())
+        }
+        fn start_vm(&self, _: &VmSpec) -> CallResult<VmInfo> {
+            refused()
+        }
+        fn stop_vm(&self, _: VmId, _: Option<Duration>) -> CallResult<StoppedVm> {
+            refused()
+        }
+        fn snapshot(&self, _: VmId, _: &SnapshotRequest) -> CallResult<VmSnapshot> {
+            refused()
+        }
+        fn delete_snapshot(&self, _: VmSnapshotId) -> CallResult<DeletedSnapshot> {
+            refused()
+        }
+        fn save_state(&self, _: VmId, _: &SaveStateRequest) -> CallResult<SavedState> {
+            refused()
+        }
+        fn saved_state(&self, _: &str) -> CallResult<Vec<u8>> {
+            refused()
+        }
+        fn delete_saved_state(&self, _: &str) -> CallResult<DeletedState> {
+            refused()
+        }
+        fn usage(&self, _: VmId) -> CallResult<ResourceUsage> {
+            refused()
+        }
+        fn guest(&self, _: VmId, _: u64) -> CallResult<GuestStatus> {
+            refused()
+        }
+        fn guest_exec(&self, _: VmId, _: &ExecRequest) -> CallResult<ExecResult> {
+            refused()
+        }
+    }
+
+    struct Storage(Vec<DatastoreInfo>);
+
+    impl StorageAgentApi for Storage {
+        fn datastores(&self) -> CallResult<Vec<DatastoreInfo>> {
+            Ok(self.0.clone())
+        }
+        fn snapshot_units(&self, _: &UnitSnapshotRequest) -> CallResult<Vec<UnitSnapshot>> {
+            refused()
+        }
+        fn snapshots(&self) -> CallResult<Vec<UnitSnapshot>> {
+            refused()
+        }
+        fn delete_snapshot(&self, _: &str) -> CallResult<Deleted> {
+            refused()
+        }
+        fn backups(&self, _: &BackupsRequest) -> CallResult<Vec<DiskBackupOutcome>> {
+            refused()
+        }
+        fn restore(&self, _: &DiskRestoreRequest) -> CallResult<RestoreReport> {
+            refused()
+        }
+        fn restore_rdm(&self, _: &RdmRestoreRequest) -> CallResult<RdmRestore> {
+            refused()
+        }
+        fn scan_files(&self, _: &ScanRequest) -> CallResult<ScanResult> {
+            refused()
+        }
+        fn read_file(&self, _: &ReadFileRequest) -> CallResult<(Vec<u8>, ReadStats)> {
+            refused()
+        }
+        fn restore_file(&self, _: &FileRestoreRequest) -> CallResult<FileRestored> {
+            refused()
+        }
+        fn stats(&self) -> CallResult<AgentStats> {
+            refused()
+        }
+    }
+
+    /// Hands out the fakes; a host named `down` does not answer.
+    struct Fakes {
+        host: Arc<Host>,
+        storage: Arc<Storage>,
+    }
+
+    impl AgentConnector for Fakes {
+        fn host_agent(&self, r: &Registration) -> CallResult<Arc<dyn HostAgentApi>> {
+            if r.name == "down" {
+                return Err(ClientError::Transport {
+                    url: r.url.clone(),
+                    msg: "connection refused".into(),
+                });
+            }
+            Ok(self.host.clone())
+        }
+        fn storage_agent(&self, _: &Registration) -> CallResult<Arc<dyn StorageAgentApi>> {
+            Ok(self.storage.clone())
+        }
+    }
+
+    fn vm(name: &str, id: &str, disks: &[(&str, &str)]) -> VmInfo {
+        let spec = VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 64,
+            machine: "q35".into(),
+            disks: disks.iter().map(|(d, p)| DiskSpec::qcow2(d, *p)).collect(),
+            nics: vec![],
+            boot: Default::default(),
+            start_paused: false,
+        };
+        VmInfo {
+            handle: VmHandle {
+                id: id.parse().unwrap(),
+                name: name.into(),
+                pid: 1,
+                qmp_socket: PathBuf::from("/q"),
+                qga_socket: PathBuf::from("/g"),
+                disks: disks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (d, p))| VmDisk {
+                        id: d.to_string(),
+                        node_name: format!("disk{i}"),
+                        backing: DiskBacking::Image {
+                            path: PathBuf::from(*p),
+                            format: DiskFormat::Qcow2,
+                        },
+                        read_only: false,
+                    })
+                    .collect(),
+            },
+            spec,
+            state: VmState::Running {
+                status: "running".into(),
+                cpus_running: true,
+            },
+        }
+    }
+
+    fn datastore() -> DatastoreInfo {
+        let disk = |id: &str, kind| DiskInfo {
+            id: id.into(),
+            path: PathBuf::from(format!("/nonexistent-ds/{id}")),
+            kind,
+            format: DiskFormat::Qcow2,
+            virtual_size: 1 << 20,
+            actual_size: 1 << 16,
+            backing_file: None,
+            bitmaps: vec![],
+            unit: "dev:8:1".into(),
+        };
+        DatastoreInfo {
+            name: "ds".into(),
+            path: "/nonexistent-ds".into(),
+            unit: StorageUnit {
+                id: "dev:8:1".into(),
+                device: 2049,
+                mount_point: "/".into(),
+                fs_type: "xfs".into(),
+                fs_magic: 0x5846_5342,
+                reflink_capable: true,
+            },
+            disks: vec![
+                disk("vm1.qcow2", DiskKind::Image),
+                disk("luns/l0", DiskKind::Lun),
+            ],
+        }
+    }
+
+    fn register(inv: &Inventory, kind: AgentKind, name: &str) {
+        inv.heartbeat(Registration {
+            kind,
+            name: name.into(),
+            url: "https://127.0.0.1:1".into(),
+            fingerprint: "ab".repeat(32),
+            token: "t".into(),
+        })
+        .unwrap();
+    }
+
+    fn inventory(dir: &Path, vms: Vec<VmInfo>) -> Inventory {
+        Inventory::open(dir, Duration::from_secs(60))
+            .unwrap()
+            .with_connector(Arc::new(Fakes {
+                host: Arc::new(Host(vms)),
+                storage: Arc::new(Storage(vec![datastore()])),
+            }))
+    }
+
+    #[test]
+    fn vms_are_mapped_to_their_storage() {
+        let d = tempfile::tempdir().unwrap();
+        let inv = inventory(
+            d.path(),
+            vec![vm(
+                "vm1",
+                "8000000000000001",
+                &[
+                    ("vda", "/nonexistent-ds/vm1.qcow2"),
+                    ("vdb", "/elsewhere/x.qcow2"),
+                ],
+            )],
+        );
+        register(&inv, AgentKind::Host, "h1");
+        register(&inv, AgentKind::Storage, "s1");
+        let loc = inv.vm("vm1").unwrap();
+        assert_eq!(loc.host, "h1");
+        assert_eq!(loc.host_vm_id.to_string(), "8000000000000001");
+        assert_eq!(loc.state, VmRunState::Running);
+        let vda = &loc.disks[0];
+        assert_eq!(vda.storage_agent.as_deref(), Some("s1"));
+        assert_eq!(vda.datastore_disk.as_deref(), Some("vm1.qcow2"));
+        assert_eq!(vda.kind, Some(DiskKind::Image));
+        assert_eq!(vda.unit_reflink, Some(true));
+        assert_eq!(vda.format, DiskFormat::Qcow2);
+        // A disk no storage agent serves is located nowhere, not guessed.
+        assert_eq!(loc.disks[1].storage_agent, None);
+        // The answer keeps the shape the manager always served.
+        let v = serde_json::to_value(&loc).unwrap();
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["disks"][0]["format"], "qcow2");
+        assert_eq!(v["disks"][0]["kind"], "image");
+        assert_eq!(v["spec"]["name"], "vm1");
+    }
+
+    #[test]
+    fn unknown_and_duplicate_vms_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let inv = inventory(d.path(), vec![vm("vm1", "8000000000000001", &[])]);
+        register(&inv, AgentKind::Host, "h1");
+        register(&inv, AgentKind::Host, "h2");
+        assert!(matches!(inv.vm("nope"), Err(ManagerError::NotFound(_))));
+        // Both fake hosts report vm1.
+        let e = inv.vm("vm1").unwrap_err();
+        assert!(matches!(e, ManagerError::Conflict(_)), "{e}");
+        assert!(e.to_string().contains("h1, h2"), "{e}");
+    }
+
+    #[test]
+    fn an_unreachable_host_is_skipped_and_named_on_relay() {
+        let d = tempfile::tempdir().unwrap();
+        let inv = inventory(d.path(), vec![vm("vm1", "8000000000000001", &[])]);
+        register(&inv, AgentKind::Host, "down");
+        // Listing skips the host that does not answer.
+        assert!(inv.vms().unwrap().is_empty());
+        let e = inv.host_agent("down").err().expect("a refused connection");
+        assert_eq!(e.to_api().kind, ErrorKind::Internal);
+        assert!(
+            e.to_api().message.contains("host agent down"),
+            "{}",
+            e.to_api()
+        );
     }
 }

@@ -1,6 +1,5 @@
-//! `cairn manager`, the VM management server of seed 002 (FIG. 2): it knows which host runs
-//! which VM and which storage holds its disks, and relays the server's requests to the right
-//! host agent.
+//! `cairn manager`, the VM management server: it knows which host runs which VM and which
+//! storage holds its disks, and relays the server's requests to the right host agent.
 //!
 //! ```text
 //!  host agents ──heartbeat──►┐                ┌──► GET /v1/vms (inventory, map)
@@ -13,20 +12,24 @@
 //! |---|---|
 //! | [`inventory`] | registry, heartbeats, liveness, the VM → host → disks → datastore → unit map |
 //! | [`service`] | the HTTPS API (`docs/MANAGER.md`) |
-//! | [`client`] | the blocking client the server and the agents' heartbeat use |
 //!
-//! The manager never carries disk data: it relays control requests and JSON answers only.
+//! Its API's types and its client ([`ManagerClient`], [`spawn_heartbeat`]) live in
+//! `cairn-api`, so that callers do not link the manager.
+//!
+//! The manager never carries disk data: it relays control requests and their typed answers
+//! only (and a saved execution state, which is VM memory, not disk data).
 
 use std::path::PathBuf;
 
 use cairn_http::{ApiError, ClientError, ErrorKind};
 
-pub mod client;
 pub mod inventory;
 pub mod service;
 
-pub use client::{ManagerClient, spawn_heartbeat};
-pub use inventory::{AgentKind, AgentRecord, DiskLocation, Inventory, Registration, VmLocation};
+pub use cairn_api::{ManagerApi, ManagerClient, spawn_heartbeat};
+pub use inventory::{
+    AgentKind, AgentRecord, DiskLocation, Inventory, Registration, VmLocation, VmRunState,
+};
 
 /// Manager errors.
 #[derive(Debug, thiserror::Error)]

@@ -10,8 +10,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use cairn_api::host::{
+    ExecRequest, IdError, SaveStateRequest, SnapshotRequest, VmSnapshotId, VmSpec,
+};
+use cairn_api::manager::RemovedAgent;
+use cairn_api::{CallResult, HostAgentApi};
 use cairn_http::ApiError;
-use serde_json::Value;
 
 use crate::inventory::{AgentKind, Inventory, Registration, agent_error};
 use crate::{ManagerError, Result};
@@ -35,26 +39,6 @@ fn kind(s: &str) -> ApiResult<AgentKind> {
             "agent kind {s:?}: host or storage"
         ))),
     }
-}
-
-/// Calls the host agent of `vm` at `path` (with `{id}` replaced by the host's VM id).
-fn relay_vm(
-    inv: &Inventory,
-    vm: &str,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> Result<Value> {
-    let loc = inv.vm(vm)?;
-    let host = inv.agent(AgentKind::Host, &loc.host)?;
-    let c = crate::inventory::client_for(&host.registration)?;
-    let path = path.replace("{id}", &loc.host_vm_id);
-    let r = match (method, body) {
-        ("POST", Some(b)) => c.post_json(&path, b),
-        ("DELETE", _) => c.delete_json(&path),
-        _ => c.get_json(&path),
-    };
-    r.map_err(|e| agent_error(&host.registration, e))
 }
 
 async fn heartbeat(State(inv): State<Shared>, b: Bytes) -> ApiResult<Response> {
@@ -81,7 +65,7 @@ async fn remove_agent(
     let k = kind(&k)?;
     blocking(move || {
         inv.remove(k, &name)?;
-        Ok(serde_json::json!({ "removed": name }))
+        Ok(RemovedAgent { removed: name })
     })
     .await
 }
@@ -95,7 +79,7 @@ async fn vm(State(inv): State<Shared>, Path(name): Path<String>) -> ApiResult<Re
 }
 
 async fn stop_vm(State(inv): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
-    blocking(move || relay_vm(&inv, &name, "DELETE", "/v1/vms/{id}", None)).await
+    blocking(move || inv.on_vm_host(&name, |h, id| h.stop_vm(id, None))).await
 }
 
 async fn snapshot(
@@ -103,9 +87,8 @@ async fn snapshot(
     Path(name): Path<String>,
     b: Bytes,
 ) -> ApiResult<Response> {
-    let req: Value = body(&b)?;
-    let r = blocking(move || relay_vm(&inv, &name, "POST", "/v1/vms/{id}/snapshots", Some(&req)))
-        .await?;
+    let req: SnapshotRequest = body(&b)?;
+    let r = blocking(move || inv.on_vm_host(&name, |h, id| h.snapshot(id, &req))).await?;
     Ok((StatusCode::CREATED, r).into_response())
 }
 
@@ -114,12 +97,12 @@ async fn save_state(
     Path(name): Path<String>,
     b: Bytes,
 ) -> ApiResult<Response> {
-    let req: Value = body(&b)?;
-    blocking(move || relay_vm(&inv, &name, "POST", "/v1/vms/{id}/state", Some(&req))).await
+    let req: SaveStateRequest = body(&b)?;
+    blocking(move || inv.on_vm_host(&name, |h, id| h.save_state(id, &req))).await
 }
 
 async fn usage(State(inv): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
-    blocking(move || relay_vm(&inv, &name, "GET", "/v1/vms/{id}/usage", None)).await
+    blocking(move || inv.on_vm_host(&name, |h, id| h.usage(id))).await
 }
 
 #[derive(serde::Deserialize)]
@@ -133,11 +116,8 @@ async fn guest(
     Path(name): Path<String>,
     Query(q): Query<GuestQuery>,
 ) -> ApiResult<Response> {
-    let path = format!(
-        "/v1/vms/{{id}}/guest?timeout_ms={}",
-        q.timeout_ms.unwrap_or(2000)
-    );
-    blocking(move || relay_vm(&inv, &name, "GET", &path, None)).await
+    let timeout_ms = q.timeout_ms.unwrap_or(2000);
+    blocking(move || inv.on_vm_host(&name, |h, id| h.guest(id, timeout_ms))).await
 }
 
 async fn guest_exec(
@@ -145,28 +125,28 @@ async fn guest_exec(
     Path(name): Path<String>,
     b: Bytes,
 ) -> ApiResult<Response> {
-    let req: Value = body(&b)?;
-    blocking(move || relay_vm(&inv, &name, "POST", "/v1/vms/{id}/guest/exec", Some(&req))).await
+    let req: ExecRequest = body(&b)?;
+    blocking(move || inv.on_vm_host(&name, |h, id| h.guest_exec(id, &req))).await
 }
 
-fn host_client(inv: &Inventory, host: &str) -> Result<(cairn_http::Client, Registration)> {
-    let a = inv.agent(AgentKind::Host, host)?;
-    Ok((
-        crate::inventory::client_for(&a.registration)?,
-        a.registration,
-    ))
+/// Runs `call` on the host agent named `host`.
+fn on_host<T>(
+    inv: &Inventory,
+    host: &str,
+    call: impl FnOnce(&dyn HostAgentApi) -> CallResult<T>,
+) -> Result<T> {
+    let (c, r) = inv.host_agent(host)?;
+    call(&*c).map_err(|e| agent_error(&r, e))
 }
 
 async fn delete_snapshot(
     State(inv): State<Shared>,
     Path((host, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    blocking(move || {
-        let (c, r) = host_client(&inv, &host)?;
-        c.delete_json::<Value>(&format!("/v1/snapshots/{id}"))
-            .map_err(|e| agent_error(&r, e))
-    })
-    .await
+    let id: VmSnapshotId = id
+        .parse()
+        .map_err(|e: IdError| ApiError::bad_request(e.to_string()))?;
+    blocking(move || on_host(&inv, &host, |h| h.delete_snapshot(id))).await
 }
 
 async fn provision(
@@ -174,13 +154,8 @@ async fn provision(
     Path(host): Path<String>,
     b: Bytes,
 ) -> ApiResult<Response> {
-    let spec: Value = body(&b)?;
-    let r = blocking(move || {
-        let (c, r) = host_client(&inv, &host)?;
-        c.post_json::<_, Value>("/v1/vms", &spec)
-            .map_err(|e| agent_error(&r, e))
-    })
-    .await?;
+    let spec: VmSpec = body(&b)?;
+    let r = blocking(move || on_host(&inv, &host, |h| h.start_vm(&spec))).await?;
     Ok((StatusCode::CREATED, r).into_response())
 }
 
@@ -188,14 +163,10 @@ async fn saved_state(
     State(inv): State<Shared>,
     Path((host, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-        let (c, r) = host_client(&inv, &host)?;
-        c.get_bytes(&format!("/v1/saved/{name}"))
-            .map_err(|e| agent_error(&r, e))
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e: ManagerError| e.to_api())?;
+    let bytes = tokio::task::spawn_blocking(move || on_host(&inv, &host, |h| h.saved_state(&name)))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e: ManagerError| e.to_api())?;
     Ok(bytes.into_response())
 }
 
@@ -203,12 +174,7 @@ async fn delete_saved_state(
     State(inv): State<Shared>,
     Path((host, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    blocking(move || {
-        let (c, r) = host_client(&inv, &host)?;
-        c.delete_json::<Value>(&format!("/v1/saved/{name}"))
-            .map_err(|e| agent_error(&r, e))
-    })
-    .await
+    blocking(move || on_host(&inv, &host, |h| h.delete_saved_state(&name))).await
 }
 
 /// The router, with the token check on every route but `/health`.

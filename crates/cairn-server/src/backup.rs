@@ -1,10 +1,10 @@
-//! Full and incremental backup of one VM (DESIGN flows 1–4).
+//! Full and incremental backup of one VM (`docs/ARCHITECTURE.md`, "The flows").
 //!
 //! 1. The manager says where the VM runs and which storage agent holds each disk.
 //! 2. Through the manager, the host agent quiesces the guest and takes a **fleecing** VM
 //!    snapshot (`since` = the previous backup's checkpoint): a point-in-time, read-only NBD
 //!    export per disk, carrying the dirty bitmap when changes are known.
-//! 3. The metadata snapshot (seed 001): configuration, host resource usage and, unless
+//! 3. The paired metadata snapshot: configuration, host resource usage and, unless
 //!    disabled, the execution state, under the backup's timestamp id.
 //! 4. Each storage agent reads its disks' exports and sends them to the vault, fingerprints
 //!    first: with the bitmap for an incremental, else comparing with the parent's recipe
@@ -14,8 +14,15 @@
 
 use std::time::Instant;
 
+use cairn_api::host::{
+    Changes, CheckpointId, DiskSnapshot as VmDiskSnapshot, DiskSource as VmDiskSource,
+    QuiescePolicy, SnapshotKind, SnapshotRequest, VmSnapshotId,
+};
+use cairn_api::manager::{DiskLocation, VmLocation, VmRunState};
+use cairn_api::storage::{
+    BackupJob, BackupRequest, BackupsRequest, DiskBackupOutcome, DiskKind, DiskSource,
+};
 use cairn_catalog::{BackupDisk, BackupRecord, Hold, MetadataSnapshot, new_id, now_ms};
-use cairn_manager::{DiskLocation, VmLocation};
 use serde_json::{Value, json};
 
 use crate::jobs::JobCtx;
@@ -56,7 +63,7 @@ pub fn locate(ctx: &JobCtx<'_>, vm: &str) -> Result<VmLocation> {
         .manager
         .vm(vm)
         .map_err(ServerError::call(format!("locate VM {vm}")))?;
-    if loc.state != "running" {
+    if loc.state != VmRunState::Running {
         return Err(ServerError::Conflict(format!(
             "VM {vm} on host {} is {}",
             loc.host, loc.state
@@ -77,7 +84,7 @@ pub fn locate(ctx: &JobCtx<'_>, vm: &str) -> Result<VmLocation> {
 /// The parent of each disk and the checkpoint to pass as `since`.
 pub struct Parent {
     pub backup: Option<BackupRecord>,
-    pub since: Option<String>,
+    pub since: Option<CheckpointId>,
 }
 
 impl Parent {
@@ -90,10 +97,16 @@ impl Parent {
         }
         let backup = ctx.server.catalog.latest_backup(&loc.name)?;
         // A checkpoint only means something to the host that made it.
-        let since = backup
+        let since = match backup
             .as_ref()
             .filter(|b| b.host == loc.host)
-            .and_then(|b| b.checkpoint.clone());
+            .and_then(|b| b.checkpoint.as_deref())
+        {
+            Some(c) => Some(c.parse().map_err(|e| {
+                ServerError::Invalid(format!("checkpoint of the previous backup: {e}"))
+            })?),
+            None => None,
+        };
         Ok(Self { backup, since })
     }
 
@@ -107,7 +120,8 @@ impl Parent {
     }
 }
 
-/// Takes the metadata snapshot of seed 001 for `loc` under `ts`.
+/// Takes the paired metadata snapshot of `loc` under `ts`: the same timestamp id as the
+/// backup it belongs to.
 pub fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<MetadataSnapshot> {
     let s = ctx.server;
     let usage = match s.manager.usage(&loc.name) {
@@ -129,9 +143,7 @@ pub fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<Metadata
             Ok(r) => {
                 ctx.info(format!(
                     "{}: execution state saved ({} bytes, downtime {} ms)",
-                    loc.name,
-                    r.get("bytes").and_then(Value::as_u64).unwrap_or(0),
-                    r.get("downtime_ms").and_then(Value::as_u64).unwrap_or(0)
+                    loc.name, r.bytes, r.downtime_ms
                 ));
                 state_reader = Some((
                     s.manager
@@ -147,13 +159,14 @@ pub fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<Metadata
             }
         }
     }
+    let config = attributes(loc)?;
     let m = match &mut state_reader {
         Some((r, _, _)) => s
             .meta
-            .record(&s.catalog, &loc.name, ts, &loc.spec, usage, Some(r))?,
+            .record(&s.catalog, &loc.name, ts, &config, usage, Some(r))?,
         None => s
             .meta
-            .record(&s.catalog, &loc.name, ts, &loc.spec, usage, None)?,
+            .record(&s.catalog, &loc.name, ts, &config, usage, None)?,
     };
     if let Some((_, hold, name)) = state_reader {
         if let Err(e) = s.manager.delete_saved_state(&loc.host, &name) {
@@ -174,11 +187,30 @@ pub fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<Metadata
     Ok(m)
 }
 
+/// The VM's attributes as the catalog and the metadata store keep them (JSON).
+pub fn attributes(loc: &VmLocation) -> Result<Value> {
+    serde_json::to_value(&loc.spec)
+        .map_err(|e| ServerError::Invalid(format!("attributes of VM {}: {e}", loc.name)))
+}
+
 /// One disk to send: where to read it and what to call it.
 pub struct DiskJob<'a> {
     pub loc: &'a DiskLocation,
-    pub source: Value,
+    pub source: DiskSource,
     pub parent: Option<String>,
+}
+
+/// The storage agent's source for a raw LUN disk: read in place with its mapping.
+pub fn rdm_source(d: &DiskLocation) -> DiskSource {
+    DiskSource::Rdm {
+        datastore: d.datastore.clone().unwrap_or_default(),
+        disk: d.datastore_disk.clone().unwrap_or_default(),
+    }
+}
+
+/// Whether the disk is a raw LUN (backed up with its mapping).
+pub fn is_lun(d: &DiskLocation) -> bool {
+    d.kind == Some(DiskKind::Lun)
 }
 
 /// Asks each storage agent to send its disks to the vault; returns the disks in order.
@@ -200,29 +232,38 @@ pub fn send_disks(
     let mut out: Vec<Option<BackupDisk>> = vec![None; jobs.len()];
     for (agent, idx) in by_agent {
         let c = s.storage_agent(agent)?;
-        let disks: Vec<Value> = idx
+        let disks: Vec<BackupJob> = idx
             .iter()
             .map(|&i| {
                 let j = &jobs[i];
-                json!({
-                    "source": j.source,
-                    "request": {
-                        "name": format!("vm/{vm}/{}", j.loc.disk),
-                        "parent": j.parent,
-                        "labels": {
-                            "vm": vm, "disk": j.loc.disk, "backup": backup_id,
-                            "timestamp_id": ts, "job": ctx.id,
-                        },
+                let labels = [
+                    ("vm", vm),
+                    ("disk", j.loc.disk.as_str()),
+                    ("backup", backup_id),
+                    ("timestamp_id", ts),
+                    ("job", ctx.id.as_str()),
+                ];
+                BackupJob {
+                    source: j.source.clone(),
+                    request: BackupRequest {
+                        name: format!("vm/{vm}/{}", j.loc.disk),
+                        parent: j.parent.clone(),
+                        labels: labels
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        ..Default::default()
                     },
-                })
+                }
             })
             .collect();
         let t = Instant::now();
-        let answers: Vec<Value> = c
-            .post_json(
-                "/v1/backups",
-                &json!({ "vault": s.config.vault, "disks": disks }),
-            )
+        let answers = c
+            .backups(&BackupsRequest {
+                vault: s.config.vault.clone(),
+                disks,
+                parallel: 0,
+            })
             .map_err(ServerError::call(format!("storage agent {agent}: backup")))?;
         if answers.len() != idx.len() {
             return Err(ServerError::Failed(format!(
@@ -233,55 +274,40 @@ pub fn send_disks(
         }
         for (&i, a) in idx.iter().zip(answers) {
             let j = &jobs[i];
-            let r = match a.get("ok") {
-                Some(r) => r,
-                None => {
-                    let msg = a
-                        .pointer("/error/error/message")
-                        .or_else(|| a.pointer("/error/message"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("unknown error");
+            let r = match a {
+                DiskBackupOutcome::Ok(r) => r,
+                DiskBackupOutcome::Error(e) => {
                     return Err(ServerError::Failed(format!(
-                        "disk {} of {vm} on storage agent {agent}: {msg}",
-                        j.loc.disk
+                        "disk {} of {vm} on storage agent {agent}: {}",
+                        j.loc.disk, e.message
                     )));
                 }
             };
-            let n = |p: &str| r.pointer(p).and_then(Value::as_i64).unwrap_or(0);
-            let m = r.get("manifest").cloned().unwrap_or_default();
-            let rdm = m.pointer("/labels/rdm_lun").map(|lun| {
+            let m = &r.manifest;
+            // The catalog keeps the raw LUN mapping as JSON (the LUN id as the agent wrote it).
+            let rdm = m.labels.get("rdm_lun").map(|lun| {
                 json!({
-                    "lun": lun.as_str().and_then(|l| serde_json::from_str::<Value>(l).ok()),
-                    "mapping_snapshot": m.pointer("/labels/rdm_map_snapshot"),
+                    "lun": serde_json::from_str::<Value>(lun).ok(),
+                    "mapping_snapshot": m.labels.get("rdm_map_snapshot"),
                 })
             });
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             let disk = BackupDisk {
                 disk: j.loc.disk.clone(),
-                vault_snapshot: m
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                size: m.get("size").and_then(Value::as_i64).unwrap_or(0),
-                format: j.loc.format.clone(),
+                vault_snapshot: m.id.to_string(),
+                size: n(m.size),
+                format: j.loc.format.as_str().to_string(),
                 storage_agent: agent.to_string(),
                 datastore: j.loc.datastore.clone().unwrap_or_default(),
                 datastore_disk: j.loc.datastore_disk.clone().unwrap_or_default(),
-                change_source: r
-                    .get("change_source")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown")
-                    .to_string(),
-                changed_bytes: n("/changed_bytes"),
-                bytes_read: n("/bytes_read"),
-                bytes_sent: n("/bytes_sent"),
+                change_source: r.change_source.as_str().to_string(),
+                changed_bytes: n(r.changed_bytes),
+                bytes_read: n(r.bytes_read),
+                bytes_sent: n(r.bytes_sent),
                 rdm,
             };
-            if let Some(f) = r
-                .get("fallbacks")
-                .and_then(Value::as_array)
-                .filter(|f| !f.is_empty())
-            {
+            if !r.fallbacks.is_empty() {
+                let f = &r.fallbacks;
                 ctx.warn(format!(
                     "{vm}/{}: change tracking fell back: {f:?}",
                     disk.disk
@@ -307,13 +333,15 @@ pub fn send_disks(
     Ok(out.into_iter().flatten().collect())
 }
 
-/// The VM snapshot answer's fields the flows need.
+/// A VM snapshot a flow holds.
 pub struct VmSnap {
-    pub id: String,
+    pub id: VmSnapshotId,
+    /// How the guest was quiesced (`guest_freeze`, `pause`, `none`), as the catalog records it.
     pub quiesce: String,
     pub quiesce_window_ms: i64,
+    /// The checkpoint it started, as the catalog records it.
     pub checkpoint: Option<String>,
-    pub disks: Vec<Value>,
+    pub disks: Vec<VmDiskSnapshot>,
     pub hold: Hold,
 }
 
@@ -321,22 +349,24 @@ pub struct VmSnap {
 pub fn snapshot_vm(
     ctx: &JobCtx<'_>,
     loc: &VmLocation,
-    kind: &str,
-    since: Option<&str>,
+    kind: SnapshotKind,
+    since: Option<CheckpointId>,
 ) -> Result<VmSnap> {
     let r = ctx
         .server
         .manager
         .snapshot(
             &loc.name,
-            &json!({ "kind": kind, "quiesce": "auto", "since": since, "agent_timeout_ms": 1500 }),
+            &SnapshotRequest {
+                kind: Some(kind),
+                quiesce: QuiescePolicy::Auto,
+                since,
+                agent_timeout_ms: Some(1500),
+                freeze_timeout_ms: None,
+            },
         )
         .map_err(ServerError::call(format!("snapshot VM {}", loc.name)))?;
-    let id = r
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ServerError::Failed("VM snapshot answer without id".into()))?
-        .to_string();
+    let id = r.id;
     let hold = Hold::VmSnapshot {
         vm: loc.name.clone(),
         snapshot: format!("{}/{id}", loc.host),
@@ -345,29 +375,19 @@ pub fn snapshot_vm(
     ctx.hold(hold.clone())?;
     let s = VmSnap {
         id,
-        quiesce: r
-            .get("quiesce")
-            .and_then(Value::as_str)
-            .unwrap_or("none")
-            .into(),
-        quiesce_window_ms: r
-            .get("quiesce_window_ms")
-            .and_then(Value::as_i64)
-            .unwrap_or(0),
-        checkpoint: r
-            .get("checkpoint")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        disks: r
-            .get("disks")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
+        quiesce: r.quiesce.as_str().into(),
+        quiesce_window_ms: i64::try_from(r.quiesce_window_ms).unwrap_or(i64::MAX),
+        checkpoint: r.checkpoint.map(|c| c.to_string()),
+        disks: r.disks,
         hold,
     };
     ctx.info(format!(
-        "{}: {kind} VM snapshot {} ({}, guest held {} ms)",
-        loc.name, s.id, s.quiesce, s.quiesce_window_ms
+        "{}: {} VM snapshot {} ({}, guest held {} ms)",
+        loc.name,
+        kind.as_str(),
+        s.id,
+        s.quiesce,
+        s.quiesce_window_ms
     ));
     Ok(s)
 }
@@ -377,13 +397,13 @@ pub fn release_vm_snapshot(ctx: &JobCtx<'_>, loc: &VmLocation, snap: &VmSnap) ->
     let r = ctx
         .server
         .manager
-        .delete_snapshot(&loc.host, &snap.id)
+        .delete_snapshot(&loc.host, snap.id)
         .map_err(ServerError::call(format!(
             "delete VM snapshot of {}",
             loc.name
         )))?;
     ctx.unhold(&snap.hold);
-    let lifetime = r.get("lifetime_ms").and_then(Value::as_i64).unwrap_or(0);
+    let lifetime = i64::try_from(r.lifetime_ms).unwrap_or(i64::MAX);
     ctx.info(format!(
         "{}: VM snapshot {} deleted, lifetime {lifetime} ms",
         loc.name, snap.id
@@ -411,6 +431,46 @@ fn fault_pause(ctx: &JobCtx<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The storage agent's source for disk `d` of a fleecing snapshot: its NBD export, with the
+/// dirty bitmap as the first change hint when the snapshot knows the changes since `since`.
+fn nbd_source(
+    ctx: &JobCtx<'_>,
+    vm: &str,
+    d: &DiskLocation,
+    snap: &VmSnap,
+    parent: &Parent,
+) -> Result<DiskSource> {
+    let sd = snap
+        .disks
+        .iter()
+        .find(|x| x.disk.id == d.disk)
+        .ok_or_else(|| ServerError::Failed(format!("the VM snapshot lacks disk {}", d.disk)))?;
+    let VmDiskSource::Nbd { socket, export } = &sd.source else {
+        return Err(ServerError::Failed(format!(
+            "disk {}: expected an NBD export, got {:?}",
+            d.disk, sd.source
+        )));
+    };
+    let bitmap_context = match &sd.changes {
+        Changes::Known(k) if parent.since.is_some() => k.meta_context.clone(),
+        _ => None,
+    };
+    if parent.backup.is_some()
+        && let Changes::Unknown { reason } = &sd.changes
+    {
+        ctx.warn(format!(
+            "{vm}/{}: changed blocks unknown ({}): the storage agent compares the disk with the previous backup",
+            d.disk,
+            reason.as_str()
+        ));
+    }
+    Ok(DiskSource::Nbd {
+        socket: socket.clone(),
+        export: export.clone(),
+        bitmap_context,
+    })
+}
+
 fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
     let started = Instant::now();
     let created_ms = now_ms();
@@ -421,48 +481,15 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
     let ts = crate::meta::timestamp_id();
     let backup_id = new_id();
     let meta = metadata(ctx, &loc, &ts)?;
-    let snap = snapshot_vm(ctx, &loc, "fleecing", parent.since.as_deref())?;
+    let snap = snapshot_vm(ctx, &loc, SnapshotKind::Fleecing, parent.since)?;
     fault_pause(ctx)?;
     ctx.check_cancel()?;
     let mut jobs = Vec::new();
     for d in &loc.disks {
-        let source = if d.kind.as_deref() == Some("lun") {
-            json!({ "kind": "rdm", "datastore": d.datastore, "disk": d.datastore_disk })
+        let source = if is_lun(d) {
+            rdm_source(d)
         } else {
-            let sd = snap
-                .disks
-                .iter()
-                .find(|x| x.pointer("/disk/id").and_then(Value::as_str) == Some(&d.disk))
-                .ok_or_else(|| {
-                    ServerError::Failed(format!("the VM snapshot lacks disk {}", d.disk))
-                })?;
-            let src = sd.get("source").cloned().unwrap_or_default();
-            if src.get("type").and_then(Value::as_str) != Some("nbd") {
-                return Err(ServerError::Failed(format!(
-                    "disk {}: expected an NBD export, got {src}",
-                    d.disk
-                )));
-            }
-            let ctx_name = sd
-                .pointer("/changes/meta_context")
-                .and_then(Value::as_str)
-                .filter(|_| parent.since.is_some());
-            if parent.backup.is_some() {
-                match sd.pointer("/changes/type").and_then(Value::as_str) {
-                    Some("known") => {}
-                    _ => ctx.warn(format!(
-                        "{vm}/{}: changed blocks unknown ({}): the storage agent compares the disk with the previous backup",
-                        d.disk,
-                        sd.pointer("/changes/reason").and_then(Value::as_str).unwrap_or("no checkpoint")
-                    )),
-                }
-            }
-            json!({
-                "kind": "nbd",
-                "socket": src.get("socket"),
-                "export": src.get("export"),
-                "bitmap_context": ctx_name,
-            })
+            nbd_source(ctx, vm, d, &snap, &parent)?
         };
         jobs.push(DiskJob {
             loc: d,
@@ -494,7 +521,7 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
         vm_snapshot_lifetime_ms: lifetime,
         bytes_read: disks.iter().map(|d| d.bytes_read).sum(),
         bytes_sent: disks.iter().map(|d| d.bytes_sent).sum(),
-        attributes: loc.spec.clone(),
+        attributes: attributes(&loc)?,
         disks,
     };
     ctx.server.catalog.insert_backup(&b)?;

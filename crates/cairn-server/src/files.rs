@@ -1,5 +1,5 @@
-//! The file catalog (seed 002 claims 9, 18, 27; FIG. 6): every file of every backup,
-//! searchable, restorable one at a time.
+//! The file catalog: every file of every backup, searchable, restorable one at a time (also
+//! straight back into primary storage).
 //!
 //! - **Indexing** runs as its own job (`index`) after a backup is recorded, off the backup's
 //!   data path: for each disk the storage agent that holds it parses the disk image straight
@@ -15,6 +15,10 @@
 
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+
+use cairn_api::StorageAgentApi;
+use cairn_api::storage::{FileEntry, FileRestoreRequest, ReadFileRequest, ScanRequest};
 use cairn_catalog::{BackupDisk, BackupRecord};
 use cairn_fileindex::{BackupMeta, FileIndex, FileKind, FileRecord, FindOptions, Pattern};
 use serde_json::{Value, json};
@@ -26,16 +30,12 @@ fn index_err(e: cairn_fileindex::IndexError) -> ServerError {
     ServerError::Failed(format!("file index: {e}"))
 }
 
-/// A file-system entry as the file index keeps it.
-pub fn to_record(e: cairn_fs::FileEntry) -> FileRecord {
+/// A file-system entry as the file index keeps it (the kind and the extents are the one
+/// file model of `cairn-types`; the rest is renamed and narrowed).
+pub fn to_record(e: FileEntry) -> FileRecord {
     FileRecord {
         path: e.path,
-        kind: match e.kind {
-            cairn_fs::FileKind::File => FileKind::File,
-            cairn_fs::FileKind::Dir => FileKind::Dir,
-            cairn_fs::FileKind::Symlink => FileKind::Symlink,
-            cairn_fs::FileKind::Other => FileKind::Other,
-        },
+        kind: e.kind,
         size: e.size,
         mode: e.mode,
         uid: e.uid,
@@ -49,40 +49,20 @@ pub fn to_record(e: cairn_fs::FileEntry) -> FileRecord {
         attributes: e.fat_attributes.map(u32::from).or(e.ntfs_attributes),
         link_target: e.symlink_target,
         security: e.ntfs_security_id.map(|id| id.to_le_bytes().to_vec()),
-        extents: e
-            .extents
-            .into_iter()
-            .map(|x| cairn_fileindex::FileExtent {
-                file_offset: x.file_offset,
-                disk_offset: x.disk_offset,
-                length: x.length,
-            })
-            .collect(),
+        extents: e.extents,
         inline: e.inline_data,
     }
 }
 
 /// What the storage agent needs to read a file back (and restore its mode and mtime).
-fn to_entry(r: &FileRecord) -> cairn_fs::FileEntry {
-    let mut e = cairn_fs::FileEntry::new(
-        r.path.clone(),
-        cairn_fs::FileKind::File,
-        r.inode.unwrap_or(0),
-    );
+fn to_entry(r: &FileRecord) -> FileEntry {
+    let mut e = FileEntry::new(r.path.clone(), FileKind::File, r.inode.unwrap_or(0));
     e.size = r.size;
     e.mode = r.mode;
     e.uid = r.uid;
     e.gid = r.gid;
     e.mtime = r.mtime_ns;
-    e.extents = r
-        .extents
-        .iter()
-        .map(|x| cairn_fs::FileExtent {
-            file_offset: x.file_offset,
-            disk_offset: x.disk_offset,
-            length: x.length,
-        })
-        .collect();
+    e.extents = r.extents.clone();
     e.inline_data = r.inline.clone();
     e
 }
@@ -118,31 +98,18 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<Value> {
     let mut report = Vec::new();
     for d in b.disks.iter().filter(|d| d.rdm.is_none()) {
         let c = s.storage_agent(&d.storage_agent)?;
-        let scan: Value = c
-            .post_json(
-                "/v1/files/scan",
-                &json!({ "vault": s.config.vault, "snapshot": d.vault_snapshot }),
-            )
+        let scan = c
+            .scan_files(&ScanRequest {
+                vault: s.config.vault.clone(),
+                snapshot: d.vault_snapshot.clone(),
+            })
             .map_err(ServerError::call(format!(
                 "scan disk {} of {}",
                 d.disk, b.id
             )))?;
-        let parsed: Vec<(String, bool, Vec<String>, Vec<cairn_fs::FileEntry>)> = scan["volumes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| {
-                let files = serde_json::from_value(v["files"].clone()).unwrap_or_default();
-                let errors = serde_json::from_value(v["errors"].clone()).unwrap_or_default();
-                (
-                    v["volume"].as_str().unwrap_or("whole").to_string(),
-                    v["complete"].as_bool().unwrap_or(false),
-                    errors,
-                    files,
-                )
-            })
-            .collect();
-        for (volume, complete, errors, entries) in parsed {
+        let volume_count = scan.volumes.len();
+        for v in scan.volumes {
+            let (volume, complete, errors, entries) = (v.volume, v.complete, v.errors, v.files);
             if !complete {
                 ctx.warn(format!(
                     "{}/{volume}: partial listing: {}",
@@ -161,10 +128,7 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<Value> {
         }
         ctx.info(format!(
             "{}: {} volume(s) parsed in {} ms, {} B of metadata read from the vault",
-            d.disk,
-            scan["volumes"].as_array().map_or(0, Vec::len),
-            scan["elapsed_ms"],
-            scan["read"]["bytes"]
+            d.disk, volume_count, scan.elapsed_ms, scan.read.bytes
         ));
     }
     let added = files
@@ -315,7 +279,7 @@ impl Server {
         &self,
         b: &'b BackupRecord,
         disk: &str,
-    ) -> Result<(&'b BackupDisk, cairn_http::Client)> {
+    ) -> Result<(&'b BackupDisk, Arc<dyn StorageAgentApi>)> {
         let d = b
             .disks
             .iter()
@@ -327,27 +291,24 @@ impl Server {
     /// Reads one regular file through the storage agent `c`: (bytes, vault bytes fetched).
     fn read_one(
         &self,
-        c: &cairn_http::Client,
+        c: &dyn StorageAgentApi,
         d: &BackupDisk,
         r: &FileRecord,
     ) -> Result<(Vec<u8>, u64)> {
-        let (data, headers) = c
-            .post_json_for_bytes(
-                "/v1/files/read",
-                &json!({ "vault": self.config.vault, "snapshot": d.vault_snapshot, "entry": to_entry(r) }),
-            )
+        let (data, stats) = c
+            .read_file(&ReadFileRequest {
+                vault: self.config.vault.clone(),
+                snapshot: d.vault_snapshot.clone(),
+                entry: to_entry(r),
+            })
             .map_err(ServerError::call(format!("read {}", r.path)))?;
-        let fetched = headers
-            .iter()
-            .find(|(k, _)| k == "x-cairn-vault-bytes")
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0);
+        let fetched = stats.bytes;
         self.file_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok((data, fetched))
     }
 
-    /// FIG. 6: restores one file into primary storage — a datastore of a storage agent (by
+    /// Restores one file into primary storage — a datastore of a storage agent (by
     /// default the one holding the backed-up disk) at `dest` — without the bytes passing
     /// through this server.
     pub fn files_restore_into(
@@ -372,14 +333,16 @@ impl Server {
         let agent = storage_agent.unwrap_or(&d.storage_agent);
         let c = self.storage_agent(agent)?;
         let entry = to_entry(&r);
-        let mut v: Value = c
-            .post_json(
-                "/v1/files/restore",
-                &json!({ "vault": self.config.vault, "snapshot": d.vault_snapshot,
-                         "entry": entry, "datastore": datastore.unwrap_or(&d.datastore),
-                         "dest": dest }),
-            )
+        let restored = c
+            .restore_file(&FileRestoreRequest {
+                vault: self.config.vault.clone(),
+                snapshot: d.vault_snapshot.clone(),
+                entry,
+                datastore: datastore.unwrap_or(&d.datastore).to_string(),
+                dest: dest.to_string(),
+            })
             .map_err(ServerError::call(format!("restore {path} into {agent}")))?;
+        let mut v = json!(restored);
         v["storage_agent"] = json!(agent);
         v["file"] = record_json(&disk, &volume, &r);
         Ok(v)
@@ -394,7 +357,7 @@ impl Server {
         let rest = r.path.clone();
         match r.kind {
             FileKind::File => {
-                let (data, fetched) = self.read_one(&c, d, &r)?;
+                let (data, fetched) = self.read_one(&*c, d, &r)?;
                 Ok((data, false, record_json(&disk, &volume, &r), fetched))
             }
             FileKind::Dir => {
@@ -434,7 +397,7 @@ impl Server {
                                 .map_err(io)?;
                         }
                         FileKind::File => {
-                            let (data, n) = self.read_one(&c, d, &f)?;
+                            let (data, n) = self.read_one(&*c, d, &f)?;
                             fetched += n;
                             h.set_entry_type(tar::EntryType::Regular);
                             h.set_size(data.len() as u64);

@@ -1,4 +1,4 @@
-//! The targeted snapshot of a VM group (seed 004, DESIGN flow 5).
+//! The targeted group snapshot of a VM group (`docs/ARCHITECTURE.md`, "The flows").
 //!
 //! 1. Each VM is quiesced and switched to an **overlay** VM snapshot: its disk files are
 //!    frozen on the datastore.
@@ -14,10 +14,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use cairn_api::host::SnapshotKind;
+use cairn_api::storage::{DiskRef, DiskSource, UnitSnapshotRequest};
 use cairn_catalog::{BackupRecord, Hold, new_id, now_ms};
 use serde_json::{Value, json};
 
-use crate::backup::{self, DiskJob, Parent, VmSnap};
+use crate::backup::{self, DiskJob, Parent, VmSnap, is_lun, rdm_source};
 use crate::jobs::JobCtx;
 use crate::{Result, ServerError};
 
@@ -44,7 +46,7 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
     let mut snaps: Vec<(VmSnap, Instant)> = Vec::new();
     for (loc, parent) in locs.iter().zip(&parents) {
         let t = Instant::now();
-        let snap = backup::snapshot_vm(ctx, loc, "overlay", parent.since.as_deref())?;
+        let snap = backup::snapshot_vm(ctx, loc, SnapshotKind::Overlay, parent.since)?;
         snaps.push((snap, t));
     }
 
@@ -52,8 +54,8 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
     let mut per_agent: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
     for (vi, loc) in locs.iter().enumerate() {
         for (di, d) in loc.disks.iter().enumerate() {
-            if d.kind.as_deref() == Some("lun") {
-                continue; // RDM disks are read in place (see backup::run)
+            if is_lun(d) {
+                continue; // raw LUNs are read in place (see backup::run)
             }
             per_agent
                 .entry(d.storage_agent.clone().unwrap_or_default())
@@ -76,44 +78,34 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
                 "storage agent {agent}: a unit cannot reflink: plain copies (slow, full space)"
             ));
         }
-        let body = json!({
-            "provider": provider,
-            "tag": format!("group-{group_id}"),
-            "disks": disks.iter().map(|&(v, d)| json!({
-                "datastore": locs[v].disks[d].datastore,
-                "disk": locs[v].disks[d].datastore_disk,
-            })).collect::<Vec<_>>(),
-        });
-        let answer: Value = c
-            .post_json("/v1/snapshots", &body)
-            .map_err(ServerError::call(format!(
-                "storage agent {agent}: unit snapshot"
-            )))?;
-        for u in answer.as_array().cloned().unwrap_or_default() {
-            let id = u
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+        let req = UnitSnapshotRequest {
+            provider: provider.into(),
+            tag: format!("group-{group_id}"),
+            disks: disks
+                .iter()
+                .map(|&(v, d)| DiskRef {
+                    datastore: locs[v].disks[d].datastore.clone().unwrap_or_default(),
+                    disk: locs[v].disks[d].datastore_disk.clone().unwrap_or_default(),
+                })
+                .collect(),
+        };
+        let answer = c.snapshot_units(&req).map_err(ServerError::call(format!(
+            "storage agent {agent}: unit snapshot"
+        )))?;
+        for u in answer {
+            let id = u.id.clone();
             ctx.hold(Hold::StorageSnapshot {
                 agent: agent.clone(),
                 snapshot: id.clone(),
             })?;
             ctx.info(format!(
                 "storage snapshot {id} on {agent}: unit {}, {} disk(s), {provider}, window {} µs",
-                u.get("unit").and_then(Value::as_str).unwrap_or("-"),
-                u.get("disks").and_then(Value::as_array).map_or(0, Vec::len),
-                u.get("window_us").and_then(Value::as_u64).unwrap_or(0)
+                u.unit.as_deref().unwrap_or("-"),
+                u.disks.len(),
+                u.window_us
             ));
-            let udisks = u
-                .get("disks")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            for (ui, ud) in udisks.iter().enumerate() {
-                let p = canonical(std::path::Path::new(
-                    ud.get("disk").and_then(Value::as_str).unwrap_or_default(),
-                ));
+            for (ui, ud) in u.disks.iter().enumerate() {
+                let p = canonical(&ud.disk);
                 for &(v, d) in disks {
                     if canonical(&locs[v].disks[d].path) == p {
                         unit_of.insert((v, d), (agent.clone(), id.clone(), ui));
@@ -142,12 +134,11 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
         let mut jobs = Vec::new();
         for (di, d) in loc.disks.iter().enumerate() {
             let source = match unit_of.get(&(vi, di)) {
-                Some((_, snap, index)) => {
-                    json!({ "kind": "snapshot", "snapshot": snap, "index": index })
-                }
-                None if d.kind.as_deref() == Some("lun") => {
-                    json!({ "kind": "rdm", "datastore": d.datastore, "disk": d.datastore_disk })
-                }
+                Some((_, snap, index)) => DiskSource::Snapshot {
+                    snapshot: snap.clone(),
+                    index: *index,
+                },
+                None if is_lun(d) => rdm_source(d),
                 None => {
                     return Err(ServerError::Failed(format!(
                         "disk {} of {} is in no storage snapshot",
@@ -185,7 +176,7 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
             vm_snapshot_lifetime_ms: lifetimes[vi].0,
             bytes_read: disks.iter().map(|d| d.bytes_read).sum(),
             bytes_sent: disks.iter().map(|d| d.bytes_sent).sum(),
-            attributes: loc.spec.clone(),
+            attributes: backup::attributes(loc)?,
             disks,
         };
         s.catalog.insert_backup(&b)?;

@@ -8,7 +8,7 @@
 //!
 //! Two unfinished jobs never share a VM: [`submit`] refuses the second with a conflict.
 //! Cancel is cooperative: flows call [`JobCtx::check_cancel`] between steps. On start,
-//! [`recover`] fails every job a previous process left `running` (after releasing its holds)
+//! `recover` fails every job a previous process left `running` (after releasing its holds)
 //! and queues the `queued` ones again.
 
 use std::collections::VecDeque;
@@ -16,7 +16,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use cairn_catalog::{Hold, JobRecord, JobState, new_id, now_ms};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::{Result, Server, ServerError};
 
@@ -30,7 +29,7 @@ pub enum JobKind {
         #[serde(default)]
         full: bool,
     },
-    /// One targeted snapshot of all VMs (seed 004), then a backup of each.
+    /// One targeted group snapshot of all VMs, then a backup of each.
     GroupBackup {
         vms: Vec<String>,
         #[serde(default)]
@@ -83,7 +82,7 @@ impl JobKind {
                 }
                 Ok(())
             }
-            Self::Restore(p) => p.validate(),
+            Self::Restore(p) => crate::restore::validate(p),
             Self::Prune { .. } | Self::Index { .. } => Ok(()),
         }
     }
@@ -297,14 +296,17 @@ pub fn release(server: &Server, h: &Hold) -> Result<()> {
                     snapshot.clone(),
                 ),
             };
-            match server.manager.delete_snapshot(&host, &id) {
+            let id = id
+                .parse()
+                .map_err(|e| ServerError::Invalid(format!("held VM snapshot {snapshot}: {e}")))?;
+            match server.manager.delete_snapshot(&host, id) {
                 Err(e) if !gone(&e) => Err(ServerError::call("delete VM snapshot")(e)),
                 _ => Ok(()),
             }
         }
         Hold::StorageSnapshot { agent, snapshot } => {
             let c = server.storage_agent(agent)?;
-            match c.delete_json::<Value>(&format!("/v1/snapshots/{snapshot}")) {
+            match c.delete_snapshot(snapshot) {
                 Err(e) if !gone(&e) => Err(ServerError::call("delete storage snapshot")(e)),
                 _ => Ok(()),
             }

@@ -1,5 +1,6 @@
-//! `cairn server`, the backup application server of seed 002: it plans backups and restores,
-//! records them in the catalog, and **never touches disk data**.
+//! `cairn server`, the backup application server: it plans backups and restores, records
+//! them in the catalog, and **never touches disk data**. It talks to the manager and the
+//! storage agents only through `cairn-api`'s clients ([`ManagerApi`], [`StorageAgentApi`]).
 //!
 //! ```text
 //!   REST API ─► jobs (queue, workers, holds) ─► flows ─┬─► manager ─► host agents  (snapshots)
@@ -10,16 +11,16 @@
 //! | module | holds |
 //! |---|---|
 //! | [`jobs`] | the job engine: queue, concurrency limit, per-VM exclusion, holds, cancel, restart recovery |
-//! | [`backup`] | full and incremental backup of one VM (flows 1–4) |
-//! | [`group`] | the targeted snapshot of a VM group (flow 5) |
-//! | [`restore`] | full VM restore as a new VM (flow 6) |
-//! | [`meta`] | the metadata store of seed 001 |
+//! | [`backup`] | full and incremental backup of one VM |
+//! | [`group`] | the targeted group snapshot of a VM group |
+//! | [`restore`] | full VM restore as a new VM |
+//! | [`meta`] | the metadata store (paired metadata snapshots) |
 //! | [`schedule`] | schedules and retention |
 //! | [`service`] | the REST API (`docs/openapi.yaml`) |
 //!
 //! Invariants:
 //! - **No disk data here.** The server sends control requests to the manager and the
-//!   storage agents and reads JSON answers; disk bytes go storage agent ↔ vault. The
+//!   storage agents and reads their typed answers; disk bytes go storage agent ↔ vault. The
 //!   server's own counter of disk-data bytes ([`Server::disk_bytes`]) stays 0 and is reported
 //!   next to the agents' counters.
 //! - **A job that fails releases what it holds.** Every VM snapshot, storage snapshot and
@@ -33,10 +34,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use cairn_api::manager::AgentKind;
+use cairn_api::server::{DataPath, StorageAgentStats};
+use cairn_api::storage::VaultTarget;
+use cairn_api::{AgentConnector, HttpConnector, ManagerApi, StorageAgentApi};
 use cairn_catalog::{Catalog, CatalogError};
 use cairn_http::{ApiError, ClientError, ErrorKind};
-use cairn_manager::ManagerClient;
-use cairn_storage::service::VaultTarget;
 
 pub mod backup;
 pub mod files;
@@ -46,6 +49,7 @@ pub mod meta;
 pub mod restore;
 pub mod schedule;
 pub mod service;
+mod vault;
 
 pub use jobs::{JobCtx, JobKind};
 
@@ -119,7 +123,7 @@ impl ServerError {
 pub struct ServerConfig {
     /// `catalog.db`, `metadata/` (the metadata store unless `metadata_dir` is set).
     pub state_dir: PathBuf,
-    /// The metadata store (seed 001), apart from the vault.
+    /// The metadata store (paired metadata snapshots), apart from the vault.
     pub metadata_dir: Option<PathBuf>,
     /// The vault every backup goes to, as handed to storage agents.
     pub vault: VaultTarget,
@@ -133,7 +137,9 @@ pub struct ServerConfig {
 pub struct Server {
     pub config: ServerConfig,
     pub catalog: Catalog,
-    pub manager: ManagerClient,
+    pub manager: Arc<dyn ManagerApi>,
+    /// Makes clients of the storage agents the manager names.
+    pub agents: Arc<dyn AgentConnector>,
     pub meta: meta::MetadataStore,
     pub(crate) engine: jobs::Engine,
     /// Disk-data bytes this process sent or received: by design always 0.
@@ -155,7 +161,17 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Opens the catalog and the metadata store, recovers jobs a previous process left, and
     /// starts the workers and the scheduler.
-    pub fn start(config: ServerConfig, manager: ManagerClient) -> Result<Arc<Self>> {
+    pub fn start(config: ServerConfig, manager: impl ManagerApi + 'static) -> Result<Arc<Self>> {
+        Self::start_with(config, Arc::new(manager), Arc::new(HttpConnector))
+    }
+
+    /// [`Server::start`] with the manager and the storage agents reached through the given
+    /// clients (tests pass fakes).
+    pub fn start_with(
+        config: ServerConfig,
+        manager: Arc<dyn ManagerApi>,
+        agents: Arc<dyn AgentConnector>,
+    ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| ServerError::Io {
             what: "create",
             path: config.state_dir.clone(),
@@ -179,6 +195,7 @@ impl Server {
             config,
             catalog,
             manager,
+            agents,
             disk_bytes: AtomicU64::new(0),
         });
         jobs::recover(&server)?;
@@ -188,36 +205,39 @@ impl Server {
     }
 
     /// A client of a live storage agent, through the manager's registry.
-    pub fn storage_agent(&self, name: &str) -> Result<cairn_http::Client> {
+    pub fn storage_agent(&self, name: &str) -> Result<Arc<dyn StorageAgentApi>> {
         let a = self
             .manager
-            .agent("storage", name)
+            .agent(AgentKind::Storage, name)
             .map_err(ServerError::call(format!("storage agent {name}")))?;
-        cairn_manager::inventory::client_for(&a.registration).map_err(|e| {
-            ServerError::Failed(format!("storage agent {name}: {}", e.to_api().message))
-        })
+        self.agents
+            .storage_agent(&a.registration)
+            .map_err(ServerError::call(format!("storage agent {name}")))
     }
 
     /// Disk-data counters of every service, for the data-path proof.
-    pub fn data_path(&self) -> serde_json::Value {
-        let mut agents = Vec::new();
+    pub fn data_path(&self) -> DataPath {
+        let mut storage_agents = Vec::new();
         if let Ok(list) = self.manager.agents() {
             for a in list
                 .iter()
-                .filter(|a| a.registration.kind == cairn_manager::AgentKind::Storage)
+                .filter(|a| a.registration.kind == AgentKind::Storage)
             {
                 let stats = self
                     .storage_agent(&a.registration.name)
                     .ok()
-                    .and_then(|c| c.get_json::<serde_json::Value>("/v1/stats").ok());
-                agents.push(serde_json::json!({"name": a.registration.name, "stats": stats}));
+                    .and_then(|c| c.stats().ok());
+                storage_agents.push(StorageAgentStats {
+                    name: a.registration.name.clone(),
+                    stats,
+                });
             }
         }
-        serde_json::json!({
-            "server_disk_bytes": self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed),
-            "server_file_restore_bytes": self.file_bytes.load(std::sync::atomic::Ordering::Relaxed),
-            "storage_agents": agents,
-        })
+        DataPath {
+            server_disk_bytes: self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            server_file_restore_bytes: self.file_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            storage_agents,
+        }
     }
 }
 

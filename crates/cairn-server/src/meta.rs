@@ -1,4 +1,4 @@
-//! The metadata store of seed 001: each backup point's configuration, execution state and
+//! The metadata store of paired metadata snapshots: each backup point's configuration, execution state and
 //! host resource usage, kept apart from the vault (its own directory), found by the same
 //! timestamp id as the backup (the storage snapshot).
 //!
@@ -91,22 +91,9 @@ impl MetadataStore {
             Some(r) => {
                 let rel = format!("states/{vm}/{ts}.state");
                 let path = self.dir.join(&rel);
-                let tmp = path.with_extension("state.tmp");
-                let parent = path.parent().unwrap_or(&self.dir).to_path_buf();
-                std::fs::create_dir_all(&parent).map_err(io("create", &parent))?;
-                let n = (|| -> std::io::Result<u64> {
-                    let mut f = std::fs::File::create(&tmp)?;
-                    let n = std::io::copy(r, &mut f)?;
-                    f.sync_all()?;
-                    std::fs::rename(&tmp, &path)?;
-                    std::fs::File::open(&parent)?.sync_all()?;
-                    Ok(n)
-                })()
-                .map_err(|e| {
-                    let _ = std::fs::remove_file(&tmp);
-                    io("write", &path)(e)
-                })?;
-                (Some(rel), Some(n as i64))
+                let n = cairn_types::durable::write_atomic_from(&path, r)
+                    .map_err(io("write", &path))?;
+                (Some(rel), Some(i64::try_from(n).unwrap_or(i64::MAX)))
             }
         };
         let m = MetadataSnapshot {

@@ -168,11 +168,7 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
         .collect();
     let ids: Vec<&str> = forget.iter().map(|b| b.id.as_str()).collect();
     if !dry_run && !forget.is_empty() {
-        let vault = s
-            .config
-            .vault
-            .open()
-            .map_err(|e| ServerError::Failed(format!("vault: {e}")))?;
+        let vault = crate::vault::open(&s.config.vault)?;
         for b in &forget {
             let mut snaps: Vec<String> = b.disks.iter().map(|d| d.vault_snapshot.clone()).collect();
             snaps.extend(b.disks.iter().filter_map(|d| {

@@ -16,6 +16,8 @@ use cairn_http::ApiError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use cairn_api::server::{PutSchedule, RestoreFileInto, StartBackup, StartPrune};
+
 use crate::jobs::{JobKind, submit};
 use crate::restore::RestoreParams;
 use crate::{Result, Server};
@@ -48,7 +50,7 @@ async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
                 let k = known.iter().find(|k| k.name == v.name);
                 json!({
                     "name": v.name, "host": v.host, "state": v.state,
-                    "vcpus": v.spec.get("vcpus"), "memory_mib": v.spec.get("memory_mib"),
+                    "vcpus": v.spec.vcpus, "memory_mib": v.spec.memory_mib,
                     "disks": v.disks,
                     "backups": k.map_or(0, |k| k.backups),
                     "last_backup_ms": k.and_then(|k| k.last_backup_ms),
@@ -94,18 +96,8 @@ async fn backup(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Re
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BackupBody {
-    vms: Vec<String>,
-    #[serde(default)]
-    group: bool,
-    #[serde(default)]
-    full: bool,
-}
-
 async fn start_backup(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
-    let r: BackupBody = body(&b)?;
+    let r: StartBackup = body(&b)?;
     let kind = if r.group {
         JobKind::GroupBackup {
             vms: r.vms,
@@ -129,17 +121,8 @@ async fn start_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response>
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PruneBody {
-    #[serde(default)]
-    vms: Vec<String>,
-    #[serde(default)]
-    dry_run: bool,
-}
-
 async fn start_prune(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
-    let r: PruneBody = body(&b)?;
+    let r: StartPrune = body(&b)?;
     blocking(StatusCode::ACCEPTED, move || {
         submit(
             &s,
@@ -184,24 +167,12 @@ async fn schedules(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.catalog.schedules()?)).await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScheduleBody {
-    vms: Vec<String>,
-    every: String,
-    #[serde(default)]
-    group: bool,
-    /// Seconds until the first run (default: one interval).
-    #[serde(default)]
-    first_in_s: Option<i64>,
-}
-
 async fn put_schedule(
     State(s): State<Shared>,
     Path(name): Path<String>,
     b: Bytes,
 ) -> ApiResult<Response> {
-    let r: ScheduleBody = body(&b)?;
+    let r: PutSchedule = body(&b)?;
     blocking(StatusCode::OK, move || {
         crate::schedule::put_schedule(&s, &name, r.vms, r.group, &r.every, r.first_in_s)
     })
@@ -318,20 +289,8 @@ async fn files_content(
         .into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRestoreBody {
-    backup: String,
-    path: String,
-    #[serde(default)]
-    storage_agent: Option<String>,
-    #[serde(default)]
-    datastore: Option<String>,
-    dest: String,
-}
-
 async fn files_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
-    let r: FileRestoreBody = body(&b)?;
+    let r: RestoreFileInto = body(&b)?;
     blocking(StatusCode::OK, move || {
         s.files_restore_into(
             &r.backup,

@@ -26,9 +26,10 @@ use crate::catalog::SnapshotCatalog;
 use crate::datastore::{DatastoreConfig, DatastoreInfo, list_datastore};
 use crate::error::{Result, StorageError};
 use crate::provider::{
-    DiskSnapshot, RetentionPlan, SnapshotProvider, UnitSnapshot, plan_retention, provider_for,
+    DiskSnapshot, DiskSnapshotExt, RetentionPlan, SnapshotProvider, UnitSnapshot, plan_retention,
+    provider_for,
 };
-use crate::tracker::{ChangeHint, ChangeSource, CrossCheck, changed_extents, cross_check};
+use crate::tracker::{ChangeSource, changed_extents, cross_check};
 
 /// Configuration of a storage agent.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -54,35 +55,7 @@ pub struct AgentCounters {
     pub disk_written: AtomicU64,
 }
 
-/// A snapshot of [`AgentCounters`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AgentStats {
-    pub disk_bytes_read: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub disk_bytes_written: u64,
-}
-
-/// One disk backup.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct BackupRequest {
-    /// Snapshot name in the vault (one name per disk).
-    pub name: String,
-    /// The previous backup of this disk (id, prefix or name).
-    #[serde(default)]
-    pub parent: Option<String>,
-    /// Change hints, most preferred first. Unusable ones are skipped.
-    #[serde(default)]
-    pub hints: Vec<ChangeHint>,
-    /// Verify unchanged regions before trusting a hint.
-    #[serde(default)]
-    pub cross_check: Option<CrossCheck>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Worker threads for chunking (0 = one per core).
-    #[serde(default)]
-    pub threads: usize,
-}
+pub use cairn_api::storage::{AgentStats, BackupRequest};
 
 /// What a disk backup did.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -98,6 +71,29 @@ pub struct BackupResult {
     pub bytes_sent: u64,
     /// Hints that were skipped, with the reason.
     pub fallbacks: Vec<String>,
+}
+
+impl BackupResult {
+    /// The answer of `POST /v1/backups` for this disk: the manifest reduced to what callers
+    /// record (id, name, size, parent, labels).
+    pub fn to_wire(&self) -> cairn_api::storage::DiskBackup {
+        let m = &self.manifest;
+        cairn_api::storage::DiskBackup {
+            manifest: cairn_api::storage::VaultSnapshot {
+                id: m.id,
+                name: m.name.clone(),
+                created_ms: m.created_ms,
+                size: m.size,
+                parent: m.parent,
+                labels: m.labels.clone(),
+            },
+            change_source: self.change_source,
+            changed_bytes: self.changed_bytes,
+            bytes_read: self.bytes_read,
+            bytes_sent: self.bytes_sent,
+            fallbacks: self.fallbacks.clone(),
+        }
+    }
 }
 
 /// The storage agent (library side; [`crate::service`] puts HTTP in front).
@@ -367,7 +363,7 @@ impl StorageAgent {
         })
     }
 
-    /// Seed 004: groups `disks` by storage unit and takes one snapshot per unit (providers
+    /// The targeted group snapshot: groups `disks` by storage unit and takes one snapshot per unit (providers
     /// without units, such as qcow2, take one snapshot of all disks).
     pub fn snapshot_units(
         &self,

@@ -4,34 +4,18 @@
 //! it is deleted, so a crash leaves at worst a record of a snapshot already gone, which
 //! deleting again clears (providers' `delete` is idempotent).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StorageError};
-use crate::provider::UnitSnapshot;
+use cairn_api::storage::UnitSnapshot;
 
-/// Writes `value` as JSON to `path` durably.
+/// Writes `value` as JSON to `path` durably ([`cairn_types::durable::write_atomic`]).
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| StorageError::Invalid(format!("{} has no parent", path.display())))?;
-    std::fs::create_dir_all(dir).map_err(StorageError::io(dir, "create"))?;
-    let tmp = path.with_extension(format!("tmp-{}", hex::encode(rand::random::<[u8; 4]>())));
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| StorageError::Parse {
         what: "record".into(),
         message: e.to_string(),
     })?;
-    let r = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r.map_err(StorageError::io(path, "write"))
+    cairn_types::durable::write_atomic(path, &bytes).map_err(StorageError::io(path, "write"))
 }
 
 /// Snapshot records of one agent.

@@ -3,7 +3,7 @@
 //! A **datastore** is a directory of VM disk images (qcow2 and raw files) plus, in its `luns/`
 //! subdirectory, raw LUNs used as raw device mappings (files, or symlinks to block devices).
 //! A **storage unit** is the file system (volume) a datastore lives on, identified by its
-//! device id, mount point and type; a storage-unit snapshot (seed 004) covers every disk on
+//! device id, mount point and type; a storage-unit snapshot (targeted group snapshot) covers every disk on
 //! one unit. Several datastores may share a unit.
 //!
 //! Listing never opens an image for writing: formats and sizes come from
@@ -14,7 +14,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Result, StorageError};
-use crate::qemu::{self, DiskFormat};
+use cairn_types::DiskFormat;
+
+use crate::qemu;
 
 /// Where a datastore is (configuration).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -23,57 +25,7 @@ pub struct DatastoreConfig {
     pub path: PathBuf,
 }
 
-/// A file system or volume holding datastores.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StorageUnit {
-    /// `dev:MAJOR:MINOR` of the file system.
-    pub id: String,
-    pub device: u64,
-    pub mount_point: PathBuf,
-    /// From `/proc/self/mountinfo` (`xfs`, `btrfs`, `ext4`, ...).
-    pub fs_type: String,
-    /// `statfs().f_type`.
-    pub fs_magic: u64,
-    /// Whether the file system type can share extents (xfs, btrfs, ...); a
-    /// [`crate::provider::ReflinkProvider`] still probes before trusting it.
-    pub reflink_capable: bool,
-}
-
-/// A datastore as reported to a manager.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DatastoreInfo {
-    pub name: String,
-    pub path: PathBuf,
-    pub unit: StorageUnit,
-    pub disks: Vec<DiskInfo>,
-}
-
-/// What kind of disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskKind {
-    /// A disk image file.
-    Image,
-    /// A raw LUN (file in `luns/` or block device) used as a raw device mapping.
-    Lun,
-}
-
-/// One disk of a datastore.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskInfo {
-    /// Path relative to the datastore (`vm1.qcow2`, `luns/lun0`): the virtual disk id.
-    pub id: String,
-    pub path: PathBuf,
-    pub kind: DiskKind,
-    pub format: DiskFormat,
-    pub virtual_size: u64,
-    pub actual_size: u64,
-    pub backing_file: Option<String>,
-    /// Persistent dirty bitmaps (qcow2).
-    pub bitmaps: Vec<String>,
-    /// [`StorageUnit::id`] of the unit holding the disk's data.
-    pub unit: String,
-}
+pub use cairn_api::storage::{DatastoreInfo, DiskInfo, DiskKind, StorageUnit};
 
 fn unescape_mount(s: &str) -> String {
     // mountinfo escapes space, tab, newline and backslash as \ooo.

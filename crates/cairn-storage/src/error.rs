@@ -46,7 +46,7 @@ pub enum StorageError {
     /// Change tracking is missing or cannot be trusted (lost bitmap, failed cross-check).
     #[error("change tracking ({source_kind}) unusable: {message}")]
     Tracking {
-        source_kind: crate::tracker::ChangeSource,
+        source_kind: cairn_api::storage::ChangeSource,
         message: String,
     },
     /// A region the tracker called unchanged differs from the parent backup.
@@ -55,7 +55,7 @@ pub enum StorageError {
         offset + len
     )]
     TrackingMismatch {
-        source_kind: crate::tracker::ChangeSource,
+        source_kind: cairn_api::storage::ChangeSource,
         offset: u64,
         len: u64,
     },

@@ -1,4 +1,4 @@
-//! The file catalog's data side (seed 002, FIG. 6): the storage agent parses a backed-up disk
+//! The file catalog's data side: the storage agent parses a backed-up disk
 //! image straight from the vault, and reads single files from it, so the backup server gets
 //! file listings and files but never disk images.
 //!
@@ -24,28 +24,7 @@ use cairn_vault::reader::{ReadStats, SnapshotReader};
 use crate::agent::StorageAgent;
 use crate::error::{Result, StorageError};
 
-/// One volume's listing.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct ScannedVolume {
-    /// `whole` or `pN`.
-    pub volume: String,
-    pub partition: Partition,
-    /// False when damage cut the listing short (see `errors`).
-    pub complete: bool,
-    pub errors: Vec<String>,
-    pub files: Vec<FileEntry>,
-}
-
-/// Everything a scan found in one snapshot.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct ScanResult {
-    pub snapshot: String,
-    pub layout: DiskLayout,
-    pub volumes: Vec<ScannedVolume>,
-    /// What was fetched from the vault.
-    pub read: ReadStats,
-    pub elapsed_ms: u64,
-}
+pub use cairn_api::storage::{ScanResult, ScannedVolume};
 
 /// The volume name of a partition.
 pub fn volume_name(layout: &DiskLayout, p: &Partition) -> String {
@@ -105,12 +84,15 @@ impl StorageAgent {
             snapshot: snapshot.into(),
             layout,
             volumes,
-            read,
+            read: cairn_api::storage::ReadStats {
+                segments: read.segments,
+                bytes: read.bytes,
+            },
             elapsed_ms: started.elapsed().as_millis() as u64,
         })
     }
 
-    /// FIG. 6: restores one file of `snapshot` into this primary storage — the datastore
+    /// Restore into primary storage: writes one file of `snapshot` into this agent's storage — the datastore
     /// `datastore` at the relative path `dest` (which must not exist) — with its mode and
     /// modification time. Data goes vault → here only; returns what was fetched.
     pub fn restore_file_into(

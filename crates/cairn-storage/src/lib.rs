@@ -1,4 +1,4 @@
-//! The storage agent: runs where VM disks live (seed 000's "primary storage system"), takes
+//! The storage agent: runs where VM disks live (the primary storage), takes
 //! disk and storage-unit snapshots, finds what changed since the last backup, and sends disk
 //! data **straight to the vault** — the backup server only orchestrates.
 //!
@@ -10,7 +10,8 @@
 //! | [`agent`] | [`StorageAgent`]: backup logic, parallel disks, fallbacks, byte counters |
 //! | [`restore`] | restore to a new disk, or over an existing one writing only differences |
 //! | [`rdm`] | raw device mappings: LUN id + mapping file + data |
-//! | [`service`] | the HTTPS service in front of the agent |
+//! | [`jobs`] | backup calls: the vault they name, each disk's source (snapshot, in place, NBD export and its bitmap, raw LUN) |
+//! | [`service`] | the HTTPS service in front of the agent: HTTP only |
 //! | [`qemu`] | `qemu-img` and `qemu-nbd` (through `cairn-nbd`) |
 //! | `sys` | the only `unsafe`: `FICLONE`, `FIEMAP`, `statfs` |
 //!
@@ -20,7 +21,7 @@
 //! |---|---|---|---|---|
 //! | [`Qcow2Provider`] frozen base | the host agent's external overlay froze the base; recorded only | none | the VM snapshot's (quiesced by the host agent) | the host agent merges the overlay |
 //! | [`Qcow2Provider`] internal | `qemu-img snapshot -c`, read with `qemu-nbd -l` | metadata | crash-consistent; VM must be offline | `qemu-img snapshot -d` |
-//! | [`ReflinkProvider`] | `FICLONE` of every disk of one unit into `UNIT/.cairn-snapshots/ID/` (seed 004) | metadata, shared extents | per disk atomic; group window reported (µs) | remove the directory |
+//! | [`ReflinkProvider`] | `FICLONE` of every disk of one unit into `UNIT/.cairn-snapshots/ID/` (targeted group snapshot) | metadata, shared extents | per disk atomic; group window reported (µs) | remove the directory |
 //! | [`CopyProvider`] | sparse plain copy | **slow**: all allocated bytes, full space | per disk, only with I/O stopped | remove the directory |
 //!
 //! Snapshots are recorded in `STATE/snapshots/` and kept N per disk
@@ -59,6 +60,7 @@ pub mod catalog;
 pub mod datastore;
 pub mod error;
 pub mod files;
+pub mod jobs;
 pub mod provider;
 pub mod qemu;
 pub mod rdm;
@@ -70,9 +72,10 @@ pub mod tracker;
 pub use agent::{AgentConfig, AgentStats, BackupRequest, BackupResult, StorageAgent};
 pub use datastore::{DatastoreConfig, DatastoreInfo, DiskInfo, DiskKind, StorageUnit};
 pub use error::{Result, StorageError};
+pub use jobs::VaultTargetExt;
 pub use provider::{
-    Capabilities, CopyProvider, DiskSnapshot, Qcow2Mode, Qcow2Provider, ReflinkProvider,
-    RetentionPlan, SnapshotProvider, UnitSnapshot,
+    Capabilities, CopyProvider, DiskSnapshot, DiskSnapshotExt, Qcow2Mode, Qcow2Provider,
+    ReflinkProvider, RetentionPlan, SnapshotProvider, UnitSnapshot,
 };
 pub use qemu::DiskFormat;
 pub use rdm::{RdmBackup, RdmMapping, RdmRestore};

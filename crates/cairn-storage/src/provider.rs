@@ -30,7 +30,9 @@ use cairn_types::ReadAt;
 
 use crate::datastore::storage_unit;
 use crate::error::{Result, StorageError};
-use crate::qemu::{self, DiskFormat, NbdImage, NbdOpen, SnapshotOp};
+use cairn_types::DiskFormat;
+
+use crate::qemu::{self, NbdImage, NbdOpen, SnapshotOp};
 use crate::tracker::ChangeSource;
 
 /// Directory (at the root of a storage unit) holding reflink and copy snapshots.
@@ -38,51 +40,20 @@ pub const SNAPSHOT_DIR: &str = ".cairn-snapshots";
 /// Prefix of internal qcow2 snapshot names made by the agent.
 pub const INTERNAL_PREFIX: &str = "cairn-";
 
-/// How expensive a snapshot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotCost {
-    /// Metadata only: milliseconds, no data copied.
-    Metadata,
-    /// Proportional to the allocated data.
-    CopiesData,
-}
+pub use cairn_api::storage::{
+    Capabilities, DiskSnapshot, RetentionPlan, SnapshotCost, UnitSnapshot,
+};
 
-/// What a provider can do, as data.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Capabilities {
-    pub provider: String,
-    pub cost: SnapshotCost,
-    /// All disks of one `snapshot` call share one instant.
-    pub group_instant: bool,
-    pub formats: Vec<DiskFormat>,
-    /// Change sources usable between two snapshots of this provider.
-    pub change_sources: Vec<ChangeSource>,
-    /// Space: false when the snapshot shares the disk's blocks.
-    pub uses_full_space: bool,
-    /// Snapshots are per storage unit: one `snapshot` call may only name disks of one unit.
-    pub per_unit: bool,
-    /// A human hint, e.g. "slow: copies every allocated byte".
-    pub note: String,
-}
-
-/// A frozen, readable image of one disk.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskSnapshot {
-    /// The live disk this is a snapshot of.
-    pub disk: PathBuf,
-    /// The file to read (the clone, the frozen base, or the disk holding `internal`).
-    pub image: PathBuf,
-    pub format: DiskFormat,
-    /// Internal qcow2 snapshot name, read with `qemu-nbd -l`.
-    #[serde(default)]
-    pub internal: Option<String>,
-    pub size: u64,
-}
-
-impl DiskSnapshot {
+/// What the agent does with a [`DiskSnapshot`]: find one for a file, and open it for reading.
+pub trait DiskSnapshotExt: Sized {
     /// Reads a disk in place (no snapshot): for frozen bases and offline disks.
-    pub fn of_file(path: &Path) -> Result<Self> {
+    fn of_file(path: &Path) -> Result<Self>;
+    /// Opens the guest view for reading: the file itself for raw, `qemu-nbd` otherwise.
+    fn open(&self) -> Result<Box<dyn ReadAt>>;
+}
+
+impl DiskSnapshotExt for DiskSnapshot {
+    fn of_file(path: &Path) -> Result<Self> {
         std::fs::metadata(path).map_err(StorageError::io(path, "stat"))?;
         let info = qemu::img_info(path)?;
         Ok(Self {
@@ -94,8 +65,7 @@ impl DiskSnapshot {
         })
     }
 
-    /// Opens the guest view for reading: the file itself for raw, `qemu-nbd` otherwise.
-    pub fn open(&self) -> Result<Box<dyn ReadAt>> {
+    fn open(&self) -> Result<Box<dyn ReadAt>> {
         if self.format == DiskFormat::Raw && self.internal.is_none() {
             let f = File::open(&self.image).map_err(StorageError::io(&self.image, "open"))?;
             return Ok(Box::new(f));
@@ -110,24 +80,6 @@ impl DiskSnapshot {
         )?;
         Ok(Box::new(nbd))
     }
-}
-
-/// One snapshot call: a group of disks at (about) one instant.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct UnitSnapshot {
-    /// Sortable: `UNIXMILLIS-RANDOM`.
-    pub id: String,
-    pub provider: String,
-    pub tag: String,
-    /// Unix milliseconds.
-    pub created_ms: u64,
-    /// Storage unit id, when the snapshot is of one unit.
-    pub unit: Option<String>,
-    /// Directory holding clones or copies.
-    pub dir: Option<PathBuf>,
-    /// Microseconds between the first and the last disk's snapshot.
-    pub window_us: u64,
-    pub disks: Vec<DiskSnapshot>,
 }
 
 /// Takes, and cleans up, snapshots of disks. See the module docs for the contract.
@@ -308,11 +260,11 @@ fn write_record(dir: &Path, snap: &UnitSnapshot) -> Result<()> {
     crate::catalog::write_json_atomic(&dir.join("snapshot.json"), snap)
 }
 
-/// Storage-unit snapshots by reflink clones (seed 004), on XFS, btrfs and other file systems
+/// Storage-unit snapshots by reflink clones (for the targeted group snapshot), on XFS, btrfs and other file systems
 /// with shared extents. Each clone is atomic for its file (FICLONE holds the inode locks);
 /// the clones of one call are made back to back with all sources already open, and the
 /// window between the first and the last is reported in [`UnitSnapshot::window_us`] — the
-/// guests are quiesced or VM-snapshotted by the host agent during that window (seed 004).
+/// guests are quiesced or VM-snapshotted by the host agent during that window (the targeted group snapshot).
 #[derive(Clone, Debug, Default)]
 pub struct ReflinkProvider;
 
@@ -574,14 +526,6 @@ pub fn provider_for(name: &str) -> Result<Box<dyn SnapshotProvider>> {
     })
 }
 
-/// A retention plan: which snapshots to delete to keep `keep` per disk.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RetentionPlan {
-    pub keep: usize,
-    pub delete: Vec<String>,
-    pub kept: Vec<String>,
-}
-
 /// Keeps the newest `keep` snapshots of every disk; a snapshot of several disks is deleted
 /// only when it is beyond `keep` for all of them.
 pub fn plan_retention(snaps: &[UnitSnapshot], keep: usize) -> RetentionPlan {
@@ -610,6 +554,20 @@ pub fn plan_retention(snaps: &[UnitSnapshot], keep: usize) -> RetentionPlan {
         }
     }
     plan
+}
+
+/// Every provider this agent has, in the order `GET /v1/providers` lists them.
+pub fn all_providers() -> Vec<Box<dyn SnapshotProvider>> {
+    vec![
+        Box::new(Qcow2Provider {
+            mode: Qcow2Mode::FrozenBase,
+        }),
+        Box::new(Qcow2Provider {
+            mode: Qcow2Mode::Internal,
+        }),
+        Box::new(ReflinkProvider),
+        Box::new(CopyProvider),
+    ]
 }
 
 #[cfg(test)]

@@ -19,33 +19,7 @@ use cairn_types::{Extent, ExtentList, ReadAt};
 
 use crate::error::{Result, StorageError};
 
-/// Image format of a disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl DiskFormat {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Raw => "raw",
-            Self::Qcow2 => "qcow2",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "raw" => Ok(Self::Raw),
-            "qcow2" => Ok(Self::Qcow2),
-            other => Err(StorageError::Unsupported {
-                provider: "qemu-img",
-                message: format!("image format {other:?} (only raw and qcow2)"),
-            }),
-        }
-    }
-}
+pub use cairn_types::DiskFormat;
 
 /// Runs a tool and returns its stdout, or a [`StorageError::Tool`] with its stderr.
 pub(crate) fn run(tool: &'static str, args: &[&str]) -> Result<Vec<u8>> {
@@ -153,7 +127,12 @@ pub fn img_info(path: &Path) -> Result<ImageInfo> {
     )?;
     let r: RawInfo = parse_json(&format!("qemu-img info of {}", path.display()), &out)?;
     Ok(ImageInfo {
-        format: DiskFormat::parse(&r.format)?,
+        format: r.format.parse().map_err(|e: cairn_types::UnknownFormat| {
+            StorageError::Unsupported {
+                provider: "qemu-img",
+                message: e.to_string(),
+            }
+        })?,
         virtual_size: r.virtual_size,
         actual_size: r.actual_size,
         backing_file: r.backing,

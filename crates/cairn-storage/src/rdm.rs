@@ -1,4 +1,4 @@
-//! Raw device mappings (seed 003): a VM disk that is a raw LUN rather than an image.
+//! Raw LUN mappings (raw device mappings): a VM disk that is a raw LUN rather than an image.
 //!
 //! A LUN is either a block device (used whole) or a "LUN-like" file in the datastore's
 //! `luns/` directory. Resolving a virtual disk id gives an [`RdmMapping`]: the LUN's
@@ -26,9 +26,9 @@ use crate::catalog::write_json_atomic;
 use crate::datastore::{DatastoreConfig, check_relative};
 use crate::error::{Result, StorageError};
 use crate::provider::DiskSnapshot;
-use crate::qemu::DiskFormat;
-use crate::restore::{RestoreMode, RestoreReport, RestoreRequest};
+use crate::restore::{RestoreMode, RestoreRequest};
 use crate::sys::PhysExtent;
+use cairn_types::DiskFormat;
 
 /// Version of the mapping file.
 pub const RDM_MAP_VERSION: u32 = 1;
@@ -37,47 +37,7 @@ pub const RDM_MAP_SUFFIX: &str = ".rdm.json";
 /// Suffix of the mapping snapshot's name in the vault.
 pub const RDM_MAP_SNAPSHOT_SUFFIX: &str = ".rdm-map";
 
-/// What a LUN is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LunKind {
-    File,
-    BlockDevice,
-}
-
-/// Identifies a LUN.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LunId {
-    pub kind: LunKind,
-    pub path: PathBuf,
-    /// `dev:MAJOR:MINOR` of the device holding the extents (the block device itself, or the
-    /// file system holding the file).
-    pub device: String,
-    /// Inode of a LUN file.
-    pub inode: Option<u64>,
-    pub size: u64,
-}
-
-/// The RDM mapping file.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RdmMapping {
-    pub version: u32,
-    /// The virtual disk id (`luns/NAME` or a device path).
-    pub disk_id: String,
-    pub lun: LunId,
-    /// Where the LUN's bytes lie on `lun.device`.
-    pub extents: Vec<PhysExtent>,
-    /// Set on restored LUNs: the backup and the LUN it came from.
-    #[serde(default)]
-    pub restored_from: Option<RestoredFrom>,
-}
-
-/// Provenance of a restored LUN.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RestoredFrom {
-    pub snapshot: String,
-    pub lun: LunId,
-}
+pub use cairn_api::storage::{LunId, LunKind, RdmMapping, RdmRestore, RestoredFrom};
 
 fn dev_id(dev: u64) -> String {
     format!("dev:{}:{}", libc::major(dev), libc::minor(dev))
@@ -168,17 +128,6 @@ pub struct RdmBackup {
     pub data: BackupResult,
     pub mapping_snapshot: String,
     pub mapping: RdmMapping,
-}
-
-/// An RDM restore.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct RdmRestore {
-    pub report: RestoreReport,
-    /// The mapping of the LUN as backed up.
-    pub original: RdmMapping,
-    /// The mapping of the new LUN (also written to its mapping file).
-    pub mapping: RdmMapping,
-    pub mapping_file: PathBuf,
 }
 
 /// Reads a whole (small) snapshot into memory.

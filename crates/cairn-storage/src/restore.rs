@@ -22,20 +22,14 @@ use cairn_vault::imager::{self, NoProgress, RestoreOptions};
 
 use crate::agent::StorageAgent;
 use crate::error::{Result, StorageError};
-use crate::qemu::{self, DiskFormat, NbdImage, NbdOpen};
+use cairn_types::DiskFormat;
+
+use crate::qemu::{self, NbdImage, NbdOpen};
 
 /// Bytes of segment data per vault fetch and per comparison window.
 const WINDOW: u64 = 4 << 20;
 
-/// How to restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RestoreMode {
-    /// Create a new disk (fails if the target exists).
-    New,
-    /// Rewrite only the differing regions of an existing disk.
-    Over,
-}
+pub use cairn_api::storage::{RestoreMode, RestoreReport};
 
 /// One restore.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -45,24 +39,6 @@ pub struct RestoreRequest {
     pub target: PathBuf,
     pub format: DiskFormat,
     pub mode: RestoreMode,
-}
-
-/// What a restore did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RestoreReport {
-    pub snapshot: String,
-    pub size: u64,
-    /// Bytes of the target read for comparison (restore over a disk).
-    pub bytes_compared: u64,
-    /// Plaintext bytes fetched from the vault.
-    pub bytes_fetched: u64,
-    /// Bytes written to the target (zeros included when over a disk).
-    pub bytes_written: u64,
-    /// Segments written.
-    pub regions_written: u64,
-    /// Zero bytes left as holes (new disk).
-    pub zero_bytes: u64,
-    pub duration_ms: u64,
 }
 
 /// A writable disk: a raw file/device or an NBD export.

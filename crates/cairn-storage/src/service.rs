@@ -16,35 +16,36 @@
 //! | POST | `/v1/rdm/restores` | `{vault, snapshot, datastore, disk}` → RdmRestore (new LUN + mapping file) |
 //! | POST | `/v1/files/scan` | `{vault, snapshot}` → ScanResult: every file of every volume, with disk extents (file catalog) |
 //! | POST | `/v1/files/read` | `{vault, snapshot, entry}` → the file's bytes; `x-cairn-vault-bytes` / `-segments` say what was fetched |
-//! | POST | `/v1/files/restore` | `{vault, snapshot, entry, datastore, dest}` → the file written into the datastore (FIG. 6), with what was fetched |
+//! | POST | `/v1/files/restore` | `{vault, snapshot, entry, datastore, dest}` → the file written into the datastore (restore into primary storage), with what was fetched |
 //! | GET | `/v1/stats` | → AgentStats: disk data read/sent/received/written |
+//!
+//! Every body is a type of `cairn_api::storage` (`UnitSnapshotRequest`, `BackupsRequest` →
+//! `DiskBackupOutcome` per disk, `DiskRestoreRequest`, `RdmRestoreRequest`, `ScanRequest`,
+//! `ReadFileRequest`, `FileRestoreRequest` → `FileRestored`, `Deleted`, ...), re-exported
+//! here; a field or variant the agent does not know is `400` naming it.
 //!
 //! `vault` is `{url, token, fingerprint}` for a vault service, or `{url: "/path"}` for a local
 //! repository directory. Each disk of a backup gets its own vault connection, so its
-//! `bytes_sent` is exact. Handlers only turn a request into a call on [`StorageAgent`]; all
-//! work runs on the blocking pool. Paths in change hints are trusted: the token holder is the
+//! `bytes_sent` is exact. Handlers only turn a request into a call on [`StorageAgent`]
+//! (backup calls: [`crate::jobs`]); all work runs on the blocking pool. Paths in change hints are trusted: the token holder is the
 //! backup server.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use cairn_api::client::{VAULT_BYTES_HEADER, VAULT_SEGMENTS_HEADER};
 use cairn_http::ApiError;
 use cairn_vault::Vault;
 
-use crate::agent::{BackupRequest, BackupResult, StorageAgent};
-use crate::error::{Result, StorageError};
-use crate::provider::{
-    CopyProvider, DiskSnapshot, Qcow2Mode, Qcow2Provider, ReflinkProvider, SnapshotProvider,
-    provider_for,
-};
-use crate::qemu::{DiskFormat, NbdImage};
-use crate::restore::{RestoreMode, RestoreRequest};
-use crate::tracker::ChangeHint;
+use crate::agent::StorageAgent;
+use crate::error::Result;
+use crate::jobs::VaultTargetExt;
+use crate::provider::provider_for;
+use crate::restore::RestoreRequest;
 
 type Shared = Arc<StorageAgent>;
 type ApiResult<T> = std::result::Result<T, ApiError>;
@@ -57,201 +58,11 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
 
 use cairn_http::server::json_body as body;
 
-/// Where to send or fetch disk data.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct VaultTarget {
-    /// `https://HOST:PORT` of a vault service, or the path of a local repository.
-    pub url: String,
-    #[serde(default)]
-    pub token: Option<String>,
-    /// SHA-256 of the vault's certificate (hex).
-    #[serde(default)]
-    pub fingerprint: Option<String>,
-}
-
-impl VaultTarget {
-    /// Connects to the vault.
-    pub fn open(&self) -> Result<Box<dyn Vault>> {
-        if self.url.starts_with("https://") {
-            let token = self
-                .token
-                .as_deref()
-                .ok_or_else(|| StorageError::Invalid("vault token missing".into()))?;
-            let fp = self
-                .fingerprint
-                .clone()
-                .ok_or_else(|| StorageError::Invalid("vault fingerprint missing".into()))?;
-            let v = cairn_vault::remote::RemoteVault::connect(
-                &self.url,
-                token,
-                &cairn_http::Trust::Fingerprint(fp),
-            )?;
-            return Ok(Box::new(v));
-        }
-        let dir = PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
-        if !dir.is_absolute() {
-            return Err(StorageError::Invalid(format!(
-                "vault url {:?}: https://... or an absolute path",
-                self.url
-            )));
-        }
-        Ok(Box::new(cairn_vault::LocalVault {
-            repo: cairn_vault::Repository::open_dir(&dir)?,
-        }))
-    }
-}
-
-/// A disk in a datastore.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct DiskRef {
-    pub datastore: String,
-    pub disk: String,
-}
-
-#[derive(serde::Deserialize)]
-struct SnapshotBody {
-    provider: String,
-    disks: Vec<DiskRef>,
-    #[serde(default)]
-    tag: String,
-}
-
-/// What to read for one disk backup.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum DiskSource {
-    /// Disk number `index` of an agent snapshot.
-    Snapshot { snapshot: String, index: usize },
-    /// A disk read in place (offline, or a frozen base).
-    InPlace { datastore: String, disk: String },
-    /// A read-only NBD export on a unix socket (a host agent's fleecing snapshot). With
-    /// `bitmap_context` (`qemu:dirty-bitmap:NAME`) the export's dirty bitmap becomes the
-    /// first change hint (source `hypervisor_bitmap`).
-    Nbd {
-        socket: PathBuf,
-        export: String,
-        #[serde(default)]
-        bitmap_context: Option<String>,
-    },
-    /// A raw device mapping (seed 003): the LUN `disk` of `datastore`, read in place, plus
-    /// its mapping (see [`crate::rdm`]).
-    Rdm { datastore: String, disk: String },
-}
-
-/// One disk of a backup call.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct BackupJob {
-    pub source: DiskSource,
-    pub request: BackupRequest,
-}
-
-#[derive(serde::Deserialize)]
-struct BackupBody {
-    vault: VaultTarget,
-    disks: Vec<BackupJob>,
-    #[serde(default)]
-    parallel: usize,
-}
-
-#[derive(serde::Deserialize)]
-struct RestoreBody {
-    vault: VaultTarget,
-    snapshot: String,
-    datastore: String,
-    disk: String,
-    format: DiskFormat,
-    mode: RestoreMode,
-}
-
-#[derive(serde::Deserialize)]
-struct RetentionBody {
-    keep: usize,
-    #[serde(default)]
-    dry_run: bool,
-}
-
-impl StorageAgent {
-    fn resolve_source(&self, s: &DiskSource) -> Result<DiskSnapshot> {
-        match s {
-            DiskSource::Snapshot { snapshot, index } => {
-                let u = self.get_snapshot(snapshot)?;
-                u.disks.get(*index).cloned().ok_or_else(|| {
-                    StorageError::NotFound(format!("disk {index} of snapshot {snapshot}"))
-                })
-            }
-            DiskSource::InPlace { datastore, disk } => {
-                DiskSnapshot::of_file(&self.disk_path(datastore, disk)?)
-            }
-            DiskSource::Nbd { .. } | DiskSource::Rdm { .. } => {
-                Err(StorageError::Invalid("not a storage snapshot".into()))
-            }
-        }
-    }
-
-    /// Backs up one disk of a backup call.
-    fn run_backup_job(&self, vault: &VaultTarget, job: &BackupJob) -> Result<BackupResult> {
-        let v = vault.open()?;
-        match &job.source {
-            DiskSource::Nbd {
-                socket,
-                export,
-                bitmap_context,
-            } => {
-                let img = NbdImage::connect(socket, export, bitmap_context.as_deref())?;
-                let mut req = job.request.clone();
-                if bitmap_context.is_some() && req.parent.is_some() {
-                    match img.dirty_extents() {
-                        Ok(extents) => req.hints.insert(0, ChangeHint::Hypervisor { extents }),
-                        Err(e) => tracing::warn!("{}: dirty bitmap unreadable: {e}", req.name),
-                    }
-                }
-                let snap = DiskSnapshot {
-                    disk: PathBuf::from(format!("nbd:{export}")),
-                    image: img_path(socket, export),
-                    format: DiskFormat::Raw,
-                    internal: None,
-                    size: img.size(),
-                };
-                self.backup_source(&*v, &snap, &img, &req)
-            }
-            DiskSource::Rdm { datastore, disk } => {
-                let r = self.backup_rdm(&*v, datastore, disk, &job.request)?;
-                Ok(r.data)
-            }
-            s => {
-                let snap = self.resolve_source(s)?;
-                self.backup_disk(&*v, &snap, &job.request)
-            }
-        }
-    }
-
-    /// Runs backup jobs, each with its own connection to `vault`, at most `parallel` at once.
-    pub fn run_backup_jobs(
-        &self,
-        vault: &VaultTarget,
-        jobs: &[BackupJob],
-        parallel: usize,
-    ) -> Vec<Result<crate::agent::BackupResult>> {
-        crate::agent::parallel_map(jobs, parallel, |job| self.run_backup_job(vault, job))
-    }
-}
-
-fn img_path(socket: &std::path::Path, export: &str) -> PathBuf {
-    PathBuf::from(format!("nbd+unix:///{export}?socket={}", socket.display()))
-}
-
-fn all_providers() -> Vec<Box<dyn SnapshotProvider>> {
-    vec![
-        Box::new(Qcow2Provider {
-            mode: Qcow2Mode::FrozenBase,
-        }),
-        Box::new(Qcow2Provider {
-            mode: Qcow2Mode::Internal,
-        }),
-        Box::new(ReflinkProvider),
-        Box::new(CopyProvider),
-    ]
-}
+pub use cairn_api::storage::{
+    BackupJob, BackupsRequest, Deleted, DiskBackup, DiskBackupOutcome, DiskRef, DiskRestoreRequest,
+    DiskSource, FileRestoreRequest, FileRestored, RdmRestoreRequest, ReadFileRequest,
+    RetentionRequest, ScanRequest, UnitSnapshotRequest, VaultSnapshot, VaultTarget,
+};
 
 async fn datastores(State(a): State<Shared>) -> ApiResult<Response> {
     blocking(move || a.list_datastores()).await
@@ -259,7 +70,7 @@ async fn datastores(State(a): State<Shared>) -> ApiResult<Response> {
 
 async fn providers() -> Response {
     axum::Json(
-        all_providers()
+        crate::provider::all_providers()
             .iter()
             .map(|p| p.capabilities())
             .collect::<Vec<_>>(),
@@ -268,7 +79,7 @@ async fn providers() -> Response {
 }
 
 async fn take_snapshot(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: SnapshotBody = body(&b)?;
+    let req: UnitSnapshotRequest = body(&b)?;
     blocking(move || {
         let provider = provider_for(&req.provider)?;
         let disks = req
@@ -288,18 +99,18 @@ async fn list_snapshots(State(a): State<Shared>) -> ApiResult<Response> {
 async fn delete_snapshot(State(a): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
     blocking(move || {
         a.delete_snapshot(&id)?;
-        Ok(serde_json::json!({ "deleted": id }))
+        Ok(Deleted { deleted: id })
     })
     .await
 }
 
 async fn retention(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: RetentionBody = body(&b)?;
+    let req: RetentionRequest = body(&b)?;
     blocking(move || a.apply_retention(req.keep, req.dry_run)).await
 }
 
 async fn backups(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: BackupBody = body(&b)?;
+    let req: BackupsRequest = body(&b)?;
     blocking(move || {
         let parallel = if req.parallel == 0 {
             a.config().parallel.max(2)
@@ -310,8 +121,8 @@ async fn backups(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Res
         Ok(results
             .into_iter()
             .map(|r| match r {
-                Ok(r) => serde_json::json!({ "ok": r }),
-                Err(e) => serde_json::json!({ "error": e.to_api() }),
+                Ok(r) => DiskBackupOutcome::Ok(r.to_wire()),
+                Err(e) => DiskBackupOutcome::Error(e.to_api()),
             })
             .collect::<Vec<_>>())
     })
@@ -319,7 +130,7 @@ async fn backups(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Res
 }
 
 async fn restores(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: RestoreBody = body(&b)?;
+    let req: DiskRestoreRequest = body(&b)?;
     blocking(move || {
         let target = a.disk_path(&req.datastore, &req.disk)?;
         let v = req.vault.open()?;
@@ -336,17 +147,8 @@ async fn restores(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Re
     .await
 }
 
-#[derive(serde::Deserialize)]
-struct RdmRestoreBody {
-    vault: VaultTarget,
-    snapshot: String,
-    datastore: String,
-    /// The new LUN: `luns/NAME` (created) or a block device.
-    disk: String,
-}
-
 async fn rdm_restore(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: RdmRestoreBody = body(&b)?;
+    let req: RdmRestoreRequest = body(&b)?;
     blocking(move || {
         let v = req.vault.open()?;
         a.restore_rdm(&*v, &req.datastore, &req.snapshot, &req.disk)
@@ -359,14 +161,8 @@ async fn rdm_resolve(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult
     blocking(move || crate::rdm::resolve(a.datastore(&req.datastore)?, &req.disk)).await
 }
 
-#[derive(serde::Deserialize)]
-struct ScanBody {
-    vault: VaultTarget,
-    snapshot: String,
-}
-
 async fn scan_files(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: ScanBody = body(&b)?;
+    let req: ScanRequest = body(&b)?;
     blocking(move || {
         let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
         a.scan_files(v, &req.snapshot)
@@ -374,18 +170,11 @@ async fn scan_files(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<
     .await
 }
 
-#[derive(serde::Deserialize)]
-struct ReadBody {
-    vault: VaultTarget,
-    snapshot: String,
-    entry: cairn_fs::FileEntry,
-}
-
 /// Files larger than this are refused by `/v1/files/read` (one response in memory).
 const MAX_FILE_READ: u64 = 4 << 30;
 
 async fn read_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: ReadBody = body(&b)?;
+    let req: ReadFileRequest = body(&b)?;
     if req.entry.size > MAX_FILE_READ {
         return Err(ApiError::bad_request(format!(
             "{}: {} bytes, more than the {MAX_FILE_READ} a read returns",
@@ -403,33 +192,26 @@ async fn read_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<R
     .map_err(|e| e.to_api())?;
     Ok((
         [
-            ("x-cairn-vault-bytes", stats.bytes.to_string()),
-            ("x-cairn-vault-segments", stats.segments.to_string()),
+            (VAULT_BYTES_HEADER, stats.bytes.to_string()),
+            (VAULT_SEGMENTS_HEADER, stats.segments.to_string()),
         ],
         data,
     )
         .into_response())
 }
 
-#[derive(serde::Deserialize)]
-struct FileRestoreBody {
-    vault: VaultTarget,
-    snapshot: String,
-    entry: cairn_fs::FileEntry,
-    datastore: String,
-    dest: String,
-}
-
 async fn restore_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
-    let req: FileRestoreBody = body(&b)?;
+    let req: FileRestoreRequest = body(&b)?;
     blocking(move || {
         let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
         let (path, read) =
             a.restore_file_into(v, &req.snapshot, &req.entry, &req.datastore, &req.dest)?;
-        Ok(serde_json::json!({
-            "path": path, "bytes": req.entry.size, "vault_bytes_read": read.bytes,
-            "vault_segments_read": read.segments,
-        }))
+        Ok(FileRestored {
+            path,
+            bytes: req.entry.size,
+            vault_bytes_read: read.bytes,
+            vault_segments_read: read.segments,
+        })
     })
     .await
 }

@@ -56,22 +56,7 @@ pub mod flags {
         UNKNOWN | DELALLOC | ENCODED | DATA_ENCRYPTED | NOT_ALIGNED | DATA_INLINE | DATA_TAIL;
 }
 
-/// One extent of a file's map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PhysExtent {
-    /// Offset in the file.
-    pub logical: u64,
-    /// Byte address on the device (for btrfs: in its logical address space).
-    pub physical: u64,
-    pub len: u64,
-    pub flags: u32,
-}
-
-impl PhysExtent {
-    pub fn end(&self) -> u64 {
-        self.logical.saturating_add(self.len)
-    }
-}
+pub use cairn_api::storage::PhysExtent;
 
 /// Makes `dst` a reflink clone of `src` (both on the same file system).
 pub fn ficlone(src: &File, dst: &File) -> io::Result<()> {

@@ -8,83 +8,20 @@
 //! preconditions that did not hold (a stale bitmap, the wrong previous clone, a buggy host).
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cairn_chunk::{Entry, EntryKind, fingerprint, is_zero};
 use cairn_types::{Extent, ExtentList, ReadAt};
 use rand::SeedableRng;
 
 use crate::error::{Result, StorageError};
-use crate::provider::DiskSnapshot;
-use crate::qemu::{self, DiskFormat, NbdImage, NbdOpen};
+use cairn_api::storage::DiskSnapshot;
+use cairn_types::DiskFormat;
+
+use crate::qemu::{self, NbdImage, NbdOpen};
 use crate::sys::{PhysExtent, flags};
 
-/// Where a backup's list of changed extents came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeSource {
-    /// No parent: everything was read.
-    Full,
-    /// `qemu-img map` of an overlay: its depth-0 extents.
-    OverlayMap,
-    /// FIEMAP diff of two reflink snapshots: extents no longer shared.
-    ExtentMap,
-    /// A persistent qcow2 dirty bitmap, read over NBD (`qemu-nbd -B`).
-    PersistentBitmap,
-    /// Extents handed over by the host agent (QEMU dirty bitmap / CBT).
-    HypervisorBitmap,
-    /// Last resort: read everything, chunk, and send only segments the parent lacks.
-    RecipeCompare,
-}
-
-impl ChangeSource {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Full => "full",
-            Self::OverlayMap => "overlay_map",
-            Self::ExtentMap => "extent_map",
-            Self::PersistentBitmap => "persistent_bitmap",
-            Self::HypervisorBitmap => "hypervisor_bitmap",
-            Self::RecipeCompare => "recipe_compare",
-        }
-    }
-}
-
-impl std::fmt::Display for ChangeSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What the caller knows about changes since the parent backup.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ChangeHint {
-    /// An overlay that received every guest write since the parent backup point and is
-    /// frozen now (a newer overlay sits on top).
-    Overlay { overlay: PathBuf },
-    /// The reflink clone (raw) the parent backup was taken from, still on the same unit.
-    ExtentMap { previous: PathBuf },
-    /// A persistent bitmap of a qcow2 image, enabled since the parent backup point. The agent
-    /// never clears it: after a successful backup the caller clears or rotates it
-    /// ([`crate::Qcow2Provider::clear_bitmap`]) — safely only while no VM writes the image, or
-    /// through the host agent's QMP transaction otherwise. A bitmap left uncleared only
-    /// over-reports.
-    PersistentBitmap { image: PathBuf, bitmap: String },
-    /// Extents from the host agent.
-    Hypervisor { extents: ExtentList },
-}
-
-impl ChangeHint {
-    pub fn source(&self) -> ChangeSource {
-        match self {
-            Self::Overlay { .. } => ChangeSource::OverlayMap,
-            Self::ExtentMap { .. } => ChangeSource::ExtentMap,
-            Self::PersistentBitmap { .. } => ChangeSource::PersistentBitmap,
-            Self::Hypervisor { .. } => ChangeSource::HypervisorBitmap,
-        }
-    }
-}
+pub use cairn_api::storage::{ChangeHint, ChangeSource, CrossCheck};
 
 /// The tracker's answer.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -241,24 +178,6 @@ pub fn diff_extent_maps(prev: &[PhysExtent], cur: &[PhysExtent], size: u64) -> E
         }
     }
     ExtentList::from_unsorted(changed)
-}
-
-/// How many unchanged regions to verify.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CrossCheck {
-    /// Parent segments (outside the changed extents) to read and compare; `usize::MAX` = all.
-    pub samples: usize,
-    /// Seed of the sample choice (fixed seeds make failures reproducible).
-    pub seed: u64,
-}
-
-impl Default for CrossCheck {
-    fn default() -> Self {
-        Self {
-            samples: 32,
-            seed: 0x0063_6169_726e,
-        }
-    }
 }
 
 /// What a cross-check verified.

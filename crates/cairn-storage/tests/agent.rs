@@ -87,7 +87,7 @@ fn datastores_disks_and_units_are_listed() {
     assert!(json.contains("\"format\":\"qcow2\""), "{json}");
 }
 
-/// Seed 000 with an external overlay: the base is frozen by the host agent; the next
+/// A frozen base under an external overlay: the base is frozen by the host agent; the next
 /// backup reads only the overlay's depth-0 extents.
 #[test]
 fn qcow2_frozen_base_and_overlay_map() {
@@ -307,7 +307,7 @@ fn qcow2_internal_snapshots_persistent_bitmap_and_lost_bitmap() {
     assert_eq!(a.list_snapshots().unwrap().len(), 1);
 }
 
-/// Seed 004 on a reflink unit: one call clones every disk; the next backup finds changes
+/// A targeted group snapshot on a reflink unit: one call clones every disk; the next backup finds changes
 /// from FIEMAP alone; a lost bitmap falls back to that storage diff.
 fn reflink_unit_scenario(kind: &str) {
     let m = Mounted::new(kind);
@@ -793,7 +793,7 @@ fn restore_over_an_existing_disk_writes_only_differences() {
 #[path = "suites/remote.rs"]
 mod remote;
 
-/// A group of disks on two storage units: one snapshot per unit (seed 004).
+/// A group of disks on two storage units: one snapshot per unit (targeted group snapshot).
 #[test]
 fn group_snapshot_takes_one_snapshot_per_unit() {
     let (x, b) = (Mounted::new("xfs"), Mounted::new("btrfs"));

@@ -1,13 +1,21 @@
 //! Durable small-file writes: temp name, fsync, rename, fsync of the directory.
 //!
-//! After [`write_atomic`] returns, the file holds exactly `bytes`, also across a crash; before
-//! it returns, the file holds either its old contents or none.
+//! After [`write_atomic`] (or [`write_atomic_from`]) returns, the file holds exactly the new
+//! bytes, also across a crash; before it returns, the file holds either its old contents or
+//! none. This is the workspace's one durable-write helper; other crates call it.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
 
 /// Replaces `path` with `bytes` atomically and durably (creating the parent directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_from(path, &mut &bytes[..]).map(|_| ())
+}
+
+/// Replaces `path` with everything `reader` yields, atomically and durably (creating the
+/// parent directory); returns the number of bytes written. On error the temporary file is
+/// removed and `path` is untouched.
+pub fn write_atomic_from(path: &Path, reader: &mut dyn Read) -> io::Result<u64> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
@@ -23,10 +31,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     ));
     let r = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let n = io::copy(reader, &mut f)?;
+        f.flush()?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(n)
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);

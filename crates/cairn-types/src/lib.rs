@@ -1,16 +1,22 @@
-//! Shared vocabulary of Cairn: ids and digests as newtypes, byte extents, and the
-//! [`ReadAt`] trait through which every role reads disk images.
+//! Shared vocabulary of Cairn: ids and digests as newtypes, byte extents, the disk
+//! vocabulary every role shares ([`DiskFormat`]), the file model ([`FileKind`],
+//! [`FileExtent`]), and the [`ReadAt`] trait through which
+//! every role reads disk images.
 //!
 //! This crate depends on nothing of ours. Everything here is plain data; nothing does I/O
 //! except the `ReadAt` implementations for files.
 
+mod disk;
 pub mod durable;
 mod extent;
 pub mod fault;
+mod file;
 mod id;
 mod read_at;
 
+pub use disk::{DiskFormat, UnknownFormat};
 pub use extent::{Extent, ExtentList, ExtentParseError};
+pub use file::{FileExtent, FileKind};
 pub use id::{ContainerId, Digest, IdParseError, SessionId, SnapshotId};
 pub use read_at::ReadAt;
 

@@ -257,7 +257,7 @@ fn every_flow_with_each_role_in_its_own_process() {
         "{listing}"
     );
 
-    // FIG. 6: a file restored into primary storage, straight from the vault.
+    // Restore into primary storage: a file written into a datastore, straight from the vault.
     let (ok, r) = cli(
         &conn,
         &[

@@ -28,7 +28,7 @@ use crate::driver::{
 use crate::process::{ProcessError, QEMU_SYSTEM, find_program};
 use crate::qga::{GuestAgent, QgaOptions};
 use crate::qmp::{QmpClient, QmpError, QmpOptions};
-use crate::spec::{CheckpointId, RunPaths, VmId, VmSpec, qemu_args};
+use crate::spec::{CheckpointId, DiskSpecExt, RunPaths, VmId, VmSpec, qemu_args};
 use crate::state::{StateDir, VmDisk, VmRecord, now_ms};
 
 /// Limits and knobs of a [`QemuDriver`].

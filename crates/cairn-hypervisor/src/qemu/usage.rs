@@ -1,4 +1,4 @@
-//! Execution state (seed 001's metadata snapshot): saving RAM and device state to a file, and
+//! Execution state (part of the paired metadata snapshot): saving RAM and device state to a file, and
 //! the host resources a VM uses.
 
 use std::path::Path;

@@ -1,0 +1,103 @@
+//! The backup server's REST API (`docs/openapi.yaml`): the bodies of the calls that start work
+//! or change settings. Long work answers `202` with the job, which clients poll at
+//! `/v1/jobs/{id}`. (The answers — backups, jobs, schedules, retention policies, file
+//! listings — are the catalog's and the file index's records, typed there.)
+
+use serde::{Deserialize, Serialize};
+
+/// Body of `POST /v1/backups`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartBackup {
+    pub vms: Vec<String>,
+    /// One targeted group snapshot of all `vms`, then a backup of each.
+    #[serde(default)]
+    pub group: bool,
+    /// Read every disk whole even with a previous backup.
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// Body of `POST /v1/restores`: a backup restored as a new VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreParams {
+    /// Backup id or unique prefix.
+    pub backup: String,
+    /// The new VM's name.
+    pub as_name: String,
+    /// Host to start it on (default: the backup's host).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Start the VM (default true).
+    #[serde(default = "yes")]
+    pub start: bool,
+    /// Wait up to this long for the guest agent to answer (0 = do not wait).
+    #[serde(default)]
+    pub wait_boot_s: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Body of `POST /v1/prune`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartPrune {
+    /// VMs whose retention policy to apply (all when empty).
+    #[serde(default)]
+    pub vms: Vec<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Body of `PUT /v1/schedules/{name}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSchedule {
+    pub vms: Vec<String>,
+    /// An interval: `30m`, `6h`, `1d` (at least one minute).
+    pub every: String,
+    #[serde(default)]
+    pub group: bool,
+    /// Seconds until the first run (default: one interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_in_s: Option<i64>,
+}
+
+/// Body of `POST /v1/files/restore`: one file of a backup written into primary storage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreFileInto {
+    pub backup: String,
+    /// `/<disk>/<volume>/<path>`.
+    pub path: String,
+    /// Default: the storage agent holding the backed-up disk.
+    #[serde(default)]
+    pub storage_agent: Option<String>,
+    /// Default: the datastore of the backed-up disk.
+    #[serde(default)]
+    pub datastore: Option<String>,
+    /// Relative to the datastore; must not exist.
+    pub dest: String,
+}
+
+/// Answer of `GET /v1/stats`: the data-path proof — disk-data bytes through the server (by
+/// design 0) next to each storage agent's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataPath {
+    pub server_disk_bytes: u64,
+    /// Bytes of single files restored through the server (file contents, not disk data).
+    pub server_file_restore_bytes: u64,
+    pub storage_agents: Vec<StorageAgentStats>,
+}
+
+/// One storage agent's counters in [`DataPath`]; `stats` is `None` when it did not answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageAgentStats {
+    pub name: String,
+    pub stats: Option<crate::storage::AgentStats>,
+}
