@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
+mod vault_service;
+
 const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
 
 fn cairn(args: &[&str], env: &[(&str, &str)]) -> Output {
