@@ -10,7 +10,7 @@ use cairn_vault::imager::{self, BackupOptions, RestoreOptions};
 use clap::Subcommand;
 
 use crate::progress::Bar;
-use crate::repo::open;
+use crate::repo::{VaultAccess, open};
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
@@ -57,7 +57,7 @@ pub enum ImageCmd {
     },
 }
 
-pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
+pub fn run(cmd: ImageCmd, access: &VaultAccess) -> Result<ExitCode> {
     match cmd {
         ImageCmd::Backup {
             repo,
@@ -69,7 +69,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             json,
             image,
         } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let changed = match changed {
                 Some(p) => {
                     let t = std::fs::read_to_string(&p)
@@ -130,7 +130,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             threads,
             json,
         } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let bar = Bar::new("restore", json);
             let st = imager::restore(&*v, &snapshot, &output, &RestoreOptions { threads }, &bar)?;
             bar.finish();
@@ -147,7 +147,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             }
         }
         ImageCmd::List { repo, json } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let all = v.list()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);

@@ -1,6 +1,6 @@
 //! `cairn vault` against clients that misbehave: a backup killed with SIGKILL (its session
 //! must expire and free the repository for gc), hostile uploads (the service's memory must
-//! stay bounded).
+//! stay bounded), and how the CLI authenticates to it (`--token-file`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -23,6 +23,70 @@ fn client(svc: &Service) -> cairn_http::Client {
 
 fn stats(svc: &Service) -> Value {
     client(svc).get_json("/v1/stats").unwrap()
+}
+
+#[test]
+fn token_file_is_used_for_vault_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start_cmd(&[
+        "vault",
+        "--repo",
+        s(&dir.path().join("repo")),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let tf = dir.path().join("vault.token");
+    std::fs::write(&tf, format!("{}\n", svc.token)).unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(CAIRN);
+        c.args(args)
+            .env_remove("CAIRN_TOKEN")
+            .env_remove("CAIRN_SERVER_TOKEN_FILE")
+            .env("CAIRN_FINGERPRINT", &svc.fingerprint);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    // --token-file alone, before or after the subcommand.
+    for args in [
+        &["image", "list", "--repo", &svc.url, "--token-file", s(&tf)][..],
+        &["--token-file", s(&tf), "repo", "gc", &svc.url, "--dry-run"][..],
+    ] {
+        let o = run(args, &[]);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // It wins over CAIRN_TOKEN.
+    let o = run(
+        &["image", "list", "--repo", &svc.url, "--token-file", s(&tf)],
+        &[("CAIRN_TOKEN", "wrong")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A file with the wrong token is refused like a wrong CAIRN_TOKEN.
+    let bad = dir.path().join("bad.token");
+    std::fs::write(&bad, "nope").unwrap();
+    let o = run(
+        &["image", "list", "--repo", &svc.url, "--token-file", s(&bad)],
+        &[("CAIRN_TOKEN", &svc.token)],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("401"));
+    // The server's token variable is never sent to a vault; without a token the error says
+    // how to give one.
+    let o = run(
+        &["image", "list", "--repo", &svc.url],
+        &[("CAIRN_SERVER_TOKEN_FILE", s(&tf))],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--token-file") && err.contains("CAIRN_TOKEN"),
+        "{err}"
+    );
 }
 
 #[test]
