@@ -53,6 +53,8 @@
 //! [`ServiceOptions::body_wait`] (then `503`). A declared length over the limit is `413`
 //! before anything is read; a malformed frame is `400` as soon as its header or members are
 //! read, and the rest of the body is read and discarded so that the client gets the answer.
+//! Frames of a refused upload that came before the bad one may already be stored: each was
+//! decoded and re-hashed, and only a commit makes anything visible.
 //! A body that sends nothing for [`ServiceOptions::body_idle`] is dropped.
 
 use std::collections::HashMap;
