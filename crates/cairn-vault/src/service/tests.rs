@@ -1,6 +1,6 @@
 //! The service in-process over loopback HTTPS: session leases and request-body limits.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use cairn_chunk::format::BlobKind;
@@ -161,12 +161,21 @@ fn an_abandoned_session_expires_and_gc_then_runs() {
     // Nothing of it became visible.
     assert!(plan.executed && plan.snapshots == 0, "{plan:?}");
     assert!(remote.list().unwrap().is_empty());
-    // The session is gone for good.
+    // The session is gone for good, and a client still uploading to it hears why (its
+    // body is drained beside the answer) rather than seeing its connection reset.
     let e = c
         .post_raw(&format!("/v1/sessions/{id}/lacking"), &[0u8; 32])
         .unwrap_err();
     assert_eq!(status(&e), 404, "{e}");
     assert!(e.to_string().contains("expired"), "{e}");
+    let big: Vec<_> = (0..20).map(|i| data_frame(i, 400_000)).collect();
+    let e = c
+        .post_raw(
+            &format!("/v1/sessions/{id}/blobs"),
+            &wire::encode_uploads(&big),
+        )
+        .unwrap_err();
+    assert_eq!(status(&e), 404, "{e}");
 }
 
 /// A source whose first read takes longer than the lease (a slow disk, a stopped VM).
@@ -338,4 +347,73 @@ fn bodies_are_bounded_and_refused_as_they_stream() {
         )
         .unwrap();
     assert_eq!(v["stored"], 1, "{v}");
+}
+
+#[test]
+fn an_upload_whose_sender_goes_silent_does_not_hold_its_session() {
+    // A peer whose network was cut mid-upload: its connection stays open, no data comes.
+    let s = Served::new(ServiceOptions {
+        session_lease: Duration::from_millis(300),
+        body_idle: Duration::from_millis(500),
+        ..Default::default()
+    });
+    let c = s.client();
+    let b: Value = c.post_json("/v1/sessions", &json!({})).unwrap();
+    let id = b["session"].as_str().unwrap().to_string();
+    let Trust::Fingerprint(fp) = &s.trust else {
+        unreachable!()
+    };
+    let cfg =
+        cairn_http::tls::client_config_pinned(cairn_http::tls::parse_fingerprint(fp).unwrap())
+            .unwrap();
+    let addr = s.url.trim_start_matches("https://");
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let frame = wire::encode_uploads(&[data_frame(13, 100_000)]);
+    write!(
+        tls,
+        "POST /v1/sessions/{id}/blobs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\n\r\n",
+        s.token,
+        frame.len()
+    )
+    .unwrap();
+    tls.write_all(&frame[..5000]).unwrap();
+    tls.flush().unwrap();
+    // The request is dropped after the idle timeout, and the session expires after it.
+    let remote = s.remote();
+    let t0 = Instant::now();
+    loop {
+        match remote.gc(false) {
+            Ok(_) => break,
+            Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                assert!(
+                    matches!(
+                        e,
+                        VaultError::Remote {
+                            kind: ErrorKind::Conflict,
+                            ..
+                        }
+                    ),
+                    "{e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("gc still refused after {:?}: {e}", t0.elapsed()),
+        }
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(s.stats()["expired_sessions"], 1);
+    // The silent peer got its answer.
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("stalled"), "{answer}");
+    drop(tls);
 }
