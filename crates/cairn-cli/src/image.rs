@@ -10,7 +10,7 @@ use cairn_vault::imager::{self, BackupOptions, RestoreOptions};
 use clap::Subcommand;
 
 use crate::progress::Bar;
-use crate::repo::open;
+use crate::repo::{VaultAccess, open};
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
@@ -60,7 +60,7 @@ pub enum ImageCmd {
     },
 }
 
-pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
+pub fn run(cmd: ImageCmd, access: &VaultAccess) -> Result<ExitCode> {
     match cmd {
         ImageCmd::Backup {
             repo,
@@ -72,7 +72,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             json,
             image,
         } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let chunker = chunker
                 .map(|s| ChunkerParams::parse(&s).map_err(anyhow::Error::msg))
                 .transpose()?;
@@ -145,7 +145,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                     output.display()
                 );
             }
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let bar = Bar::new("restore", json);
             let st = imager::restore(&*v, &snapshot, &output, &RestoreOptions { threads }, &bar)?;
             bar.finish();
@@ -162,7 +162,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             }
         }
         ImageCmd::List { repo, json } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let all = v.list()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);

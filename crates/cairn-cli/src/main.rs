@@ -15,7 +15,7 @@ mod storage_agent;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Cairn: VM backup with a deduplicating vault.
 #[derive(Parser, Debug)]
@@ -116,10 +116,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let vault = repo::VaultAccess {
+        token_file: cli.conn.token_file_given(&matches),
+    };
     let r = match cli.cmd {
-        Cmd::Repo(c) => repo::run(c),
-        Cmd::Image(c) => image::run(c),
+        Cmd::Repo(c) => repo::run(c, &vault),
+        Cmd::Image(c) => image::run(c, &vault),
         Cmd::Vault(a) => service::run(a),
         Cmd::StorageAgent(a) => storage_agent::run(a),
         Cmd::HostAgent(a) => host_agent::run(a),

@@ -23,6 +23,8 @@ pub struct Conn {
     server: Option<String>,
     #[arg(long, global = true, env = "CAIRN_SERVER_FINGERPRINT")]
     server_fingerprint: Option<String>,
+    /// The token file of the server (or, for `repo` and `image` commands on a vault URL, of
+    /// the vault service).
     #[arg(long, global = true, env = "CAIRN_SERVER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// One JSON document on stdout.
@@ -31,6 +33,13 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// `--token-file` if it was given on the command line (not from its variable).
+    pub fn token_file_given(&self, m: &clap::ArgMatches) -> Option<PathBuf> {
+        (m.value_source("token_file") == Some(clap::parser::ValueSource::CommandLine))
+            .then(|| self.token_file.clone())
+            .flatten()
+    }
+
     pub fn client(&self) -> Result<Client> {
         let (url, fp, tf) = match (&self.server, &self.connect) {
             (Some(u), _) => (

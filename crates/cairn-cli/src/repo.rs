@@ -85,17 +85,41 @@ pub enum RepoCmd {
     },
 }
 
-/// Opens REPO: a directory or `https://HOST:PORT` (token in `CAIRN_TOKEN`, trust in
-/// `CAIRN_FINGERPRINT` or `CAIRN_CA`).
-pub fn open(repo: &str) -> Result<Arc<dyn Vault>> {
+/// How to authenticate to a vault service.
+#[derive(Clone, Debug, Default)]
+pub struct VaultAccess {
+    /// `--token-file` when given on the command line; it wins over `CAIRN_TOKEN`. (Its
+    /// variable, `CAIRN_SERVER_TOKEN_FILE`, names the backup server's token and is never sent
+    /// to a vault.)
+    pub token_file: Option<PathBuf>,
+}
+
+impl VaultAccess {
+    fn token(&self) -> Result<String> {
+        if let Some(f) = &self.token_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("reading the vault token from {}", f.display()))?;
+            let t = t.trim();
+            anyhow::ensure!(!t.is_empty(), "{} holds no token", f.display());
+            return Ok(t.to_string());
+        }
+        match std::env::var("CAIRN_TOKEN") {
+            Ok(t) if !t.is_empty() => Ok(t),
+            _ => anyhow::bail!("a vault service needs its token: --token-file FILE or CAIRN_TOKEN"),
+        }
+    }
+}
+
+/// Opens REPO: a directory or `https://HOST:PORT` (token from `--token-file` or
+/// `CAIRN_TOKEN`, trust in `CAIRN_FINGERPRINT` or `CAIRN_CA`).
+pub fn open(repo: &str, access: &VaultAccess) -> Result<Arc<dyn Vault>> {
     if repo.starts_with("http://") {
         anyhow::bail!(
             "{repo}: vault services speak HTTPS only (tokens never travel in clear text)"
         );
     }
     if repo.starts_with("https://") {
-        let token =
-            std::env::var("CAIRN_TOKEN").context("CAIRN_TOKEN must hold the vault's token")?;
+        let token = access.token()?;
         let trust = cairn_http::Trust::from_env().context(
             "set CAIRN_FINGERPRINT (the vault's certificate SHA-256) or CAIRN_CA (a CA file)",
         )?;
@@ -110,7 +134,7 @@ fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
-pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
+pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
     match cmd {
         RepoCmd::Init {
             dir,
@@ -146,7 +170,7 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
             metadata_only,
             json,
         } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let rep = v.verify(!metadata_only)?;
             if json {
                 print_json(&rep);
@@ -166,7 +190,7 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
             dry_run,
             json,
         } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let opts = PruneOptions {
                 keep_last,
                 keep_daily,
@@ -203,7 +227,7 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
             dry_run,
             json,
         } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let plan = v.gc(dry_run)?;
             if json {
                 print_json(&plan);
@@ -225,7 +249,7 @@ pub fn run(cmd: RepoCmd) -> Result<ExitCode> {
             snapshots,
             json,
         } => {
-            let v = open(&repo)?;
+            let v = open(&repo, access)?;
             let ids = v.forget(&snapshots)?;
             if json {
                 print_json(&ids);

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use cairn_vault::Repository;
-use cairn_vault::service::VaultService;
+use cairn_vault::service::{ServiceOptions, VaultService};
 
 #[derive(clap::Args, Debug)]
 pub struct VaultArgs {
@@ -24,6 +24,11 @@ pub struct VaultArgs {
     cert: Option<PathBuf>,
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Seconds a backup session may go without a request before it is aborted and its lock
+    /// released (clients renew it while they are alive).
+    #[arg(long, default_value_t = cairn_vault::service::DEFAULT_SESSION_LEASE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    session_lease: u64,
 }
 
 /// TLS identity, fingerprint and token of a service, from its state directory.
@@ -136,7 +141,13 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| a.repo.join("service"));
     let creds = credentials(&state, a.cert.as_ref(), a.key.as_ref())?;
-    let service = VaultService::new(repo);
+    let service = VaultService::with_options(
+        repo,
+        ServiceOptions {
+            session_lease: std::time::Duration::from_secs(a.session_lease),
+            ..Default::default()
+        },
+    );
     serve_until_signal(
         &format!("vault {}", a.repo.display()),
         creds,

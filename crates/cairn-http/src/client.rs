@@ -68,6 +68,8 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Unavailable => "unavailable",
             ErrorKind::InsufficientStorage => "insufficient_storage",
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Internal => "internal",

@@ -11,6 +11,11 @@ pub enum ErrorKind {
     Unauthorized,
     NotFound,
     Conflict,
+    /// A request body over the route's limit.
+    TooLarge,
+    /// The service cannot take the request now (its request-body budget stays in use); retry
+    /// later.
+    Unavailable,
     /// The store is full.
     InsufficientStorage,
     /// Stored data failed its checks.
@@ -27,6 +32,8 @@ impl ErrorKind {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Conflict => StatusCode::CONFLICT,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             Self::Corrupt => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal | Self::Unknown => StatusCode::INTERNAL_SERVER_ERROR,

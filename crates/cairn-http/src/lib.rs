@@ -9,9 +9,13 @@
 //! - **JSON errors.** Every error response is `{"error": {"kind": ..., "message": ...}}` with a
 //!   status that says whose fault it was (4xx: the caller's, 5xx: ours).
 //!
+//! - **Bounded bodies.** A service reads request bodies as they stream ([`body`]), each up to
+//!   its route's limit (`413` beyond) and all together within a byte budget.
+//!
 //! [`server`] holds the async side (axum over tokio-rustls); [`client`] a blocking client
 //! (ureq) for CLIs and agents.
 
+pub mod body;
 pub mod client;
 pub mod error;
 pub mod server;

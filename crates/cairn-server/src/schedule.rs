@@ -100,7 +100,7 @@ pub(crate) fn start_scheduler(server: &Arc<Server>) {
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 ticks += 1;
-                if ticks % 5 == 0 {
+                if ticks.is_multiple_of(5) {
                     crate::jobs::release_leftovers(&s);
                 }
                 let Ok(list) = s.catalog.schedules() else {

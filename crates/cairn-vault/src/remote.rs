@@ -1,8 +1,14 @@
 //! A vault service as a [`Vault`]: the client half of the protocol in [`crate::service`].
 //! Counts the disk-data bytes it sends and receives.
+//!
+//! An open session renews its lease from a keep-alive thread (every third of the lease the
+//! service announced), so a backup that is alive keeps its session however long it goes
+//! between two calls; the thread stops when the session is committed or dropped, and a
+//! client that dies stops renewing with it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use cairn_chunk::Entry;
 use cairn_http::{Client, ClientError, Trust};
@@ -56,6 +62,40 @@ struct RemoteSession {
     id: SessionId,
     sent: Arc<AtomicU64>,
     committed: bool,
+    /// Dropping it stops the keep-alive thread.
+    keepalive: Option<crossbeam_channel::Sender<()>>,
+}
+
+/// Renews session `id` every `every` until the returned sender is dropped or the service
+/// no longer knows the session. Failures other than that are retried on the next tick.
+fn start_keepalive(
+    client: Client,
+    id: SessionId,
+    every: Duration,
+) -> Option<crossbeam_channel::Sender<()>> {
+    let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+    let path = format!("/v1/sessions/{id}/keepalive");
+    let spawned = std::thread::Builder::new()
+        .name("cairn-session-keepalive".into())
+        .spawn(move || {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                match client.post_json::<_, serde_json::Value>(&path, &serde_json::json!({})) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == Some(cairn_http::ErrorKind::NotFound) => {
+                        tracing::warn!("vault session {id} is gone: {e}");
+                        return;
+                    }
+                    Err(e) => tracing::debug!("keep-alive of vault session {id}: {e}"),
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!("no keep-alive for vault session {id}: {e}");
+            None
+        }
+    }
 }
 
 impl VaultSession for RemoteSession {
@@ -92,6 +132,9 @@ impl VaultSession for RemoteSession {
     }
 
     fn commit(mut self: Box<Self>, req: CommitRequest) -> Result<SnapshotManifest> {
+        // A commit is not subject to the lease: the service takes the session out of its
+        // table for it.
+        drop(self.keepalive.take());
         let m = self
             .client
             .post_json(&format!("/v1/sessions/{}/commit", self.id), &req)
@@ -103,6 +146,7 @@ impl VaultSession for RemoteSession {
 
 impl Drop for RemoteSession {
     fn drop(&mut self) {
+        drop(self.keepalive.take());
         if !self.committed {
             let _: std::result::Result<serde_json::Value, _> = self
                 .client
@@ -132,16 +176,23 @@ impl Vault for RemoteVault {
         #[derive(serde::Deserialize)]
         struct Begin {
             session: SessionId,
+            /// The session's lease; older services do not say (and do not expire sessions).
+            lease_ms: Option<u64>,
         }
         let b: Begin = self
             .client
             .post_json("/v1/sessions", &serde_json::json!({}))
             .map_err(remote)?;
+        let keepalive = b.lease_ms.and_then(|ms| {
+            let every = Duration::from_millis(ms / 3).max(Duration::from_millis(100));
+            start_keepalive(self.client.clone(), b.session, every)
+        });
         Ok(Box::new(RemoteSession {
             client: self.client.clone(),
             id: b.session,
             sent: self.sent.clone(),
             committed: false,
+            keepalive,
         }))
     }
 

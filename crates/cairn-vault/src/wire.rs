@@ -24,8 +24,17 @@ use crate::api::Upload;
 
 /// Most digests in one request.
 pub const MAX_DIGESTS: usize = 1 << 16;
-/// Largest request or response body.
+/// Largest request or response body: an upload request. The client sends at most a 4 MiB
+/// batch of data frames (plus one segment) or 4096 tree nodes of at most 12 KiB; the service
+/// never holds more than one frame of it (at most [`MAX_UPLOAD_FRAME`]) at a time.
 pub const MAX_BODY: usize = 128 << 20;
+/// Largest digest-list request (`lacking`, `fetch`).
+pub const MAX_DIGEST_BODY: usize = MAX_DIGESTS * 32;
+/// Largest JSON request (commit, maintenance, forget).
+pub const MAX_JSON_BODY: usize = 4 << 20;
+/// Largest upload frame: header, [`MAX_DIGESTS`] members and [`SEGMENT_MAX_LEN`] stored bytes.
+pub const MAX_UPLOAD_FRAME: usize =
+    UPLOAD_HEADER_LEN + MAX_DIGESTS * UPLOAD_MEMBER_LEN + SEGMENT_MAX_LEN;
 
 pub fn encode_digests(d: &[Digest]) -> Vec<u8> {
     d.iter().flat_map(|d| d.0).collect()
@@ -76,45 +85,90 @@ fn u32_at(b: &[u8]) -> u32 {
     u32::from_le_bytes(b.try_into().expect("4 bytes"))
 }
 
+/// Length of an upload frame's header.
+pub const UPLOAD_HEADER_LEN: usize = 10;
+/// Length of one member record of an upload frame.
+pub const UPLOAD_MEMBER_LEN: usize = 36;
+
+/// The header of one upload frame, checked against the limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadHeader {
+    pub kind: BlobKind,
+    pub codec: Codec,
+    /// Number of member records that follow.
+    pub members: usize,
+    /// Length of the frame's stored bytes, after the members.
+    pub stored: usize,
+}
+
+/// Parses a frame header; `segments` counts the members of the request so far (at most
+/// [`MAX_DIGESTS`] per request).
+pub fn parse_upload_header(h: &[u8], segments: &mut usize) -> Result<UploadHeader, String> {
+    if h.len() != UPLOAD_HEADER_LEN {
+        return Err("truncated frame: frame header".into());
+    }
+    let kind = BlobKind::from_u8(h[0]).ok_or("unknown blob kind")?;
+    let codec = Codec::from_u8(h[1]).ok_or("unknown codec")?;
+    let n = u32_at(&h[2..6]) as usize;
+    let stored = u32_at(&h[6..10]) as usize;
+    *segments += n;
+    if n == 0 || *segments > MAX_DIGESTS {
+        return Err(format!(
+            "frame of {n} segments (1..{MAX_DIGESTS} per request)"
+        ));
+    }
+    if stored > SEGMENT_MAX_LEN {
+        return Err(format!("frame of {stored} bytes exceeds the limit"));
+    }
+    Ok(UploadHeader {
+        kind,
+        codec,
+        members: n,
+        stored,
+    })
+}
+
+/// Parses a frame's member records (`UPLOAD_MEMBER_LEN` bytes each); their plaintext adds up
+/// to at most [`SEGMENT_MAX_LEN`].
+pub fn parse_upload_members(ms: &[u8]) -> Result<Vec<(Digest, u32)>, String> {
+    if !ms.len().is_multiple_of(UPLOAD_MEMBER_LEN) {
+        return Err("truncated frame: frame members".into());
+    }
+    let members: Vec<(Digest, u32)> = ms
+        .chunks_exact(UPLOAD_MEMBER_LEN)
+        .map(|m| {
+            (
+                Digest::from_slice(&m[..32]).expect("32"),
+                u32_at(&m[32..36]),
+            )
+        })
+        .collect();
+    let total: u64 = members.iter().map(|m| u64::from(m.1)).sum();
+    if total > SEGMENT_MAX_LEN as u64 {
+        return Err(format!(
+            "frame of {total} plaintext bytes exceeds the limit"
+        ));
+    }
+    Ok(members)
+}
+
+/// Parses a whole upload body (the service parses the same frames as they stream in).
 pub fn decode_uploads(mut b: &[u8]) -> Result<Vec<Upload>, String> {
     let mut out = Vec::new();
     let mut segments = 0usize;
     while !b.is_empty() {
-        let h = take(&mut b, 10, "frame header")?;
-        let kind = BlobKind::from_u8(h[0]).ok_or("unknown blob kind")?;
-        let codec = Codec::from_u8(h[1]).ok_or("unknown codec")?;
-        let n = u32_at(&h[2..6]) as usize;
-        let stored = u32_at(&h[6..10]) as usize;
-        segments += n;
-        if n == 0 || segments > MAX_DIGESTS {
-            return Err(format!(
-                "frame of {n} segments (1..{MAX_DIGESTS} per request)"
-            ));
-        }
-        if stored > SEGMENT_MAX_LEN {
-            return Err(format!("frame of {stored} bytes exceeds the limit"));
-        }
-        let ms = take(&mut b, n * 36, "frame members")?;
-        let members: Vec<(Digest, u32)> = ms
-            .chunks_exact(36)
-            .map(|m| {
-                (
-                    Digest::from_slice(&m[..32]).expect("32"),
-                    u32_at(&m[32..36]),
-                )
-            })
-            .collect();
-        let total: u64 = members.iter().map(|m| u64::from(m.1)).sum();
-        if total > SEGMENT_MAX_LEN as u64 {
-            return Err(format!(
-                "frame of {total} plaintext bytes exceeds the limit"
-            ));
-        }
-        let bytes = take(&mut b, stored, "frame body")?.to_vec();
+        let h = take(&mut b, UPLOAD_HEADER_LEN, "frame header")?;
+        let h = parse_upload_header(h, &mut segments)?;
+        let ms = take(&mut b, h.members * UPLOAD_MEMBER_LEN, "frame members")?;
+        let members = parse_upload_members(ms)?;
+        let bytes = take(&mut b, h.stored, "frame body")?.to_vec();
         out.push(Upload {
-            kind,
+            kind: h.kind,
             members,
-            seg: EncodedSegment { codec, bytes },
+            seg: EncodedSegment {
+                codec: h.codec,
+                bytes,
+            },
         });
     }
     Ok(out)

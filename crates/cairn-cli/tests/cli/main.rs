@@ -9,6 +9,7 @@ use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
 mod repair;
+mod vault_service;
 
 const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
 

@@ -330,7 +330,16 @@ pub struct Cluster {
 impl Cluster {
     pub fn start(t: &Path, vault_repo: &str, save_state: bool) -> Self {
         let p = |s: &str| t.join(s).display().to_string();
-        let vault = Service::start(&["vault", "--repo", vault_repo, "--listen", "127.0.0.1:0"]);
+        // A short session lease: a client killed mid-backup frees its session in seconds.
+        let vault = Service::start(&[
+            "vault",
+            "--repo",
+            vault_repo,
+            "--listen",
+            "127.0.0.1:0",
+            "--session-lease",
+            "5",
+        ]);
         let manager = Service::start(&[
             "manager",
             "--state-dir",
