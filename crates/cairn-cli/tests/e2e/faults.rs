@@ -31,6 +31,9 @@ enum Fault {
     KillWhileHolding,
     /// Cut every connection between the storage agent and the vault while the backup runs.
     CutVaultLink,
+    /// SIGKILL the VM's QEMU while the backup holds its VM snapshot; the VM is then started
+    /// again on its disk (its dirty bitmap comes back inconsistent).
+    KillQemu,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -135,6 +138,12 @@ fn rows() -> Vec<Row> {
             "server: killed while the backup holds the VM snapshot",
             Server,
             KillWhileHolding,
+            Flow::Backup,
+        ),
+        r(
+            "QEMU: killed while the backup holds the VM snapshot",
+            Host,
+            KillQemu,
             Flow::Backup,
         ),
     ]
@@ -320,7 +329,7 @@ fn fault_matrix() {
             .iter()
             .map(|b| b["id"].as_str().unwrap().to_string())
             .collect();
-        let outcome = run_row(&mut c, &row, &relay, &server_args);
+        let outcome = run_row(&mut c, &row, &relay, &server_args, t);
         // Everything back up, faults disarmed: the row's role and the server start afresh
         // (a point that was not reached is still armed), any other dead role restarts.
         for role in [
@@ -337,6 +346,18 @@ fn fault_matrix() {
             restart_with(&mut c, role, &[], &server_args);
         }
         relay.cut.store(false, Ordering::SeqCst);
+        if matches!(row.fault, Fault::KillQemu) {
+            // The VM is started again on its disk, as an operator would.
+            let m = c.manager.client();
+            let t0 = Instant::now();
+            while m.get_json::<Value>("/v1/vms/vm1").unwrap()["state"] == "running" {
+                assert!(t0.elapsed() < Duration::from_secs(30), "vm1 still running");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _: Value = m.delete_json("/v1/vms/vm1").unwrap();
+            let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
+            wait_guest(&m, "vm1");
+        }
         if !wait_agents(&c.manager.client()) {
             eprintln!(
                 "fault matrix: {} → {outcome}: agents never came back",
@@ -391,6 +412,7 @@ fn run_row(
     row: &Row,
     relay: &Relay,
     server_args: &dyn Fn(&Cluster) -> Vec<String>,
+    t: &std::path::Path,
 ) -> String {
     match (&row.fault, row.flow) {
         (Fault::Point(point), Flow::Backup) => {
@@ -436,6 +458,18 @@ fn run_row(
             }
             job_outcome(&wait_job(&s, &id))
         }
+        (Fault::KillQemu, _) => {
+            let (s, id) = held_backup(c, 4000, server_args);
+            let pid = qemu_pid(t, "vm1");
+            assert!(
+                std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            job_outcome(&wait_job(&s, &id))
+        }
         (Fault::CutVaultLink, _) => {
             let (s, id) = held_backup(c, 2000, server_args);
             relay.cut.store(true, Ordering::SeqCst);
@@ -467,6 +501,20 @@ fn held_backup(
     let id = j["id"].as_str().unwrap().to_string();
     wait_hold(&s, &id);
     (s, id)
+}
+
+/// The pid of `vm`'s QEMU, from the host agent's record of it.
+fn qemu_pid(t: &std::path::Path, vm: &str) -> u64 {
+    for d in std::fs::read_dir(t.join("host/vms")).unwrap().flatten() {
+        let Ok(text) = std::fs::read_to_string(d.path().join("vm.json")) else {
+            continue;
+        };
+        let rec: Value = serde_json::from_str(&text).unwrap();
+        if rec["name"] == vm || text.contains(&format!("\"{vm}\"")) {
+            return rec["pid"].as_u64().unwrap();
+        }
+    }
+    panic!("no QEMU for {vm}");
 }
 
 fn job_outcome(j: &Value) -> String {
@@ -509,6 +557,11 @@ fn check_invariants(
 ) -> String {
     let mut broken = Vec::new();
     let s = c.server.client();
+    // A release that failed while its peer was away is retried every few seconds.
+    let t0 = Instant::now();
+    while host_snapshots(&c.host) != 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     if host_snapshots(&c.host) != 0 {
         broken.push("a VM snapshot is left".to_string());
     }
