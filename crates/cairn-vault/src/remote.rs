@@ -261,6 +261,10 @@ impl Vault for RemoteVault {
             .map_err(remote)
     }
 
+    fn damaged_segments(&self) -> Result<Vec<Digest>> {
+        self.client.get_json("/v1/damaged").map_err(remote)
+    }
+
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {
         self.client
             .post_json("/v1/forget", &serde_json::json!({ "snapshots": specs }))

@@ -6,6 +6,7 @@
 //! | GET | `/v1/config` | → RepoConfig |
 //! | GET | `/v1/stats` | → disk-data bytes received and sent, open and expired sessions |
 //! | GET | `/v1/snapshots` | → list of SnapshotManifest |
+//! | GET | `/v1/damaged` | → digests whose stored copy is marked damaged (a backup that has their data sends them again) |
 //! | GET | `/v1/snapshots/{spec}` | → SnapshotManifest |
 //! | GET | `/v1/snapshots/{spec}/entries` | → recipe entries (binary leaf records) |
 //! | GET | `/v1/snapshots/{spec}/data?offset=&len=` | → image bytes (at most 64 MiB) |
@@ -321,6 +322,7 @@ impl VaultService {
                 .route("/v1/config", get(config))
                 .route("/v1/stats", get(stats))
                 .route("/v1/snapshots", get(list))
+                .route("/v1/damaged", get(damaged))
                 .route("/v1/snapshots/{spec}", get(find))
                 .route("/v1/snapshots/{spec}/entries", get(entries))
                 .route("/v1/snapshots/{spec}/data", get(data))
@@ -361,6 +363,11 @@ async fn stats(State(s): State<Shared>) -> Response {
 async fn list(State(s): State<Shared>) -> ApiResult<Response> {
     let repo = s.repo.clone();
     Ok(json(blocking(move || repo.list_snapshots()).await?))
+}
+
+async fn damaged(State(s): State<Shared>) -> ApiResult<Response> {
+    let repo = s.repo.clone();
+    Ok(json(blocking(move || repo.damaged_segments()).await?))
 }
 
 async fn find(State(s): State<Shared>, Path(spec): Path<String>) -> ApiResult<Response> {

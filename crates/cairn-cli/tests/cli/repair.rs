@@ -221,3 +221,63 @@ fn smaller_edges_get_clear_answers() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not of \"cd\""));
     restores(&repo, "a", &a, dir.path());
 }
+
+#[test]
+fn an_incremental_through_the_vault_service_heals_damaged_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, a, _) = two_sharing(dir.path());
+    let svc = super::start_service(&repo);
+    let env = [
+        ("CAIRN_TOKEN", svc.token.as_str()),
+        ("CAIRN_FINGERPRINT", svc.fingerprint.as_str()),
+    ];
+    let mut bytes = std::fs::read(biggest_container(&repo)).unwrap();
+    bytes[5000] ^= 0xff;
+    std::fs::write(biggest_container(&repo), bytes).unwrap();
+    let o = cairn(&["repo", "verify", &svc.url, "--json"], &env);
+    assert_eq!(o.status.code(), Some(2));
+    let marked: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(marked["marked"].as_u64().unwrap() > 0, "{marked}");
+    let list = json(&["image", "list", "--repo", &svc.url, "--json"], &env);
+    let old_a = list.as_array().unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Nothing changed on the disk, yet the incremental sends the damaged segments again.
+    let none = dir.path().join("none.txt");
+    std::fs::write(&none, "").unwrap();
+    let img = dir.path().join("a.img");
+    let b = json(
+        &[
+            "image",
+            "backup",
+            "--repo",
+            &svc.url,
+            "--name",
+            "a",
+            "--parent",
+            "a",
+            "--changed",
+            s(&none),
+            "--json",
+            s(&img),
+        ],
+        &env,
+    );
+    assert!(b["bytes_new"].as_u64().unwrap() > 0, "{b}");
+    let out = dir.path().join("healed.img");
+    ok(
+        &["image", "restore", "--repo", &svc.url, &old_a, s(&out)],
+        &env,
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == a,
+        "the old snapshot is healed"
+    );
+    // The damaged copy is superseded (GC collects it); no snapshot lacks anything.
+    let o = cairn(&["repo", "verify", &svc.url, "--json"], &env);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["damaged_snapshots"].as_array().unwrap().is_empty(), "{v}");
+    ok(&["repo", "gc", &svc.url], &env);
+    ok(&["repo", "verify", &svc.url], &env);
+}
