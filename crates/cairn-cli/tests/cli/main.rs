@@ -1,7 +1,6 @@
 //! The `cairn` CLI against a directory repository and against a vault service running in
 //! another process on loopback: the acceptance interface of the vault.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -244,25 +243,7 @@ fn start_service(repo: &Path) -> Service {
 
 /// Starts a `cairn` service and reads the one JSON line it prints when it is ready.
 fn start_cmd(args: &[&str]) -> Service {
-    let mut child = Command::new(CAIRN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{args:?} said {line:?}: {e}"));
-    let token = std::fs::read_to_string(v["token_file"].as_str().unwrap()).unwrap();
-    Service {
-        child,
-        url: v["listen"].as_str().unwrap().to_string(),
-        fingerprint: v["fingerprint"].as_str().unwrap().to_string(),
-        token,
-    }
+    vault_service::start_bin(CAIRN, args)
 }
 
 #[test]
@@ -526,20 +507,7 @@ fn kill_9_mid_backup_then_retry_does_not_resend() {
         new + durable_bytes * 98 / 100 <= 160 << 20,
         "retry resent durable segments ({durable_bytes} bytes were durable): {b}"
     );
-    let out = dir.path().join("out.img");
-    ok(
-        &[
-            "image",
-            "restore",
-            "--force",
-            "--repo",
-            s(&repo),
-            "big",
-            s(&out),
-        ],
-        &[],
-    );
-    assert!(std::fs::read(&out).unwrap() == data);
+    repair::restores(&repo, "big", &data, dir.path());
     let v = json(&["repo", "verify", s(&repo), "--json"], &[]);
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
 }
@@ -715,20 +683,7 @@ fn disk_full_gives_a_clear_error_and_keeps_the_repository() {
         1,
         "the failed backup is invisible"
     );
-    let out = dir.path().join("out.img");
-    ok(
-        &[
-            "image",
-            "restore",
-            "--force",
-            "--repo",
-            s(&repo),
-            "small",
-            s(&out),
-        ],
-        &[],
-    );
-    assert!(std::fs::read(&out).unwrap() == small_data);
+    repair::restores(&repo, "small", &small_data, dir.path());
     let v = json(&["repo", "verify", s(&repo), "--json"], &[]);
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
 }

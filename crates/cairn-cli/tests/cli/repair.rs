@@ -31,7 +31,8 @@ fn two_sharing(dir: &Path) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
     (repo, a, b)
 }
 
-fn restores(repo: &Path, spec: &str, want: &[u8], dir: &Path) {
+/// Restores `spec` (over any earlier output) and checks it is `want`, bit for bit.
+pub(super) fn restores(repo: &Path, spec: &str, want: &[u8], dir: &Path) {
     let out = dir.join("out.img");
     ok(
         &[

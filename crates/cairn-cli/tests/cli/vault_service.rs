@@ -210,9 +210,9 @@ fn a_backup_killed_with_sigkill_frees_the_repository_within_the_lease() {
     );
 }
 
-/// Starts `bin` as a service and reads the JSON line it prints when ready (as `start_cmd`,
-/// for any build of `cairn`).
-fn start_bin(bin: &str, args: &[&str]) -> Service {
+/// Starts `bin` (any build of `cairn`) as a service and reads the JSON line it prints when
+/// ready.
+pub(super) fn start_bin(bin: &str, args: &[&str]) -> Service {
     let mut child = Command::new(bin)
         .args(args)
         .stdout(Stdio::piped())
