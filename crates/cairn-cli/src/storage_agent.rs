@@ -62,6 +62,11 @@ pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
         }
         Err(e) => tracing::warn!("could not delete snapshots left by an earlier run: {e}"),
     }
+    match agent.remove_partial_restores() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!("deleted {n} partial restores left by an earlier run"),
+        Err(e) => tracing::warn!("could not delete partial restores of an earlier run: {e}"),
+    }
     let announce =
         crate::register::Announce::from_args(cairn_api::manager::AgentKind::Storage, &a.register)?;
     serve_registered("storage agent", creds, announce, move |tls, token| {

@@ -184,6 +184,39 @@ impl StorageAgent {
         Ok(n)
     }
 
+    /// Deletes the partial files of restores a previous run of this agent left in its
+    /// datastores (a restore writes under a partial name and renames when complete; no
+    /// restore runs at start-up). Returns how many it deleted.
+    pub fn remove_partial_restores(&self) -> Result<usize> {
+        let mut n = 0;
+        let mut stack: Vec<PathBuf> = self
+            .config
+            .datastores
+            .iter()
+            .map(|d| d.path.clone())
+            .collect();
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for ent in rd.flatten() {
+                let Ok(ft) = ent.file_type() else { continue };
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if ft.is_dir() {
+                    stack.push(ent.path());
+                } else if ft.is_file()
+                    && name.starts_with('.')
+                    && name.ends_with(cairn_vault::imager::PARTIAL_SUFFIX)
+                {
+                    std::fs::remove_file(ent.path())
+                        .map_err(StorageError::io(&ent.path(), "remove partial restore"))?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Snapshots on primary storage made by this agent, oldest first.
     pub fn list_snapshots(&self) -> Result<Vec<UnitSnapshot>> {
         self.catalog.list()

@@ -136,10 +136,8 @@ fn fetch_and_write(
 }
 
 fn partial_name(target: &Path) -> Result<PathBuf> {
-    let name = target
-        .file_name()
-        .ok_or_else(|| StorageError::Invalid(format!("{} is not a file path", target.display())))?;
-    Ok(target.with_file_name(format!(".{}.cairn-partial", name.to_string_lossy())))
+    imager::partial_path(target)
+        .ok_or_else(|| StorageError::Invalid(format!("{} is not a file path", target.display())))
 }
 
 /// Restores into a new disk (see the module docs).
@@ -209,6 +207,7 @@ pub fn restore_new(vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreRep
             }
         }
         rep.bytes_written += fetch_and_write(vault, &nbd, &batch)?;
+        cairn_types::fault::point("storage.restore.before_rename");
         rep.bytes_fetched = rep.bytes_written;
         nbd.flush()?;
         drop(nbd);

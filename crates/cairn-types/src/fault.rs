@@ -33,6 +33,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "GC has rewritten the index, the doomed containers are not deleted yet",
     ),
     (
+        "storage.restore.before_rename",
+        "the storage agent has written a restored qcow2 disk under its partial name",
+    ),
+    (
         "host.snapshot.after_snapshot",
         "the host agent has taken the VM snapshot and thawed the guest, not yet replied",
     ),

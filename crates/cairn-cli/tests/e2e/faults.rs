@@ -49,6 +49,8 @@ enum Role {
 enum Flow {
     Backup,
     Gc,
+    /// Restore the newest backup as a new VM `vm1-r` (not started).
+    Restore,
 }
 
 struct Row {
@@ -139,6 +141,12 @@ fn rows() -> Vec<Row> {
             Server,
             KillWhileHolding,
             Flow::Backup,
+        ),
+        r(
+            "storage agent: dies during a restore, before the disk is complete",
+            Storage,
+            Point("storage.restore.before_rename"),
+            Flow::Restore,
         ),
         r(
             "QEMU: killed while the backup holds the VM snapshot",
@@ -384,7 +392,31 @@ fn fault_matrix() {
             assert!(t0.elapsed() < Duration::from_secs(120), "jobs never settle");
             std::thread::sleep(Duration::from_millis(300));
         }
-        let checks = check_invariants(&c, &t.join("vault/repo"), &committed, steady_unit_snaps);
+        let mut checks = check_invariants(&c, &t.join("vault/repo"), &committed, steady_unit_snaps);
+        let partial: Vec<_> = walk_files(&t.join("ds"))
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".cairn-partial"))
+            .collect();
+        if !partial.is_empty() {
+            checks = format!("{checks}; partial restores left: {partial:?}");
+        }
+        if row.flow == Flow::Restore {
+            // The same restore again succeeds; then it is removed for the next rows.
+            let j = restore_newest(&c);
+            if j["state"] != "succeeded" {
+                checks = format!("{checks}; restore again: {}", j["error"]);
+            }
+            let _ = c.manager.client().delete_json::<Value>("/v1/vms/vm1-r");
+            for p in walk_files(&t.join("ds")) {
+                if p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("vm1-r")
+                {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        }
         eprintln!("fault matrix: {} → {outcome}: {checks}", row.name);
         matrix.push((row.name.to_string(), outcome, checks));
     }
@@ -427,6 +459,11 @@ fn run_row(
             };
             let j = submit(&c.server.client(), "/v1/backups", body);
             job_outcome(&j)
+        }
+        (Fault::Point(point), Flow::Restore) => {
+            restart_with(c, row.role, &[("CAIRN_FAULT_POINT", point)], server_args);
+            assert!(wait_agents(&c.manager.client()), "agents never came back");
+            job_outcome(&restore_newest(c))
         }
         (Fault::Point(point), Flow::Gc) => {
             // Garbage first: a backup whose manifest is never written leaves unreferenced
@@ -515,6 +552,31 @@ fn qemu_pid(t: &std::path::Path, vm: &str) -> u64 {
         }
     }
     panic!("no QEMU for {vm}");
+}
+
+/// Restores vm1's newest backup as `vm1-r`, not started; the finished job.
+fn restore_newest(c: &Cluster) -> Value {
+    let s = c.server.client();
+    let backups: Value = s.get_json("/v1/backups?vm=vm1").unwrap();
+    let newest = backups.as_array().unwrap().last().unwrap(); // oldest first
+    submit(
+        &s,
+        "/v1/restores",
+        json!({"backup": newest["id"], "as_name": "vm1-r", "start": false}),
+    )
+}
+
+fn walk_files(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 fn job_outcome(j: &Value) -> String {

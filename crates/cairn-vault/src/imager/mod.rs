@@ -43,7 +43,7 @@ mod restore;
 
 use incremental::incremental;
 
-pub use restore::{RestoreOptions, RestoreStats, restore};
+pub use restore::{PARTIAL_SUFFIX, RestoreOptions, RestoreStats, partial_path, restore};
 
 /// Progress reports; implementations must be cheap (called per batch).
 pub trait Progress: Send + Sync {

@@ -33,6 +33,17 @@ pub struct RestoreStats {
     pub duration_ms: u64,
 }
 
+/// What a partial restore's file name ends with: `.NAME` + this, beside `NAME`. A restore
+/// renames it to `NAME` only when complete; one that is found at start-up was left by a
+/// process that died (see `StorageAgent::remove_partial_restores`).
+pub const PARTIAL_SUFFIX: &str = ".cairn-partial";
+
+/// The name a restore into `output` writes under until it is complete.
+pub fn partial_path(output: &Path) -> Option<PathBuf> {
+    let name = output.file_name()?;
+    Some(output.with_file_name(format!(".{}{PARTIAL_SUFFIX}", name.to_string_lossy())))
+}
+
 /// Restores snapshot `spec` to `output` (a file, created or replaced atomically; or a block
 /// device, written in place). Anything else that exists at `output` (a directory, a
 /// character device, a FIFO, a socket) is refused before anything is read: the atomic
@@ -58,10 +69,9 @@ pub fn restore(
     let target: PathBuf = if is_dev {
         output.to_path_buf()
     } else {
-        let name = output.file_name().ok_or_else(|| {
+        partial_path(output).ok_or_else(|| {
             VaultError::Invalid(format!("{} is not a file path", output.display()))
-        })?;
-        output.with_file_name(format!(".{}.cairn-partial", name.to_string_lossy()))
+        })?
     };
     let io = |what| {
         let t = target.display().to_string();
