@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Fails when a workspace crate depends on a workspace crate scripts/layering.txt does not
-allow it (normal and build dependencies, from `cargo metadata --no-deps`).
+allow it (normal and build dependencies, from `cargo metadata --no-deps`), or on a crate the
+allow list marks `dev-only` (test doubles) other than as a dev-dependency.
 
 Usage: scripts/check-layering.py [ALLOW_LIST]   (run from anywhere in the repository)
 """
@@ -13,6 +14,7 @@ import sys
 
 def read_allow_list(path):
     allowed = {}
+    dev_only = set()
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -21,16 +23,21 @@ def read_allow_list(path):
         if not sep or not crate.strip():
             sys.exit(f"{path}:{number}: expected `crate: allowed crates`, got {raw!r}")
         crate = crate.strip()
+        if crate == "dev-only":
+            dev_only.update(deps.split())
+            continue
         if crate in allowed:
             sys.exit(f"{path}:{number}: {crate} listed twice")
         allowed[crate] = set(deps.split())
-    return allowed
+    for crate in sorted(dev_only - allowed.keys()):
+        sys.exit(f"{path}: dev-only {crate} is not placed in the layering")
+    return allowed, dev_only
 
 
 def main():
     root = pathlib.Path(__file__).resolve().parent.parent
     allow_path = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else root / "scripts" / "layering.txt"
-    allowed = read_allow_list(allow_path)
+    allowed, dev_only = read_allow_list(allow_path)
     meta = json.loads(
         subprocess.run(
             ["cargo", "metadata", "--format-version", "1", "--no-deps"],
@@ -52,7 +59,9 @@ def main():
             if d["name"] not in members or d.get("kind") == "dev":
                 continue
             edges += 1
-            if "*" not in ok and d["name"] not in ok:
+            if d["name"] in dev_only:
+                errors.append(f"{p['name']} may have {d['name']} (dev-only) as a dev-dependency only")
+            elif "*" not in ok and d["name"] not in ok:
                 kind = "build-dependency" if d.get("kind") == "build" else "dependency"
                 errors.append(f"{p['name']} has the forbidden {kind} {d['name']}")
     if errors:

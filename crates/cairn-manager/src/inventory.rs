@@ -345,132 +345,17 @@ fn locate(host: &str, v: VmInfo, storage: &[(String, DatastoreInfo)]) -> VmLocat
 
 #[cfg(test)]
 mod tests {
-    //! The VM map with fake agents behind the `cairn-api` traits: no QEMU, no network.
+    //! The VM map with the fake agents of `cairn-testing`: no QEMU, no network.
 
-    use std::path::PathBuf;
     use std::sync::Arc;
 
-    use cairn_api::host::{
-        DeletedSnapshot, DeletedState, DiskBacking, DiskSpec, ExecRequest, ExecResult, GuestStatus,
-        ResourceUsage, SaveStateRequest, SavedState, SnapshotRequest, StoppedVm, VmDisk, VmHandle,
-        VmId, VmInfo, VmSnapshot, VmSnapshotId, VmSpec, VmState,
-    };
-    use cairn_api::storage::{
-        AgentStats, BackupsRequest, DatastoreInfo, Deleted, DiskBackupOutcome, DiskInfo, DiskKind,
-        DiskRestoreRequest, FileRestoreRequest, FileRestored, RdmRestore, RdmRestoreRequest,
-        ReadFileRequest, ReadStats, RestoreReport, ScanRequest, ScanResult, StorageUnit,
-        UnitSnapshot, UnitSnapshotRequest,
-    };
-    use cairn_api::{AgentConnector, CallResult, HostAgentApi, StorageAgentApi};
-    use cairn_http::{ApiError, ClientError, ErrorKind};
+    use cairn_api::host::{DiskSpec, SnapshotKind, SnapshotRequest, VmInfo, VmSpec};
+    use cairn_api::storage::DiskKind;
+    use cairn_http::ErrorKind;
+    use cairn_testing::{FakeAgents, FakeHost, FakeStorage, Fault, datastore, vm_info};
     use cairn_types::DiskFormat;
 
     use super::*;
-
-    fn refused<T>() -> CallResult<T> {
-        Err(ClientError::Api {
-            url: "fake".into(),
-            status: 500,
-            api: ApiError::new(ErrorKind::Internal, "not faked"),
-        })
-    }
-
-    struct Host(Vec<VmInfo>);
-
-    impl HostAgentApi for Host {
-        fn vms(&self) -> CallResult<Vec<VmInfo>> {
-            Ok(self.0.clone())
-        }
-        fn start_vm(&self, _: &VmSpec) -> CallResult<VmInfo> {
-            refused()
-        }
-        fn stop_vm(&self, _: VmId, _: Option<Duration>) -> CallResult<StoppedVm> {
-            refused()
-        }
-        fn snapshot(&self, _: VmId, _: &SnapshotRequest) -> CallResult<VmSnapshot> {
-            refused()
-        }
-        fn delete_snapshot(&self, _: VmSnapshotId) -> CallResult<DeletedSnapshot> {
-            refused()
-        }
-        fn save_state(&self, _: VmId, _: &SaveStateRequest) -> CallResult<SavedState> {
-            refused()
-        }
-        fn saved_state(&self, _: &str) -> CallResult<Vec<u8>> {
-            refused()
-        }
-        fn delete_saved_state(&self, _: &str) -> CallResult<DeletedState> {
-            refused()
-        }
-        fn usage(&self, _: VmId) -> CallResult<ResourceUsage> {
-            refused()
-        }
-        fn guest(&self, _: VmId, _: u64) -> CallResult<GuestStatus> {
-            refused()
-        }
-        fn guest_exec(&self, _: VmId, _: &ExecRequest) -> CallResult<ExecResult> {
-            refused()
-        }
-    }
-
-    struct Storage(Vec<DatastoreInfo>);
-
-    impl StorageAgentApi for Storage {
-        fn datastores(&self) -> CallResult<Vec<DatastoreInfo>> {
-            Ok(self.0.clone())
-        }
-        fn snapshot_units(&self, _: &UnitSnapshotRequest) -> CallResult<Vec<UnitSnapshot>> {
-            refused()
-        }
-        fn snapshots(&self) -> CallResult<Vec<UnitSnapshot>> {
-            refused()
-        }
-        fn delete_snapshot(&self, _: &str) -> CallResult<Deleted> {
-            refused()
-        }
-        fn backups(&self, _: &BackupsRequest) -> CallResult<Vec<DiskBackupOutcome>> {
-            refused()
-        }
-        fn restore(&self, _: &DiskRestoreRequest) -> CallResult<RestoreReport> {
-            refused()
-        }
-        fn restore_rdm(&self, _: &RdmRestoreRequest) -> CallResult<RdmRestore> {
-            refused()
-        }
-        fn scan_files(&self, _: &ScanRequest) -> CallResult<ScanResult> {
-            refused()
-        }
-        fn read_file(&self, _: &ReadFileRequest) -> CallResult<(Vec<u8>, ReadStats)> {
-            refused()
-        }
-        fn restore_file(&self, _: &FileRestoreRequest) -> CallResult<FileRestored> {
-            refused()
-        }
-        fn stats(&self) -> CallResult<AgentStats> {
-            refused()
-        }
-    }
-
-    /// Hands out the fakes; a host named `down` does not answer.
-    struct Fakes {
-        host: Arc<Host>,
-        storage: Arc<Storage>,
-    }
-
-    impl AgentConnector for Fakes {
-        fn host_agent(&self, r: &Registration) -> CallResult<Arc<dyn HostAgentApi>> {
-            if r.name == "down" {
-                return Err(ClientError::Transport {
-                    url: r.url.clone(),
-                    msg: "connection refused".into(),
-                });
-            }
-            Ok(self.host.clone())
-        }
-        fn storage_agent(&self, _: &Registration) -> CallResult<Arc<dyn StorageAgentApi>> {
-            Ok(self.storage.clone())
-        }
-    }
 
     fn vm(name: &str, id: &str, disks: &[(&str, &str)]) -> VmInfo {
         let spec = VmSpec {
@@ -483,99 +368,64 @@ mod tests {
             boot: Default::default(),
             start_paused: false,
         };
-        VmInfo {
-            handle: VmHandle {
-                id: id.parse().unwrap(),
-                name: name.into(),
-                pid: 1,
-                qmp_socket: PathBuf::from("/q"),
-                qga_socket: PathBuf::from("/g"),
-                disks: disks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (d, p))| VmDisk {
-                        id: d.to_string(),
-                        node_name: format!("disk{i}"),
-                        backing: DiskBacking::Image {
-                            path: PathBuf::from(*p),
-                            format: DiskFormat::Qcow2,
-                        },
-                        read_only: false,
-                    })
-                    .collect(),
-            },
-            spec,
-            state: VmState::Running {
-                status: "running".into(),
-                cpus_running: true,
-            },
-        }
-    }
-
-    fn datastore() -> DatastoreInfo {
-        let disk = |id: &str, kind| DiskInfo {
-            id: id.into(),
-            path: PathBuf::from(format!("/nonexistent-ds/{id}")),
-            kind,
-            format: DiskFormat::Qcow2,
-            virtual_size: 1 << 20,
-            actual_size: 1 << 16,
-            backing_file: None,
-            bitmaps: vec![],
-            unit: "dev:8:1".into(),
-        };
-        DatastoreInfo {
-            name: "ds".into(),
-            path: "/nonexistent-ds".into(),
-            unit: StorageUnit {
-                id: "dev:8:1".into(),
-                device: 2049,
-                mount_point: "/".into(),
-                fs_type: "xfs".into(),
-                fs_magic: 0x5846_5342,
-                reflink_capable: true,
-            },
-            disks: vec![
-                disk("vm1.qcow2", DiskKind::Image),
-                disk("luns/l0", DiskKind::Lun),
-            ],
-        }
+        vm_info(spec, id)
     }
 
     fn register(inv: &Inventory, kind: AgentKind, name: &str) {
-        inv.heartbeat(Registration {
+        inv.heartbeat(registration(kind, name)).unwrap();
+    }
+
+    fn registration(kind: AgentKind, name: &str) -> Registration {
+        Registration {
             kind,
             name: name.into(),
             url: "https://127.0.0.1:1".into(),
             fingerprint: "ab".repeat(32),
             token: "t".into(),
-        })
-        .unwrap();
+        }
     }
 
-    fn inventory(dir: &Path, vms: Vec<VmInfo>) -> Inventory {
+    struct Fakes {
+        host: Arc<FakeHost>,
+        storage: Arc<FakeStorage>,
+        agents: Arc<FakeAgents>,
+    }
+
+    /// Hosts `h1`, `h2` (the same fake, running `vms`) and storage agent `s1`.
+    fn fakes(vms: Vec<VmInfo>) -> Fakes {
+        let host = Arc::new(FakeHost::new(vms));
+        let storage = Arc::new(FakeStorage::new(
+            "s1",
+            vec![datastore(&["vm1.qcow2", "luns/l0"])],
+        ));
+        let agents = Arc::new(
+            FakeAgents::default()
+                .host("h1", host.clone())
+                .host("h2", host.clone())
+                .storage(storage.clone()),
+        );
+        Fakes {
+            host,
+            storage,
+            agents,
+        }
+    }
+
+    fn inventory(dir: &Path, f: &Fakes) -> Inventory {
         Inventory::open(dir, Duration::from_secs(60))
             .unwrap()
-            .with_connector(Arc::new(Fakes {
-                host: Arc::new(Host(vms)),
-                storage: Arc::new(Storage(vec![datastore()])),
-            }))
+            .with_connector(f.agents.clone())
     }
 
     #[test]
     fn vms_are_mapped_to_their_storage() {
         let d = tempfile::tempdir().unwrap();
-        let inv = inventory(
-            d.path(),
-            vec![vm(
-                "vm1",
-                "8000000000000001",
-                &[
-                    ("vda", "/nonexistent-ds/vm1.qcow2"),
-                    ("vdb", "/elsewhere/x.qcow2"),
-                ],
-            )],
-        );
+        let f = fakes(vec![vm(
+            "vm1",
+            "8000000000000001",
+            &[("vda", "/ds/vm1.qcow2"), ("vdb", "/elsewhere/x.qcow2")],
+        )]);
+        let inv = inventory(d.path(), &f);
         register(&inv, AgentKind::Host, "h1");
         register(&inv, AgentKind::Storage, "s1");
         let loc = inv.vm("vm1").unwrap();
@@ -601,7 +451,8 @@ mod tests {
     #[test]
     fn unknown_and_duplicate_vms_are_errors() {
         let d = tempfile::tempdir().unwrap();
-        let inv = inventory(d.path(), vec![vm("vm1", "8000000000000001", &[])]);
+        let f = fakes(vec![vm("vm1", "8000000000000001", &[])]);
+        let inv = inventory(d.path(), &f);
         register(&inv, AgentKind::Host, "h1");
         register(&inv, AgentKind::Host, "h2");
         assert!(matches!(inv.vm("nope"), Err(ManagerError::NotFound(_))));
@@ -609,21 +460,178 @@ mod tests {
         let e = inv.vm("vm1").unwrap_err();
         assert!(matches!(e, ManagerError::Conflict(_)), "{e}");
         assert!(e.to_string().contains("h1, h2"), "{e}");
+        assert_eq!(e.to_api().kind, ErrorKind::Conflict);
     }
 
     #[test]
     fn an_unreachable_host_is_skipped_and_named_on_relay() {
         let d = tempfile::tempdir().unwrap();
-        let inv = inventory(d.path(), vec![vm("vm1", "8000000000000001", &[])]);
-        register(&inv, AgentKind::Host, "down");
+        let f = fakes(vec![vm("vm1", "8000000000000001", &[])]);
+        f.agents.set_down("h1", true);
+        let inv = inventory(d.path(), &f);
+        register(&inv, AgentKind::Host, "h1");
         // Listing skips the host that does not answer.
         assert!(inv.vms().unwrap().is_empty());
-        let e = inv.host_agent("down").err().expect("a refused connection");
+        let e = inv.host_agent("h1").err().expect("a refused connection");
         assert_eq!(e.to_api().kind, ErrorKind::Internal);
         assert!(
-            e.to_api().message.contains("host agent down"),
+            e.to_api().message.contains("host agent h1"),
             "{}",
             e.to_api()
         );
+    }
+
+    #[test]
+    fn a_storage_agent_down_leaves_the_vm_listed_with_its_disks_unmapped() {
+        let d = tempfile::tempdir().unwrap();
+        let f = fakes(vec![vm(
+            "vm1",
+            "8000000000000001",
+            &[("vda", "/ds/vm1.qcow2")],
+        )]);
+        f.storage.script.fail("datastores", Fault::Down);
+        let inv = inventory(d.path(), &f);
+        register(&inv, AgentKind::Host, "h1");
+        register(&inv, AgentKind::Storage, "s1");
+        let loc = inv.vm("vm1").unwrap();
+        assert_eq!(loc.disks[0].storage_agent, None);
+        assert_eq!(loc.disks[0].datastore, None);
+    }
+
+    #[test]
+    fn a_relay_reaches_the_vms_host_with_its_id_and_names_the_host_on_failure() {
+        let d = tempfile::tempdir().unwrap();
+        let f = fakes(vec![vm("vm1", "8000000000000007", &[])]);
+        let inv = inventory(d.path(), &f);
+        register(&inv, AgentKind::Host, "h1");
+        let req = SnapshotRequest {
+            kind: Some(SnapshotKind::Overlay),
+            ..Default::default()
+        };
+        let snap = inv.on_vm_host("vm1", |h, id| h.snapshot(id, &req)).unwrap();
+        assert_eq!(snap.vm.to_string(), "8000000000000007");
+        assert_eq!(snap.kind, SnapshotKind::Overlay);
+        // The host's own error keeps its kind and names the host.
+        f.host.script.fail(
+            "snapshot",
+            Fault::Api(ErrorKind::Conflict, "a snapshot exists".into()),
+        );
+        let e = inv
+            .on_vm_host("vm1", |h, id| h.snapshot(id, &req))
+            .unwrap_err()
+            .to_api();
+        assert_eq!(e.kind, ErrorKind::Conflict);
+        assert!(e.message.contains("host agent h1"), "{e}");
+        assert!(e.message.contains("a snapshot exists"), "{e}");
+        // A host refusing the manager's token is the manager's fault, not the caller's.
+        f.host.script.fail(
+            "snapshot",
+            Fault::Api(ErrorKind::Unauthorized, "bad token".into()),
+        );
+        let e = inv
+            .on_vm_host("vm1", |h, id| h.snapshot(id, &req))
+            .unwrap_err();
+        assert_eq!(e.to_api().kind, ErrorKind::Internal);
+        // An answer the manager cannot parse is named, not defaulted.
+        f.host
+            .script
+            .fail("snapshot", Fault::UnknownVariant("hibernate".into()));
+        let e = inv
+            .on_vm_host("vm1", |h, id| h.snapshot(id, &req))
+            .unwrap_err();
+        assert!(
+            cairn_http::chain(&e).contains("unknown variant `hibernate`"),
+            "{e}"
+        );
+        // An unknown VM never reaches a host.
+        let before = f.host.script.count("snapshot");
+        assert!(matches!(
+            inv.on_vm_host("nope", |h, id| h.snapshot(id, &req)),
+            Err(ManagerError::NotFound(_))
+        ));
+        assert_eq!(f.host.script.count("snapshot"), before);
+    }
+
+    #[test]
+    fn heartbeats_are_checked_before_they_are_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let inv = inventory(d.path(), &fakes(vec![]));
+        let mut bad_name = registration(AgentKind::Host, "h1");
+        bad_name.name = "../h1".into();
+        let mut plain = registration(AgentKind::Host, "h1");
+        plain.url = "http://127.0.0.1:1".into();
+        let mut no_fp = registration(AgentKind::Host, "h1");
+        no_fp.fingerprint = "xyz".into();
+        for (r, msg) in [
+            (bad_name, "agent name"),
+            (plain, "https://HOST:PORT"),
+            (no_fp, "agent fingerprint"),
+        ] {
+            let e = inv.heartbeat(r).unwrap_err();
+            assert_eq!(e.to_api().kind, ErrorKind::BadRequest, "{e}");
+            assert!(e.to_string().contains(msg), "{e}");
+        }
+        assert!(inv.agents().is_empty());
+        assert!(!d.path().join("agents.json").exists());
+    }
+
+    #[test]
+    fn a_restarted_manager_knows_its_agents_but_counts_them_stale_until_they_beat() {
+        let d = tempfile::tempdir().unwrap();
+        let f = fakes(vec![vm("vm1", "8000000000000001", &[])]);
+        {
+            let inv = inventory(d.path(), &f);
+            register(&inv, AgentKind::Host, "h1");
+        }
+        // Restarted, with a window that the last heartbeat is outside of.
+        let inv = Inventory::open(d.path(), Duration::ZERO)
+            .unwrap()
+            .with_connector(f.agents.clone());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(inv.agents().len(), 1);
+        assert_eq!(inv.agents()[0].state, "stale");
+        let e = inv.agent(AgentKind::Host, "h1").unwrap_err();
+        assert!(matches!(e, ManagerError::Stale { .. }), "{e}");
+        assert_eq!(e.to_api().kind, ErrorKind::Conflict);
+        // Its VMs are unknown, and the answer says why.
+        let e = inv.vm("vm1").unwrap_err();
+        assert!(
+            e.to_string().contains("host h1 stopped heartbeating"),
+            "{e}"
+        );
+        assert_eq!(f.host.script.count("vms"), 0);
+    }
+
+    #[test]
+    fn a_removed_agent_is_forgotten_durably() {
+        let d = tempfile::tempdir().unwrap();
+        let f = fakes(vec![]);
+        let inv = inventory(d.path(), &f);
+        register(&inv, AgentKind::Storage, "s1");
+        register(&inv, AgentKind::Host, "h1");
+        inv.remove(AgentKind::Storage, "s1").unwrap();
+        assert!(matches!(
+            inv.remove(AgentKind::Storage, "s1"),
+            Err(ManagerError::NotFound(_))
+        ));
+        let again = inventory(d.path(), &f);
+        let names: Vec<_> = again
+            .agents()
+            .into_iter()
+            .map(|a| a.registration.name)
+            .collect();
+        assert_eq!(names, ["h1"]);
+    }
+
+    #[test]
+    fn a_registry_that_does_not_parse_is_an_error_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let record = br#"[{"kind": "toaster", "name": "t1", "url": "https://t:1",
+            "fingerprint": "ab", "token": "t", "registered_ms": 0, "last_seen_ms": 0}]"#;
+        std::fs::write(d.path().join("agents.json"), record).unwrap();
+        let e = Inventory::open(d.path(), Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(e, ManagerError::State { .. }), "{e}");
+        assert!(e.to_string().contains("agents.json"), "{e}");
+        assert!(e.to_string().contains("unknown variant `toaster`"), "{e}");
     }
 }
