@@ -414,6 +414,12 @@ pub struct BackupJob {
     pub request: BackupRequest,
 }
 
+/// Tags of storage snapshots that live only as long as the job that took them (a group
+/// backup's `group-<id>`): a storage agent that restarts deletes the ones it finds, because the
+/// job cannot use them any more and, if the agent died before answering, never learned their
+/// ids to release them.
+pub const JOB_SCOPED_TAG_PREFIX: &str = "group-";
+
 /// Body of `POST /v1/snapshots`: one storage snapshot per storage unit of `disks`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -80,7 +80,7 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
         }
         let req = UnitSnapshotRequest {
             provider: provider.into(),
-            tag: format!("group-{group_id}"),
+            tag: format!("{}{group_id}", cairn_api::storage::JOB_SCOPED_TAG_PREFIX),
             disks: disks
                 .iter()
                 .map(|&(v, d)| DiskRef {

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use cairn_api::storage::JOB_SCOPED_TAG_PREFIX;
 use cairn_types::ReadAt;
 use cairn_vault::imager::{self, BackupOptions, NoProgress, ParentRecipe};
 use cairn_vault::{SnapshotManifest, Vault};
@@ -103,10 +104,6 @@ pub struct StorageAgent {
     catalog: SnapshotCatalog,
     pub counters: AgentCounters,
 }
-
-/// Tags of storage-unit snapshots that live only as long as the backup job that took them
-/// (a group backup's `group-<id>`): an agent that restarts deletes the ones it finds.
-pub const JOB_SCOPED_TAG_PREFIX: &str = "group-";
 
 impl StorageAgent {
     pub fn new(config: AgentConfig) -> Self {
