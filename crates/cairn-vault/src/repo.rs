@@ -57,7 +57,7 @@ pub struct RebuildReport {
 }
 
 /// A damaged copy of a segment: its digest and the frame it lies in.
-type Mark = (Digest, ContainerId, u32);
+pub type Mark = (Digest, ContainerId, u32);
 
 fn damaged_key() -> Key {
     Key::new("repair/damaged.json").expect("valid key")
@@ -348,6 +348,25 @@ impl Repository {
         }
     }
 
+    /// Reads every page of the index. Runs that fail (now, or when they were opened) are
+    /// dropped and rebuilt from the containers; returns the entries read and, for each run
+    /// rebuilt, its path and what was wrong.
+    pub fn check_index(&self) -> Result<(u64, Vec<(String, String)>)> {
+        let mut rebuilt = self.index_mut().take_dropped();
+        loop {
+            let r = self.index().check_runs();
+            match r {
+                Ok(n) => return Ok((n, rebuilt)),
+                Err(VaultError::IndexDamaged { path, what }) if rebuilt.len() < 64 => {
+                    self.heal_index(&path)?;
+                    self.index_mut().take_dropped(); // the one just noted
+                    rebuilt.push((path, what));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Drops a damaged index run and reads the trailers of the containers it covered.
     pub fn heal_index(&self, run_path: &str) -> Result<()> {
         self.index_mut().drop_run(run_path)?;
@@ -442,18 +461,10 @@ impl Repository {
         Ok(locs)
     }
 
-    /// The copies marked damaged: digest, container and frame offset.
-    pub fn marked_copies(&self) -> Vec<(Digest, ContainerId, u32)> {
-        self.damaged
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect()
-    }
-
-    /// Digests whose indexed copy is marked damaged.
-    pub fn damaged_segments(&self) -> Result<Vec<Digest>> {
+    /// Every copy marked damaged, with where the index now locates its segment: the marked
+    /// copy itself (not healed yet), another copy (healed; the marked one is garbage), or
+    /// nowhere.
+    pub fn marks_located(&self) -> Result<Vec<(Mark, Option<Location>)>> {
         let marks: Vec<Mark> = self
             .damaged
             .read()
@@ -463,31 +474,39 @@ impl Repository {
             .collect();
         let digests: Vec<Digest> = marks.iter().map(|m| m.0).collect();
         let locs = self.locate_many(&digests)?;
-        Ok(marks
-            .iter()
-            .zip(locs)
+        Ok(marks.into_iter().zip(locs).collect())
+    }
+
+    /// Digests whose indexed copy is marked damaged.
+    pub fn damaged_segments(&self) -> Result<Vec<Digest>> {
+        Ok(self
+            .marks_located()?
+            .into_iter()
             .filter(|(m, l)| l.is_some_and(|l| (l.container, l.offset) == (m.1, m.2)))
             .map(|(m, _)| m.0)
             .collect())
     }
 
-    /// Marks segment copies as damaged (and keeps only marks of `keep_containers`, when
-    /// given: GC drops marks of containers it deleted). Persists the marks.
-    pub fn mark_damaged(
-        &self,
-        marks: &[(Digest, Location)],
-        keep_containers: Option<&HashSet<ContainerId>>,
-    ) -> Result<()> {
+    /// Marks segment copies as damaged, and persists the marks.
+    pub fn mark_damaged(&self, marks: &[(Digest, Location)]) -> Result<()> {
+        self.update_marks(|set| set.extend(marks.iter().map(|(d, l)| (*d, l.container, l.offset))))
+    }
+
+    /// Drops the marks of containers not in `keep` (GC: the containers it deleted).
+    pub fn drop_marks_outside(&self, keep: &HashSet<ContainerId>) -> Result<()> {
+        self.update_marks(|set| set.retain(|m| keep.contains(&m.1)))
+    }
+
+    /// Changes the marks with `f`, persisting them when they changed.
+    fn update_marks(&self, f: impl FnOnce(&mut HashSet<Mark>)) -> Result<()> {
         let body = {
             let mut set = self.damaged.write().unwrap_or_else(|p| p.into_inner());
-            let before = set.clone();
-            set.extend(marks.iter().map(|(d, l)| (*d, l.container, l.offset)));
-            if let Some(keep) = keep_containers {
-                set.retain(|m| keep.contains(&m.1));
-            }
-            if *set == before {
+            let mut changed = set.clone();
+            f(&mut changed);
+            if changed == *set {
                 return Ok(());
             }
+            *set = changed;
             let mut list: Vec<Mark> = set.iter().copied().collect();
             list.sort();
             serde_json::to_vec(&list).expect("marks json")
@@ -509,7 +528,7 @@ impl Repository {
 
     /// Marks a copy a read found damaged (best effort: the read fails either way).
     fn note_damage(&self, d: &Digest, loc: &Location) {
-        if let Err(e) = self.mark_damaged(&[(*d, *loc)], None) {
+        if let Err(e) = self.mark_damaged(&[(*d, *loc)]) {
             tracing::warn!("could not mark segment {d:?} damaged: {e}");
         }
     }

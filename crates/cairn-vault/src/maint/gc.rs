@@ -162,17 +162,12 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
     // Containers holding a copy marked damaged are repacked as soon as that copy is
     // superseded (the index names another copy); its frame is then decoded and only its
     // other, intact members are kept.
-    let superseded: HashSet<(ContainerId, u64)> = {
-        let marks = repo.marked_copies();
-        let digests: Vec<Digest> = marks.iter().map(|m| m.0).collect();
-        let locs = repo.locate_many(&digests)?;
-        marks
-            .iter()
-            .zip(locs)
-            .filter(|(m, l)| l.is_some_and(|l| (l.container, l.offset) != (m.1, m.2)))
-            .map(|(m, _)| (m.1, u64::from(m.2)))
-            .collect()
-    };
+    let superseded: HashSet<(ContainerId, u64)> = repo
+        .marks_located()?
+        .into_iter()
+        .filter(|(m, l)| l.is_some_and(|l| (l.container, l.offset) != (m.1, m.2)))
+        .map(|(m, _)| (m.1, u64::from(m.2)))
+        .collect();
     let dead_marks: HashSet<ContainerId> = superseded.iter().map(|f| f.0).collect();
     let mut candidates: Vec<(ContainerId, u64, Vec<Record>)> = Vec::new();
     for (c, size) in &containers {
@@ -282,7 +277,7 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
         .into_iter()
         .map(|(c, _)| c)
         .collect();
-    repo.mark_damaged(&[], Some(&remaining))?;
+    repo.drop_marks_outside(&remaining)?;
     plan.leftovers_removed = repo.store().remove_leftovers(LEFTOVER_MIN_AGE)?;
     plan.executed = true;
     lock.release()?;

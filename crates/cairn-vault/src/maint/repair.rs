@@ -24,7 +24,7 @@ use cairn_chunk::recipe::{Node, TreeRoot};
 use cairn_chunk::{EncodedSegment, Encoder, codec};
 use cairn_types::{ContainerId, Digest, SnapshotId};
 
-use crate::error::{Result, VaultError};
+use crate::error::Result;
 use crate::index::Location;
 use crate::lock::RepoLock;
 use crate::manifest::{DamagedSnapshot, SnapshotManifest};
@@ -57,17 +57,7 @@ pub fn repair(repo: &Repository, dry_run: bool) -> Result<RepairReport> {
             repo.rewrite_config()?;
         }
     }
-    loop {
-        let r = repo.index().check_runs();
-        match r {
-            Err(VaultError::IndexDamaged { path, .. }) if rep.index_runs_rebuilt < 64 => {
-                rep.index_runs_rebuilt += 1;
-                repo.heal_index(&path)?;
-            }
-            Err(e) => return Err(e),
-            Ok(_) => break,
-        }
-    }
+    rep.index_runs_rebuilt = repo.check_index()?.1.len();
     repo.sync_index()?;
     rebuild_trailers(repo, dry_run, &mut rep)?;
     repair_manifests(repo, dry_run, &mut rep)?;

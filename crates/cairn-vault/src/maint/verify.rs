@@ -189,7 +189,7 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
     rep.superseded = superseded.len();
     if !lost.is_empty() {
         rep.marked = lost.len();
-        repo.mark_damaged(&lost, None)?;
+        repo.mark_damaged(&lost)?;
     }
     check_snapshots(repo, &good, &mut rep)?;
     Ok(rep)
@@ -227,29 +227,13 @@ fn check_config(repo: &Repository, rep: &mut VerifyReport) {
 
 /// Reads every index page; a damaged run is reported and rebuilt from the containers.
 fn check_index_pages(repo: &Repository, rep: &mut VerifyReport) -> Result<()> {
-    for (path, what) in repo.index_mut().take_dropped() {
+    let (entries, rebuilt) = repo.check_index()?;
+    rep.index_entries_checked = entries;
+    for (path, what) in rebuilt {
         rep.damage(
             None,
             format!("index run {path}: {what} (rebuilt from the containers)"),
         );
-    }
-    for _ in 0..8 {
-        let r = repo.index().check_runs();
-        match r {
-            Ok(n) => {
-                rep.index_entries_checked = n;
-                return Ok(());
-            }
-            Err(VaultError::IndexDamaged { path, what }) => {
-                rep.damage(
-                    None,
-                    format!("index run {path}: {what} (rebuilt from the containers)"),
-                );
-                repo.heal_index(&path)?;
-                repo.index_mut().take_dropped(); // just reported
-            }
-            Err(e) => return Err(e),
-        }
     }
     Ok(())
 }
