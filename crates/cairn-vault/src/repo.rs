@@ -413,17 +413,18 @@ impl Repository {
         }
         drop(ix);
         for c in unreadable {
-            let mut kept = Vec::new();
-            for (d, l) in salvage.remove(&c).unwrap_or_default() {
-                let stored = self.store.get_range(
-                    &container_key(&c),
-                    u64::from(l.offset),
-                    u64::from(l.stored_len),
-                );
-                if stored.is_ok_and(|b| decode_blob(&d, &l, &b).is_ok()) {
-                    kept.push((d, l));
-                }
-            }
+            // One read of the container; each entry's frame is decoded and re-hashed.
+            let data = self.store.get(&container_key(&c)).unwrap_or_default();
+            let kept: Vec<(Digest, Location)> = salvage
+                .remove(&c)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(d, l)| {
+                    let at = l.offset as usize;
+                    data.get(at..at + l.stored_len as usize)
+                        .is_some_and(|b| decode_blob(d, l, b).is_ok())
+                })
+                .collect();
             if kept.is_empty() {
                 rep.containers_skipped += 1;
             } else {
