@@ -190,34 +190,8 @@ fn rdm_metadata_retention_schedules_and_failures() {
     assert_eq!(j["state"], "succeeded", "{j}");
     // Change tracking lost: QEMU killed, the VM started again on the same disk. Its bitmap
     // comes back inconsistent; the next backup compares with the parent and succeeds.
-    let vm_dir = std::fs::read_dir(t.join("host/vms"))
-        .unwrap()
-        .flatten()
-        .find(|d| {
-            std::fs::read_to_string(d.path().join("vm.json"))
-                .map(|j| j.contains("\"vm1\""))
-                .unwrap_or(false)
-        })
-        .unwrap()
-        .path();
-    let rec: Value =
-        serde_json::from_str(&std::fs::read_to_string(vm_dir.join("vm.json")).unwrap()).unwrap();
-    let pid = rec["pid"].as_u64().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let t0 = Instant::now();
-    while m.get_json::<Value>("/v1/vms/vm1").unwrap()["state"] == "running" {
-        assert!(t0.elapsed() < Duration::from_secs(30), "vm1 still running");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _: Value = m.delete_json("/v1/vms/vm1").unwrap();
-    let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
-    wait_guest(&m, "vm1");
+    kill_qemu(t, "vm1");
+    start_again(&m, "vm1", &spec);
     let j = submit(&s, "/v1/backups", json!({"vms": ["vm1"]}));
     assert_eq!(j["state"], "succeeded", "{j}");
     let vda = &j["result"]["backups"][0]["disks"][0];

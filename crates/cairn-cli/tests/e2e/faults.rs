@@ -356,15 +356,7 @@ fn fault_matrix() {
         relay.cut.store(false, Ordering::SeqCst);
         if matches!(row.fault, Fault::KillQemu) {
             // The VM is started again on its disk, as an operator would.
-            let m = c.manager.client();
-            let t0 = Instant::now();
-            while m.get_json::<Value>("/v1/vms/vm1").unwrap()["state"] == "running" {
-                assert!(t0.elapsed() < Duration::from_secs(30), "vm1 still running");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let _: Value = m.delete_json("/v1/vms/vm1").unwrap();
-            let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
-            wait_guest(&m, "vm1");
+            start_again(&c.manager.client(), "vm1", &spec);
         }
         if !wait_agents(&c.manager.client()) {
             eprintln!(
@@ -497,14 +489,7 @@ fn run_row(
         }
         (Fault::KillQemu, _) => {
             let (s, id) = held_backup(c, 4000, server_args);
-            let pid = qemu_pid(t, "vm1");
-            assert!(
-                std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
+            kill_qemu(t, "vm1");
             job_outcome(&wait_job(&s, &id))
         }
         (Fault::CutVaultLink, _) => {
@@ -538,20 +523,6 @@ fn held_backup(
     let id = j["id"].as_str().unwrap().to_string();
     wait_hold(&s, &id);
     (s, id)
-}
-
-/// The pid of `vm`'s QEMU, from the host agent's record of it.
-fn qemu_pid(t: &std::path::Path, vm: &str) -> u64 {
-    for d in std::fs::read_dir(t.join("host/vms")).unwrap().flatten() {
-        let Ok(text) = std::fs::read_to_string(d.path().join("vm.json")) else {
-            continue;
-        };
-        let rec: Value = serde_json::from_str(&text).unwrap();
-        if rec["name"] == vm || text.contains(&format!("\"{vm}\"")) {
-            return rec["pid"].as_u64().unwrap();
-        }
-    }
-    panic!("no QEMU for {vm}");
 }
 
 /// Restores vm1's newest backup as `vm1-r`, not started; the finished job.

@@ -464,3 +464,36 @@ pub fn wait_guest(m: &Client, vm: &str) {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// SIGKILLs the QEMU of `vm`, found through the host agent's record of it under `t/host`.
+pub fn kill_qemu(t: &Path, vm: &str) {
+    let quoted = format!("\"{vm}\"");
+    let rec: Value = std::fs::read_dir(t.join("host/vms"))
+        .unwrap()
+        .flatten()
+        .filter_map(|d| std::fs::read_to_string(d.path().join("vm.json")).ok())
+        .find(|text| text.contains(&quoted))
+        .map(|text| serde_json::from_str(&text).unwrap())
+        .unwrap_or_else(|| panic!("no QEMU for {vm}"));
+    let pid = rec["pid"].as_u64().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Waits until `vm` is seen stopped, then defines it again from `spec` on host h1 and waits
+/// for its guest: an operator starting a VM again on its disk.
+pub fn start_again(m: &Client, vm: &str, spec: &Value) {
+    let t0 = Instant::now();
+    while m.get_json::<Value>(&format!("/v1/vms/{vm}")).unwrap()["state"] == "running" {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{vm} still running");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _: Value = m.delete_json(&format!("/v1/vms/{vm}")).unwrap();
+    let _: Value = m.post_json("/v1/hosts/h1/vms", spec).unwrap();
+    wait_guest(m, vm);
+}
