@@ -139,6 +139,15 @@ pub enum Hold {
     StorageSnapshot { agent: String, snapshot: String },
     /// A saved execution state on a host agent.
     SavedState { vm: String, name: String },
+    /// A disk a restore wrote for the new VM `vm`: discarded unless `vm` was defined.
+    RestoredDisk {
+        vm: String,
+        agent: String,
+        datastore: String,
+        disk: String,
+    },
+    /// A vault snapshot of a pruned backup: forgotten once no backup in the catalog names it.
+    VaultSnapshot { snapshot: String },
 }
 
 /// A job and its outcome.

@@ -226,6 +226,11 @@ impl JobCtx<'_> {
         let _ = self.server.catalog.set_job_holds(&self.id, &holds);
     }
 
+    /// What the job holds now.
+    pub fn holds(&self) -> Vec<Hold> {
+        self.holds.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Releases everything still held (failure paths).
     pub fn release_all(&self) {
         let holds = self.holds.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -248,6 +253,13 @@ fn describe(h: &Hold) -> String {
             format!("storage snapshot {snapshot} on {agent}")
         }
         Hold::SavedState { vm, name } => format!("saved state {name} of {vm}"),
+        Hold::RestoredDisk {
+            vm,
+            agent,
+            datastore,
+            disk,
+        } => format!("disk {datastore}/{disk} on {agent} restored for {vm}"),
+        Hold::VaultSnapshot { snapshot } => format!("vault snapshot {snapshot} of a pruned backup"),
     }
 }
 
@@ -319,6 +331,48 @@ pub fn release(server: &Server, h: &Hold) -> Result<()> {
             match server.manager.delete_saved_state(&host, &name) {
                 Err(e) if !gone(&e) => Err(ServerError::call("delete saved state")(e)),
                 _ => Ok(()),
+            }
+        }
+        Hold::RestoredDisk {
+            vm,
+            agent,
+            datastore,
+            disk,
+        } => {
+            // A VM that was defined owns its disks, whatever the job's answer was.
+            match server.manager.vm(vm) {
+                Ok(_) => return Ok(()),
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(ServerError::call(format!("look for VM {vm}"))(e)),
+            }
+            let req = cairn_api::storage::DiskRef {
+                datastore: datastore.clone(),
+                disk: disk.clone(),
+            };
+            match server.storage_agent(agent)?.discard_restored(&req) {
+                Err(e) if !gone(&e) => Err(ServerError::call("discard restored disk")(e)),
+                _ => Ok(()),
+            }
+        }
+        Hold::VaultSnapshot { snapshot } => {
+            // The prune did not get as far as the catalog: the backup stands, and its
+            // snapshot with it.
+            let named = server
+                .catalog
+                .backups(None)?
+                .iter()
+                .flat_map(|b| &b.disks)
+                .any(|d| {
+                    &d.vault_snapshot == snapshot
+                        || d.rdm.as_ref().and_then(|r| r.get("mapping_snapshot"))
+                            == Some(&serde_json::Value::from(snapshot.as_str()))
+                });
+            if named {
+                return Ok(());
+            }
+            match crate::vault::open(&server.config.vault)?.forget(std::slice::from_ref(snapshot)) {
+                Ok(_) | Err(cairn_vault::VaultError::SnapshotNotFound(_)) => Ok(()),
+                Err(e) => Err(ServerError::Failed(format!("vault forget {snapshot}: {e}"))),
             }
         }
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use cairn_api::host::VmSpec;
 use cairn_api::storage::{DiskRestoreRequest, RdmRestoreRequest, RestoreMode};
+use cairn_catalog::Hold;
 use cairn_types::DiskFormat;
 use serde_json::{Value, json};
 
@@ -76,6 +77,13 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
                 ServerError::Invalid(format!("disk {} of backup {}: {e}", d.disk, b.id))
             })?;
             let id = format!("{}-{}.{format}", p.as_name, d.disk);
+            // Held until the job ends: a failed restore takes its disks away again.
+            ctx.hold(Hold::RestoredDisk {
+                vm: p.as_name.clone(),
+                agent: d.storage_agent.clone(),
+                datastore: d.datastore.clone(),
+                disk: id.clone(),
+            })?;
             let r = c
                 .restore(&DiskRestoreRequest {
                     vault: s.config.vault.clone(),
@@ -157,5 +165,11 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
         }
     }
     result["duration_ms"] = json!(started.elapsed().as_millis() as u64);
+    // The restore stands: its disks are the new VM's (or the operator's, unstarted).
+    for h in ctx.holds() {
+        if matches!(h, Hold::RestoredDisk { .. }) {
+            ctx.unhold(&h);
+        }
+    }
     Ok(result)
 }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_catalog::{Retention, Schedule, now_ms};
+use cairn_catalog::{Hold, Retention, Schedule, now_ms};
 use cairn_vault::maint::PruneOptions;
 use serde_json::{Value, json};
 
@@ -178,7 +178,29 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
                     .and_then(Value::as_str)
                     .map(str::to_string)
             }));
-            // Snapshots another backup still names (a reused parent never is, but be safe).
+            // The catalog forgets the backup first, the vault second: a backup the catalog
+            // lists is always restorable. The snapshots are held by the job in between, so
+            // a server that dies there forgets them at its next start.
+            let holds: Vec<Hold> = snaps
+                .iter()
+                .map(|snapshot| Hold::VaultSnapshot {
+                    snapshot: snapshot.clone(),
+                })
+                .collect();
+            for h in &holds {
+                ctx.hold(h.clone())?;
+            }
+            s.catalog.delete_backup(&b.id)?;
+            if let Ok(files) = s.files()
+                && files.backups().iter().any(|x| x.backup_id == b.id)
+                && let Err(e) = files.remove_backup(&b.id)
+            {
+                ctx.warn(format!("backup {}: file catalog entry kept: {e}", b.id));
+            }
+            if let Ok(m) = s.catalog.metadata(&b.timestamp_id) {
+                s.meta.remove(&s.catalog, &m)?;
+            }
+            cairn_types::fault::point("server.prune.before_forget");
             match vault.forget(&snaps) {
                 Ok(_) => {}
                 Err(cairn_vault::VaultError::SnapshotNotFound(_)) => {
@@ -192,15 +214,8 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
                 }
                 Err(e) => return Err(ServerError::Failed(format!("vault forget: {e}"))),
             }
-            s.catalog.delete_backup(&b.id)?;
-            if let Ok(files) = s.files()
-                && files.backups().iter().any(|x| x.backup_id == b.id)
-                && let Err(e) = files.remove_backup(&b.id)
-            {
-                ctx.warn(format!("backup {}: file catalog entry kept: {e}", b.id));
-            }
-            if let Ok(m) = s.catalog.metadata(&b.timestamp_id) {
-                s.meta.remove(&s.catalog, &m)?;
+            for h in &holds {
+                ctx.unhold(h);
             }
             ctx.info(format!("{vm}: backup {} pruned", b.id));
         }

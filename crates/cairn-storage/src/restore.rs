@@ -202,11 +202,15 @@ pub fn restore_new(vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreRep
             }
             if bytes >= WINDOW {
                 rep.bytes_written += fetch_and_write(vault, &nbd, &batch)?;
+                cairn_types::fault::point("storage.restore.after_first_batch");
                 batch.clear();
                 bytes = 0;
             }
         }
         rep.bytes_written += fetch_and_write(vault, &nbd, &batch)?;
+        if rep.bytes_written > 0 {
+            cairn_types::fault::point("storage.restore.after_first_batch");
+        }
         cairn_types::fault::point("storage.restore.before_rename");
         rep.bytes_fetched = rep.bytes_written;
         nbd.flush()?;
@@ -342,5 +346,25 @@ impl StorageAgent {
             .fetch_add(rep.bytes_written, Ordering::Relaxed);
         c.disk_read.fetch_add(rep.bytes_compared, Ordering::Relaxed);
         Ok(rep)
+    }
+
+    /// Removes a disk a restore wrote into a datastore, for a restore job that failed after
+    /// the disk was complete (the server asks; the VM that would have used the disk was never
+    /// defined). Only a regular file is removed, never a block device; its partial file goes
+    /// too. A disk that is not there is `NotFound`.
+    pub fn discard_restored(&self, datastore: &str, disk: &str) -> Result<()> {
+        let path = self.disk_path(datastore, disk)?;
+        if let Some(p) = imager::partial_path(&path) {
+            let _ = std::fs::remove_file(p);
+        }
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(StorageError::io(&path, "discard restored disk"))?;
+        if !meta.file_type().is_file() {
+            return Err(StorageError::Invalid(format!(
+                "{} is not a regular file; only restored disk files are discarded",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(&path).map_err(StorageError::io(&path, "discard restored disk"))
     }
 }

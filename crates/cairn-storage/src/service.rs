@@ -147,6 +147,17 @@ async fn restores(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Re
     .await
 }
 
+async fn discard_restored(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
+    let req: DiskRef = body(&b)?;
+    blocking(move || {
+        a.discard_restored(&req.datastore, &req.disk)?;
+        Ok(Deleted {
+            deleted: format!("{}/{}", req.datastore, req.disk),
+        })
+    })
+    .await
+}
+
 async fn rdm_restore(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
     let req: RdmRestoreRequest = body(&b)?;
     blocking(move || {
@@ -232,6 +243,7 @@ pub fn router(agent: Arc<StorageAgent>, token: String) -> Router {
             .route("/v1/retention", post(retention))
             .route("/v1/backups", post(backups))
             .route("/v1/restores", post(restores))
+            .route("/v1/restores/discard", post(discard_restored))
             .route("/v1/rdm/resolve", post(rdm_resolve))
             .route("/v1/rdm/restores", post(rdm_restore))
             .route("/v1/files/scan", post(scan_files))

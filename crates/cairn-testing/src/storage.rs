@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cairn_api::storage::{
     AgentStats, BackupsRequest, ChangeSource, DatastoreInfo, Deleted, DiskBackup,
-    DiskBackupOutcome, DiskInfo, DiskKind, DiskRestoreRequest, DiskSnapshot, FileRestoreRequest,
-    FileRestored, RdmRestore, RdmRestoreRequest, ReadFileRequest, ReadStats, RestoreReport,
-    ScanRequest, ScanResult, StorageUnit, UnitSnapshot, UnitSnapshotRequest, VaultSnapshot,
+    DiskBackupOutcome, DiskInfo, DiskKind, DiskRef, DiskRestoreRequest, DiskSnapshot,
+    FileRestoreRequest, FileRestored, RdmRestore, RdmRestoreRequest, ReadFileRequest, ReadStats,
+    RestoreReport, ScanRequest, ScanResult, StorageUnit, UnitSnapshot, UnitSnapshotRequest,
+    VaultSnapshot,
 };
 use cairn_api::{CallResult, StorageAgentApi};
 use cairn_http::{ApiError, ErrorKind};
@@ -65,6 +66,8 @@ pub struct FakeStorage {
     /// Storage snapshots deleted, by id.
     pub deleted: Mutex<Vec<String>>,
     pub restores: Mutex<Vec<DiskRestoreRequest>>,
+    /// Restored disks discarded after their job failed.
+    pub discarded: Mutex<Vec<DiskRef>>,
 }
 
 impl FakeStorage {
@@ -79,6 +82,7 @@ impl FakeStorage {
             unit_snapshots: Mutex::default(),
             deleted: Mutex::default(),
             restores: Mutex::default(),
+            discarded: Mutex::default(),
         }
     }
 
@@ -188,6 +192,14 @@ impl StorageAgentApi for FakeStorage {
             regions_written: 1,
             zero_bytes: (1 << 20) - 4096,
             duration_ms: 1,
+        })
+    }
+
+    fn discard_restored(&self, disk: &DiskRef) -> CallResult<Deleted> {
+        self.script.enter("discard_restored", &self.url())?;
+        lock(&self.discarded).push(disk.clone());
+        Ok(Deleted {
+            deleted: format!("{}/{}", disk.datastore, disk.disk),
         })
     }
 

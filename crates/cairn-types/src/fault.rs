@@ -3,12 +3,14 @@
 //! role recovers from dying at that moment.
 //!
 //! A point does nothing unless the process was started with `CAIRN_FAULT_POINT` naming it
-//! (`NAME`, or `NAME@N` to die on its N-th pass, counting from 1). The variable is read once;
-//! an unset variable costs one relaxed atomic load per pass. Points are named
-//! `ROLE.FLOW.MOMENT`; [`POINTS`] lists every one, so the suite can walk them all.
+//! (`NAME`, or `NAME@N` to die on its N-th pass, counting from 1). `CAIRN_FAULT_PAUSE=NAME:MS`
+//! instead holds the first pass of a point for `MS` milliseconds, so that the suite can kill
+//! *another* role while this one stands at a known moment. The variables are read once; unset
+//! variables cost one relaxed atomic load per pass. Points are named `ROLE.FLOW.MOMENT`;
+//! [`POINTS`] lists every one, so the suite can walk them all.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Every fault point, with the moment it stands for.
 pub const POINTS: &[(&str, &str)] = &[
@@ -35,6 +37,18 @@ pub const POINTS: &[(&str, &str)] = &[
     (
         "storage.restore.before_rename",
         "the storage agent has written a restored qcow2 disk under its partial name",
+    ),
+    (
+        "storage.restore.after_first_batch",
+        "the storage agent has fetched and written the first batch of a restored disk",
+    ),
+    (
+        "server.prune.before_forget",
+        "the server has removed a pruned backup from its catalog, the vault still holds it",
+    ),
+    (
+        "vault.forget.after_first",
+        "the vault has forgotten the first of several snapshots in one call",
     ),
     (
         "host.snapshot.after_snapshot",
@@ -66,8 +80,37 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
-/// Dies here, as if killed with SIGKILL, when this point is armed and due.
+struct Pause {
+    name: String,
+    ms: u64,
+    done: AtomicBool,
+}
+
+fn pause() -> Option<&'static Pause> {
+    static PAUSE: OnceLock<Option<Pause>> = OnceLock::new();
+    PAUSE
+        .get_or_init(|| {
+            let v = std::env::var("CAIRN_FAULT_PAUSE").ok()?;
+            let (name, ms) = v.rsplit_once(':')?;
+            Some(Pause {
+                name: name.to_string(),
+                ms: ms.parse().ok()?,
+                done: AtomicBool::new(false),
+            })
+        })
+        .as_ref()
+}
+
+/// Dies here, as if killed with SIGKILL, when this point is armed and due; or, when a pause
+/// names it, holds its first pass for the pause's time.
 pub fn point(name: &str) {
+    if let Some(p) = pause()
+        && p.name == name
+        && !p.done.swap(true, Ordering::Relaxed)
+    {
+        eprintln!("fault point {name}: pausing {} ms", p.ms);
+        std::thread::sleep(std::time::Duration::from_millis(p.ms));
+    }
     let Some(a) = armed() else { return };
     if a.name == name && a.passes.fetch_add(1, Ordering::Relaxed) + 1 == a.nth {
         eprintln!("fault point {name}: dying as if killed");

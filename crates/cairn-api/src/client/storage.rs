@@ -4,9 +4,10 @@ use cairn_http::{Client, ClientError, Trust};
 
 use super::{CallResult, seg};
 use crate::storage::{
-    AgentStats, BackupsRequest, DatastoreInfo, Deleted, DiskBackupOutcome, DiskRestoreRequest,
-    FileRestoreRequest, FileRestored, RdmRestore, RdmRestoreRequest, ReadFileRequest, ReadStats,
-    RestoreReport, ScanRequest, ScanResult, UnitSnapshot, UnitSnapshotRequest,
+    AgentStats, BackupsRequest, DatastoreInfo, Deleted, DiskBackupOutcome, DiskRef,
+    DiskRestoreRequest, FileRestoreRequest, FileRestored, RdmRestore, RdmRestoreRequest,
+    ReadFileRequest, ReadStats, RestoreReport, ScanRequest, ScanResult, UnitSnapshot,
+    UnitSnapshotRequest,
 };
 
 /// The storage agent's calls (the manager reads datastores; the server runs backups,
@@ -24,6 +25,8 @@ pub trait StorageAgentApi: Send + Sync {
     fn backups(&self, req: &BackupsRequest) -> CallResult<Vec<DiskBackupOutcome>>;
     /// `POST /v1/restores`.
     fn restore(&self, req: &DiskRestoreRequest) -> CallResult<RestoreReport>;
+    /// `POST /v1/restores/discard`: removes a disk a restore wrote (the restore's job failed).
+    fn discard_restored(&self, disk: &DiskRef) -> CallResult<Deleted>;
     /// `POST /v1/rdm/restores`.
     fn restore_rdm(&self, req: &RdmRestoreRequest) -> CallResult<RdmRestore>;
     /// `POST /v1/files/scan`.
@@ -80,6 +83,10 @@ impl StorageAgentApi for StorageAgentClient {
 
     fn restore(&self, req: &DiskRestoreRequest) -> CallResult<RestoreReport> {
         self.http.post_json("/v1/restores", req)
+    }
+
+    fn discard_restored(&self, disk: &DiskRef) -> CallResult<Deleted> {
+        self.http.post_json("/v1/restores/discard", disk)
     }
 
     fn restore_rdm(&self, req: &RdmRestoreRequest) -> CallResult<RdmRestore> {

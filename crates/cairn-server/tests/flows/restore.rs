@@ -5,6 +5,7 @@ use cairn_catalog::JobState;
 use cairn_server::JobKind;
 use cairn_server::restore::RestoreParams;
 use cairn_testing::Fault;
+use cairn_testing::vm_location;
 
 use crate::{Setup, backup, failed, setup};
 
@@ -46,6 +47,7 @@ fn a_restore_writes_each_disk_and_starts_the_vm_under_its_new_name() {
         spec.disks[1].path,
         std::path::PathBuf::from("/ds/vm9-vdb.qcow2")
     );
+    assert!(s.storage.discarded.lock().unwrap().is_empty());
     let r = j.result.unwrap();
     assert_eq!(r["started"], true);
     assert_eq!(r["guest"]["agent"], true);
@@ -88,6 +90,33 @@ fn the_host_refusing_to_start_the_vm_fails_naming_host_and_vm() {
     let j = s.run(restore(&id, "vm9", 0));
     failed(&j, &["start VM vm9 on h1", "no memory"]);
     assert_eq!(s.storage.restores.lock().unwrap().len(), 2);
+    // No VM came of it: the restored disks are taken away again.
+    assert_eq!(discarded(&s), ["vm9-vda.qcow2", "vm9-vdb.qcow2"]);
+    assert!(s.server.catalog.job(&j.id).unwrap().holds.is_empty());
+}
+
+fn discarded(s: &Setup) -> Vec<String> {
+    let d = s.storage.discarded.lock().unwrap();
+    d.iter().map(|d| d.disk.clone()).collect()
+}
+
+#[test]
+fn a_failed_start_keeps_the_disks_of_a_vm_that_was_defined_anyway() {
+    let (s, id) = backed_up();
+    // The start call fails, but the VM exists (the host defined it before the answer was
+    // lost): the VM owns its disks.
+    let m = s.manager.clone();
+    s.manager.script.on("provision", move || {
+        m.set_vms(vec![vm_location("vm9", "h1", "s1", &["vda", "vdb"])])
+    });
+    s.manager.script.fail(
+        "provision",
+        Fault::Api(cairn_http::ErrorKind::Internal, "lost the answer".into()),
+    );
+    let j = s.run(restore(&id, "vm9", 0));
+    failed(&j, &["start VM vm9 on h1", "lost the answer"]);
+    assert!(discarded(&s).is_empty());
+    assert!(s.server.catalog.job(&j.id).unwrap().holds.is_empty());
 }
 
 #[test]
@@ -97,6 +126,7 @@ fn cancel_during_a_disk_restore_stops_before_the_next_disk_and_the_start() {
     let j = s.run(restore(&id, "vm9", 0));
     assert_eq!(j.state, JobState::Cancelled, "{:?}", j.error);
     assert_eq!(s.storage.restores.lock().unwrap().len(), 1);
+    assert_eq!(discarded(&s), ["vm9-vda.qcow2"]);
     assert!(s.manager.provisioned.lock().unwrap().is_empty());
 }
 

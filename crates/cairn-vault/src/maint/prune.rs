@@ -128,6 +128,9 @@ pub fn forget(repo: &Repository, specs: &[String]) -> Result<Vec<SnapshotId>> {
             Target::Good(id) => {
                 repo.forget(&id)?;
                 ids.push(id);
+                if ids.len() == 1 {
+                    cairn_types::fault::point("vault.forget.after_first");
+                }
             }
             Target::Damaged(file_id) => {
                 repo.forget_damaged(&file_id)?;
