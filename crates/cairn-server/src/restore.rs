@@ -15,8 +15,8 @@ use cairn_api::storage::{DiskRestoreRequest, RdmRestoreRequest, RestoreMode};
 use cairn_types::DiskFormat;
 use serde_json::{Value, json};
 
-use crate::jobs::JobCtx;
-use crate::{Result, ServerError};
+use crate::engine::Flow;
+use crate::{JobCtx, JobKind, Result, Server, ServerError};
 
 pub use cairn_api::server::RestoreParams;
 
@@ -37,9 +37,25 @@ fn new_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
+/// The `restore` job.
+pub struct RestoreFlow;
+
+impl Flow<Server> for RestoreFlow {
+    fn kind(&self) -> &'static str {
+        "restore"
+    }
+
+    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
+        match JobKind::from_params(params)? {
+            JobKind::Restore(p) => run(ctx, &p),
+            other => Err(other.not_for(self.kind())),
+        }
+    }
+}
+
 pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
     let started = Instant::now();
-    let s = ctx.server;
+    let s = ctx.app;
     let b = s.catalog.backup(&p.backup)?;
     match s.manager.vm(&p.as_name) {
         Ok(_) => {
