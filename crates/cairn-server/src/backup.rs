@@ -1,5 +1,5 @@
 //! Full and incremental backup of one VM (`docs/ARCHITECTURE.md`, "The flows"), from the
-//! shared [`steps`](crate::steps):
+//! shared [`steps`]:
 //!
 //! 1. The manager says where the VM runs and which storage agent holds each disk.
 //! 2. The paired metadata snapshot: configuration, host resource usage and, unless

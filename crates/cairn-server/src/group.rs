@@ -1,5 +1,5 @@
 //! The targeted group snapshot of a VM group (`docs/ARCHITECTURE.md`, "The flows"), from the
-//! shared [`steps`](crate::steps):
+//! shared [`steps`]:
 //!
 //! 1. Each VM is quiesced and switched to an **overlay** VM snapshot: its disk files are
 //!    frozen on the datastore.

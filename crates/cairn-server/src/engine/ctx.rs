@@ -40,7 +40,7 @@ impl<'a, A: App> JobCtx<'a, A> {
     }
 
     pub(crate) fn error(&self, msg: impl AsRef<str>) {
-        tracing::warn!("job {}: {}", self.id, msg.as_ref());
+        tracing::error!("job {}: {}", self.id, msg.as_ref());
         self.engine.events.push(&self.id, "error", msg.as_ref());
     }
 

@@ -1,6 +1,6 @@
 //! A job's log lines, buffered and written in batches.
 //!
-//! Lines of every running job go to one buffer; [`EventLog::flush`] writes all of them in
+//! Lines of every running job go to one buffer; a flush writes all of them in
 //! one catalog transaction ([`Catalog::add_events`]), in the order they were logged (a lock
 //! held across "take the buffer, write it" keeps batches in order). The engine flushes:
 //!
