@@ -3,9 +3,11 @@
 //! storage agents only through `cairn-api`'s clients ([`ManagerApi`], [`StorageAgentApi`]).
 //!
 //! ```text
-//!   REST API ─► jobs ─► engine (queue, workers, ─► flows ─┬─► manager ─► host agents  (snapshots)
-//!                        holds, log, cancel)       │ steps ├─► storage agents ─► vault (disk data)
-//!                        └─► catalog (SQLite) ◄────┘       └─► metadata store (config, state, usage)
+//!   REST API ─► jobs ─────► engine ─────────────► flows: backup, group, restore, index, prune
+//!              (JobKind)    queue, workers,         │ steps ─┬─► manager ─► host agents (snapshots)
+//!                           holds, log, cancel      │        ├─► storage agents ─► vault (disk data)
+//!                             │                     │        └─► metadata store (config, state, usage)
+//!                             └─► catalog (SQLite) ◄┘
 //! ```
 //!
 //! | module | holds |

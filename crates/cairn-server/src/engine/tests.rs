@@ -48,8 +48,8 @@ fn snap(name: &str) -> Hold {
     }
 }
 
-/// Does what its parameters say, in this order: `log` lines, `hold` snapshots, `follow_up`
-/// a job, wait `until_cancel`, `fail` or `panic`.
+/// Does what its parameters say, in this order: `log` lines, `hold` snapshots, `sleep_ms`
+/// (no step boundary), `follow_up` a job, wait `until_cancel`, `fail` or `panic`.
 struct Dummy;
 
 impl Flow<TestApp> for Dummy {
@@ -68,6 +68,9 @@ impl Flow<TestApp> for Dummy {
         }
         for h in p["hold"].as_array().into_iter().flatten() {
             ctx.hold(snap(h.as_str().unwrap()))?;
+        }
+        if let Some(ms) = p["sleep_ms"].as_u64() {
+            std::thread::sleep(Duration::from_millis(ms));
         }
         if let Some(name) = p["follow_up"].as_str() {
             ctx.submit(dummy(json!({ "name": name })))?;
@@ -138,6 +141,18 @@ impl TestApp {
         }
     }
 
+    /// Waits until job `id`'s log shows `line` (2 s at most: the flush interval and more).
+    fn wait_for_line(&self, id: &str, line: &str) {
+        let t = Instant::now();
+        while !self.messages(id).iter().any(|m| m == line) {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "{line:?} never showed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn messages(&self, id: &str) -> Vec<String> {
         let events = self.catalog.events(id).unwrap();
         events.into_iter().map(|e| e.message).collect()
@@ -200,11 +215,7 @@ fn cancel_stops_the_job_at_its_next_step_and_releases_its_holds() {
         .engine
         .submit(dummy(json!({ "hold": ["s1"], "until_cancel": true })))
         .unwrap();
-    let t = Instant::now();
-    while !app.messages(&j.id).iter().any(|m| m == "waiting") {
-        assert!(t.elapsed() < Duration::from_secs(5), "never waited");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    app.wait_for_line(&j.id, "waiting");
     assert_eq!(app.catalog.job(&j.id).unwrap().holds, [snap("s1")]);
     app.engine.cancel(&j.id).unwrap();
     let done = app.wait(&j.id);
@@ -300,23 +311,21 @@ fn log_lines_are_written_in_batches_and_visible_while_the_job_runs() {
         "{writes} writes"
     );
 
-    // A line logged while the job waits (no step boundary after it) shows within the flush
-    // interval.
+    // A line logged before a long call (no step boundary after it) shows while the call
+    // runs, within the flush interval.
     let j = app
         .engine
-        .submit(dummy(json!({ "log": 1, "until_cancel": true })))
+        .submit(dummy(json!({ "log": 1, "sleep_ms": 1500 })))
         .unwrap();
     let t = Instant::now();
-    while !app.messages(&j.id).iter().any(|m| m == "line 0") {
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "the line never showed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    app.wait_for_line(&j.id, "line 0");
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(app.catalog.job(&j.id).unwrap().state, JobState::Running);
-    app.engine.cancel(&j.id).unwrap();
-    app.wait(&j.id);
+    assert_eq!(app.wait(&j.id).state, JobState::Succeeded);
 }
 
 #[test]
@@ -375,4 +384,41 @@ fn a_restart_fails_the_running_job_releases_its_holds_and_queues_the_queued_agai
     );
     assert_eq!(app.wait(waiting).state, JobState::Succeeded);
     assert_eq!(*app.ran.lock().unwrap(), [waiting]);
+}
+
+#[test]
+fn a_cancelled_queued_job_never_runs() {
+    let app = app();
+    let busy = app
+        .engine
+        .submit(dummy(json!({ "name": "busy", "until_cancel": true })))
+        .unwrap();
+    let queued = app
+        .engine
+        .submit(dummy(json!({ "name": "queued" })))
+        .unwrap();
+    app.wait_for_line(&busy.id, "waiting");
+    app.engine.cancel(&queued.id).unwrap();
+    app.engine.cancel(&busy.id).unwrap();
+    assert_eq!(app.wait(&busy.id).state, JobState::Cancelled);
+    assert_eq!(app.wait(&queued.id).state, JobState::Cancelled);
+    assert_eq!(*app.ran.lock().unwrap(), ["busy"]);
+}
+
+#[test]
+fn a_batch_that_keeps_failing_is_written_line_by_line_and_the_good_lines_stay() {
+    let catalog = Arc::new(Catalog::open_in_memory().unwrap());
+    let app = app_on(catalog.clone(), 1);
+    let good = app.run(json!({})).id;
+    let log = super::events::EventLog::new(catalog.clone());
+    log.push(&good, "info", "kept");
+    log.push("ffff00000000dead", "info", "of no job");
+    for _ in 1..super::events::GIVE_UP_AFTER {
+        assert!(log.flush().is_err());
+        assert!(!app.messages(&good).contains(&"kept".to_string()));
+    }
+    assert!(log.flush().is_err(), "the last batch attempt fails too");
+    assert_eq!(app.messages(&good).last().map(String::as_str), Some("kept"));
+    log.flush().unwrap();
+    assert!(catalog.events("ffff00000000dead").unwrap().is_empty());
 }
