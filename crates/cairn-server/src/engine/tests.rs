@@ -317,14 +317,12 @@ fn log_lines_are_written_in_batches_and_visible_while_the_job_runs() {
         .engine
         .submit(dummy(json!({ "log": 1, "sleep_ms": 1500 })))
         .unwrap();
-    let t = Instant::now();
     app.wait_for_line(&j.id, "line 0");
-    assert!(
-        t.elapsed() < Duration::from_millis(1200),
-        "{:?}",
-        t.elapsed()
+    assert_eq!(
+        app.catalog.job(&j.id).unwrap().state,
+        JobState::Running,
+        "shown before the job ended"
     );
-    assert_eq!(app.catalog.job(&j.id).unwrap().state, JobState::Running);
     assert_eq!(app.wait(&j.id).state, JobState::Succeeded);
 }
 
