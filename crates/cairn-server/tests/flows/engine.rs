@@ -261,8 +261,10 @@ fn a_backups_log_is_written_in_far_fewer_catalog_writes_than_lines() {
             "{what}: {lines} log lines, {} catalog writes",
             after - writes
         );
+        // A write per step boundary and at the end, and one per 500 ms tick if the timer
+        // falls inside the job.
         assert!(
-            (after - writes) * 2 <= lines,
+            after - writes <= lines / 2 + 1,
             "{what}: {lines} lines, {} writes",
             after - writes
         );
