@@ -88,6 +88,15 @@ pub fn new_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
 }
 
+/// One line for [`Catalog::add_events`]: the job it belongs to and when it was logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub job: String,
+    pub at_ms: i64,
+    pub level: String,
+    pub message: String,
+}
+
 /// The catalog database.
 pub struct Catalog {
     conn: Mutex<Connection>,
@@ -644,6 +653,29 @@ impl Catalog {
                      $2, $3, $4)",
             params![job, now_ms(), level, message],
         )?;
+        Ok(())
+    }
+
+    /// Appends many events, of one job or several, in one transaction and in the order
+    /// given: each job's lines get consecutive `seq` numbers after those it has. All or
+    /// nothing: on an error no line of the batch is written.
+    pub fn add_events(&self, events: &[NewEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare(
+                "INSERT INTO job_events (job_id, seq, at_ms, level, message)
+                 VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1),
+                         $2, $3, $4)",
+            )?;
+            for e in events {
+                st.execute(params![e.job, e.at_ms, e.level, e.message])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 

@@ -155,6 +155,55 @@ fn jobs_events_and_cancel() {
 }
 
 #[test]
+fn a_batch_of_events_is_appended_in_order_or_not_at_all() {
+    let c = Catalog::open_in_memory().unwrap();
+    let job = |id: &str| JobRecord {
+        id: id.into(),
+        kind: "backup".into(),
+        state: JobState::Running,
+        params: serde_json::Value::Null,
+        vms: vec![],
+        created_ms: now_ms(),
+        started_ms: None,
+        finished_ms: None,
+        error: None,
+        result: None,
+        holds: vec![],
+        cancel_requested: false,
+    };
+    c.insert_job(&job("aaaa000000000001")).unwrap();
+    c.insert_job(&job("bbbb000000000002")).unwrap();
+    c.add_event("aaaa000000000001", "info", "first").unwrap();
+    let line = |job: &str, at_ms: i64, message: &str| NewEvent {
+        job: job.into(),
+        at_ms,
+        level: "info".into(),
+        message: message.into(),
+    };
+    c.add_events(&[
+        line("aaaa000000000001", 5, "a2"),
+        line("bbbb000000000002", 6, "b1"),
+        line("aaaa000000000001", 7, "a3"),
+    ])
+    .unwrap();
+    let a = c.events("aaaa000000000001").unwrap();
+    let got: Vec<_> = a.iter().map(|e| (e.seq, e.message.as_str())).collect();
+    assert_eq!(got, [(1, "first"), (2, "a2"), (3, "a3")]);
+    assert_eq!(a[2].at_ms, 7, "the time the line was logged, not written");
+    assert_eq!(c.events("bbbb000000000002").unwrap().len(), 1);
+    // A line of an unknown job fails the whole batch.
+    assert!(
+        c.add_events(&[
+            line("aaaa000000000001", 8, "a4"),
+            line("cccc000000000003", 9, "c1"),
+        ])
+        .is_err()
+    );
+    assert_eq!(c.events("aaaa000000000001").unwrap().len(), 3);
+    c.add_events(&[]).unwrap();
+}
+
+#[test]
 fn schedules_and_retention() {
     let c = Catalog::open_in_memory().unwrap();
     let s = Schedule {

@@ -23,8 +23,8 @@ use cairn_catalog::{BackupDisk, BackupRecord};
 use cairn_fileindex::{BackupMeta, FileIndex, FileKind, FileRecord, FindOptions, Pattern};
 use serde_json::{Value, json};
 
-use crate::jobs::JobCtx;
-use crate::{Result, Server, ServerError};
+use crate::engine::Flow;
+use crate::{JobCtx, JobKind, Result, Server, ServerError};
 
 fn index_err(e: cairn_fileindex::IndexError) -> ServerError {
     ServerError::Failed(format!("file index: {e}"))
@@ -67,22 +67,37 @@ fn to_entry(r: &FileRecord) -> FileEntry {
     e
 }
 
-/// Queues the `index` job of a just-recorded backup (it runs off the backup's data path).
+/// Queues the `index` job of a just-recorded backup, a follow-up of the backup's job (it
+/// runs off the backup's data path).
 pub fn queue_index(ctx: &JobCtx<'_>, backup: &str) {
-    match crate::jobs::submit(
-        ctx.server,
-        crate::jobs::JobKind::Index {
-            backup: backup.into(),
-        },
-    ) {
+    let index = JobKind::Index {
+        backup: backup.into(),
+    };
+    match index.spec().and_then(|spec| ctx.submit(spec)) {
         Ok(j) => ctx.info(format!("file catalog: index job {} queued", j.id)),
         Err(e) => ctx.warn(format!("file catalog: not indexed: {}", e.chain())),
     }
 }
 
+/// The `index` job.
+pub struct IndexFlow;
+
+impl Flow<Server> for IndexFlow {
+    fn kind(&self) -> &'static str {
+        "index"
+    }
+
+    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
+        match JobKind::from_params(params)? {
+            JobKind::Index { backup } => index_backup(ctx, &backup),
+            other => Err(other.not_for(self.kind())),
+        }
+    }
+}
+
 /// Indexes one recorded backup (the `index` job).
 pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<Value> {
-    let s = ctx.server;
+    let s = ctx.app;
     let b = s.catalog.backup(backup)?;
     let files = s.files()?;
     let indexed = files.backups();

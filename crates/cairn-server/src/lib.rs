@@ -3,17 +3,22 @@
 //! storage agents only through `cairn-api`'s clients ([`ManagerApi`], [`StorageAgentApi`]).
 //!
 //! ```text
-//!   REST API ─► jobs (queue, workers, holds) ─► flows ─┬─► manager ─► host agents  (snapshots)
-//!                    │                                 ├─► storage agents ─► vault (disk data)
-//!                    └─► catalog (SQLite)              └─► metadata store (config, state, usage)
+//!   REST API ─► jobs ─────► engine ─────────────► flows: backup, group, restore, index, prune
+//!              (JobKind)    queue, workers,         │ steps ─┬─► manager ─► host agents (snapshots)
+//!                           holds, log, cancel      │        ├─► storage agents ─► vault (disk data)
+//!                             │                     │        └─► metadata store (config, state, usage)
+//!                             └─► catalog (SQLite) ◄┘
 //! ```
 //!
 //! | module | holds |
 //! |---|---|
-//! | [`jobs`] | the job engine: queue, concurrency limit, per-VM exclusion, holds, cancel, restart recovery |
-//! | [`backup`] | full and incremental backup of one VM |
+//! | [`engine`] | the job engine, knowing no flow: persisted jobs, queue, workers, per-VM exclusion, holds, cancel, batched job logs, restart recovery; flows plug in through [`engine::Flow`] |
+//! | [`jobs`] | the server's jobs: [`JobKind`] (typed parameters), the flows registered by kind, how a hold is released |
+//! | [`steps`] | the backup steps every backup flow shares: locate, metadata snapshot, VM snapshot, send disks, release, record |
+//! | [`backup`] | full and incremental backup of one VM (fleecing) |
 //! | [`group`] | the targeted group snapshot of a VM group |
 //! | [`restore`] | full VM restore as a new VM |
+//! | [`files`] | the file catalog: the `index` flow, browsing, single-file restore |
 //! | [`meta`] | the metadata store (paired metadata snapshots) |
 //! | [`schedule`] | schedules and retention |
 //! | [`service`] | the REST API (`docs/openapi.yaml`) |
@@ -42,6 +47,7 @@ use cairn_catalog::{Catalog, CatalogError};
 use cairn_http::{ApiError, ClientError, ErrorKind};
 
 pub mod backup;
+pub mod engine;
 pub mod files;
 pub mod group;
 pub mod jobs;
@@ -49,9 +55,13 @@ pub mod meta;
 pub mod restore;
 pub mod schedule;
 pub mod service;
+pub mod steps;
 mod vault;
 
-pub use jobs::{JobCtx, JobKind};
+pub use jobs::JobKind;
+
+/// The context of one of this server's jobs.
+pub type JobCtx<'a> = engine::JobCtx<'a, Server>;
 
 /// Server errors.
 #[derive(Debug, thiserror::Error)]
@@ -136,12 +146,13 @@ pub struct ServerConfig {
 /// The backup server.
 pub struct Server {
     pub config: ServerConfig,
-    pub catalog: Catalog,
+    pub catalog: Arc<Catalog>,
     pub manager: Arc<dyn ManagerApi>,
     /// Makes clients of the storage agents the manager names.
     pub agents: Arc<dyn AgentConnector>,
     pub meta: meta::MetadataStore,
-    pub(crate) engine: jobs::Engine,
+    /// Runs the jobs; knows the flows only by kind.
+    pub engine: engine::Engine<Server>,
     /// Disk-data bytes this process sent or received: by design always 0.
     pub disk_bytes: AtomicU64,
     /// Bytes of single files restored through this server (file contents, not disk data).
@@ -177,7 +188,7 @@ impl Server {
             path: config.state_dir.clone(),
             source,
         })?;
-        let catalog = Catalog::open(&config.state_dir.join("catalog.db"))?;
+        let catalog = Arc::new(Catalog::open(&config.state_dir.join("catalog.db"))?);
         let meta_dir = config
             .metadata_dir
             .clone()
@@ -191,15 +202,20 @@ impl Server {
             files,
             file_bytes: AtomicU64::new(0),
             meta: meta::MetadataStore::open(&meta_dir)?,
-            engine: jobs::Engine::new(config.max_jobs.max(1)),
+            engine: jobs::engine(catalog.clone(), config.max_jobs.max(1)),
             config,
             catalog,
             manager,
             agents,
             disk_bytes: AtomicU64::new(0),
         });
-        jobs::recover(&server)?;
-        jobs::start_workers(&server);
+        engine::recover(&*server)?;
+        // Metadata snapshots of backups that never got recorded (no job runs yet, so every one
+        // without a backup is an orphan).
+        for m in server.catalog.orphan_metadata()? {
+            let _ = server.meta.remove(&server.catalog, &m);
+        }
+        engine::start(&server);
         schedule::start_scheduler(&server);
         Ok(server)
     }

@@ -8,16 +8,17 @@
 //! manager) → optionally the server waits until the guest agent answers and reports what
 //! the guest mounted.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cairn_api::host::VmSpec;
 use cairn_api::storage::{DiskRestoreRequest, RdmRestoreRequest, RestoreMode};
-use cairn_catalog::Hold;
+use cairn_catalog::{BackupDisk, BackupRecord, Hold};
 use cairn_types::DiskFormat;
 use serde_json::{Value, json};
 
-use crate::jobs::JobCtx;
-use crate::{Result, ServerError};
+use crate::engine::Flow;
+use crate::{JobCtx, JobKind, Result, Server, ServerError};
 
 pub use cairn_api::server::RestoreParams;
 
@@ -38,81 +39,33 @@ fn new_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
+/// The `restore` job.
+pub struct RestoreFlow;
+
+impl Flow<Server> for RestoreFlow {
+    fn kind(&self) -> &'static str {
+        "restore"
+    }
+
+    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
+        match JobKind::from_params(params)? {
+            JobKind::Restore(p) => run(ctx, &p),
+            other => Err(other.not_for(self.kind())),
+        }
+    }
+}
+
 pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
     let started = Instant::now();
-    let s = ctx.server;
-    let b = s.catalog.backup(&p.backup)?;
-    match s.manager.vm(&p.as_name) {
-        Ok(_) => {
-            return Err(ServerError::Conflict(format!(
-                "a VM named {} already exists",
-                p.as_name
-            )));
-        }
-        Err(e) if e.kind() == Some(cairn_http::ErrorKind::NotFound) => {}
-        Err(e) => return Err(ServerError::call("check the new VM name")(e)),
-    }
+    let b = ctx.app.catalog.backup(&p.backup)?;
+    check_name_free(ctx, &p.as_name)?;
     let host = p.host.clone().unwrap_or_else(|| b.host.clone());
     let mut spec: VmSpec = serde_json::from_value(b.attributes.clone())
         .map_err(|e| ServerError::Invalid(format!("VM attributes of backup {}: {e}", b.id)))?;
     let mut disks_out = Vec::new();
     for d in &b.disks {
         ctx.check_cancel()?;
-        let c = s.storage_agent(&d.storage_agent)?;
-        let t = Instant::now();
-        let (new_id, fetched) = if let Some(rdm) = &d.rdm {
-            let id = format!("luns/{}-{}", p.as_name, d.disk);
-            let r = c
-                .restore_rdm(&RdmRestoreRequest {
-                    vault: s.config.vault.clone(),
-                    snapshot: d.vault_snapshot.clone(),
-                    datastore: d.datastore.clone(),
-                    disk: id.clone(),
-                })
-                .map_err(ServerError::call(format!("restore RDM disk {}", d.disk)))?;
-            ctx.info(format!("{}: RDM mapping {} recreated", d.disk, rdm));
-            (id, r.report.bytes_fetched)
-        } else {
-            let format: DiskFormat = d.format.parse().map_err(|e| {
-                ServerError::Invalid(format!("disk {} of backup {}: {e}", d.disk, b.id))
-            })?;
-            let id = format!("{}-{}.{format}", p.as_name, d.disk);
-            // Held until the job ends: a failed restore takes its disks away again.
-            ctx.hold(Hold::RestoredDisk {
-                vm: p.as_name.clone(),
-                agent: d.storage_agent.clone(),
-                datastore: d.datastore.clone(),
-                disk: id.clone(),
-            })?;
-            let r = c
-                .restore(&DiskRestoreRequest {
-                    vault: s.config.vault.clone(),
-                    snapshot: d.vault_snapshot.clone(),
-                    datastore: d.datastore.clone(),
-                    disk: id.clone(),
-                    format,
-                    mode: RestoreMode::New,
-                })
-                .map_err(ServerError::call(format!("restore disk {}", d.disk)))?;
-            (id, r.bytes_fetched)
-        };
-        // Where the datastore keeps it, for the VM's configuration.
-        let dss = c
-            .datastores()
-            .map_err(ServerError::call("list datastores"))?;
-        let ds_path = dss
-            .iter()
-            .find(|x| x.name == d.datastore)
-            .map(|x| &x.path)
-            .ok_or_else(|| ServerError::NotFound(format!("datastore {}", d.datastore)))?;
-        let path = ds_path.join(&new_id);
-        ctx.info(format!(
-            "{}: restored to {} ({} B fetched, {} ms)",
-            d.disk,
-            path.display(),
-            fetched,
-            t.elapsed().as_millis()
-        ));
+        let path = restore_disk(ctx, p, &b, d)?;
         for sd in spec.disks.iter_mut().filter(|sd| sd.id == d.disk) {
             sd.path = path.clone();
         }
@@ -128,41 +81,7 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
     });
     if p.start {
         ctx.check_cancel()?;
-        let info = s
-            .manager
-            .provision(&host, &spec)
-            .map_err(ServerError::call(format!(
-                "start VM {} on {host}",
-                p.as_name
-            )))?;
-        ctx.info(format!("{}: started on {host}", p.as_name));
-        result["started"] = json!(true);
-        result["host_vm_id"] = json!(info.handle.id);
-        if p.wait_boot_s > 0 {
-            let deadline = Instant::now() + Duration::from_secs(p.wait_boot_s);
-            let boot = Instant::now();
-            loop {
-                ctx.check_cancel()?;
-                let g = s.manager.guest(&p.as_name, 2000).ok();
-                if let Some(g) = g.filter(|g| g.agent) {
-                    ctx.info(format!(
-                        "{}: guest agent answered after {} ms",
-                        p.as_name,
-                        boot.elapsed().as_millis()
-                    ));
-                    result["guest"] = json!(g);
-                    result["boot_ms"] = json!(boot.elapsed().as_millis() as u64);
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(ServerError::Failed(format!(
-                        "{}: the guest agent did not answer within {} s",
-                        p.as_name, p.wait_boot_s
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
+        start_vm(ctx, p, &host, &spec, &mut result)?;
     }
     result["duration_ms"] = json!(started.elapsed().as_millis() as u64);
     // The restore stands: its disks are the new VM's (or the operator's, unstarted).
@@ -172,4 +91,129 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
         }
     }
     Ok(result)
+}
+
+/// Refuses a new name a VM already has.
+fn check_name_free(ctx: &JobCtx<'_>, name: &str) -> Result<()> {
+    match ctx.app.manager.vm(name) {
+        Ok(_) => Err(ServerError::Conflict(format!(
+            "a VM named {name} already exists"
+        ))),
+        Err(e) if e.kind() == Some(cairn_http::ErrorKind::NotFound) => Ok(()),
+        Err(e) => Err(ServerError::call("check the new VM name")(e)),
+    }
+}
+
+/// Writes disk `d` of backup `b` from the vault as a new file (or LUN) in its datastore;
+/// returns where the datastore keeps it.
+fn restore_disk(
+    ctx: &JobCtx<'_>,
+    p: &RestoreParams,
+    b: &BackupRecord,
+    d: &BackupDisk,
+) -> Result<PathBuf> {
+    let s = ctx.app;
+    let c = s.storage_agent(&d.storage_agent)?;
+    let t = Instant::now();
+    let (new_id, fetched) = if let Some(rdm) = &d.rdm {
+        let id = format!("luns/{}-{}", p.as_name, d.disk);
+        let r = c
+            .restore_rdm(&RdmRestoreRequest {
+                vault: s.config.vault.clone(),
+                snapshot: d.vault_snapshot.clone(),
+                datastore: d.datastore.clone(),
+                disk: id.clone(),
+            })
+            .map_err(ServerError::call(format!("restore RDM disk {}", d.disk)))?;
+        ctx.info(format!("{}: RDM mapping {} recreated", d.disk, rdm));
+        (id, r.report.bytes_fetched)
+    } else {
+        let format: DiskFormat = d.format.parse().map_err(|e| {
+            ServerError::Invalid(format!("disk {} of backup {}: {e}", d.disk, b.id))
+        })?;
+        let id = format!("{}-{}.{format}", p.as_name, d.disk);
+        // Held until the job ends: a failed restore takes its disks away again.
+        ctx.hold(Hold::RestoredDisk {
+            vm: p.as_name.clone(),
+            agent: d.storage_agent.clone(),
+            datastore: d.datastore.clone(),
+            disk: id.clone(),
+        })?;
+        let r = c
+            .restore(&DiskRestoreRequest {
+                vault: s.config.vault.clone(),
+                snapshot: d.vault_snapshot.clone(),
+                datastore: d.datastore.clone(),
+                disk: id.clone(),
+                format,
+                mode: RestoreMode::New,
+            })
+            .map_err(ServerError::call(format!("restore disk {}", d.disk)))?;
+        (id, r.bytes_fetched)
+    };
+    // Where the datastore keeps it, for the VM's configuration.
+    let dss = c
+        .datastores()
+        .map_err(ServerError::call("list datastores"))?;
+    let ds_path = dss
+        .iter()
+        .find(|x| x.name == d.datastore)
+        .map(|x| &x.path)
+        .ok_or_else(|| ServerError::NotFound(format!("datastore {}", d.datastore)))?;
+    let path = ds_path.join(&new_id);
+    ctx.info(format!(
+        "{}: restored to {} ({} B fetched, {} ms)",
+        d.disk,
+        path.display(),
+        fetched,
+        t.elapsed().as_millis()
+    ));
+    Ok(path)
+}
+
+/// Starts the new VM on `host` and, when asked, waits for its guest agent.
+fn start_vm(
+    ctx: &JobCtx<'_>,
+    p: &RestoreParams,
+    host: &str,
+    spec: &VmSpec,
+    result: &mut Value,
+) -> Result<()> {
+    let info = ctx
+        .app
+        .manager
+        .provision(host, spec)
+        .map_err(ServerError::call(format!(
+            "start VM {} on {host}",
+            p.as_name
+        )))?;
+    ctx.info(format!("{}: started on {host}", p.as_name));
+    result["started"] = json!(true);
+    result["host_vm_id"] = json!(info.handle.id);
+    if p.wait_boot_s == 0 {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(p.wait_boot_s);
+    let boot = Instant::now();
+    loop {
+        ctx.check_cancel()?;
+        let g = ctx.app.manager.guest(&p.as_name, 2000).ok();
+        if let Some(g) = g.filter(|g| g.agent) {
+            ctx.info(format!(
+                "{}: guest agent answered after {} ms",
+                p.as_name,
+                boot.elapsed().as_millis()
+            ));
+            result["guest"] = json!(g);
+            result["boot_ms"] = json!(boot.elapsed().as_millis() as u64);
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ServerError::Failed(format!(
+                "{}: the guest agent did not answer within {} s",
+                p.as_name, p.wait_boot_s
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

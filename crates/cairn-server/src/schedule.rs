@@ -15,8 +15,9 @@ use cairn_catalog::{Hold, Retention, Schedule, now_ms};
 use cairn_vault::maint::PruneOptions;
 use serde_json::{Value, json};
 
-use crate::jobs::{JobCtx, JobKind, submit};
-use crate::{Result, Server, ServerError};
+use crate::engine::Flow;
+use crate::jobs::submit;
+use crate::{JobCtx, JobKind, Result, Server, ServerError};
 
 /// Parses `90s`, `30m`, `6h`, `1d` (or bare seconds) into seconds; at least 60.
 pub fn parse_every(s: &str) -> Result<i64> {
@@ -96,13 +97,8 @@ pub(crate) fn start_scheduler(server: &Arc<Server>) {
     std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
-            let mut ticks = 0u64;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
-                ticks += 1;
-                if ticks.is_multiple_of(5) {
-                    crate::jobs::release_leftovers(&s);
-                }
                 let Ok(list) = s.catalog.schedules() else {
                     continue;
                 };
@@ -145,7 +141,7 @@ fn prune_options(r: &Retention) -> PruneOptions {
 
 /// Plans and (unless `dry_run`) applies the retention of one VM; returns the plan.
 fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
-    let s = ctx.server;
+    let s = ctx.app;
     let Some(policy) = s.catalog.retention(vm)? else {
         return Ok(json!({ "vm": vm, "policy": null, "forget": [] }));
     };
@@ -232,14 +228,25 @@ pub fn apply_retention(ctx: &JobCtx<'_>, vm: &str) -> Result<()> {
 }
 
 /// The `prune` job.
+pub struct PruneFlow;
+
+impl Flow<Server> for PruneFlow {
+    fn kind(&self) -> &'static str {
+        "prune"
+    }
+
+    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
+        match JobKind::from_params(params)? {
+            JobKind::Prune { vms, dry_run } => prune(ctx, &vms, dry_run),
+            other => Err(other.not_for(self.kind())),
+        }
+    }
+}
+
+/// Plans and (unless `dry_run`) applies the retention of `vms` (all VMs when empty).
 pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<Value> {
     let vms: Vec<String> = if vms.is_empty() {
-        ctx.server
-            .catalog
-            .vms()?
-            .into_iter()
-            .map(|v| v.name)
-            .collect()
+        ctx.app.catalog.vms()?.into_iter().map(|v| v.name).collect()
     } else {
         vms.to_vec()
     };

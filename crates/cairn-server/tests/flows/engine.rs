@@ -243,3 +243,30 @@ fn invalid_jobs_are_refused_at_submission() {
     }
     assert!(s.server.catalog.jobs(10).unwrap().is_empty());
 }
+
+#[test]
+fn a_backups_log_is_written_in_far_fewer_catalog_writes_than_lines() {
+    let s = setup();
+    for (kind, what) in [
+        (backup(&["vm1"]), "backup"),
+        (crate::group(&["vm1", "vm2"]), "group"),
+    ] {
+        let (writes, _) = s.server.engine.event_writes();
+        let j = s.run(kind);
+        let (after, _) = s.server.engine.event_writes();
+        assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+        // Before batching each line was one catalog write.
+        let lines = s.events(&j).len() as u64;
+        eprintln!(
+            "{what}: {lines} log lines, {} catalog writes",
+            after - writes
+        );
+        // A write per step boundary and at the end, and one per 500 ms tick if the timer
+        // falls inside the job.
+        assert!(
+            after - writes <= lines / 2 + 1,
+            "{what}: {lines} lines, {} writes",
+            after - writes
+        );
+    }
+}

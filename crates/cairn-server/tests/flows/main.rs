@@ -7,7 +7,7 @@
 //! | `backup` | backup: each peer down or answering nonsense at each step, cancel at each step |
 //! | `group` | targeted group snapshot: the same, with unit snapshots |
 //! | `restore` | full VM restore |
-//! | `engine` | restart recovery, leftover holds, prune, admission |
+//! | `engine` | restart recovery, leftover holds, prune, admission, how many catalog writes a backup's log takes |
 
 use std::path::Path;
 use std::sync::Arc;
