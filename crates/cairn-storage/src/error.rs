@@ -80,6 +80,22 @@ impl StorageError {
         move |source| Self::Io { path, op, source }
     }
 
+    /// The datastore (or a file system the agent writes to) is full: a write through
+    /// `qemu-nbd` answered `ENOSPC`, or a file write did.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Self::Nbd { source, .. } => matches!(
+                **source,
+                cairn_nbd::Error::Server { errno, .. } if errno == cairn_nbd::proto::ENOSPC
+            ),
+            Self::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+
     /// The error as the service reports it.
     pub fn to_api(&self) -> ApiError {
         let kind = match self {
@@ -89,6 +105,7 @@ impl StorageError {
             Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ErrorKind::NotFound
             }
+            _ if self.is_no_space() => ErrorKind::InsufficientStorage,
             _ => ErrorKind::Internal,
         };
         ApiError::new(kind, cairn_http::chain(self))
@@ -98,5 +115,32 @@ impl StorageError {
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         e.to_api()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_datastore_is_insufficient_storage_not_an_internal_error() {
+        let full = StorageError::Nbd {
+            path: "/ds/.a.qcow2.cairn-partial".into(),
+            source: Box::new(cairn_nbd::Error::Server {
+                errno: cairn_nbd::proto::ENOSPC,
+                command: 1,
+                offset: 0,
+                len: 4096,
+                error_offset: None,
+                message: String::new(),
+            }),
+        };
+        assert_eq!(full.to_api().kind, ErrorKind::InsufficientStorage);
+        let io =
+            StorageError::io("/ds/a", "write")(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(io.to_api().kind, ErrorKind::InsufficientStorage);
+        let other =
+            StorageError::io("/ds/a", "write")(std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(other.to_api().kind, ErrorKind::Internal);
     }
 }

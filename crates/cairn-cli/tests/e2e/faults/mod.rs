@@ -444,6 +444,9 @@ fn fault_matrix() {
             std::thread::sleep(Duration::from_millis(300));
         }
         let mut extra = Vec::new();
+        if outcome.contains("without saying") {
+            extra.push(outcome.clone());
+        }
         if row.flow == Flow::Prune {
             // Retention stays off for the rows after this one; the prune keeps the newest.
             let _: Value = s
@@ -628,7 +631,14 @@ fn run_row(b: &mut Bench<'_>, row: &Row) -> String {
             let filler = b.t.join("ds").join("filler");
             fill(&b.t.join("ds"), &filler);
             let out = if flow == Flow::Restore {
-                job_outcome(&restore_newest(&b.c, false))
+                let j = restore_newest(&b.c, false);
+                // The storage agent says why: the datastore is full (507), not an internal error.
+                let why = j["error"].as_str().unwrap_or("");
+                if j["state"] == "failed" && !why.contains("insufficient_storage") {
+                    format!("job failed without saying the datastore is full: {why}")
+                } else {
+                    job_outcome(&j)
+                }
             } else {
                 job_outcome(&submit(
                     &b.c.server.client(),
