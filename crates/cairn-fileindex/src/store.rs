@@ -1,8 +1,7 @@
 //! Durable file writes and the in-memory snapshot readers work on.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,12 +19,7 @@ pub const LOCK: &str = "LOCK";
 /// Writes `data` to `<name>.tmp` and fsyncs it; the caller renames and fsyncs the directory.
 pub fn write_tmp(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()
-    })();
-    res.map_err(|e| IndexError::io(&tmp, "write", e))?;
+    cairn_types::durable::write_synced(&tmp, data).map_err(|e| IndexError::io(&tmp, "write", e))?;
     Ok(tmp)
 }
 
@@ -34,9 +28,7 @@ pub fn rename(from: &Path, to: &Path) -> Result<()> {
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| IndexError::io(dir, "fsync directory", e))
+    cairn_types::durable::sync_dir(dir).map_err(|e| IndexError::io(dir, "fsync directory", e))
 }
 
 /// Replaces the manifest durably: temp file, fsync, rename, directory fsync.

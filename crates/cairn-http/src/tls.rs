@@ -73,18 +73,9 @@ pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<(Identity, Str
     Ok((id, fp))
 }
 
-/// Writes a file only its owner can read, durably.
+/// Writes a file only its owner can read, atomically and durably.
 pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)?;
-    f.sync_all()
+    cairn_types::durable::write_atomic_private(path, data)
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

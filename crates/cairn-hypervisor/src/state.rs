@@ -14,7 +14,7 @@
 //! A journal entry is durable **before** the first QEMU object of its snapshot exists and is
 //! removed only after the last one is gone, so `recover()` always knows what to tear down.
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -69,9 +69,7 @@ pub(crate) fn remove_file(path: &Path) -> Result<(), DriverError> {
         Err(e) => return Err(io_err(path)(e)),
     }
     if let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
+        cairn_types::durable::sync_dir(dir).map_err(io_err(dir))?;
     }
     Ok(())
 }

@@ -129,6 +129,7 @@ impl StorageAgent {
             }
             f.sync_all().map_err(StorageError::io(&tmp, "fsync"))?;
             std::fs::rename(&tmp, &target).map_err(StorageError::io(&target, "rename"))?;
+            cairn_types::durable::sync_dir(&dir).map_err(StorageError::io(&dir, "fsync"))?;
             self.counters
                 .disk_written
                 .fetch_add(entry.size, Ordering::Relaxed);
