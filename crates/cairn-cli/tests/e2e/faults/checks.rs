@@ -64,19 +64,20 @@ pub fn check_invariants(
 ) -> String {
     let mut broken = Vec::new();
     let s = c.server.client();
-    // A release that failed while its peer was away is retried every few seconds.
+    // A release that failed while its peer was away is retried every few seconds; a VM
+    // snapshot leaves the host agent's list when its deletion starts, its fleecing and
+    // overlay files when the deletion ends.
+    let scratch = || walk_files(&host_state.join("scratch"));
     let t0 = Instant::now();
-    while host_snapshots(&c.host) != 0 && t0.elapsed() < Duration::from_secs(20) {
+    while (host_snapshots(&c.host) != 0 || !scratch().is_empty())
+        && t0.elapsed() < Duration::from_secs(20)
+    {
         std::thread::sleep(Duration::from_millis(500));
     }
     if host_snapshots(&c.host) != 0 {
         broken.push("a VM snapshot is left".to_string());
-    } else {
-        // The fleecing and overlay files of VM snapshots go with them.
-        let scratch = walk_files(&host_state.join("scratch"));
-        if !scratch.is_empty() {
-            broken.push(format!("scratch files left: {scratch:?}"));
-        }
+    } else if !scratch().is_empty() {
+        broken.push(format!("scratch files left: {:?}", scratch()));
     }
     let units = storage_unit_snapshots(&c.storage);
     if units > steady_unit_snaps {
@@ -130,11 +131,22 @@ pub fn check_invariants(
     if open_sessions(&c.vault) > 0 {
         broken.push("a vault session is still open".into());
     }
-    let locks = std::fs::read_dir(repo.join("locks"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    if locks > 0 && open_sessions(&c.vault) == 0 {
-        broken.push(format!("{locks} repository locks left"));
+    // A session's lock goes a moment after the session itself.
+    let locks = || -> Vec<String> {
+        std::fs::read_dir(repo.join("locks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    };
+    let t0 = Instant::now();
+    while !locks().is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let left = locks();
+    if !left.is_empty() && open_sessions(&c.vault) == 0 {
+        broken.push(format!("repository locks left: {left:?}"));
     }
     if broken.is_empty() {
         "ok".into()
