@@ -156,14 +156,15 @@ impl<'a> Fat<'a> {
             FsKind::Fat16 => n * 2,
             _ => n * 4,
         };
-        if n * 4 > limits.max_alloc as u64 {
-            return Err(Error::limit(format!("FAT of {n} clusters")));
-        }
+        let entries = usize::try_from(n)
+            .ok()
+            .filter(|&e| e.saturating_mul(4) <= limits.max_alloc)
+            .ok_or_else(|| Error::limit(format!("FAT of {n} clusters")))?;
         let mut raw = alloc(raw_len, limits, "FAT table")?;
         read_exact(r, &mut raw, part.offset + bpb.reserved * bpb.bps, &|| {
             "FAT table".into()
         })?;
-        let table = (0..n as usize)
+        let table = (0..entries)
             .map(|c| match bpb.kind {
                 FsKind::Fat12 => {
                     let v = le16(&raw, c + c / 2) as u32;
@@ -179,7 +180,7 @@ impl<'a> Fat<'a> {
             len: part.length,
             bpb,
             table,
-            claimed: RefCell::new(vec![0u64; n.div_ceil(64) as usize]),
+            claimed: RefCell::new(vec![0u64; entries.div_ceil(64)]),
             limits,
         })
     }
@@ -293,11 +294,11 @@ impl<'a> Fat<'a> {
             return Err(Error::limit(format!("FAT directory of {total} bytes")));
         }
         let mut buf = alloc(total, self.limits, "FAT directory")?;
-        for (i, &c) in chain.iter().enumerate() {
-            read(
-                &mut buf[i * cb as usize..(i + 1) * cb as usize],
-                self.cluster_offset(c),
-            )?;
+        // alloc() made chain.len() * cb bytes, so cb is a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let cb = cb as usize;
+        for (piece, &c) in buf.chunks_exact_mut(cb).zip(&chain) {
+            read(piece, self.cluster_offset(c))?;
         }
         Ok(buf)
     }

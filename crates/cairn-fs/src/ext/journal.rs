@@ -54,7 +54,7 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
             _ => Err(Error::corrupt(format!("journal block {j} is not mapped"))),
         }
     };
-    let mut buf = vec![0u8; bs as usize];
+    let mut buf = vec![0u8; vol.block_len()];
     let read = |j: u64, buf: &mut [u8]| -> Result<()> {
         let b = jmap(j)?;
         vol.read_block(b, buf, &|| format!("journal block {j}"))
@@ -143,7 +143,7 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
                         )
                     };
                     data = next(data);
-                    if pending.len() >= limits.max_journal_blocks as usize {
+                    if pending.len() as u64 >= limits.max_journal_blocks {
                         return Err(Error::limit("journal transaction too large"));
                     }
                     pending.push(Tag {
@@ -220,5 +220,6 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
 
 /// `a` is a later transaction than `b` (sequence numbers wrap).
 fn seq_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
+    // jbd2's tid_gt: the wrapped difference read as signed.
+    a.wrapping_sub(b).cast_signed() > 0
 }

@@ -112,7 +112,7 @@ impl<'v, 'a> Mapper<'v, 'a> {
                 self.ino
             )));
         }
-        let mut buf = vec![0u8; self.vol.block_size as usize];
+        let mut buf = vec![0u8; self.vol.block_len()];
         let ino = self.ino;
         self.vol.read_block(block, &mut buf, &|| {
             format!("ext inode {ino} mapping block")
@@ -210,12 +210,12 @@ impl<'v, 'a> Mapper<'v, 'a> {
         let per = self.vol.block_size / 4;
         let span = per.saturating_pow(level - 1);
         let buf = self.read_node(block)?;
-        for i in 0..per {
+        for (i, entry) in (0..per).zip(buf.chunks_exact(4)) {
             let logical = first.saturating_add(i.saturating_mul(span));
             if logical >= nblocks {
                 break;
             }
-            let b = le32(&buf, i as usize * 4) as u64;
+            let b = u64::from(le32(entry, 0));
             if b == 0 {
                 continue;
             }

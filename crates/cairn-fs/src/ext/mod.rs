@@ -32,8 +32,9 @@ use crate::{Error, FileEntry, FileExtent, FileKind, FsKind, Limits, Partition, R
 use map::{Mapper, Run, inline_xattr};
 use volume::Volume;
 
+const INODE_CHUNK_LOG: u32 = 18;
 /// Inode-table bytes read (and cached) at once.
-const INODE_CHUNK: u64 = 256 << 10;
+const INODE_CHUNK: u64 = 1 << INODE_CHUNK_LOG;
 /// Fewest inode chunks cached before the cache is dropped (64 MiB); more up to
 /// `Limits::max_alloc`, so the inode tables of file systems up to about a million inodes are
 /// read only once per walk.
@@ -200,11 +201,12 @@ struct Inode {
 }
 
 fn ext_time(secs: u32, extra: Option<u32>) -> i64 {
-    let mut s = secs as i32 as i64;
+    // Without the extra field the seconds are signed 32-bit (times before 1970).
+    let mut s = i64::from(secs.cast_signed());
     let mut ns = 0;
     if let Some(x) = extra {
-        s += ((x & 3) as i64) << 32;
-        ns = (x >> 2) as i64;
+        s += i64::from(x & 3) << 32;
+        ns = i64::from(x >> 2);
     }
     s.saturating_mul(1_000_000_000).saturating_add(ns)
 }
@@ -260,7 +262,7 @@ impl Inode {
         let mut v = Vec::with_capacity(self.size.min(4096) as usize);
         v.extend_from_slice(&self.i_block);
         v.extend_from_slice(&self.inline_tail);
-        v.truncate(self.size as usize);
+        v.truncate(usize::try_from(self.size).unwrap_or(usize::MAX));
         v
     }
 }
@@ -319,12 +321,14 @@ impl<'a> Ext<'a> {
         let sb = &self.sb;
         let per_block = sb.block_size / sb.desc_size;
         let nblocks = sb.groups.div_ceil(per_block);
-        let mut out = Vec::with_capacity(sb.groups as usize);
-        let mut buf = vec![0u8; sb.block_size as usize];
+        // Parsing bounded groups * desc_size by max_alloc, a usize.
+        let mut out = Vec::with_capacity(usize::try_from(sb.groups).unwrap_or(0));
+        let mut buf = vec![0u8; self.vol.block_len()];
         for i in 0..nblocks {
             self.vol.read_block(sb.desc_block(i), &mut buf, &|| {
                 format!("ext group descriptor block {i}")
             })?;
+            #[allow(clippy::cast_possible_truncation)] // 32 to 1024
             for d in buf.chunks_exact(sb.desc_size as usize) {
                 if out.len() as u64 == sb.groups {
                     break;
@@ -378,7 +382,10 @@ impl<'a> Ext<'a> {
         }
         let group = (ino64 - 1) / sb.inodes_per_group;
         let index = (ino64 - 1) % sb.inodes_per_group;
-        let table = self.itables[group as usize];
+        let table = usize::try_from(group)
+            .ok()
+            .and_then(|g| self.itables.get(g).copied())
+            .ok_or_else(|| Error::corrupt(format!("ext inode {ino}: no group {group}")))?;
         let off = table
             .checked_mul(sb.block_size)
             .and_then(|t| t.checked_add(index * sb.inode_size))
@@ -388,12 +395,13 @@ impl<'a> Ext<'a> {
             })?;
         let chunk = off / INODE_CHUNK;
         if !self.cache.contains_key(&chunk) {
-            let max = INODE_CACHE_MIN_CHUNKS.max(self.limits.max_alloc / INODE_CHUNK as usize);
+            let max = INODE_CACHE_MIN_CHUNKS.max(self.limits.max_alloc >> INODE_CHUNK_LOG);
             if self.cache.len() >= max {
                 self.cache.clear();
             }
             let start = chunk * INODE_CHUNK;
             let len = INODE_CHUNK.min(self.vol.len - start);
+            #[allow(clippy::cast_possible_truncation)] // at most INODE_CHUNK
             let mut buf = vec![0u8; len as usize];
             self.vol.read(start, &mut buf, &|| {
                 format!("ext inode table (inode {ino})")
@@ -401,8 +409,10 @@ impl<'a> Ext<'a> {
             self.cache.insert(chunk, buf);
         }
         let buf = &self.cache[&chunk];
-        let at = (off - chunk * INODE_CHUNK) as usize;
-        Ok(Inode::parse(&buf[at..at + sb.inode_size as usize]))
+        // Below INODE_CHUNK, and the inode size is at most the block size.
+        #[allow(clippy::cast_possible_truncation)]
+        let (at, len) = ((off - chunk * INODE_CHUNK) as usize, sb.inode_size as usize);
+        Ok(Inode::parse(&buf[at..at + len]))
     }
 
     /// Block runs of an extent or block-mapped inode, bounded to `nblocks` logical blocks.
@@ -539,20 +549,27 @@ impl<'a> Ext<'a> {
         let bytes = if inode.is_inline() {
             inode.inline_data()
         } else if inode.flags & EXT_INODE_FLAG_EXTENTS == 0 && size < EXT_I_BLOCK_LEN as u64 {
-            inode.i_block[..size as usize].to_vec()
+            inode
+                .i_block
+                .get(..usize::try_from(size).unwrap_or(0))
+                .unwrap_or_default()
+                .to_vec()
         } else {
-            if size > MAX_SYMLINK {
-                return Err(Error::limit(format!(
-                    "ext inode {ino}: symlink of {size} bytes"
-                )));
-            }
+            let len = usize::try_from(size)
+                .ok()
+                .filter(|_| size <= MAX_SYMLINK)
+                .ok_or_else(|| Error::limit(format!("ext inode {ino}: symlink of {size} bytes")))?;
             let bs = self.sb.block_size;
             let runs = self.runs(ino, inode, size.div_ceil(bs))?;
-            let mut v = vec![0u8; size as usize];
+            let mut v = vec![0u8; len];
             for r in &runs {
-                let fo = r.logical * bs;
-                let len = (r.count * bs).min(size - fo) as usize;
-                let dst = &mut v[fo as usize..fo as usize + len];
+                // runs() keeps every run below size.div_ceil(bs) blocks: within v.
+                #[allow(clippy::cast_possible_truncation)]
+                let (fo, len) = (
+                    (r.logical * bs) as usize,
+                    (r.count * bs).min(size - r.logical * bs) as usize,
+                );
+                let dst = &mut v[fo..fo + len];
                 self.vol
                     .read(r.phys * bs, dst, &|| format!("ext inode {ino} symlink"))?;
             }
@@ -606,6 +623,7 @@ impl<'a> Ext<'a> {
             while done < r.count {
                 // At most 1 MiB per read.
                 let n = (r.count - done).min((1 << 20) / bs);
+                #[allow(clippy::cast_possible_truncation)] // at most 1 MiB
                 buf.resize((n * bs) as usize, 0);
                 if let Err(e) = self.vol.read_block(r.phys + done, &mut buf, &|| {
                     format!("ext directory inode {ino}")
@@ -614,7 +632,7 @@ impl<'a> Ext<'a> {
                     done += n;
                     continue;
                 }
-                for block in buf.chunks_exact(bs as usize) {
+                for block in buf.chunks_exact(self.vol.block_len()) {
                     if let Err(e) = parse_dirents(block, ino, &mut out) {
                         errs.push(e);
                     }
