@@ -15,7 +15,8 @@
 #![warn(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,
-    clippy::cast_possible_wrap
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
 )]
 
 pub mod chunker;

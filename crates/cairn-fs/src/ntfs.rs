@@ -50,12 +50,12 @@ struct Geometry {
 
 impl Geometry {
     fn parse(b: &[u8]) -> Option<Self> {
-        let bps = le16(b, 11) as u64;
+        let bps = u64::from(le16(b, 11));
         let spc_raw = *b.get(13)?;
         let spc = if spc_raw > 0x80 {
-            1u64 << (256 - spc_raw as u32).min(31)
+            1u64 << (256 - u32::from(spc_raw)).min(31)
         } else {
-            spc_raw as u64
+            u64::from(spc_raw)
         };
         if !matches!(bps, 512 | 1024 | 2048 | 4096) || spc == 0 || !spc.is_power_of_two() {
             return None;
@@ -191,12 +191,12 @@ fn decode_runs(
         }
         let mut len = 0u64;
         for k in 0..ls {
-            len |= (b[i + 1 + k] as u64) << (8 * k);
+            len |= u64::from(b[i + 1 + k]) << (8 * k);
         }
         if os > 0 {
             let mut d = 0i64;
             for k in 0..os {
-                d |= (b[i + 1 + ls + k] as i64) << (8 * k);
+                d |= i64::from(b[i + 1 + ls + k]) << (8 * k);
             }
             if os < 8 && d & (1 << (8 * os - 1)) != 0 {
                 d -= 1 << (8 * os); // sign-extend

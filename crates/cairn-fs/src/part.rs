@@ -135,7 +135,7 @@ fn gpt_at(
         return Ok(None);
     }
     let hsize = le32(&h, 12);
-    if hsize < GPT_HEADER_MIN_LEN || hsize as u64 > sector {
+    if hsize < GPT_HEADER_MIN_LEN || u64::from(hsize) > sector {
         return Err(Error::corrupt(format!("GPT header at {at}: size {hsize}")));
     }
     let mut hc = h[..hsize as usize].to_vec();
@@ -154,7 +154,7 @@ fn gpt_at(
     if count > limits.max_partitions.max(128) * 16 {
         return Err(Error::limit(format!("GPT header at {at}: {count} entries")));
     }
-    let table_len = count as u64 * esize as u64;
+    let table_len = u64::from(count) * u64::from(esize);
     let table_at = entries_lba
         .checked_mul(sector)
         .filter(|t| t.saturating_add(table_len) <= size)
@@ -204,7 +204,7 @@ fn gpt_at(
 /// One 16-byte MBR/EBR entry: (bootable, type, start LBA, sector count).
 fn mbr_entry(s: &[u8], i: usize) -> (u8, u8, u64, u64) {
     let e = &s[MBR_TABLE_OFFSET + i * MBR_ENTRY_LEN..][..MBR_ENTRY_LEN];
-    (e[0], e[4], le32(e, 8) as u64, le32(e, 12) as u64)
+    (e[0], e[4], u64::from(le32(e, 8)), u64::from(le32(e, 12)))
 }
 
 /// Fills `layout` from an MBR; false when sector 0 is not a plausible MBR.

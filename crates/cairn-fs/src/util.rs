@@ -100,7 +100,7 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
     };
     let mut c = !0u32;
     for &b in data {
-        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+        c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
     }
     !c
 }

@@ -72,7 +72,8 @@
 #![warn(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,
-    clippy::cast_possible_wrap
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
 )]
 
 mod client;

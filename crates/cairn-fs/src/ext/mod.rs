@@ -91,29 +91,33 @@ impl Super {
         let block_size = 1024u64 << log;
         let incompat = le32(b, 0x60);
         let is64 = incompat & EXT_INCOMPAT_64BIT != 0;
-        let blocks_count = le32(b, 0x4) as u64
+        let blocks_count = u64::from(le32(b, 0x4))
             | if is64 {
-                (le32(b, 0x150) as u64) << 32
+                u64::from(le32(b, 0x150)) << 32
             } else {
                 0
             };
         let rev = le32(b, 0x4C);
-        let inode_size = if rev == 0 { 128 } else { le16(b, 0x58) as u64 };
-        let desc_size = if is64 { le16(b, 0xFE) as u64 } else { 32 };
+        let inode_size = if rev == 0 {
+            128
+        } else {
+            u64::from(le16(b, 0x58))
+        };
+        let desc_size = if is64 { u64::from(le16(b, 0xFE)) } else { 32 };
         let s = Super {
             block_size,
             blocks_count,
-            first_data_block: le32(b, 0x14) as u64,
-            blocks_per_group: le32(b, 0x20) as u64,
-            inodes_per_group: le32(b, 0x28) as u64,
-            inodes_count: le32(b, 0x0) as u64,
+            first_data_block: u64::from(le32(b, 0x14)),
+            blocks_per_group: u64::from(le32(b, 0x20)),
+            inodes_per_group: u64::from(le32(b, 0x28)),
+            inodes_count: u64::from(le32(b, 0x0)),
             inode_size,
             compat: le32(b, 0x5C),
             incompat,
             ro_compat: le32(b, 0x64),
             desc_size,
             journal_inum: le32(b, 0xE0),
-            first_meta_bg: le32(b, 0x104) as u64,
+            first_meta_bg: u64::from(le32(b, 0x104)),
             groups: 0,
         };
         // With bigalloc the bitmaps count clusters of 2^(log_cluster - log) blocks.
@@ -230,9 +234,9 @@ impl Inode {
         };
         Self {
             mode: le16(b, 0),
-            uid: le16(b, 2) as u32 | (le16(b, 0x78) as u32) << 16,
-            gid: le16(b, 0x18) as u32 | (le16(b, 0x7A) as u32) << 16,
-            size: le32(b, 4) as u64 | (le32(b, 0x6C) as u64) << 32,
+            uid: u32::from(le16(b, 2)) | u32::from(le16(b, 0x78)) << 16,
+            gid: u32::from(le16(b, 0x18)) | u32::from(le16(b, 0x7A)) << 16,
+            size: u64::from(le32(b, 4)) | u64::from(le32(b, 0x6C)) << 32,
             links: le16(b, 0x1A),
             flags,
             i_block,
@@ -334,11 +338,11 @@ impl<'a> Ext<'a> {
                     break;
                 }
                 let hi = if sb.desc_size >= 64 {
-                    le32(d, 0x28) as u64
+                    u64::from(le32(d, 0x28))
                 } else {
                     0
                 };
-                out.push(le32(d, 0x8) as u64 | hi << 32);
+                out.push(u64::from(le32(d, 0x8)) | hi << 32);
             }
         }
         Ok(out)
@@ -374,7 +378,7 @@ impl<'a> Ext<'a> {
 
     fn inode(&mut self, ino: u32) -> Result<Inode> {
         let sb = &self.sb;
-        let ino64 = ino as u64;
+        let ino64 = u64::from(ino);
         if ino == 0 || ino64 > sb.inodes_count {
             return Err(Error::corrupt(format!(
                 "ext inode number {ino} out of range"
@@ -495,12 +499,12 @@ impl<'a> Ext<'a> {
     /// Builds the entry for `inode`; a mapping problem is returned beside the entry (which
     /// then has no extents) so the name still appears in the listing.
     fn entry(&self, path: String, ino: u32, inode: &Inode) -> (FileEntry, Option<Error>) {
-        let mut e = FileEntry::new(path, inode.kind(), ino as u64);
+        let mut e = FileEntry::new(path, inode.kind(), u64::from(ino));
         e.size = inode.size;
-        e.mode = Some(inode.mode as u32);
+        e.mode = Some(u32::from(inode.mode));
         e.uid = Some(inode.uid);
         e.gid = Some(inode.gid);
-        e.nlink = Some(inode.links as u32);
+        e.nlink = Some(u32::from(inode.links));
         e.atime = Some(inode.atime);
         e.ctime = Some(inode.ctime);
         e.mtime = Some(inode.mtime);
