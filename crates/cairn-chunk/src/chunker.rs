@@ -170,7 +170,8 @@ impl Chunker {
                 if at.is_multiple_of(zb) && scan_end >= ZERO_BLOCK && is_zero(&data[..ZERO_BLOCK]) {
                     // A run of aligned zero blocks, up to the next multiple of the run size.
                     let run = self.zero_run as u64;
-                    let stop = ((run - at % run) as usize).min(scan_end);
+                    let stop =
+                        usize::try_from(run - at % run).map_or(scan_end, |n| n.min(scan_end));
                     let mut n = ZERO_BLOCK;
                     while n + ZERO_BLOCK <= stop && is_zero(&data[n..n + ZERO_BLOCK]) {
                         n += ZERO_BLOCK;
@@ -179,6 +180,7 @@ impl Chunker {
                 }
                 // Content-defined, but never past the next aligned zero block.
                 let mut limit = scan_end;
+                #[allow(clippy::cast_possible_truncation)] // below ZERO_BLOCK
                 let mut b = ((zb - at % zb) % zb) as usize;
                 while b + ZERO_BLOCK <= scan_end {
                     if is_zero(&data[b..b + ZERO_BLOCK]) {

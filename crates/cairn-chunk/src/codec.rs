@@ -187,7 +187,7 @@ pub fn member_of<'a>(frame: &'a [u8], m: Member, digest: &Digest) -> Result<&'a 
             frame_len: m.frame_len,
         });
     }
-    let piece = &frame[m.inner as usize..end as usize];
+    let piece = &frame[m.inner as usize..][..m.raw_len as usize];
     check(piece, digest)?;
     Ok(piece)
 }
@@ -310,7 +310,8 @@ mod tests {
         let parts: Vec<Vec<u8>> = (0..4)
             .map(|i| format!("part {i} ").repeat(300).into_bytes())
             .collect();
-        let frame_len = parts.iter().map(Vec::len).sum::<usize>() as u32;
+        let len32 = |p: &Vec<u8>| u32::try_from(p.len()).unwrap();
+        let frame_len = parts.iter().map(len32).sum::<u32>();
         let e = Encoder::new(3).encode(&parts.concat());
         assert_eq!(e.codec, Codec::Zstd);
         let mut cache = FrameCache::new();
@@ -319,7 +320,7 @@ mod tests {
             let m = Member {
                 frame_len,
                 inner,
-                raw_len: p.len() as u32,
+                raw_len: len32(p),
             };
             // After the first member the cached frame serves: the bytes passed are not read.
             let stored: &[u8] = if inner == 0 {
@@ -335,13 +336,13 @@ mod tests {
                 decode_member(e.codec, &e.bytes, m, &fingerprint(p)).unwrap(),
                 *p
             );
-            inner += p.len() as u32;
+            inner += len32(p);
         }
         // A member asked for under another segment's digest, or outside its frame, fails.
         let m = Member {
             frame_len,
             inner: 0,
-            raw_len: parts[0].len() as u32,
+            raw_len: len32(&parts[0]),
         };
         assert!(matches!(
             decode_member(e.codec, &e.bytes, m, &fingerprint(&parts[1])),

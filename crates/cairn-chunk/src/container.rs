@@ -123,12 +123,13 @@ impl ContainerBuilder {
         assert!(!seg.bytes.is_empty(), "a frame is never empty");
         let frame_len: u32 = members.iter().map(|m| m.1).sum();
         let offset = self.buf.len() as u64;
+        let stored_len = u32::try_from(seg.bytes.len()).expect("a frame is shorter than 4 GiB");
         let mut inner = 0;
         for &(digest, raw_len) in members {
             self.records.push(Record {
                 digest,
                 offset,
-                stored_len: seg.bytes.len() as u32,
+                stored_len,
                 frame_len,
                 inner,
                 raw_len,
@@ -168,7 +169,8 @@ impl ContainerBuilder {
             trailer.extend_from_slice(&f.offset.to_le_bytes());
             trailer.extend_from_slice(&f.stored_len.to_le_bytes());
             trailer.extend_from_slice(&f.frame_len.to_le_bytes());
-            trailer.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            let members = u32::try_from(frame.len()).expect("fewer than 2^32 members in a frame");
+            trailer.extend_from_slice(&members.to_le_bytes());
             trailer.extend_from_slice(&[f.kind as u8, f.codec as u8, 0, 0]);
             for m in frame {
                 trailer.extend_from_slice(m.digest.as_bytes());
@@ -343,24 +345,29 @@ fn parse_frames(mut b: &[u8], frames: u32) -> Result<Vec<Record>, FormatError> {
             return Err(err(format!("frame {i}: {members} members do not fit")));
         }
         let (ms, rest) = rest.split_at(mlen.expect("checked"));
-        let mut inner = 0u64;
-        for m in ms.chunks_exact(CONTAINER_MEMBER_LEN) {
+        let mut at = 0u64;
+        for (j, m) in ms.chunks_exact(CONTAINER_MEMBER_LEN).enumerate() {
             let raw_len = le32(&m[32..36]);
+            let inner = u32::try_from(at).map_err(|_| {
+                err(format!(
+                    "frame {i}: member {j} starts at {at}, past the largest frame"
+                ))
+            })?;
             recs.push(Record {
                 digest: Digest::from_slice(&m[..32]).expect("32 bytes"),
                 offset,
                 stored_len,
                 frame_len,
-                inner: inner as u32,
+                inner,
                 raw_len,
                 kind,
                 codec,
             });
-            inner += u64::from(raw_len);
+            at += u64::from(raw_len);
         }
-        if inner != u64::from(frame_len) {
+        if at != u64::from(frame_len) {
             return Err(err(format!(
-                "frame {i}: members hold {inner} bytes, the frame {frame_len}"
+                "frame {i}: members hold {at} bytes, the frame {frame_len}"
             )));
         }
         b = rest;
@@ -381,11 +388,18 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, FormatError> {
     }
     let total = bytes.len() as u64;
     let footer = parse_footer(&bytes[bytes.len() - CONTAINER_FOOTER_LEN..], total)?;
-    let start = footer.trailer_offset as usize;
-    parse_trailer(
-        &bytes[start..start + footer.trailer_len() as usize],
-        &footer,
-    )
+    // parse_footer checked that the trailer ends where the footer starts.
+    let trailer = &bytes[..bytes.len() - CONTAINER_FOOTER_LEN];
+    let start = usize::try_from(footer.trailer_len())
+        .ok()
+        .and_then(|len| trailer.len().checked_sub(len))
+        .ok_or_else(|| {
+            FormatError::new(
+                "container",
+                format!("trailer of {} bytes does not fit", footer.trailer_len()),
+            )
+        })?;
+    parse_trailer(&trailer[start..], &footer)
 }
 
 #[cfg(test)]
@@ -401,11 +415,11 @@ mod tests {
     fn fill(mut b: ContainerBuilder) -> (Vec<u8>, Vec<Record>) {
         let mut enc = Encoder::new(1);
         for i in 0..10u32 {
-            let data = vec![i as u8; 1000 + i as usize];
+            let data = vec![u8::try_from(i).unwrap(); 1000 + i as usize];
             b.push(
                 fingerprint(&data),
                 BlobKind::Data,
-                data.len() as u32,
+                1000 + i,
                 &enc.encode(&data),
             );
         }
@@ -432,7 +446,7 @@ mod tests {
         assert_eq!(parse(&bytes).unwrap(), recs);
         assert_eq!(recs.len(), 13);
         for r in &recs {
-            let blob = &bytes[r.offset as usize..][..r.stored_len as usize];
+            let blob = &bytes[usize::try_from(r.offset).unwrap()..][..r.stored_len as usize];
             let plain = crate::codec::decode_member(r.codec, blob, r.member(), &r.digest).unwrap();
             assert_eq!(plain.len(), r.raw_len as usize);
         }
@@ -457,13 +471,22 @@ mod tests {
             bytes.len() as u64,
         )
         .unwrap();
-        let t = footer.trailer_offset as usize;
-        let mut trailer = bytes[t..t + footer.trailer_len() as usize].to_vec();
+        let t = usize::try_from(footer.trailer_offset).unwrap();
+        let mut trailer = bytes[t..bytes.len() - CONTAINER_FOOTER_LEN].to_vec();
         let last_frame = trailer.len() - 3 * CONTAINER_MEMBER_LEN - CONTAINER_FRAME_LEN;
-        trailer[last_frame + 12] += 1;
-        let bytes = wrap(&bytes[8..t], &trailer, footer.count, CONTAINER_VERSION);
-        let e = parse(&bytes).unwrap_err().to_string();
+        let mut longer = trailer.clone();
+        longer[last_frame + 12] += 1;
+        let wrapped = wrap(&bytes[8..t], &longer, footer.count, CONTAINER_VERSION);
+        let e = parse(&wrapped).unwrap_err().to_string();
         assert!(e.contains("members hold 2100 bytes"), "{e}");
+
+        // A first member of u32::MAX bytes puts the third one's start past any u32: an
+        // error, not a record whose start wrapped around to 699.
+        let first = last_frame + CONTAINER_FRAME_LEN + 32;
+        trailer[first..first + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let wrapped = wrap(&bytes[8..t], &trailer, footer.count, CONTAINER_VERSION);
+        let e = parse(&wrapped).unwrap_err().to_string();
+        assert!(e.contains("frame 10: member 2 starts at 4294967995"), "{e}");
     }
 
     #[test]
@@ -531,13 +554,14 @@ mod tests {
         let d = fingerprint(&data);
         let mut rec = d.as_bytes().to_vec();
         rec.extend_from_slice(&8u64.to_le_bytes());
-        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        let len = u32::try_from(data.len()).unwrap();
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(&len.to_le_bytes());
         rec.extend_from_slice(&[0, 0, 0, 0]);
         let v1 = wrap(&data, &rec, 1, CONTAINER_VERSION_SINGLE);
         let recs = parse(&v1).unwrap();
         assert_eq!(recs.len(), 1);
-        assert!(recs[0].member().is_whole() && recs[0].raw_len == data.len() as u32);
+        assert!(recs[0].member().is_whole() && recs[0].raw_len == len);
         let blob = &v1[8..8 + data.len()];
         assert_eq!(
             crate::codec::decode_member(recs[0].codec, blob, recs[0].member(), &d).unwrap(),

@@ -12,6 +12,13 @@
 //! Nothing here does I/O; every parser of untrusted bytes has hard limits and returns
 //! [`FormatError`] instead of panicking.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 pub mod chunker;
 pub mod codec;
 pub mod container;

@@ -164,7 +164,8 @@ impl Node {
         let mut out = Vec::with_capacity(NODE_HEADER_LEN + count * INNER_RECORD_LEN);
         out.extend_from_slice(&NODE_MAGIC);
         out.extend_from_slice(&[level, 0, 0, 0]);
-        out.extend_from_slice(&(count as u32).to_le_bytes());
+        let count = u32::try_from(count).expect("fewer than 2^32 records in a node");
+        out.extend_from_slice(&count.to_le_bytes());
         match self {
             Node::Leaf(entries) => entries.iter().for_each(|e| e.encode(&mut out)),
             Node::Inner { children, .. } => children.iter().for_each(|c| c.encode(&mut out)),
@@ -274,7 +275,7 @@ impl<F: FnMut(Digest, Vec<u8>)> TreeBuilder<F> {
                 return;
             }
             Node::Inner {
-                level: level as u8,
+                level: u8::try_from(level).expect("a tree of at most 255 levels"),
                 children,
             }
         };
@@ -319,7 +320,7 @@ impl<F: FnMut(Digest, Vec<u8>)> TreeBuilder<F> {
                 let c = self.levels[level].inner[0];
                 return TreeRoot {
                     digest: c.digest,
-                    level: (level - 1) as u8,
+                    level: u8::try_from(level - 1).expect("a tree of at most 255 levels"),
                     size: c.span_bytes,
                     entries: c.span_entries,
                 };
@@ -353,7 +354,7 @@ mod tests {
                 let mut d = [0u8; 32];
                 d[..8].copy_from_slice(&(i as u64).to_le_bytes());
                 d[8] = salt;
-                Entry::data(fingerprint(&d), 1000 + (i % 7) as u32)
+                Entry::data(fingerprint(&d), 1000 + u32::try_from(i % 7).unwrap())
             })
             .collect()
     }

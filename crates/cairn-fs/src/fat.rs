@@ -42,22 +42,22 @@ impl Bpb {
         if b.len() < 512 || !matches!(b[0], 0xEB | 0xE9) {
             return None;
         }
-        let bps = le16(b, 11) as u64;
-        let spc = b[13] as u64;
-        let reserved = le16(b, 14) as u64;
-        let fats = b[16] as u64;
-        let root_entries = le16(b, 17) as u64;
-        let total16 = le16(b, 19) as u64;
-        let fat16 = le16(b, 22) as u64;
+        let bps = u64::from(le16(b, 11));
+        let spc = u64::from(b[13]);
+        let reserved = u64::from(le16(b, 14));
+        let fats = u64::from(b[16]);
+        let root_entries = u64::from(le16(b, 17));
+        let total16 = u64::from(le16(b, 19));
+        let fat16 = u64::from(le16(b, 22));
         let total_sectors = if total16 != 0 {
             total16
         } else {
-            le32(b, 32) as u64
+            u64::from(le32(b, 32))
         };
         let fat_sectors = if fat16 != 0 {
             fat16
         } else {
-            le32(b, 36) as u64
+            u64::from(le32(b, 36))
         };
         if !matches!(bps, 512 | 1024 | 2048 | 4096)
             || spc == 0
@@ -92,7 +92,7 @@ impl Bpb {
             FsKind::Fat16 => 16,
             _ => 32,
         };
-        if fat_sectors * bps * 8 / bits < clusters as u64 + 2 {
+        if fat_sectors * bps * 8 / bits < u64::from(clusters) + 2 {
             return None;
         }
         Some(Self {
@@ -150,26 +150,27 @@ impl<'a> Fat<'a> {
         let mut boot = [0u8; 512];
         read_exact(r, &mut boot, part.offset, &|| "FAT boot sector".into())?;
         let bpb = Bpb::parse(&boot).ok_or_else(|| Error::corrupt("FAT boot sector"))?;
-        let n = bpb.clusters as u64 + 2;
+        let n = u64::from(bpb.clusters) + 2;
         let raw_len = match bpb.kind {
             FsKind::Fat12 => (n * 3).div_ceil(2),
             FsKind::Fat16 => n * 2,
             _ => n * 4,
         };
-        if n * 4 > limits.max_alloc as u64 {
-            return Err(Error::limit(format!("FAT of {n} clusters")));
-        }
+        let entries = usize::try_from(n)
+            .ok()
+            .filter(|&e| e.saturating_mul(4) <= limits.max_alloc)
+            .ok_or_else(|| Error::limit(format!("FAT of {n} clusters")))?;
         let mut raw = alloc(raw_len, limits, "FAT table")?;
         read_exact(r, &mut raw, part.offset + bpb.reserved * bpb.bps, &|| {
             "FAT table".into()
         })?;
-        let table = (0..n as usize)
+        let table = (0..entries)
             .map(|c| match bpb.kind {
                 FsKind::Fat12 => {
-                    let v = le16(&raw, c + c / 2) as u32;
+                    let v = u32::from(le16(&raw, c + c / 2));
                     if c % 2 == 0 { v & 0xFFF } else { v >> 4 }
                 }
-                FsKind::Fat16 => le16(&raw, c * 2) as u32,
+                FsKind::Fat16 => u32::from(le16(&raw, c * 2)),
                 _ => le32(&raw, c * 4) & 0x0FFF_FFFF,
             })
             .collect();
@@ -179,7 +180,7 @@ impl<'a> Fat<'a> {
             len: part.length,
             bpb,
             table,
-            claimed: RefCell::new(vec![0u64; n.div_ceil(64) as usize]),
+            claimed: RefCell::new(vec![0u64; entries.div_ceil(64)]),
             limits,
         })
     }
@@ -223,7 +224,7 @@ impl<'a> Fat<'a> {
     }
 
     fn cluster_offset(&self, c: u32) -> u64 {
-        self.bpb.data_offset() + (c as u64 - 2) * self.bpb.cluster_bytes()
+        self.bpb.data_offset() + (u64::from(c) - 2) * self.bpb.cluster_bytes()
     }
 
     /// Image extents for `size` bytes of the chain from `first`.
@@ -293,11 +294,11 @@ impl<'a> Fat<'a> {
             return Err(Error::limit(format!("FAT directory of {total} bytes")));
         }
         let mut buf = alloc(total, self.limits, "FAT directory")?;
-        for (i, &c) in chain.iter().enumerate() {
-            read(
-                &mut buf[i * cb as usize..(i + 1) * cb as usize],
-                self.cluster_offset(c),
-            )?;
+        // alloc() made chain.len() * cb bytes, so cb is a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let cb = cb as usize;
+        for (piece, &c) in buf.chunks_exact_mut(cb).zip(&chain) {
+            read(piece, self.cluster_offset(c))?;
         }
         Ok(buf)
     }
@@ -407,7 +408,7 @@ fn parse_dir(buf: &[u8]) -> Vec<DirEntry> {
         out.push(DirEntry {
             name,
             attr,
-            first: (le16(e, 20) as u32) << 16 | le16(e, 26) as u32,
+            first: u32::from(le16(e, 20)) << 16 | u32::from(le16(e, 26)),
             size: le32(e, 28),
             raw,
         });
@@ -420,8 +421,8 @@ pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
@@ -429,17 +430,18 @@ pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 /// A FAT date and time (and 10 ms units) as Unix nanoseconds; `None` for an unset date.
 fn fat_time(date: u16, time: u16, tenths: u8) -> Option<i64> {
     let (y, m, d) = (
-        1980 + (date >> 9) as i64,
-        ((date >> 5) & 0xF) as u32,
-        (date & 0x1F) as u32,
+        1980 + i64::from(date >> 9),
+        u32::from((date >> 5) & 0xF),
+        u32::from(date & 0x1F),
     );
     if date == 0 || !(1..=12).contains(&m) || d == 0 {
         return None;
     }
-    let secs =
-        (time >> 11) as i64 * 3600 + ((time >> 5) & 0x3F) as i64 * 60 + (time & 0x1F) as i64 * 2;
+    let secs = i64::from(time >> 11) * 3600
+        + i64::from((time >> 5) & 0x3F) * 60
+        + i64::from(time & 0x1F) * 2;
     let ns = (days_from_civil(y, m, d) * 86_400 + secs) * 1_000_000_000;
-    Some(ns + tenths.min(199) as i64 * 10_000_000)
+    Some(ns + i64::from(tenths.min(199)) * 10_000_000)
 }
 
 fn entry(fs: &Fat, path: String, d: &DirEntry) -> (FileEntry, Option<Error>) {
@@ -449,7 +451,7 @@ fn entry(fs: &Fat, path: String, d: &DirEntry) -> (FileEntry, Option<Error>) {
     } else {
         FileKind::File
     };
-    let mut e = FileEntry::new(path, kind, d.first as u64);
+    let mut e = FileEntry::new(path, kind, u64::from(d.first));
     let r = &d.raw;
     e.fat_attributes = Some(d.attr);
     e.mtime = fat_time(le16(r, 24), le16(r, 22), 0);
@@ -457,7 +459,7 @@ fn entry(fs: &Fat, path: String, d: &DirEntry) -> (FileEntry, Option<Error>) {
     e.crtime = fat_time(le16(r, 16), le16(r, 14), r[13]);
     let mut err = None;
     if !is_dir {
-        e.size = d.size as u64;
+        e.size = u64::from(d.size);
         match fs.extents(d.first, e.size) {
             Ok(x) => e.extents = x,
             Err(x) => err = Some(x),
@@ -479,7 +481,7 @@ pub(crate) fn walk(
         0
     };
     let root_bytes = fs.dir_bytes(root_first)?;
-    let mut root = FileEntry::new("/".into(), FileKind::Dir, root_first as u64);
+    let mut root = FileEntry::new("/".into(), FileKind::Dir, u64::from(root_first));
     root.fat_attributes = Some(FAT_ATTR_DIRECTORY);
     if sink.emit(root).is_break() {
         return Ok(());

@@ -40,6 +40,13 @@
 //! - **Streaming**: [`walk`] hands entries to a visitor as it meets them; memory grows with the
 //!   directory stack and the set of visited directories, not with the number of files.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 mod entry;
 mod error;
 mod ext;
@@ -149,9 +156,10 @@ pub fn copy_file(reader: &dyn ReadAt, entry: &FileEntry, out: &mut dyn Write) ->
         out.write_all(d).map_err(werr)?;
         return Ok(d.len() as u64);
     }
-    const CHUNK: u64 = 1 << 20;
-    let zeros = vec![0u8; CHUNK as usize];
-    let mut buf = vec![0u8; CHUNK as usize];
+    const CHUNK_LEN: usize = 1 << 20;
+    const CHUNK: u64 = CHUNK_LEN as u64;
+    let zeros = vec![0u8; CHUNK_LEN];
+    let mut buf = vec![0u8; CHUNK_LEN];
     let mut pos = 0u64;
     let fill = |out: &mut dyn Write, mut n: u64| -> Result<()> {
         while n > 0 {

@@ -50,22 +50,23 @@ struct Geometry {
 
 impl Geometry {
     fn parse(b: &[u8]) -> Option<Self> {
-        let bps = le16(b, 11) as u64;
+        let bps = u64::from(le16(b, 11));
         let spc_raw = *b.get(13)?;
         let spc = if spc_raw > 0x80 {
-            1u64 << (256 - spc_raw as u32).min(31)
+            1u64 << (256 - u32::from(spc_raw)).min(31)
         } else {
-            spc_raw as u64
+            u64::from(spc_raw)
         };
         if !matches!(bps, 512 | 1024 | 2048 | 4096) || spc == 0 || !spc.is_power_of_two() {
             return None;
         }
         let cluster = bps * spc;
-        let cpr = *b.get(0x40)? as i8;
+        // Clusters per record, or (negative) log2 of the record size.
+        let cpr = b.get(0x40)?.cast_signed();
         let record = if cpr > 0 {
-            cluster * cpr as u64
+            cluster * u64::from(cpr.unsigned_abs())
         } else {
-            1u64 << (-(cpr as i32)).clamp(0, 31)
+            1u64 << (-i32::from(cpr)).clamp(0, 31)
         };
         let clusters = le64(b, 0x28) / spc;
         if !(512..=65536).contains(&record)
@@ -81,6 +82,13 @@ impl Geometry {
             mft_lcn: le64(b, 0x30),
             record,
         })
+    }
+
+    /// The record size as a buffer length.
+    fn record_len(&self) -> usize {
+        #[allow(clippy::cast_possible_truncation)] // parse() keeps it at most 64 KiB
+        let len = self.record as usize;
+        len
     }
 }
 
@@ -183,12 +191,12 @@ fn decode_runs(
         }
         let mut len = 0u64;
         for k in 0..ls {
-            len |= (b[i + 1 + k] as u64) << (8 * k);
+            len |= u64::from(b[i + 1 + k]) << (8 * k);
         }
         if os > 0 {
             let mut d = 0i64;
             for k in 0..os {
-                d |= (b[i + 1 + ls + k] as i64) << (8 * k);
+                d |= i64::from(b[i + 1 + ls + k]) << (8 * k);
             }
             if os < 8 && d & (1 << (8 * os - 1)) != 0 {
                 d -= 1 << (8 * os); // sign-extend
@@ -197,10 +205,8 @@ fn decode_runs(
                 .checked_add(d)
                 .filter(|&l| l >= 0)
                 .ok_or_else(|| Error::corrupt("NTFS run list: negative cluster"))?;
-            if (lcn as u64)
-                .checked_add(len)
-                .is_none_or(|e| e > geo.clusters)
-            {
+            let start = lcn.unsigned_abs();
+            if start.checked_add(len).is_none_or(|e| e > geo.clusters) {
                 return Err(Error::corrupt("NTFS run beyond the volume"));
             }
             if out.len() >= max {
@@ -210,7 +216,7 @@ fn decode_runs(
             }
             out.push(Run {
                 vcn,
-                lcn: lcn as u64,
+                lcn: start,
                 len,
             });
         }
@@ -290,7 +296,7 @@ impl<'a> Ntfs<'a> {
             claimed: Default::default(),
         };
         // Record 0 ($MFT) sits at mft_lcn; its $DATA maps the whole MFT.
-        let mut rec0 = vec![0u8; geo.record as usize];
+        let mut rec0 = vec![0u8; geo.record_len()];
         fs.read_volume(geo.mft_lcn.saturating_mul(geo.cluster), &mut rec0)?;
         fixup(&mut rec0)?;
         fs.mft = vec![Run {
@@ -319,7 +325,7 @@ impl<'a> Ntfs<'a> {
     /// Reads record `n` through the MFT's runs (fixups applied).
     fn record(&self, n: u64) -> Result<Vec<u8>> {
         let rs = self.geo.record;
-        let mut rec = vec![0u8; rs as usize];
+        let mut rec = vec![0u8; self.geo.record_len()];
         let mut done = 0u64;
         while done < rs {
             let byte = n
@@ -336,7 +342,9 @@ impl<'a> Ntfs<'a> {
             let within = byte % self.geo.cluster;
             let k = (self.geo.cluster - within).min(rs - done);
             let off = (run.lcn + (vcn - run.vcn)) * self.geo.cluster + within;
-            self.read_volume(off, &mut rec[done as usize..(done + k) as usize])?;
+            #[allow(clippy::cast_possible_truncation)] // done + k <= rs, the length of rec
+            let piece = &mut rec[done as usize..(done + k) as usize];
+            self.read_volume(off, piece)?;
             done += k;
         }
         fixup(&mut rec)?;
@@ -367,10 +375,9 @@ impl<'a> Ntfs<'a> {
                 continue;
             }
             let len = (r.len * self.geo.cluster).min(size - fo);
-            self.read_volume(
-                r.lcn * self.geo.cluster,
-                &mut v[fo as usize..(fo + len) as usize],
-            )?;
+            #[allow(clippy::cast_possible_truncation)] // fo + len <= size, the length of v
+            let piece = &mut v[fo as usize..(fo + len) as usize];
+            self.read_volume(r.lcn * self.geo.cluster, piece)?;
         }
         Ok(v)
     }
@@ -493,6 +500,7 @@ impl<'a> Ntfs<'a> {
             let mut done = 0u64;
             while done < run_bytes {
                 let k = (run_bytes - done).min(MFT_CHUNK.max(rs));
+                #[allow(clippy::cast_possible_truncation)] // at most MFT_CHUNK or a record
                 buf.resize(k as usize, 0);
                 self.read_volume(run.lcn * cl + done, &mut buf)?;
                 let first_byte = run.vcn.saturating_mul(cl).saturating_add(done);
@@ -501,6 +509,7 @@ impl<'a> Ntfs<'a> {
                 let mut at = (rs - first_byte % rs) % rs;
                 while at + rs <= k {
                     let n = (first_byte + at) / rs;
+                    #[allow(clippy::cast_possible_truncation)] // at + rs <= k, the length of buf
                     let rec = &mut buf[at as usize..(at + rs) as usize];
                     at += rs;
                     if rec[..4] != NTFS_FILE_MAGIC {
@@ -543,7 +552,9 @@ impl<'a> Ntfs<'a> {
 }
 
 fn ntfs_time(v: u64) -> i64 {
-    let t = v as i64; // 100 ns units since 1601
+    // 100 ns units since 1601; a value past i64::MAX (hostile, or 29,000 years on) saturates
+    // instead of wrapping to a time before 1601.
+    let t = i64::try_from(v).unwrap_or(i64::MAX);
     t.saturating_sub(NTFS_EPOCH_DELTA_SECS * 10_000_000)
         .saturating_mul(100)
 }
@@ -581,7 +592,7 @@ fn entry(fs: &Ntfs, path: String, n: u64, info: &Info) -> (FileEntry, Option<Err
         FileKind::File
     };
     let mut e = FileEntry::new(path, kind, n);
-    e.nlink = Some(info.names.len() as u32);
+    e.nlink = Some(u32::try_from(info.names.len()).unwrap_or(u32::MAX));
     if let Some(s) = &info.std {
         e.crtime = Some(ntfs_time(le64(s, 0)));
         e.mtime = Some(ntfs_time(le64(s, 8)));
@@ -659,7 +670,7 @@ fn dir_path(
             break p.clone();
         }
         if cur < NTFS_FIRST_USER_RECORD
-            || chain.len() as u32 > limits.max_depth
+            || chain.len() > limits.max_depth as usize
             || chain.contains(&cur)
         {
             break None;
@@ -808,5 +819,10 @@ mod tests {
     #[test]
     fn ntfs_epoch_converts() {
         assert_eq!(ntfs_time(116_444_736_000_000_000), 0);
+        // A hostile timestamp with the top bit set saturates; it used to wrap to before 1601.
+        let latest = ntfs_time(i64::MAX.unsigned_abs());
+        assert!(latest > 0);
+        assert_eq!(ntfs_time(1 << 63), latest);
+        assert_eq!(ntfs_time(u64::MAX), latest);
     }
 }

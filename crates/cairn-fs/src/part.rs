@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use cairn_types::ReadAt;
 
 use crate::format::*;
-use crate::util::{crc32, guid, le32, le64, read_exact, utf16le};
+use crate::util::{alloc, crc32, guid, le32, le64, read_exact, utf16le};
 use crate::{DiskLayout, Error, FsKind, Limits, Partition, PartitionType, Result, TableKind};
 
 /// Reads the partition table and probes each partition's file system.
@@ -128,14 +128,14 @@ fn gpt_at(
     size: u64,
     limits: &Limits,
 ) -> Result<Option<GptTable>> {
-    let mut h = vec![0u8; sector as usize];
+    let mut h = alloc(sector, limits, "GPT header")?;
     let at = lba * sector;
     read_exact(r, &mut h, at, &|| "GPT header".into())?;
     if h[..8] != GPT_SIGNATURE {
         return Ok(None);
     }
     let hsize = le32(&h, 12);
-    if hsize < GPT_HEADER_MIN_LEN || hsize as u64 > sector {
+    if hsize < GPT_HEADER_MIN_LEN || u64::from(hsize) > sector {
         return Err(Error::corrupt(format!("GPT header at {at}: size {hsize}")));
     }
     let mut hc = h[..hsize as usize].to_vec();
@@ -154,12 +154,12 @@ fn gpt_at(
     if count > limits.max_partitions.max(128) * 16 {
         return Err(Error::limit(format!("GPT header at {at}: {count} entries")));
     }
-    let table_len = count as u64 * esize as u64;
+    let table_len = u64::from(count) * u64::from(esize);
     let table_at = entries_lba
         .checked_mul(sector)
         .filter(|t| t.saturating_add(table_len) <= size)
         .ok_or_else(|| Error::corrupt(format!("GPT entries at LBA {entries_lba}")))?;
-    let mut table = vec![0u8; table_len as usize];
+    let mut table = alloc(table_len, limits, "GPT entries")?;
     read_exact(r, &mut table, table_at, &|| "GPT entries".into())?;
     if crc32(&table) != le32(&h, 88) {
         return Err(Error::corrupt(format!(
@@ -167,7 +167,7 @@ fn gpt_at(
         )));
     }
     let mut parts = Vec::new();
-    for (i, e) in table.chunks_exact(esize as usize).enumerate() {
+    for (index, e) in (1u32..).zip(table.chunks_exact(esize as usize)) {
         if e[..16].iter().all(|&b| b == 0) {
             continue;
         }
@@ -182,12 +182,12 @@ fn gpt_at(
         if last < first || offset >= size {
             continue;
         }
-        if parts.len() as u32 >= limits.max_partitions {
+        if parts.len() >= limits.max_partitions as usize {
             break;
         }
         let name = utf16le(&e[56..128]);
         parts.push(Partition {
-            index: i as u32 + 1,
+            index,
             part_type: PartitionType::Gpt(guid(&e[..16])),
             guid: Some(guid(&e[16..32])),
             name: name.trim_end_matches('\0').to_string(),
@@ -204,7 +204,7 @@ fn gpt_at(
 /// One 16-byte MBR/EBR entry: (bootable, type, start LBA, sector count).
 fn mbr_entry(s: &[u8], i: usize) -> (u8, u8, u64, u64) {
     let e = &s[MBR_TABLE_OFFSET + i * MBR_ENTRY_LEN..][..MBR_ENTRY_LEN];
-    (e[0], e[4], le32(e, 8) as u64, le32(e, 12) as u64)
+    (e[0], e[4], u64::from(le32(e, 8)), u64::from(le32(e, 12)))
 }
 
 /// Fills `layout` from an MBR; false when sector 0 is not a plausible MBR.
@@ -233,7 +233,7 @@ fn mbr(
     }
     layout.table = TableKind::Mbr;
     layout.mbr_signature = Some(le32(s, 440));
-    for i in 0..4 {
+    for (i, index) in (0..4).zip(1u32..) {
         let (boot, ty, start, count) = mbr_entry(s, i);
         if ty == 0 || count == 0 {
             continue;
@@ -242,15 +242,7 @@ fn mbr(
             ebr_chain(r, start, count, size, limits, layout);
             continue;
         }
-        push_mbr(
-            layout,
-            i as u32 + 1,
-            ty,
-            boot,
-            start * 512,
-            count * 512,
-            false,
-        );
+        push_mbr(layout, index, ty, boot, start * 512, count * 512, false);
     }
     layout.partitions.sort_by_key(|p| p.index);
     Ok(true)
@@ -298,7 +290,7 @@ fn ebr_chain(
     let mut ebr = ext_start;
     let mut index = 5;
     loop {
-        if !seen.insert(ebr) || seen.len() as u32 > limits.max_partitions {
+        if !seen.insert(ebr) || seen.len() > limits.max_partitions as usize {
             layout
                 .warnings
                 .push(format!("EBR chain loops or is too long at LBA {ebr}"));
@@ -376,7 +368,8 @@ mod tests {
     /// A GPT disk of `sectors` sectors of `sector` bytes with one partition (LBA 34..=99).
     fn gpt_disk(sector: usize, sectors: usize) -> Vec<u8> {
         let mut img = vec![0u8; sector * sectors];
-        entry(&mut img, 0, MBR_TYPE_GPT_PROTECTIVE, 1, sectors as u32 - 1);
+        let last = u32::try_from(sectors - 1).unwrap();
+        entry(&mut img, 0, MBR_TYPE_GPT_PROTECTIVE, 1, last);
         img[510] = 0x55;
         img[511] = 0xAA;
         let mut e = vec![0u8; 128 * 128];

@@ -20,13 +20,13 @@ pub(crate) fn read_exact(
 
 /// Allocates a zeroed buffer of `len` bytes unless that exceeds `limits.max_alloc`.
 pub(crate) fn alloc(len: u64, limits: &Limits, what: &str) -> Result<Vec<u8>> {
-    if len > limits.max_alloc as u64 {
-        return Err(Error::limit(format!(
+    match usize::try_from(len) {
+        Ok(n) if n <= limits.max_alloc => Ok(vec![0u8; n]),
+        _ => Err(Error::limit(format!(
             "{what}: {len} bytes exceeds max_alloc {}",
             limits.max_alloc
-        )));
+        ))),
     }
-    Ok(vec![0u8; len as usize])
 }
 
 pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
@@ -82,6 +82,7 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
         let mut t = [0u32; 256];
         let mut i = 0;
         while i < 256 {
+            #[allow(clippy::cast_possible_truncation)] // below 256
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
@@ -99,7 +100,7 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
     };
     let mut c = !0u32;
     for &b in data {
-        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+        c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
     }
     !c
 }

@@ -220,11 +220,12 @@ impl Client {
         export: &str,
         opts: ConnectOptions,
     ) -> Result<Client> {
-        if opts.max_in_flight == 0
-            || opts.max_in_flight > Semaphore::MAX_PERMITS.min(u32::MAX as usize)
-        {
-            return Err(Error::invalid("max_in_flight out of range"));
-        }
+        let max_in_flight = u32::try_from(opts.max_in_flight)
+            .ok()
+            .filter(|&n| n > 0 && opts.max_in_flight <= Semaphore::MAX_PERMITS)
+            .ok_or_else(|| {
+                Error::invalid(format!("max_in_flight {} out of range", opts.max_in_flight))
+            })?;
         if opts.max_request_len == 0
             || u64::from(opts.max_request_len) + 8 > u64::from(opts.limits.max_chunk_len)
         {
@@ -267,7 +268,7 @@ impl Client {
                 info,
                 next_cookie: AtomicU64::new(1),
                 sem: Arc::new(Semaphore::new(opts.max_in_flight)),
-                max_in_flight: opts.max_in_flight as u32,
+                max_in_flight,
                 max_request,
                 timeout: opts.timeout,
             }),
@@ -418,16 +419,16 @@ impl Client {
     /// into that many pipelined requests.
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
         self.check_range(offset, len as u64)?;
-        let max = self.inner.max_request as usize;
-        let mut rxs = Vec::with_capacity(len.div_ceil(max.max(1)));
+        let max = self.inner.max_request;
+        let mut rxs = Vec::with_capacity(len.div_ceil((max as usize).max(1)));
         let mut done = 0usize;
         while done < len {
-            let n = (len - done).min(max);
+            let n = u32::try_from(len - done).map_or(max, |rest| rest.min(max));
             rxs.push(
-                self.submit(CMD_READ, 0, offset + done as u64, n as u32, None)
+                self.submit(CMD_READ, 0, offset + done as u64, n, None)
                     .await?,
             );
-            done += n;
+            done += n as usize;
         }
         if rxs.len() == 1 {
             return self.wait_read(rxs.remove(0)).await;
@@ -466,10 +467,9 @@ impl Client {
         let mut rxs = Vec::new();
         for (i, piece) in data.chunks(self.inner.max_request as usize).enumerate() {
             let off = offset + (i as u64) * u64::from(self.inner.max_request);
-            rxs.push(
-                self.submit(CMD_WRITE, flags, off, piece.len() as u32, Some(piece))
-                    .await?,
-            );
+            #[allow(clippy::cast_possible_truncation)] // a piece is at most max_request, a u32
+            let n = piece.len() as u32;
+            rxs.push(self.submit(CMD_WRITE, flags, off, n, Some(piece)).await?);
         }
         for rx in rxs {
             self.wait(rx).await?;

@@ -108,13 +108,18 @@ pub fn encode_simple_reply(error: u32, cookie: u64) -> Vec<u8> {
 }
 
 /// Encodes a structured reply chunk header followed by its payload (for test servers).
+///
+/// # Panics
+///
+/// If `payload` is longer than `u32::MAX` bytes.
 pub fn encode_chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(STRUCTURED_REPLY_HEADER_LEN + payload.len());
     v.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     v.extend_from_slice(&flags.to_be_bytes());
     v.extend_from_slice(&kind.to_be_bytes());
     v.extend_from_slice(&cookie.to_be_bytes());
-    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    let len = u32::try_from(payload.len()).expect("chunk payload longer than u32::MAX");
+    v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(payload);
     v
 }
@@ -643,6 +648,7 @@ impl ReplyState {
         let mut out = BytesMut::zeroed(self.len as usize);
         for (start, (_, piece)) in pieces {
             if let Piece::Data(d) = piece {
+                #[allow(clippy::cast_possible_truncation)] // add_piece keeps start below len, a u32
                 let s = start as usize;
                 out[s..s + d.len()].copy_from_slice(&d);
             }

@@ -76,12 +76,12 @@ struct OptReply {
 }
 
 fn check_string(what: &str, s: &str) -> Result<u32> {
-    if s.len() > MAX_STRING || s.contains('\0') {
-        return Err(Error::invalid(format!(
+    match u32::try_from(s.len()) {
+        Ok(len) if s.len() <= MAX_STRING && !s.contains('\0') => Ok(len),
+        _ => Err(Error::invalid(format!(
             "{what} longer than {MAX_STRING} bytes or contains NUL"
-        )));
+        ))),
     }
-    Ok(s.len() as u32)
 }
 
 fn not_found(export: &str, r: &OptReply) -> Error {
@@ -132,7 +132,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Handshake<'_, R, W> {
         let mut b = Vec::with_capacity(16 + data.len());
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
         b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let len = u32::try_from(data.len())
+            .map_err(|_| Error::invalid(format!("option {option} data of {} bytes", data.len())))?;
+        b.extend_from_slice(&len.to_be_bytes());
         b.extend_from_slice(data);
         self.send(&b).await
     }
@@ -256,9 +258,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Handshake<'_, R, W> {
             let mut d = Vec::new();
             d.extend_from_slice(&name_len.to_be_bytes());
             d.extend_from_slice(export.as_bytes());
-            d.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
+            let count = u32::try_from(contexts.len())
+                .map_err(|_| Error::invalid(format!("{} metadata contexts", contexts.len())))?;
+            d.extend_from_slice(&count.to_be_bytes());
             for c in contexts {
-                d.extend_from_slice(&(c.len() as u32).to_be_bytes());
+                // run() checked every name with check_string.
+                d.extend_from_slice(&check_string("metadata context", c)?.to_be_bytes());
                 d.extend_from_slice(c.as_bytes());
             }
             self.send_option(OPT_SET_META_CONTEXT, &d).await?;

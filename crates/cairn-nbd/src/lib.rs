@@ -69,6 +69,13 @@
 //! minimum block size: requests are sent as given (qemu accepts byte-granular requests), and a
 //! server that insists on alignment answers unaligned ones with `EINVAL`.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 mod client;
 pub mod codec;
 mod error;

@@ -68,10 +68,16 @@ pub struct Location {
 }
 
 impl Location {
+    /// # Panics
+    ///
+    /// If the record lies past 4 GiB: [`Repository::container_records`] refuses such
+    /// stored containers, and writers seal theirs at `CONTAINER_TARGET_LEN`.
+    ///
+    /// [`Repository::container_records`]: crate::repo::Repository::container_records
     pub fn from_record(container: ContainerId, r: &Record) -> Self {
         Self {
             container,
-            offset: r.offset as u32,
+            offset: u32::try_from(r.offset).expect("a container record below 4 GiB"),
             stored_len: r.stored_len,
             frame_len: r.frame_len,
             inner: r.inner,
@@ -138,8 +144,11 @@ struct Bloom {
 impl Bloom {
     fn with_capacity(n: usize) -> Self {
         let bits = (n as u64 * INDEX_BLOOM_BITS_PER_RECORD).max(64);
+        // Fewer words than records (10 bits each), and the records are in memory.
+        #[allow(clippy::cast_possible_truncation)]
+        let words = bits.div_ceil(64) as usize;
         Self {
-            words: vec![0; bits.div_ceil(64) as usize],
+            words: vec![0; words],
             k: INDEX_BLOOM_K,
         }
     }
@@ -218,16 +227,27 @@ impl Run {
         if want != Some(len) || k == 0 || k > 32 || words == 0 {
             return Err(bad("length does not match header (truncated?)"));
         }
-        let meta_len = (len - n * INDEX_RECORD_LEN as u64) as usize - INDEX_HEADER_LEN;
+        // The lengths add up to the file's (checked above); each must also fit in memory.
+        let size = |n: u64, width: usize| {
+            usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_mul(width))
+                .ok_or_else(|| bad("metadata does not fit in memory"))
+        };
+        let (cs_len, ws_len, fs_len) = (size(nc, 16)?, size(words, 8)?, size(nf, 8)?);
+        let meta_len = size(
+            len - n * INDEX_RECORD_LEN as u64 - INDEX_HEADER_LEN as u64,
+            1,
+        )?;
         let mut meta = vec![0u8; meta_len];
         file.read_exact_at(&mut meta, INDEX_HEADER_LEN as u64)
             .map_err(io("read index run"))?;
         if meta_sum(&h, &meta)[..] != h[INDEX_HEADER_LEN - 16..] {
             return Err(bad("header checksum mismatch"));
         }
-        let (cbytes, rest) = meta.split_at(nc as usize * 16);
-        let (wbytes, rest) = rest.split_at(words as usize * 8);
-        let (fbytes, sbytes) = rest.split_at(nf as usize * 8);
+        let (cbytes, rest) = meta.split_at(cs_len);
+        let (wbytes, rest) = rest.split_at(ws_len);
+        let (fbytes, sbytes) = rest.split_at(fs_len);
         let containers = cbytes
             .chunks_exact(16)
             .map(|c| ContainerId::from_slice(c).expect("16"))
@@ -282,19 +302,30 @@ impl Run {
     fn read_records_into(&self, lo: u64, hi: u64, buf: &mut Vec<u8>) -> Result<()> {
         let stride = INDEX_FENCE_STRIDE as u64;
         debug_assert!(lo.is_multiple_of(stride) && (hi.is_multiple_of(stride) || hi == self.n));
-        buf.resize(((hi - lo) as usize) * INDEX_RECORD_LEN, 0);
+        let len = usize::try_from(hi - lo)
+            .ok()
+            .and_then(|k| k.checked_mul(INDEX_RECORD_LEN))
+            .ok_or_else(|| VaultError::IndexDamaged {
+                path: self.path.display().to_string(),
+                what: format!("records {lo}..{hi} do not fit in memory"),
+            })?;
+        buf.resize(len, 0);
         self.file
             .read_exact_at(buf, self.records_at + lo * INDEX_RECORD_LEN as u64)
             .map_err(|e| VaultError::io(self.path.display(), "read index run", e))?;
-        let first_page = (lo / stride) as usize;
+        // Past usize, no page sum matches: the run is reported damaged.
+        let first_page = usize::try_from(lo / stride).unwrap_or(usize::MAX);
         for (i, page) in buf
             .chunks(INDEX_FENCE_STRIDE * INDEX_RECORD_LEN)
             .enumerate()
         {
-            if self.page_sums.get(first_page + i) != Some(&page_sum(page)) {
+            if self.page_sums.get(first_page.saturating_add(i)) != Some(&page_sum(page)) {
                 return Err(VaultError::IndexDamaged {
                     path: self.path.display().to_string(),
-                    what: format!("records of page {} fail their checksum", first_page + i),
+                    what: format!(
+                        "records of page {} fail their checksum",
+                        first_page.saturating_add(i)
+                    ),
                 });
             }
         }
@@ -358,6 +389,8 @@ impl Run {
             }
             self.read_records_into(lo, hi, &mut buf)?;
             for &(i, a, b) in &cand[k..j] {
+                // lo <= a <= b <= hi, and buf holds records lo..hi.
+                #[allow(clippy::cast_possible_truncation)]
                 let slice = &buf[((a - lo) as usize) * INDEX_RECORD_LEN
                     ..((b - lo) as usize) * INDEX_RECORD_LEN];
                 if let Some(l) = self.search(slice, &digests[i])? {
@@ -407,7 +440,10 @@ fn write_run(
     containers.extend(recs.iter().map(|(_, l)| l.container));
     containers.sort_unstable();
     containers.dedup();
-    let place = |c: &ContainerId| containers.binary_search(c).expect("listed") as u32;
+    let place = |c: &ContainerId| {
+        let i = containers.binary_search(c).expect("listed");
+        u32::try_from(i).expect("fewer than 2^32 containers")
+    };
     let mut bloom = Bloom::with_capacity(recs.len());
     recs.iter().for_each(|(d, _)| bloom.insert(d));
     let nf = recs.len().div_ceil(INDEX_FENCE_STRIDE);
@@ -420,7 +456,8 @@ fn write_run(
     );
     out.extend_from_slice(&INDEX_MAGIC);
     out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
-    out.extend_from_slice(&(containers.len() as u32).to_le_bytes());
+    let count = u32::try_from(containers.len()).expect("fewer than 2^32 containers");
+    out.extend_from_slice(&count.to_le_bytes());
     out.extend_from_slice(&(recs.len() as u64).to_le_bytes());
     out.extend_from_slice(&(bloom.words.len() as u64).to_le_bytes());
     out.extend_from_slice(&bloom.k.to_le_bytes());
@@ -753,7 +790,7 @@ mod tests {
         assert!(ix.covers(&c1) && ix.covers(&c2));
         for i in (0..6000).step_by(7) {
             let l = ix.get(&digest(i)).unwrap().expect("present");
-            assert_eq!(l.offset, 8 + i as u32);
+            assert_eq!(l.offset, 8 + u32::try_from(i).unwrap());
             assert_eq!((l.frame_len, l.inner, l.raw_len), (60, 20, 20));
             assert_eq!(l.container, if i < 5000 { c1 } else { c2 });
         }

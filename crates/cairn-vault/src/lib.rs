@@ -40,6 +40,13 @@
 //!   Formats and magic numbers live in `cairn-chunk`.
 //! - On-disk format: `docs/FORMAT.md`; protocol: `docs/PROTOCOL.md`.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 pub mod api;
 pub mod error;
 pub mod imager;

@@ -112,6 +112,12 @@ impl SnapshotReader {
         if offset >= end {
             return Ok(Vec::new());
         }
+        let want = usize::try_from(end - offset).map_err(|_| {
+            crate::error::VaultError::Invalid(format!(
+                "a read of {} bytes does not fit in memory",
+                end - offset
+            ))
+        })?;
         let first = self.starts.partition_point(|&s| s <= offset) - 1;
         let mut last = first;
         while self.starts[last + 1] < end {
@@ -158,16 +164,18 @@ impl SnapshotReader {
                 have.insert(i, d);
             }
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut out = Vec::with_capacity(want);
         for i in first..=last {
             let e = &self.entries[i];
             let (s, t) = (self.starts[i], self.starts[i + 1]);
-            let (a, b) = (offset.max(s) - s, end.min(t) - s);
+            // Offsets into one entry, whose length is a u32.
+            #[allow(clippy::cast_possible_truncation)]
+            let (a, b) = ((offset.max(s) - s) as usize, (end.min(t) - s) as usize);
             match e.kind {
-                EntryKind::Zero => out.resize(out.len() + (b - a) as usize, 0),
+                EntryKind::Zero => out.resize(out.len() + (b - a), 0),
                 EntryKind::Data => {
                     let d = have.get(&i).expect("fetched or cached");
-                    let slice = d.get(a as usize..b as usize).ok_or_else(|| {
+                    let slice = d.get(a..b).ok_or_else(|| {
                         crate::error::VaultError::Corrupt(format!(
                             "segment {} is {} bytes, the recipe says {}",
                             e.digest,

@@ -276,7 +276,8 @@ impl Repository {
             .collect())
     }
 
-    /// Reads a container's trailer (footer first, then the records).
+    /// Reads a container's trailer (footer first, then the records). A segment past 4 GiB
+    /// is a format error: index entries hold u32 offsets.
     pub fn container_records(&self, id: &ContainerId) -> Result<Vec<Record>> {
         let key = container_key(id);
         let total = self.store.size(&key)?;
@@ -299,7 +300,19 @@ impl Repository {
         let trailer = self
             .store
             .get_range(&key, footer.trailer_offset, footer.trailer_len())?;
-        container::parse_trailer(&trailer, &footer).map_err(fmt)
+        let recs = container::parse_trailer(&trailer, &footer).map_err(fmt)?;
+        // The index addresses segments with u32 offsets; a longer container (hostile, or
+        // not ours) is refused here rather than indexed at wrapped offsets.
+        if let Some(r) = recs.iter().find(|r| u32::try_from(r.offset).is_err()) {
+            return Err(fmt(cairn_chunk::FormatError {
+                what: "container",
+                reason: format!(
+                    "segment {:?} at offset {}, past the 4 GiB the index addresses",
+                    r.digest, r.offset
+                ),
+            }));
+        }
+        Ok(recs)
     }
 
     /// Adds containers no index run covers (left by interrupted backups) to the index.
@@ -608,8 +621,19 @@ impl Repository {
                 .store
                 .get_range(&container_key(&first.container), start, end - start)?;
             for (k, loc) in locs.iter().enumerate().take(j).skip(i) {
-                let o = (u64::from(loc.offset) - start) as usize;
-                f(k, loc, &buf[o..o + loc.stored_len as usize])?;
+                let o = u64::from(loc.offset) - start;
+                let piece = usize::try_from(o)
+                    .ok()
+                    .and_then(|o| buf.get(o..)?.get(..loc.stored_len as usize))
+                    .ok_or_else(|| {
+                        VaultError::Corrupt(format!(
+                            "container {}: a read of {} bytes at {start} returned {}",
+                            first.container,
+                            end - start,
+                            buf.len()
+                        ))
+                    })?;
+                f(k, loc, piece)?;
             }
             i = j;
         }

@@ -134,11 +134,11 @@ impl Lease {
 
     fn renew(&self) {
         self.last_ms
-            .fetch_max(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .fetch_max(millis(self.epoch.elapsed()), Ordering::Relaxed);
     }
 
     fn idle(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = millis(self.epoch.elapsed());
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
 }
@@ -174,6 +174,11 @@ impl std::fmt::Debug for VaultService {
 
 type Shared = Arc<VaultService>;
 type ApiResult<T> = Result<T, ApiError>;
+
+/// Milliseconds, saturating (a clock 584 million years on).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 fn api(e: VaultError) -> ApiError {
     e.to_api()
@@ -229,7 +234,7 @@ impl VaultService {
     }
 
     fn lease_ms(&self) -> u64 {
-        self.opts.session_lease.as_millis() as u64
+        millis(self.opts.session_lease)
     }
 
     fn no_session(&self, id: SessionId) -> ApiError {

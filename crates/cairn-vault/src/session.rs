@@ -281,20 +281,19 @@ impl BackupSession {
         seg: &EncodedSegment,
     ) -> Result<bool> {
         let reject = |e: String| VaultError::Invalid(format!("rejected upload: {e}"));
-        let frame_len: u64 = members.iter().map(|m| u64::from(m.1)).sum();
+        let total: u64 = members.iter().map(|m| u64::from(m.1)).sum();
         let (first, _) = *members
             .first()
             .ok_or_else(|| reject("no segments".into()))?;
-        if frame_len > u64::from(u32::MAX) {
-            return Err(reject(format!("frame of {frame_len} bytes")));
-        }
+        let frame_len =
+            u32::try_from(total).map_err(|_| reject(format!("frame of {total} bytes")))?;
         let plain =
             cairn_chunk::codec::decode_frame(seg.codec, &seg.bytes, frame_len as usize, &first)
                 .map_err(|e| reject(e.to_string()))?;
         let mut inner = 0;
         for &(d, n) in members {
             let m = cairn_chunk::Member {
-                frame_len: frame_len as u32,
+                frame_len,
                 inner,
                 raw_len: n,
             };
@@ -432,7 +431,7 @@ impl BackupSession {
         m.stats.duration_ms = m
             .stats
             .duration_ms
-            .max(self.started.elapsed().as_millis() as u64);
+            .max(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
         // The manifest's own size is part of what the repository grew by.
         let guess = m.to_stored().len() as u64 + 80;
         m.stats.bytes_stored = containers + index_bytes + guess;

@@ -52,6 +52,11 @@ pub fn decode_digests(b: &[u8]) -> Result<Vec<Digest>, String> {
         .collect())
 }
 
+/// Encodes uploads in the `upload` layout above.
+///
+/// # Panics
+///
+/// If an upload holds 2^32 segments or 4 GiB (a frame holds far less).
 pub fn encode_uploads(u: &[Upload]) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         u.iter()
@@ -61,8 +66,11 @@ pub fn encode_uploads(u: &[Upload]) -> Vec<u8> {
     for x in u {
         out.push(x.kind as u8);
         out.push(x.seg.codec as u8);
-        out.extend_from_slice(&(x.members.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(x.seg.bytes.len() as u32).to_le_bytes());
+        let members =
+            u32::try_from(x.members.len()).expect("an upload of fewer than 2^32 segments");
+        let stored = u32::try_from(x.seg.bytes.len()).expect("an upload below 4 GiB");
+        out.extend_from_slice(&members.to_le_bytes());
+        out.extend_from_slice(&stored.to_le_bytes());
         for (d, n) in &x.members {
             out.extend_from_slice(d.as_bytes());
             out.extend_from_slice(&n.to_le_bytes());
@@ -176,6 +184,10 @@ pub fn decode_uploads(mut b: &[u8]) -> Result<Vec<Upload>, String> {
 
 /// Appends the answer for one digest; `bytes` is `None` when the frame is the previous
 /// answer's.
+///
+/// # Panics
+///
+/// If `bytes` is 4 GiB or longer (a stored frame is far shorter).
 pub fn encode_download(out: &mut Vec<u8>, codec: Codec, m: Member, bytes: Option<&[u8]>) {
     out.push(codec as u8);
     out.push(u8::from(bytes.is_none()));
@@ -183,7 +195,8 @@ pub fn encode_download(out: &mut Vec<u8>, codec: Codec, m: Member, bytes: Option
         out.extend_from_slice(&v.to_le_bytes());
     }
     let bytes = bytes.unwrap_or_default();
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    let len = u32::try_from(bytes.len()).expect("a stored frame below 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(bytes);
 }
 

@@ -54,7 +54,7 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
             _ => Err(Error::corrupt(format!("journal block {j} is not mapped"))),
         }
     };
-    let mut buf = vec![0u8; bs as usize];
+    let mut buf = vec![0u8; vol.block_len()];
     let read = |j: u64, buf: &mut [u8]| -> Result<()> {
         let b = jmap(j)?;
         vol.read_block(b, buf, &|| format!("journal block {j}"))
@@ -65,15 +65,15 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
     if magic != JBD2_MAGIC_BE || !matches!(btype, JBD2_SUPERBLOCK_V1 | JBD2_SUPERBLOCK_V2) {
         return Err(Error::corrupt("journal superblock magic"));
     }
-    if be32(&buf, 12) as u64 != bs {
+    if u64::from(be32(&buf, 12)) != bs {
         return Err(Error::unsupported(
             "journal block size differs from the file system's",
         ));
     }
-    let maxlen = be32(&buf, 16) as u64;
-    let first = be32(&buf, 20) as u64;
+    let maxlen = u64::from(be32(&buf, 16));
+    let first = u64::from(be32(&buf, 20));
     let mut seq = be32(&buf, 24);
-    let start = be32(&buf, 28) as u64;
+    let start = u64::from(be32(&buf, 28));
     let (incompat, num_fc) = if btype == JBD2_SUPERBLOCK_V2 {
         (be32(&buf, 40), be32(&buf, 84))
     } else {
@@ -82,7 +82,7 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
     if start == 0 {
         return Ok(Replay::default()); // clean journal
     }
-    let fc = if incompat & JBD2_INCOMPAT_FAST_COMMIT != 0 {
+    let fc = u64::from(if incompat & JBD2_INCOMPAT_FAST_COMMIT != 0 {
         if num_fc == 0 {
             JBD2_DEFAULT_FC_BLOCKS
         } else {
@@ -90,7 +90,7 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
         }
     } else {
         0
-    } as u64;
+    });
     let mapped: u64 = runs.iter().map(|r| r.count).sum();
     let last = maxlen.min(mapped).saturating_sub(fc);
     if first == 0 || first >= last || start < first || start >= last {
@@ -133,17 +133,17 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
                 let mut data = j;
                 while at + tag_len <= end {
                     let t = &buf[at..at + tag_len];
-                    let lo = be32(t, 0) as u64;
+                    let lo = u64::from(be32(t, 0));
                     let (flags, hi) = if csum3 {
-                        (be32(t, 4), be32(t, 8) as u64)
+                        (be32(t, 4), u64::from(be32(t, 8)))
                     } else {
                         (
-                            u16::from_be_bytes([t[6], t[7]]) as u32,
-                            if is64 { be32(t, 8) as u64 } else { 0 },
+                            u32::from(u16::from_be_bytes([t[6], t[7]])),
+                            if is64 { u64::from(be32(t, 8)) } else { 0 },
                         )
                     };
                     data = next(data);
-                    if pending.len() >= limits.max_journal_blocks as usize {
+                    if pending.len() as u64 >= limits.max_journal_blocks {
                         return Err(Error::limit("journal transaction too large"));
                     }
                     pending.push(Tag {
@@ -179,9 +179,9 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
                 let mut at = 16;
                 while at + rlen <= count {
                     let b = if is64 {
-                        ((be32(&buf, at) as u64) << 32) | be32(&buf, at + 4) as u64
+                        (u64::from(be32(&buf, at)) << 32) | u64::from(be32(&buf, at + 4))
                     } else {
-                        be32(&buf, at) as u64
+                        u64::from(be32(&buf, at))
                     };
                     pending_revokes.push(b);
                     at += rlen;
@@ -220,5 +220,6 @@ pub(crate) fn replay(vol: &Volume, runs: &[Run], limits: &Limits) -> Result<Repl
 
 /// `a` is a later transaction than `b` (sequence numbers wrap).
 fn seq_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
+    // jbd2's tid_gt: the wrapped difference read as signed.
+    a.wrapping_sub(b).cast_signed() > 0
 }

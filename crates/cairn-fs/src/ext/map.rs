@@ -112,7 +112,7 @@ impl<'v, 'a> Mapper<'v, 'a> {
                 self.ino
             )));
         }
-        let mut buf = vec![0u8; self.vol.block_size as usize];
+        let mut buf = vec![0u8; self.vol.block_len()];
         let ino = self.ino;
         self.vol.read_block(block, &mut buf, &|| {
             format!("ext inode {ino} mapping block")
@@ -122,7 +122,7 @@ impl<'v, 'a> Mapper<'v, 'a> {
 
     /// Maps an extent-tree inode whose root is `i_block`; `max_blocks` bounds logical blocks.
     pub fn extents(mut self, i_block: &[u8], max_blocks: u64) -> Result<Vec<Run>> {
-        let depth = le16(i_block, 6) as u32;
+        let depth = u32::from(le16(i_block, 6));
         if depth > self.limits.max_extent_depth {
             return Err(Error::limit(format!(
                 "ext inode {}: extent tree depth {depth}",
@@ -150,7 +150,7 @@ impl<'v, 'a> Mapper<'v, 'a> {
             )));
         }
         let entries = le16(buf, 2) as usize;
-        if le16(buf, 6) as u32 != depth || 12 + entries * 12 > buf.len() {
+        if u32::from(le16(buf, 6)) != depth || 12 + entries * 12 > buf.len() {
             return Err(Error::corrupt(format!(
                 "ext inode {}: bad extent header (depth {}, {entries} entries)",
                 self.ino,
@@ -159,17 +159,17 @@ impl<'v, 'a> Mapper<'v, 'a> {
         }
         for i in 0..entries {
             let e = &buf[12 + i * 12..24 + i * 12];
-            let logical = le32(e, 0) as u64;
+            let logical = u64::from(le32(e, 0));
             if depth == 0 {
                 let raw_len = le16(e, 4);
-                let phys = ((le16(e, 6) as u64) << 32) | le32(e, 8) as u64;
+                let phys = (u64::from(le16(e, 6)) << 32) | u64::from(le32(e, 8));
                 if raw_len > EXT_EXTENT_INIT_MAX_LEN {
                     continue; // unwritten: reads as zeros
                 }
-                let len = (raw_len as u64).min(max_blocks.saturating_sub(logical));
+                let len = u64::from(raw_len).min(max_blocks.saturating_sub(logical));
                 self.push(logical, phys, len)?;
             } else {
-                let child = ((le16(e, 8) as u64) << 32) | le32(e, 4) as u64;
+                let child = (u64::from(le16(e, 8)) << 32) | u64::from(le32(e, 4));
                 let node = self.read_node(child)?;
                 self.node(&node, depth - 1, max_blocks)?;
             }
@@ -185,7 +185,7 @@ impl<'v, 'a> Mapper<'v, 'a> {
             if logical >= nblocks {
                 return Ok(self.runs);
             }
-            let b = le32(i_block, i * 4) as u64;
+            let b = u64::from(le32(i_block, i * 4));
             if b != 0 {
                 self.push(logical, b, 1)?;
             }
@@ -196,7 +196,7 @@ impl<'v, 'a> Mapper<'v, 'a> {
             if logical >= nblocks {
                 break;
             }
-            let b = le32(i_block, (11 + level as usize) * 4) as u64;
+            let b = u64::from(le32(i_block, (11 + level as usize) * 4));
             if b != 0 {
                 self.indirect_block(b, level, logical, nblocks)?;
             }
@@ -210,12 +210,12 @@ impl<'v, 'a> Mapper<'v, 'a> {
         let per = self.vol.block_size / 4;
         let span = per.saturating_pow(level - 1);
         let buf = self.read_node(block)?;
-        for i in 0..per {
+        for (i, entry) in (0..per).zip(buf.chunks_exact(4)) {
             let logical = first.saturating_add(i.saturating_mul(span));
             if logical >= nblocks {
                 break;
             }
-            let b = le32(&buf, i as usize * 4) as u64;
+            let b = u64::from(le32(entry, 0));
             if b == 0 {
                 continue;
             }

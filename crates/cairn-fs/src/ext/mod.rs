@@ -32,8 +32,9 @@ use crate::{Error, FileEntry, FileExtent, FileKind, FsKind, Limits, Partition, R
 use map::{Mapper, Run, inline_xattr};
 use volume::Volume;
 
+const INODE_CHUNK_LOG: u32 = 18;
 /// Inode-table bytes read (and cached) at once.
-const INODE_CHUNK: u64 = 256 << 10;
+const INODE_CHUNK: u64 = 1 << INODE_CHUNK_LOG;
 /// Fewest inode chunks cached before the cache is dropped (64 MiB); more up to
 /// `Limits::max_alloc`, so the inode tables of file systems up to about a million inodes are
 /// read only once per walk.
@@ -90,29 +91,33 @@ impl Super {
         let block_size = 1024u64 << log;
         let incompat = le32(b, 0x60);
         let is64 = incompat & EXT_INCOMPAT_64BIT != 0;
-        let blocks_count = le32(b, 0x4) as u64
+        let blocks_count = u64::from(le32(b, 0x4))
             | if is64 {
-                (le32(b, 0x150) as u64) << 32
+                u64::from(le32(b, 0x150)) << 32
             } else {
                 0
             };
         let rev = le32(b, 0x4C);
-        let inode_size = if rev == 0 { 128 } else { le16(b, 0x58) as u64 };
-        let desc_size = if is64 { le16(b, 0xFE) as u64 } else { 32 };
+        let inode_size = if rev == 0 {
+            128
+        } else {
+            u64::from(le16(b, 0x58))
+        };
+        let desc_size = if is64 { u64::from(le16(b, 0xFE)) } else { 32 };
         let s = Super {
             block_size,
             blocks_count,
-            first_data_block: le32(b, 0x14) as u64,
-            blocks_per_group: le32(b, 0x20) as u64,
-            inodes_per_group: le32(b, 0x28) as u64,
-            inodes_count: le32(b, 0x0) as u64,
+            first_data_block: u64::from(le32(b, 0x14)),
+            blocks_per_group: u64::from(le32(b, 0x20)),
+            inodes_per_group: u64::from(le32(b, 0x28)),
+            inodes_count: u64::from(le32(b, 0x0)),
             inode_size,
             compat: le32(b, 0x5C),
             incompat,
             ro_compat: le32(b, 0x64),
             desc_size,
             journal_inum: le32(b, 0xE0),
-            first_meta_bg: le32(b, 0x104) as u64,
+            first_meta_bg: u64::from(le32(b, 0x104)),
             groups: 0,
         };
         // With bigalloc the bitmaps count clusters of 2^(log_cluster - log) blocks.
@@ -200,11 +205,12 @@ struct Inode {
 }
 
 fn ext_time(secs: u32, extra: Option<u32>) -> i64 {
-    let mut s = secs as i32 as i64;
+    // Without the extra field the seconds are signed 32-bit (times before 1970).
+    let mut s = i64::from(secs.cast_signed());
     let mut ns = 0;
     if let Some(x) = extra {
-        s += ((x & 3) as i64) << 32;
-        ns = (x >> 2) as i64;
+        s += i64::from(x & 3) << 32;
+        ns = i64::from(x >> 2);
     }
     s.saturating_mul(1_000_000_000).saturating_add(ns)
 }
@@ -228,9 +234,9 @@ impl Inode {
         };
         Self {
             mode: le16(b, 0),
-            uid: le16(b, 2) as u32 | (le16(b, 0x78) as u32) << 16,
-            gid: le16(b, 0x18) as u32 | (le16(b, 0x7A) as u32) << 16,
-            size: le32(b, 4) as u64 | (le32(b, 0x6C) as u64) << 32,
+            uid: u32::from(le16(b, 2)) | u32::from(le16(b, 0x78)) << 16,
+            gid: u32::from(le16(b, 0x18)) | u32::from(le16(b, 0x7A)) << 16,
+            size: u64::from(le32(b, 4)) | u64::from(le32(b, 0x6C)) << 32,
             links: le16(b, 0x1A),
             flags,
             i_block,
@@ -260,7 +266,7 @@ impl Inode {
         let mut v = Vec::with_capacity(self.size.min(4096) as usize);
         v.extend_from_slice(&self.i_block);
         v.extend_from_slice(&self.inline_tail);
-        v.truncate(self.size as usize);
+        v.truncate(usize::try_from(self.size).unwrap_or(usize::MAX));
         v
     }
 }
@@ -319,22 +325,24 @@ impl<'a> Ext<'a> {
         let sb = &self.sb;
         let per_block = sb.block_size / sb.desc_size;
         let nblocks = sb.groups.div_ceil(per_block);
-        let mut out = Vec::with_capacity(sb.groups as usize);
-        let mut buf = vec![0u8; sb.block_size as usize];
+        // Parsing bounded groups * desc_size by max_alloc, a usize.
+        let mut out = Vec::with_capacity(usize::try_from(sb.groups).unwrap_or(0));
+        let mut buf = vec![0u8; self.vol.block_len()];
         for i in 0..nblocks {
             self.vol.read_block(sb.desc_block(i), &mut buf, &|| {
                 format!("ext group descriptor block {i}")
             })?;
+            #[allow(clippy::cast_possible_truncation)] // 32 to 1024
             for d in buf.chunks_exact(sb.desc_size as usize) {
                 if out.len() as u64 == sb.groups {
                     break;
                 }
                 let hi = if sb.desc_size >= 64 {
-                    le32(d, 0x28) as u64
+                    u64::from(le32(d, 0x28))
                 } else {
                     0
                 };
-                out.push(le32(d, 0x8) as u64 | hi << 32);
+                out.push(u64::from(le32(d, 0x8)) | hi << 32);
             }
         }
         Ok(out)
@@ -370,7 +378,7 @@ impl<'a> Ext<'a> {
 
     fn inode(&mut self, ino: u32) -> Result<Inode> {
         let sb = &self.sb;
-        let ino64 = ino as u64;
+        let ino64 = u64::from(ino);
         if ino == 0 || ino64 > sb.inodes_count {
             return Err(Error::corrupt(format!(
                 "ext inode number {ino} out of range"
@@ -378,7 +386,10 @@ impl<'a> Ext<'a> {
         }
         let group = (ino64 - 1) / sb.inodes_per_group;
         let index = (ino64 - 1) % sb.inodes_per_group;
-        let table = self.itables[group as usize];
+        let table = usize::try_from(group)
+            .ok()
+            .and_then(|g| self.itables.get(g).copied())
+            .ok_or_else(|| Error::corrupt(format!("ext inode {ino}: no group {group}")))?;
         let off = table
             .checked_mul(sb.block_size)
             .and_then(|t| t.checked_add(index * sb.inode_size))
@@ -388,12 +399,13 @@ impl<'a> Ext<'a> {
             })?;
         let chunk = off / INODE_CHUNK;
         if !self.cache.contains_key(&chunk) {
-            let max = INODE_CACHE_MIN_CHUNKS.max(self.limits.max_alloc / INODE_CHUNK as usize);
+            let max = INODE_CACHE_MIN_CHUNKS.max(self.limits.max_alloc >> INODE_CHUNK_LOG);
             if self.cache.len() >= max {
                 self.cache.clear();
             }
             let start = chunk * INODE_CHUNK;
             let len = INODE_CHUNK.min(self.vol.len - start);
+            #[allow(clippy::cast_possible_truncation)] // at most INODE_CHUNK
             let mut buf = vec![0u8; len as usize];
             self.vol.read(start, &mut buf, &|| {
                 format!("ext inode table (inode {ino})")
@@ -401,8 +413,10 @@ impl<'a> Ext<'a> {
             self.cache.insert(chunk, buf);
         }
         let buf = &self.cache[&chunk];
-        let at = (off - chunk * INODE_CHUNK) as usize;
-        Ok(Inode::parse(&buf[at..at + sb.inode_size as usize]))
+        // Below INODE_CHUNK, and the inode size is at most the block size.
+        #[allow(clippy::cast_possible_truncation)]
+        let (at, len) = ((off - chunk * INODE_CHUNK) as usize, sb.inode_size as usize);
+        Ok(Inode::parse(&buf[at..at + len]))
     }
 
     /// Block runs of an extent or block-mapped inode, bounded to `nblocks` logical blocks.
@@ -485,12 +499,12 @@ impl<'a> Ext<'a> {
     /// Builds the entry for `inode`; a mapping problem is returned beside the entry (which
     /// then has no extents) so the name still appears in the listing.
     fn entry(&self, path: String, ino: u32, inode: &Inode) -> (FileEntry, Option<Error>) {
-        let mut e = FileEntry::new(path, inode.kind(), ino as u64);
+        let mut e = FileEntry::new(path, inode.kind(), u64::from(ino));
         e.size = inode.size;
-        e.mode = Some(inode.mode as u32);
+        e.mode = Some(u32::from(inode.mode));
         e.uid = Some(inode.uid);
         e.gid = Some(inode.gid);
-        e.nlink = Some(inode.links as u32);
+        e.nlink = Some(u32::from(inode.links));
         e.atime = Some(inode.atime);
         e.ctime = Some(inode.ctime);
         e.mtime = Some(inode.mtime);
@@ -539,20 +553,27 @@ impl<'a> Ext<'a> {
         let bytes = if inode.is_inline() {
             inode.inline_data()
         } else if inode.flags & EXT_INODE_FLAG_EXTENTS == 0 && size < EXT_I_BLOCK_LEN as u64 {
-            inode.i_block[..size as usize].to_vec()
+            inode
+                .i_block
+                .get(..usize::try_from(size).unwrap_or(0))
+                .unwrap_or_default()
+                .to_vec()
         } else {
-            if size > MAX_SYMLINK {
-                return Err(Error::limit(format!(
-                    "ext inode {ino}: symlink of {size} bytes"
-                )));
-            }
+            let len = usize::try_from(size)
+                .ok()
+                .filter(|_| size <= MAX_SYMLINK)
+                .ok_or_else(|| Error::limit(format!("ext inode {ino}: symlink of {size} bytes")))?;
             let bs = self.sb.block_size;
             let runs = self.runs(ino, inode, size.div_ceil(bs))?;
-            let mut v = vec![0u8; size as usize];
+            let mut v = vec![0u8; len];
             for r in &runs {
-                let fo = r.logical * bs;
-                let len = (r.count * bs).min(size - fo) as usize;
-                let dst = &mut v[fo as usize..fo as usize + len];
+                // runs() keeps every run below size.div_ceil(bs) blocks: within v.
+                #[allow(clippy::cast_possible_truncation)]
+                let (fo, len) = (
+                    (r.logical * bs) as usize,
+                    (r.count * bs).min(size - r.logical * bs) as usize,
+                );
+                let dst = &mut v[fo..fo + len];
                 self.vol
                     .read(r.phys * bs, dst, &|| format!("ext inode {ino} symlink"))?;
             }
@@ -606,6 +627,7 @@ impl<'a> Ext<'a> {
             while done < r.count {
                 // At most 1 MiB per read.
                 let n = (r.count - done).min((1 << 20) / bs);
+                #[allow(clippy::cast_possible_truncation)] // at most 1 MiB
                 buf.resize((n * bs) as usize, 0);
                 if let Err(e) = self.vol.read_block(r.phys + done, &mut buf, &|| {
                     format!("ext directory inode {ino}")
@@ -614,7 +636,7 @@ impl<'a> Ext<'a> {
                     done += n;
                     continue;
                 }
-                for block in buf.chunks_exact(bs as usize) {
+                for block in buf.chunks_exact(self.vol.block_len()) {
                     if let Err(e) = parse_dirents(block, ino, &mut out) {
                         errs.push(e);
                     }

@@ -29,6 +29,7 @@ pub(crate) struct Volume<'a> {
     pub base: u64,
     /// Partition length in bytes.
     pub len: u64,
+    /// At most 64 KiB: the superblock parser rejects larger blocks.
     pub block_size: u64,
     /// File-system block number → journal copy.
     pub overlay: HashMap<u64, JournalCopy>,
@@ -47,6 +48,13 @@ impl<'a> Volume<'a> {
             overlay: HashMap::new(),
             magic_disk: 0,
         }
+    }
+
+    /// The block size as a buffer length.
+    pub fn block_len(&self) -> usize {
+        #[allow(clippy::cast_possible_truncation)] // at most 64 KiB
+        let len = self.block_size as usize;
+        len
     }
 
     /// Reads partition bytes `[off, off + buf.len())`, journal overlay applied.
@@ -73,6 +81,8 @@ impl<'a> Volume<'a> {
                 let bstart = b * bs;
                 let from = off.max(bstart);
                 let to = end.min(bstart + bs);
+                // off <= from < to <= off + buf.len(): both are indexes into buf.
+                #[allow(clippy::cast_possible_truncation)]
                 let dst = &mut buf[(from - off) as usize..(to - off) as usize];
                 let within = from - bstart;
                 read_exact(self.r, dst, copy.disk + within, &|| {
@@ -80,8 +90,10 @@ impl<'a> Volume<'a> {
                 })?;
                 if copy.escaped && within < 4 {
                     let magic = JBD2_MAGIC_BE.to_be_bytes();
-                    for (i, d) in dst.iter_mut().take((4 - within) as usize).enumerate() {
-                        *d = magic[within as usize + i];
+                    #[allow(clippy::cast_possible_truncation)] // below 4
+                    let within = within as usize;
+                    for (d, m) in dst.iter_mut().zip(&magic[within..]) {
+                        *d = *m;
                     }
                 }
             }

@@ -289,6 +289,8 @@ fn walk_changes(
             // Read in small steps until the chunker can tell the next cut: most cuts need far
             // less than a whole window past `cur`.
             let have = buf_at + buf.len() as u64;
+            // Used only when have > cur: then cur lies within buf.
+            #[allow(clippy::cast_possible_truncation)]
             let rel = (cur - buf_at) as usize;
             let cut = (have > cur)
                 .then(|| chunker.cut_prefix(&buf[rel..], cur, have >= size))

@@ -104,14 +104,22 @@ fn source_err(e: std::io::Error, offset: u64) -> VaultError {
     VaultError::io(format!("source image at offset {offset}"), "read", e)
 }
 
+/// The length of a segment or tree node as a recipe and upload carry it.
+fn seg_len(n: usize) -> u32 {
+    #[allow(clippy::cast_possible_truncation)] // at most the chunker's max (a u32) or a tree node
+    let n32 = n as u32;
+    n32
+}
+
 /// Fills `buf` (already zeroed) from `source` at `off`, reading only the data ranges of a
 /// sparse source: holes are not read at all.
 fn read_sparse(source: &dyn ReadAt, buf: &mut [u8], off: u64) -> Result<()> {
     match source.data_ranges(off, buf.len() as u64) {
         Some(ranges) => {
             for r in ranges {
-                let a = (r.offset - off) as usize;
-                let b = (r.end() - off) as usize;
+                // data_ranges returns ranges within [off, off + buf.len()): indexes into buf.
+                #[allow(clippy::cast_possible_truncation)]
+                let (a, b) = ((r.offset - off) as usize, (r.end() - off) as usize);
                 source
                     .read_exact_at(&mut buf[a..b], r.offset)
                     .map_err(|e| source_err(e, r.offset))?;
@@ -146,6 +154,7 @@ fn process_batch(
         range
             .map(|i| {
                 let piece = &data[offsets[i]..offsets[i] + cuts[i]];
+                #[allow(clippy::cast_possible_truncation)] // at most the chunker's max, a u32
                 let n = cuts[i] as u32;
                 if is_zero(piece) {
                     Entry::zero(n)
@@ -223,14 +232,14 @@ fn process_batch(
                 for &&(d, p, n) in f.iter() {
                     let seg = EncodedSegment::raw(&data[p..p + n]);
                     sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
-                    out.push(Upload::single(d, BlobKind::Data, n as u32, seg));
+                    out.push(Upload::single(d, BlobKind::Data, seg_len(n), seg));
                 }
                 continue;
             }
             sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
             out.push(Upload {
                 kind: BlobKind::Data,
-                members: f.iter().map(|(d, _, n)| (*d, *n as u32)).collect(),
+                members: f.iter().map(|(d, _, n)| (*d, seg_len(*n))).collect(),
                 seg,
             });
         }
@@ -302,7 +311,7 @@ fn upload_nodes(
                 sizes.raw += bytes.len();
                 let seg = enc.encode(bytes);
                 sizes.stored += seg.bytes.len();
-                Upload::single(*d, BlobKind::Tree, bytes.len() as u32, seg)
+                Upload::single(*d, BlobKind::Tree, seg_len(bytes.len()), seg)
             })
             .collect();
         if !ups.is_empty() {
@@ -491,7 +500,7 @@ pub fn backup(
     }
     // Disk data this backup handed to the vault, as encoded (what crosses a network).
     stats.bytes_sent = sent.load(Ordering::Relaxed);
-    stats.duration_ms = started.elapsed().as_millis() as u64;
+    stats.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     cairn_types::fault::point("storage.backup.before_commit");
     let committed = session.commit(CommitRequest {
         name: opts.name.clone(),
@@ -544,7 +553,7 @@ fn full(
             let mut seq = 0;
             loop {
                 let want = (BATCH_BYTES + window).saturating_sub(buf.len());
-                let n = want.min((size - off) as usize);
+                let n = usize::try_from(size - off).map_or(want, |rest| want.min(rest));
                 let start = buf.len();
                 buf.resize(start + n, 0);
                 read_sparse(source, &mut buf[start..], off)?;

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use cairn_chunk::{Entry, EntryKind};
@@ -111,7 +111,7 @@ pub fn restore(
         bytes: snap.size,
         bytes_written: written,
         zero_bytes: zeros,
-        duration_ms: started.elapsed().as_millis() as u64,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }
 
@@ -153,7 +153,7 @@ fn restore_into(
     } else {
         opts.threads
     };
-    let next = AtomicU64::new(0);
+    let next = AtomicUsize::new(0);
     let written = AtomicU64::new(0);
     let error: Mutex<Option<VaultError>> = Mutex::new(None);
     // Writeback as the restore goes: a worker that carries `written` past a multiple of
@@ -173,7 +173,7 @@ fn restore_into(
                 (&next, &written, &error, &flush_step, &batches);
             sc.spawn(move || {
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= batches.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
                         break;
                     }

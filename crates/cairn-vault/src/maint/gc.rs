@@ -223,7 +223,16 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
                 continue;
             }
             let r = f[0];
-            let blob = &data[r.offset as usize..(r.offset + u64::from(r.stored_len)) as usize];
+            let blob = usize::try_from(r.offset)
+                .ok()
+                .and_then(|o| data.get(o..)?.get(..r.stored_len as usize))
+                .ok_or_else(|| {
+                    VaultError::Corrupt(format!(
+                        "container {c}: frame at {} lies past its {} bytes",
+                        r.offset,
+                        data.len()
+                    ))
+                })?;
             if superseded.contains(&(*c, r.offset)) {
                 // Damaged here, stored again elsewhere: keep only the intact members.
                 let Ok(plain) = codec::decode_frame(r.codec, blob, r.frame_len as usize, &r.digest)

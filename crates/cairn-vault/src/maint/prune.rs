@@ -26,7 +26,8 @@ pub struct PrunePlan {
 }
 
 fn days(t: u64) -> i64 {
-    (t / 86_400) as i64
+    // Below 2^48: the sign bit is clear.
+    (t / 86_400).cast_signed()
 }
 
 /// Civil (year, month) of a day count since 1970-01-01.
@@ -38,6 +39,7 @@ fn year_month(day: i64) -> (i64, u32) {
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a month, 1..=12
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m)

@@ -78,11 +78,13 @@ impl Served {
 }
 
 fn data_frame(seed: u8, len: usize) -> Upload {
-    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+    let data: Vec<u8> = (0..len)
+        .map(|i| u8::try_from(i % 256).unwrap().wrapping_mul(seed))
+        .collect();
     Upload::single(
         fingerprint(&data),
         BlobKind::Data,
-        len as u32,
+        u32::try_from(len).unwrap(),
         EncodedSegment::raw(&data),
     )
 }
@@ -186,7 +188,7 @@ impl cairn_types::ReadAt for SlowSource {
         if !self.2.swap(true, Ordering::Relaxed) {
             std::thread::sleep(self.1);
         }
-        let o = (offset as usize).min(self.0.len());
+        let o = usize::try_from(offset).map_or(self.0.len(), |o| o.min(self.0.len()));
         let n = buf.len().min(self.0.len() - o);
         buf[..n].copy_from_slice(&self.0[o..o + n]);
         Ok(n)

@@ -99,7 +99,9 @@ mod tests {
     fn writes_exact_bytes_of_any_length() {
         let dir = tempfile::tempdir().unwrap();
         for len in [1usize, ALIGN - 1, ALIGN, ALIGN + 1, DIRECT_MIN + 12345] {
-            let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let data: Vec<u8> = (0..len)
+                .map(|i| u8::try_from((i * 7 + len) % 256).unwrap())
+                .collect();
             let p = dir.path().join(format!("f{len}"));
             let f = create_with(&p, &data).unwrap();
             // tempdir may sit on tmpfs, which refuses O_DIRECT: then nothing is left behind.

@@ -392,3 +392,44 @@ fn a_damaged_config_is_read_from_its_copy_and_repaired() {
     assert!(rep.config_rewritten);
     assert!(v.verify(true).unwrap().ok());
 }
+
+#[test]
+fn a_container_past_4_gib_is_refused_not_indexed_at_a_wrapped_offset() {
+    use std::os::unix::fs::FileExt;
+
+    use cairn_chunk::fingerprint;
+    use cairn_chunk::format::{CONTAINER_END_MAGIC, CONTAINER_MAGIC, CONTAINER_VERSION};
+    use cairn_types::ContainerId;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let v = vault(tmp.path());
+    // A sparse container whose one frame starts 8 bytes past 4 GiB: as the index's u32 it
+    // would wrap to 8, where the first frame of every container lies.
+    let data = b"sixteen bytes!!!";
+    let frame_at = (1u64 << 32) + 8;
+    let mut trailer = frame_at.to_le_bytes().to_vec();
+    for n in [16u32, 16, 1] {
+        trailer.extend_from_slice(&n.to_le_bytes()); // stored_len, frame_len, members
+    }
+    trailer.extend_from_slice(&[0, 0, 0, 0]); // data, raw
+    trailer.extend_from_slice(fingerprint(data).as_bytes());
+    trailer.extend_from_slice(&16u32.to_le_bytes());
+    let trailer_at = frame_at + 16;
+    let mut footer = trailer_at.to_le_bytes().to_vec();
+    footer.extend_from_slice(&1u32.to_le_bytes());
+    footer.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
+    footer.extend_from_slice(&fingerprint(&trailer).as_bytes()[..16]);
+    footer.extend_from_slice(&CONTAINER_END_MAGIC);
+    let id = ContainerId::random();
+    let hex = id.to_hex();
+    let dir = repo_dir(tmp.path()).join("containers").join(&hex[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = std::fs::File::create(dir.join(&hex)).unwrap();
+    f.write_all_at(&CONTAINER_MAGIC, 0).unwrap();
+    f.write_all_at(data, frame_at).unwrap();
+    f.write_all_at(&trailer, trailer_at).unwrap();
+    f.write_all_at(&footer, trailer_at + trailer.len() as u64)
+        .unwrap();
+    let e = v.repo.container_records(&id).unwrap_err().to_string();
+    assert!(e.contains("past the 4 GiB the index addresses"), "{e}");
+}
