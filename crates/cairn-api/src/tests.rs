@@ -131,3 +131,41 @@ fn enum_names_match_the_wire() {
         assert_eq!(wire(serde_json::to_value(s).unwrap()), s.as_str());
     }
 }
+
+const JOB: &str = r#"{
+  "id": "8d93906d8466fb99", "kind": "prune", "state": "succeeded",
+  "params": {"kind": "prune", "vms": [], "dry_run": true}, "vms": [],
+  "created_ms": 1, "started_ms": 2, "finished_ms": 3, "error": null,
+  "result": {"kind": "prune", "plans": [{"vm": "vm1", "policy": null, "forget": [], "dry_run": true}]},
+  "holds": [], "cancel_requested": false,
+  "events": [{"seq": 1, "at_ms": 1, "level": "info", "message": "queued"}]
+}"#;
+
+#[test]
+fn server_answers_are_typed_and_refuse_the_unknown() {
+    use crate::server::{JobRecord, JobResult, VmEntry};
+    let j: JobRecord = serde_json::from_str(JOB).unwrap();
+    assert!(matches!(&j.result, Some(JobResult::Prune(p)) if p.plans[0].dry_run));
+    let again: JobRecord = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+    assert_eq!(again, j);
+    refused::<JobRecord>(
+        &JOB.replacen("\"vms\": []", "\"vms\": [], \"owner\": 1", 1),
+        "owner",
+    );
+    refused::<JobRecord>(
+        &JOB.replace("\"forget\": []", "\"forget\": [], \"why\": 1"),
+        "why",
+    );
+    refused::<JobRecord>(
+        &JOB.replace(
+            "\"kind\": \"prune\", \"plans\"",
+            "\"kind\": \"defrag\", \"plans\"",
+        ),
+        "defrag",
+    );
+    refused::<JobRecord>(&JOB.replace("succeeded", "paused"), "paused");
+    refused::<VmEntry>(
+        r#"{"name": "vm1", "host": null, "state": "hiding", "backups": 0, "last_backup_ms": null}"#,
+        "hiding",
+    );
+}

@@ -110,6 +110,20 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
     })
 }
 
+/// A job's stored result. Results written before they carried their job's `kind` get it
+/// from the row, so old catalogs stay readable; anything else unknown is an error naming it.
+fn job_result(kind: &str, s: &str) -> Result<JobResult> {
+    let mut v: serde_json::Value = from_json("result", s)?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("kind")
+            .or_insert_with(|| serde_json::Value::String(kind.to_string()));
+    }
+    serde_json::from_value(v).map_err(|e| CatalogError::Decode {
+        what: "result".into(),
+        message: e.to_string(),
+    })
+}
+
 /// Column lists, kept next to the row readers that depend on their order.
 const BACKUP_COLS: &str = "id, vm, job_id, kind, group_id, timestamp_id, created_ms, duration_ms, \
     host, checkpoint, snapshot_kind, quiesce, quiesce_window_ms, vm_snapshot_lifetime_ms, \
@@ -140,6 +154,7 @@ fn backup_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(BackupRecord, String)>
             bytes_sent: r.get(15)?,
             attributes: serde_json::Value::Null,
             disks: Vec::new(),
+            metadata: None,
         },
         r.get(16)?,
     ))
@@ -510,7 +525,10 @@ impl Catalog {
                 id: r.get(0)?,
                 kind: r.get(1)?,
                 state: JobState::Queued,
-                params: serde_json::Value::Null,
+                params: JobKind::Prune {
+                    vms: Vec::new(),
+                    dry_run: true,
+                },
                 vms: Vec::new(),
                 created_ms: r.get(5)?,
                 started_ms: r.get(6)?,
@@ -519,6 +537,7 @@ impl Catalog {
                 result: None,
                 holds: Vec::new(),
                 cancel_requested: r.get(11)?,
+                events: None,
             };
             Ok((j, job_row(r)?))
         })?;
@@ -528,9 +547,13 @@ impl Catalog {
             j.params = from_json("params", params.as_deref().unwrap_or("null"))?;
             j.vms = from_json("vms", vms.as_deref().unwrap_or("[]"))?;
             j.error = error;
-            j.result = result.map(|r| from_json("result", &r)).transpose()?;
+            j.result = result.map(|r| job_result(&j.kind, &r)).transpose()?;
             j.holds = from_json("holds", holds.as_deref().unwrap_or("[]"))?;
-            j.state = JobState::parse(state.as_deref().unwrap_or(""))?;
+            let state = state.unwrap_or_default();
+            j.state = JobState::parse(&state).ok_or_else(|| CatalogError::Decode {
+                what: "job state".into(),
+                message: format!("unknown job state {state:?}"),
+            })?;
             out.push(j);
         }
         Ok(out)
@@ -583,7 +606,7 @@ impl Catalog {
         id: &str,
         state: JobState,
         error: Option<&str>,
-        result: Option<&serde_json::Value>,
+        result: Option<&JobResult>,
     ) -> Result<()> {
         let now = now_ms();
         let c = self.conn();

@@ -35,6 +35,7 @@ fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
             bytes_sent: 10,
             rdm: None,
         }],
+        metadata: None,
     }
 }
 
@@ -110,7 +111,10 @@ fn jobs_events_and_cancel() {
         id: "aaaa000000000001".into(),
         kind: "backup".into(),
         state: JobState::Queued,
-        params: serde_json::json!({"vms": ["web1"]}),
+        params: JobKind::Backup {
+            vms: vec!["web1".into()],
+            full: false,
+        },
         vms: vec!["web1".into()],
         created_ms: now_ms(),
         started_ms: None,
@@ -119,6 +123,7 @@ fn jobs_events_and_cancel() {
         result: None,
         holds: vec![],
         cancel_requested: false,
+        events: None,
     };
     c.insert_job(&j).unwrap();
     c.set_job_state(&j.id, JobState::Running, None, None)
@@ -181,4 +186,74 @@ fn schedules_and_retention() {
     };
     c.set_retention("*", &r).unwrap();
     assert_eq!(c.retention("web1").unwrap(), Some(r));
+}
+
+/// A job as the server records it, finished with `result`.
+fn prune_job(c: &Catalog, id: &str, result: &JobResult) {
+    c.insert_job(&JobRecord {
+        id: id.into(),
+        kind: "prune".into(),
+        state: JobState::Queued,
+        params: JobKind::Prune {
+            vms: vec![],
+            dry_run: true,
+        },
+        vms: vec![],
+        created_ms: 1,
+        started_ms: None,
+        finished_ms: None,
+        error: None,
+        result: None,
+        holds: vec![],
+        cancel_requested: false,
+        events: None,
+    })
+    .unwrap();
+    c.set_job_state(id, JobState::Succeeded, None, Some(result))
+        .unwrap();
+}
+
+#[test]
+fn job_params_and_results_are_typed_and_old_rows_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let c = Catalog::open(&path).unwrap();
+    let result = JobResult::Prune(cairn_api::server::PruneDone {
+        plans: vec![cairn_api::server::PrunePlan {
+            vm: "web1".into(),
+            policy: None,
+            forget: vec![],
+            dry_run: true,
+        }],
+    });
+    prune_job(&c, "bbbb000000000001", &result);
+    assert_eq!(c.job("bbbb").unwrap().result, Some(result));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let set = |params: &str, result: &str| {
+        raw.execute(
+            "UPDATE jobs SET params = $1, result = $2 WHERE id = 'bbbb000000000001'",
+            [params, result],
+        )
+        .unwrap();
+    };
+    // Written by an earlier server: the result without its `kind`.
+    set(
+        r#"{"kind": "prune", "vms": [], "dry_run": true}"#,
+        r#"{"plans": [{"vm": "web1", "policy": null, "forget": []}]}"#,
+    );
+    let j = c.job("bbbb").unwrap();
+    let Some(JobResult::Prune(p)) = j.result else {
+        panic!("{:?}", j.result)
+    };
+    assert_eq!(p.plans[0].vm, "web1");
+    // Unknown fields and variants are named, never defaulted.
+    set(
+        r#"{"kind": "prune", "vms": []}"#,
+        r#"{"plans": [], "colour": 1}"#,
+    );
+    let e = c.job("bbbb").unwrap_err().to_string();
+    assert!(e.contains("colour"), "{e}");
+    set(r#"{"kind": "defrag"}"#, "null");
+    let e = c.job("bbbb").unwrap_err().to_string();
+    assert!(e.contains("defrag"), "{e}");
 }

@@ -19,6 +19,7 @@ use cairn_api::host::{
     QuiescePolicy, SnapshotKind, SnapshotRequest, VmSnapshotId,
 };
 use cairn_api::manager::{DiskLocation, VmLocation, VmRunState};
+use cairn_api::server::{BackupSummary, BackupsDone, DiskSummary, JobResult};
 use cairn_api::storage::{
     BackupJob, BackupRequest, BackupsRequest, DiskBackupOutcome, DiskKind, DiskSource,
 };
@@ -29,7 +30,7 @@ use crate::jobs::JobCtx;
 use crate::{Result, ServerError};
 
 /// Backs up each VM in turn; the job fails at the first VM that fails.
-pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
+pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
     let mut out = Vec::new();
     for vm in vms {
         ctx.check_cancel()?;
@@ -37,23 +38,37 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
         out.push(summary(&b));
         crate::schedule::apply_retention(ctx, vm)?;
     }
-    Ok(json!({ "backups": out }))
+    Ok(JobResult::Backup(BackupsDone { backups: out }))
 }
 
-/// The JSON a job reports for one backup.
-pub fn summary(b: &BackupRecord) -> Value {
-    json!({
-        "backup": b.id, "vm": b.vm, "kind": b.kind, "group": b.group_id,
-        "timestamp_id": b.timestamp_id, "duration_ms": b.duration_ms,
-        "quiesce": b.quiesce, "quiesce_window_ms": b.quiesce_window_ms,
-        "vm_snapshot_lifetime_ms": b.vm_snapshot_lifetime_ms,
-        "bytes_read": b.bytes_read, "bytes_sent": b.bytes_sent,
-        "disks": b.disks.iter().map(|d| json!({
-            "disk": d.disk, "vault_snapshot": d.vault_snapshot, "size": d.size,
-            "change_source": d.change_source, "changed_bytes": d.changed_bytes,
-            "bytes_read": d.bytes_read, "bytes_sent": d.bytes_sent,
-        })).collect::<Vec<_>>(),
-    })
+/// What a job reports for one backup.
+pub fn summary(b: &BackupRecord) -> BackupSummary {
+    BackupSummary {
+        backup: b.id.clone(),
+        vm: b.vm.clone(),
+        kind: b.kind.clone(),
+        group: b.group_id.clone(),
+        timestamp_id: b.timestamp_id.clone(),
+        duration_ms: b.duration_ms,
+        quiesce: b.quiesce.clone(),
+        quiesce_window_ms: b.quiesce_window_ms,
+        vm_snapshot_lifetime_ms: b.vm_snapshot_lifetime_ms,
+        bytes_read: b.bytes_read,
+        bytes_sent: b.bytes_sent,
+        disks: b
+            .disks
+            .iter()
+            .map(|d| DiskSummary {
+                disk: d.disk.clone(),
+                vault_snapshot: d.vault_snapshot.clone(),
+                size: d.size,
+                change_source: d.change_source.clone(),
+                changed_bytes: d.changed_bytes,
+                bytes_read: d.bytes_read,
+                bytes_sent: d.bytes_sent,
+            })
+            .collect(),
+    }
 }
 
 /// Locates a VM and checks that every disk is served by a storage agent.
@@ -523,6 +538,7 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
         bytes_sent: disks.iter().map(|d| d.bytes_sent).sum(),
         attributes: attributes(&loc)?,
         disks,
+        metadata: None,
     };
     ctx.server.catalog.insert_backup(&b)?;
     crate::files::queue_index(ctx, &b.id);

@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use cairn_api::host::SnapshotKind;
+use cairn_api::server::{GroupBackupDone, JobResult, VmSnapshotLifetime};
 use cairn_api::storage::{DiskRef, DiskSource, UnitSnapshotRequest};
 use cairn_catalog::{BackupRecord, Hold, new_id, now_ms};
-use serde_json::{Value, json};
 
 use crate::backup::{self, DiskJob, Parent, VmSnap, is_lun, rdm_source};
 use crate::jobs::JobCtx;
@@ -27,7 +27,7 @@ fn canonical(p: &std::path::Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
+pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
     let started = Instant::now();
     let created_ms = now_ms();
     let group_id = new_id();
@@ -178,6 +178,7 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
             bytes_sent: disks.iter().map(|d| d.bytes_sent).sum(),
             attributes: backup::attributes(loc)?,
             disks,
+            metadata: None,
         };
         s.catalog.insert_backup(&b)?;
         crate::files::queue_index(ctx, &b.id);
@@ -207,13 +208,19 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
         locs.len(),
         lifetimes.iter().map(|l| l.0).collect::<Vec<_>>()
     ));
-    Ok(json!({
-        "group": group_id,
-        "duration_ms": total_ms,
-        "unit_snapshot_ms": unit_ms,
-        "vm_snapshot_lifetimes_ms": locs.iter().zip(&lifetimes).map(|(l, t)| json!({
-            "vm": l.name, "host_measured_ms": t.0, "server_measured_ms": t.1,
-        })).collect::<Vec<_>>(),
-        "backups": out,
+    Ok(JobResult::GroupBackup(GroupBackupDone {
+        group: group_id,
+        duration_ms: total_ms,
+        unit_snapshot_ms: unit_ms,
+        vm_snapshot_lifetimes_ms: locs
+            .iter()
+            .zip(&lifetimes)
+            .map(|(l, t)| VmSnapshotLifetime {
+                vm: l.name.clone(),
+                host_measured_ms: t.0,
+                server_measured_ms: t.1,
+            })
+            .collect(),
+        backups: out,
     }))
 }

@@ -15,76 +15,29 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
 use cairn_catalog::{Hold, JobRecord, JobState, new_id, now_ms};
-use serde::{Deserialize, Serialize};
 
 use crate::{Result, Server, ServerError};
 
-/// What a job does, with its parameters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum JobKind {
-    /// One backup per VM (full, or incremental when a previous backup exists).
-    Backup {
-        vms: Vec<String>,
-        #[serde(default)]
-        full: bool,
-    },
-    /// One targeted group snapshot of all VMs, then a backup of each.
-    GroupBackup {
-        vms: Vec<String>,
-        #[serde(default)]
-        full: bool,
-    },
-    /// A backup restored as a new VM.
-    Restore(crate::restore::RestoreParams),
-    /// Parses a recorded backup's disks into the file catalog.
-    Index { backup: String },
-    /// Applies the retention policy of the VMs (all VMs when empty).
-    Prune {
-        #[serde(default)]
-        vms: Vec<String>,
-        #[serde(default)]
-        dry_run: bool,
-    },
-}
+/// What a job does, with its parameters: the API's type, stored as the job's `params`.
+pub use cairn_api::server::JobKind;
 
-impl JobKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Backup { .. } => "backup",
-            Self::GroupBackup { .. } => "group_backup",
-            Self::Restore(_) => "restore",
-            Self::Prune { .. } => "prune",
-            Self::Index { .. } => "index",
-        }
-    }
-
-    /// VMs the job works on (exclusive while it is unfinished).
-    pub fn vms(&self) -> Vec<String> {
-        match self {
-            Self::Backup { vms, .. } | Self::GroupBackup { vms, .. } => vms.clone(),
-            Self::Restore(p) => vec![p.as_name.clone()],
-            Self::Prune { .. } | Self::Index { .. } => Vec::new(),
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        match self {
-            Self::Backup { vms, .. } | Self::GroupBackup { vms, .. } => {
-                if vms.is_empty() {
-                    return Err(ServerError::Invalid("no VM given".into()));
-                }
-                let mut seen = std::collections::BTreeSet::new();
-                for v in vms {
-                    if !seen.insert(v) {
-                        return Err(ServerError::Invalid(format!("VM {v} given twice")));
-                    }
-                }
-                Ok(())
+/// Refuses a job that cannot run.
+fn validate(kind: &JobKind) -> Result<()> {
+    match kind {
+        JobKind::Backup { vms, .. } | JobKind::GroupBackup { vms, .. } => {
+            if vms.is_empty() {
+                return Err(ServerError::Invalid("no VM given".into()));
             }
-            Self::Restore(p) => crate::restore::validate(p),
-            Self::Prune { .. } | Self::Index { .. } => Ok(()),
+            let mut seen = std::collections::BTreeSet::new();
+            for v in vms {
+                if !seen.insert(v) {
+                    return Err(ServerError::Invalid(format!("VM {v} given twice")));
+                }
+            }
+            Ok(())
         }
+        JobKind::Restore(p) => crate::restore::validate(p),
+        JobKind::Prune { .. } | JobKind::Index { .. } => Ok(()),
     }
 }
 
@@ -127,7 +80,7 @@ impl Engine {
 
 /// Accepts a job: validates it, refuses it when a VM is busy, records it queued.
 pub fn submit(server: &Arc<Server>, kind: JobKind) -> Result<JobRecord> {
-    kind.validate()?;
+    validate(&kind)?;
     let vms = kind.vms();
     let _admit = server
         .engine
@@ -148,7 +101,7 @@ pub fn submit(server: &Arc<Server>, kind: JobKind) -> Result<JobRecord> {
         id: new_id(),
         kind: kind.name().into(),
         state: JobState::Queued,
-        params: serde_json::to_value(&kind).unwrap_or_default(),
+        params: kind,
         vms,
         created_ms: now_ms(),
         started_ms: None,
@@ -157,6 +110,7 @@ pub fn submit(server: &Arc<Server>, kind: JobKind) -> Result<JobRecord> {
         result: None,
         holds: Vec::new(),
         cancel_requested: false,
+        events: None,
     };
     server.catalog.insert_job(&job)?;
     server.catalog.add_event(&job.id, "info", "queued")?;
@@ -348,14 +302,12 @@ fn run_one(server: &Arc<Server>, id: &str) {
         .set_job_state(&job.id, JobState::Running, None, None);
     ctx.info("started");
     release_leftovers(server);
-    let kind: std::result::Result<JobKind, _> = serde_json::from_value(job.params.clone());
-    let outcome = match kind {
-        Err(e) => Err(ServerError::Invalid(format!("job parameters: {e}"))),
-        Ok(JobKind::Backup { vms, full }) => crate::backup::run(&ctx, &vms, full),
-        Ok(JobKind::GroupBackup { vms, full }) => crate::group::run(&ctx, &vms, full),
-        Ok(JobKind::Restore(p)) => crate::restore::run(&ctx, &p),
-        Ok(JobKind::Prune { vms, dry_run }) => crate::schedule::prune(&ctx, &vms, dry_run),
-        Ok(JobKind::Index { backup }) => crate::files::index_backup(&ctx, &backup),
+    let outcome = match &job.params {
+        JobKind::Backup { vms, full } => crate::backup::run(&ctx, vms, *full),
+        JobKind::GroupBackup { vms, full } => crate::group::run(&ctx, vms, *full),
+        JobKind::Restore(p) => crate::restore::run(&ctx, p),
+        JobKind::Prune { vms, dry_run } => crate::schedule::prune(&ctx, vms, *dry_run),
+        JobKind::Index { backup } => crate::files::index_backup(&ctx, backup),
     };
     match outcome {
         Ok(result) => {

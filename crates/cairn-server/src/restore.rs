@@ -11,9 +11,9 @@
 use std::time::{Duration, Instant};
 
 use cairn_api::host::VmSpec;
+use cairn_api::server::{JobResult, RestoreDone, RestoredDisk};
 use cairn_api::storage::{DiskRestoreRequest, RdmRestoreRequest, RestoreMode};
 use cairn_types::DiskFormat;
-use serde_json::{Value, json};
 
 use crate::jobs::JobCtx;
 use crate::{Result, ServerError};
@@ -37,7 +37,7 @@ fn new_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
+pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<JobResult> {
     let started = Instant::now();
     let s = ctx.server;
     let b = s.catalog.backup(&p.backup)?;
@@ -108,16 +108,28 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
         for sd in spec.disks.iter_mut().filter(|sd| sd.id == d.disk) {
             sd.path = path.clone();
         }
-        disks_out.push(json!({ "disk": d.disk, "path": path, "snapshot": d.vault_snapshot }));
+        disks_out.push(RestoredDisk {
+            disk: d.disk.clone(),
+            path,
+            snapshot: d.vault_snapshot.clone(),
+        });
     }
     spec.name = p.as_name.clone();
     for n in &mut spec.nics {
         n.mac = new_mac();
     }
-    let mut result = json!({
-        "vm": p.as_name, "from_backup": b.id, "host": host, "disks": disks_out,
-        "attributes": spec,
-    });
+    let mut result = RestoreDone {
+        vm: p.as_name.clone(),
+        from_backup: b.id.clone(),
+        host: host.clone(),
+        disks: disks_out,
+        attributes: spec.clone(),
+        started: false,
+        host_vm_id: None,
+        guest: None,
+        boot_ms: None,
+        duration_ms: 0,
+    };
     if p.start {
         ctx.check_cancel()?;
         let info = s
@@ -128,8 +140,8 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
                 p.as_name
             )))?;
         ctx.info(format!("{}: started on {host}", p.as_name));
-        result["started"] = json!(true);
-        result["host_vm_id"] = json!(info.handle.id);
+        result.started = true;
+        result.host_vm_id = Some(info.handle.id);
         if p.wait_boot_s > 0 {
             let deadline = Instant::now() + Duration::from_secs(p.wait_boot_s);
             let boot = Instant::now();
@@ -142,8 +154,8 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
                         p.as_name,
                         boot.elapsed().as_millis()
                     ));
-                    result["guest"] = json!(g);
-                    result["boot_ms"] = json!(boot.elapsed().as_millis() as u64);
+                    result.guest = Some(g);
+                    result.boot_ms = Some(boot.elapsed().as_millis() as u64);
                     break;
                 }
                 if Instant::now() > deadline {
@@ -156,6 +168,6 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
             }
         }
     }
-    result["duration_ms"] = json!(started.elapsed().as_millis() as u64);
-    Ok(result)
+    result.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(JobResult::Restore(Box::new(result)))
 }

@@ -11,9 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_api::server::{JobResult, PruneDone, PrunePlan};
 use cairn_catalog::{Retention, Schedule, now_ms};
 use cairn_vault::maint::PruneOptions;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::jobs::{JobCtx, JobKind, submit};
 use crate::{Result, Server, ServerError};
@@ -144,10 +145,15 @@ fn prune_options(r: &Retention) -> PruneOptions {
 }
 
 /// Plans and (unless `dry_run`) applies the retention of one VM; returns the plan.
-fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
+fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<PrunePlan> {
     let s = ctx.server;
     let Some(policy) = s.catalog.retention(vm)? else {
-        return Ok(json!({ "vm": vm, "policy": null, "forget": [] }));
+        return Ok(PrunePlan {
+            vm: vm.to_string(),
+            policy: None,
+            forget: Vec::new(),
+            dry_run,
+        });
     };
     let opts = prune_options(&policy);
     let mut backups = s.catalog.backups(Some(vm))?;
@@ -166,7 +172,7 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
         .filter(|(_, k)| !**k)
         .map(|(b, _)| b)
         .collect();
-    let ids: Vec<&str> = forget.iter().map(|b| b.id.as_str()).collect();
+    let ids: Vec<String> = forget.iter().map(|b| b.id.clone()).collect();
     if !dry_run && !forget.is_empty() {
         let vault = crate::vault::open(&s.config.vault)?;
         for b in &forget {
@@ -205,7 +211,12 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
             ctx.info(format!("{vm}: backup {} pruned", b.id));
         }
     }
-    Ok(json!({ "vm": vm, "policy": policy, "forget": ids, "dry_run": dry_run }))
+    Ok(PrunePlan {
+        vm: vm.to_string(),
+        policy: Some(policy),
+        forget: ids,
+        dry_run,
+    })
 }
 
 /// Applies retention after a backup (errors are logged, not fatal: the backup stands).
@@ -217,7 +228,7 @@ pub fn apply_retention(ctx: &JobCtx<'_>, vm: &str) -> Result<()> {
 }
 
 /// The `prune` job.
-pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<Value> {
+pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<JobResult> {
     let vms: Vec<String> = if vms.is_empty() {
         ctx.server
             .catalog
@@ -232,7 +243,7 @@ pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<Value> {
         .iter()
         .map(|v| retain(ctx, v, dry_run))
         .collect::<Result<Vec<_>>>()?;
-    Ok(json!({ "plans": plans }))
+    Ok(JobResult::Prune(PruneDone { plans }))
 }
 
 #[cfg(test)]

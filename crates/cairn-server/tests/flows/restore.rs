@@ -46,9 +46,11 @@ fn a_restore_writes_each_disk_and_starts_the_vm_under_its_new_name() {
         spec.disks[1].path,
         std::path::PathBuf::from("/ds/vm9-vdb.qcow2")
     );
-    let r = j.result.unwrap();
-    assert_eq!(r["started"], true);
-    assert_eq!(r["guest"]["agent"], true);
+    let Some(cairn_catalog::JobResult::Restore(r)) = j.result else {
+        panic!("{:?}", j.result)
+    };
+    assert!(r.started);
+    assert!(r.guest.is_some_and(|g| g.agent));
 }
 
 #[test]
