@@ -172,7 +172,7 @@ fn prune_plans_by_the_policy_and_a_dry_run_forgets_nothing() {
     let Some(JobResult::Prune(p)) = j.result else {
         panic!("{:?}", j.result)
     };
-    assert_eq!(p.plans[0].forget, [oldest.clone()]);
+    assert_eq!(p.plans[0].forget.as_slice(), std::slice::from_ref(oldest));
     assert!(p.plans[0].dry_run);
     assert_eq!(s.backups_of("vm1"), 2);
 }
