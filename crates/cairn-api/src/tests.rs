@@ -123,6 +123,25 @@ fn enum_names_match_the_wire() {
     ] {
         assert_eq!(wire(serde_json::to_value(r).unwrap()), r.as_str());
     }
+    // The catalog stores these by `as_str` and reads them back by their serde names.
+    use crate::server::BackupKind;
+    use crate::storage::ChangeSource;
+    for k in [BackupKind::Full, BackupKind::Incremental] {
+        assert_eq!(wire(serde_json::to_value(k).unwrap()), k.as_str());
+    }
+    for c in [
+        ChangeSource::Full,
+        ChangeSource::OverlayMap,
+        ChangeSource::ExtentMap,
+        ChangeSource::PersistentBitmap,
+        ChangeSource::HypervisorBitmap,
+        ChangeSource::RecipeCompare,
+    ] {
+        assert_eq!(wire(serde_json::to_value(c).unwrap()), c.as_str());
+    }
+    for f in [cairn_types::DiskFormat::Raw, cairn_types::DiskFormat::Qcow2] {
+        assert_eq!(wire(serde_json::to_value(f).unwrap()), f.as_str());
+    }
     for s in [
         crate::manager::VmRunState::Running,
         crate::manager::VmRunState::Unresponsive,

@@ -133,51 +133,61 @@ const DISK_COLS: &str = "backup_id, disk, vault_snapshot, size, format, storage_
 const JOB_COLS: &str = "id, kind, state, params, vms, created_ms, started_ms, finished_ms, error, \
     result, holds, cancel_requested";
 
-fn backup_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(BackupRecord, String)> {
-    Ok((
-        BackupRecord {
-            id: r.get(0)?,
-            vm: r.get(1)?,
-            job_id: r.get(2)?,
-            kind: r.get(3)?,
-            group_id: r.get(4)?,
-            timestamp_id: r.get(5)?,
-            created_ms: r.get(6)?,
-            duration_ms: r.get(7)?,
-            host: r.get(8)?,
-            checkpoint: r.get(9)?,
-            snapshot_kind: r.get(10)?,
-            quiesce: r.get(11)?,
-            quiesce_window_ms: r.get(12)?,
-            vm_snapshot_lifetime_ms: r.get(13)?,
-            bytes_read: r.get(14)?,
-            bytes_sent: r.get(15)?,
-            attributes: serde_json::Value::Null,
-            disks: Vec::new(),
-            metadata: None,
-        },
-        r.get(16)?,
-    ))
+/// An enumeration stored by its wire name (`full`, `guest_freeze`, `qcow2`, ...); a name this
+/// build does not know is an error naming it.
+fn named<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| {
+        CatalogError::Decode {
+            what: what.into(),
+            message: e.to_string(),
+        }
+    })
 }
 
-fn disk_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(BackupDisk, Option<String>)> {
-    Ok((
-        BackupDisk {
-            disk: r.get(1)?,
-            vault_snapshot: r.get(2)?,
-            size: r.get(3)?,
-            format: r.get(4)?,
-            storage_agent: r.get(5)?,
-            datastore: r.get(6)?,
-            datastore_disk: r.get(7)?,
-            change_source: r.get(8)?,
-            changed_bytes: r.get(9)?,
-            bytes_read: r.get(10)?,
-            bytes_sent: r.get(11)?,
-            rdm: None,
-        },
-        r.get(12)?,
-    ))
+fn backup_row(r: &rusqlite::Row<'_>) -> Result<BackupRecord> {
+    let text = |i: usize| r.get::<_, String>(i);
+    Ok(BackupRecord {
+        id: r.get(0)?,
+        vm: r.get(1)?,
+        job_id: r.get(2)?,
+        kind: named("backup kind", &text(3)?)?,
+        group_id: r.get(4)?,
+        timestamp_id: r.get(5)?,
+        created_ms: r.get(6)?,
+        duration_ms: r.get(7)?,
+        host: r.get(8)?,
+        checkpoint: r.get(9)?,
+        snapshot_kind: named("snapshot kind", &text(10)?)?,
+        quiesce: named("quiesce", &text(11)?)?,
+        quiesce_window_ms: r.get(12)?,
+        vm_snapshot_lifetime_ms: r.get(13)?,
+        bytes_read: r.get(14)?,
+        bytes_sent: r.get(15)?,
+        attributes: from_json("attributes", &text(16)?)?,
+        disks: Vec::new(),
+        metadata: None,
+    })
+}
+
+fn disk_row(r: &rusqlite::Row<'_>) -> Result<BackupDisk> {
+    let text = |i: usize| r.get::<_, String>(i);
+    Ok(BackupDisk {
+        disk: r.get(1)?,
+        vault_snapshot: r.get(2)?,
+        size: r.get(3)?,
+        format: named("disk format", &text(4)?)?,
+        storage_agent: r.get(5)?,
+        datastore: r.get(6)?,
+        datastore_disk: r.get(7)?,
+        change_source: named("change source", &text(8)?)?,
+        changed_bytes: r.get(9)?,
+        bytes_read: r.get(10)?,
+        bytes_sent: r.get(11)?,
+        rdm: r
+            .get::<_, Option<String>>(12)?
+            .map(|s| from_json("rdm", &s))
+            .transpose()?,
+    })
 }
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[Option<String>; 6]> {
@@ -291,7 +301,7 @@ impl Catalog {
                             config_reused: r.get(4)?,
                             state_file: r.get(5)?,
                             state_bytes: r.get(6)?,
-                            usage: serde_json::Value::Null,
+                            usage: Default::default(),
                         },
                         r.get::<_, String>(7)?,
                     ))
@@ -367,15 +377,15 @@ impl Catalog {
                 b.id,
                 b.vm,
                 b.job_id,
-                b.kind,
+                b.kind.as_str(),
                 b.group_id,
                 b.timestamp_id,
                 b.created_ms,
                 b.duration_ms,
                 b.host,
                 b.checkpoint,
-                b.snapshot_kind,
-                b.quiesce,
+                b.snapshot_kind.as_str(),
+                b.quiesce.as_str(),
                 b.quiesce_window_ms,
                 b.vm_snapshot_lifetime_ms,
                 b.bytes_read,
@@ -394,11 +404,11 @@ impl Catalog {
                     d.disk,
                     d.vault_snapshot,
                     d.size,
-                    d.format,
+                    d.format.as_str(),
                     d.storage_agent,
                     d.datastore,
                     d.datastore_disk,
-                    d.change_source,
+                    d.change_source.as_str(),
                     d.changed_bytes,
                     d.bytes_read,
                     d.bytes_sent,
@@ -411,20 +421,13 @@ impl Catalog {
     }
 
     fn load_disks(&self, b: &mut BackupRecord) -> Result<()> {
-        let rows: Vec<(BackupDisk, Option<String>)> = {
-            let c = self.conn();
-            let mut st = c.prepare(&format!(
-                "SELECT {DISK_COLS} FROM backup_disks WHERE backup_id = $1 ORDER BY disk"
-            ))?;
-            st.query_map(params![b.id], disk_row)?
-                .collect::<rusqlite::Result<_>>()?
-        };
-        b.disks = rows
-            .into_iter()
-            .map(|(mut d, rdm)| {
-                d.rdm = rdm.map(|s| from_json("rdm", &s)).transpose()?;
-                Ok(d)
-            })
+        let c = self.conn();
+        let mut st = c.prepare(&format!(
+            "SELECT {DISK_COLS} FROM backup_disks WHERE backup_id = $1 ORDER BY disk"
+        ))?;
+        b.disks = st
+            .query_map(params![b.id], |r| Ok(disk_row(r)))?
+            .map(|d| -> Result<BackupDisk> { d? })
             .collect::<Result<_>>()?;
         Ok(())
     }
@@ -434,17 +437,17 @@ impl Catalog {
         cond: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<BackupRecord>> {
-        let rows: Vec<(BackupRecord, String)> = {
+        let rows: Vec<BackupRecord> = {
             let c = self.conn();
             let mut st = c.prepare(&format!(
                 "SELECT {BACKUP_COLS} FROM backups {cond} ORDER BY created_ms, id"
             ))?;
-            st.query_map(args, backup_row)?
-                .collect::<rusqlite::Result<_>>()?
+            st.query_map(args, |r| Ok(backup_row(r)))?
+                .map(|b| -> Result<BackupRecord> { b? })
+                .collect::<Result<_>>()?
         };
         rows.into_iter()
-            .map(|(mut b, attrs)| {
-                b.attributes = from_json("attributes", &attrs)?;
+            .map(|mut b| {
                 self.load_disks(&mut b)?;
                 Ok(b)
             })

@@ -1,35 +1,40 @@
 //! The catalog against SQLite files: migrations, atomic backups, jobs, schedules, retention.
 
+use cairn_api::host::{Quiesce, SnapshotKind};
+use cairn_api::server::{BackupKind, UsageSample};
+use cairn_api::storage::ChangeSource;
 use cairn_catalog::*;
+use cairn_types::DiskFormat;
 
 fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
     BackupRecord {
         id: id.into(),
         vm: vm.into(),
         job_id: "j1".into(),
-        kind: "full".into(),
+        kind: BackupKind::Full,
         group_id: None,
         timestamp_id: ts.into(),
         created_ms: created,
         duration_ms: 10,
         host: "h1".into(),
         checkpoint: Some("00000000000000aa".into()),
-        snapshot_kind: "fleecing".into(),
-        quiesce: "guest_freeze".into(),
+        snapshot_kind: SnapshotKind::Fleecing,
+        quiesce: Quiesce::GuestFreeze,
         quiesce_window_ms: 50,
         vm_snapshot_lifetime_ms: 900,
         bytes_read: 100,
         bytes_sent: 10,
-        attributes: serde_json::json!({"name": vm, "vcpus": 1}),
+        attributes: serde_json::from_value(serde_json::json!({"name": vm, "memory_mib": 64}))
+            .unwrap(),
         disks: vec![BackupDisk {
             disk: "vda".into(),
             vault_snapshot: "abcd".into(),
             size: 1 << 20,
-            format: "qcow2".into(),
+            format: DiskFormat::Qcow2,
             storage_agent: "s1".into(),
             datastore: "ds1".into(),
             datastore_disk: format!("{vm}.qcow2"),
-            change_source: "full".into(),
+            change_source: ChangeSource::Full,
             changed_bytes: 1 << 20,
             bytes_read: 100,
             bytes_sent: 10,
@@ -48,7 +53,11 @@ fn meta(ts: &str, vm: &str) -> MetadataSnapshot {
         config_reused: false,
         state_file: None,
         state_bytes: None,
-        usage: serde_json::json!({"rss_bytes": 5}),
+        usage: UsageSample {
+            host: "h1".into(),
+            usage: None,
+            error: Some("host agent down".into()),
+        },
     }
 }
 
@@ -256,4 +265,89 @@ fn job_params_and_results_are_typed_and_old_rows_still_read() {
     set(r#"{"kind": "defrag"}"#, "null");
     let e = c.job("bbbb").unwrap_err().to_string();
     assert!(e.contains("defrag"), "{e}");
+}
+
+#[test]
+fn a_catalog_written_with_the_old_strings_reads_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let c = Catalog::open(&path).unwrap();
+    c.ensure_vm("web1").unwrap();
+    c.insert_metadata(&meta("ts1", "web1")).unwrap();
+    c.insert_backup(&backup("aaaa000000000001", "web1", "ts1", 1))
+        .unwrap();
+    // The rows exactly as servers before the typed model wrote them.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        r#"UPDATE backups SET kind = 'incremental', snapshot_kind = 'overlay', quiesce = 'pause',
+               attributes = '{"boot":{"type":"firmware"},"disks":[],"machine":"q35","memory_mib":64,"name":"web1","nics":[],"start_paused":false,"vcpus":2}';
+           UPDATE backup_disks SET format = 'raw', change_source = 'recipe_compare',
+               rdm = '{"lun":null,"mapping_snapshot":"m1"}';
+           UPDATE metadata_snapshots SET usage = '{"host":"h1","usage":null,"error":"down"}';"#,
+    )
+    .unwrap();
+    let b = c.backup("aaaa").unwrap();
+    assert_eq!(b.kind, BackupKind::Incremental);
+    assert_eq!(b.snapshot_kind, SnapshotKind::Overlay);
+    assert_eq!(b.quiesce, Quiesce::Pause);
+    assert_eq!(
+        (b.attributes.name.as_str(), b.attributes.vcpus),
+        ("web1", 2)
+    );
+    let d = &b.disks[0];
+    assert_eq!(d.format, DiskFormat::Raw);
+    assert_eq!(d.change_source, ChangeSource::RecipeCompare);
+    assert_eq!(
+        d.rdm.as_ref().unwrap().mapping_snapshot.as_deref(),
+        Some("m1")
+    );
+    assert_eq!(
+        c.metadata("ts1").unwrap().usage.error.as_deref(),
+        Some("down")
+    );
+    // Strings are written back as they were.
+    let again = BackupRecord {
+        id: "aaaa000000000002".into(),
+        ..b.clone()
+    };
+    c.insert_backup(&again).unwrap();
+    let kind: String = raw
+        .query_row(
+            "SELECT kind FROM backups WHERE id = 'aaaa000000000002'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kind, "incremental");
+}
+
+#[test]
+fn an_unknown_stored_name_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let c = Catalog::open(&path).unwrap();
+    c.ensure_vm("web1").unwrap();
+    c.insert_metadata(&meta("ts1", "web1")).unwrap();
+    c.insert_backup(&backup("aaaa000000000001", "web1", "ts1", 1))
+        .unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute("UPDATE backups SET kind = 'differential'", [])
+        .unwrap();
+    let e = c.backup("aaaa").unwrap_err().to_string();
+    assert!(
+        e.contains("backup kind") && e.contains("differential"),
+        "{e}"
+    );
+    raw.execute("UPDATE backups SET kind = 'full'", []).unwrap();
+    raw.execute("UPDATE backup_disks SET change_source = 'telepathy'", [])
+        .unwrap();
+    let e = c.backups(None).unwrap_err().to_string();
+    assert!(e.contains("telepathy"), "{e}");
+    raw.execute(
+        "UPDATE backup_disks SET change_source = 'full', rdm = '{\"lun\":null,\"wwn\":1}'",
+        [],
+    )
+    .unwrap();
+    let e = c.backup("aaaa").unwrap_err().to_string();
+    assert!(e.contains("wwn"), "{e}");
 }

@@ -282,7 +282,7 @@ pub fn backups(conn: &Conn, vm: Option<String>) -> Result<ExitCode> {
                 "{:<17} {:<14} {:<12} {:<8} {:>7}ms {:>12} {:>9}ms {}",
                 b.id,
                 b.vm,
-                b.kind,
+                b.kind.as_str(),
                 b.group_id
                     .as_deref()
                     .map(|g| &g[..g.len().min(8)])

@@ -15,16 +15,17 @@
 use std::time::Instant;
 
 use cairn_api::host::{
-    Changes, CheckpointId, DiskSnapshot as VmDiskSnapshot, DiskSource as VmDiskSource,
-    QuiescePolicy, SnapshotKind, SnapshotRequest, VmSnapshotId,
+    Changes, CheckpointId, DiskSnapshot as VmDiskSnapshot, DiskSource as VmDiskSource, Quiesce,
+    QuiescePolicy, SnapshotKind, SnapshotRequest, VmSnapshotId, VmSpec,
 };
 use cairn_api::manager::{DiskLocation, VmLocation, VmRunState};
-use cairn_api::server::{BackupSummary, BackupsDone, DiskSummary, JobResult};
+use cairn_api::server::{
+    BackupKind, BackupSummary, BackupsDone, DiskSummary, JobResult, RdmMapping, UsageSample,
+};
 use cairn_api::storage::{
     BackupJob, BackupRequest, BackupsRequest, DiskBackupOutcome, DiskKind, DiskSource,
 };
 use cairn_catalog::{BackupDisk, BackupRecord, Hold, MetadataSnapshot, new_id, now_ms};
-use serde_json::{Value, json};
 
 use crate::jobs::JobCtx;
 use crate::{Result, ServerError};
@@ -46,11 +47,11 @@ pub fn summary(b: &BackupRecord) -> BackupSummary {
     BackupSummary {
         backup: b.id.clone(),
         vm: b.vm.clone(),
-        kind: b.kind.clone(),
+        kind: b.kind,
         group: b.group_id.clone(),
         timestamp_id: b.timestamp_id.clone(),
         duration_ms: b.duration_ms,
-        quiesce: b.quiesce.clone(),
+        quiesce: b.quiesce,
         quiesce_window_ms: b.quiesce_window_ms,
         vm_snapshot_lifetime_ms: b.vm_snapshot_lifetime_ms,
         bytes_read: b.bytes_read,
@@ -62,7 +63,7 @@ pub fn summary(b: &BackupRecord) -> BackupSummary {
                 disk: d.disk.clone(),
                 vault_snapshot: d.vault_snapshot.clone(),
                 size: d.size,
-                change_source: d.change_source.clone(),
+                change_source: d.change_source,
                 changed_bytes: d.changed_bytes,
                 bytes_read: d.bytes_read,
                 bytes_sent: d.bytes_sent,
@@ -140,10 +141,18 @@ impl Parent {
 pub fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<MetadataSnapshot> {
     let s = ctx.server;
     let usage = match s.manager.usage(&loc.name) {
-        Ok(u) => json!({ "host": loc.host, "usage": u }),
+        Ok(u) => UsageSample {
+            host: loc.host.clone(),
+            usage: Some(u),
+            error: None,
+        },
         Err(e) => {
             ctx.warn(format!("{}: resource usage unavailable: {e}", loc.name));
-            json!({ "host": loc.host, "usage": null, "error": e.to_string() })
+            UsageSample {
+                host: loc.host.clone(),
+                usage: None,
+                error: Some(e.to_string()),
+            }
         }
     };
     let mut state_reader = None;
@@ -174,7 +183,7 @@ pub fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<Metadata
             }
         }
     }
-    let config = attributes(loc)?;
+    let config = attributes(loc);
     let m = match &mut state_reader {
         Some((r, _, _)) => s
             .meta
@@ -202,10 +211,9 @@ pub fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<Metadata
     Ok(m)
 }
 
-/// The VM's attributes as the catalog and the metadata store keep them (JSON).
-pub fn attributes(loc: &VmLocation) -> Result<Value> {
-    serde_json::to_value(&loc.spec)
-        .map_err(|e| ServerError::Invalid(format!("attributes of VM {}: {e}", loc.name)))
+/// The VM's attributes as the catalog and the metadata store keep them.
+pub fn attributes(loc: &VmLocation) -> VmSpec {
+    loc.spec.clone()
 }
 
 /// One disk to send: where to read it and what to call it.
@@ -299,23 +307,25 @@ pub fn send_disks(
                 }
             };
             let m = &r.manifest;
-            // The catalog keeps the raw LUN mapping as JSON (the LUN id as the agent wrote it).
-            let rdm = m.labels.get("rdm_lun").map(|lun| {
-                json!({
-                    "lun": serde_json::from_str::<Value>(lun).ok(),
-                    "mapping_snapshot": m.labels.get("rdm_map_snapshot"),
-                })
+            // The raw LUN mapping: the LUN's identity as the agent labelled it.
+            let rdm = m.labels.get("rdm_lun").map(|lun| RdmMapping {
+                lun: serde_json::from_str(lun)
+                    .inspect_err(|e| {
+                        ctx.warn(format!("{vm}/{}: LUN label: {e}", j.loc.disk));
+                    })
+                    .ok(),
+                mapping_snapshot: m.labels.get("rdm_map_snapshot").cloned(),
             });
             let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             let disk = BackupDisk {
                 disk: j.loc.disk.clone(),
                 vault_snapshot: m.id.to_string(),
                 size: n(m.size),
-                format: j.loc.format.as_str().to_string(),
+                format: j.loc.format,
                 storage_agent: agent.to_string(),
                 datastore: j.loc.datastore.clone().unwrap_or_default(),
                 datastore_disk: j.loc.datastore_disk.clone().unwrap_or_default(),
-                change_source: r.change_source.as_str().to_string(),
+                change_source: r.change_source,
                 changed_bytes: n(r.changed_bytes),
                 bytes_read: n(r.bytes_read),
                 bytes_sent: n(r.bytes_sent),
@@ -351,8 +361,8 @@ pub fn send_disks(
 /// A VM snapshot a flow holds.
 pub struct VmSnap {
     pub id: VmSnapshotId,
-    /// How the guest was quiesced (`guest_freeze`, `pause`, `none`), as the catalog records it.
-    pub quiesce: String,
+    /// How the guest was quiesced.
+    pub quiesce: Quiesce,
     pub quiesce_window_ms: i64,
     /// The checkpoint it started, as the catalog records it.
     pub checkpoint: Option<String>,
@@ -390,7 +400,7 @@ pub fn snapshot_vm(
     ctx.hold(hold.clone())?;
     let s = VmSnap {
         id,
-        quiesce: r.quiesce.as_str().into(),
+        quiesce: r.quiesce,
         quiesce_window_ms: i64::try_from(r.quiesce_window_ms).unwrap_or(i64::MAX),
         checkpoint: r.checkpoint.map(|c| c.to_string()),
         disks: r.disks,
@@ -519,24 +529,23 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
         vm: vm.into(),
         job_id: ctx.id.clone(),
         kind: if parent.backup.is_some() {
-            "incremental"
+            BackupKind::Incremental
         } else {
-            "full"
-        }
-        .into(),
+            BackupKind::Full
+        },
         group_id: None,
         timestamp_id: meta.timestamp_id.clone(),
         created_ms,
         duration_ms: started.elapsed().as_millis() as i64,
         host: loc.host.clone(),
         checkpoint: snap.checkpoint.clone(),
-        snapshot_kind: "fleecing".into(),
-        quiesce: snap.quiesce.clone(),
+        snapshot_kind: SnapshotKind::Fleecing,
+        quiesce: snap.quiesce,
         quiesce_window_ms: snap.quiesce_window_ms,
         vm_snapshot_lifetime_ms: lifetime,
         bytes_read: disks.iter().map(|d| d.bytes_read).sum(),
         bytes_sent: disks.iter().map(|d| d.bytes_sent).sum(),
-        attributes: attributes(&loc)?,
+        attributes: attributes(&loc),
         disks,
         metadata: None,
     };

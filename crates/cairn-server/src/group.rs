@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use cairn_api::host::SnapshotKind;
-use cairn_api::server::{GroupBackupDone, JobResult, VmSnapshotLifetime};
+use cairn_api::server::{BackupKind, GroupBackupDone, JobResult, VmSnapshotLifetime};
 use cairn_api::storage::{DiskRef, DiskSource, UnitSnapshotRequest};
 use cairn_catalog::{BackupRecord, Hold, new_id, now_ms};
 
@@ -159,24 +159,23 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
             vm: loc.name.clone(),
             job_id: ctx.id.clone(),
             kind: if parents[vi].backup.is_some() {
-                "incremental"
+                BackupKind::Incremental
             } else {
-                "full"
-            }
-            .into(),
+                BackupKind::Full
+            },
             group_id: Some(group_id.clone()),
             timestamp_id: meta.timestamp_id.clone(),
             created_ms,
             duration_ms: started.elapsed().as_millis() as i64,
             host: loc.host.clone(),
             checkpoint: snap.checkpoint.clone(),
-            snapshot_kind: "overlay".into(),
-            quiesce: snap.quiesce.clone(),
+            snapshot_kind: SnapshotKind::Overlay,
+            quiesce: snap.quiesce,
             quiesce_window_ms: snap.quiesce_window_ms,
             vm_snapshot_lifetime_ms: lifetimes[vi].0,
             bytes_read: disks.iter().map(|d| d.bytes_read).sum(),
             bytes_sent: disks.iter().map(|d| d.bytes_sent).sum(),
-            attributes: backup::attributes(loc)?,
+            attributes: backup::attributes(loc),
             disks,
             metadata: None,
         };

@@ -16,8 +16,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use cairn_api::host::VmSpec;
+use cairn_api::server::UsageSample;
 use cairn_catalog::{Catalog, MetadataSnapshot, now_ms};
-use serde_json::Value;
 
 use crate::{Result, ServerError};
 
@@ -70,13 +71,16 @@ impl MetadataStore {
         catalog: &Catalog,
         vm: &str,
         timestamp_id: &str,
-        config: &Value,
-        usage: Value,
+        config: &VmSpec,
+        usage: UsageSample,
         state: Option<&mut dyn Read>,
     ) -> Result<MetadataSnapshot> {
         let vm = safe(vm)?;
         let ts = safe(timestamp_id)?;
-        let config_bytes = serde_json::to_vec_pretty(config)
+        // Through a JSON value (keys sorted), as earlier servers wrote it: an unchanged
+        // configuration keeps its digest across upgrades.
+        let config_bytes = serde_json::to_value(config)
+            .and_then(|v| serde_json::to_vec_pretty(&v))
             .map_err(|e| ServerError::Invalid(format!("configuration: {e}")))?;
         let digest = blake3::hash(&config_bytes).to_hex().to_string();
         let config_path = self.dir.join("configs").join(format!("{digest}.json"));
@@ -119,7 +123,7 @@ impl MetadataStore {
     }
 
     /// The configuration stored under `digest`.
-    pub fn config(&self, digest: &str) -> Result<Value> {
+    pub fn config(&self, digest: &str) -> Result<VmSpec> {
         let p = self
             .dir
             .join("configs")

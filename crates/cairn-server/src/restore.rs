@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use cairn_api::host::VmSpec;
 use cairn_api::server::{JobResult, RestoreDone, RestoredDisk};
 use cairn_api::storage::{DiskRestoreRequest, RdmRestoreRequest, RestoreMode};
-use cairn_types::DiskFormat;
 
 use crate::jobs::JobCtx;
 use crate::{Result, ServerError};
@@ -52,8 +51,7 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<JobResult> {
         Err(e) => return Err(ServerError::call("check the new VM name")(e)),
     }
     let host = p.host.clone().unwrap_or_else(|| b.host.clone());
-    let mut spec: VmSpec = serde_json::from_value(b.attributes.clone())
-        .map_err(|e| ServerError::Invalid(format!("VM attributes of backup {}: {e}", b.id)))?;
+    let mut spec: VmSpec = b.attributes.clone();
     let mut disks_out = Vec::new();
     for d in &b.disks {
         ctx.check_cancel()?;
@@ -69,12 +67,14 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<JobResult> {
                     disk: id.clone(),
                 })
                 .map_err(ServerError::call(format!("restore RDM disk {}", d.disk)))?;
-            ctx.info(format!("{}: RDM mapping {} recreated", d.disk, rdm));
+            ctx.info(format!(
+                "{}: RDM mapping {} recreated",
+                d.disk,
+                rdm.mapping_snapshot.as_deref().unwrap_or("(unnamed)")
+            ));
             (id, r.report.bytes_fetched)
         } else {
-            let format: DiskFormat = d.format.parse().map_err(|e| {
-                ServerError::Invalid(format!("disk {} of backup {}: {e}", d.disk, b.id))
-            })?;
+            let format = d.format;
             let id = format!("{}-{}.{format}", p.as_name, d.disk);
             let r = c
                 .restore(&DiskRestoreRequest {

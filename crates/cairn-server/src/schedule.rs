@@ -14,7 +14,6 @@ use std::time::Duration;
 use cairn_api::server::{JobResult, PruneDone, PrunePlan};
 use cairn_catalog::{Retention, Schedule, now_ms};
 use cairn_vault::maint::PruneOptions;
-use serde_json::Value;
 
 use crate::jobs::{JobCtx, JobKind, submit};
 use crate::{Result, Server, ServerError};
@@ -177,13 +176,11 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<PrunePlan> {
         let vault = crate::vault::open(&s.config.vault)?;
         for b in &forget {
             let mut snaps: Vec<String> = b.disks.iter().map(|d| d.vault_snapshot.clone()).collect();
-            snaps.extend(b.disks.iter().filter_map(|d| {
-                d.rdm
-                    .as_ref()
-                    .and_then(|r| r.get("mapping_snapshot"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            }));
+            snaps.extend(
+                b.disks
+                    .iter()
+                    .filter_map(|d| d.rdm.as_ref().and_then(|r| r.mapping_snapshot.clone())),
+            );
             // Snapshots another backup still names (a reused parent never is, but be safe).
             match vault.forget(&snaps) {
                 Ok(_) => {}

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::Retention;
-use crate::host::{GuestStatus, VmId, VmSpec};
+use super::records::{BackupKind, Retention};
+use crate::host::{GuestStatus, Quiesce, VmId, VmSpec};
 use crate::manager::DiskLocation;
+use crate::storage::ChangeSource;
 
 /// A VM's state in `GET /v1/vms`: the manager's, or `absent` for a VM that only has backups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,11 +102,11 @@ pub struct BackupsDone {
 pub struct BackupSummary {
     pub backup: String,
     pub vm: String,
-    pub kind: String,
+    pub kind: BackupKind,
     pub group: Option<String>,
     pub timestamp_id: String,
     pub duration_ms: i64,
-    pub quiesce: String,
+    pub quiesce: Quiesce,
     pub quiesce_window_ms: i64,
     pub vm_snapshot_lifetime_ms: i64,
     pub bytes_read: i64,
@@ -120,7 +121,7 @@ pub struct DiskSummary {
     pub disk: String,
     pub vault_snapshot: String,
     pub size: i64,
-    pub change_source: String,
+    pub change_source: ChangeSource,
     pub changed_bytes: i64,
     pub bytes_read: i64,
     pub bytes_sent: i64,

@@ -2,10 +2,37 @@
 //! exactly these) and the jobs' parameters and results. One shape each, on the wire and in
 //! the catalog.
 
+use cairn_types::DiskFormat;
 use serde::{Deserialize, Serialize};
 
 use super::RestoreParams;
 use super::answers::JobResult;
+use crate::host::{Quiesce, ResourceUsage, SnapshotKind, VmSpec};
+use crate::storage::{ChangeSource, LunId};
+
+/// Whether a backup read every disk whole or only what changed since its parent. Either
+/// restores as a full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupKind {
+    Full,
+    Incremental,
+}
+
+impl BackupKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Incremental => "incremental",
+        }
+    }
+}
+
+impl std::fmt::Display for BackupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
 
 /// A VM known to the catalog.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,14 +44,13 @@ pub struct VmSummary {
 }
 
 /// One backup point of one VM: restorable as a full on its own.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRecord {
     pub id: String,
     pub vm: String,
     pub job_id: String,
-    /// `full` or `incremental`.
-    pub kind: String,
+    pub kind: BackupKind,
     /// Set for the backups of one targeted (group) snapshot.
     pub group_id: Option<String>,
     /// Links the backup (storage snapshot) to its paired metadata snapshot.
@@ -35,18 +61,18 @@ pub struct BackupRecord {
     pub host: String,
     /// The host agent's checkpoint started by this backup (the next incremental's `since`).
     pub checkpoint: Option<String>,
-    /// `fleecing` or `overlay`.
-    pub snapshot_kind: String,
-    /// `guest_freeze`, `pause` or `none`.
-    pub quiesce: String,
+    /// The VM snapshot it was read from: `fleecing` (one VM) or `overlay` (a group).
+    pub snapshot_kind: SnapshotKind,
+    /// How the guest was made consistent.
+    pub quiesce: Quiesce,
     pub quiesce_window_ms: i64,
     /// From VM snapshot creation to its deletion.
     pub vm_snapshot_lifetime_ms: i64,
     /// Disk bytes the storage agents read and sent for this backup.
     pub bytes_read: i64,
     pub bytes_sent: i64,
-    /// The VM's attributes (its `VmSpec`: vCPUs, memory, disks, NICs, firmware).
-    pub attributes: serde_json::Value,
+    /// The VM's attributes: vCPUs, memory, disks, NICs, firmware.
+    pub attributes: VmSpec,
     pub disks: Vec<BackupDisk>,
     /// The paired metadata snapshot: set in the answer of `GET /v1/backups/{id}` only (the
     /// catalog keeps it in its own table).
@@ -55,7 +81,7 @@ pub struct BackupRecord {
 }
 
 /// One disk of a backup.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupDisk {
     /// The VM's device id (`vda`).
@@ -63,24 +89,33 @@ pub struct BackupDisk {
     /// The vault snapshot holding the disk image.
     pub vault_snapshot: String,
     pub size: i64,
-    /// `qcow2` or `raw`.
-    pub format: String,
+    pub format: DiskFormat,
     /// Name of the storage agent that holds the disk.
     pub storage_agent: String,
     pub datastore: String,
     /// The disk's id within the datastore (`web1.qcow2`, `luns/lun0`).
     pub datastore_disk: String,
     /// Which change source the storage agent used.
-    pub change_source: String,
+    pub change_source: ChangeSource,
     pub changed_bytes: i64,
     pub bytes_read: i64,
     pub bytes_sent: i64,
     /// Raw LUN mapping details for an RDM disk.
-    pub rdm: Option<serde_json::Value>,
+    pub rdm: Option<RdmMapping>,
+}
+
+/// How an RDM disk was backed up: the LUN's identity and the vault snapshot of its mapping
+/// file (the storage agent's labels `rdm_lun` and `rdm_map_snapshot`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RdmMapping {
+    /// `None` when the agent's label did not parse as a LUN identity.
+    pub lun: Option<LunId>,
+    pub mapping_snapshot: Option<String>,
 }
 
 /// The paired metadata snapshot of one backup point.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetadataSnapshot {
     pub timestamp_id: String,
@@ -94,7 +129,18 @@ pub struct MetadataSnapshot {
     pub state_file: Option<String>,
     pub state_bytes: Option<i64>,
     /// Host resource usage at the backup point.
-    pub usage: serde_json::Value,
+    pub usage: UsageSample,
+}
+
+/// The host's resource usage of a VM at a backup point, or why it is missing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageSample {
+    pub host: String,
+    pub usage: Option<ResourceUsage>,
+    /// Set when the host agent could not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where a job is.
@@ -139,7 +185,7 @@ impl JobState {
 
 impl std::fmt::Display for JobState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
