@@ -156,7 +156,10 @@ fn backup_row(r: &rusqlite::Row<'_>) -> Result<BackupRecord> {
         created_ms: r.get(6)?,
         duration_ms: r.get(7)?,
         host: r.get(8)?,
-        checkpoint: r.get(9)?,
+        checkpoint: r
+            .get::<_, Option<String>>(9)?
+            .map(|c| named("checkpoint", &c))
+            .transpose()?,
         snapshot_kind: named("snapshot kind", &text(10)?)?,
         quiesce: named("quiesce", &text(11)?)?,
         quiesce_window_ms: r.get(12)?,
@@ -383,7 +386,7 @@ impl Catalog {
                 b.created_ms,
                 b.duration_ms,
                 b.host,
-                b.checkpoint,
+                b.checkpoint.map(|c| c.to_string()),
                 b.snapshot_kind.as_str(),
                 b.quiesce.as_str(),
                 b.quiesce_window_ms,

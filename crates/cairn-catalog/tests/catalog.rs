@@ -17,7 +17,7 @@ fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
         created_ms: created,
         duration_ms: 10,
         host: "h1".into(),
-        checkpoint: Some("00000000000000aa".into()),
+        checkpoint: Some("00000000000000aa".parse().unwrap()),
         snapshot_kind: SnapshotKind::Fleecing,
         quiesce: Quiesce::GuestFreeze,
         quiesce_window_ms: 50,
@@ -338,7 +338,12 @@ fn an_unknown_stored_name_is_an_error_naming_it() {
         e.contains("backup kind") && e.contains("differential"),
         "{e}"
     );
-    raw.execute("UPDATE backups SET kind = 'full'", []).unwrap();
+    raw.execute("UPDATE backups SET kind = 'full', checkpoint = 'cp-7'", [])
+        .unwrap();
+    let e = c.backup("aaaa").unwrap_err().to_string();
+    assert!(e.contains("checkpoint") && e.contains("cp-7"), "{e}");
+    raw.execute("UPDATE backups SET checkpoint = NULL", [])
+        .unwrap();
     raw.execute("UPDATE backup_disks SET change_source = 'telepathy'", [])
         .unwrap();
     let e = c.backups(None).unwrap_err().to_string();

@@ -113,16 +113,10 @@ impl Parent {
         }
         let backup = ctx.server.catalog.latest_backup(&loc.name)?;
         // A checkpoint only means something to the host that made it.
-        let since = match backup
+        let since = backup
             .as_ref()
             .filter(|b| b.host == loc.host)
-            .and_then(|b| b.checkpoint.as_deref())
-        {
-            Some(c) => Some(c.parse().map_err(|e| {
-                ServerError::Invalid(format!("checkpoint of the previous backup: {e}"))
-            })?),
-            None => None,
-        };
+            .and_then(|b| b.checkpoint);
         Ok(Self { backup, since })
     }
 
@@ -364,8 +358,8 @@ pub struct VmSnap {
     /// How the guest was quiesced.
     pub quiesce: Quiesce,
     pub quiesce_window_ms: i64,
-    /// The checkpoint it started, as the catalog records it.
-    pub checkpoint: Option<String>,
+    /// The checkpoint it started.
+    pub checkpoint: Option<CheckpointId>,
     pub disks: Vec<VmDiskSnapshot>,
     pub hold: Hold,
 }
@@ -402,7 +396,7 @@ pub fn snapshot_vm(
         id,
         quiesce: r.quiesce,
         quiesce_window_ms: i64::try_from(r.quiesce_window_ms).unwrap_or(i64::MAX),
-        checkpoint: r.checkpoint.map(|c| c.to_string()),
+        checkpoint: r.checkpoint,
         disks: r.disks,
         hold,
     };
@@ -538,7 +532,7 @@ fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
         created_ms,
         duration_ms: started.elapsed().as_millis() as i64,
         host: loc.host.clone(),
-        checkpoint: snap.checkpoint.clone(),
+        checkpoint: snap.checkpoint,
         snapshot_kind: SnapshotKind::Fleecing,
         quiesce: snap.quiesce,
         quiesce_window_ms: snap.quiesce_window_ms,

@@ -168,7 +168,7 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
             created_ms,
             duration_ms: started.elapsed().as_millis() as i64,
             host: loc.host.clone(),
-            checkpoint: snap.checkpoint.clone(),
+            checkpoint: snap.checkpoint,
             snapshot_kind: SnapshotKind::Overlay,
             quiesce: snap.quiesce,
             quiesce_window_ms: snap.quiesce_window_ms,

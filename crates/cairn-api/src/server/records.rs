@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RestoreParams;
 use super::answers::JobResult;
-use crate::host::{Quiesce, ResourceUsage, SnapshotKind, VmSpec};
+use crate::host::{CheckpointId, Quiesce, ResourceUsage, SnapshotKind, VmSpec};
 use crate::storage::{ChangeSource, LunId};
 
 /// Whether a backup read every disk whole or only what changed since its parent. Either
@@ -60,7 +60,7 @@ pub struct BackupRecord {
     /// The host the VM ran on.
     pub host: String,
     /// The host agent's checkpoint started by this backup (the next incremental's `since`).
-    pub checkpoint: Option<String>,
+    pub checkpoint: Option<CheckpointId>,
     /// The VM snapshot it was read from: `fleecing` (one VM) or `overlay` (a group).
     pub snapshot_kind: SnapshotKind,
     /// How the guest was made consistent.

@@ -36,7 +36,10 @@ fn a_backup_sends_typed_sources_and_records_the_answer() {
     );
     assert_eq!(b.disks[0].change_source, ChangeSource::Full);
     assert_eq!(b.quiesce, Quiesce::GuestFreeze);
-    assert_eq!(b.checkpoint.as_deref(), Some("8000000000000003"));
+    assert_eq!(
+        b.checkpoint.map(|c| c.to_string()).as_deref(),
+        Some("8000000000000003")
+    );
     assert_eq!(b.vm_snapshot_lifetime_ms, 42);
     assert_eq!(b.attributes.name, "vm1");
     assert_eq!(s.manager.deleted_ids(), s.manager.taken());
