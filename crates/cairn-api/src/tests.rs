@@ -188,3 +188,21 @@ fn server_answers_are_typed_and_refuse_the_unknown() {
         "hiding",
     );
 }
+
+#[test]
+fn timestamp_ids_parse_only_their_shape() {
+    use crate::server::TimestampId;
+    let t = TimestampId::new(1_700_000_000_123, 0xbeef);
+    assert_eq!(t.as_str(), "1700000000123-beef");
+    assert_eq!(t.as_str().parse::<TimestampId>().unwrap(), t);
+    let again: TimestampId = serde_json::from_value(serde_json::to_value(&t).unwrap()).unwrap();
+    assert_eq!(again, t);
+    for bad in [
+        "ts1",
+        "1700000000123-BEEF",
+        "1700000000123_beef",
+        "170000000012-beeef",
+    ] {
+        refused::<TimestampId>(&format!("\"{bad}\""), bad);
+    }
+}

@@ -152,7 +152,7 @@ fn backup_row(r: &rusqlite::Row<'_>) -> Result<BackupRecord> {
         job_id: r.get(2)?,
         kind: named("backup kind", &text(3)?)?,
         group_id: r.get(4)?,
-        timestamp_id: r.get(5)?,
+        timestamp_id: named("timestamp id", &text(5)?)?,
         created_ms: r.get(6)?,
         duration_ms: r.get(7)?,
         host: r.get(8)?,
@@ -274,7 +274,7 @@ impl Catalog {
                 config_reused, state_file, state_bytes, usage)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             params![
-                m.timestamp_id,
+                m.timestamp_id.as_str(),
                 m.vm,
                 m.created_ms,
                 m.config_digest,
@@ -297,7 +297,7 @@ impl Catalog {
                 |r| {
                     Ok((
                         MetadataSnapshot {
-                            timestamp_id: r.get(0)?,
+                            timestamp_id: TimestampId::new(0, 0),
                             vm: r.get(1)?,
                             created_ms: r.get(2)?,
                             config_digest: r.get(3)?,
@@ -307,13 +307,15 @@ impl Catalog {
                             usage: Default::default(),
                         },
                         r.get::<_, String>(7)?,
+                        r.get::<_, String>(0)?,
                     ))
                 },
             )
             .optional()?
             .ok_or_else(|| CatalogError::NotFound(format!("metadata snapshot {timestamp_id}")))?;
-        let (mut m, usage) = row;
+        let (mut m, usage, ts) = row;
         m.usage = from_json("usage", &usage)?;
+        m.timestamp_id = named("timestamp id", &ts)?;
         Ok(m)
     }
 
@@ -382,7 +384,7 @@ impl Catalog {
                 b.job_id,
                 b.kind.as_str(),
                 b.group_id,
-                b.timestamp_id,
+                b.timestamp_id.as_str(),
                 b.created_ms,
                 b.duration_ms,
                 b.host,

@@ -5,5 +5,5 @@
 
 pub use cairn_api::server::{
     BackupDisk, BackupRecord, Hold, JobEvent, JobKind, JobRecord, JobResult, JobState,
-    MetadataSnapshot, Retention, Schedule, VmSummary,
+    MetadataSnapshot, Retention, Schedule, TimestampId, VmSummary,
 };

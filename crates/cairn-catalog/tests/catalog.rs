@@ -6,6 +6,14 @@ use cairn_api::storage::ChangeSource;
 use cairn_catalog::*;
 use cairn_types::DiskFormat;
 
+/// A timestamp id per short test name.
+fn tid(ts: &str) -> TimestampId {
+    let chance = ts
+        .bytes()
+        .fold(0u16, |a, b| a.wrapping_mul(31).wrapping_add(u16::from(b)));
+    TimestampId::new(1_700_000_000_000, chance)
+}
+
 fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
     BackupRecord {
         id: id.into(),
@@ -13,7 +21,7 @@ fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
         job_id: "j1".into(),
         kind: BackupKind::Full,
         group_id: None,
-        timestamp_id: ts.into(),
+        timestamp_id: tid(ts),
         created_ms: created,
         duration_ms: 10,
         host: "h1".into(),
@@ -46,7 +54,7 @@ fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
 
 fn meta(ts: &str, vm: &str) -> MetadataSnapshot {
     MetadataSnapshot {
-        timestamp_id: ts.into(),
+        timestamp_id: tid(ts),
         vm: vm.into(),
         created_ms: 1,
         config_digest: "c1".into(),
@@ -302,7 +310,7 @@ fn a_catalog_written_with_the_old_strings_reads_typed() {
         Some("m1")
     );
     assert_eq!(
-        c.metadata("ts1").unwrap().usage.error.as_deref(),
+        c.metadata(&tid("ts1")).unwrap().usage.error.as_deref(),
         Some("down")
     );
     // Strings are written back as they were.

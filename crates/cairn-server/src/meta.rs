@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use cairn_api::host::VmSpec;
-use cairn_api::server::UsageSample;
+use cairn_api::server::{TimestampId, UsageSample};
 use cairn_catalog::{Catalog, MetadataSnapshot, now_ms};
 
 use crate::{Result, ServerError};
@@ -34,12 +34,8 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServerE
 }
 
 /// A timestamp id: milliseconds since the epoch and 4 random hex digits (sortable, unique).
-pub fn timestamp_id() -> String {
-    format!(
-        "{:013}-{}",
-        now_ms(),
-        hex::encode(rand::random::<[u8; 2]>())
-    )
+pub fn timestamp_id() -> TimestampId {
+    TimestampId::new(u64::try_from(now_ms()).unwrap_or(0), rand::random())
 }
 
 fn safe(name: &str) -> Result<&str> {
@@ -101,7 +97,9 @@ impl MetadataStore {
             }
         };
         let m = MetadataSnapshot {
-            timestamp_id: ts.into(),
+            timestamp_id: ts
+                .parse()
+                .map_err(|e| ServerError::Invalid(format!("metadata snapshot: {e}")))?,
             vm: vm.into(),
             created_ms: now_ms(),
             config_digest: digest,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{BackupKind, Retention};
+use super::records::{BackupKind, Retention, TimestampId};
 use crate::host::{GuestStatus, Quiesce, VmId, VmSpec};
 use crate::manager::DiskLocation;
 use crate::storage::ChangeSource;
@@ -104,7 +104,7 @@ pub struct BackupSummary {
     pub vm: String,
     pub kind: BackupKind,
     pub group: Option<String>,
-    pub timestamp_id: String,
+    pub timestamp_id: TimestampId,
     pub duration_ms: i64,
     pub quiesce: Quiesce,
     pub quiesce_window_ms: i64,
