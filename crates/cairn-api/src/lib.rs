@@ -12,8 +12,8 @@
 //! | [`host`] | the host agent (`cairn-hypervisor`): VM attributes, VMs, VM snapshots, changes, state, usage, guest | the host agent (answers), the manager (relays), the server |
 //! | [`storage`] | the storage agent (`cairn-storage`): datastores, unit snapshots, disk backups, restores, raw LUN mappings, file scans and reads | the storage agent (answers), the manager (datastores), the server |
 //! | [`manager`] | the manager (`cairn-manager`): registrations, the VM map | the manager (answers), agents (heartbeats), the server |
-//! | [`server`] | the backup server (`cairn-server`): the bodies that start jobs and change settings | the server, the CLI |
-//! | [`client`] | [`HostAgentApi`], [`StorageAgentApi`], [`ManagerApi`] and their HTTPS clients; [`AgentConnector`] | the manager, the server, the CLI |
+//! | [`server`] | the backup server (`cairn-server`): request bodies and every answer — catalog records (backups, jobs, schedules, retention), job parameters and results, file listings | the server and the catalog (records), the CLI |
+//! | [`client`] | [`HostAgentApi`], [`StorageAgentApi`], [`ManagerApi`], [`ServerApi`] and their HTTPS clients; [`AgentConnector`] | the manager, the server, the CLI |
 //!
 //! # Contracts
 //!
@@ -36,7 +36,7 @@ pub mod storage;
 
 pub use client::{
     AgentConnector, CallResult, HostAgentApi, HostAgentClient, HttpConnector, ManagerApi,
-    ManagerClient, StorageAgentApi, StorageAgentClient, spawn_heartbeat,
+    ManagerClient, ServerApi, ServerClient, StorageAgentApi, StorageAgentClient, spawn_heartbeat,
 };
 
 #[cfg(test)]

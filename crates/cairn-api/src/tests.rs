@@ -123,11 +123,86 @@ fn enum_names_match_the_wire() {
     ] {
         assert_eq!(wire(serde_json::to_value(r).unwrap()), r.as_str());
     }
+    // The catalog stores these by `as_str` and reads them back by their serde names.
+    use crate::server::BackupKind;
+    use crate::storage::ChangeSource;
+    for k in [BackupKind::Full, BackupKind::Incremental] {
+        assert_eq!(wire(serde_json::to_value(k).unwrap()), k.as_str());
+    }
+    for c in [
+        ChangeSource::Full,
+        ChangeSource::OverlayMap,
+        ChangeSource::ExtentMap,
+        ChangeSource::PersistentBitmap,
+        ChangeSource::HypervisorBitmap,
+        ChangeSource::RecipeCompare,
+    ] {
+        assert_eq!(wire(serde_json::to_value(c).unwrap()), c.as_str());
+    }
+    for f in [cairn_types::DiskFormat::Raw, cairn_types::DiskFormat::Qcow2] {
+        assert_eq!(wire(serde_json::to_value(f).unwrap()), f.as_str());
+    }
     for s in [
         crate::manager::VmRunState::Running,
         crate::manager::VmRunState::Unresponsive,
         crate::manager::VmRunState::Gone,
     ] {
         assert_eq!(wire(serde_json::to_value(s).unwrap()), s.as_str());
+    }
+}
+
+const JOB: &str = r#"{
+  "id": "8d93906d8466fb99", "kind": "prune", "state": "succeeded",
+  "params": {"kind": "prune", "vms": [], "dry_run": true}, "vms": [],
+  "created_ms": 1, "started_ms": 2, "finished_ms": 3, "error": null,
+  "result": {"kind": "prune", "plans": [{"vm": "vm1", "policy": null, "forget": [], "dry_run": true}]},
+  "holds": [], "cancel_requested": false,
+  "events": [{"seq": 1, "at_ms": 1, "level": "info", "message": "queued"}]
+}"#;
+
+#[test]
+fn server_answers_are_typed_and_refuse_the_unknown() {
+    use crate::server::{JobRecord, JobResult, VmEntry};
+    let j: JobRecord = serde_json::from_str(JOB).unwrap();
+    assert!(matches!(&j.result, Some(JobResult::Prune(p)) if p.plans[0].dry_run));
+    let again: JobRecord = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+    assert_eq!(again, j);
+    refused::<JobRecord>(
+        &JOB.replacen("\"vms\": []", "\"vms\": [], \"owner\": 1", 1),
+        "owner",
+    );
+    refused::<JobRecord>(
+        &JOB.replace("\"forget\": []", "\"forget\": [], \"why\": 1"),
+        "why",
+    );
+    refused::<JobRecord>(
+        &JOB.replace(
+            "\"kind\": \"prune\", \"plans\"",
+            "\"kind\": \"defrag\", \"plans\"",
+        ),
+        "defrag",
+    );
+    refused::<JobRecord>(&JOB.replace("succeeded", "paused"), "paused");
+    refused::<VmEntry>(
+        r#"{"name": "vm1", "host": null, "state": "hiding", "backups": 0, "last_backup_ms": null}"#,
+        "hiding",
+    );
+}
+
+#[test]
+fn timestamp_ids_parse_only_their_shape() {
+    use crate::server::TimestampId;
+    let t = TimestampId::new(1_700_000_000_123, 0xbeef);
+    assert_eq!(t.as_str(), "1700000000123-beef");
+    assert_eq!(t.as_str().parse::<TimestampId>().unwrap(), t);
+    let again: TimestampId = serde_json::from_value(serde_json::to_value(&t).unwrap()).unwrap();
+    assert_eq!(again, t);
+    for bad in [
+        "ts1",
+        "1700000000123-BEEF",
+        "1700000000123_beef",
+        "170000000012-beeef",
+    ] {
+        refused::<TimestampId>(&format!("\"{bad}\""), bad);
     }
 }

@@ -119,6 +119,20 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
     })
 }
 
+/// A job's stored result. Results written before they carried their job's `kind` get it
+/// from the row, so old catalogs stay readable; anything else unknown is an error naming it.
+fn job_result(kind: &str, s: &str) -> Result<JobResult> {
+    let mut v: serde_json::Value = from_json("result", s)?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("kind")
+            .or_insert_with(|| serde_json::Value::String(kind.to_string()));
+    }
+    serde_json::from_value(v).map_err(|e| CatalogError::Decode {
+        what: "result".into(),
+        message: e.to_string(),
+    })
+}
+
 /// Column lists, kept next to the row readers that depend on their order.
 const BACKUP_COLS: &str = "id, vm, job_id, kind, group_id, timestamp_id, created_ms, duration_ms, \
     host, checkpoint, snapshot_kind, quiesce, quiesce_window_ms, vm_snapshot_lifetime_ms, \
@@ -128,50 +142,64 @@ const DISK_COLS: &str = "backup_id, disk, vault_snapshot, size, format, storage_
 const JOB_COLS: &str = "id, kind, state, params, vms, created_ms, started_ms, finished_ms, error, \
     result, holds, cancel_requested";
 
-fn backup_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(BackupRecord, String)> {
-    Ok((
-        BackupRecord {
-            id: r.get(0)?,
-            vm: r.get(1)?,
-            job_id: r.get(2)?,
-            kind: r.get(3)?,
-            group_id: r.get(4)?,
-            timestamp_id: r.get(5)?,
-            created_ms: r.get(6)?,
-            duration_ms: r.get(7)?,
-            host: r.get(8)?,
-            checkpoint: r.get(9)?,
-            snapshot_kind: r.get(10)?,
-            quiesce: r.get(11)?,
-            quiesce_window_ms: r.get(12)?,
-            vm_snapshot_lifetime_ms: r.get(13)?,
-            bytes_read: r.get(14)?,
-            bytes_sent: r.get(15)?,
-            attributes: serde_json::Value::Null,
-            disks: Vec::new(),
-        },
-        r.get(16)?,
-    ))
+/// An enumeration stored by its wire name (`full`, `guest_freeze`, `qcow2`, ...); a name this
+/// build does not know is an error naming it.
+fn named<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| {
+        CatalogError::Decode {
+            what: what.into(),
+            message: e.to_string(),
+        }
+    })
 }
 
-fn disk_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(BackupDisk, Option<String>)> {
-    Ok((
-        BackupDisk {
-            disk: r.get(1)?,
-            vault_snapshot: r.get(2)?,
-            size: r.get(3)?,
-            format: r.get(4)?,
-            storage_agent: r.get(5)?,
-            datastore: r.get(6)?,
-            datastore_disk: r.get(7)?,
-            change_source: r.get(8)?,
-            changed_bytes: r.get(9)?,
-            bytes_read: r.get(10)?,
-            bytes_sent: r.get(11)?,
-            rdm: None,
-        },
-        r.get(12)?,
-    ))
+fn backup_row(r: &rusqlite::Row<'_>) -> Result<BackupRecord> {
+    let text = |i: usize| r.get::<_, String>(i);
+    Ok(BackupRecord {
+        id: r.get(0)?,
+        vm: r.get(1)?,
+        job_id: r.get(2)?,
+        kind: named("backup kind", &text(3)?)?,
+        group_id: r.get(4)?,
+        timestamp_id: named("timestamp id", &text(5)?)?,
+        created_ms: r.get(6)?,
+        duration_ms: r.get(7)?,
+        host: r.get(8)?,
+        checkpoint: r
+            .get::<_, Option<String>>(9)?
+            .map(|c| named("checkpoint", &c))
+            .transpose()?,
+        snapshot_kind: named("snapshot kind", &text(10)?)?,
+        quiesce: named("quiesce", &text(11)?)?,
+        quiesce_window_ms: r.get(12)?,
+        vm_snapshot_lifetime_ms: r.get(13)?,
+        bytes_read: r.get(14)?,
+        bytes_sent: r.get(15)?,
+        attributes: from_json("attributes", &text(16)?)?,
+        disks: Vec::new(),
+        metadata: None,
+    })
+}
+
+fn disk_row(r: &rusqlite::Row<'_>) -> Result<BackupDisk> {
+    let text = |i: usize| r.get::<_, String>(i);
+    Ok(BackupDisk {
+        disk: r.get(1)?,
+        vault_snapshot: r.get(2)?,
+        size: r.get(3)?,
+        format: named("disk format", &text(4)?)?,
+        storage_agent: r.get(5)?,
+        datastore: r.get(6)?,
+        datastore_disk: r.get(7)?,
+        change_source: named("change source", &text(8)?)?,
+        changed_bytes: r.get(9)?,
+        bytes_read: r.get(10)?,
+        bytes_sent: r.get(11)?,
+        rdm: r
+            .get::<_, Option<String>>(12)?
+            .map(|s| from_json("rdm", &s))
+            .transpose()?,
+    })
 }
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[Option<String>; 6]> {
@@ -255,7 +283,7 @@ impl Catalog {
                 config_reused, state_file, state_bytes, usage)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             params![
-                m.timestamp_id,
+                m.timestamp_id.as_str(),
                 m.vm,
                 m.created_ms,
                 m.config_digest,
@@ -278,23 +306,25 @@ impl Catalog {
                 |r| {
                     Ok((
                         MetadataSnapshot {
-                            timestamp_id: r.get(0)?,
+                            timestamp_id: TimestampId::new(0, 0),
                             vm: r.get(1)?,
                             created_ms: r.get(2)?,
                             config_digest: r.get(3)?,
                             config_reused: r.get(4)?,
                             state_file: r.get(5)?,
                             state_bytes: r.get(6)?,
-                            usage: serde_json::Value::Null,
+                            usage: Default::default(),
                         },
                         r.get::<_, String>(7)?,
+                        r.get::<_, String>(0)?,
                     ))
                 },
             )
             .optional()?
             .ok_or_else(|| CatalogError::NotFound(format!("metadata snapshot {timestamp_id}")))?;
-        let (mut m, usage) = row;
+        let (mut m, usage, ts) = row;
         m.usage = from_json("usage", &usage)?;
+        m.timestamp_id = named("timestamp id", &ts)?;
         Ok(m)
     }
 
@@ -361,15 +391,15 @@ impl Catalog {
                 b.id,
                 b.vm,
                 b.job_id,
-                b.kind,
+                b.kind.as_str(),
                 b.group_id,
-                b.timestamp_id,
+                b.timestamp_id.as_str(),
                 b.created_ms,
                 b.duration_ms,
                 b.host,
-                b.checkpoint,
-                b.snapshot_kind,
-                b.quiesce,
+                b.checkpoint.map(|c| c.to_string()),
+                b.snapshot_kind.as_str(),
+                b.quiesce.as_str(),
                 b.quiesce_window_ms,
                 b.vm_snapshot_lifetime_ms,
                 b.bytes_read,
@@ -388,11 +418,11 @@ impl Catalog {
                     d.disk,
                     d.vault_snapshot,
                     d.size,
-                    d.format,
+                    d.format.as_str(),
                     d.storage_agent,
                     d.datastore,
                     d.datastore_disk,
-                    d.change_source,
+                    d.change_source.as_str(),
                     d.changed_bytes,
                     d.bytes_read,
                     d.bytes_sent,
@@ -405,20 +435,13 @@ impl Catalog {
     }
 
     fn load_disks(&self, b: &mut BackupRecord) -> Result<()> {
-        let rows: Vec<(BackupDisk, Option<String>)> = {
-            let c = self.conn();
-            let mut st = c.prepare(&format!(
-                "SELECT {DISK_COLS} FROM backup_disks WHERE backup_id = $1 ORDER BY disk"
-            ))?;
-            st.query_map(params![b.id], disk_row)?
-                .collect::<rusqlite::Result<_>>()?
-        };
-        b.disks = rows
-            .into_iter()
-            .map(|(mut d, rdm)| {
-                d.rdm = rdm.map(|s| from_json("rdm", &s)).transpose()?;
-                Ok(d)
-            })
+        let c = self.conn();
+        let mut st = c.prepare(&format!(
+            "SELECT {DISK_COLS} FROM backup_disks WHERE backup_id = $1 ORDER BY disk"
+        ))?;
+        b.disks = st
+            .query_map(params![b.id], |r| Ok(disk_row(r)))?
+            .map(|d| -> Result<BackupDisk> { d? })
             .collect::<Result<_>>()?;
         Ok(())
     }
@@ -428,17 +451,17 @@ impl Catalog {
         cond: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<BackupRecord>> {
-        let rows: Vec<(BackupRecord, String)> = {
+        let rows: Vec<BackupRecord> = {
             let c = self.conn();
             let mut st = c.prepare(&format!(
                 "SELECT {BACKUP_COLS} FROM backups {cond} ORDER BY created_ms, id"
             ))?;
-            st.query_map(args, backup_row)?
-                .collect::<rusqlite::Result<_>>()?
+            st.query_map(args, |r| Ok(backup_row(r)))?
+                .map(|b| -> Result<BackupRecord> { b? })
+                .collect::<Result<_>>()?
         };
         rows.into_iter()
-            .map(|(mut b, attrs)| {
-                b.attributes = from_json("attributes", &attrs)?;
+            .map(|mut b| {
                 self.load_disks(&mut b)?;
                 Ok(b)
             })
@@ -519,7 +542,10 @@ impl Catalog {
                 id: r.get(0)?,
                 kind: r.get(1)?,
                 state: JobState::Queued,
-                params: serde_json::Value::Null,
+                params: JobKind::Prune {
+                    vms: Vec::new(),
+                    dry_run: true,
+                },
                 vms: Vec::new(),
                 created_ms: r.get(5)?,
                 started_ms: r.get(6)?,
@@ -528,6 +554,7 @@ impl Catalog {
                 result: None,
                 holds: Vec::new(),
                 cancel_requested: r.get(11)?,
+                events: None,
             };
             Ok((j, job_row(r)?))
         })?;
@@ -537,9 +564,13 @@ impl Catalog {
             j.params = from_json("params", params.as_deref().unwrap_or("null"))?;
             j.vms = from_json("vms", vms.as_deref().unwrap_or("[]"))?;
             j.error = error;
-            j.result = result.map(|r| from_json("result", &r)).transpose()?;
+            j.result = result.map(|r| job_result(&j.kind, &r)).transpose()?;
             j.holds = from_json("holds", holds.as_deref().unwrap_or("[]"))?;
-            j.state = JobState::parse(state.as_deref().unwrap_or(""))?;
+            let state = state.unwrap_or_default();
+            j.state = JobState::parse(&state).ok_or_else(|| CatalogError::Decode {
+                what: "job state".into(),
+                message: format!("unknown job state {state:?}"),
+            })?;
             out.push(j);
         }
         Ok(out)
@@ -592,7 +623,7 @@ impl Catalog {
         id: &str,
         state: JobState,
         error: Option<&str>,
-        result: Option<&serde_json::Value>,
+        result: Option<&JobResult>,
     ) -> Result<()> {
         let now = now_ms();
         let c = self.conn();

@@ -1,53 +1,71 @@
 //! The catalog against SQLite files: migrations, atomic backups, jobs, schedules, retention.
 
+use cairn_api::host::{Quiesce, SnapshotKind};
+use cairn_api::server::{BackupKind, JobKind, UsageSample};
+use cairn_api::storage::ChangeSource;
 use cairn_catalog::*;
+use cairn_types::DiskFormat;
+
+/// A timestamp id per short test name.
+fn tid(ts: &str) -> TimestampId {
+    let chance = ts
+        .bytes()
+        .fold(0u16, |a, b| a.wrapping_mul(31).wrapping_add(u16::from(b)));
+    TimestampId::new(1_700_000_000_000, chance)
+}
 
 fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
     BackupRecord {
         id: id.into(),
         vm: vm.into(),
         job_id: "j1".into(),
-        kind: "full".into(),
+        kind: BackupKind::Full,
         group_id: None,
-        timestamp_id: ts.into(),
+        timestamp_id: tid(ts),
         created_ms: created,
         duration_ms: 10,
         host: "h1".into(),
-        checkpoint: Some("00000000000000aa".into()),
-        snapshot_kind: "fleecing".into(),
-        quiesce: "guest_freeze".into(),
+        checkpoint: Some("00000000000000aa".parse().unwrap()),
+        snapshot_kind: SnapshotKind::Fleecing,
+        quiesce: Quiesce::GuestFreeze,
         quiesce_window_ms: 50,
         vm_snapshot_lifetime_ms: 900,
         bytes_read: 100,
         bytes_sent: 10,
-        attributes: serde_json::json!({"name": vm, "vcpus": 1}),
+        attributes: serde_json::from_value(serde_json::json!({"name": vm, "memory_mib": 64}))
+            .unwrap(),
         disks: vec![BackupDisk {
             disk: "vda".into(),
             vault_snapshot: "abcd".into(),
             size: 1 << 20,
-            format: "qcow2".into(),
+            format: DiskFormat::Qcow2,
             storage_agent: "s1".into(),
             datastore: "ds1".into(),
             datastore_disk: format!("{vm}.qcow2"),
-            change_source: "full".into(),
+            change_source: ChangeSource::Full,
             changed_bytes: 1 << 20,
             bytes_read: 100,
             bytes_sent: 10,
             rdm: None,
         }],
+        metadata: None,
     }
 }
 
 fn meta(ts: &str, vm: &str) -> MetadataSnapshot {
     MetadataSnapshot {
-        timestamp_id: ts.into(),
+        timestamp_id: tid(ts),
         vm: vm.into(),
         created_ms: 1,
         config_digest: "c1".into(),
         config_reused: false,
         state_file: None,
         state_bytes: None,
-        usage: serde_json::json!({"rss_bytes": 5}),
+        usage: UsageSample {
+            host: "h1".into(),
+            usage: None,
+            error: Some("host agent down".into()),
+        },
     }
 }
 
@@ -110,7 +128,10 @@ fn jobs_events_and_cancel() {
         id: "aaaa000000000001".into(),
         kind: "backup".into(),
         state: JobState::Queued,
-        params: serde_json::json!({"vms": ["web1"]}),
+        params: JobKind::Backup {
+            vms: vec!["web1".into()],
+            full: false,
+        },
         vms: vec!["web1".into()],
         created_ms: now_ms(),
         started_ms: None,
@@ -119,6 +140,7 @@ fn jobs_events_and_cancel() {
         result: None,
         holds: vec![],
         cancel_requested: false,
+        events: None,
     };
     c.insert_job(&j).unwrap();
     c.set_job_state(&j.id, JobState::Running, None, None)
@@ -159,9 +181,12 @@ fn a_batch_of_events_is_appended_in_order_or_not_at_all() {
     let c = Catalog::open_in_memory().unwrap();
     let job = |id: &str| JobRecord {
         id: id.into(),
-        kind: "backup".into(),
+        kind: "prune".into(),
         state: JobState::Running,
-        params: serde_json::Value::Null,
+        params: JobKind::Prune {
+            vms: vec![],
+            dry_run: true,
+        },
         vms: vec![],
         created_ms: now_ms(),
         started_ms: None,
@@ -170,6 +195,7 @@ fn a_batch_of_events_is_appended_in_order_or_not_at_all() {
         result: None,
         holds: vec![],
         cancel_requested: false,
+        events: None,
     };
     c.insert_job(&job("aaaa000000000001")).unwrap();
     c.insert_job(&job("bbbb000000000002")).unwrap();
@@ -230,4 +256,164 @@ fn schedules_and_retention() {
     };
     c.set_retention("*", &r).unwrap();
     assert_eq!(c.retention("web1").unwrap(), Some(r));
+}
+
+/// A job as the server records it, finished with `result`.
+fn prune_job(c: &Catalog, id: &str, result: &JobResult) {
+    c.insert_job(&JobRecord {
+        id: id.into(),
+        kind: "prune".into(),
+        state: JobState::Queued,
+        params: JobKind::Prune {
+            vms: vec![],
+            dry_run: true,
+        },
+        vms: vec![],
+        created_ms: 1,
+        started_ms: None,
+        finished_ms: None,
+        error: None,
+        result: None,
+        holds: vec![],
+        cancel_requested: false,
+        events: None,
+    })
+    .unwrap();
+    c.set_job_state(id, JobState::Succeeded, None, Some(result))
+        .unwrap();
+}
+
+#[test]
+fn job_params_and_results_are_typed_and_old_rows_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let c = Catalog::open(&path).unwrap();
+    let result = JobResult::Prune(cairn_api::server::PruneDone {
+        plans: vec![cairn_api::server::PrunePlan {
+            vm: "web1".into(),
+            policy: None,
+            forget: vec![],
+            dry_run: true,
+        }],
+    });
+    prune_job(&c, "bbbb000000000001", &result);
+    assert_eq!(c.job("bbbb").unwrap().result, Some(result));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let set = |params: &str, result: &str| {
+        raw.execute(
+            "UPDATE jobs SET params = $1, result = $2 WHERE id = 'bbbb000000000001'",
+            [params, result],
+        )
+        .unwrap();
+    };
+    // Written by an earlier server: the result without its `kind`.
+    set(
+        r#"{"kind": "prune", "vms": [], "dry_run": true}"#,
+        r#"{"plans": [{"vm": "web1", "policy": null, "forget": []}]}"#,
+    );
+    let j = c.job("bbbb").unwrap();
+    let Some(JobResult::Prune(p)) = j.result else {
+        panic!("{:?}", j.result)
+    };
+    assert_eq!(p.plans[0].vm, "web1");
+    // Unknown fields and variants are named, never defaulted.
+    set(
+        r#"{"kind": "prune", "vms": []}"#,
+        r#"{"plans": [], "colour": 1}"#,
+    );
+    let e = c.job("bbbb").unwrap_err().to_string();
+    assert!(e.contains("colour"), "{e}");
+    set(r#"{"kind": "defrag"}"#, "null");
+    let e = c.job("bbbb").unwrap_err().to_string();
+    assert!(e.contains("defrag"), "{e}");
+}
+
+#[test]
+fn a_catalog_written_with_the_old_strings_reads_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let c = Catalog::open(&path).unwrap();
+    c.ensure_vm("web1").unwrap();
+    c.insert_metadata(&meta("ts1", "web1")).unwrap();
+    c.insert_backup(&backup("aaaa000000000001", "web1", "ts1", 1))
+        .unwrap();
+    // The rows exactly as servers before the typed model wrote them.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        r#"UPDATE backups SET kind = 'incremental', snapshot_kind = 'overlay', quiesce = 'pause',
+               attributes = '{"boot":{"type":"firmware"},"disks":[],"machine":"q35","memory_mib":64,"name":"web1","nics":[],"start_paused":false,"vcpus":2}';
+           UPDATE backup_disks SET format = 'raw', change_source = 'recipe_compare',
+               rdm = '{"lun":null,"mapping_snapshot":"m1"}';
+           UPDATE metadata_snapshots SET usage = '{"host":"h1","usage":null,"error":"down"}';"#,
+    )
+    .unwrap();
+    let b = c.backup("aaaa").unwrap();
+    assert_eq!(b.kind, BackupKind::Incremental);
+    assert_eq!(b.snapshot_kind, SnapshotKind::Overlay);
+    assert_eq!(b.quiesce, Quiesce::Pause);
+    assert_eq!(
+        (b.attributes.name.as_str(), b.attributes.vcpus),
+        ("web1", 2)
+    );
+    let d = &b.disks[0];
+    assert_eq!(d.format, DiskFormat::Raw);
+    assert_eq!(d.change_source, ChangeSource::RecipeCompare);
+    assert_eq!(
+        d.rdm.as_ref().unwrap().mapping_snapshot.as_deref(),
+        Some("m1")
+    );
+    assert_eq!(
+        c.metadata(&tid("ts1")).unwrap().usage.error.as_deref(),
+        Some("down")
+    );
+    // Strings are written back as they were.
+    let again = BackupRecord {
+        id: "aaaa000000000002".into(),
+        ..b.clone()
+    };
+    c.insert_backup(&again).unwrap();
+    let kind: String = raw
+        .query_row(
+            "SELECT kind FROM backups WHERE id = 'aaaa000000000002'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kind, "incremental");
+}
+
+#[test]
+fn an_unknown_stored_name_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let c = Catalog::open(&path).unwrap();
+    c.ensure_vm("web1").unwrap();
+    c.insert_metadata(&meta("ts1", "web1")).unwrap();
+    c.insert_backup(&backup("aaaa000000000001", "web1", "ts1", 1))
+        .unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute("UPDATE backups SET kind = 'differential'", [])
+        .unwrap();
+    let e = c.backup("aaaa").unwrap_err().to_string();
+    assert!(
+        e.contains("backup kind") && e.contains("differential"),
+        "{e}"
+    );
+    raw.execute("UPDATE backups SET kind = 'full', checkpoint = 'cp-7'", [])
+        .unwrap();
+    let e = c.backup("aaaa").unwrap_err().to_string();
+    assert!(e.contains("checkpoint") && e.contains("cp-7"), "{e}");
+    raw.execute("UPDATE backups SET checkpoint = NULL", [])
+        .unwrap();
+    raw.execute("UPDATE backup_disks SET change_source = 'telepathy'", [])
+        .unwrap();
+    let e = c.backups(None).unwrap_err().to_string();
+    assert!(e.contains("telepathy"), "{e}");
+    raw.execute(
+        "UPDATE backup_disks SET change_source = 'full', rdm = '{\"lun\":null,\"wwn\":1}'",
+        [],
+    )
+    .unwrap();
+    let e = c.backup("aaaa").unwrap_err().to_string();
+    assert!(e.contains("wwn"), "{e}");
 }

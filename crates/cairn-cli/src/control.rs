@@ -117,7 +117,11 @@ pub fn write_connection(
     fingerprint: &str,
     token_file: &Path,
 ) -> Result<()> {
-    let c = serde_json::json!({ "url": url, "fingerprint": fingerprint, "token_file": token_file });
+    let c = crate::ops::Connection {
+        url: url.to_string(),
+        fingerprint: fingerprint.to_string(),
+        token_file: token_file.to_path_buf(),
+    };
     cairn_types::durable::write_atomic(
         &state.join("connection.json"),
         serde_json::to_string_pretty(&c)?.as_bytes(),

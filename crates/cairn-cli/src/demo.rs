@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use cairn_api::ManagerApi;
-use serde_json::{Value, json};
+use cairn_api::server::{JobResult, JobState};
+use serde_json::json;
 
 use crate::allinone::AllInOne;
 
@@ -111,39 +112,25 @@ fn wait_guest(all: &AllInOne, vm: &str, secs: u64) -> Result<Duration> {
     }
 }
 
-fn job(all: &AllInOne, kind: cairn_server::JobKind) -> Result<(Value, Duration)> {
+fn job(all: &AllInOne, kind: cairn_server::JobKind) -> Result<(JobResult, Duration)> {
     let t = Instant::now();
     let j =
         cairn_server::jobs::submit(&all.server, kind).map_err(|e| anyhow::anyhow!(e.chain()))?;
-    let c = cairn_http::Client::new(&all.server_url, &token(all)?, &trust(all)?)?;
+    let c = crate::ops::Connection::read(&all.connection)?.client()?;
     let done = crate::ops::wait_job(&c, &j.id, true)?;
     let took = t.elapsed();
-    if done["state"] != "succeeded" {
-        bail!("job {} {}: {}", j.id, done["state"], done["error"]);
+    if done.state != JobState::Succeeded {
+        bail!(
+            "job {} {}: {}",
+            j.id,
+            done.state,
+            done.error.as_deref().unwrap_or("")
+        );
     }
-    Ok((done["result"].clone(), took))
-}
-
-fn conn(all: &AllInOne) -> Result<Value> {
-    Ok(serde_json::from_slice(&std::fs::read(&all.connection)?)?)
-}
-
-fn token(all: &AllInOne) -> Result<String> {
-    let c = conn(all)?;
-    Ok(
-        std::fs::read_to_string(c["token_file"].as_str().unwrap_or_default())?
-            .trim()
-            .to_string(),
-    )
-}
-
-fn trust(all: &AllInOne) -> Result<cairn_http::Trust> {
-    Ok(cairn_http::Trust::Fingerprint(
-        conn(all)?["fingerprint"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    ))
+    let result = done
+        .result
+        .with_context(|| format!("job {} succeeded without a result", j.id))?;
+    Ok((result, took))
 }
 
 fn exec(all: &AllInOne, vm: &str, shell: &str) -> Result<String> {
@@ -322,9 +309,12 @@ fn demo(
     let repo = cairn_vault::Repository::open_dir(&all.vault_dir)?;
     let vault = cairn_vault::LocalVault { repo };
     let mut exact = Vec::new();
-    for d in restored["disks"].as_array().into_iter().flatten() {
+    let JobResult::Restore(restored) = restored else {
+        bail!("the restore job answered {restored:?}");
+    };
+    for d in &restored.disks {
         let check = w.join("check.raw");
-        let snap = d["snapshot"].as_str().unwrap_or_default();
+        let snap = d.snapshot.as_str();
         cairn_vault::imager::restore(
             &vault,
             snap,
@@ -332,23 +322,20 @@ fn demo(
             &Default::default(),
             &cairn_vault::imager::NoProgress,
         )?;
-        let path = d["path"].as_str().unwrap_or_default();
         sh(Command::new("qemu-img")
             .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
             .arg(&check)
-            .arg(path))?;
+            .arg(&d.path))?;
         std::fs::remove_file(&check)?;
         eprintln!(
-            "{}: {path} is bit-exact with vault snapshot {snap}",
-            d["disk"].as_str().unwrap_or("?")
+            "{}: {} is bit-exact with vault snapshot {snap}",
+            d.disk,
+            d.path.display()
         );
-        exact.push(json!({"disk": d["disk"], "snapshot": snap, "bit_exact": true}));
+        exact.push(json!({"disk": d.disk, "snapshot": snap, "bit_exact": true}));
     }
     let boot_t = Instant::now();
-    all.manager.provision(
-        "local",
-        &serde_json::from_value(restored["attributes"].clone())?,
-    )?;
+    all.manager.provision("local", &restored.attributes)?;
     wait_guest(&all, "vm1-restored", 120)?;
     let boot_ms = boot_t.elapsed().as_millis();
     let back = exec(&all, "vm1-restored", "sha256sum /mnt/day2.bin")?;
@@ -401,17 +388,14 @@ fn demo(
         format!("{:.2} s", idle_t.as_secs_f64()),
     );
     line("group backup", format!("{:.2} s", group_t.as_secs_f64()));
-    for l in group["vm_snapshot_lifetimes_ms"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    let lifetimes = match &group {
+        JobResult::GroupBackup(g) => g.vm_snapshot_lifetimes_ms.as_slice(),
+        _ => &[],
+    };
+    for l in lifetimes {
         line(
-            &format!(
-                "  VM snapshot lifetime {} (target ≤ 1 s)",
-                l["vm"].as_str().unwrap_or("?")
-            ),
-            format!("{} ms", l["host_measured_ms"]),
+            &format!("  VM snapshot lifetime {} (target ≤ 1 s)", l.vm),
+            format!("{} ms", l.host_measured_ms),
         );
     }
     for b in &backups {

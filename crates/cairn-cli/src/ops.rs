@@ -7,9 +7,48 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cairn_api::server::{PutSchedule, RestoreFileInto, RestoreParams, StartBackup, StartPrune};
-use cairn_http::{Client, Trust};
-use serde_json::{Value, json};
+use cairn_api::client::FindFiles;
+use cairn_api::server::{
+    JobRecord, JobState, PutSchedule, RestoreFileInto, RestoreParams, Retention, StartBackup,
+    StartPrune,
+};
+use cairn_api::{ServerApi, ServerClient};
+use cairn_http::Trust;
+use serde::{Deserialize, Serialize};
+
+/// `connection.json`, written by `cairn server` / `cairn all-in-one`: how to reach the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connection {
+    pub url: String,
+    /// SHA-256 of the server's certificate (hex).
+    pub fingerprint: String,
+    pub token_file: PathBuf,
+}
+
+impl Connection {
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| {
+            format!(
+                "no server connection: {} (use --connect or --server)",
+                path.display()
+            )
+        })?;
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// A client of the server, with the token read from `token_file`.
+    pub fn client(&self) -> Result<ServerClient> {
+        let tf = &self.token_file;
+        let token =
+            std::fs::read_to_string(tf).with_context(|| format!("reading {}", tf.display()))?;
+        Ok(ServerClient::new(
+            &self.url,
+            token.trim(),
+            &Trust::Fingerprint(self.fingerprint.clone()),
+        )?)
+    }
+}
 
 /// How to reach the server.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,39 +79,25 @@ impl Conn {
             .flatten()
     }
 
-    pub fn client(&self) -> Result<Client> {
-        let (url, fp, tf) = match (&self.server, &self.connect) {
-            (Some(u), _) => (
-                u.clone(),
-                self.server_fingerprint
+    pub fn client(&self) -> Result<ServerClient> {
+        let c = match (&self.server, &self.connect) {
+            (Some(u), _) => Connection {
+                url: u.clone(),
+                fingerprint: self
+                    .server_fingerprint
                     .clone()
                     .context("--server needs --server-fingerprint")?,
-                self.token_file
+                token_file: self
+                    .token_file
                     .clone()
                     .context("--server needs --token-file")?,
-            ),
-            (None, c) => {
-                let path = c
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("/var/lib/cairn/server/connection.json"));
-                let c: Value =
-                    serde_json::from_slice(&std::fs::read(&path).with_context(|| {
-                        format!(
-                            "no server connection: {} (use --connect or --server)",
-                            path.display()
-                        )
-                    })?)?;
-                let s = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
-                (
-                    s("url").context("connection: url")?,
-                    s("fingerprint").context("connection: fingerprint")?,
-                    PathBuf::from(s("token_file").context("connection: token_file")?),
-                )
-            }
+            },
+            (None, c) => Connection::read(
+                &c.clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/cairn/server/connection.json")),
+            )?,
         };
-        let token =
-            std::fs::read_to_string(&tf).with_context(|| format!("reading {}", tf.display()))?;
-        Ok(Client::new(&url, token.trim(), &Trust::Fingerprint(fp))?)
+        c.client()
     }
 }
 
@@ -133,19 +158,26 @@ pub enum RetentionCmd {
     },
 }
 
-fn out(conn: &Conn, v: &Value, human: impl FnOnce(&Value)) {
+/// Prints `v` as one JSON document with `--json`, else as `human` says.
+fn out<T: Serialize>(conn: &Conn, v: &T, human: impl FnOnce(&T)) -> Result<()> {
     if conn.json {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(v)?);
     } else {
         human(v);
     }
+    Ok(())
+}
+
+/// Pretty JSON for the human output of answers without a table.
+fn pretty<T: Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn ago(ms: Option<i64>) -> String {
     match ms {
         None => "-".into(),
         Some(t) => {
-            let s = (cairn_catalog::now_ms() - t) / 1000;
+            let s = (cairn_types::now_ms() - t) / 1000;
             match s {
                 s if s < 120 => format!("{s} s ago"),
                 s if s < 7200 => format!("{} min ago", s / 60),
@@ -156,75 +188,69 @@ fn ago(ms: Option<i64>) -> String {
 }
 
 pub fn vm(conn: &Conn, _c: VmCmd) -> Result<ExitCode> {
-    let v: Value = conn.client()?.get_json("/v1/vms")?;
+    let v = conn.client()?.vms()?;
     out(conn, &v, |v| {
         println!(
             "{:<16} {:<12} {:<10} {:>7} LAST BACKUP",
             "VM", "HOST", "STATE", "BACKUPS"
         );
-        for x in v.as_array().into_iter().flatten() {
+        for x in v {
             println!(
                 "{:<16} {:<12} {:<10} {:>7} {}",
-                x["name"].as_str().unwrap_or("?"),
-                x["host"].as_str().unwrap_or("-"),
-                x["state"].as_str().unwrap_or("?"),
-                x["backups"].as_i64().unwrap_or(0),
-                ago(x["last_backup_ms"].as_i64())
+                x.name,
+                x.host.as_deref().unwrap_or("-"),
+                x.state.as_str(),
+                x.backups,
+                ago(x.last_backup_ms)
             );
         }
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Polls a job until it ends, printing new events on stderr; returns the final job.
-pub fn wait_job(c: &Client, id: &str, show: bool) -> Result<Value> {
+pub fn wait_job(c: &dyn ServerApi, id: &str, show: bool) -> Result<JobRecord> {
     let mut seen = 0;
     loop {
-        let j: Value = c.get_json(&format!("/v1/jobs/{id}"))?;
+        let j = c.job(id)?;
         if show {
-            for e in j["events"].as_array().into_iter().flatten().skip(seen) {
-                eprintln!(
-                    "  [{}] {}",
-                    e["level"].as_str().unwrap_or(""),
-                    e["message"].as_str().unwrap_or("")
-                );
+            for e in j.events.iter().flatten().skip(seen) {
+                eprintln!("  [{}] {}", e.level, e.message);
                 seen += 1;
             }
         }
-        match j["state"].as_str() {
-            Some("succeeded" | "failed" | "cancelled") => return Ok(j),
-            _ => std::thread::sleep(Duration::from_millis(200)),
+        if j.state.is_final() {
+            return Ok(j);
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-fn finish(conn: &Conn, c: &Client, job: Value, wait: bool) -> Result<ExitCode> {
-    let id = job["id"].as_str().unwrap_or_default().to_string();
+fn finish(conn: &Conn, c: &dyn ServerApi, job: JobRecord, wait: bool) -> Result<ExitCode> {
     if !wait {
-        out(conn, &job, |j| {
-            println!("job {} queued", j["id"].as_str().unwrap_or("?"))
-        });
+        out(conn, &job, |j| println!("job {} queued", j.id))?;
         return Ok(ExitCode::SUCCESS);
     }
     if !conn.json {
-        eprintln!("job {id} ({})", job["kind"].as_str().unwrap_or("?"));
+        eprintln!("job {} ({})", job.id, job.kind);
     }
-    let j = wait_job(c, &id, !conn.json)?;
-    let ok = j["state"] == "succeeded";
+    let j = wait_job(c, &job.id, !conn.json)?;
+    let ok = j.state == JobState::Succeeded;
     out(conn, &j, |j| {
         if ok {
-            println!("job {id} succeeded");
-            if let Some(r) = j.get("result") {
-                println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            println!("job {} succeeded", j.id);
+            if let Some(r) = &j.result {
+                pretty(r);
             }
         } else {
             println!(
-                "job {id} {}: {}",
-                j["state"].as_str().unwrap_or("?"),
-                j["error"].as_str().unwrap_or("")
+                "job {} {}: {}",
+                j.id,
+                j.state,
+                j.error.as_deref().unwrap_or("")
             );
         }
-    });
+    })?;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -240,39 +266,34 @@ pub fn backup(
     no_wait: bool,
 ) -> Result<ExitCode> {
     let c = conn.client()?;
-    let job: Value = c.post_json("/v1/backups", &StartBackup { vms, group, full })?;
+    let job = c.start_backup(&StartBackup { vms, group, full })?;
     finish(conn, &c, job, !no_wait)
 }
 
 pub fn backups(conn: &Conn, vm: Option<String>) -> Result<ExitCode> {
-    let c = conn.client()?;
-    let path = match &vm {
-        Some(v) => format!("/v1/backups?vm={v}"),
-        None => "/v1/backups".into(),
-    };
-    let v: Value = c.get_json(&path)?;
+    let v = conn.client()?.backups(vm.as_deref())?;
     out(conn, &v, |v| {
         println!(
             "{:<17} {:<14} {:<12} {:<8} {:>9} {:>12} {:>11} WHEN",
             "BACKUP", "VM", "KIND", "GROUP", "DURATION", "SENT", "SNAPSHOT"
         );
-        for b in v.as_array().into_iter().flatten() {
+        for b in v {
             println!(
                 "{:<17} {:<14} {:<12} {:<8} {:>7}ms {:>12} {:>9}ms {}",
-                b["id"].as_str().unwrap_or("?"),
-                b["vm"].as_str().unwrap_or("?"),
-                b["kind"].as_str().unwrap_or("?"),
-                b["group_id"]
-                    .as_str()
+                b.id,
+                b.vm,
+                b.kind.as_str(),
+                b.group_id
+                    .as_deref()
                     .map(|g| &g[..g.len().min(8)])
                     .unwrap_or("-"),
-                b["duration_ms"].as_i64().unwrap_or(0),
-                b["bytes_sent"].as_i64().unwrap_or(0),
-                b["vm_snapshot_lifetime_ms"].as_i64().unwrap_or(0),
-                ago(b["created_ms"].as_i64())
+                b.duration_ms,
+                b.bytes_sent,
+                b.vm_snapshot_lifetime_ms,
+                ago(Some(b.created_ms))
             );
         }
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -288,23 +309,17 @@ pub fn restore(
     no_wait: bool,
 ) -> Result<ExitCode> {
     let c = conn.client()?;
-    let b: Value = c.get_json(&format!("/v1/backups/{backup}"))?;
-    if b["vm"].as_str() != Some(vm) {
-        bail!(
-            "backup {backup} is of VM {}, not {vm}",
-            b["vm"].as_str().unwrap_or("?")
-        );
+    let b = c.backup(backup)?;
+    if b.vm != vm {
+        bail!("backup {backup} is of VM {}, not {vm}", b.vm);
     }
-    let job: Value = c.post_json(
-        "/v1/restores",
-        &RestoreParams {
-            backup: backup.to_string(),
-            as_name: as_name.to_string(),
-            host,
-            start: !no_start,
-            wait_boot_s,
-        },
-    )?;
+    let job = c.start_restore(&RestoreParams {
+        backup: backup.to_string(),
+        as_name: as_name.to_string(),
+        host,
+        start: !no_start,
+        wait_boot_s,
+    })?;
     finish(conn, &c, job, !no_wait)
 }
 
@@ -312,60 +327,39 @@ pub fn job(conn: &Conn, cmd: JobCmd) -> Result<ExitCode> {
     let c = conn.client()?;
     match cmd {
         JobCmd::List { limit } => {
-            let v: Value = c.get_json(&format!("/v1/jobs?limit={limit}"))?;
+            let v = c.jobs(limit)?;
             out(conn, &v, |v| {
                 println!(
                     "{:<17} {:<13} {:<10} {:<24} ERROR",
                     "JOB", "KIND", "STATE", "VMS"
                 );
-                for j in v.as_array().into_iter().flatten() {
+                for j in v {
                     println!(
                         "{:<17} {:<13} {:<10} {:<24} {}",
-                        j["id"].as_str().unwrap_or("?"),
-                        j["kind"].as_str().unwrap_or("?"),
-                        j["state"].as_str().unwrap_or("?"),
-                        j["vms"]
-                            .as_array()
-                            .map(|a| a
-                                .iter()
-                                .filter_map(Value::as_str)
-                                .collect::<Vec<_>>()
-                                .join(","))
-                            .unwrap_or_default(),
-                        j["error"].as_str().unwrap_or("")
+                        j.id,
+                        j.kind,
+                        j.state.as_str(),
+                        j.vms.join(","),
+                        j.error.as_deref().unwrap_or("")
                     );
                 }
-            });
+            })?;
         }
         JobCmd::Show { id } => {
-            let v: Value = c.get_json(&format!("/v1/jobs/{id}"))?;
+            let v = c.job(&id)?;
             out(conn, &v, |v| {
-                println!(
-                    "job {} ({}): {}",
-                    v["id"].as_str().unwrap_or("?"),
-                    v["kind"].as_str().unwrap_or("?"),
-                    v["state"].as_str().unwrap_or("?")
-                );
-                for e in v["events"].as_array().into_iter().flatten() {
-                    println!(
-                        "  [{}] {}",
-                        e["level"].as_str().unwrap_or(""),
-                        e["message"].as_str().unwrap_or("")
-                    );
+                println!("job {} ({}): {}", v.id, v.kind, v.state);
+                for e in v.events.iter().flatten() {
+                    println!("  [{}] {}", e.level, e.message);
                 }
-                if let Some(e) = v["error"].as_str() {
+                if let Some(e) = &v.error {
                     println!("error: {e}");
                 }
-            });
+            })?;
         }
         JobCmd::Cancel { id } => {
-            let v: Value = c.post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}))?;
-            out(conn, &v, |v| {
-                println!(
-                    "cancel requested for job {}",
-                    v["id"].as_str().unwrap_or("?")
-                )
-            });
+            let v = c.cancel_job(&id)?;
+            out(conn, &v, |v| println!("cancel requested for job {}", v.id))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -373,69 +367,61 @@ pub fn job(conn: &Conn, cmd: JobCmd) -> Result<ExitCode> {
 
 pub fn schedule(conn: &Conn, cmd: ScheduleCmd) -> Result<ExitCode> {
     let c = conn.client()?;
-    let v: Value = match cmd {
+    match cmd {
         ScheduleCmd::Set {
             name,
             every,
             group,
             vms,
-        } => c.put_json(
-            &format!("/v1/schedules/{name}"),
-            &PutSchedule {
-                vms,
-                every,
-                group,
-                first_in_s: None,
-            },
-        )?,
-        ScheduleCmd::List => c.get_json("/v1/schedules")?,
-        ScheduleCmd::Rm { name } => c.delete_json(&format!("/v1/schedules/{name}"))?,
-    };
-    out(conn, &v, |v| {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
-    });
+        } => {
+            let v = c.put_schedule(
+                &name,
+                &PutSchedule {
+                    vms,
+                    every,
+                    group,
+                    first_in_s: None,
+                },
+            )?;
+            out(conn, &v, pretty)?;
+        }
+        ScheduleCmd::List => out(conn, &c.schedules()?, pretty)?,
+        ScheduleCmd::Rm { name } => out(conn, &c.delete_schedule(&name)?, pretty)?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn retention(conn: &Conn, cmd: RetentionCmd) -> Result<ExitCode> {
     let c = conn.client()?;
-    let v: Value = match cmd {
+    match cmd {
         RetentionCmd::Set {
             vm,
             keep_last,
             keep_daily,
             keep_weekly,
             keep_monthly,
-        } => c.put_json(
-            &format!(
-                "/v1/retention/{}",
-                if vm == "*" { "%2A".into() } else { vm }
-            ),
-            &json!({ "keep_last": keep_last, "keep_daily": keep_daily,
-                     "keep_weekly": keep_weekly, "keep_monthly": keep_monthly }),
-        )?,
-        RetentionCmd::Show { vm } => c.get_json(&format!(
-            "/v1/retention/{}",
-            if vm == "*" { "%2A".into() } else { vm }
-        ))?,
-    };
-    out(conn, &v, |v| {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
-    });
+        } => {
+            let r = Retention {
+                keep_last,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+            };
+            out(conn, &c.set_retention(&vm, &r)?, pretty)?;
+        }
+        RetentionCmd::Show { vm } => out(conn, &c.retention(&vm)?, pretty)?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn prune(conn: &Conn, vms: Vec<String>, dry_run: bool) -> Result<ExitCode> {
     let c = conn.client()?;
-    let job: Value = c.post_json("/v1/prune", &StartPrune { vms, dry_run })?;
+    let job = c.start_prune(&StartPrune { vms, dry_run })?;
     finish(conn, &c, job, true)
 }
 
 pub fn stats(conn: &Conn) -> Result<ExitCode> {
-    let v: Value = conn.client()?.get_json("/v1/stats")?;
-    out(conn, &v, |v| {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
-    });
+    out(conn, &conn.client()?.stats()?, pretty)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -473,42 +459,25 @@ pub enum FilesCmd {
     },
 }
 
-fn q(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
     let c = conn.client()?;
-    let table = |v: &Value| {
-        for f in v.as_array().into_iter().flatten() {
-            println!(
-                "{:<7} {:>12} {:<17} {}",
-                f["kind"].as_str().unwrap_or("?"),
-                f["size"]
-                    .as_u64()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                f["backup"].as_str().unwrap_or(""),
-                f["path"].as_str().unwrap_or("?")
-            );
-        }
+    let row = |kind: &str, size: Option<u64>, backup: &str, path: &str| {
+        println!(
+            "{:<7} {:>12} {:<17} {}",
+            kind,
+            size.map(|s| s.to_string()).unwrap_or_default(),
+            backup,
+            path
+        );
     };
     match cmd {
         FilesCmd::Ls { backup, path } => {
-            let v: Value = c.get_json(&format!(
-                "/v1/files?backup={}&path={}",
-                q(&backup),
-                q(&path)
-            ))?;
-            out(conn, &v, table);
+            let v = c.files_ls(&backup, &path)?;
+            out(conn, &v, |v| {
+                for f in v {
+                    row(f.kind.as_str(), f.size, "", &f.path);
+                }
+            })?;
         }
         FilesCmd::Find {
             pattern,
@@ -516,33 +485,31 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
             limit,
             ignore_case,
         } => {
-            let mut path = format!(
-                "/v1/files/find?pattern={}&limit={limit}&icase={ignore_case}",
-                q(&pattern)
-            );
-            if let Some(vm) = vm {
-                path.push_str(&format!("&vm={}", q(&vm)));
-            }
-            let v: Value = c.get_json(&path)?;
-            out(conn, &v, table);
+            let v = c.files_find(&FindFiles {
+                pattern,
+                vm,
+                limit: Some(limit),
+                icase: ignore_case,
+            })?;
+            out(conn, &v, |v| {
+                for f in v {
+                    row(f.kind.as_str(), Some(f.size), &f.backup, &f.path);
+                }
+            })?;
         }
         FilesCmd::Versions { vm, path } => {
-            let v: Value = c.get_json(&format!(
-                "/v1/files/versions?vm={}&path={}",
-                q(&vm),
-                q(&path)
-            ))?;
+            let v = c.files_versions(&vm, &path)?;
             out(conn, &v, |v| {
-                for x in v.as_array().into_iter().flatten() {
+                for x in v {
                     println!(
                         "{:<17} {:>12} {} {}",
-                        x["backup"].as_str().unwrap_or("?"),
-                        x["size"].as_u64().unwrap_or(0),
-                        ago(x["created_ms"].as_i64()),
-                        if x["changed"] == true { "changed" } else { "" }
+                        x.backup,
+                        x.size,
+                        ago(Some(x.created_ms)),
+                        if x.changed { "changed" } else { "" }
                     );
                 }
-            });
+            })?;
         }
         FilesCmd::Restore {
             backup,
@@ -554,25 +521,22 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
                 Some((a, d)) => (Some(a.to_string()), d.to_string()),
                 None => (None, ds),
             };
-            let v: Value = c.post_json(
-                "/v1/files/restore",
-                &RestoreFileInto {
-                    backup,
-                    path: path.clone(),
-                    storage_agent: agent,
-                    datastore: Some(ds),
-                    dest: dest.to_string_lossy().into_owned(),
-                },
-            )?;
+            let v = c.restore_file_into(&RestoreFileInto {
+                backup,
+                path: path.clone(),
+                storage_agent: agent,
+                datastore: Some(ds),
+                dest: dest.to_string_lossy().into_owned(),
+            })?;
             out(conn, &v, |v| {
                 eprintln!(
                     "{path}: {} bytes written to {} on storage agent {} ({} bytes read from the vault)",
-                    v["bytes"],
-                    v["path"].as_str().unwrap_or("?"),
-                    v["storage_agent"].as_str().unwrap_or("?"),
-                    v["vault_bytes_read"]
+                    v.bytes,
+                    v.path.display(),
+                    v.storage_agent,
+                    v.vault_bytes_read
                 )
-            });
+            })?;
         }
         FilesCmd::Restore {
             backup,
@@ -580,45 +544,55 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
             out: dest,
             into_datastore: None,
         } => {
-            let (data, headers) = c.get_for_bytes(&format!(
-                "/v1/files/content?backup={}&path={}",
-                q(&backup),
-                q(&path)
-            ))?;
-            let h = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-            let meta: Value = h("x-cairn-file")
-                .and_then(|m| serde_json::from_str(&m).ok())
-                .unwrap_or_default();
+            let content = c.file_content(&backup, &path)?;
             if dest.as_os_str() == "-" {
                 use std::io::Write;
-                std::io::stdout().write_all(&data)?;
+                std::io::stdout().write_all(&content.data)?;
             } else {
-                cairn_types::durable::write_atomic(&dest, &data)?;
+                cairn_types::durable::write_atomic(&dest, &content.data)?;
                 #[cfg(unix)]
-                if let Some(mode) = meta["mode"].as_u64().filter(|_| meta["kind"] == "file") {
+                if let Some(mode) = content
+                    .file
+                    .as_ref()
+                    .filter(|f| f.kind == cairn_api::server::EntryKind::File)
+                    .and_then(|f| f.mode)
+                {
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(
                         &dest,
-                        std::fs::Permissions::from_mode(mode as u32 & 0o7777),
+                        std::fs::Permissions::from_mode(mode & 0o7777),
                     )?;
                 }
             }
-            let v = json!({
-                "path": path, "out": dest, "bytes": data.len(),
-                "vault_bytes_read": h("x-cairn-vault-bytes").and_then(|b| b.parse::<u64>().ok()),
-                "file": meta,
-            });
+            let v = FileWritten {
+                path: path.clone(),
+                out: dest.clone(),
+                bytes: content.data.len() as u64,
+                vault_bytes_read: content.vault_bytes_read,
+                file: content.file,
+            };
             if conn.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if dest.as_os_str() != "-" {
                 eprintln!(
                     "{path}: {} bytes to {} ({} bytes read from the vault)",
-                    data.len(),
+                    v.bytes,
                     dest.display(),
-                    v["vault_bytes_read"]
+                    v.vault_bytes_read
+                        .map_or_else(|| "?".to_string(), |b| b.to_string())
                 );
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `cairn files restore --json` prints for a file written here.
+#[derive(Serialize)]
+struct FileWritten {
+    path: String,
+    out: PathBuf,
+    bytes: u64,
+    vault_bytes_read: Option<u64>,
+    file: Option<cairn_api::server::FileInfo>,
 }

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use cairn_api::host::{Changes, DiskSource as VmDiskSource, SnapshotKind};
 use cairn_api::manager::{DiskLocation, VmLocation};
+use cairn_api::server::{BackupsDone, JobResult};
 use cairn_api::storage::DiskSource;
 use cairn_catalog::BackupRecord;
-use serde_json::{Value, json};
 
 use crate::engine::Flow;
 use crate::steps::{self, Backed, DiskJob, Parent, VmSnap};
@@ -35,16 +35,16 @@ impl Flow<Server> for BackupFlow {
         "backup"
     }
 
-    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
-        match JobKind::from_params(params)? {
-            JobKind::Backup { vms, full } => run(ctx, &vms, full),
-            other => Err(other.not_for(self.kind())),
+    fn run(&self, ctx: &JobCtx<'_>, params: &JobKind) -> Result<JobResult> {
+        match params {
+            JobKind::Backup { vms, full } => run(ctx, vms, *full),
+            other => Err(crate::jobs::not_for(other, self.kind())),
         }
     }
 }
 
 /// Backs up each VM in turn; the job fails at the first VM that fails.
-pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
+pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
     let mut out = Vec::new();
     for vm in vms {
         ctx.check_cancel()?;
@@ -52,7 +52,7 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
         out.push(steps::summary(&b));
         crate::schedule::apply_retention(ctx, vm)?;
     }
-    Ok(json!({ "backups": out }))
+    Ok(JobResult::Backup(BackupsDone { backups: out }))
 }
 
 fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {

@@ -18,10 +18,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_api::StorageAgentApi;
+use cairn_api::server::{
+    EntryKind, FileHit, FileInfo, FileRestoredInto, FileVersion, IndexDone, IndexedVolume,
+    JobResult,
+};
 use cairn_api::storage::{FileEntry, FileRestoreRequest, ReadFileRequest, ScanRequest};
 use cairn_catalog::{BackupDisk, BackupRecord};
 use cairn_fileindex::{BackupMeta, FileIndex, FileKind, FileRecord, FindOptions, Pattern};
-use serde_json::{Value, json};
 
 use crate::engine::Flow;
 use crate::{JobCtx, JobKind, Result, Server, ServerError};
@@ -73,7 +76,7 @@ pub fn queue_index(ctx: &JobCtx<'_>, backup: &str) {
     let index = JobKind::Index {
         backup: backup.into(),
     };
-    match index.spec().and_then(|spec| ctx.submit(spec)) {
+    match crate::jobs::spec(index).and_then(|spec| ctx.submit(spec)) {
         Ok(j) => ctx.info(format!("file catalog: index job {} queued", j.id)),
         Err(e) => ctx.warn(format!("file catalog: not indexed: {}", e.chain())),
     }
@@ -87,22 +90,30 @@ impl Flow<Server> for IndexFlow {
         "index"
     }
 
-    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
-        match JobKind::from_params(params)? {
-            JobKind::Index { backup } => index_backup(ctx, &backup),
-            other => Err(other.not_for(self.kind())),
+    fn run(&self, ctx: &JobCtx<'_>, params: &JobKind) -> Result<JobResult> {
+        match params {
+            JobKind::Index { backup } => index_backup(ctx, backup),
+            other => Err(crate::jobs::not_for(other, self.kind())),
         }
     }
 }
 
 /// Indexes one recorded backup (the `index` job).
-pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<Value> {
+pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
     let s = ctx.app;
     let b = s.catalog.backup(backup)?;
     let files = s.files()?;
     let indexed = files.backups();
     if indexed.iter().any(|x| x.backup_id == b.id) {
-        return Ok(json!({ "backup": b.id, "already_indexed": true }));
+        return Ok(JobResult::Index(IndexDone {
+            backup: b.id,
+            already_indexed: true,
+            volumes: Vec::new(),
+            files: 0,
+            records_new: 0,
+            records_shared: 0,
+            bytes_written: 0,
+        }));
     }
     let parent = indexed
         .into_iter()
@@ -132,9 +143,12 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<Value> {
                     errors.join("; ")
                 ));
             }
-            report.push(json!({
-                "disk": d.disk, "volume": volume, "files": entries.len(), "complete": complete,
-            }));
+            report.push(IndexedVolume {
+                disk: d.disk.clone(),
+                volume: volume.clone(),
+                files: entries.len() as u64,
+                complete,
+            });
             volumes.push((
                 d.disk.clone(),
                 volume,
@@ -161,10 +175,14 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<Value> {
         "indexed {} files: {} new records, {} shared with the previous backup, {} B written",
         added.files, added.records_new, added.records_shared, added.bytes_written
     ));
-    Ok(json!({
-        "backup": b.id, "volumes": report, "files": added.files,
-        "records_new": added.records_new, "records_shared": added.records_shared,
-        "bytes_written": added.bytes_written,
+    Ok(JobResult::Index(IndexDone {
+        backup: b.id,
+        already_indexed: false,
+        volumes: report,
+        files: added.files,
+        records_new: added.records_new,
+        records_shared: added.records_shared,
+        bytes_written: added.bytes_written,
     }))
 }
 
@@ -177,13 +195,22 @@ pub fn split(path: &str) -> (Option<&str>, Option<&str>, String) {
     (disk, volume, rest)
 }
 
-fn record_json(disk: &str, volume: &str, r: &FileRecord) -> Value {
-    json!({
-        "path": format!("/{disk}/{volume}{}", if r.path == "/" { "" } else { r.path.as_str() }),
-        "kind": format!("{:?}", r.kind).to_lowercase(), "size": r.size, "mode": r.mode,
-        "uid": r.uid, "gid": r.gid, "mtime_ns": r.mtime_ns, "link_target": r.link_target,
-        "extents": r.extents.len(),
-    })
+fn file_info(disk: &str, volume: &str, r: &FileRecord) -> FileInfo {
+    FileInfo {
+        path: format!(
+            "/{disk}/{volume}{}",
+            if r.path == "/" { "" } else { r.path.as_str() }
+        ),
+        kind: r.kind.into(),
+        files: None,
+        size: Some(r.size),
+        mode: r.mode,
+        uid: r.uid,
+        gid: r.gid,
+        mtime_ns: r.mtime_ns,
+        link_target: r.link_target.clone(),
+        extents: Some(r.extents.len() as u64),
+    }
 }
 
 /// A file found in the index.
@@ -203,24 +230,31 @@ impl Server {
     }
 
     /// `ls`: volumes of a backup, or a directory's entries.
-    pub fn files_ls(&self, backup: &str, path: &str) -> Result<Value> {
+    pub fn files_ls(&self, backup: &str, path: &str) -> Result<Vec<FileInfo>> {
         let b = self.catalog.backup(backup)?;
         let files = self.files()?;
         let (disk, volume, rest) = split(path);
         let (Some(disk), Some(volume)) = (disk, volume) else {
             let vols = files.volumes(&b.id).map_err(index_err)?;
-            return Ok(
-                json!(vols.iter().filter(|v| disk.is_none_or(|d| d == v.disk)).map(|v| json!({
-                "path": format!("/{}/{}", v.disk, v.volume), "kind": "volume", "files": v.files,
-            })).collect::<Vec<_>>()),
-            );
+            return Ok(vols
+                .iter()
+                .filter(|v| disk.is_none_or(|d| d == v.disk))
+                .map(|v| FileInfo {
+                    path: format!("/{}/{}", v.disk, v.volume),
+                    kind: EntryKind::Volume,
+                    files: Some(v.files),
+                    size: None,
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                    mtime_ns: None,
+                    link_target: None,
+                    extents: None,
+                })
+                .collect());
         };
         let list = files.list(&b.id, disk, volume, &rest).map_err(index_err)?;
-        Ok(json!(
-            list.iter()
-                .map(|r| record_json(disk, volume, r))
-                .collect::<Vec<_>>()
-        ))
+        Ok(list.iter().map(|r| file_info(disk, volume, r)).collect())
     }
 
     /// `find`: files matching a glob or substring across all backups.
@@ -230,7 +264,7 @@ impl Server {
         vm: Option<String>,
         limit: usize,
         icase: bool,
-    ) -> Result<Value> {
+    ) -> Result<Vec<FileHit>> {
         let mut p = Pattern::new(pattern)
             .map_err(|e| ServerError::Invalid(format!("pattern {pattern:?}: {e}")))?;
         if icase {
@@ -240,15 +274,22 @@ impl Server {
             .files()?
             .find(&p, &FindOptions { vm, limit })
             .map_err(index_err)?;
-        Ok(json!(hits.iter().map(|h| json!({
-            "backup": &*h.backup_id, "vm": &*h.vm, "created_ms": h.created_ms,
-            "path": format!("/{}/{}{}", h.disk, h.volume, h.path),
-            "kind": format!("{:?}", h.kind).to_lowercase(), "size": h.size, "mtime_ns": h.mtime_ns,
-        })).collect::<Vec<_>>()))
+        Ok(hits
+            .iter()
+            .map(|h| FileHit {
+                backup: h.backup_id.to_string(),
+                vm: h.vm.to_string(),
+                created_ms: h.created_ms,
+                path: format!("/{}/{}{}", h.disk, h.volume, h.path),
+                kind: h.kind.into(),
+                size: h.size,
+                mtime_ns: h.mtime_ns,
+            })
+            .collect())
     }
 
     /// `versions`: one file across a VM's backups.
-    pub fn files_versions(&self, vm: &str, path: &str) -> Result<Value> {
+    pub fn files_versions(&self, vm: &str, path: &str) -> Result<Vec<FileVersion>> {
         let (Some(disk), Some(volume), rest) = split(path) else {
             return Err(ServerError::Invalid(format!(
                 "path {path:?}: /<disk>/<volume>/<path>"
@@ -258,14 +299,15 @@ impl Server {
             .files()?
             .versions(vm, disk, volume, &rest)
             .map_err(index_err)?;
-        Ok(json!(
-            v.iter()
-                .map(|x| json!({
-                    "backup": x.backup_id, "created_ms": x.created_ms, "size": x.size,
-                    "mtime_ns": x.mtime_ns, "changed": x.changed,
-                }))
-                .collect::<Vec<_>>()
-        ))
+        Ok(v.into_iter()
+            .map(|x| FileVersion {
+                backup: x.backup_id,
+                created_ms: x.created_ms,
+                size: x.size,
+                mtime_ns: x.mtime_ns,
+                changed: x.changed,
+            })
+            .collect())
     }
 
     /// The backup and the indexed record at `/<disk>/<volume>/<path>`.
@@ -333,7 +375,7 @@ impl Server {
         storage_agent: Option<&str>,
         datastore: Option<&str>,
         dest: &str,
-    ) -> Result<Value> {
+    ) -> Result<FileRestoredInto> {
         let Found { b, disk, volume, r } = self.find_file(backup, path)?;
         if r.kind != FileKind::File {
             return Err(ServerError::Invalid(format!(
@@ -357,15 +399,23 @@ impl Server {
                 dest: dest.to_string(),
             })
             .map_err(ServerError::call(format!("restore {path} into {agent}")))?;
-        let mut v = json!(restored);
-        v["storage_agent"] = json!(agent);
-        v["file"] = record_json(&disk, &volume, &r);
-        Ok(v)
+        Ok(FileRestoredInto {
+            path: restored.path,
+            bytes: restored.bytes,
+            vault_bytes_read: restored.vault_bytes_read,
+            vault_segments_read: restored.vault_segments_read,
+            storage_agent: agent.to_string(),
+            file: file_info(&disk, &volume, &r),
+        })
     }
 
-    /// A file's bytes, or a directory as a tar stream: (body, is_tar, file record JSON,
-    /// vault bytes fetched).
-    pub fn files_content(&self, backup: &str, path: &str) -> Result<(Vec<u8>, bool, Value, u64)> {
+    /// A file's bytes, or a directory as a tar stream: (body, is_tar, the file, vault bytes
+    /// fetched).
+    pub fn files_content(
+        &self,
+        backup: &str,
+        path: &str,
+    ) -> Result<(Vec<u8>, bool, FileInfo, u64)> {
         let Found { b, disk, volume, r } = self.find_file(backup, path)?;
         let files = self.files()?;
         let (d, c) = self.disk_source(&b, &disk)?;
@@ -373,7 +423,7 @@ impl Server {
         match r.kind {
             FileKind::File => {
                 let (data, fetched) = self.read_one(&*c, d, &r)?;
-                Ok((data, false, record_json(&disk, &volume, &r), fetched))
+                Ok((data, false, file_info(&disk, &volume, &r), fetched))
             }
             FileKind::Dir => {
                 let mut tar = tar::Builder::new(Vec::new());
@@ -424,7 +474,7 @@ impl Server {
                 let body = tar
                     .into_inner()
                     .map_err(|e| ServerError::Failed(format!("tar: {e}")))?;
-                Ok((body, true, record_json(&disk, &volume, &r), fetched))
+                Ok((body, true, file_info(&disk, &volume, &r), fetched))
             }
             _ => Err(ServerError::Invalid(format!(
                 "{path} is not a file or directory"

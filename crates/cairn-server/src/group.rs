@@ -17,9 +17,9 @@ use std::time::Instant;
 
 use cairn_api::host::SnapshotKind;
 use cairn_api::manager::VmLocation;
+use cairn_api::server::{BackupSummary, GroupBackupDone, JobResult, VmSnapshotLifetime};
 use cairn_api::storage::{DiskRef, DiskSource, UnitSnapshot, UnitSnapshotRequest};
 use cairn_catalog::{BackupRecord, Hold, new_id};
-use serde_json::{Value, json};
 
 use crate::engine::{App, Flow};
 use crate::steps::{self, Backed, DiskJob, Parent, VmSnap, is_lun, rdm_source};
@@ -33,10 +33,10 @@ impl Flow<Server> for GroupFlow {
         "group_backup"
     }
 
-    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
-        match JobKind::from_params(params)? {
-            JobKind::GroupBackup { vms, full } => run(ctx, &vms, full),
-            other => Err(other.not_for(self.kind())),
+    fn run(&self, ctx: &JobCtx<'_>, params: &JobKind) -> Result<JobResult> {
+        match params {
+            JobKind::GroupBackup { vms, full } => run(ctx, vms, *full),
+            other => Err(crate::jobs::not_for(other, self.kind())),
         }
     }
 }
@@ -61,7 +61,7 @@ struct Snapped {
 /// A disk's place in a unit snapshot: (VM index, disk index) → (snapshot id, index within).
 type UnitOf = BTreeMap<(usize, usize), (String, usize)>;
 
-pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Value> {
+pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
     let g = locate(ctx, vms, full)?;
     let mut snaps = snapshot_vms(ctx, &g)?;
     let unit_started = Instant::now();
@@ -270,7 +270,13 @@ fn release_units(ctx: &JobCtx<'_>, units: &[Hold]) {
     }
 }
 
-fn report(ctx: &JobCtx<'_>, g: &Group, snaps: &[Snapped], unit_ms: i64, out: Vec<Value>) -> Value {
+fn report(
+    ctx: &JobCtx<'_>,
+    g: &Group,
+    snaps: &[Snapped],
+    unit_ms: i64,
+    out: Vec<BackupSummary>,
+) -> JobResult {
     let total_ms = g.started.elapsed().as_millis() as i64;
     ctx.info(format!(
         "group {}: {} VMs in {total_ms} ms; VM snapshot lifetimes {:?} ms",
@@ -278,13 +284,20 @@ fn report(ctx: &JobCtx<'_>, g: &Group, snaps: &[Snapped], unit_ms: i64, out: Vec
         g.locs.len(),
         snaps.iter().map(|s| s.lifetime.0).collect::<Vec<_>>()
     ));
-    json!({
-        "group": g.id,
-        "duration_ms": total_ms,
-        "unit_snapshot_ms": unit_ms,
-        "vm_snapshot_lifetimes_ms": g.locs.iter().zip(snaps).map(|(l, s)| json!({
-            "vm": l.name, "host_measured_ms": s.lifetime.0, "server_measured_ms": s.lifetime.1,
-        })).collect::<Vec<_>>(),
-        "backups": out,
+    JobResult::GroupBackup(GroupBackupDone {
+        group: g.id.clone(),
+        duration_ms: total_ms,
+        unit_snapshot_ms: unit_ms,
+        vm_snapshot_lifetimes_ms: g
+            .locs
+            .iter()
+            .zip(snaps)
+            .map(|(l, s)| VmSnapshotLifetime {
+                vm: l.name.clone(),
+                host_measured_ms: s.lifetime.0,
+                server_measured_ms: s.lifetime.1,
+            })
+            .collect(),
+        backups: out,
     })
 }

@@ -13,103 +13,48 @@
 use std::sync::Arc;
 
 use cairn_catalog::{Catalog, Hold, JobRecord};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::engine::{App, Engine, JobSpec};
 use crate::{Result, Server, ServerError};
 
-/// What a job does, with its parameters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum JobKind {
-    /// One backup per VM (full, or incremental when a previous backup exists).
-    Backup {
-        vms: Vec<String>,
-        #[serde(default)]
-        full: bool,
-    },
-    /// One targeted group snapshot of all VMs, then a backup of each.
-    GroupBackup {
-        vms: Vec<String>,
-        #[serde(default)]
-        full: bool,
-    },
-    /// A backup restored as a new VM.
-    Restore(crate::restore::RestoreParams),
-    /// Parses a recorded backup's disks into the file catalog.
-    Index { backup: String },
-    /// Applies the retention policy of the VMs (all VMs when empty).
-    Prune {
-        #[serde(default)]
-        vms: Vec<String>,
-        #[serde(default)]
-        dry_run: bool,
-    },
+/// What a job does, with its parameters: the API's type, stored as the job's `params`.
+pub use cairn_api::server::JobKind;
+
+/// Checks a job's parameters and makes the job to submit.
+pub fn spec(kind: JobKind) -> Result<JobSpec> {
+    validate(&kind)?;
+    Ok(JobSpec {
+        kind: kind.name().into(),
+        vms: kind.vms(),
+        params: kind,
+    })
 }
 
-impl JobKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Backup { .. } => "backup",
-            Self::GroupBackup { .. } => "group_backup",
-            Self::Restore(_) => "restore",
-            Self::Prune { .. } => "prune",
-            Self::Index { .. } => "index",
-        }
-    }
+/// The error of a flow handed another kind's parameters.
+pub(crate) fn not_for(kind: &JobKind, flow: &str) -> ServerError {
+    ServerError::Invalid(format!(
+        "job parameters: a {} job handed to the {flow} flow",
+        kind.name()
+    ))
+}
 
-    /// VMs the job works on (exclusive while it is unfinished).
-    pub fn vms(&self) -> Vec<String> {
-        match self {
-            Self::Backup { vms, .. } | Self::GroupBackup { vms, .. } => vms.clone(),
-            Self::Restore(p) => vec![p.as_name.clone()],
-            Self::Prune { .. } | Self::Index { .. } => Vec::new(),
-        }
-    }
-
-    /// Checks the parameters and makes the job to submit.
-    pub fn spec(&self) -> Result<JobSpec> {
-        self.validate()?;
-        Ok(JobSpec {
-            kind: self.name().into(),
-            params: serde_json::to_value(self)
-                .map_err(|e| ServerError::Invalid(format!("job parameters: {e}")))?,
-            vms: self.vms(),
-        })
-    }
-
-    /// The parameters a job record keeps, read back.
-    pub fn from_params(params: &Value) -> Result<Self> {
-        serde_json::from_value(params.clone())
-            .map_err(|e| ServerError::Invalid(format!("job parameters: {e}")))
-    }
-
-    /// The error of a flow handed another kind's parameters.
-    pub(crate) fn not_for(&self, flow: &str) -> ServerError {
-        ServerError::Invalid(format!(
-            "job parameters: a {} job handed to the {flow} flow",
-            self.name()
-        ))
-    }
-
-    fn validate(&self) -> Result<()> {
-        match self {
-            Self::Backup { vms, .. } | Self::GroupBackup { vms, .. } => {
-                if vms.is_empty() {
-                    return Err(ServerError::Invalid("no VM given".into()));
-                }
-                let mut seen = std::collections::BTreeSet::new();
-                for v in vms {
-                    if !seen.insert(v) {
-                        return Err(ServerError::Invalid(format!("VM {v} given twice")));
-                    }
-                }
-                Ok(())
+/// Refuses a job that cannot run.
+fn validate(kind: &JobKind) -> Result<()> {
+    match kind {
+        JobKind::Backup { vms, .. } | JobKind::GroupBackup { vms, .. } => {
+            if vms.is_empty() {
+                return Err(ServerError::Invalid("no VM given".into()));
             }
-            Self::Restore(p) => crate::restore::validate(p),
-            Self::Prune { .. } | Self::Index { .. } => Ok(()),
+            let mut seen = std::collections::BTreeSet::new();
+            for v in vms {
+                if !seen.insert(v) {
+                    return Err(ServerError::Invalid(format!("VM {v} given twice")));
+                }
+            }
+            Ok(())
         }
+        JobKind::Restore(p) => crate::restore::validate(p),
+        JobKind::Prune { .. } | JobKind::Index { .. } => Ok(()),
     }
 }
 
@@ -125,7 +70,7 @@ pub(crate) fn engine(catalog: Arc<Catalog>, workers: usize) -> Engine<Server> {
 
 /// Accepts a job: validates it, refuses it when a VM is busy, records it queued.
 pub fn submit(server: &Server, kind: JobKind) -> Result<JobRecord> {
-    server.engine.submit(kind.spec()?)
+    server.engine.submit(spec(kind)?)
 }
 
 /// Requests a job's cancellation.
@@ -235,8 +180,8 @@ pub fn release(server: &Server, h: &Hold) -> Result<()> {
                 .flat_map(|b| &b.disks)
                 .any(|d| {
                     &d.vault_snapshot == snapshot
-                        || d.rdm.as_ref().and_then(|r| r.get("mapping_snapshot"))
-                            == Some(&serde_json::Value::from(snapshot.as_str()))
+                        || d.rdm.as_ref().and_then(|r| r.mapping_snapshot.as_ref())
+                            == Some(snapshot)
                 });
             if named {
                 return Ok(());
@@ -273,9 +218,9 @@ mod tests {
             },
         ];
         for k in kinds {
-            let spec = k.spec().unwrap();
+            let spec = super::spec(k.clone()).unwrap();
             assert!(engine.runs(&spec.kind), "{}", spec.kind);
-            assert_eq!(JobKind::from_params(&spec.params).unwrap(), k);
+            assert_eq!(spec.params, k);
         }
         assert!(engine.runs("restore"));
     }

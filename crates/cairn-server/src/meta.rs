@@ -16,8 +16,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use cairn_api::host::VmSpec;
+use cairn_api::server::{TimestampId, UsageSample};
 use cairn_catalog::{Catalog, MetadataSnapshot, now_ms};
-use serde_json::Value;
 
 use crate::{Result, ServerError};
 
@@ -33,12 +34,8 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServerE
 }
 
 /// A timestamp id: milliseconds since the epoch and 4 random hex digits (sortable, unique).
-pub fn timestamp_id() -> String {
-    format!(
-        "{:013}-{}",
-        now_ms(),
-        hex::encode(rand::random::<[u8; 2]>())
-    )
+pub fn timestamp_id() -> TimestampId {
+    TimestampId::new(u64::try_from(now_ms()).unwrap_or(0), rand::random())
 }
 
 fn safe(name: &str) -> Result<&str> {
@@ -70,13 +67,16 @@ impl MetadataStore {
         catalog: &Catalog,
         vm: &str,
         timestamp_id: &str,
-        config: &Value,
-        usage: Value,
+        config: &VmSpec,
+        usage: UsageSample,
         state: Option<&mut dyn Read>,
     ) -> Result<MetadataSnapshot> {
         let vm = safe(vm)?;
         let ts = safe(timestamp_id)?;
-        let config_bytes = serde_json::to_vec_pretty(config)
+        // Through a JSON value (keys sorted), as earlier servers wrote it: an unchanged
+        // configuration keeps its digest across upgrades.
+        let config_bytes = serde_json::to_value(config)
+            .and_then(|v| serde_json::to_vec_pretty(&v))
             .map_err(|e| ServerError::Invalid(format!("configuration: {e}")))?;
         let digest = blake3::hash(&config_bytes).to_hex().to_string();
         let config_path = self.dir.join("configs").join(format!("{digest}.json"));
@@ -97,7 +97,9 @@ impl MetadataStore {
             }
         };
         let m = MetadataSnapshot {
-            timestamp_id: ts.into(),
+            timestamp_id: ts
+                .parse()
+                .map_err(|e| ServerError::Invalid(format!("metadata snapshot: {e}")))?,
             vm: vm.into(),
             created_ms: now_ms(),
             config_digest: digest,
@@ -119,7 +121,7 @@ impl MetadataStore {
     }
 
     /// The configuration stored under `digest`.
-    pub fn config(&self, digest: &str) -> Result<Value> {
+    pub fn config(&self, digest: &str) -> Result<VmSpec> {
         let p = self
             .dir
             .join("configs")

@@ -12,10 +12,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cairn_api::host::VmSpec;
+use cairn_api::server::{JobResult, RestoreDone, RestoredDisk};
 use cairn_api::storage::{DiskRestoreRequest, RdmRestoreRequest, RestoreMode};
-use cairn_catalog::{BackupDisk, BackupRecord, Hold};
-use cairn_types::DiskFormat;
-use serde_json::{Value, json};
+use cairn_catalog::{BackupDisk, Hold};
 
 use crate::engine::Flow;
 use crate::{JobCtx, JobKind, Result, Server, ServerError};
@@ -47,50 +46,61 @@ impl Flow<Server> for RestoreFlow {
         "restore"
     }
 
-    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
-        match JobKind::from_params(params)? {
-            JobKind::Restore(p) => run(ctx, &p),
-            other => Err(other.not_for(self.kind())),
+    fn run(&self, ctx: &JobCtx<'_>, params: &JobKind) -> Result<JobResult> {
+        match params {
+            JobKind::Restore(p) => run(ctx, p),
+            other => Err(crate::jobs::not_for(other, self.kind())),
         }
     }
 }
 
-pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<Value> {
+pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<JobResult> {
     let started = Instant::now();
     let b = ctx.app.catalog.backup(&p.backup)?;
     check_name_free(ctx, &p.as_name)?;
     let host = p.host.clone().unwrap_or_else(|| b.host.clone());
-    let mut spec: VmSpec = serde_json::from_value(b.attributes.clone())
-        .map_err(|e| ServerError::Invalid(format!("VM attributes of backup {}: {e}", b.id)))?;
+    let mut spec: VmSpec = b.attributes.clone();
     let mut disks_out = Vec::new();
     for d in &b.disks {
         ctx.check_cancel()?;
-        let path = restore_disk(ctx, p, &b, d)?;
+        let path = restore_disk(ctx, p, d)?;
         for sd in spec.disks.iter_mut().filter(|sd| sd.id == d.disk) {
             sd.path = path.clone();
         }
-        disks_out.push(json!({ "disk": d.disk, "path": path, "snapshot": d.vault_snapshot }));
+        disks_out.push(RestoredDisk {
+            disk: d.disk.clone(),
+            path,
+            snapshot: d.vault_snapshot.clone(),
+        });
     }
     spec.name = p.as_name.clone();
     for n in &mut spec.nics {
         n.mac = new_mac();
     }
-    let mut result = json!({
-        "vm": p.as_name, "from_backup": b.id, "host": host, "disks": disks_out,
-        "attributes": spec,
-    });
+    let mut result = RestoreDone {
+        vm: p.as_name.clone(),
+        from_backup: b.id.clone(),
+        host: host.clone(),
+        disks: disks_out,
+        attributes: spec.clone(),
+        started: false,
+        host_vm_id: None,
+        guest: None,
+        boot_ms: None,
+        duration_ms: 0,
+    };
     if p.start {
         ctx.check_cancel()?;
         start_vm(ctx, p, &host, &spec, &mut result)?;
     }
-    result["duration_ms"] = json!(started.elapsed().as_millis() as u64);
+    result.duration_ms = started.elapsed().as_millis() as u64;
     // The restore stands: its disks are the new VM's (or the operator's, unstarted).
     for h in ctx.holds() {
         if matches!(h, Hold::RestoredDisk { .. }) {
             ctx.unhold(&h);
         }
     }
-    Ok(result)
+    Ok(JobResult::Restore(Box::new(result)))
 }
 
 /// Refuses a new name a VM already has.
@@ -106,12 +116,7 @@ fn check_name_free(ctx: &JobCtx<'_>, name: &str) -> Result<()> {
 
 /// Writes disk `d` of backup `b` from the vault as a new file (or LUN) in its datastore;
 /// returns where the datastore keeps it.
-fn restore_disk(
-    ctx: &JobCtx<'_>,
-    p: &RestoreParams,
-    b: &BackupRecord,
-    d: &BackupDisk,
-) -> Result<PathBuf> {
+fn restore_disk(ctx: &JobCtx<'_>, p: &RestoreParams, d: &BackupDisk) -> Result<PathBuf> {
     let s = ctx.app;
     let c = s.storage_agent(&d.storage_agent)?;
     let t = Instant::now();
@@ -125,12 +130,14 @@ fn restore_disk(
                 disk: id.clone(),
             })
             .map_err(ServerError::call(format!("restore RDM disk {}", d.disk)))?;
-        ctx.info(format!("{}: RDM mapping {} recreated", d.disk, rdm));
+        ctx.info(format!(
+            "{}: RDM mapping {} recreated",
+            d.disk,
+            rdm.mapping_snapshot.as_deref().unwrap_or("(unnamed)")
+        ));
         (id, r.report.bytes_fetched)
     } else {
-        let format: DiskFormat = d.format.parse().map_err(|e| {
-            ServerError::Invalid(format!("disk {} of backup {}: {e}", d.disk, b.id))
-        })?;
+        let format = d.format;
         let id = format!("{}-{}.{format}", p.as_name, d.disk);
         // Held until the job ends: a failed restore takes its disks away again.
         ctx.hold(Hold::RestoredDisk {
@@ -177,7 +184,7 @@ fn start_vm(
     p: &RestoreParams,
     host: &str,
     spec: &VmSpec,
-    result: &mut Value,
+    result: &mut RestoreDone,
 ) -> Result<()> {
     let info = ctx
         .app
@@ -188,8 +195,8 @@ fn start_vm(
             p.as_name
         )))?;
     ctx.info(format!("{}: started on {host}", p.as_name));
-    result["started"] = json!(true);
-    result["host_vm_id"] = json!(info.handle.id);
+    result.started = true;
+    result.host_vm_id = Some(info.handle.id);
     if p.wait_boot_s == 0 {
         return Ok(());
     }
@@ -204,8 +211,8 @@ fn start_vm(
                 p.as_name,
                 boot.elapsed().as_millis()
             ));
-            result["guest"] = json!(g);
-            result["boot_ms"] = json!(boot.elapsed().as_millis() as u64);
+            result.guest = Some(g);
+            result.boot_ms = Some(boot.elapsed().as_millis() as u64);
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_api::server::{JobResult, PruneDone, PrunePlan};
 use cairn_catalog::{Hold, Retention, Schedule, now_ms};
 use cairn_vault::maint::PruneOptions;
-use serde_json::{Value, json};
 
 use crate::engine::Flow;
 use crate::jobs::submit;
@@ -140,10 +140,15 @@ fn prune_options(r: &Retention) -> PruneOptions {
 }
 
 /// Plans and (unless `dry_run`) applies the retention of one VM; returns the plan.
-fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
+fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<PrunePlan> {
     let s = ctx.app;
     let Some(policy) = s.catalog.retention(vm)? else {
-        return Ok(json!({ "vm": vm, "policy": null, "forget": [] }));
+        return Ok(PrunePlan {
+            vm: vm.to_string(),
+            policy: None,
+            forget: Vec::new(),
+            dry_run,
+        });
     };
     let opts = prune_options(&policy);
     let mut backups = s.catalog.backups(Some(vm))?;
@@ -162,18 +167,16 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
         .filter(|(_, k)| !**k)
         .map(|(b, _)| b)
         .collect();
-    let ids: Vec<&str> = forget.iter().map(|b| b.id.as_str()).collect();
+    let ids: Vec<String> = forget.iter().map(|b| b.id.clone()).collect();
     if !dry_run && !forget.is_empty() {
         let vault = crate::vault::open(&s.config.vault)?;
         for b in &forget {
             let mut snaps: Vec<String> = b.disks.iter().map(|d| d.vault_snapshot.clone()).collect();
-            snaps.extend(b.disks.iter().filter_map(|d| {
-                d.rdm
-                    .as_ref()
-                    .and_then(|r| r.get("mapping_snapshot"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            }));
+            snaps.extend(
+                b.disks
+                    .iter()
+                    .filter_map(|d| d.rdm.as_ref().and_then(|r| r.mapping_snapshot.clone())),
+            );
             // The catalog forgets the backup first, the vault second: a backup the catalog
             // lists is always restorable. The snapshots are held by the job in between, so
             // a server that dies there forgets them at its next start.
@@ -216,7 +219,12 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<Value> {
             ctx.info(format!("{vm}: backup {} pruned", b.id));
         }
     }
-    Ok(json!({ "vm": vm, "policy": policy, "forget": ids, "dry_run": dry_run }))
+    Ok(PrunePlan {
+        vm: vm.to_string(),
+        policy: Some(policy),
+        forget: ids,
+        dry_run,
+    })
 }
 
 /// Applies retention after a backup (errors are logged, not fatal: the backup stands).
@@ -235,16 +243,16 @@ impl Flow<Server> for PruneFlow {
         "prune"
     }
 
-    fn run(&self, ctx: &JobCtx<'_>, params: &Value) -> Result<Value> {
-        match JobKind::from_params(params)? {
-            JobKind::Prune { vms, dry_run } => prune(ctx, &vms, dry_run),
-            other => Err(other.not_for(self.kind())),
+    fn run(&self, ctx: &JobCtx<'_>, params: &JobKind) -> Result<JobResult> {
+        match params {
+            JobKind::Prune { vms, dry_run } => prune(ctx, vms, *dry_run),
+            other => Err(crate::jobs::not_for(other, self.kind())),
         }
     }
 }
 
 /// Plans and (unless `dry_run`) applies the retention of `vms` (all VMs when empty).
-pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<Value> {
+pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<JobResult> {
     let vms: Vec<String> = if vms.is_empty() {
         ctx.app.catalog.vms()?.into_iter().map(|v| v.name).collect()
     } else {
@@ -254,7 +262,7 @@ pub fn prune(ctx: &JobCtx<'_>, vms: &[String], dry_run: bool) -> Result<Value> {
         .iter()
         .map(|v| retain(ctx, v, dry_run))
         .collect::<Result<Vec<_>>>()?;
-    Ok(json!({ "plans": plans }))
+    Ok(JobResult::Prune(PruneDone { plans }))
 }
 
 #[cfg(test)]

@@ -14,9 +14,10 @@ use axum::routing::{get, post};
 use cairn_catalog::Retention;
 use cairn_http::ApiError;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
-use cairn_api::server::{PutSchedule, RestoreFileInto, StartBackup, StartPrune};
+use cairn_api::server::{
+    DeletedSchedule, PutSchedule, RestoreFileInto, StartBackup, StartPrune, VmEntry, VmListState,
+};
 
 use crate::jobs::{JobKind, submit};
 use crate::restore::RestoreParams;
@@ -44,17 +45,20 @@ async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
             .vms()
             .map_err(crate::ServerError::call("list VMs"))?;
         let known = s.catalog.vms()?;
-        let mut out: Vec<Value> = live
+        let mut out: Vec<VmEntry> = live
             .iter()
             .map(|v| {
                 let k = known.iter().find(|k| k.name == v.name);
-                json!({
-                    "name": v.name, "host": v.host, "state": v.state,
-                    "vcpus": v.spec.vcpus, "memory_mib": v.spec.memory_mib,
-                    "disks": v.disks,
-                    "backups": k.map_or(0, |k| k.backups),
-                    "last_backup_ms": k.and_then(|k| k.last_backup_ms),
-                })
+                VmEntry {
+                    name: v.name.clone(),
+                    host: Some(v.host.clone()),
+                    state: v.state.into(),
+                    vcpus: Some(v.spec.vcpus),
+                    memory_mib: Some(v.spec.memory_mib),
+                    disks: Some(v.disks.clone()),
+                    backups: k.map_or(0, |k| k.backups),
+                    last_backup_ms: k.and_then(|k| k.last_backup_ms),
+                }
             })
             .collect();
         // VMs with backups that no host runs any more.
@@ -62,10 +66,16 @@ async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
             .iter()
             .filter(|k| !live.iter().any(|v| v.name == k.name))
         {
-            out.push(json!({
-                "name": k.name, "host": null, "state": "absent",
-                "backups": k.backups, "last_backup_ms": k.last_backup_ms,
-            }));
+            out.push(VmEntry {
+                name: k.name.clone(),
+                host: None,
+                state: VmListState::Absent,
+                vcpus: None,
+                memory_mib: None,
+                disks: None,
+                backups: k.backups,
+                last_backup_ms: k.last_backup_ms,
+            });
         }
         Ok(out)
     })
@@ -87,11 +97,9 @@ async fn backups(State(s): State<Shared>, Query(q): Query<VmFilter>) -> ApiResul
 
 async fn backup(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
-        let b = s.catalog.backup(&id)?;
-        let meta = s.catalog.metadata(&b.timestamp_id).ok();
-        let mut v = serde_json::to_value(&b).unwrap_or_default();
-        v["metadata"] = serde_json::to_value(meta).unwrap_or_default();
-        Ok(v)
+        let mut b = s.catalog.backup(&id)?;
+        b.metadata = s.catalog.metadata(&b.timestamp_id).ok();
+        Ok(b)
     })
     .await
 }
@@ -150,11 +158,9 @@ async fn jobs(State(s): State<Shared>, Query(q): Query<JobsQuery>) -> ApiResult<
 
 async fn job(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
-        let j = s.catalog.job(&id)?;
-        let events = s.catalog.events(&j.id)?;
-        let mut v = serde_json::to_value(&j).unwrap_or_default();
-        v["events"] = serde_json::to_value(events).unwrap_or_default();
-        Ok(v)
+        let mut j = s.catalog.job(&id)?;
+        j.events = Some(s.catalog.events(&j.id)?);
+        Ok(j)
     })
     .await
 }
@@ -182,7 +188,7 @@ async fn put_schedule(
 async fn delete_schedule(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
         s.catalog.delete_schedule(&name)?;
-        Ok(json!({ "deleted": name }))
+        Ok(DeletedSchedule { deleted: name })
     })
     .await
 }
@@ -281,8 +287,14 @@ async fn files_content(
     Ok((
         [
             ("content-type", ct.to_string()),
-            ("x-cairn-file", meta.to_string()),
-            ("x-cairn-vault-bytes", fetched.to_string()),
+            (
+                cairn_api::client::FILE_HEADER,
+                serde_json::to_string(&meta).map_err(|e| ApiError::internal(e.to_string()))?,
+            ),
+            (
+                cairn_api::client::FILE_VAULT_BYTES_HEADER,
+                fetched.to_string(),
+            ),
         ],
         body,
     )

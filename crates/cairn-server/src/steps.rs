@@ -19,15 +19,15 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use cairn_api::host::{
-    CheckpointId, DiskSnapshot as VmDiskSnapshot, QuiescePolicy, SnapshotKind, SnapshotRequest,
-    VmSnapshotId,
+    CheckpointId, DiskSnapshot as VmDiskSnapshot, Quiesce, QuiescePolicy, SnapshotKind,
+    SnapshotRequest, VmSnapshotId, VmSpec,
 };
 use cairn_api::manager::{DiskLocation, VmLocation, VmRunState};
+use cairn_api::server::{BackupKind, BackupSummary, DiskSummary, RdmMapping, UsageSample};
 use cairn_api::storage::{
     BackupJob, BackupRequest, BackupsRequest, DiskBackup, DiskBackupOutcome, DiskKind, DiskSource,
 };
 use cairn_catalog::{BackupDisk, BackupRecord, Hold, MetadataSnapshot, new_id, now_ms};
-use serde_json::{Value, json};
 
 use crate::{JobCtx, Result, ServerError};
 
@@ -72,16 +72,10 @@ impl Parent {
         }
         let backup = ctx.app.catalog.latest_backup(&loc.name)?;
         // A checkpoint only means something to the host that made it.
-        let since = match backup
+        let since = backup
             .as_ref()
             .filter(|b| b.host == loc.host)
-            .and_then(|b| b.checkpoint.as_deref())
-        {
-            Some(c) => Some(c.parse().map_err(|e| {
-                ServerError::Invalid(format!("checkpoint of the previous backup: {e}"))
-            })?),
-            None => None,
-        };
+            .and_then(|b| b.checkpoint);
         Ok(Self { backup, since })
     }
 
@@ -94,12 +88,12 @@ impl Parent {
         })
     }
 
-    /// `incremental` when there is a parent, else `full` (as the catalog records it).
-    pub fn backup_kind(&self) -> &'static str {
+    /// Incremental when there is a parent, else full.
+    pub fn backup_kind(&self) -> BackupKind {
         if self.backup.is_some() {
-            "incremental"
+            BackupKind::Incremental
         } else {
-            "full"
+            BackupKind::Full
         }
     }
 }
@@ -161,17 +155,25 @@ fn save_state(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<Option<Sav
 fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<MetadataSnapshot> {
     let s = ctx.app;
     let usage = match s.manager.usage(&loc.name) {
-        Ok(u) => json!({ "host": loc.host, "usage": u }),
+        Ok(u) => UsageSample {
+            host: loc.host.clone(),
+            usage: Some(u),
+            error: None,
+        },
         Err(e) => {
             ctx.warn(format!("{}: resource usage unavailable: {e}", loc.name));
-            json!({ "host": loc.host, "usage": null, "error": e.to_string() })
+            UsageSample {
+                host: loc.host.clone(),
+                usage: None,
+                error: Some(e.to_string()),
+            }
         }
     };
     let mut state = match s.config.save_state {
         true => save_state(ctx, loc, ts)?,
         false => None,
     };
-    let config = attributes(loc)?;
+    let config = attributes(loc);
     let reader = state
         .as_mut()
         .map(|st| &mut st.reader as &mut dyn std::io::Read);
@@ -197,21 +199,20 @@ fn metadata(ctx: &JobCtx<'_>, loc: &VmLocation, ts: &str) -> Result<MetadataSnap
     Ok(m)
 }
 
-/// The VM's attributes as the catalog and the metadata store keep them (JSON).
-pub fn attributes(loc: &VmLocation) -> Result<Value> {
-    serde_json::to_value(&loc.spec)
-        .map_err(|e| ServerError::Invalid(format!("attributes of VM {}: {e}", loc.name)))
+/// The VM's attributes as the catalog and the metadata store keep them.
+pub fn attributes(loc: &VmLocation) -> VmSpec {
+    loc.spec.clone()
 }
 
 /// A VM snapshot a flow holds.
 pub struct VmSnap {
     pub id: VmSnapshotId,
     pub kind: SnapshotKind,
-    /// How the guest was quiesced (`guest_freeze`, `pause`, `none`), as the catalog records it.
-    pub quiesce: String,
+    /// How the guest was quiesced.
+    pub quiesce: Quiesce,
     pub quiesce_window_ms: i64,
-    /// The checkpoint it started, as the catalog records it.
-    pub checkpoint: Option<String>,
+    /// The checkpoint it started.
+    pub checkpoint: Option<CheckpointId>,
     pub disks: Vec<VmDiskSnapshot>,
     pub hold: Hold,
 }
@@ -244,9 +245,9 @@ pub fn snapshot_vm(
     let s = VmSnap {
         id: r.id,
         kind,
-        quiesce: r.quiesce.as_str().into(),
+        quiesce: r.quiesce,
         quiesce_window_ms: i64::try_from(r.quiesce_window_ms).unwrap_or(i64::MAX),
-        checkpoint: r.checkpoint.map(|c| c.to_string()),
+        checkpoint: r.checkpoint,
         disks: r.disks,
         hold,
     };
@@ -396,23 +397,21 @@ fn backup_job(ctx: &JobCtx<'_>, vm: &str, point: &BackupPoint, j: &DiskJob<'_>) 
 /// A disk as the catalog records it, from the storage agent's answer.
 fn backup_disk(agent: &str, j: &DiskJob<'_>, r: &DiskBackup) -> BackupDisk {
     let m = &r.manifest;
-    // The catalog keeps the raw LUN mapping as JSON (the LUN id as the agent wrote it).
-    let rdm = m.labels.get("rdm_lun").map(|lun| {
-        json!({
-            "lun": serde_json::from_str::<Value>(lun).ok(),
-            "mapping_snapshot": m.labels.get("rdm_map_snapshot"),
-        })
+    // The raw LUN mapping: the LUN's identity as the agent labelled it.
+    let rdm = m.labels.get("rdm_lun").map(|lun| RdmMapping {
+        lun: serde_json::from_str(lun).ok(),
+        mapping_snapshot: m.labels.get("rdm_map_snapshot").cloned(),
     });
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     BackupDisk {
         disk: j.loc.disk.clone(),
         vault_snapshot: m.id.to_string(),
         size: n(m.size),
-        format: j.loc.format.as_str().to_string(),
+        format: j.loc.format,
         storage_agent: agent.to_string(),
         datastore: j.loc.datastore.clone().unwrap_or_default(),
         datastore_disk: j.loc.datastore_disk.clone().unwrap_or_default(),
-        change_source: r.change_source.as_str().to_string(),
+        change_source: r.change_source,
         changed_bytes: n(r.changed_bytes),
         bytes_read: n(r.bytes_read),
         bytes_sent: n(r.bytes_sent),
@@ -473,21 +472,22 @@ pub fn finish(ctx: &JobCtx<'_>, b: Backed<'_>) -> Result<BackupRecord> {
         id: b.point.id,
         vm: vm.clone(),
         job_id: ctx.id.clone(),
-        kind: b.parent.backup_kind().into(),
+        kind: b.parent.backup_kind(),
         group_id: b.group_id,
         timestamp_id: b.point.meta.timestamp_id,
         created_ms: b.created_ms,
         duration_ms: b.started.elapsed().as_millis() as i64,
         host: b.loc.host.clone(),
-        checkpoint: b.snap.checkpoint.clone(),
-        snapshot_kind: b.snap.kind.as_str().into(),
-        quiesce: b.snap.quiesce.clone(),
+        checkpoint: b.snap.checkpoint,
+        snapshot_kind: b.snap.kind,
+        quiesce: b.snap.quiesce,
         quiesce_window_ms: b.snap.quiesce_window_ms,
         vm_snapshot_lifetime_ms: b.vm_snapshot_lifetime_ms,
         bytes_read: b.disks.iter().map(|d| d.bytes_read).sum(),
         bytes_sent: b.disks.iter().map(|d| d.bytes_sent).sum(),
-        attributes: attributes(b.loc)?,
+        attributes: attributes(b.loc),
         disks: b.disks,
+        metadata: None,
     };
     ctx.app.catalog.insert_backup(&r)?;
     crate::files::queue_index(ctx, &r.id);
@@ -498,20 +498,34 @@ pub fn finish(ctx: &JobCtx<'_>, b: Backed<'_>) -> Result<BackupRecord> {
     Ok(r)
 }
 
-/// The JSON a job reports for one backup.
-pub fn summary(b: &BackupRecord) -> Value {
-    json!({
-        "backup": b.id, "vm": b.vm, "kind": b.kind, "group": b.group_id,
-        "timestamp_id": b.timestamp_id, "duration_ms": b.duration_ms,
-        "quiesce": b.quiesce, "quiesce_window_ms": b.quiesce_window_ms,
-        "vm_snapshot_lifetime_ms": b.vm_snapshot_lifetime_ms,
-        "bytes_read": b.bytes_read, "bytes_sent": b.bytes_sent,
-        "disks": b.disks.iter().map(|d| json!({
-            "disk": d.disk, "vault_snapshot": d.vault_snapshot, "size": d.size,
-            "change_source": d.change_source, "changed_bytes": d.changed_bytes,
-            "bytes_read": d.bytes_read, "bytes_sent": d.bytes_sent,
-        })).collect::<Vec<_>>(),
-    })
+/// What a job reports for one backup.
+pub fn summary(b: &BackupRecord) -> BackupSummary {
+    BackupSummary {
+        backup: b.id.clone(),
+        vm: b.vm.clone(),
+        kind: b.kind,
+        group: b.group_id.clone(),
+        timestamp_id: b.timestamp_id.clone(),
+        duration_ms: b.duration_ms,
+        quiesce: b.quiesce,
+        quiesce_window_ms: b.quiesce_window_ms,
+        vm_snapshot_lifetime_ms: b.vm_snapshot_lifetime_ms,
+        bytes_read: b.bytes_read,
+        bytes_sent: b.bytes_sent,
+        disks: b
+            .disks
+            .iter()
+            .map(|d| DiskSummary {
+                disk: d.disk.clone(),
+                vault_snapshot: d.vault_snapshot.clone(),
+                size: d.size,
+                change_source: d.change_source,
+                changed_bytes: d.changed_bytes,
+                bytes_read: d.bytes_read,
+                bytes_sent: d.bytes_sent,
+            })
+            .collect(),
+    }
 }
 
 /// When a flow started, for [`Backed::created_ms`] and [`Backed::started`].

@@ -18,7 +18,9 @@ use crate::api::{Upload, Vault, VaultSession};
 use crate::error::{Result, VaultError};
 use crate::maint::{GcPlan, PruneOptions, PrunePlan, VerifyReport};
 use crate::manifest::{RepoConfig, SnapshotManifest};
-use crate::service::MaintRequest;
+use crate::service::messages::{
+    Aborted, Empty, ForgetRequest, LeaseRenewed, MaintRequest, SessionBegun, Stored,
+};
 use crate::session::CommitRequest;
 use crate::wire;
 
@@ -79,7 +81,7 @@ fn start_keepalive(
         .name("cairn-session-keepalive".into())
         .spawn(move || {
             while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
-                match client.post_json::<_, serde_json::Value>(&path, &serde_json::json!({})) {
+                match client.post_json::<_, LeaseRenewed>(&path, &Empty {}) {
                     Ok(_) => {}
                     Err(e) if e.kind() == Some(cairn_http::ErrorKind::NotFound) => {
                         tracing::warn!("vault session {id} is gone: {e}");
@@ -123,7 +125,7 @@ impl VaultSession for RemoteSession {
     fn upload(&self, blobs: Vec<Upload>) -> Result<()> {
         let body = wire::encode_uploads(&blobs);
         let n: u64 = blobs.iter().map(|b| b.seg.bytes.len() as u64).sum();
-        let _: serde_json::Value = self
+        let _: Stored = self
             .client
             .post_bytes(&format!("/v1/sessions/{}/blobs", self.id), &body)
             .map_err(remote)?;
@@ -148,7 +150,7 @@ impl Drop for RemoteSession {
     fn drop(&mut self) {
         drop(self.keepalive.take());
         if !self.committed {
-            let _: std::result::Result<serde_json::Value, _> = self
+            let _: std::result::Result<Aborted, _> = self
                 .client
                 .delete_json(&format!("/v1/sessions/{}", self.id));
         }
@@ -173,15 +175,9 @@ impl Vault for RemoteVault {
     }
 
     fn begin(&self, _purpose: &str) -> Result<Box<dyn VaultSession>> {
-        #[derive(serde::Deserialize)]
-        struct Begin {
-            session: SessionId,
-            /// The session's lease; older services do not say (and do not expire sessions).
-            lease_ms: Option<u64>,
-        }
-        let b: Begin = self
+        let b: SessionBegun = self
             .client
-            .post_json("/v1/sessions", &serde_json::json!({}))
+            .post_json("/v1/sessions", &Empty {})
             .map_err(remote)?;
         let keepalive = b.lease_ms.and_then(|ms| {
             let every = Duration::from_millis(ms / 3).max(Duration::from_millis(100));
@@ -267,7 +263,12 @@ impl Vault for RemoteVault {
 
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {
         self.client
-            .post_json("/v1/forget", &serde_json::json!({ "snapshots": specs }))
+            .post_json(
+                "/v1/forget",
+                &ForgetRequest {
+                    snapshots: specs.to_vec(),
+                },
+            )
             .map_err(remote)
     }
 

@@ -4,20 +4,23 @@
 //! |---|---|---|
 //! | GET | `/health` | → `ok` (no token needed) |
 //! | GET | `/v1/config` | → RepoConfig |
-//! | GET | `/v1/stats` | → disk-data bytes received and sent, open and expired sessions |
+//! | GET | `/v1/stats` | → [`VaultStats`]: disk-data bytes received and sent, open and expired sessions |
 //! | GET | `/v1/snapshots` | → list of SnapshotManifest |
 //! | GET | `/v1/damaged` | → digests whose stored copy is marked damaged (a backup that has their data sends them again) |
 //! | GET | `/v1/snapshots/{spec}` | → SnapshotManifest |
 //! | GET | `/v1/snapshots/{spec}/entries` | → recipe entries (binary leaf records) |
 //! | GET | `/v1/snapshots/{spec}/data?offset=&len=` | → image bytes (at most 64 MiB) |
-//! | POST | `/v1/sessions` | → `{"session", "lease_ms"}` (takes a shared lock) |
-//! | POST | `/v1/sessions/{id}/keepalive` | → `{"lease_ms"}`: renews the lease, nothing else |
+//! | POST | `/v1/sessions` | → [`SessionBegun`] `{"session", "lease_ms"}` (takes a shared lock) |
+//! | POST | `/v1/sessions/{id}/keepalive` | → [`LeaseRenewed`] `{"lease_ms"}`: renews the lease, nothing else |
 //! | POST | `/v1/sessions/{id}/lacking` | digests → one byte per digest (1 = lacking) |
-//! | POST | `/v1/sessions/{id}/blobs` | upload frames → `{"stored"}`; every blob is decoded and re-hashed |
+//! | POST | `/v1/sessions/{id}/blobs` | upload frames → [`Stored`] `{"stored"}`; every blob is decoded and re-hashed |
 //! | POST | `/v1/sessions/{id}/commit` | CommitRequest → SnapshotManifest |
-//! | DELETE | `/v1/sessions/{id}` | → abort; nothing becomes visible |
+//! | DELETE | `/v1/sessions/{id}` | → [`Aborted`]; nothing becomes visible |
 //! | POST | `/v1/fetch` | digests → download frames (stored bytes; the client verifies) |
-//! | POST | `/v1/verify`, `/v1/prune`, `/v1/gc` | options → report or plan |
+//! | POST | `/v1/verify`, `/v1/prune`, `/v1/gc` | [`MaintRequest`] → report or plan |
+//! | POST | `/v1/forget` | [`ForgetRequest`] → forgotten snapshot ids |
+//!
+//! The JSON messages are in [`messages`]; unknown fields are refused on both ends.
 //!
 //! Handlers only turn requests into calls on the [`Repository`]; blocking work runs on the
 //! blocking pool. See `docs/PROTOCOL.md` for the frames (module [`crate::wire`]).
@@ -74,7 +77,6 @@ use cairn_http::body::{BodyBudget, BodyError, BodyStream, Reservation};
 use cairn_types::{Digest, SessionId};
 
 use crate::error::VaultError;
-use crate::maint::PruneOptions;
 use crate::repo::Repository;
 use crate::session::{BackupSession, CommitRequest};
 use crate::wire;
@@ -356,13 +358,13 @@ async fn config(State(s): State<Shared>) -> Response {
 }
 
 async fn stats(State(s): State<Shared>) -> Response {
-    json(serde_json::json!({
-        "bytes_received": s.bytes_received.load(Ordering::Relaxed),
-        "bytes_sent": s.bytes_sent.load(Ordering::Relaxed),
-        "open_sessions": s.open_sessions(),
-        "expired_sessions": s.sessions_expired.load(Ordering::Relaxed),
-        "session_lease_ms": s.lease_ms(),
-    }))
+    json(VaultStats {
+        bytes_received: s.bytes_received.load(Ordering::Relaxed),
+        bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
+        open_sessions: s.open_sessions() as u64,
+        expired_sessions: s.sessions_expired.load(Ordering::Relaxed),
+        session_lease_ms: s.lease_ms(),
+    })
 }
 
 async fn list(State(s): State<Shared>) -> ApiResult<Response> {
@@ -427,9 +429,10 @@ async fn begin(State(s): State<Shared>) -> ApiResult<Response> {
             lease: Arc::new(Lease::new(s.epoch)),
         },
     );
-    Ok(json(
-        serde_json::json!({ "session": id, "lease_ms": s.lease_ms() }),
-    ))
+    Ok(json(SessionBegun {
+        session: id,
+        lease_ms: Some(s.lease_ms()),
+    }))
 }
 
 /// Renews the lease only: holds nothing, so it never delays a commit.
@@ -439,7 +442,9 @@ async fn keepalive(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult
         Some(open) => open.lease.renew(),
         None => return Err(s.no_session(sid)),
     }
-    Ok(json(serde_json::json!({ "lease_ms": s.lease_ms() })))
+    Ok(json(LeaseRenewed {
+        lease_ms: s.lease_ms(),
+    }))
 }
 
 async fn lacking(
@@ -473,7 +478,9 @@ async fn blobs(
         Err(e) => Err(e),
     };
     match r {
-        Ok(stored) => Ok(json(serde_json::json!({ "stored": stored }))),
+        Ok(stored) => Ok(json(Stored {
+            stored: stored as u64,
+        })),
         Err(e) => {
             linger(body);
             Err(e)
@@ -622,7 +629,7 @@ async fn abort(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Res
     if let Some(open) = gone {
         tokio::task::spawn_blocking(move || drop(open));
     }
-    Ok(json(serde_json::json!({ "aborted": true })))
+    Ok(json(Aborted { aborted: true }))
 }
 
 async fn fetch(State(s): State<Shared>, req: Request) -> ApiResult<Vec<u8>> {
@@ -642,16 +649,6 @@ async fn fetch(State(s): State<Shared>, req: Request) -> ApiResult<Vec<u8>> {
     }
     s.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
     Ok(out)
-}
-
-#[derive(serde::Deserialize, serde::Serialize, Default)]
-pub(crate) struct MaintRequest {
-    #[serde(default)]
-    pub read_data: bool,
-    #[serde(default)]
-    pub dry_run: bool,
-    #[serde(default)]
-    pub prune: Option<PruneOptions>,
 }
 
 async fn maint_req(s: &VaultService, req: Request) -> ApiResult<MaintRequest> {
@@ -679,12 +676,6 @@ async fn prune(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
     Ok(json(
         blocking(move || crate::maint::prune(&repo, &opts, r.dry_run)).await?,
     ))
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ForgetRequest {
-    snapshots: Vec<String>,
 }
 
 async fn forget(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
@@ -716,6 +707,12 @@ pub async fn serve(
     service.spawn_reaper();
     cairn_http::server::serve(service.router(token), addr, tls, "vault service").await
 }
+
+pub mod messages;
+
+pub use messages::{
+    Aborted, Empty, ForgetRequest, LeaseRenewed, MaintRequest, SessionBegun, Stored, VaultStats,
+};
 
 #[cfg(test)]
 mod tests;

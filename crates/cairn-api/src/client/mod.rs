@@ -12,10 +12,12 @@ use cairn_http::{Client, ClientError, Trust};
 
 mod host;
 mod manager;
+mod server;
 mod storage;
 
 pub use host::{HostAgentApi, HostAgentClient};
 pub use manager::{ManagerApi, ManagerClient, spawn_heartbeat};
+pub use server::{FILE_HEADER, FILE_VAULT_BYTES_HEADER, FindFiles, ServerApi, ServerClient};
 pub use storage::{StorageAgentApi, StorageAgentClient, VAULT_BYTES_HEADER, VAULT_SEGMENTS_HEADER};
 
 use crate::manager::Registration;

@@ -85,6 +85,12 @@ impl Quiesce {
     }
 }
 
+impl std::fmt::Display for Quiesce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// What the caller allows for quiescing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,6 +121,12 @@ impl SnapshotKind {
             Self::Fleecing => "fleecing",
             Self::Overlay => "overlay",
         }
+    }
+}
+
+impl std::fmt::Display for SnapshotKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -224,7 +236,7 @@ pub struct SavedState {
 }
 
 /// CPU time of one vCPU thread.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VcpuUsage {
     pub index: u32,
@@ -233,7 +245,7 @@ pub struct VcpuUsage {
 }
 
 /// I/O counters of one disk.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskIo {
     pub device: String,
@@ -245,7 +257,7 @@ pub struct DiskIo {
 }
 
 /// Host resources a VM uses, sampled at `sampled_at_ms`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceUsage {
     pub sampled_at_ms: u64,

@@ -1,7 +1,8 @@
 //! The job engine: persisted jobs, a queue, workers, and the context a running job uses
 //! (log, holds, cancel, follow-up jobs). It runs any [`Flow`] registered under a kind and
-//! knows nothing of what flows do; of the application ([`App`]) it knows only how to
-//! release a hold.
+//! knows nothing of what flows do: it keeps a job's typed parameters and result (the API's
+//! `JobKind` and `JobResult`) without looking inside them; of the application ([`App`]) it
+//! knows only how to release a hold.
 //!
 //! | state | meaning |
 //! |---|---|
@@ -27,8 +28,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
 
+use cairn_api::server::{JobKind, JobResult};
 use cairn_catalog::{Catalog, Hold, JobRecord, JobState, new_id, now_ms};
-use serde_json::Value;
 
 use crate::{Result, ServerError};
 
@@ -46,7 +47,7 @@ pub trait Flow<A>: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Runs one job with the parameters it was submitted with; the value is the job's
     /// result. Everything the flow holds when it returns is released by the engine.
-    fn run(&self, ctx: &JobCtx<'_, A>, params: &Value) -> Result<Value>;
+    fn run(&self, ctx: &JobCtx<'_, A>, params: &JobKind) -> Result<JobResult>;
 }
 
 /// What the engine needs of the application whose jobs it runs.
@@ -64,7 +65,7 @@ pub struct JobSpec {
     /// The kind of a registered flow.
     pub kind: String,
     /// Handed to the flow as they are, and kept in the job record.
-    pub params: Value,
+    pub params: JobKind,
     /// VMs the job works on (exclusive while it is unfinished).
     pub vms: Vec<String>,
 }
@@ -150,6 +151,7 @@ impl<A: App> Engine<A> {
             result: None,
             holds: Vec::new(),
             cancel_requested: false,
+            events: None,
         };
         self.catalog.insert_job(&job)?;
         self.events.push(&job.id, "info", "queued");
@@ -225,7 +227,7 @@ impl<A: App> Engine<A> {
     }
 
     /// The flow's outcome; a flow that panics fails its job.
-    fn run_flow(&self, ctx: &JobCtx<'_, A>, job: &JobRecord) -> Result<Value> {
+    fn run_flow(&self, ctx: &JobCtx<'_, A>, job: &JobRecord) -> Result<JobResult> {
         let Some(flow) = self.flows.get(job.kind.as_str()) else {
             return Err(ServerError::Invalid(format!(
                 "no flow runs {} jobs",
@@ -248,7 +250,7 @@ impl<A: App> Engine<A> {
     }
 
     /// Releases what the job still holds, completes its log, then writes its final state.
-    fn finish(&self, ctx: &JobCtx<'_, A>, outcome: Result<Value>) {
+    fn finish(&self, ctx: &JobCtx<'_, A>, outcome: Result<JobResult>) {
         ctx.release_all();
         let (state, error, result) = match outcome {
             Ok(result) => {

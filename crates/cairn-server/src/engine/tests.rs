@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cairn_api::server::{IndexDone, JobKind, JobResult};
 use cairn_catalog::{Catalog, Hold, JobRecord, JobState};
 use serde_json::{Value, json};
 
@@ -49,15 +50,39 @@ fn snap(name: &str) -> Hold {
 }
 
 /// Does what its parameters say, in this order: `log` lines, `hold` snapshots, `sleep_ms`
-/// (no step boundary), `follow_up` a job, wait `until_cancel`, `fail` or `panic`.
+/// (no step boundary), `follow_up` a job, wait `until_cancel`, `fail` or `panic`. The engine
+/// keeps a job's parameters typed without looking inside: the dummy's instructions travel as
+/// JSON in the one free-text parameter there is (an index job's backup).
 struct Dummy;
+
+/// The dummy's instructions, as [`dummy`] packed them.
+fn instructions(p: &JobKind) -> Value {
+    match p {
+        JobKind::Index { backup } => serde_json::from_str(backup).unwrap(),
+        other => panic!("not a dummy job: {other:?}"),
+    }
+}
+
+/// What the dummy answers: its `name`.
+fn named(name: &str) -> JobResult {
+    JobResult::Index(IndexDone {
+        backup: name.into(),
+        already_indexed: false,
+        volumes: Vec::new(),
+        files: 0,
+        records_new: 0,
+        records_shared: 0,
+        bytes_written: 0,
+    })
+}
 
 impl Flow<TestApp> for Dummy {
     fn kind(&self) -> &'static str {
         "dummy"
     }
 
-    fn run(&self, ctx: &JobCtx<'_, TestApp>, p: &Value) -> Result<Value> {
+    fn run(&self, ctx: &JobCtx<'_, TestApp>, p: &JobKind) -> Result<JobResult> {
+        let p = &instructions(p);
         ctx.app
             .ran
             .lock()
@@ -89,7 +114,7 @@ impl Flow<TestApp> for Dummy {
         if p["panic"] == true {
             panic!("dummy panics");
         }
-        Ok(json!({ "name": p["name"] }))
+        Ok(named(p["name"].as_str().unwrap_or_default()))
     }
 }
 
@@ -102,7 +127,9 @@ fn dummy(params: Value) -> JobSpec {
             .flatten()
             .map(|v| v.as_str().unwrap().to_string())
             .collect(),
-        params,
+        params: JobKind::Index {
+            backup: params.to_string(),
+        },
     }
 }
 
@@ -173,7 +200,7 @@ fn jobs_run_in_submission_order_one_at_a_time() {
     }
     assert_eq!(*app.ran.lock().unwrap(), ["0", "1", "2", "3", "4"]);
     let j = app.catalog.job(&ids[4]).unwrap();
-    assert_eq!(j.result, Some(json!({ "name": "4" })));
+    assert_eq!(j.result, Some(named("4")));
 }
 
 #[test]
@@ -183,7 +210,9 @@ fn an_unknown_kind_and_a_busy_vm_are_refused() {
         .engine
         .submit(JobSpec {
             kind: "nope".into(),
-            params: Value::Null,
+            params: JobKind::Index {
+                backup: "{}".into(),
+            },
             vms: vec![],
         })
         .unwrap_err();
@@ -346,7 +375,9 @@ fn a_restart_fails_the_running_job_releases_its_holds_and_queues_the_queued_agai
         id: id.into(),
         kind: "dummy".into(),
         state,
-        params: json!({ "name": id }),
+        params: JobKind::Index {
+            backup: json!({ "name": id }).to_string(),
+        },
         vms: vec![],
         created_ms: 1,
         started_ms: None,
@@ -355,6 +386,7 @@ fn a_restart_fails_the_running_job_releases_its_holds_and_queues_the_queued_agai
         result: None,
         holds,
         cancel_requested: false,
+        events: None,
     };
     let died = "aaaa000000000001";
     let waiting = "bbbb000000000002";

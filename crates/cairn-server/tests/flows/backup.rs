@@ -1,7 +1,10 @@
 //! Backup of one VM, step by step: locate → metadata snapshot → VM snapshot → send disks →
 //! release → record. Each step's peer fails or answers nonsense; cancel arrives at each step.
 
+use cairn_api::host::Quiesce;
 use cairn_api::manager::VmRunState;
+use cairn_api::server::BackupKind;
+use cairn_api::storage::ChangeSource;
 use cairn_api::storage::DiskSource;
 use cairn_catalog::JobState;
 use cairn_http::ErrorKind;
@@ -31,11 +34,14 @@ fn a_backup_sends_typed_sources_and_records_the_answer() {
         b.disks[0].vault_snapshot,
         "00000000000000000000000000000001"
     );
-    assert_eq!(b.disks[0].change_source, "full");
-    assert_eq!(b.quiesce, "guest_freeze");
-    assert_eq!(b.checkpoint.as_deref(), Some("8000000000000003"));
+    assert_eq!(b.disks[0].change_source, ChangeSource::Full);
+    assert_eq!(b.quiesce, Quiesce::GuestFreeze);
+    assert_eq!(
+        b.checkpoint.map(|c| c.to_string()).as_deref(),
+        Some("8000000000000003")
+    );
     assert_eq!(b.vm_snapshot_lifetime_ms, 42);
-    assert_eq!(b.attributes["name"], "vm1");
+    assert_eq!(b.attributes.name, "vm1");
     assert_eq!(s.manager.deleted_ids(), s.manager.taken());
     assert_eq!(s.manager.taken().len(), 1);
     assert!(j.holds.is_empty());
@@ -309,5 +315,5 @@ fn a_full_backup_ignores_the_previous_checkpoint() {
     let reqs = s.storage.backups.lock().unwrap();
     assert_eq!(reqs[1].disks[0].request.parent, None);
     let b = s.server.catalog.latest_backup("vm1").unwrap().unwrap();
-    assert_eq!(b.kind, "full");
+    assert_eq!(b.kind, BackupKind::Full);
 }

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cairn_catalog::{Catalog, Hold, JobRecord, JobState, Retention};
+use cairn_catalog::{Catalog, Hold, JobRecord, JobResult, JobState, Retention};
 use cairn_server::{JobKind, Server};
 use cairn_testing::{FakeAgents, FakeManager, FakeStorage, Fault, datastore, vm_location};
 
@@ -19,7 +19,7 @@ fn died_holding(dir: &std::path::Path) -> String {
         id: cairn_catalog::new_id(),
         kind: "group_backup".into(),
         state: JobState::Running,
-        params: serde_json::to_value(backup(&["vm1"])).unwrap(),
+        params: backup(&["vm1"]),
         vms: vec!["vm1".into()],
         created_ms: 1,
         started_ms: Some(2),
@@ -37,6 +37,7 @@ fn died_holding(dir: &std::path::Path) -> String {
             },
         ],
         cancel_requested: false,
+        events: None,
     };
     catalog.insert_job(&job).unwrap();
     job.id
@@ -168,9 +169,11 @@ fn prune_plans_by_the_policy_and_a_dry_run_forgets_nothing() {
     });
     assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
     let oldest = &s.server.catalog.backups(Some("vm1")).unwrap()[0].id;
-    let plan = &j.result.unwrap()["plans"][0];
-    assert_eq!(plan["forget"], serde_json::json!([oldest]));
-    assert_eq!(plan["dry_run"], true);
+    let Some(JobResult::Prune(p)) = j.result else {
+        panic!("{:?}", j.result)
+    };
+    assert_eq!(p.plans[0].forget.as_slice(), std::slice::from_ref(oldest));
+    assert!(p.plans[0].dry_run);
     assert_eq!(s.backups_of("vm1"), 2);
 }
 
@@ -206,8 +209,10 @@ fn prune_without_a_policy_plans_nothing() {
         dry_run: false,
     });
     assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
-    let plan = &j.result.unwrap()["plans"][0];
-    assert!(plan["policy"].is_null());
+    let Some(JobResult::Prune(p)) = j.result else {
+        panic!("{:?}", j.result)
+    };
+    assert!(p.plans[0].policy.is_none());
     assert_eq!(s.backups_of("vm1"), 1);
 }
 

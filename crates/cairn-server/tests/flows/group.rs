@@ -40,7 +40,7 @@ fn a_group_backup_sends_every_vm_from_one_unit_snapshot() {
     let b2 = s.server.catalog.latest_backup("vm2").unwrap().unwrap();
     assert!(b1.group_id.is_some());
     assert_eq!(b1.group_id, b2.group_id);
-    assert_eq!(b1.snapshot_kind, "overlay");
+    assert_eq!(b1.snapshot_kind, cairn_api::host::SnapshotKind::Overlay);
     assert!(j.holds.is_empty());
 }
 

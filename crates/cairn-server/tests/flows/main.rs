@@ -18,6 +18,7 @@ use cairn_catalog::{JobEvent, JobRecord, JobState};
 use cairn_server::{JobKind, Server, ServerConfig};
 use cairn_testing::{FakeAgents, FakeManager, FakeStorage, Script, datastore, vm_location};
 
+mod api;
 mod backup;
 mod engine;
 mod group;

@@ -48,9 +48,11 @@ fn a_restore_writes_each_disk_and_starts_the_vm_under_its_new_name() {
         std::path::PathBuf::from("/ds/vm9-vdb.qcow2")
     );
     assert!(s.storage.discarded.lock().unwrap().is_empty());
-    let r = j.result.unwrap();
-    assert_eq!(r["started"], true);
-    assert_eq!(r["guest"]["agent"], true);
+    let Some(cairn_catalog::JobResult::Restore(r)) = j.result else {
+        panic!("{:?}", j.result)
+    };
+    assert!(r.started);
+    assert!(r.guest.is_some_and(|g| g.agent));
 }
 
 #[test]

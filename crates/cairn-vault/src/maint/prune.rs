@@ -10,6 +10,7 @@ use crate::repo::Repository;
 
 /// Retention rules. All zero keeps everything.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PruneOptions {
     pub keep_last: usize,
     pub keep_daily: usize,

@@ -1,7 +1,19 @@
 //! The backup server's REST API (`docs/openapi.yaml`): the bodies of the calls that start work
-//! or change settings. Long work answers `202` with the job, which clients poll at
-//! `/v1/jobs/{id}`. (The answers — backups, jobs, schedules, retention policies, file
-//! listings — are the catalog's and the file index's records, typed there.)
+//! or change settings, and every answer. Long work answers `202` with the job
+//! ([`JobRecord`]), which clients poll at `/v1/jobs/{id}`; a finished job carries a typed
+//! [`JobResult`].
+//!
+//! | module | holds |
+//! |---|---|
+//! | this one | request bodies, the data-path counters |
+//! | [`records`] | what the catalog stores and the server answers with: backups, metadata snapshots, jobs (their [`JobKind`] parameters), schedules, retention |
+//! | [`answers`] | the VM list, job results, file listings |
+
+pub mod answers;
+pub mod records;
+
+pub use answers::*;
+pub use records::*;
 
 use serde::{Deserialize, Serialize};
 
