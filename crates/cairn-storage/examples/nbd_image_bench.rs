@@ -3,27 +3,32 @@
 //!
 //! ```text
 //! cargo run --release -p cairn-storage --example nbd_image_bench -- \
-//!     IMAGE [--threads N] [--images K] [--request-size BYTES]
+//!     IMAGE [--threads N] [--images K] [--request-size BYTES] [--runtimes R] [--workers W]
 //! ```
 //!
 //! `--images K` opens K exports of IMAGE at once (as `K` disks backed up in parallel), each
-//! read by `--threads` threads. Use a fully allocated qcow2 (`qemu-io -c "write -P 0xab 0 1G"`)
-//! so that every request carries data.
+//! read by `--threads` threads. The binary's part is played here: it builds `--runtimes`
+//! [`NbdRuntime::builder`] runtimes (default K, as the agent builds one per disk read at
+//! once) of `--workers` workers (default 1). Use a fully allocated qcow2
+//! (`qemu-io -c "write -P 0xab 0 1G"`) so that every request carries data.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use cairn_storage::qemu::{NbdImage, NbdOpen};
+use cairn_storage::qemu::{NbdImage, NbdOpen, NbdRuntime};
 
 fn usage() -> ! {
-    eprintln!("usage: nbd_image_bench IMAGE [--threads N] [--images K] [--request-size BYTES]");
+    eprintln!(
+        "usage: nbd_image_bench IMAGE [--threads N] [--images K] [--request-size BYTES] [--runtimes R] [--workers W]"
+    );
     std::process::exit(2)
 }
 
 fn main() {
     let mut image = None;
     let (mut threads, mut images, mut req) = (2usize, 1usize, 4u64 << 20);
+    let (mut workers, mut runtimes) = (1usize, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || {
@@ -35,6 +40,8 @@ fn main() {
             "--threads" => threads = num().max(1) as usize,
             "--images" => images = num().max(1) as usize,
             "--request-size" => req = num().max(1),
+            "--workers" => workers = num().max(1) as usize,
+            "--runtimes" => runtimes = Some(num().max(1) as usize),
             _ if image.is_none() && !a.starts_with("--") => image = Some(PathBuf::from(a)),
             _ => usage(),
         }
@@ -46,13 +53,24 @@ fn main() {
             std::process::exit(1)
         })
         .format;
-    let open = || {
-        NbdImage::open(&image, format, &NbdOpen::default()).unwrap_or_else(|e| {
+    // Built here, as the storage agent's binary builds it: the library builds no runtime.
+    let build = |workers| {
+        NbdRuntime::builder()
+            .worker_threads(workers)
+            .build()
+            .expect("NBD runtime")
+    };
+    let runtimes = runtimes.unwrap_or(images);
+    let rts: Vec<_> = (0..runtimes).map(|_| build(workers)).collect();
+    let nbd =
+        NbdRuntime::new(rts.iter().map(|rt| rt.handle().clone())).expect("multi-thread runtime");
+    let open = |_| {
+        NbdImage::open(&nbd, &image, format, &NbdOpen::default()).unwrap_or_else(|e| {
             eprintln!("open: {e}");
             std::process::exit(1)
         })
     };
-    let imgs: Vec<NbdImage> = (0..images).map(|_| open()).collect();
+    let imgs: Vec<NbdImage> = (0..images).map(open).collect();
     let total = AtomicU64::new(0);
     let start = Instant::now();
     std::thread::scope(|sc| {
@@ -81,7 +99,8 @@ fn main() {
     let secs = start.elapsed().as_secs_f64();
     let total = total.into_inner();
     println!(
-        "read {total} bytes in {secs:.3} s: {:.1} MB/s ({images} image(s) x {threads} thread(s), request {req} bytes)",
-        total as f64 / secs / 1e6
+        "read {total} bytes in {secs:.3} s: {:.1} MB/s ({images} image(s) x {threads} thread(s), request {req} bytes, {})",
+        total as f64 / secs / 1e6,
+        format!("{runtimes} runtime(s) of {workers} worker(s)")
     );
 }

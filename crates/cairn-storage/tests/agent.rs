@@ -17,14 +17,17 @@ use common::*;
 const MIB: u64 = 1 << 20;
 
 fn agent(dir: &Path, datastore: &Path) -> StorageAgent {
-    StorageAgent::new(AgentConfig {
-        datastores: vec![DatastoreConfig {
-            name: "ds".into(),
-            path: datastore.to_path_buf(),
-        }],
-        state_dir: dir.join("agent-state"),
-        parallel: 2,
-    })
+    StorageAgent::new(
+        AgentConfig {
+            datastores: vec![DatastoreConfig {
+                name: "ds".into(),
+                path: datastore.to_path_buf(),
+            }],
+            state_dir: dir.join("agent-state"),
+            parallel: 2,
+        },
+        nbd(),
+    )
 }
 
 fn req(name: &str, parent: Option<&str>, hints: Vec<ChangeHint>) -> BackupRequest {
@@ -540,7 +543,7 @@ fn wrong_tracking_is_caught_by_the_cross_check() {
         extents: wrong.clone(),
         source: ChangeSource::HypervisorBitmap,
     };
-    let reader = snap.open().unwrap();
+    let reader = snap.open(&nbd()).unwrap();
     let e = cross_check(
         &*reader,
         &parent,

@@ -11,6 +11,25 @@ use std::process::{Child, Command, Stdio};
 use cairn_vault::{InitOptions, LocalVault, Repository};
 use rand::{RngCore, SeedableRng};
 
+/// The NBD runtimes of this test binary (a binary's job; tests build their own): two, as
+/// for an agent backing up two disks at once, shared by every test and never shut down.
+pub fn nbd() -> cairn_storage::NbdRuntime {
+    static RT: std::sync::OnceLock<cairn_storage::NbdRuntime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        let handles = (0..2).map(|_| {
+            let rt = cairn_storage::NbdRuntime::builder()
+                .build()
+                .expect("NBD runtime");
+            let h = rt.handle().clone();
+            // Never dropped: the tests' connections may outlive any one test.
+            std::mem::forget(rt);
+            h
+        });
+        cairn_storage::NbdRuntime::new(handles).expect("multi-thread runtimes")
+    })
+    .clone()
+}
+
 pub fn sh(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
