@@ -16,31 +16,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn agent(dir: &Path, datastore: &Path) -> StorageAgent {
-    StorageAgent::new(
-        AgentConfig {
-            datastores: vec![DatastoreConfig {
-                name: "ds".into(),
-                path: datastore.to_path_buf(),
-            }],
-            state_dir: dir.join("agent-state"),
-            parallel: 2,
-        },
-        nbd(),
-    )
-}
-
-fn req(name: &str, parent: Option<&str>, hints: Vec<ChangeHint>) -> BackupRequest {
-    BackupRequest {
-        name: name.into(),
-        parent: parent.map(Into::into),
-        hints,
-        cross_check: Some(CrossCheck::default()),
-        threads: 2,
-        ..Default::default()
-    }
-}
-
 fn restore_raw(a: &StorageAgent, v: &dyn Vault, snap: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join(format!("restored-{}.raw", rand::random::<u32>()));
     a.restore(

@@ -30,6 +30,37 @@ pub fn nbd() -> cairn_storage::NbdRuntime {
     .clone()
 }
 
+/// An agent with one datastore `ds` at `datastore`, its state under `dir`.
+pub fn agent(dir: &Path, datastore: &Path) -> cairn_storage::StorageAgent {
+    cairn_storage::StorageAgent::new(
+        cairn_storage::AgentConfig {
+            datastores: vec![cairn_storage::DatastoreConfig {
+                name: "ds".into(),
+                path: datastore.to_path_buf(),
+            }],
+            state_dir: dir.join("agent-state"),
+            parallel: 2,
+        },
+        nbd(),
+    )
+}
+
+/// A backup request with the cross-check on.
+pub fn req(
+    name: &str,
+    parent: Option<&str>,
+    hints: Vec<cairn_storage::ChangeHint>,
+) -> cairn_storage::BackupRequest {
+    cairn_storage::BackupRequest {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        hints,
+        cross_check: Some(cairn_storage::CrossCheck::default()),
+        threads: 2,
+        ..Default::default()
+    }
+}
+
 pub fn sh(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
