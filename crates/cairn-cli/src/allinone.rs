@@ -38,6 +38,9 @@ pub struct AllInOneArgs {
 /// The running roles.
 pub struct AllInOne {
     pub rt: tokio::runtime::Runtime,
+    /// The runtimes of the storage agent's NBD connections, one per disk backed up at once:
+    /// held only to keep them alive (they are dropped after `rt`).
+    _nbd_rts: Vec<tokio::runtime::Runtime>,
     pub server: Arc<Server>,
     pub manager: ManagerClient,
     pub server_url: String,
@@ -134,11 +137,19 @@ pub fn start(
         });
     }
     let sstate = state.join("storage-agent");
-    let storage = Arc::new(StorageAgent::new(AgentConfig {
-        datastores: ds,
-        state_dir: sstate.clone(),
-        parallel: 2,
-    }));
+    let parallel = 2;
+    let nbd_rts = (0..parallel)
+        .map(|_| cairn_storage::NbdRuntime::builder().build())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("starting the NBD runtimes")?;
+    let storage = Arc::new(StorageAgent::new(
+        AgentConfig {
+            datastores: ds,
+            state_dir: sstate.clone(),
+            parallel,
+        },
+        cairn_storage::NbdRuntime::new(nbd_rts.iter().map(|rt| rt.handle().clone()))?,
+    ));
     let st = storage;
     let (s_url, s_fp, s_token, _) = rt.block_on(bind("storage agent", &sstate, any, |t| {
         cairn_storage::service::router(st, t)
@@ -169,6 +180,7 @@ pub fn start(
     crate::control::write_connection(&sv_state, &url, &fp, &token_file)?;
     Ok(AllInOne {
         rt,
+        _nbd_rts: nbd_rts,
         server,
         manager,
         server_url: url,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use cairn_storage::{AgentConfig, DatastoreConfig, StorageAgent};
+use cairn_storage::{AgentConfig, DatastoreConfig, NbdRuntime, StorageAgent};
 
 use crate::service::{credentials, serve_registered};
 
@@ -50,11 +50,21 @@ pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&a.state_dir)
         .with_context(|| format!("creating {}", a.state_dir.display()))?;
     let creds = credentials(&a.state_dir, None, None)?;
-    let agent = Arc::new(StorageAgent::new(AgentConfig {
-        datastores: a.datastores,
-        state_dir: a.state_dir.clone(),
-        parallel: a.parallel,
-    }));
+    // NBD connections get runtimes of their own, apart from the service's, one per disk
+    // backed up at once: the agent's blocking work drives them with `Handle::block_on`. They
+    // live until the process exits.
+    let nbd_rts = (0..a.parallel.max(1))
+        .map(|_| NbdRuntime::builder().build())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("starting the NBD runtimes")?;
+    let agent = Arc::new(StorageAgent::new(
+        AgentConfig {
+            datastores: a.datastores,
+            state_dir: a.state_dir.clone(),
+            parallel: a.parallel,
+        },
+        NbdRuntime::new(nbd_rts.iter().map(|rt| rt.handle().clone()))?,
+    ));
     match agent.remove_orphaned_job_snapshots() {
         Ok(0) => {}
         Ok(n) => {

@@ -44,7 +44,14 @@ fn main() {
             .unwrap()
         }
     };
-    let agent = StorageAgent::new(AgentConfig::default());
+    // The agent's NBD runtime (a binary builds it; file scans read the vault, not NBD).
+    let nbd_rt = cairn_storage::NbdRuntime::builder()
+        .build()
+        .expect("NBD runtime");
+    let agent = StorageAgent::new(
+        AgentConfig::default(),
+        cairn_storage::NbdRuntime::new([nbd_rt.handle().clone()]).expect("multi-thread runtime"),
+    );
     for run in 0..3 {
         // Evict the repository from the page cache? No: a vault keeps hot metadata cached
         // too; runs after the first show the warm case, the first one the cold-ish case.

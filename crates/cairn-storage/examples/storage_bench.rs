@@ -97,14 +97,22 @@ fn main() {
     let vault = LocalVault {
         repo: Repository::init_dir(&vault_dir, &InitOptions::default()).unwrap(),
     };
-    let agent = StorageAgent::new(AgentConfig {
-        datastores: vec![DatastoreConfig {
-            name: "ds".into(),
-            path: ds.clone(),
-        }],
-        state_dir: state,
-        parallel: 2,
-    });
+    // The NBD runtime is the binary's to build (this one reads raw disks only, but the
+    // agent needs one).
+    let nbd_rt = cairn_storage::NbdRuntime::builder()
+        .build()
+        .expect("NBD runtime");
+    let agent = StorageAgent::new(
+        AgentConfig {
+            datastores: vec![DatastoreConfig {
+                name: "ds".into(),
+                path: ds.clone(),
+            }],
+            state_dir: state,
+            parallel: 2,
+        },
+        cairn_storage::NbdRuntime::new([nbd_rt.handle().clone()]).expect("multi-thread runtime"),
+    );
 
     settle();
     let t = Instant::now();

@@ -30,6 +30,7 @@ use crate::provider::{
     DiskSnapshot, DiskSnapshotExt, RetentionPlan, SnapshotProvider, UnitSnapshot, plan_retention,
     provider_for,
 };
+use crate::qemu::NbdRuntime;
 use crate::tracker::{ChangeSource, changed_extents, cross_check};
 
 /// Configuration of a storage agent.
@@ -102,21 +103,30 @@ impl BackupResult {
 pub struct StorageAgent {
     config: AgentConfig,
     catalog: SnapshotCatalog,
+    nbd: NbdRuntime,
     pub counters: AgentCounters,
 }
 
 impl StorageAgent {
-    pub fn new(config: AgentConfig) -> Self {
+    /// An agent whose NBD connections (qcow2 snapshots, bitmaps, restores, host agents'
+    /// exports) run on `nbd`, a runtime the binary built ([`NbdRuntime::builder`]).
+    pub fn new(config: AgentConfig, nbd: NbdRuntime) -> Self {
         let catalog = SnapshotCatalog::new(&config.state_dir);
         Self {
             config,
             catalog,
+            nbd,
             counters: AgentCounters::default(),
         }
     }
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// The runtime NBD connections run on.
+    pub fn nbd(&self) -> &NbdRuntime {
+        &self.nbd
     }
 
     pub fn stats(&self) -> AgentStats {
@@ -248,7 +258,7 @@ impl StorageAgent {
         snap: &DiskSnapshot,
         req: &BackupRequest,
     ) -> Result<BackupResult> {
-        let reader = snap.open()?;
+        let reader = snap.open(&self.nbd)?;
         self.backup_source(vault, snap, &*reader, req)
     }
 
@@ -303,7 +313,7 @@ impl StorageAgent {
                 };
                 let mut chosen = None;
                 for hint in &req.hints {
-                    let set = match changed_extents(snap, hint) {
+                    let set = match changed_extents(&self.nbd, snap, hint) {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::warn!("{}: {e}", req.name);

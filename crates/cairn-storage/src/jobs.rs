@@ -79,7 +79,7 @@ impl StorageAgent {
                 export,
                 bitmap_context,
             } => {
-                let img = NbdImage::connect(socket, export, bitmap_context.as_deref())?;
+                let img = NbdImage::connect(self.nbd(), socket, export, bitmap_context.as_deref())?;
                 let mut req = job.request.clone();
                 if bitmap_context.is_some() && req.parent.is_some() {
                     match img.dirty_extents() {

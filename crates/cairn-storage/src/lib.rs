@@ -54,6 +54,9 @@
 //!   over a disk rewrites only segments whose fingerprint differs.
 //! - Resuming a killed backup is the vault's job: durable containers of an uncommitted session
 //!   are found by the retry, which therefore does not resend them.
+//! - The library starts no tokio runtime: NBD connections run on the runtimes the binary
+//!   hands to [`StorageAgent::new`] as an [`NbdRuntime`], driven with `Handle::block_on`
+//!   from the agent's blocking threads (never from an async task).
 
 pub mod agent;
 pub mod catalog;
@@ -77,7 +80,7 @@ pub use provider::{
     Capabilities, CopyProvider, DiskSnapshot, DiskSnapshotExt, Qcow2Mode, Qcow2Provider,
     ReflinkProvider, RetentionPlan, SnapshotProvider, UnitSnapshot,
 };
-pub use qemu::DiskFormat;
+pub use qemu::{DiskFormat, NbdRuntime};
 pub use rdm::{RdmBackup, RdmMapping, RdmRestore};
 pub use restore::{RestoreMode, RestoreReport, RestoreRequest};
 pub use sys::PhysExtent;

@@ -32,7 +32,7 @@ use crate::datastore::storage_unit;
 use crate::error::{Result, StorageError};
 use cairn_types::DiskFormat;
 
-use crate::qemu::{self, NbdImage, NbdOpen, SnapshotOp};
+use crate::qemu::{self, NbdImage, NbdOpen, NbdRuntime, SnapshotOp};
 use crate::tracker::ChangeSource;
 
 /// Directory (at the root of a storage unit) holding reflink and copy snapshots.
@@ -48,8 +48,9 @@ pub use cairn_api::storage::{
 pub trait DiskSnapshotExt: Sized {
     /// Reads a disk in place (no snapshot): for frozen bases and offline disks.
     fn of_file(path: &Path) -> Result<Self>;
-    /// Opens the guest view for reading: the file itself for raw, `qemu-nbd` otherwise.
-    fn open(&self) -> Result<Box<dyn ReadAt>>;
+    /// Opens the guest view for reading: the file itself for raw, `qemu-nbd` (driven on
+    /// `nbd`) otherwise.
+    fn open(&self, nbd: &NbdRuntime) -> Result<Box<dyn ReadAt>>;
 }
 
 impl DiskSnapshotExt for DiskSnapshot {
@@ -65,12 +66,13 @@ impl DiskSnapshotExt for DiskSnapshot {
         })
     }
 
-    fn open(&self) -> Result<Box<dyn ReadAt>> {
+    fn open(&self, nbd: &NbdRuntime) -> Result<Box<dyn ReadAt>> {
         if self.format == DiskFormat::Raw && self.internal.is_none() {
             let f = File::open(&self.image).map_err(StorageError::io(&self.image, "open"))?;
             return Ok(Box::new(f));
         }
         let nbd = NbdImage::open(
+            nbd,
             &self.image,
             self.format,
             &NbdOpen {

@@ -24,7 +24,7 @@ use crate::agent::StorageAgent;
 use crate::error::{Result, StorageError};
 use cairn_types::DiskFormat;
 
-use crate::qemu::{self, NbdImage, NbdOpen};
+use crate::qemu::{self, NbdImage, NbdOpen, NbdRuntime};
 
 /// Bytes of segment data per vault fetch and per comparison window.
 const WINDOW: u64 = 4 << 20;
@@ -141,7 +141,11 @@ fn partial_name(target: &Path) -> Result<PathBuf> {
 }
 
 /// Restores into a new disk (see the module docs).
-pub fn restore_new(vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreReport> {
+pub fn restore_new(
+    nbd_rt: &NbdRuntime,
+    vault: &dyn Vault,
+    req: &RestoreRequest,
+) -> Result<RestoreReport> {
     let started = Instant::now();
     let is_dev = std::fs::metadata(&req.target)
         .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
@@ -177,6 +181,7 @@ pub fn restore_new(vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreRep
     let result = (|| -> Result<RestoreReport> {
         qemu::img_create(&partial, DiskFormat::Qcow2, snap.size)?;
         let nbd = NbdImage::open(
+            nbd_rt,
             &partial,
             DiskFormat::Qcow2,
             &NbdOpen {
@@ -232,7 +237,11 @@ pub fn restore_new(vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreRep
 }
 
 /// Restores over an existing disk, writing only segments whose content differs.
-pub fn restore_over(vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreReport> {
+pub fn restore_over(
+    nbd_rt: &NbdRuntime,
+    vault: &dyn Vault,
+    req: &RestoreRequest,
+) -> Result<RestoreReport> {
     let started = Instant::now();
     let snap = vault.find(&req.snapshot)?;
     let entries = vault.entries(&snap)?;
@@ -275,6 +284,7 @@ pub fn restore_over(vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreRe
                 qemu::run("qemu-img", &args)?;
             }
             nbd = NbdImage::open(
+                nbd_rt,
                 path,
                 DiskFormat::Qcow2,
                 &NbdOpen {
@@ -333,8 +343,8 @@ impl StorageAgent {
     pub fn restore(&self, vault: &dyn Vault, req: &RestoreRequest) -> Result<RestoreReport> {
         let before = vault.wire_bytes().1;
         let rep = match req.mode {
-            RestoreMode::New => restore_new(vault, req)?,
-            RestoreMode::Over => restore_over(vault, req)?,
+            RestoreMode::New => restore_new(self.nbd(), vault, req)?,
+            RestoreMode::Over => restore_over(self.nbd(), vault, req)?,
         };
         let wire = vault.wire_bytes().1.saturating_sub(before);
         let c = &self.counters;

@@ -18,7 +18,7 @@ use crate::error::{Result, StorageError};
 use cairn_api::storage::DiskSnapshot;
 use cairn_types::DiskFormat;
 
-use crate::qemu::{self, NbdImage, NbdOpen};
+use crate::qemu::{self, NbdImage, NbdOpen, NbdRuntime};
 use crate::sys::{PhysExtent, flags};
 
 pub use cairn_api::storage::{ChangeHint, ChangeSource, CrossCheck};
@@ -38,8 +38,13 @@ fn tracking(source_kind: ChangeSource, message: impl Into<String>) -> StorageErr
 }
 
 /// The changed extents of `current` according to `hint`. An error means the hint is unusable
-/// (lost bitmap, no reflinks, wrong format); callers fall back to another source.
-pub fn changed_extents(current: &DiskSnapshot, hint: &ChangeHint) -> Result<ChangeSet> {
+/// (lost bitmap, no reflinks, wrong format); callers fall back to another source. A
+/// persistent bitmap is read over NBD on `nbd`.
+pub fn changed_extents(
+    nbd: &NbdRuntime,
+    current: &DiskSnapshot,
+    hint: &ChangeHint,
+) -> Result<ChangeSet> {
     let source = hint.source();
     let extents = match hint {
         ChangeHint::Overlay { overlay } => {
@@ -65,7 +70,7 @@ pub fn changed_extents(current: &DiskSnapshot, hint: &ChangeHint) -> Result<Chan
             extent_map_changes(previous, &current.image, current.size)
                 .map_err(|e| tracking(source, e.to_string()))?
         }
-        ChangeHint::PersistentBitmap { image, bitmap } => persistent_bitmap(image, bitmap)?,
+        ChangeHint::PersistentBitmap { image, bitmap } => persistent_bitmap(nbd, image, bitmap)?,
         ChangeHint::Hypervisor { extents } => extents.clone(),
     };
     Ok(ChangeSet {
@@ -75,7 +80,7 @@ pub fn changed_extents(current: &DiskSnapshot, hint: &ChangeHint) -> Result<Chan
 }
 
 /// Reads a persistent bitmap's dirty extents; a missing or inconsistent bitmap is an error.
-pub fn persistent_bitmap(image: &Path, bitmap: &str) -> Result<ExtentList> {
+pub fn persistent_bitmap(nbd: &NbdRuntime, image: &Path, bitmap: &str) -> Result<ExtentList> {
     let source = ChangeSource::PersistentBitmap;
     let info = qemu::img_info(image).map_err(|e| tracking(source, e.to_string()))?;
     let b = info
@@ -98,6 +103,7 @@ pub fn persistent_bitmap(image: &Path, bitmap: &str) -> Result<ExtentList> {
         ));
     }
     let nbd = NbdImage::open(
+        nbd,
         image,
         info.format,
         &NbdOpen {

@@ -16,28 +16,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn agent(dir: &Path, datastore: &Path) -> StorageAgent {
-    StorageAgent::new(AgentConfig {
-        datastores: vec![DatastoreConfig {
-            name: "ds".into(),
-            path: datastore.to_path_buf(),
-        }],
-        state_dir: dir.join("agent-state"),
-        parallel: 2,
-    })
-}
-
-fn req(name: &str, parent: Option<&str>, hints: Vec<ChangeHint>) -> BackupRequest {
-    BackupRequest {
-        name: name.into(),
-        parent: parent.map(Into::into),
-        hints,
-        cross_check: Some(CrossCheck::default()),
-        threads: 2,
-        ..Default::default()
-    }
-}
-
 fn restore_raw(a: &StorageAgent, v: &dyn Vault, snap: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join(format!("restored-{}.raw", rand::random::<u32>()));
     a.restore(
@@ -540,7 +518,7 @@ fn wrong_tracking_is_caught_by_the_cross_check() {
         extents: wrong.clone(),
         source: ChangeSource::HypervisorBitmap,
     };
-    let reader = snap.open().unwrap();
+    let reader = snap.open(&nbd()).unwrap();
     let e = cross_check(
         &*reader,
         &parent,

@@ -11,6 +11,56 @@ use std::process::{Child, Command, Stdio};
 use cairn_vault::{InitOptions, LocalVault, Repository};
 use rand::{RngCore, SeedableRng};
 
+/// The NBD runtimes of this test binary (a binary's job; tests build their own): two, as
+/// for an agent backing up two disks at once, shared by every test and never shut down.
+pub fn nbd() -> cairn_storage::NbdRuntime {
+    static RT: std::sync::OnceLock<cairn_storage::NbdRuntime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        let handles = (0..2).map(|_| {
+            let rt = cairn_storage::NbdRuntime::builder()
+                .build()
+                .expect("NBD runtime");
+            let h = rt.handle().clone();
+            // Never dropped: the tests' connections may outlive any one test.
+            std::mem::forget(rt);
+            h
+        });
+        cairn_storage::NbdRuntime::new(handles).expect("multi-thread runtimes")
+    })
+    .clone()
+}
+
+/// An agent with one datastore `ds` at `datastore`, its state under `dir`.
+pub fn agent(dir: &Path, datastore: &Path) -> cairn_storage::StorageAgent {
+    cairn_storage::StorageAgent::new(
+        cairn_storage::AgentConfig {
+            datastores: vec![cairn_storage::DatastoreConfig {
+                name: "ds".into(),
+                path: datastore.to_path_buf(),
+            }],
+            state_dir: dir.join("agent-state"),
+            parallel: 2,
+        },
+        nbd(),
+    )
+}
+
+/// A backup request with the cross-check on.
+pub fn req(
+    name: &str,
+    parent: Option<&str>,
+    hints: Vec<cairn_storage::ChangeHint>,
+) -> cairn_storage::BackupRequest {
+    cairn_storage::BackupRequest {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        hints,
+        cross_check: Some(cairn_storage::CrossCheck::default()),
+        threads: 2,
+        ..Default::default()
+    }
+}
+
 pub fn sh(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
