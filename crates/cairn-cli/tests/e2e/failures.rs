@@ -1,6 +1,5 @@
 //! RDM, metadata snapshots, retention, schedules, and what failures leave behind.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -14,19 +13,9 @@ fn rdm_metadata_retention_schedules_and_failures() {
     let p = |s: &str| t.join(s).display().to_string();
     std::fs::create_dir_all(t.join("ds/luns")).unwrap();
     std::fs::create_dir_all(t.join("vault")).unwrap();
-    // A small vault (tmpfs) to fill up later; root only.
-    let small_vault = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(t.join("vault"))
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    let _unmount = small_vault.then(|| Unmount(t.join("vault")));
-    if !small_vault {
-        eprintln!(
-            "!!!!!!!! e2e: cannot mount a tmpfs (not root?): the full-vault case is SKIPPED !!!!!!!!"
-        );
-    }
+    // A small vault (tmpfs) to fill up later.
+    let small = small_tmpfs(&t.join("vault"), "24m", "the full-vault case");
+    let small_vault = small.is_some();
 
     let Cluster {
         vault,

@@ -406,6 +406,20 @@ impl Cluster {
     }
 }
 
+/// Mounts a tmpfs of `size` (`24m`) on `dir`, to fill up in a full-disk case; root only.
+/// Without it the case named `what` is skipped, loudly.
+pub fn small_tmpfs(dir: &Path, size: &str, what: &str) -> Option<Unmount> {
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("!!!!!!!! e2e: cannot mount a tmpfs (not root?): {what} is SKIPPED !!!!!!!!");
+    }
+    ok.then(|| Unmount(dir.to_path_buf()))
+}
+
 /// Unmounts a tmpfs we mounted.
 pub struct Unmount(pub PathBuf);
 

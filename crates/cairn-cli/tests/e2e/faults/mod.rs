@@ -326,18 +326,9 @@ fn fault_matrix() {
     let p = |s: &str| t.join(s).display().to_string();
     std::fs::create_dir_all(t.join("ds")).unwrap();
     std::fs::create_dir_all(t.join("vault")).unwrap();
-    // The datastore on a small tmpfs, to fill up in the full-datastore rows; root only.
-    let small_ds = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
-        .arg(t.join("ds"))
-        .status()
-        .is_ok_and(|s| s.success());
-    let _unmount = small_ds.then(|| Unmount(t.join("ds")));
-    if !small_ds {
-        eprintln!(
-            "!!!!!!!! fault matrix: cannot mount a tmpfs (not root?): the full-datastore rows are SKIPPED !!!!!!!!"
-        );
-    }
+    // The datastore on a small tmpfs, to fill up in the full-datastore rows.
+    let small = small_tmpfs(&t.join("ds"), "160m", "the full-datastore rows");
+    let small_ds = small.is_some();
     let c = Cluster::start(t, &p("vault/repo"), true);
     // The server reaches the vault and the manager through relays the test can cut; the
     // storage agent gets the vault's address from the server, so that relay also sits
