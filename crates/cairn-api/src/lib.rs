@@ -13,6 +13,7 @@
 //! | [`storage`] | the storage agent (`cairn-storage`): datastores, unit snapshots, disk backups, restores, raw LUN mappings, file scans and reads | the storage agent (answers), the manager (datastores), the server |
 //! | [`manager`] | the manager (`cairn-manager`): registrations, the VM map | the manager (answers), agents (heartbeats), the server |
 //! | [`server`] | the backup server (`cairn-server`): request bodies and every answer — catalog records (backups, jobs, schedules, retention), job parameters and results, file listings | the server and the catalog (records), the CLI |
+//! | [`vault`] | the vault service's control calls (`cairn-vault`): sessions, leases, counters, verify, prune, GC, forget | the vault service (answers), `cairn_vault::RemoteVault` (the storage agent, the server, the CLI) |
 //! | [`client`] | [`HostAgentApi`], [`StorageAgentApi`], [`ManagerApi`], [`ServerApi`] and their HTTPS clients; [`AgentConnector`] | the manager, the server, the CLI |
 //!
 //! # Contracts
@@ -33,6 +34,7 @@ pub mod host;
 pub mod manager;
 pub mod server;
 pub mod storage;
+pub mod vault;
 
 pub use client::{
     AgentConnector, CallResult, HostAgentApi, HostAgentClient, HttpConnector, ManagerApi,

@@ -8,15 +8,8 @@ use cairn_types::SnapshotId;
 use crate::error::Result;
 use crate::repo::Repository;
 
-/// Retention rules. All zero keeps everything.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PruneOptions {
-    pub keep_last: usize,
-    pub keep_daily: usize,
-    pub keep_weekly: usize,
-    pub keep_monthly: usize,
-}
+/// Retention rules (the contract's type: a prune through the service carries them).
+pub use cairn_api::vault::PruneOptions;
 
 /// What prune keeps and forgets.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
