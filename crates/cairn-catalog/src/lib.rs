@@ -156,9 +156,9 @@ fn named<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
 fn backup_row(r: &rusqlite::Row<'_>) -> Result<BackupRecord> {
     let text = |i: usize| r.get::<_, String>(i);
     Ok(BackupRecord {
-        id: r.get(0)?,
+        id: named("backup id", &text(0)?)?,
         vm: r.get(1)?,
-        job_id: r.get(2)?,
+        job_id: named("job id", &text(2)?)?,
         kind: named("backup kind", &text(3)?)?,
         group_id: r.get(4)?,
         timestamp_id: named("timestamp id", &text(5)?)?,
@@ -388,9 +388,9 @@ impl Catalog {
                  $10, $11, $12, $13, $14, $15, $16, $17)"
             ),
             params![
-                b.id,
+                b.id.as_str(),
                 b.vm,
-                b.job_id,
+                b.job_id.as_str(),
                 b.kind.as_str(),
                 b.group_id,
                 b.timestamp_id.as_str(),
@@ -414,7 +414,7 @@ impl Catalog {
                      $8, $9, $10, $11, $12, $13)"
                 ),
                 params![
-                    b.id,
+                    b.id.as_str(),
                     d.disk,
                     d.vault_snapshot,
                     d.size,
@@ -440,7 +440,7 @@ impl Catalog {
             "SELECT {DISK_COLS} FROM backup_disks WHERE backup_id = $1 ORDER BY disk"
         ))?;
         b.disks = st
-            .query_map(params![b.id], |r| Ok(disk_row(r)))?
+            .query_map(params![b.id.as_str()], |r| Ok(disk_row(r)))?
             .map(|d| -> Result<BackupDisk> { d? })
             .collect::<Result<_>>()?;
         Ok(())
@@ -517,7 +517,7 @@ impl Catalog {
                  $11, $12)"
             ),
             params![
-                j.id,
+                j.id.as_str(),
                 j.kind,
                 j.state.as_str(),
                 json(&j.params),
@@ -538,8 +538,15 @@ impl Catalog {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {JOB_COLS} FROM jobs {cond}"))?;
         let rows = st.query_map(args, |r| {
+            let id: String = r.get(0)?;
             let j = JobRecord {
-                id: r.get(0)?,
+                id: id.parse().map_err(|e: String| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })?,
                 kind: r.get(1)?,
                 state: JobState::Queued,
                 params: JobKind::Prune {

@@ -16,9 +16,9 @@ fn tid(ts: &str) -> TimestampId {
 
 fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
     BackupRecord {
-        id: id.into(),
+        id: id.parse().unwrap(),
         vm: vm.into(),
-        job_id: "j1".into(),
+        job_id: "00000000000000a1".parse().unwrap(),
         kind: BackupKind::Full,
         group_id: None,
         timestamp_id: tid(ts),
@@ -125,7 +125,7 @@ fn backups_round_trip_and_are_atomic() {
 fn jobs_events_and_cancel() {
     let c = Catalog::open_in_memory().unwrap();
     let j = JobRecord {
-        id: "aaaa000000000001".into(),
+        id: "aaaa000000000001".parse().unwrap(),
         kind: "backup".into(),
         state: JobState::Queued,
         params: JobKind::Backup {
@@ -180,7 +180,7 @@ fn jobs_events_and_cancel() {
 fn a_batch_of_events_is_appended_in_order_or_not_at_all() {
     let c = Catalog::open_in_memory().unwrap();
     let job = |id: &str| JobRecord {
-        id: id.into(),
+        id: id.parse().unwrap(),
         kind: "prune".into(),
         state: JobState::Running,
         params: JobKind::Prune {
@@ -261,7 +261,7 @@ fn schedules_and_retention() {
 /// A job as the server records it, finished with `result`.
 fn prune_job(c: &Catalog, id: &str, result: &JobResult) {
     c.insert_job(&JobRecord {
-        id: id.into(),
+        id: id.parse().unwrap(),
         kind: "prune".into(),
         state: JobState::Queued,
         params: JobKind::Prune {
@@ -368,7 +368,7 @@ fn a_catalog_written_with_the_old_strings_reads_typed() {
     );
     // Strings are written back as they were.
     let again = BackupRecord {
-        id: "aaaa000000000002".into(),
+        id: "aaaa000000000002".parse().unwrap(),
         ..b.clone()
     };
     c.insert_backup(&again).unwrap();

@@ -298,7 +298,7 @@ fn demo(
     let (restored, restore_t) = job(
         &all,
         cairn_server::JobKind::Restore(cairn_server::restore::RestoreParams {
-            backup: newest.id.clone(),
+            backup: newest.id.to_string(),
             as_name: "vm1-restored".into(),
             host: None,
             start: false,

@@ -104,9 +104,9 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
     let b = s.catalog.backup(backup)?;
     let files = s.files()?;
     let indexed = files.backups();
-    if indexed.iter().any(|x| x.backup_id == b.id) {
+    if indexed.iter().any(|x| b.id == x.backup_id) {
         return Ok(JobResult::Index(IndexDone {
-            backup: b.id,
+            backup: b.id.to_string(),
             already_indexed: true,
             volumes: Vec::new(),
             files: 0,
@@ -163,7 +163,7 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
     let added = files
         .add_backup(
             &BackupMeta {
-                backup_id: b.id.clone(),
+                backup_id: b.id.to_string(),
                 vm: b.vm.clone(),
                 created_ms: b.created_ms,
                 parent,
@@ -176,7 +176,7 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
         added.files, added.records_new, added.records_shared, added.bytes_written
     ));
     Ok(JobResult::Index(IndexDone {
-        backup: b.id,
+        backup: b.id.to_string(),
         already_indexed: false,
         volumes: report,
         files: added.files,

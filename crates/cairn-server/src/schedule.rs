@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_api::server::{JobResult, PruneDone, PrunePlan};
+use cairn_api::server::{BackupId, JobResult, PruneDone, PrunePlan};
 use cairn_catalog::{Hold, Retention, Schedule, now_ms};
 use cairn_vault::maint::PruneOptions;
 
@@ -167,7 +167,7 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<PrunePlan> {
         .filter(|(_, k)| !**k)
         .map(|(b, _)| b)
         .collect();
-    let ids: Vec<String> = forget.iter().map(|b| b.id.clone()).collect();
+    let ids: Vec<BackupId> = forget.iter().map(|b| b.id.clone()).collect();
     if !dry_run && !forget.is_empty() {
         let vault = crate::vault::open(&s.config.vault)?;
         for b in &forget {
@@ -191,7 +191,7 @@ fn retain(ctx: &JobCtx<'_>, vm: &str, dry_run: bool) -> Result<PrunePlan> {
             }
             s.catalog.delete_backup(&b.id)?;
             if let Ok(files) = s.files()
-                && files.backups().iter().any(|x| x.backup_id == b.id)
+                && files.backups().iter().any(|x| b.id == x.backup_id)
                 && let Err(e) = files.remove_backup(&b.id)
             {
                 ctx.warn(format!("backup {}: file catalog entry kept: {e}", b.id));

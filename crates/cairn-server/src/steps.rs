@@ -23,11 +23,13 @@ use cairn_api::host::{
     SnapshotRequest, VmSnapshotId, VmSpec,
 };
 use cairn_api::manager::{DiskLocation, VmLocation, VmRunState};
-use cairn_api::server::{BackupKind, BackupSummary, DiskSummary, RdmMapping, UsageSample};
+use cairn_api::server::{
+    BackupId, BackupKind, BackupSummary, DiskSummary, RdmMapping, UsageSample,
+};
 use cairn_api::storage::{
     BackupJob, BackupRequest, BackupsRequest, DiskBackup, DiskBackupOutcome, DiskKind, DiskSource,
 };
-use cairn_catalog::{BackupDisk, BackupRecord, Hold, MetadataSnapshot, new_id, now_ms};
+use cairn_catalog::{BackupDisk, BackupRecord, Hold, MetadataSnapshot, now_ms};
 
 use crate::{JobCtx, Result, ServerError};
 
@@ -100,7 +102,7 @@ impl Parent {
 
 /// One backup in the making: its id and its metadata snapshot's timestamp id.
 pub struct BackupPoint {
-    pub id: String,
+    pub id: BackupId,
     pub meta: MetadataSnapshot,
 }
 
@@ -108,7 +110,7 @@ pub struct BackupPoint {
 /// timestamp id (the same the backup will carry).
 pub fn begin(ctx: &JobCtx<'_>, loc: &VmLocation) -> Result<BackupPoint> {
     let ts = crate::meta::timestamp_id();
-    let id = new_id();
+    let id = BackupId::random();
     let meta = metadata(ctx, loc, &ts)?;
     Ok(BackupPoint { id, meta })
 }

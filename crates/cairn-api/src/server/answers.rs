@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::ids::BackupId;
 use super::records::{BackupKind, Retention, TimestampId};
 use crate::host::{GuestStatus, Quiesce, VmId, VmSpec};
 use crate::manager::DiskLocation;
@@ -100,7 +101,7 @@ pub struct BackupsDone {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupSummary {
-    pub backup: String,
+    pub backup: BackupId,
     pub vm: String,
     pub kind: BackupKind,
     pub group: Option<String>,
@@ -155,7 +156,7 @@ pub struct VmSnapshotLifetime {
 pub struct RestoreDone {
     /// The new VM's name.
     pub vm: String,
-    pub from_backup: String,
+    pub from_backup: BackupId,
     pub host: String,
     pub disks: Vec<RestoredDisk>,
     /// The new VM's attributes.
@@ -197,7 +198,7 @@ pub struct PrunePlan {
     pub vm: String,
     /// `None`: the VM has no policy (and no default applies); nothing is forgotten.
     pub policy: Option<Retention>,
-    pub forget: Vec<String>,
+    pub forget: Vec<BackupId>,
     #[serde(default)]
     pub dry_run: bool,
 }

@@ -10,9 +10,11 @@
 //! | [`answers`] | the VM list, job results, file listings |
 
 pub mod answers;
+pub mod ids;
 pub mod records;
 
 pub use answers::*;
+pub use ids::{BackupId, JobId};
 pub use records::*;
 
 use serde::{Deserialize, Serialize};

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RestoreParams;
 use super::answers::JobResult;
+use super::ids::{BackupId, JobId};
 use crate::host::{CheckpointId, Quiesce, ResourceUsage, SnapshotKind, VmSpec};
 use crate::storage::{ChangeSource, LunId};
 
@@ -113,9 +114,9 @@ pub struct VmSummary {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRecord {
-    pub id: String,
+    pub id: BackupId,
     pub vm: String,
-    pub job_id: String,
+    pub job_id: JobId,
     pub kind: BackupKind,
     /// Set for the backups of one targeted (group) snapshot.
     pub group_id: Option<String>,
@@ -331,7 +332,7 @@ impl JobKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRecord {
-    pub id: String,
+    pub id: JobId,
     /// `backup`, `group_backup`, `restore`, `index`, `prune` ([`JobKind::name`]).
     pub kind: String,
     pub state: JobState,

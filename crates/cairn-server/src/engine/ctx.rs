@@ -2,6 +2,7 @@
 
 use std::sync::Mutex;
 
+use cairn_api::server::JobId;
 use cairn_catalog::{Hold, JobRecord};
 
 use super::{App, Engine, JobSpec};
@@ -12,7 +13,7 @@ pub struct JobCtx<'a, A> {
     /// The application the flow works for (the server's catalog, clients, stores).
     pub app: &'a A,
     /// The job's id.
-    pub id: String,
+    pub id: JobId,
     engine: &'a Engine<A>,
     holds: Mutex<Vec<Hold>>,
 }

@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
 
-use cairn_api::server::{JobKind, JobResult};
-use cairn_catalog::{Catalog, Hold, JobRecord, JobState, new_id, now_ms};
+use cairn_api::server::{JobId, JobKind, JobResult};
+use cairn_catalog::{Catalog, Hold, JobRecord, JobState, now_ms};
 
 use crate::{Result, ServerError};
 
@@ -139,7 +139,7 @@ impl<A: App> Engine<A> {
             }
         }
         let job = JobRecord {
-            id: new_id(),
+            id: JobId::random(),
             kind: spec.kind,
             state: JobState::Queued,
             params: spec.params,
@@ -155,7 +155,7 @@ impl<A: App> Engine<A> {
         };
         self.catalog.insert_job(&job)?;
         self.events.push(&job.id, "info", "queued");
-        self.push(job.id.clone());
+        self.push(job.id.to_string());
         Ok(job)
     }
 
@@ -289,7 +289,7 @@ pub fn recover<A: App>(app: &A) -> Result<()> {
             .set_job_state(&j.id, JobState::Failed, Some(msg), None)?;
     }
     for j in engine.catalog.jobs_in(JobState::Queued)? {
-        engine.push(j.id);
+        engine.push(j.id.into());
     }
     Ok(())
 }

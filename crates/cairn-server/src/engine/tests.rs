@@ -372,7 +372,7 @@ fn a_restart_fails_the_running_job_releases_its_holds_and_queues_the_queued_agai
     let path = dir.path().join("catalog.db");
     let catalog = Arc::new(Catalog::open(&path).unwrap());
     let record = |id: &str, state, holds| JobRecord {
-        id: id.into(),
+        id: id.parse().unwrap(),
         kind: "dummy".into(),
         state,
         params: JobKind::Index {

@@ -16,7 +16,7 @@ fn died_holding(dir: &std::path::Path) -> String {
     std::fs::create_dir_all(&state).unwrap();
     let catalog = Catalog::open(&state.join("catalog.db")).unwrap();
     let job = JobRecord {
-        id: cairn_catalog::new_id(),
+        id: cairn_api::server::JobId::random(),
         kind: "group_backup".into(),
         state: JobState::Running,
         params: backup(&["vm1"]),
@@ -40,7 +40,7 @@ fn died_holding(dir: &std::path::Path) -> String {
         events: None,
     };
     catalog.insert_job(&job).unwrap();
-    job.id
+    job.id.to_string()
 }
 
 fn fakes() -> (Arc<FakeManager>, Arc<FakeStorage>, Arc<FakeAgents>) {

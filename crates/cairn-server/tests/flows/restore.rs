@@ -15,7 +15,7 @@ fn backed_up() -> (Setup, String) {
     let j = s.run(backup(&["vm2"]));
     assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
     let id = s.server.catalog.latest_backup("vm2").unwrap().unwrap().id;
-    (s, id)
+    (s, id.to_string())
 }
 
 fn restore(backup: &str, as_name: &str, wait_boot_s: u64) -> JobKind {
