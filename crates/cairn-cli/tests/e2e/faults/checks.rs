@@ -85,12 +85,7 @@ pub fn check_invariants(
             "{units} storage-unit snapshots (steady state {steady_unit_snaps})"
         ));
     }
-    let now: Vec<Value> = s
-        .get_json::<Value>("/v1/backups?vm=vm1")
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone();
+    let now = backups(c);
     for id in committed {
         if !now.iter().any(|b| b["id"] == id.as_str()) {
             broken.push(format!("committed backup {id} is gone"));
@@ -196,12 +191,7 @@ pub fn check_restore(c: &Cluster, t: &std::path::Path, outcome: &str) -> Vec<Str
         }
     }
     remove_restored(c, t);
-    let newest = backups_of(c).pop().unwrap();
-    let j = submit(
-        &c.server.client(),
-        "/v1/restores",
-        json!({"backup": newest["id"], "as_name": "vm1-r", "start": false}),
-    );
+    let j = restore_newest(c, false);
     if j["state"] != "succeeded" {
         broken.push(format!("restore again: {}", j["error"]));
     }
@@ -212,7 +202,7 @@ pub fn check_restore(c: &Cluster, t: &std::path::Path, outcome: &str) -> Vec<Str
 /// After a prune row: the vault snapshots of the backups it pruned leave the vault (at
 /// once, or once the server or the vault is back). Problems found, if any.
 pub fn check_pruned(c: &Cluster, before: &[Value], kept: &[String]) -> Vec<String> {
-    let now: Vec<String> = backups_of(c)
+    let now: Vec<String> = backups(c)
         .iter()
         .map(|b| b["id"].as_str().unwrap().to_string())
         .collect();
@@ -253,7 +243,8 @@ pub fn check_pruned(c: &Cluster, before: &[Value], kept: &[String]) -> Vec<Strin
     broken
 }
 
-fn backups_of(c: &Cluster) -> Vec<Value> {
+/// vm1's backups as the server lists them, oldest first.
+pub fn backups(c: &Cluster) -> Vec<Value> {
     c.server
         .client()
         .get_json::<Value>("/v1/backups?vm=vm1")
@@ -261,4 +252,15 @@ fn backups_of(c: &Cluster) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
+}
+
+/// The body of a restore of vm1's newest backup as `vm1-r`.
+pub fn restore_body(c: &Cluster, start: bool) -> Value {
+    let newest = backups(c).pop().unwrap();
+    json!({"backup": newest["id"], "as_name": "vm1-r", "start": start})
+}
+
+/// Restores vm1's newest backup as `vm1-r`; the finished job.
+pub fn restore_newest(c: &Cluster, start: bool) -> Value {
+    submit(&c.server.client(), "/v1/restores", restore_body(c, start))
 }

@@ -394,7 +394,7 @@ fn fault_matrix() {
                 .put_json("/v1/retention/vm1", &json!({"keep_last": 1}))
                 .unwrap();
         }
-        let before: Vec<Value> = backups(&b.c.server.client());
+        let before: Vec<Value> = backups(&b.c);
         let mut committed: Vec<String> = before
             .iter()
             .map(|b| b["id"].as_str().unwrap().to_string())
@@ -482,14 +482,6 @@ fn fault_matrix() {
         .filter(|r| r.2 != "ok" && r.1 != "SKIPPED")
         .collect();
     assert!(bad.is_empty(), "rows with broken invariants: {bad:#?}");
-}
-
-fn backups(s: &cairn_http::Client) -> Vec<Value> {
-    s.get_json::<Value>("/v1/backups?vm=vm1")
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 fn jobs_running(s: &cairn_http::Client) -> bool {
@@ -681,17 +673,6 @@ fn held_backup(b: &mut Bench<'_>, pause_ms: u64) -> (cairn_http::Client, String)
     let id = j["id"].as_str().unwrap().to_string();
     wait_hold(&s, &id);
     (s, id)
-}
-
-/// The body of a restore of vm1's newest backup as `vm1-r`.
-fn restore_body(c: &Cluster, start: bool) -> Value {
-    let newest = backups(&c.server.client()).pop().unwrap(); // oldest first
-    json!({"backup": newest["id"], "as_name": "vm1-r", "start": start})
-}
-
-/// Restores vm1's newest backup as `vm1-r`, not started; the finished job.
-fn restore_newest(c: &Cluster, start: bool) -> Value {
-    submit(&c.server.client(), "/v1/restores", restore_body(c, start))
 }
 
 fn job_outcome(j: &Value) -> String {
