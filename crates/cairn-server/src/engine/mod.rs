@@ -75,7 +75,7 @@ pub struct Engine<A> {
     catalog: Arc<Catalog>,
     flows: BTreeMap<&'static str, Box<dyn Flow<A>>>,
     workers: usize,
-    queue: Mutex<VecDeque<String>>,
+    queue: Mutex<VecDeque<JobId>>,
     ready: Condvar,
     /// Serializes "check conflicts, then insert".
     admit: Mutex<()>,
@@ -155,7 +155,7 @@ impl<A: App> Engine<A> {
         };
         self.catalog.insert_job(&job)?;
         self.events.push(&job.id, "info", "queued");
-        self.push(job.id.to_string());
+        self.push(job.id.clone());
         Ok(job)
     }
 
@@ -183,7 +183,7 @@ impl<A: App> Engine<A> {
         (self.events.writes(), self.events.lines())
     }
 
-    fn push(&self, id: String) {
+    fn push(&self, id: JobId) {
         self.queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -191,7 +191,7 @@ impl<A: App> Engine<A> {
         self.ready.notify_one();
     }
 
-    fn pop(&self) -> String {
+    fn pop(&self) -> JobId {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(id) = q.pop_front() {
@@ -289,7 +289,7 @@ pub fn recover<A: App>(app: &A) -> Result<()> {
             .set_job_state(&j.id, JobState::Failed, Some(msg), None)?;
     }
     for j in engine.catalog.jobs_in(JobState::Queued)? {
-        engine.push(j.id.into());
+        engine.push(j.id);
     }
     Ok(())
 }
