@@ -5,19 +5,15 @@
 
 use serde::{Deserialize, Serialize};
 
-macro_rules! record_id {
-    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+/// A string id checked by `$valid` when parsed or deserialized; it borrows as its string.
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $expected:literal, $valid:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
         #[serde(transparent)]
         pub struct $name(String);
 
         impl $name {
-            /// A new random id.
-            pub fn random() -> Self {
-                Self(hex::encode(rand::random::<[u8; 8]>()))
-            }
-
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -45,11 +41,12 @@ macro_rules! record_id {
         impl std::str::FromStr for $name {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, String> {
-                if s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                let valid: fn(&str) -> bool = $valid;
+                if valid(s) {
                     Ok(Self(s.to_string()))
                 } else {
                     Err(format!(
-                        concat!("invalid ", $what, " id {:?}: expected 16 lowercase hex digits"),
+                        concat!("invalid ", $what, " id {:?}: expected ", $expected),
                         s.chars().take(40).collect::<String>()
                     ))
                 }
@@ -84,6 +81,25 @@ macro_rules! record_id {
         impl From<$name> for String {
             fn from(id: $name) -> String {
                 id.0
+            }
+        }
+    };
+}
+pub(crate) use string_id;
+
+fn hex16(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A record id: 16 lowercase hex digits, random when the record is made.
+macro_rules! record_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        string_id!($(#[$doc])* $name, $what, "16 lowercase hex digits", hex16);
+
+        impl $name {
+            /// A new random id.
+            pub fn random() -> Self {
+                Self(hex::encode(rand::random::<[u8; 8]>()))
             }
         }
     };

@@ -11,69 +11,29 @@ use super::ids::{BackupId, JobId};
 use crate::host::{CheckpointId, Quiesce, ResourceUsage, SnapshotKind, VmSpec};
 use crate::storage::{ChangeSource, LunId};
 
-/// Links a backup (its storage snapshots) to its paired metadata snapshot:
-/// `UNIXMILLIS-RRRR` — 13 decimal digits of the time it was taken and 4 lowercase hex digits
-/// of chance — so ids sort by time. Anything else does not parse (its error names it).
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct TimestampId(String);
+super::ids::string_id!(
+    /// Links a backup (its storage snapshots) to its paired metadata snapshot:
+    /// `UNIXMILLIS-RRRR` — 13 decimal digits of the time it was taken and 4 lowercase hex
+    /// digits of chance — so ids sort by time. Anything else does not parse (its error names
+    /// it).
+    TimestampId,
+    "timestamp",
+    "UNIXMILLIS-RRRR (13 digits, 4 hex digits)",
+    |s| {
+        s.len() == 18
+            && s.as_bytes()[13] == b'-'
+            && s[..13].bytes().all(|b| b.is_ascii_digit())
+            && s[14..]
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+);
 
 impl TimestampId {
     /// The id of a metadata snapshot taken at `unix_ms`, `chance` telling apart two taken in
     /// the same millisecond.
     pub fn new(unix_ms: u64, chance: u16) -> Self {
         Self(format!("{unix_ms:013}-{chance:04x}"))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Borrows as the string it is (file names, labels, SQL parameters).
-impl std::ops::Deref for TimestampId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for TimestampId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(&self.0)
-    }
-}
-
-impl std::fmt::Debug for TimestampId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TimestampId({})", self.0)
-    }
-}
-
-impl std::str::FromStr for TimestampId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let ok = s.len() == 18
-            && s.as_bytes()[13] == b'-'
-            && s[..13].bytes().all(|b| b.is_ascii_digit())
-            && s[14..]
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        if ok {
-            Ok(Self(s.to_string()))
-        } else {
-            Err(format!(
-                "invalid timestamp id {:?}: expected UNIXMILLIS-RRRR (13 digits, 4 hex digits)",
-                s.chars().take(40).collect::<String>()
-            ))
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for TimestampId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
