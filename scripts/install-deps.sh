@@ -28,6 +28,10 @@ set -euo pipefail
 #   ntfs-3g           mkntfs: NTFS test images for cairn-fs
 #   wimtools          wimlib-imagex capture/apply: fills NTFS test images without mounting
 #   fdisk             sfdisk: GPT and MBR partition tables on plain image files
+#   libvirt-*         libvirtd + virtlogd + virsh: the host agent's libvirt driver and its tests
+#   libvirt-dev       headers for the `libvirt` cargo feature (the `virt` crate links libvirt.so)
+#   pkg-config        how the `virt` crate's build finds libvirt
+#   virtnbdbackup     the peer the libvirt coexistence test and benchmark compare against
 CAIRN_APT_PACKAGES="
   qemu-utils
   qemu-system-x86
@@ -44,6 +48,12 @@ CAIRN_APT_PACKAGES="
   ntfs-3g
   wimtools
   fdisk
+  libvirt-daemon-system
+  libvirt-daemon-driver-qemu
+  libvirt-clients
+  libvirt-dev
+  pkg-config
+  virtnbdbackup
   ${CAIRN_EXTRA_APT_PACKAGES:-}
 "
 

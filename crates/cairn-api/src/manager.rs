@@ -98,6 +98,8 @@ pub enum VmRunState {
     Running,
     Unresponsive,
     Gone,
+    /// Defined but not running (a shut-off libvirt domain).
+    ShutOff,
 }
 
 impl VmRunState {
@@ -106,6 +108,7 @@ impl VmRunState {
             Self::Running => "running",
             Self::Unresponsive => "unresponsive",
             Self::Gone => "gone",
+            Self::ShutOff => "shut_off",
         }
     }
 }
@@ -122,6 +125,7 @@ impl From<&crate::host::VmState> for VmRunState {
             crate::host::VmState::Running { .. } => Self::Running,
             crate::host::VmState::Unresponsive { .. } => Self::Unresponsive,
             crate::host::VmState::Gone => Self::Gone,
+            crate::host::VmState::ShutOff => Self::ShutOff,
         }
     }
 }
@@ -138,6 +142,9 @@ pub struct VmLocation {
     /// The VM's configuration.
     pub spec: VmSpec,
     pub disks: Vec<DiskLocation>,
+    /// Who started the VM: Cairn, libvirt, or someone else's QEMU adopted over QMP.
+    #[serde(default)]
+    pub origin: crate::host::VmOrigin,
 }
 
 /// Answer of `DELETE /v1/agents/{kind}/{name}`.

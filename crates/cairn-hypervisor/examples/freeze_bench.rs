@@ -103,6 +103,7 @@ async fn main() {
         usage()
     };
     let spec = VmSpec {
+        domain_xml: None,
         name: "tiny-bench".into(),
         vcpus: 1,
         memory_mib: 256,

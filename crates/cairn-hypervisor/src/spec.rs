@@ -175,6 +175,7 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
+            domain_xml: None,
             name: "t".into(),
             vcpus: 2,
             memory_mib: 128,

@@ -340,6 +340,7 @@ fn locate(host: &str, v: VmInfo, storage: &[(String, DatastoreInfo)]) -> VmLocat
         state: VmRunState::from(&v.state),
         spec: v.spec.clone(),
         disks,
+        origin: v.handle.origin.clone(),
     }
 }
 
@@ -359,6 +360,7 @@ mod tests {
 
     fn vm(name: &str, id: &str, disks: &[(&str, &str)]) -> VmInfo {
         let spec = VmSpec {
+            domain_xml: None,
             name: name.into(),
             vcpus: 1,
             memory_mib: 64,

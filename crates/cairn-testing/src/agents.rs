@@ -19,6 +19,7 @@ use crate::{FakeStorage, Fault, Script, lock, not_found, refused};
 pub fn vm_info(spec: VmSpec, id: &str) -> VmInfo {
     VmInfo {
         handle: VmHandle {
+            origin: Default::default(),
             id: id.parse().expect("a VM id"),
             name: spec.name.clone(),
             pid: 1,

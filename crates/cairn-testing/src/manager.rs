@@ -26,11 +26,13 @@ const URL: &str = "https://manager.fake:1";
 pub fn vm_location(name: &str, host: &str, agent: &str, disks: &[&str]) -> VmLocation {
     let file = |d: &str| format!("{name}-{d}.qcow2");
     VmLocation {
+        origin: Default::default(),
         name: name.into(),
         host: host.into(),
         host_vm_id: "8000000000000001".parse().expect("an id"),
         state: VmRunState::Running,
         spec: VmSpec {
+            domain_xml: None,
             name: name.into(),
             vcpus: 1,
             memory_mib: 64,

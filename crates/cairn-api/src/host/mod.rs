@@ -39,6 +39,38 @@ pub enum VmState {
     Unresponsive { reason: String },
     /// The process is gone (crashed, killed, or the host rebooted).
     Gone,
+    /// Defined but not running (a shut-off libvirt domain): a backup reads its disks in place.
+    ShutOff,
+}
+
+/// Where a VM comes from, and so what the host agent may do with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
+pub enum VmOrigin {
+    /// Started by this host agent from its [`VmSpec`].
+    #[default]
+    Cairn,
+    /// A QEMU process Cairn did not start, adopted through its QMP socket. The host agent
+    /// never stops or kills it.
+    Adopted { qmp_socket: PathBuf },
+    /// A libvirt domain; the host agent talks to libvirt only, never to its QEMU directly.
+    Libvirt {
+        uri: String,
+        uuid: String,
+        /// Defined (survives a shutdown) rather than transient.
+        persistent: bool,
+    },
+}
+
+impl VmOrigin {
+    /// A short word for listings: `cairn`, `qmp` or `libvirt`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Cairn => "cairn",
+            Self::Adopted { .. } => "qmp",
+            Self::Libvirt { .. } => "libvirt",
+        }
+    }
 }
 
 /// A VM this driver manages.
@@ -51,6 +83,8 @@ pub struct VmHandle {
     pub qmp_socket: PathBuf,
     pub qga_socket: PathBuf,
     pub disks: Vec<VmDisk>,
+    #[serde(default)]
+    pub origin: VmOrigin,
 }
 
 /// [`VmHandle`] plus its state.

@@ -135,6 +135,10 @@ pub struct VmSpec {
     /// Start with the CPUs stopped (`-S`); `cont` starts them.
     #[serde(default)]
     pub start_paused: bool,
+    /// A libvirt domain's own configuration (its inactive domain XML), kept with the backup so
+    /// a restore defines the domain as libvirt knew it. The fields above are read from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_xml: Option<String>,
 }
 
 fn one() -> u32 {

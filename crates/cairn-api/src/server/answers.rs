@@ -18,6 +18,8 @@ pub enum VmListState {
     Running,
     Unresponsive,
     Gone,
+    /// Defined but not running (a shut-off libvirt domain).
+    ShutOff,
     /// No host runs it any more; its backups remain.
     Absent,
 }
@@ -28,6 +30,7 @@ impl VmListState {
             Self::Running => "running",
             Self::Unresponsive => "unresponsive",
             Self::Gone => "gone",
+            Self::ShutOff => "shut_off",
             Self::Absent => "absent",
         }
     }
@@ -39,6 +42,7 @@ impl From<crate::manager::VmRunState> for VmListState {
             crate::manager::VmRunState::Running => Self::Running,
             crate::manager::VmRunState::Unresponsive => Self::Unresponsive,
             crate::manager::VmRunState::Gone => Self::Gone,
+            crate::manager::VmRunState::ShutOff => Self::ShutOff,
         }
     }
 }
@@ -51,6 +55,9 @@ pub struct VmEntry {
     pub name: String,
     pub host: Option<String>,
     pub state: VmListState,
+    /// Who started the VM; absent for a VM no host runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<crate::host::VmOrigin>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -220,6 +220,7 @@ impl QemuDriver {
             qmp_socket: rec.qmp_socket.clone(),
             qga_socket: rec.qga_socket.clone(),
             disks: rec.disks.clone(),
+            origin: cairn_api::host::VmOrigin::Cairn,
         }
     }
 

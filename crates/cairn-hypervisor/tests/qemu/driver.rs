@@ -23,6 +23,7 @@ fn driver(state: &Path) -> QemuDriver {
 
 fn spec(disk: &Path, paused: bool) -> VmSpec {
     VmSpec {
+        domain_xml: None,
         name: "test-vm".into(),
         vcpus: 1,
         memory_mib: 128,

@@ -27,6 +27,7 @@ async fn vm_from_spec_boots_and_snapshots_with_guest_freeze() {
     let _reaper = VmReaper(tmp.path().join("state"));
     let disk = data_disk(tmp.path());
     let spec = VmSpec {
+        domain_xml: None,
         name: "tiny".into(),
         vcpus: 1,
         memory_mib: 256,

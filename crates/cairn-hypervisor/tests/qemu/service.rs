@@ -41,6 +41,7 @@ async fn start(
 
 fn spec(disk: &Path) -> VmSpec {
     VmSpec {
+        domain_xml: None,
         name: "agent-test".into(),
         vcpus: 1,
         memory_mib: 128,
