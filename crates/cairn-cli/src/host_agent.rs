@@ -20,11 +20,22 @@ pub struct HostAgentArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8444")]
     listen: SocketAddr,
+    /// Protect the domains of a libvirt daemon (default URI `qemu:///system`) instead of
+    /// running Cairn's own VMs. Needs libvirt's library (`libvirt0`) on this host.
+    #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "qemu:///system")]
+    libvirt: Option<String>,
+    /// With `--libvirt`: where backup jobs put their NBD socket and scratch images (default
+    /// `STATE/libvirt/scratch`; the socket path must stay under 108 bytes).
+    #[arg(long, requires = "libvirt")]
+    scratch_dir: Option<PathBuf>,
     #[command(flatten)]
     register: crate::register::ManagerArgs,
 }
 
 pub fn run(a: HostAgentArgs) -> Result<ExitCode> {
+    if let Some(uri) = a.libvirt.clone() {
+        return run_libvirt(a, uri);
+    }
     let state = a.state_dir;
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     let driver = QemuDriver::open(&state, QemuDriverOptions::default())
@@ -49,6 +60,42 @@ pub fn run(a: HostAgentArgs) -> Result<ExitCode> {
             eprintln!("host agent: {vms} VM(s) adopted, {cleared} snapshot(s) recovered");
             cairn_hypervisor::service::serve(HostAgentService::qemu(driver), a.listen, tls, token)
                 .await
+        },
+    )
+}
+
+/// `cairn host-agent --libvirt [URI]`: the same API over libvirt's domains.
+fn run_libvirt(a: HostAgentArgs, uri: String) -> Result<ExitCode> {
+    let state = a.state_dir;
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    let driver = cairn_libvirt::LibvirtDriver::open(cairn_libvirt::LibvirtOptions {
+        uri: uri.clone(),
+        state_dir: state.clone(),
+        scratch_dir: a.scratch_dir,
+    })
+    .with_context(|| format!("opening libvirt at {uri}"))?;
+    let creds = credentials(&state, None, None)?;
+    let announce =
+        crate::register::Announce::from_args(cairn_api::manager::AgentKind::Host, &a.register)?;
+    serve_registered(
+        "host agent",
+        creds,
+        announce,
+        move |tls, token| async move {
+            use cairn_hypervisor::HypervisorDriver;
+            let driver: Arc<dyn HypervisorDriver> = Arc::new(driver);
+            // Backup jobs a previous agent left are ended before anything is served.
+            let cleared = driver.recover().await.map_err(std::io::Error::other)?;
+            let vms = driver
+                .list_vms()
+                .await
+                .map_err(std::io::Error::other)?
+                .len();
+            eprintln!(
+                "host agent: libvirt {uri}: {vms} domain(s), {cleared} backup job(s) recovered"
+            );
+            let service = HostAgentService::new(driver, &state);
+            cairn_hypervisor::service::serve(service, a.listen, tls, token).await
         },
     )
 }

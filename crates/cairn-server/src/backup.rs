@@ -119,11 +119,22 @@ fn nbd_source(
         .iter()
         .find(|x| x.disk.id == d.disk)
         .ok_or_else(|| ServerError::Failed(format!("the VM snapshot lacks disk {}", d.disk)))?;
-    let VmDiskSource::Nbd { socket, export } = &sd.source else {
-        return Err(ServerError::Failed(format!(
-            "disk {}: expected an NBD export, got {:?}",
-            d.disk, sd.source
-        )));
+    let (socket, export) = match &sd.source {
+        VmDiskSource::Nbd { socket, export } => (socket, export),
+        // A shut-off VM: the storage agent reads the disk in place, comparing with the parent.
+        VmDiskSource::File { .. } => {
+            let (Some(datastore), Some(disk)) = (&d.datastore, &d.datastore_disk) else {
+                return Err(ServerError::Failed(format!(
+                    "disk {}: no datastore serves {}",
+                    d.disk,
+                    d.path.display()
+                )));
+            };
+            return Ok(DiskSource::InPlace {
+                datastore: datastore.clone(),
+                disk: disk.clone(),
+            });
+        }
     };
     let bitmap_context = match &sd.changes {
         Changes::Known(k) if parent.since.is_some() => k.meta_context.clone(),

@@ -40,7 +40,8 @@ pub fn locate(ctx: &JobCtx<'_>, vm: &str) -> Result<VmLocation> {
         .manager
         .vm(vm)
         .map_err(ServerError::call(format!("locate VM {vm}")))?;
-    if loc.state != VmRunState::Running {
+    // A shut-off (libvirt) VM is backed up from its disks in place.
+    if !matches!(loc.state, VmRunState::Running | VmRunState::ShutOff) {
         return Err(ServerError::Conflict(format!(
             "VM {vm} on host {} is {}",
             loc.host, loc.state

@@ -11,3 +11,4 @@ mod failures;
 mod faults;
 mod flows;
 mod harness;
+mod libvirt;

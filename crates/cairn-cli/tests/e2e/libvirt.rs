@@ -1,0 +1,411 @@
+//! libvirt domains end to end. The test starts `virtlogd` and `libvirtd` itself as daemons
+//! with pid files (no systemd on these machines) and stops them by pid; it defines a domain
+//! with `virsh` from XML as an operator would (TCG, the tiny guest with `qemu-ga`), and drives
+//! every flow through real `cairn` processes whose host agent runs `--libvirt`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const URI: &str = "qemu:///system";
+
+/// `virsh -c qemu:///system ARGS`: success and stdout (stderr appended on failure).
+pub fn virsh(args: &[&str]) -> (bool, String) {
+    match Command::new("virsh").arg("-c").arg(URI).args(args).output() {
+        Ok(o) => {
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            if !o.status.success() {
+                text.push_str(&String::from_utf8_lossy(&o.stderr));
+            }
+            (o.status.success(), text)
+        }
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// libvirtd and virtlogd for one test; stopped by pid on drop when this test started them.
+pub struct Libvirtd {
+    pid_files: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Libvirtd {
+    pub fn start() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        if virsh(&["version"]).0 {
+            eprintln!("e2e: using the libvirtd that already runs");
+            return Some(Self {
+                pid_files: Vec::new(),
+                _dir: dir,
+            });
+        }
+        let mut pid_files = Vec::new();
+        for daemon in ["virtlogd", "libvirtd"] {
+            let pid = dir.path().join(format!("{daemon}.pid"));
+            let ok = Command::new(daemon)
+                .arg("-d")
+                .arg("-p")
+                .arg(&pid)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                skip_or_fail(&format!(
+                    "{daemon} cannot start (scripts/install-deps.sh installs it)"
+                ));
+                return None;
+            }
+            pid_files.push(pid);
+        }
+        let me = Self {
+            pid_files,
+            _dir: dir,
+        };
+        let t0 = Instant::now();
+        while !virsh(&["version"]).0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "libvirtd never answered"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(me)
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        // libvirtd first: it holds virtlogd's socket.
+        for f in self.pid_files.iter().rev() {
+            let Ok(pid) = std::fs::read_to_string(f) else {
+                continue;
+            };
+            let pid = pid.trim().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let t0 = Instant::now();
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && t0.elapsed() < Duration::from_secs(15)
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// A domain this test defined: destroyed and undefined on drop.
+pub struct Domain(pub String);
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.0]);
+        let _ = virsh(&[
+            "undefine",
+            "--checkpoints-metadata",
+            "--snapshots-metadata",
+            &self.0,
+        ]);
+    }
+}
+
+/// The domain XML of a tiny TCG guest with a guest agent channel and one disk.
+pub fn domain_xml(name: &str, guest: &Path, disk: &Path, mac: &str) -> String {
+    format!(
+        "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>192</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{KERNEL_APPEND}</cmdline>
+  </os>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <interface type='user'><mac address='{mac}'/><model type='virtio'/></interface>
+  </devices>
+</domain>
+",
+        kernel = guest.join("vmlinux").display(),
+        initrd = guest.join("initrd.gz").display(),
+        disk = disk.display(),
+    )
+}
+
+/// Defines the domain with virsh and starts it; waits for its guest agent.
+pub fn define_and_boot(dir: &Path, name: &str, xml: &str) -> Domain {
+    let file = dir.join(format!("{name}.xml"));
+    std::fs::write(&file, xml).unwrap();
+    let (ok, out) = virsh(&["define", file.to_str().unwrap()]);
+    assert!(ok, "virsh define: {out}");
+    let d = Domain(name.into());
+    let (ok, out) = virsh(&["start", name]);
+    assert!(ok, "virsh start: {out}");
+    wait_agent(name);
+    d
+}
+
+pub fn wait_agent(name: &str) {
+    let t0 = Instant::now();
+    while !virsh(&["qemu-agent-command", name, r#"{"execute":"guest-ping"}"#]).0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{name}: no guest agent"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Runs `shell` in the guest through libvirt's agent channel; its exit code.
+pub fn guest_sh(name: &str, shell: &str) -> i64 {
+    let cmd = json!({"execute": "guest-exec", "arguments": {
+        "path": "/bin/sh", "arg": ["-c", shell], "capture-output": true}});
+    let (ok, out) = virsh(&["qemu-agent-command", name, &cmd.to_string()]);
+    assert!(ok, "guest-exec: {out}");
+    let pid = serde_json::from_str::<Value>(&out).unwrap()["return"]["pid"].clone();
+    let t0 = Instant::now();
+    loop {
+        let st = json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
+        let (ok, out) = virsh(&["qemu-agent-command", name, &st.to_string()]);
+        assert!(ok, "guest-exec-status: {out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        if v["return"]["exited"] == true {
+            return v["return"]["exitcode"].as_i64().unwrap_or(-1);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "guest command hangs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `qemu-img compare` of two images' guest-visible content (shared locks: a domain may run).
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    out.status.success()
+}
+
+/// A copy of `disk` as it is now (the domain paused or off).
+pub fn copy_of(disk: &Path, to: &Path) {
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "qcow2"])
+        .arg(disk)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+fn backup(s: &cairn_http::Client, vm: &str) -> Value {
+    let j = submit(s, "/v1/backups", json!({ "vms": [vm] }));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    j["result"]["backups"][0].clone()
+}
+
+/// Restores `backup` as `as_name` without starting it; the restored disk's path.
+fn restore_disk(s: &cairn_http::Client, backup: &Value, as_name: &str) -> PathBuf {
+    let j = submit(
+        s,
+        "/v1/restores",
+        json!({"backup": backup["backup"], "as_name": as_name, "start": false}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    PathBuf::from(j["result"]["disks"][0]["path"].as_str().unwrap())
+}
+
+/// Cairn's checkpoints of a domain, per `virsh checkpoint-list --name`.
+fn cairn_checkpoints(name: &str) -> Vec<String> {
+    let (ok, out) = virsh(&["checkpoint-list", name, "--name"]);
+    assert!(ok, "{out}");
+    out.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("cairn-"))
+        .map(String::from)
+        .collect()
+}
+
+/// Nothing of a backup job is left: no libvirt job, no scratch directory.
+fn assert_no_leftovers(t: &Path, name: &str) {
+    let (_, job) = virsh(&["domjobinfo", name]);
+    assert!(
+        job.lines()
+            .any(|l| l.starts_with("Job type:") && l.contains("None"))
+            || !job.contains("Backup"),
+        "a job is left: {job}"
+    );
+    let scratch = t.join("host/libvirt/scratch");
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().flatten().collect();
+    assert!(left.is_empty(), "scratch left: {left:?}");
+    let flights: Vec<_> = std::fs::read_dir(t.join("host/libvirt/flights"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(flights.is_empty(), "journal left: {flights:?}");
+}
+
+#[test]
+fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
+    let Some(g) = guest_test() else { return };
+    let Some(_libvirtd) = Libvirtd::start() else {
+        return;
+    };
+    let t = g.tmp.path();
+    // QEMU runs as libvirt's unprivileged user: it must reach the disks.
+    std::fs::set_permissions(t, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = |s: &str| t.join(s).display().to_string();
+    std::fs::create_dir_all(t.join("ds")).unwrap();
+    let name = format!("cairn-e2e-{:08x}", rand::random::<u32>());
+    let src = disk(t, &name);
+    let _dom = define_and_boot(
+        t,
+        &name,
+        &domain_xml(&name, &g.guest, &src, "52:54:00:3a:00:01"),
+    );
+
+    let cluster = Cluster::start_with(t, &p("vault"), false, &["--libvirt", URI]);
+    let s = cluster.server.client();
+
+    // The domain is listed, from libvirt, with its disk on the storage agent.
+    let vms: Value = s.get_json("/v1/vms").unwrap();
+    let vm = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{name} not listed: {vms}"));
+    assert_eq!(vm["origin"]["type"], "libvirt", "{vm}");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["disks"][0]["storage_agent"], "s1", "{vm}");
+
+    // 1. A full backup of the running domain, quiesced through its guest agent.
+    let full = backup(&s, &name);
+    assert_eq!(full["kind"], "full", "{full}");
+    assert_eq!(full["quiesce"], "guest_freeze", "{full}");
+    assert_no_leftovers(t, &name);
+    let restored = restore_disk(&s, &full, "lv-full");
+    let raw = t.join("full.raw");
+    assert!(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&restored)
+            .arg(&raw)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "the frozen point is a clean file system: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+
+    // 2. The guest writes; with its CPUs paused (nothing changes), an incremental reads only
+    //    the blocks libvirt's checkpoint recorded, and restores bit-exact.
+    assert_eq!(
+        guest_sh(
+            &name,
+            "dd if=/dev/urandom of=/mnt/new.bin bs=1M count=2 2>/dev/null && sync"
+        ),
+        0
+    );
+    assert!(virsh(&["suspend", &name]).0);
+    let inc = backup(&s, &name);
+    let at_inc = t.join("at-inc.qcow2");
+    copy_of(&src, &at_inc);
+    assert!(virsh(&["resume", &name]).0);
+    assert_eq!(inc["kind"], "incremental", "{inc}");
+    assert_eq!(
+        inc["disks"][0]["change_source"], "hypervisor_bitmap",
+        "{inc}"
+    );
+    let read = inc["bytes_read"].as_i64().unwrap();
+    assert!(
+        read < 8 << 20,
+        "read {read} B of a 32 MiB disk for 2 MiB written: {inc}"
+    );
+    assert_no_leftovers(t, &name);
+    let restored_inc = restore_disk(&s, &inc, "lv-inc");
+    assert!(
+        same_content(&restored_inc, &at_inc),
+        "incremental restore differs"
+    );
+    // Cairn keeps at most the checkpoint it read from and the one it made.
+    let cps = cairn_checkpoints(&name);
+    assert!(!cps.is_empty() && cps.len() <= 2, "{cps:?}");
+
+    // 3. A checkpoint libvirt lost (its metadata deleted) is redefined from the kept XML: the
+    //    next backup is still incremental.
+    let newest = cps.last().unwrap().clone();
+    let (ok, out) = virsh(&["checkpoint-delete", &name, &newest, "--metadata"]);
+    assert!(ok, "{out}");
+    assert_eq!(guest_sh(&name, "echo more >> /mnt/new.bin && sync"), 0);
+    let again = backup(&s, &name);
+    assert_eq!(again["kind"], "incremental", "{again}");
+    assert_eq!(
+        again["disks"][0]["change_source"], "hypervisor_bitmap",
+        "{again}"
+    );
+
+    // 4. Shut off: backed up from the disk file in place, without starting the domain.
+    assert!(virsh(&["destroy", &name]).0);
+    let off = backup(&s, &name);
+    let (_, state) = virsh(&["domstate", &name]);
+    assert!(state.contains("shut off"), "{state}");
+    assert_eq!(off["quiesce"], "none", "{off}");
+    let restored_off = restore_disk(&s, &off, "lv-off");
+    assert!(
+        same_content(&restored_off, &src),
+        "shut-off restore differs"
+    );
+
+    // 5. Restore as a new domain: a new name, UUID and MAC, its disk in the datastore; it boots.
+    let new_name = format!("{name}-copy");
+    let j = submit(
+        &s,
+        "/v1/restores",
+        json!({"backup": inc["backup"], "as_name": new_name, "start": true}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let _copy = Domain(new_name.clone());
+    let (ok, xml) = virsh(&["dumpxml", &new_name]);
+    assert!(ok, "{xml}");
+    assert!(
+        !xml.contains("52:54:00:3a:00:01"),
+        "the MAC was kept: {xml}"
+    );
+    let (_, uuid_old) = virsh(&["domuuid", &name]);
+    let (_, uuid_new) = virsh(&["domuuid", &new_name]);
+    assert_ne!(uuid_old.trim(), uuid_new.trim());
+    let disk_new = j["result"]["disks"][0]["path"].as_str().unwrap();
+    assert!(xml.contains(disk_new), "{xml}");
+    wait_agent(&new_name);
+    assert_eq!(guest_sh(&new_name, "test -f /mnt/new.bin"), 0);
+}

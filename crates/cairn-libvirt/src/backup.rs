@@ -1,0 +1,618 @@
+//! VM snapshots of libvirt domains: libvirt's pull-mode backup job for a running domain,
+//! the disk files in place for a shut-off one, and the checkpoint chain between backups.
+//!
+//! A running domain's snapshot is one `virDomainBackupBegin`: libvirt starts an NBD server on a
+//! unix socket in a private directory, exports each disk at the point in time the job began
+//! (copy-before-write into a scratch image), and, in the same step, creates the checkpoint
+//! `cairn-<id>` (a persistent bitmap on each qcow2 disk). The guest is quiesced only around
+//! that call. Ending the job (`virDomainAbortJob`) drops the exports and the scratch images.
+//!
+//! Checkpoint hygiene: Cairn touches only checkpoints named with its own prefix. When a
+//! snapshot is deleted, Cairn's checkpoints other than the one it read from and the one it made
+//! are deleted; libvirt then merges their bitmaps into their parents, so other tools'
+//! checkpoints (virtnbdbackup's) keep their meaning, and theirs never break Cairn's. A
+//! checkpoint libvirt no longer knows is redefined from the XML kept when it was made; when
+//! that fails, or the disk was resized, or libvirt refuses the incremental job, the disk is
+//! read whole and the snapshot says why ([`Changes::Unknown`]): a lost chain never fails a
+//! backup.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_api::host::{
+    CHECKPOINT_PREFIX, DiskSnapshot, DiskSource, KnownChanges, Quiesce, QuiescePolicy,
+    SnapshotKind, TEMP_PREFIX, UnknownReason, VmSnapshot,
+};
+use cairn_hypervisor::driver::{Changes, DriverError, SnapshotOptions};
+use cairn_hypervisor::spec::{CheckpointId, VmId, VmSnapshotId};
+
+use crate::driver::{Inner, failed, io_err, ms_since, vm_disks};
+use crate::ffi::{self, Domain};
+use crate::journal::Flight;
+use crate::xml::{self, BackupDisk, DomainXml, XmlDisk};
+
+/// Bitmap granularity libvirt uses for checkpoints it creates on qcow2 disks (QEMU's default).
+const BITMAP_GRANULARITY: u64 = 64 * 1024;
+/// The longest unix socket path (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+fn now_ms() -> u64 {
+    u64::try_from(cairn_types::now_ms()).unwrap_or(0)
+}
+
+fn libvirt_state(d: &Domain) -> Result<i32, DriverError> {
+    Ok(d.state().map_err(failed("domain state"))?.0)
+}
+
+/// Takes a VM snapshot of domain `vm`.
+pub fn snapshot(inner: &Inner, vm: VmId, o: &SnapshotOptions) -> Result<VmSnapshot, DriverError> {
+    if o.kind != SnapshotKind::Fleecing {
+        return Err(DriverError::Failed {
+            what: format!("{} snapshot of VM {vm}", o.kind),
+            reason: "libvirt domains take fleecing (pull-mode backup) snapshots only".into(),
+        });
+    }
+    {
+        let flights = inner.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = flights.values().find(|f| f.vm == vm) {
+            return Err(DriverError::SnapshotInProgress { vm, snapshot: f.id });
+        }
+    }
+    let conn = inner.conn()?;
+    let dom = inner.domain(&conn, vm)?;
+    let uuid = dom.uuid().map_err(failed("domain uuid"))?;
+    let live = xml::parse(&dom.xml(0).map_err(failed("domain XML"))?).map_err(|e| {
+        DriverError::Failed {
+            what: format!("libvirt: domain {uuid}"),
+            reason: e.to_string(),
+        }
+    })?;
+    let st = libvirt_state(&dom)?;
+    let snap = if matches!(st, ffi::state::SHUTOFF | ffi::state::CRASHED) {
+        offline(inner, vm, &uuid, &live, o)?
+    } else {
+        online(inner, &dom, vm, &uuid, &live, st, o)?
+    };
+    Ok(snap)
+}
+
+/// A shut-off domain: its disks are read in place; nothing runs that could change them.
+fn offline(
+    inner: &Inner,
+    vm: VmId,
+    uuid: &str,
+    live: &DomainXml,
+    o: &SnapshotOptions,
+) -> Result<VmSnapshot, DriverError> {
+    let id = VmSnapshotId::random();
+    let reason = match o.since {
+        Some(_) => UnknownReason::BitmapMissing,
+        None => UnknownReason::NoPreviousCheckpoint,
+    };
+    let mut disks = Vec::new();
+    for d in vm_disks(live) {
+        let (path, format) = match &d.backing {
+            cairn_api::host::DiskBacking::Image { path, format } => (path.clone(), *format),
+            cairn_api::host::DiskBacking::RawDevice { path, .. } => {
+                (path.clone(), cairn_types::DiskFormat::Raw)
+            }
+        };
+        let size = image_size(&path, format)?;
+        disks.push(DiskSnapshot {
+            disk: d,
+            size,
+            source: DiskSource::File {
+                path,
+                format: format.as_str().into(),
+            },
+            changes: Changes::Unknown { reason },
+        });
+    }
+    let flight = Flight {
+        id,
+        vm,
+        uuid: uuid.into(),
+        dir: None,
+        checkpoint: None,
+        since: None,
+        created_at_ms: now_ms(),
+    };
+    inner
+        .flights
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, flight.clone());
+    Ok(VmSnapshot {
+        id,
+        vm,
+        kind: SnapshotKind::Fleecing,
+        quiesce: Quiesce::None,
+        quiesce_window_ms: 0,
+        checkpoint: None,
+        created_at_ms: flight.created_at_ms,
+        disks,
+    })
+}
+
+/// The virtual size of an image file, from `qemu-img info` (qcow2) or its length (raw).
+fn image_size(path: &Path, format: cairn_types::DiskFormat) -> Result<u64, DriverError> {
+    if format == cairn_types::DiskFormat::Raw {
+        use std::io::Seek;
+        // The end of a block device or a file alike.
+        let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+        return f.seek(std::io::SeekFrom::End(0)).map_err(io_err(path));
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .output()
+        .map_err(io_err(path))?;
+    if !out.status.success() {
+        return Err(DriverError::Tool {
+            program: "qemu-img info".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+        });
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|source| DriverError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    v["virtual-size"].as_u64().ok_or_else(|| DriverError::Tool {
+        program: "qemu-img info".into(),
+        stderr: "no virtual-size".into(),
+    })
+}
+
+/// Whether disk `d` can be read incrementally since checkpoint `name`, and if not, why.
+fn incremental_since(
+    inner: &Inner,
+    dom: &Domain,
+    uuid: &str,
+    name: &str,
+    d: &XmlDisk,
+) -> Result<(), UnknownReason> {
+    if !d.has_bitmaps() {
+        return Err(UnknownReason::BitmapMissing);
+    }
+    ensure_checkpoint(inner, dom, uuid, name)?;
+    if let Some(sizes) = inner.journal.checkpoint_sizes(uuid, name) {
+        let now = dom.disk_capacity(&d.target).ok();
+        match (sizes.get(&d.target), now) {
+            (Some(then), Some(now)) if *then != now => return Err(UnknownReason::DiskResized),
+            (None, _) => return Err(UnknownReason::BitmapMissing),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure libvirt knows checkpoint `name`, redefining it from its kept XML when it lost it.
+fn ensure_checkpoint(
+    inner: &Inner,
+    dom: &Domain,
+    uuid: &str,
+    name: &str,
+) -> Result<(), UnknownReason> {
+    match dom.checkpoint(name) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.code == ffi::ERR_NO_DOMAIN_CHECKPOINT => {}
+        Err(e) => {
+            tracing::warn!("checkpoint {name} of {uuid}: {e}");
+            return Err(UnknownReason::BitmapMissing);
+        }
+    }
+    let Some(saved) = inner.journal.checkpoint_xml(uuid, name) else {
+        return Err(UnknownReason::BitmapMissing);
+    };
+    let flags = ffi::CHECKPOINT_REDEFINE | ffi::CHECKPOINT_REDEFINE_VALIDATE;
+    match dom.create_checkpoint(&saved, flags) {
+        Ok(_) => {
+            tracing::info!("libvirt had lost checkpoint {name} of {uuid}: redefined it");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!("checkpoint {name} of {uuid} cannot be redefined: {e}");
+            inner.journal.drop_checkpoint(uuid, name);
+            Err(UnknownReason::BitmapInconsistent)
+        }
+    }
+}
+
+/// The private directory of one backup job: owned by the user QEMU runs as (it creates the
+/// socket there), closed to everyone else.
+fn job_dir(inner: &Inner, id: VmSnapshotId, live: &DomainXml) -> Result<PathBuf, DriverError> {
+    let dir = inner.scratch_dir.join(format!("{TEMP_PREFIX}-{id}"));
+    let socket = dir.join("nbd.sock");
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(DriverError::Failed {
+            what: "libvirt backup job".into(),
+            reason: format!(
+                "socket path {} is longer than {MAX_SOCKET_PATH} bytes: choose a shorter --scratch-dir",
+                socket.display()
+            ),
+        });
+    }
+    std::fs::create_dir(&dir).map_err(io_err(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
+    if let Some((uid, gid)) = live.dac_label {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(io_err(&dir))?;
+    }
+    Ok(dir)
+}
+
+/// Undoes a quiesce; errors are logged (the snapshot stands, the guest must not stay frozen).
+enum Undo {
+    Nothing,
+    Thaw,
+    Resume,
+}
+
+fn quiesce(dom: &Domain, st: i32, o: &SnapshotOptions) -> (Quiesce, Undo) {
+    let cpus_running = matches!(st, ffi::state::RUNNING | ffi::state::BLOCKED);
+    let pause = || match cpus_running && dom.suspend().is_ok() {
+        true => (Quiesce::Pause, Undo::Resume),
+        false => (Quiesce::None, Undo::Nothing),
+    };
+    match o.quiesce {
+        QuiescePolicy::None => (Quiesce::None, Undo::Nothing),
+        QuiescePolicy::PauseOnly => pause(),
+        QuiescePolicy::Auto if !cpus_running => (Quiesce::None, Undo::Nothing),
+        QuiescePolicy::Auto => {
+            let secs = |d: Duration| i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX);
+            let reached = dom.set_agent_timeout(secs(o.agent_timeout)).is_ok()
+                && dom.agent_ping().is_ok()
+                && dom.set_agent_timeout(secs(o.freeze_timeout)).is_ok();
+            let frozen = reached && dom.fs_freeze().is_ok();
+            let _ = dom.set_agent_timeout(-1);
+            if frozen {
+                (Quiesce::GuestFreeze, Undo::Thaw)
+            } else {
+                tracing::info!("guest agent did not freeze the file systems: pausing instead");
+                pause()
+            }
+        }
+    }
+}
+
+fn undo(dom: &Domain, u: Undo) {
+    let r = match u {
+        Undo::Nothing => Ok(()),
+        Undo::Thaw => dom.fs_thaw(),
+        Undo::Resume => dom.resume(),
+    };
+    if let Err(e) = r {
+        tracing::error!("could not undo the quiesce: {e}");
+    }
+}
+
+/// A running (or paused) domain: one pull-mode backup job and its checkpoint.
+fn online(
+    inner: &Inner,
+    dom: &Domain,
+    vm: VmId,
+    uuid: &str,
+    live: &DomainXml,
+    st: i32,
+    o: &SnapshotOptions,
+) -> Result<VmSnapshot, DriverError> {
+    let id = VmSnapshotId::random();
+    let targets: Vec<String> = live.disks.iter().map(|d| d.target.clone()).collect();
+    let disks: Vec<&XmlDisk> = live.protectable().filter(|d| d.path().is_some()).collect();
+    let since = o.since.map(|c| c.bitmap_name());
+    // Per disk: read incrementally, or whole and why.
+    let mut plan: Vec<(&XmlDisk, Result<String, UnknownReason>)> = Vec::new();
+    for d in &disks {
+        let how = match &since {
+            None => Err(UnknownReason::NoPreviousCheckpoint),
+            Some(name) => incremental_since(inner, dom, uuid, name, d).map(|()| name.clone()),
+        };
+        plan.push((d, how));
+    }
+    let dirty = since
+        .as_ref()
+        .and_then(|n| dom.checkpoint(n).ok())
+        .and_then(|c| {
+            c.xml(ffi::CHECKPOINT_XML_SIZE | ffi::CHECKPOINT_XML_NO_DOMAIN)
+                .ok()
+        })
+        .map(|x| xml::checkpoint_sizes(&x))
+        .unwrap_or_default();
+    let bitmap_disks: Vec<String> = disks
+        .iter()
+        .filter(|d| d.has_bitmaps())
+        .map(|d| d.target.clone())
+        .collect();
+    let checkpoint = (!bitmap_disks.is_empty()).then(CheckpointId::random);
+    let dir = job_dir(inner, id, live)?;
+    let flight = Flight {
+        id,
+        vm,
+        uuid: uuid.into(),
+        dir: Some(dir.clone()),
+        checkpoint: checkpoint.map(|c| c.bitmap_name()),
+        since: since.clone(),
+        created_at_ms: now_ms(),
+    };
+    inner.journal.record(&flight)?;
+    let result = begin(dom, st, o, &dir, &plan, &targets, checkpoint, &bitmap_disks);
+    let (quiesce, window, plan) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = inner.journal.forget(&flight);
+            return Err(e);
+        }
+    };
+    if let (Some(cp), Some(name)) = (checkpoint, &flight.checkpoint) {
+        keep_checkpoint(inner, dom, uuid, name, &bitmap_disks);
+        tracing::debug!("checkpoint {cp} made");
+    }
+    let socket = dir.join("nbd.sock");
+    let mut out = Vec::new();
+    let vm_disks = vm_disks(live);
+    for (d, how) in &plan {
+        let Some(disk) = vm_disks.iter().find(|v| v.id == d.target).cloned() else {
+            continue;
+        };
+        let size = dom
+            .disk_capacity(&d.target)
+            .map_err(failed(format!("size of disk {}", d.target)))?;
+        let changes = match how {
+            Ok(name) => Changes::Known(KnownChanges {
+                bitmaps: vec![name.clone()],
+                export_bitmap: Some(export_bitmap(&d.target)),
+                meta_context: Some(format!("qemu:dirty-bitmap:{}", export_bitmap(&d.target))),
+                dirty_bytes: dirty
+                    .iter()
+                    .find(|(t, _)| t == &d.target)
+                    .map_or(size, |(_, n)| *n),
+                granularity: BITMAP_GRANULARITY,
+            }),
+            Err(reason) => Changes::Unknown { reason: *reason },
+        };
+        out.push(DiskSnapshot {
+            disk,
+            size,
+            source: DiskSource::Nbd {
+                socket: socket.clone(),
+                export: d.target.clone(),
+            },
+            changes,
+        });
+    }
+    inner
+        .flights
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, flight.clone());
+    Ok(VmSnapshot {
+        id,
+        vm,
+        kind: SnapshotKind::Fleecing,
+        quiesce,
+        quiesce_window_ms: window,
+        checkpoint,
+        created_at_ms: flight.created_at_ms,
+        disks: out,
+    })
+}
+
+fn export_bitmap(target: &str) -> String {
+    format!("{TEMP_PREFIX}-{target}")
+}
+
+type Plan<'a> = Vec<(&'a XmlDisk, Result<String, UnknownReason>)>;
+
+/// Quiesces, begins the job, undoes the quiesce. When libvirt refuses the incremental job
+/// (a bitmap it lists is gone or inconsistent), begins a full one instead.
+#[allow(clippy::too_many_arguments)]
+fn begin<'a>(
+    dom: &Domain,
+    st: i32,
+    o: &SnapshotOptions,
+    dir: &Path,
+    plan: &Plan<'a>,
+    targets: &[String],
+    checkpoint: Option<CheckpointId>,
+    bitmap_disks: &[String],
+) -> Result<(Quiesce, u64, Plan<'a>), DriverError> {
+    let socket = dir.join("nbd.sock");
+    let job = |plan: &Plan<'_>| {
+        let disks: Vec<BackupDisk> = plan
+            .iter()
+            .map(|(d, how)| BackupDisk {
+                target: d.target.clone(),
+                incremental: how.as_ref().ok().cloned(),
+                scratch: dir.join(format!("{}.qcow2", d.target)),
+                export_bitmap: export_bitmap(&d.target),
+            })
+            .collect();
+        xml::backup_xml(&socket, &disks, targets)
+    };
+    let cp_xml = checkpoint.map(|c| xml::checkpoint_xml(&c.bitmap_name(), bitmap_disks, targets));
+    let started = Instant::now();
+    let (q, u) = quiesce(dom, st, o);
+    let mut r = dom.backup_begin(&job(plan), cp_xml.as_deref());
+    let mut plan = plan.clone();
+    if let Err(e) = &r
+        && plan.iter().any(|(_, how)| how.is_ok())
+    {
+        tracing::warn!(
+            "libvirt refused the incremental backup job ({e}): reading every disk whole"
+        );
+        for (_, how) in plan.iter_mut() {
+            if how.is_ok() {
+                *how = Err(UnknownReason::BitmapInconsistent);
+            }
+        }
+        r = dom.backup_begin(&job(&plan), cp_xml.as_deref());
+    }
+    undo(dom, u);
+    let window = ms_since(started);
+    r.map_err(failed("begin the backup job"))?;
+    Ok((q, window, plan))
+}
+
+/// Keeps the new checkpoint's XML and its disks' sizes for a later redefine or resize check.
+fn keep_checkpoint(inner: &Inner, dom: &Domain, uuid: &str, name: &str, disks: &[String]) {
+    let xml = dom.checkpoint(name).and_then(|c| c.xml(0));
+    let sizes: BTreeMap<String, u64> = disks
+        .iter()
+        .filter_map(|t| Some((t.clone(), dom.disk_capacity(t).ok()?)))
+        .collect();
+    match xml {
+        Ok(x) => {
+            if let Err(e) = inner.journal.save_checkpoint(uuid, name, &x, &sizes) {
+                tracing::warn!("checkpoint {name} of {uuid} not kept: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("checkpoint {name} of {uuid}: {e}"),
+    }
+}
+
+/// Ends a snapshot: the backup job, its directory, and Cairn's checkpoints it no longer needs.
+pub fn delete(inner: &Inner, snap: &VmSnapshot) -> Result<u64, DriverError> {
+    let flight = inner
+        .flights
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&snap.id)
+        .ok_or(DriverError::UnknownSnapshot(snap.id))?;
+    let result = end_flight(inner, &flight);
+    if let Err(e) = &result {
+        // Keep it, so a retry (or recover) can finish the teardown.
+        inner
+            .flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(flight.id, flight.clone());
+        tracing::warn!("snapshot {}: {e}", flight.id);
+    }
+    result?;
+    Ok(now_ms().saturating_sub(flight.created_at_ms))
+}
+
+fn end_flight(inner: &Inner, f: &Flight) -> Result<(), DriverError> {
+    let Some(dir) = &f.dir else {
+        return Ok(());
+    };
+    let conn = inner.conn()?;
+    match conn.domain_by_uuid(&f.uuid) {
+        Ok(dom) => {
+            end_job(&dom, dir)?;
+            prune_checkpoints(inner, &dom, f);
+        }
+        Err(e) if e.code == ffi::ERR_NO_DOMAIN => {}
+        Err(e) => return Err(failed("look up the domain")(e)),
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(dir)(e)),
+    }
+    inner.journal.forget(f)
+}
+
+/// Aborts the domain's backup job if it is the one using `dir`.
+fn end_job(dom: &Domain, dir: &Path) -> Result<(), DriverError> {
+    match dom.backup_xml() {
+        Ok(x) if x.contains(&*dir.to_string_lossy()) => match dom.abort_job() {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code,
+                    ffi::ERR_OPERATION_INVALID | ffi::ERR_NO_DOMAIN_BACKUP
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(failed("end the backup job")(e)),
+        },
+        // Another tool's job, or none: nothing of ours runs.
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.code,
+                ffi::ERR_OPERATION_INVALID | ffi::ERR_NO_DOMAIN_BACKUP
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(failed("read the backup job")(e)),
+    }
+}
+
+/// Deletes Cairn's checkpoints other than the two a snapshot involved.
+fn prune_checkpoints(inner: &Inner, dom: &Domain, f: &Flight) {
+    let Ok(list) = dom.checkpoints() else {
+        return;
+    };
+    for c in list {
+        let Ok(name) = c.name() else { continue };
+        let ours = name.starts_with(CHECKPOINT_PREFIX);
+        let keep = Some(&name) == f.checkpoint.as_ref() || Some(&name) == f.since.as_ref();
+        if !ours || keep {
+            continue;
+        }
+        match c.delete(0) {
+            Ok(()) => inner.journal.drop_checkpoint(&f.uuid, &name),
+            Err(e) => tracing::warn!("checkpoint {name} of {} not deleted: {e}", f.uuid),
+        }
+    }
+}
+
+/// Per disk, what changed since `checkpoint`.
+pub fn changes_since(
+    inner: &Inner,
+    vm: VmId,
+    checkpoint: CheckpointId,
+) -> Result<Vec<(String, Changes)>, DriverError> {
+    let conn = inner.conn()?;
+    let dom = inner.domain(&conn, vm)?;
+    let uuid = dom.uuid().map_err(failed("domain uuid"))?;
+    let live = xml::parse(&dom.xml(0).map_err(failed("domain XML"))?).map_err(|e| {
+        DriverError::Failed {
+            what: format!("libvirt: domain {uuid}"),
+            reason: e.to_string(),
+        }
+    })?;
+    let name = checkpoint.bitmap_name();
+    let sizes = dom
+        .checkpoint(&name)
+        .and_then(|c| c.xml(ffi::CHECKPOINT_XML_SIZE | ffi::CHECKPOINT_XML_NO_DOMAIN))
+        .map(|x| xml::checkpoint_sizes(&x))
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for d in live.protectable().filter(|d| d.path().is_some()) {
+        let changes = match incremental_since(inner, &dom, &uuid, &name, d) {
+            Ok(()) => Changes::Known(KnownChanges {
+                bitmaps: vec![name.clone()],
+                export_bitmap: None,
+                meta_context: None,
+                dirty_bytes: sizes
+                    .iter()
+                    .find(|(t, _)| t == &d.target)
+                    .map_or(0, |(_, n)| *n),
+                granularity: BITMAP_GRANULARITY,
+            }),
+            Err(reason) => Changes::Unknown { reason },
+        };
+        out.push((d.target.clone(), changes));
+    }
+    Ok(out)
+}
+
+/// Ends every backup job a previous agent left, and removes their directories.
+pub fn recover(inner: &Inner) -> Result<usize, DriverError> {
+    let mut cleared = 0;
+    for f in inner.journal.flights()? {
+        match end_flight(inner, &f) {
+            Ok(()) => cleared += 1,
+            Err(e) => tracing::warn!("leftover backup job {}: {e}", f.id),
+        }
+    }
+    Ok(cleared)
+}
