@@ -557,9 +557,17 @@ fn prune_checkpoints(inner: &Inner, dom: &Domain, f: &Flight) {
         if !ours || keep {
             continue;
         }
-        match c.delete(0) {
+        // A running domain whose checkpoint lost its bitmap (an image edited offline) can
+        // only drop the checkpoint's metadata; a shut-off domain's wait for the next backup.
+        let deleted = c.delete(0).or_else(|e| match dom.is_active() {
+            Ok(true) => c
+                .delete(ffi::CHECKPOINT_DELETE_METADATA_ONLY)
+                .map_err(|_| e),
+            _ => Err(e),
+        });
+        match deleted {
             Ok(()) => inner.journal.drop_checkpoint(&f.uuid, &name),
-            Err(e) => tracing::warn!("checkpoint {name} of {} not deleted: {e}", f.uuid),
+            Err(e) => tracing::info!("checkpoint {name} of {} kept for now: {e}", f.uuid),
         }
     }
 }

@@ -149,6 +149,7 @@ bindings! {
     connect_open = "virConnectOpen": fn(*const c_char) -> Ptr;
     connect_close = "virConnectClose": fn(Ptr) -> c_int;
     connect_is_alive = "virConnectIsAlive": fn(Ptr) -> c_int;
+    connect_lib_version = "virConnectGetLibVersion": fn(Ptr, *mut c_ulong) -> c_int;
     list_all_domains = "virConnectListAllDomains": fn(Ptr, *mut *mut Ptr, c_uint) -> c_int;
     lookup_by_uuid = "virDomainLookupByUUIDString": fn(Ptr, *const c_char) -> Ptr;
     lookup_by_name = "virDomainLookupByName": fn(Ptr, *const c_char) -> Ptr;
@@ -161,6 +162,7 @@ bindings! {
     domain_info = "virDomainGetInfo": fn(Ptr, *mut RawDomainInfo) -> c_int;
     domain_block_info = "virDomainGetBlockInfo": fn(Ptr, *const c_char, *mut RawBlockInfo, c_uint) -> c_int;
     domain_is_persistent = "virDomainIsPersistent": fn(Ptr) -> c_int;
+    domain_is_active = "virDomainIsActive": fn(Ptr) -> c_int;
     domain_create = "virDomainCreateWithFlags": fn(Ptr, c_uint) -> c_int;
     domain_destroy = "virDomainDestroy": fn(Ptr) -> c_int;
     domain_undefine = "virDomainUndefineFlags": fn(Ptr, c_uint) -> c_int;
@@ -307,10 +309,22 @@ impl Connect {
         Ok(Self { lib, ptr })
     }
 
-    /// Whether the connection still reaches the daemon (false after libvirtd restarted).
+    /// Whether the connection still reaches the daemon (false after libvirtd restarted): one
+    /// round trip, because libvirt notices a closed socket only when it next uses it.
     pub fn is_alive(&self) -> bool {
         // SAFETY: `ptr` is a live connection.
-        unsafe { (self.lib.fns.connect_is_alive)(self.ptr) == 1 }
+        if unsafe { (self.lib.fns.connect_is_alive)(self.ptr) } != 1 {
+            return false;
+        }
+        let mut version: c_ulong = 0;
+        // SAFETY: a valid out pointer.
+        let rc = unsafe { (self.lib.fns.connect_lib_version)(self.ptr, &mut version) };
+        if rc < 0 {
+            // Clear the error this probe left on the thread.
+            let _ = self.lib.error("probe the connection");
+            return false;
+        }
+        true
     }
 
     fn domain(&self, ptr: Ptr, what: &str) -> Result<Domain, LibvirtError> {
@@ -454,6 +468,13 @@ impl Domain {
         // SAFETY: a live domain.
         let rc = unsafe { (self.lib.fns.domain_is_persistent)(self.ptr) };
         Ok(self.lib.check(rc, "domain persistence")? == 1)
+    }
+
+    /// Whether the domain runs (or is paused).
+    pub fn is_active(&self) -> Result<bool, LibvirtError> {
+        // SAFETY: a live domain.
+        let rc = unsafe { (self.lib.fns.domain_is_active)(self.ptr) };
+        Ok(self.lib.check(rc, "domain activity")? == 1)
     }
 
     /// Starts a defined domain (`flags`: [`START_PAUSED`]).

@@ -30,7 +30,7 @@ pub fn virsh(args: &[&str]) -> (bool, String) {
 
 /// libvirtd and virtlogd for one test; stopped by pid on drop when this test started them.
 pub struct Libvirtd {
-    pid_files: Vec<PathBuf>,
+    pub pid_files: Vec<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -408,4 +408,148 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
     assert!(xml.contains(disk_new), "{xml}");
     wait_agent(&new_name);
     assert_eq!(guest_sh(&new_name, "test -f /mnt/new.bin"), 0);
+}
+
+/// Starts a backup that pauses right after its VM snapshot (the server's fault hook) and waits
+/// until it holds the snapshot; returns the job id.
+fn held_backup(s: &cairn_http::Client, vm: &str) -> String {
+    let j: Value = s.post_json("/v1/backups", &json!({ "vms": [vm] })).unwrap();
+    let id = j["id"].as_str().unwrap().to_string();
+    wait_hold(s, &id);
+    id
+}
+
+#[test]
+fn libvirt_failures_leave_nothing_behind_and_bad_input_is_clear() {
+    let Some(g) = guest_test() else { return };
+    let Some(_libvirtd) = Libvirtd::start() else {
+        return;
+    };
+    let t = g.tmp.path();
+    std::fs::set_permissions(t, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = |s: &str| t.join(s).display().to_string();
+    std::fs::create_dir_all(t.join("ds")).unwrap();
+
+    // Bad input: a libvirt that cannot be reached is refused at start, with libvirt's reason.
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["host-agent", "--state-dir", &p("nohost"), "--libvirt"])
+        .arg("qemu+unix:///system?socket=/nonexistent/libvirt-sock")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("libvirt") && err.contains("/nonexistent"),
+        "{err}"
+    );
+
+    let name = format!("cairn-e2e-{:08x}", rand::random::<u32>());
+    let src = disk(t, &name);
+    let _dom = define_and_boot(
+        t,
+        &name,
+        &domain_xml(&name, &g.guest, &src, "52:54:00:3a:00:02"),
+    );
+    let mut c = Cluster::start_with(t, &p("vault"), false, &["--libvirt", URI]);
+    let first = backup(&c.server.client(), &name);
+    assert_eq!(first["kind"], "full");
+
+    let pause = [("CAIRN_FAULT_PAUSE_AFTER_VM_SNAPSHOT_MS", "4000")];
+    c.server.restart(&pause);
+    let s = c.server.client();
+
+    // 1. The host agent is killed while a backup holds its snapshot; a new one recovers.
+    let id = held_backup(&s, &name);
+    c.host.kill();
+    c.host.restart_same_address(&[]);
+    let j = wait_job(&s, &id);
+    eprintln!("host agent killed mid-backup: {}", j["state"]);
+    assert_no_leftovers(t, &name);
+
+    // 2. libvirtd restarts while a backup holds its snapshot.
+    let id = held_backup(&s, &name);
+    if let Some(pid_file) = _libvirtd.pid_files.last() {
+        let pid = std::fs::read_to_string(pid_file).unwrap();
+        let _ = Command::new("kill").args(["-TERM", pid.trim()]).status();
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{}", pid.trim())).exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let ok = Command::new("libvirtd")
+            .arg("-d")
+            .arg("-p")
+            .arg(pid_file)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        while !virsh(&["version"]).0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let j = wait_job(&s, &id);
+    assert_eq!(
+        j["state"], "succeeded",
+        "the NBD export outlives libvirtd: {j}"
+    );
+    assert_no_leftovers(t, &name);
+
+    // 3. The storage agent is killed while it reads.
+    let id = held_backup(&s, &name);
+    c.storage.kill();
+    c.storage.restart_same_address(&[]);
+    let j = wait_job(&s, &id);
+    eprintln!(
+        "storage agent killed mid-backup: {} {}",
+        j["state"], j["error"]
+    );
+    assert_no_leftovers(t, &name);
+
+    // 4. The guest powers off mid-backup: the job fails with a clear message or completes.
+    let id = held_backup(&s, &name);
+    assert!(virsh(&["destroy", &name]).0);
+    let j = wait_job(&s, &id);
+    eprintln!("domain destroyed mid-backup: {} {}", j["state"], j["error"]);
+    assert_no_leftovers(t, &name);
+
+    // After all that, the next backups succeed: shut off, then running again (incremental or
+    // full with the reason: a lost chain never fails a backup).
+    c.server.restart(&[]);
+    let s = c.server.client();
+    let off = backup(&s, &name);
+    assert_eq!(off["quiesce"], "none");
+    assert!(virsh(&["start", &name]).0);
+    wait_agent(&name);
+    let on = backup(&s, &name);
+    assert_eq!(on["quiesce"], "guest_freeze", "{on}");
+    assert_no_leftovers(t, &name);
+    let cps = cairn_checkpoints(&name);
+    assert!(cps.len() <= 2, "orphaned checkpoints: {cps:?}");
+
+    // 5. A checkpoint libvirt lists whose bitmap is gone: the backup reads the disk whole.
+    assert!(virsh(&["destroy", &name]).0);
+    for cp in &cps {
+        let ok = Command::new("qemu-img")
+            .args(["bitmap", "--remove"])
+            .arg(&src)
+            .arg(cp)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    assert!(virsh(&["start", &name]).0);
+    wait_agent(&name);
+    let lost = backup(&s, &name);
+    assert_ne!(
+        lost["disks"][0]["change_source"], "hypervisor_bitmap",
+        "{lost}"
+    );
+    assert_no_leftovers(t, &name);
+    let again = backup(&s, &name);
+    assert_eq!(
+        again["disks"][0]["change_source"], "hypervisor_bitmap",
+        "{again}"
+    );
 }
