@@ -28,8 +28,19 @@ pub struct HostAgentArgs {
     /// `STATE/libvirt/scratch`; the socket path must stay under 108 bytes).
     #[arg(long, requires = "libvirt")]
     scratch_dir: Option<PathBuf>,
+    /// With `--libvirt`: `own` (default) makes a `cairn-…` checkpoint with each backup;
+    /// `borrow` makes none and reads the changes since the newest checkpoint another tool
+    /// (virtnbdbackup) made, for domains that tool also backs up (it refuses foreign ones).
+    #[arg(long, requires = "libvirt", value_enum, default_value_t = Checkpoints::Own)]
+    libvirt_checkpoints: Checkpoints,
     #[command(flatten)]
     register: crate::register::ManagerArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Checkpoints {
+    Own,
+    Borrow,
 }
 
 pub fn run(a: HostAgentArgs) -> Result<ExitCode> {
@@ -72,6 +83,10 @@ fn run_libvirt(a: HostAgentArgs, uri: String) -> Result<ExitCode> {
         uri: uri.clone(),
         state_dir: state.clone(),
         scratch_dir: a.scratch_dir,
+        checkpoints: match a.libvirt_checkpoints {
+            Checkpoints::Own => cairn_libvirt::CheckpointMode::Own,
+            Checkpoints::Borrow => cairn_libvirt::CheckpointMode::Borrow,
+        },
     })
     .with_context(|| format!("opening libvirt at {uri}"))?;
     let creds = credentials(&state, None, None)?;

@@ -33,6 +33,19 @@ use crate::ffi::{self, Domain};
 use crate::journal::Flight;
 use crate::xml::{self, BackupDisk, DomainXml, XmlDisk};
 
+/// Whose checkpoints Cairn's incrementals read the changes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CheckpointMode {
+    /// Cairn makes its own `cairn-…` checkpoint with each backup. Tools that refuse
+    /// checkpoints they did not make (virtnbdbackup 1.9) then refuse the domain.
+    #[default]
+    Own,
+    /// Cairn makes no checkpoint: an incremental reads what changed since the newest checkpoint
+    /// another tool had made before the parent backup (a superset of the changes), or the
+    /// whole disk when there was none. For domains another checkpoint-based tool also backs up.
+    Borrow,
+}
+
 /// Bitmap granularity libvirt uses for checkpoints it creates on qcow2 disks (QEMU's default).
 const BITMAP_GRANULARITY: u64 = 64 * 1024;
 /// The longest unix socket path (`sun_path` is 108 bytes with its NUL).
@@ -166,19 +179,27 @@ fn image_size(path: &Path, format: cairn_types::DiskFormat) -> Result<u64, Drive
     })
 }
 
-/// Whether disk `d` can be read incrementally since checkpoint `name`, and if not, why.
+/// Whether disk `d` can be read incrementally since Cairn's checkpoint `since`, and if not, why.
+/// `since.libvirt` is the libvirt checkpoint to read from: Cairn's own, or the other tool's it
+/// was anchored to ([`CheckpointMode::Borrow`]).
 fn incremental_since(
     inner: &Inner,
     dom: &Domain,
     uuid: &str,
-    name: &str,
+    since: &Since,
     d: &XmlDisk,
 ) -> Result<(), UnknownReason> {
     if !d.has_bitmaps() {
         return Err(UnknownReason::BitmapMissing);
     }
-    ensure_checkpoint(inner, dom, uuid, name)?;
-    if let Some(sizes) = inner.journal.checkpoint_sizes(uuid, name) {
+    if since.borrowed {
+        // Another tool's checkpoint: never redefined by Cairn.
+        dom.checkpoint(&since.libvirt)
+            .map_err(|_| UnknownReason::BitmapMissing)?;
+    } else {
+        ensure_checkpoint(inner, dom, uuid, &since.libvirt)?;
+    }
+    if let Some(sizes) = inner.journal.checkpoint_sizes(uuid, &since.cairn) {
         let now = dom.disk_capacity(&d.target).ok();
         match (sizes.get(&d.target), now) {
             (Some(then), Some(now)) if *then != now => return Err(UnknownReason::DiskResized),
@@ -187,6 +208,44 @@ fn incremental_since(
         }
     }
     Ok(())
+}
+
+/// A `since` checkpoint as Cairn names it and as libvirt knows it.
+#[derive(Debug, Clone)]
+struct Since {
+    /// `cairn-<id>`: the journal's key.
+    cairn: String,
+    /// The libvirt checkpoint whose bitmaps hold the changes.
+    libvirt: String,
+    borrowed: bool,
+}
+
+fn resolve_since(inner: &Inner, uuid: &str, c: CheckpointId) -> Since {
+    let cairn = c.bitmap_name();
+    match inner.journal.anchor(uuid, &cairn) {
+        Some(libvirt) => Since {
+            cairn,
+            libvirt,
+            borrowed: true,
+        },
+        None => Since {
+            libvirt: cairn.clone(),
+            cairn,
+            borrowed: false,
+        },
+    }
+}
+
+/// The newest checkpoint of the domain (any tool's), by creation time.
+fn newest_checkpoint(dom: &Domain) -> Option<String> {
+    let list = dom.checkpoints().ok()?;
+    list.iter()
+        .filter_map(|c| {
+            let x = c.xml(ffi::CHECKPOINT_XML_NO_DOMAIN).ok()?;
+            Some((xml::creation_time(&x)?, c.name().ok()?))
+        })
+        .max()
+        .map(|(_, name)| name)
 }
 
 /// Makes sure libvirt knows checkpoint `name`, redefining it from its kept XML when it lost it.
@@ -301,19 +360,19 @@ fn online(
     let id = VmSnapshotId::random();
     let targets: Vec<String> = live.disks.iter().map(|d| d.target.clone()).collect();
     let disks: Vec<&XmlDisk> = live.protectable().filter(|d| d.path().is_some()).collect();
-    let since = o.since.map(|c| c.bitmap_name());
+    let since = o.since.map(|c| resolve_since(inner, uuid, c));
     // Per disk: read incrementally, or whole and why.
     let mut plan: Vec<(&XmlDisk, Result<String, UnknownReason>)> = Vec::new();
     for d in &disks {
         let how = match &since {
             None => Err(UnknownReason::NoPreviousCheckpoint),
-            Some(name) => incremental_since(inner, dom, uuid, name, d).map(|()| name.clone()),
+            Some(s) => incremental_since(inner, dom, uuid, s, d).map(|()| s.libvirt.clone()),
         };
         plan.push((d, how));
     }
     let dirty = since
         .as_ref()
-        .and_then(|n| dom.checkpoint(n).ok())
+        .and_then(|s| dom.checkpoint(&s.libvirt).ok())
         .and_then(|c| {
             c.xml(ffi::CHECKPOINT_XML_SIZE | ffi::CHECKPOINT_XML_NO_DOMAIN)
                 .ok()
@@ -326,6 +385,19 @@ fn online(
         .map(|d| d.target.clone())
         .collect();
     let checkpoint = (!bitmap_disks.is_empty()).then(CheckpointId::random);
+    // Borrowing, Cairn's checkpoint is only a name for the newest one another tool made.
+    let anchor = match inner.mode {
+        CheckpointMode::Own => None,
+        CheckpointMode::Borrow => newest_checkpoint(dom),
+    };
+    let checkpoint = match inner.mode {
+        CheckpointMode::Own => checkpoint,
+        CheckpointMode::Borrow => checkpoint.filter(|_| anchor.is_some()),
+    };
+    let created = match inner.mode {
+        CheckpointMode::Own => checkpoint,
+        CheckpointMode::Borrow => None,
+    };
     let dir = job_dir(inner, id, live)?;
     let flight = Flight {
         id,
@@ -333,11 +405,11 @@ fn online(
         uuid: uuid.into(),
         dir: Some(dir.clone()),
         checkpoint: checkpoint.map(|c| c.bitmap_name()),
-        since: since.clone(),
+        since: since.as_ref().map(|s| s.cairn.clone()),
         created_at_ms: now_ms(),
     };
     inner.journal.record(&flight)?;
-    let result = begin(dom, st, o, &dir, &plan, &targets, checkpoint, &bitmap_disks);
+    let result = begin(dom, st, o, &dir, &plan, &targets, created, &bitmap_disks);
     let (quiesce, window, plan) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -346,9 +418,8 @@ fn online(
             return Err(e);
         }
     };
-    if let (Some(cp), Some(name)) = (checkpoint, &flight.checkpoint) {
-        keep_checkpoint(inner, dom, uuid, name, &bitmap_disks);
-        tracing::debug!("checkpoint {cp} made");
+    if let Some(name) = &flight.checkpoint {
+        keep_checkpoint(inner, dom, uuid, name, anchor.as_deref(), &bitmap_disks);
     }
     let socket = dir.join("nbd.sock");
     let mut out = Vec::new();
@@ -456,20 +527,32 @@ fn begin<'a>(
     Ok((q, window, plan))
 }
 
-/// Keeps the new checkpoint's XML and its disks' sizes for a later redefine or resize check.
-fn keep_checkpoint(inner: &Inner, dom: &Domain, uuid: &str, name: &str, disks: &[String]) {
-    let xml = dom.checkpoint(name).and_then(|c| c.xml(0));
+/// Keeps the new checkpoint's XML (or, borrowing, the name of the other tool's checkpoint it
+/// stands for) and its disks' sizes, for a later redefine or resize check.
+fn keep_checkpoint(
+    inner: &Inner,
+    dom: &Domain,
+    uuid: &str,
+    name: &str,
+    anchor: Option<&str>,
+    disks: &[String],
+) {
     let sizes: BTreeMap<String, u64> = disks
         .iter()
         .filter_map(|t| Some((t.clone(), dom.disk_capacity(t).ok()?)))
         .collect();
-    match xml {
-        Ok(x) => {
-            if let Err(e) = inner.journal.save_checkpoint(uuid, name, &x, &sizes) {
-                tracing::warn!("checkpoint {name} of {uuid} not kept: {e}");
+    let kept = match anchor {
+        Some(a) => inner.journal.save_anchor(uuid, name, a, &sizes),
+        None => match dom.checkpoint(name).and_then(|c| c.xml(0)) {
+            Ok(x) => inner.journal.save_checkpoint(uuid, name, &x, &sizes),
+            Err(e) => {
+                tracing::warn!("checkpoint {name} of {uuid}: {e}");
+                return;
             }
-        }
-        Err(e) => tracing::warn!("checkpoint {name} of {uuid}: {e}"),
+        },
+    };
+    if let Err(e) = kept {
+        tracing::warn!("checkpoint {name} of {uuid} not kept: {e}");
     }
 }
 
@@ -545,8 +628,14 @@ fn end_job(dom: &Domain, dir: &Path) -> Result<(), DriverError> {
     }
 }
 
-/// Deletes Cairn's checkpoints other than the two a snapshot involved.
+/// Deletes Cairn's checkpoints (and anchors) other than the two a snapshot involved.
 fn prune_checkpoints(inner: &Inner, dom: &Domain, f: &Flight) {
+    let keep: Vec<&str> = [&f.checkpoint, &f.since]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    inner.journal.prune_anchors(&f.uuid, &keep);
     let Ok(list) = dom.checkpoints() else {
         return;
     };
@@ -587,17 +676,17 @@ pub fn changes_since(
             reason: e.to_string(),
         }
     })?;
-    let name = checkpoint.bitmap_name();
+    let since = resolve_since(inner, &uuid, checkpoint);
     let sizes = dom
-        .checkpoint(&name)
+        .checkpoint(&since.libvirt)
         .and_then(|c| c.xml(ffi::CHECKPOINT_XML_SIZE | ffi::CHECKPOINT_XML_NO_DOMAIN))
         .map(|x| xml::checkpoint_sizes(&x))
         .unwrap_or_default();
     let mut out = Vec::new();
     for d in live.protectable().filter(|d| d.path().is_some()) {
-        let changes = match incremental_since(inner, &dom, &uuid, &name, d) {
+        let changes = match incremental_since(inner, &dom, &uuid, &since, d) {
             Ok(()) => Changes::Known(KnownChanges {
-                bitmaps: vec![name.clone()],
+                bitmaps: vec![since.libvirt.clone()],
                 export_bitmap: None,
                 meta_context: None,
                 dirty_bytes: sizes

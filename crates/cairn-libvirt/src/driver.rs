@@ -27,6 +27,8 @@ pub struct LibvirtOptions {
     /// Where backup jobs put their NBD socket and scratch images (one private subdirectory
     /// per job, owned by the user QEMU runs as). Default `STATE/libvirt/scratch`.
     pub scratch_dir: Option<PathBuf>,
+    /// Whose checkpoints incrementals read from (default: Cairn's own).
+    pub checkpoints: crate::backup::CheckpointMode,
 }
 
 /// The host agent's driver for the domains of one libvirt daemon.
@@ -48,6 +50,7 @@ pub(crate) struct Inner {
     conn: Mutex<Option<Arc<Connect>>>,
     pub scratch_dir: PathBuf,
     pub journal: Journal,
+    pub mode: crate::backup::CheckpointMode,
     /// Snapshots handed out and not yet deleted.
     pub flights: Mutex<HashMap<cairn_hypervisor::spec::VmSnapshotId, crate::journal::Flight>>,
 }
@@ -95,6 +98,7 @@ impl LibvirtDriver {
                 conn: Mutex::new(Some(Arc::new(conn))),
                 scratch_dir,
                 journal: Journal::open(&base)?,
+                mode: options.checkpoints,
                 flights: Mutex::new(HashMap::new()),
             }),
         })

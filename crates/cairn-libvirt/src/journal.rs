@@ -129,9 +129,53 @@ impl Journal {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Records that Cairn's checkpoint `name` stands for another tool's checkpoint `anchor`.
+    pub fn save_anchor(
+        &self,
+        uuid: &str,
+        name: &str,
+        anchor: &str,
+        sizes: &BTreeMap<String, u64>,
+    ) -> Result<(), DriverError> {
+        let (Some(a), Some(s)) = (
+            self.checkpoint_file(uuid, name, "anchor"),
+            self.checkpoint_file(uuid, name, "sizes.json"),
+        ) else {
+            return Ok(());
+        };
+        if let Some(dir) = a.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let bytes = serde_json::to_vec(sizes).map_err(corrupt(&s))?;
+        cairn_types::durable::write_atomic(&s, &bytes).map_err(io_err(&s))?;
+        cairn_types::durable::write_atomic(&a, anchor.as_bytes()).map_err(io_err(&a))
+    }
+
+    /// The other tool's checkpoint Cairn's checkpoint `name` stands for, if it is borrowed.
+    pub fn anchor(&self, uuid: &str, name: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.checkpoint_file(uuid, name, "anchor")?).ok()?;
+        Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+    }
+
+    /// Drops the anchors of a domain other than `keep`.
+    pub fn prune_anchors(&self, uuid: &str, keep: &[&str]) {
+        if !cairn_types::is_plain_name(uuid) {
+            return;
+        }
+        let dir = self.checkpoints.join(uuid);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file.strip_suffix(".anchor")
+                && !keep.contains(&name)
+            {
+                self.drop_checkpoint(uuid, name);
+            }
+        }
+    }
+
     /// Drops a checkpoint's kept files (after it was deleted).
     pub fn drop_checkpoint(&self, uuid: &str, name: &str) {
-        for ext in ["xml", "sizes.json"] {
+        for ext in ["xml", "sizes.json", "anchor"] {
             if let Some(p) = self.checkpoint_file(uuid, name, ext) {
                 let _ = std::fs::remove_file(p);
             }

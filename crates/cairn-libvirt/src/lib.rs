@@ -27,5 +27,6 @@ mod journal;
 mod restore;
 pub mod xml;
 
+pub use backup::CheckpointMode;
 pub use driver::{LibvirtDriver, LibvirtOptions, vm_id};
 pub use ffi::LibvirtError;

@@ -416,6 +416,12 @@ pub fn checkpoint_sizes(xml: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// A checkpoint's `<creationTime>` (seconds since the epoch).
+pub fn creation_time(checkpoint_xml: &str) -> Option<u64> {
+    let doc = roxmltree::Document::parse(checkpoint_xml).ok()?;
+    text_of(doc.root_element(), "creationTime")?.parse().ok()
+}
+
 /// The changes a restore makes to a stored domain XML.
 #[derive(Debug, Clone, Default)]
 pub struct Rewrite {

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
-const URI: &str = "qemu:///system";
+pub const URI: &str = "qemu:///system";
 
 /// `virsh -c qemu:///system ARGS`: success and stdout (stderr appended on failure).
 pub fn virsh(args: &[&str]) -> (bool, String) {

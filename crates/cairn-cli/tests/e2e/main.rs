@@ -12,3 +12,4 @@ mod faults;
 mod flows;
 mod harness;
 mod libvirt;
+mod libvirt_peers;
