@@ -113,6 +113,12 @@ fn fetch_and_write(
     if want.is_empty() {
         return Ok(0);
     }
+    let datas = fetch(vault, want)?;
+    write_runs(target, want, datas)
+}
+
+/// The data of `want`, checked against the entries' lengths.
+fn fetch(vault: &dyn Vault, want: &[(u64, Entry)]) -> Result<Vec<Vec<u8>>> {
     let digests: Vec<Digest> = want.iter().map(|(_, e)| e.digest).collect();
     let datas = vault.fetch(&digests)?;
     if datas.len() != want.len() {
@@ -120,8 +126,7 @@ fn fetch_and_write(
             "vault returned too few segments".into(),
         ));
     }
-    let mut n = 0;
-    for ((off, e), d) in want.iter().zip(datas) {
+    for ((off, e), d) in want.iter().zip(&datas) {
         if d.len() != e.len as usize {
             return Err(StorageError::Invalid(format!(
                 "segment for bytes {off}.. has {} bytes, not {}",
@@ -129,10 +134,63 @@ fn fetch_and_write(
                 e.len
             )));
         }
-        target.write(*off, &d)?;
+    }
+    Ok(datas)
+}
+
+/// Writes fetched segments; adjacent ones go out as one write (over NBD each write is a
+/// round trip, and segments average a few KiB). Returns bytes written.
+fn write_runs(target: &dyn DiskTarget, want: &[(u64, Entry)], datas: Vec<Vec<u8>>) -> Result<u64> {
+    let mut n = 0;
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_off = 0u64;
+    for ((off, _), d) in want.iter().zip(datas) {
+        if !run.is_empty() && *off != run_off + run.len() as u64 {
+            target.write(run_off, &run)?;
+            run.clear();
+        }
+        if run.is_empty() {
+            run_off = *off;
+        }
+        run.extend_from_slice(&d);
         n += d.len() as u64;
     }
+    if !run.is_empty() {
+        target.write(run_off, &run)?;
+    }
     Ok(n)
+}
+
+/// Fetches `batches` on one thread while writing the previous batch on this one; returns bytes
+/// written. The first error stops both.
+fn fetch_and_write_pipelined(
+    vault: &dyn Vault,
+    target: &dyn DiskTarget,
+    batches: &[Vec<(u64, Entry)>],
+) -> Result<u64> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Vec<u8>>>>(1);
+        scope.spawn(move || {
+            for b in batches {
+                let r = fetch(vault, b);
+                let failed = r.is_err();
+                if tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut written = 0;
+        for (i, b) in batches.iter().enumerate() {
+            let datas = rx
+                .recv()
+                .map_err(|_| StorageError::Invalid("vault fetch thread ended early".into()))??;
+            written += write_runs(target, b, datas)?;
+            if i == 0 {
+                cairn_types::fault::point("storage.restore.after_first_batch");
+            }
+        }
+        Ok(written)
+    })
 }
 
 fn partial_name(target: &Path) -> Result<PathBuf> {
@@ -194,28 +252,26 @@ pub fn restore_new(
             size: snap.size,
             ..Default::default()
         };
-        let mut batch: Vec<(u64, Entry)> = Vec::new();
+        let mut batches: Vec<Vec<(u64, Entry)>> = vec![Vec::new()];
         let mut bytes = 0u64;
         for (off, e) in with_offsets(&entries) {
             match e.kind {
                 EntryKind::Zero => rep.zero_bytes += u64::from(e.len),
                 EntryKind::Data => {
-                    batch.push((off, e));
+                    if bytes >= WINDOW {
+                        batches.push(Vec::new());
+                        bytes = 0;
+                    }
+                    if let Some(b) = batches.last_mut() {
+                        b.push((off, e));
+                    }
                     bytes += u64::from(e.len);
                     rep.regions_written += 1;
                 }
             }
-            if bytes >= WINDOW {
-                rep.bytes_written += fetch_and_write(vault, &nbd, &batch)?;
-                cairn_types::fault::point("storage.restore.after_first_batch");
-                batch.clear();
-                bytes = 0;
-            }
         }
-        rep.bytes_written += fetch_and_write(vault, &nbd, &batch)?;
-        if rep.bytes_written > 0 {
-            cairn_types::fault::point("storage.restore.after_first_batch");
-        }
+        batches.retain(|b| !b.is_empty());
+        rep.bytes_written += fetch_and_write_pipelined(vault, &nbd, &batches)?;
         cairn_types::fault::point("storage.restore.before_rename");
         rep.bytes_fetched = rep.bytes_written;
         nbd.flush()?;

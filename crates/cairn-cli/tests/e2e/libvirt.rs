@@ -79,6 +79,19 @@ impl Libvirtd {
 
 impl Drop for Libvirtd {
     fn drop(&mut self) {
+        // Domains a failed test left (every test domain is named cairn-…): their QEMUs would
+        // outlive libvirtd.
+        if !self.pid_files.is_empty() {
+            let (_, names) = virsh(&["list", "--all", "--name"]);
+            for n in names
+                .lines()
+                .map(str::trim)
+                .filter(|n| n.starts_with("cairn-"))
+            {
+                let _ = virsh(&["destroy", n]);
+                let _ = virsh(&["undefine", "--checkpoints-metadata", n]);
+            }
+        }
         // libvirtd first: it holds virtlogd's socket.
         for f in self.pid_files.iter().rev() {
             let Ok(pid) = std::fs::read_to_string(f) else {

@@ -328,6 +328,8 @@ fn bench_libvirt_vs_virtnbdbackup() {
             json!({"backup": inc["backup"], "as_name": cname, "start": true}),
         );
         assert_eq!(j["state"], "succeeded", "{j}");
+        let _c = Domain(cname);
+        eprintln!("cairn restore: {}", j["events"]);
         let cairn_restore =
             (j["finished_ms"].as_f64().unwrap() - j["created_ms"].as_f64().unwrap()) / 1e3;
         let row = [
@@ -345,7 +347,10 @@ fn bench_libvirt_vs_virtnbdbackup() {
     }
     let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
     let spread = |i: usize, scale: f64| {
-        let v: Vec<String> = rows.iter().map(|r| format!("{:.2}", r[i] / scale)).collect();
+        let v: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{:.2}", r[i] / scale))
+            .collect();
         v.join(" / ")
     };
     println!("| | virtnbdbackup 1.9.15 | Cairn | ratio |");
