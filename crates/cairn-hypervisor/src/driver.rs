@@ -37,6 +37,10 @@ pub enum DriverError {
     SnapshotInProgress { vm: VmId, snapshot: VmSnapshotId },
     #[error("no snapshot {0} in flight")]
     UnknownSnapshot(VmSnapshotId),
+    /// Not done on this VM: an adopted QEMU is never stopped, and a VM with a disk Cairn
+    /// cannot map is not snapshotted.
+    #[error("VM {vm}: {reason}")]
+    Refused { vm: VmId, reason: String },
     #[error("QMP on VM {vm}")]
     Qmp {
         vm: VmId,
