@@ -329,6 +329,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(t: &Path, vault_repo: &str, save_state: bool) -> Self {
+        Self::start_with(t, vault_repo, save_state, &[])
+    }
+
+    /// [`Cluster::start`] with more arguments for the host agent (e.g. `--qmp-socket`).
+    pub fn start_with(t: &Path, vault_repo: &str, save_state: bool, host_args: &[&str]) -> Self {
         let p = |s: &str| t.join(s).display().to_string();
         // A short session lease: a client killed mid-backup frees its session in seconds.
         let vault = Service::start(&[
@@ -354,18 +359,17 @@ impl Cluster {
             args.extend(["--heartbeat-s", "1", "--name", name].map(String::from));
             Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
         };
-        let host = agent(
-            [
-                "host-agent",
-                "--state-dir",
-                &p("host"),
-                "--listen",
-                "127.0.0.1:0",
-            ]
-            .map(String::from)
-            .to_vec(),
-            "h1",
-        );
+        let mut host_cmd: Vec<String> = [
+            "host-agent",
+            "--state-dir",
+            &p("host"),
+            "--listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec();
+        host_cmd.extend(host_args.iter().map(|a| a.to_string()));
+        let host = agent(host_cmd, "h1");
         let storage = agent(
             [
                 "storage-agent",
