@@ -11,7 +11,7 @@
 //! | GET | `/v1/vms` | → [`VmInfo`] list, oldest first |
 //! | POST | `/v1/vms` | [`VmSpec`] → `201` [`VmInfo`]: QEMU started, QMP answers |
 //! | GET | `/v1/vms/{vm}` | → [`VmInfo`] (`state`: running / unresponsive / gone) |
-//! | DELETE | `/v1/vms/{vm}?timeout_ms=` | → `{"stopped": vm}`: snapshots torn down, `quit`, SIGKILL past the timeout (default 30 s) |
+//! | DELETE | `/v1/vms/{vm}?timeout_ms=` | → `{"stopped": vm}`: snapshots torn down, `quit`, SIGKILL past the timeout (default 30 s); `409` for a running adopted QEMU (never stopped) |
 //! | POST | `/v1/vms/{vm}/snapshots` | [`SnapshotRequest`] (empty body: defaults) → `201` [`VmSnapshot`] with `quiesce` and `quiesce_window_ms` |
 //! | GET | `/v1/snapshots` | → in-flight [`VmSnapshot`] list |
 //! | GET | `/v1/snapshots/{snapshot}` | → [`VmSnapshot`] |

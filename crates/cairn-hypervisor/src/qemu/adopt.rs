@@ -270,10 +270,11 @@ pub(crate) fn map_facts(f: &QmpFacts, socket: &Path) -> Mapped {
     }
     // The spec keeps QEMU's node names only when a restore can use them all (auto-generated
     // `#block…` names cannot be given back to QEMU); otherwise the defaults `disk<N>`.
-    if specs
-        .iter()
-        .any(|d| d.node_name.as_deref().is_none_or(|n| !is_qemu_name(n) || n.len() > 26))
-    {
+    if specs.iter().any(|d| {
+        d.node_name
+            .as_deref()
+            .is_none_or(|n| !is_qemu_name(n) || n.len() > 26)
+    }) {
         for d in &mut specs {
             d.node_name = None;
         }
@@ -299,12 +300,9 @@ pub(crate) fn map_facts(f: &QmpFacts, socket: &Path) -> Mapped {
 /// are left empty when QEMU does not answer them.
 pub(crate) async fn read_facts(q: &QmpClient) -> Result<QmpFacts, QmpError> {
     let qom_type = |path: String| async move {
-        q.execute(
-            "qom-get",
-            Some(json!({"path": path, "property": "type"})),
-        )
-        .await
-        .ok()
+        q.execute("qom-get", Some(json!({"path": path, "property": "type"})))
+            .await
+            .ok()
     };
     let mut f = QmpFacts {
         name: q.execute("query-name", None).await?,
@@ -391,11 +389,7 @@ impl QemuDriver {
             None => {
                 let mut opts = self.options.qmp.clone();
                 opts.connect_timeout = opts.connect_timeout.min(ADOPT_CONNECT_TIMEOUT);
-                Arc::new(
-                    QmpClient::connect(&src.qmp, opts)
-                        .await
-                        .map_err(qerr)?,
-                )
+                Arc::new(QmpClient::connect(&src.qmp, opts).await.map_err(qerr)?)
             }
         };
         let facts = read_facts(&client).await.map_err(qerr)?;

@@ -68,7 +68,10 @@ fn qmp_answers_map_to_a_spec() {
     // An auto-generated node name cannot go into a restored VM's spec: defaults for all.
     assert!(m.spec.disks.iter().all(|d| d.node_name.is_none()));
     m.spec.validate().expect("a restore can start it");
-    assert_eq!(m.disks[1].node_name, "#block123", "the driver uses QEMU's name");
+    assert_eq!(
+        m.disks[1].node_name, "#block123",
+        "the driver uses QEMU's name"
+    );
     assert_eq!(
         m.disks[0].backing,
         DiskBacking::Image {
@@ -206,7 +209,10 @@ fn fake_qemu(path: &Path, answers: Value) -> Arc<Mutex<Vec<String>>> {
                 log.lock().unwrap().push(cmd);
                 let mut reply = reply;
                 reply["id"] = req["id"].clone();
-                if w.write_all(format!("{reply}\r\n").as_bytes()).await.is_err() {
+                if w.write_all(format!("{reply}\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -252,7 +258,11 @@ async fn the_driver_adopts_lists_and_never_stops_a_foreign_qemu() {
             qmp_socket: sock.clone()
         }
     );
-    assert_eq!(v.handle.pid, std::process::id(), "SO_PEERCRED names the peer");
+    assert_eq!(
+        v.handle.pid,
+        std::process::id(),
+        "SO_PEERCRED names the peer"
+    );
     assert_eq!(v.spec.name, "web");
     assert_eq!(v.spec.disks.len(), 1);
     assert!(
