@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 pub use cairn_api::host::{
     Changes, DiskIo, DiskSnapshot, DiskSource, KnownChanges, Quiesce, QuiescePolicy, ResourceUsage,
-    SavedState, SnapshotKind, UnknownReason, VcpuUsage, VmHandle, VmInfo, VmSnapshot, VmState,
+    SavedState, SnapshotKind, UnknownReason, VcpuUsage, VmHandle, VmInfo, VmOrigin, VmSnapshot,
+    VmState,
 };
 
 use crate::process::ProcessError;

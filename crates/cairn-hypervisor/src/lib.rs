@@ -86,7 +86,7 @@ mod wire;
 pub use driver::{
     BoxFuture, Changes, DiskIo, DiskSnapshot, DiskSource, DriverError, HypervisorDriver,
     KnownChanges, Quiesce, QuiescePolicy, ResourceUsage, SavedState, SnapshotKind, SnapshotOptions,
-    UnknownReason, VcpuUsage, VmHandle, VmInfo, VmSnapshot, VmState,
+    UnknownReason, VcpuUsage, VmHandle, VmInfo, VmOrigin, VmSnapshot, VmState,
 };
 pub use qemu::adopt::{AdoptSource, adopted_id};
 pub use qemu::{QemuDriver, QemuDriverOptions};
