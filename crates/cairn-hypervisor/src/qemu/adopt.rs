@@ -1,10 +1,10 @@
 //! Adopting running QEMU processes Cairn did not start, through their QMP socket
 //! (`cairn host-agent --qmp-socket PATH`).
 //!
-//! An adopted VM is a [`VmRecord`] with origin `VmOrigin::Adopted`, kept in memory only: it is
-//! rediscovered from the configured sockets at every agent start and whenever VMs are listed,
-//! so nothing about it outlives the agent but the snapshot journal and checkpoints, which any
-//! VM has.
+//! An adopted VM is a registry record with origin `VmOrigin::Adopted` kept in memory only
+//! (never written to `STATE/vms/`): it is rediscovered from the configured sockets at every
+//! agent start and whenever VMs are listed, so nothing about it outlives the agent but the
+//! snapshot journal and checkpoints, which any VM has.
 //!
 //! | what | from |
 //! |---|---|
@@ -16,7 +16,7 @@
 //!
 //! A disk that cannot be mapped (no node or device name, not a qcow2 or raw image on a file,
 //! a name with Cairn's reserved prefix [`TEMP_PREFIX`]) is left out of the spec and listed in
-//! [`VmRecord::unmapped`]: the VM is listed, its snapshots are refused with that reason.
+//! the record's `unmapped` list: the VM is listed, its snapshots are refused with that reason.
 //!
 //! **Never stopped**: `stop_vm` refuses an adopted QEMU that runs, and nothing in the driver
 //! signals its PID. When it goes away the VM shows as gone.
