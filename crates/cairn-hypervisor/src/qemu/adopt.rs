@@ -5,6 +5,8 @@
 //! (never written to `STATE/vms/`): it is rediscovered from the configured sockets at every
 //! agent start and whenever VMs are listed, so nothing about it outlives the agent but the
 //! snapshot journal and checkpoints, which any VM has.
+//! Its attributes and disks are read again before every snapshot (its owner may hot-plug or
+//! rename disks) and whenever a disk could not be mapped.
 //!
 //! | what | from |
 //! |---|---|
@@ -374,6 +376,19 @@ impl QemuDriver {
         }
     }
 
+    /// Reads an adopted VM's disks and attributes again (before a snapshot).
+    pub(crate) async fn remap_adopted(&self, vm: VmId) -> Result<VmRecord, DriverError> {
+        let rec = self.record(vm)?;
+        if !self.is_alive(&rec) {
+            return Err(DriverError::NotRunning(vm));
+        }
+        let src = AdoptSource {
+            qmp: rec.qmp_socket.clone(),
+            qga: (!rec.qga_socket.as_os_str().is_empty()).then(|| rec.qga_socket.clone()),
+        };
+        self.adopt_one(vm, &src).await
+    }
+
     async fn adopt_one(&self, id: VmId, src: &AdoptSource) -> Result<VmRecord, DriverError> {
         let qerr = |source| DriverError::Qmp { vm: id, source };
         // The monitor serves one client: reuse our open connection when there is one.
@@ -395,6 +410,12 @@ impl QemuDriver {
         let facts = read_facts(&client).await.map_err(qerr)?;
         let mapped = map_facts(&facts, &src.qmp);
         let pid = client.peer_pid().unwrap_or(0);
+        let known = self
+            .vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned();
         // Holds the NBD socket of fleecing snapshots; no vm.json: adopted VMs are not recorded.
         let dir = self.state.vm_dir(id);
         std::fs::create_dir_all(&dir).map_err(|source| DriverError::Io {
@@ -407,7 +428,9 @@ impl QemuDriver {
             pid,
             qmp_socket: src.qmp.clone(),
             qga_socket: src.qga.clone().unwrap_or_default(),
-            started_at_ms: now_ms(),
+            started_at_ms: known
+                .filter(|k| k.pid == pid)
+                .map_or_else(now_ms, |k| k.started_at_ms),
             disks: mapped.disks,
             origin: VmOrigin::Adopted {
                 qmp_socket: src.qmp.clone(),

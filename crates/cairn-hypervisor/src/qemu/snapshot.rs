@@ -186,17 +186,21 @@ impl QemuDriver {
     ) -> Result<VmSnapshot, DriverError> {
         let lock = self.vm_lock(vm);
         let _held = lock.lock().await;
-        let rec = self.record(vm)?;
-        if !rec.unmapped.is_empty() {
-            return Err(DriverError::Refused {
-                vm,
-                reason: format!("cannot snapshot: {}", rec.unmapped.join("; ")),
-            });
-        }
+        let mut rec = self.record(vm)?;
         if let Some(j) = self.state.load_journal()?.iter().find(|j| j.vm == vm) {
             return Err(DriverError::SnapshotInProgress {
                 vm,
                 snapshot: j.snapshot,
+            });
+        }
+        if rec.origin != VmOrigin::Cairn {
+            // Its owner may have added, removed or renamed disks since we adopted it.
+            rec = self.remap_adopted(vm).await?;
+        }
+        if !rec.unmapped.is_empty() {
+            return Err(DriverError::Refused {
+                vm,
+                reason: format!("cannot snapshot: {}", rec.unmapped.join("; ")),
             });
         }
         let qmp = self.qmp(vm).await?;

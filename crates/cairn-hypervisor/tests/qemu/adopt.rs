@@ -80,7 +80,7 @@ async fn a_foreign_qemu_is_adopted_snapshotted_and_never_stopped() {
         .arg(&a));
     let cmd = QemuCommand::system()
         .unwrap()
-        .args(["-S", "-M", "q35", "-m", "64", "-name", "foreign"])
+        .args(["-S", "-M", "pc", "-m", "64", "-name", "foreign"])
         .arg("-drive")
         .arg(format!(
             "file={},if=none,id=drive0,format=qcow2",
@@ -154,6 +154,28 @@ async fn a_foreign_qemu_is_adopted_snapshotted_and_never_stopped() {
     assert!(matches!(&s3.disks[0].changes, Changes::Known(k) if k.dirty_bytes == 65536));
     d.delete_snapshot(&s3).await.unwrap();
     assert!(qemu.try_wait().unwrap().is_none(), "QEMU must still run");
+
+    // A disk hot-plugged by the VM's owner is in the next snapshot.
+    let c = tmp.path().join("c.qcow2");
+    make_qcow2(&c, "16M");
+    let q = d.qmp(id).await.unwrap();
+    q.execute(
+        "blockdev-add",
+        Some(serde_json::from_str(&qcow2_blockdev("data2", &c)).unwrap()),
+    )
+    .await
+    .unwrap();
+    q.execute(
+        "device_add",
+        Some(serde_json::json!({"driver": "virtio-blk-pci", "id": "vdc", "drive": "data2"})),
+    )
+    .await
+    .unwrap();
+    let s4 = d.snapshot(id, &since(s3.checkpoint)).await.unwrap();
+    let ids: Vec<&str> = s4.disks.iter().map(|x| x.disk.id.as_str()).collect();
+    assert_eq!(ids, ["vda", "vdb", "vdc"]);
+    assert!(matches!(&s4.disks[2].changes, Changes::Unknown { .. }));
+    d.delete_snapshot(&s4).await.unwrap();
 
     // Gone: listed as gone, then forgotten without a signal to anything.
     qemu.kill().unwrap();
