@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::service::{credentials, serve_registered};
 use cairn_hypervisor::service::HostAgentService;
-use cairn_hypervisor::{QemuDriver, QemuDriverOptions};
+use cairn_hypervisor::{AdoptSource, QemuDriver, QemuDriverOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct HostAgentArgs {
@@ -33,6 +33,17 @@ pub struct HostAgentArgs {
     /// (virtnbdbackup) made, for domains that tool also backs up (it refuses foreign ones).
     #[arg(long, requires = "libvirt", value_enum, default_value_t = Checkpoints::Own)]
     libvirt_checkpoints: Checkpoints,
+    /// Adopt a running QEMU Cairn did not start through this QMP socket (repeatable). A
+    /// directory stands for every socket in it, rescanned whenever VMs are listed
+    /// (`NAME.qga.sock` there is the guest agent of `NAME.sock`). `,qga=PATH` names the
+    /// guest-agent socket; without one, snapshots pause the vCPUs. Adopted QEMU processes are
+    /// never stopped by Cairn.
+    #[arg(
+        long = "qmp-socket",
+        value_name = "PATH[,qga=PATH]",
+        conflicts_with = "libvirt"
+    )]
+    qmp_socket: Vec<AdoptSource>,
     #[command(flatten)]
     register: crate::register::ManagerArgs,
 }
@@ -49,7 +60,11 @@ pub fn run(a: HostAgentArgs) -> Result<ExitCode> {
     }
     let state = a.state_dir;
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
-    let driver = QemuDriver::open(&state, QemuDriverOptions::default())
+    let options = QemuDriverOptions {
+        adopt: a.qmp_socket,
+        ..QemuDriverOptions::default()
+    };
+    let driver = QemuDriver::open(&state, options)
         .with_context(|| format!("opening host agent state {}", state.display()))?;
     let creds = credentials(&state, None, None)?;
     // VMs keep running when the agent stops: the next agent on this state directory adopts them.
@@ -63,12 +78,16 @@ pub fn run(a: HostAgentArgs) -> Result<ExitCode> {
             let driver = Arc::new(driver);
             // Snapshots a previous agent left in flight are torn down before anything is served.
             let cleared = driver.recover().await.map_err(std::io::Error::other)?;
-            let vms = driver
-                .list_vms()
-                .await
-                .map_err(std::io::Error::other)?
-                .len();
-            eprintln!("host agent: {vms} VM(s) adopted, {cleared} snapshot(s) recovered");
+            let vms = driver.list_vms().await.map_err(std::io::Error::other)?;
+            let foreign = vms
+                .iter()
+                .filter(|v| v.handle.origin != cairn_api::host::VmOrigin::Cairn)
+                .count();
+            eprintln!(
+                "host agent: {} VM(s) of ours re-adopted, {foreign} QEMU process(es) adopted \
+                 through QMP, {cleared} snapshot(s) recovered",
+                vms.len() - foreign
+            );
             cairn_hypervisor::service::serve(HostAgentService::qemu(driver), a.listen, tls, token)
                 .await
         },

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 pub use cairn_api::host::{
     Changes, DiskIo, DiskSnapshot, DiskSource, KnownChanges, Quiesce, QuiescePolicy, ResourceUsage,
-    SavedState, SnapshotKind, UnknownReason, VcpuUsage, VmHandle, VmInfo, VmSnapshot, VmState,
+    SavedState, SnapshotKind, UnknownReason, VcpuUsage, VmHandle, VmInfo, VmOrigin, VmSnapshot,
+    VmState,
 };
 
 use crate::process::ProcessError;
@@ -37,6 +38,10 @@ pub enum DriverError {
     SnapshotInProgress { vm: VmId, snapshot: VmSnapshotId },
     #[error("no snapshot {0} in flight")]
     UnknownSnapshot(VmSnapshotId),
+    /// Not done on this VM: an adopted QEMU is never stopped, and a VM with a disk Cairn
+    /// cannot map is not snapshotted.
+    #[error("VM {vm}: {reason}")]
+    Refused { vm: VmId, reason: String },
     #[error("QMP on VM {vm}")]
     Qmp {
         vm: VmId,

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`driver`] | the driver trait and its data: snapshots, changes, usage, errors |
 //! | [`spec`] | [`VmSpec`], the VM attributes a backup stores, and the QEMU command line |
-//! | [`qemu`] | [`QemuDriver`]: VMs, snapshots, checkpoints, recovery, execution state |
+//! | [`qemu`] | [`QemuDriver`]: VMs, snapshots, checkpoints, recovery, execution state; adopting running QEMU processes ([`qemu::adopt`]) |
 //! | [`qmp`] / [`qga`] | QEMU (QMP unix socket) / `qemu-ga` (virtio-serial chardev socket) |
 //! | [`process`] | a throw-away QEMU with a private runtime dir, killed by PID on drop (tests) |
 //! | [`service`] | the host agent's HTTPS API over a driver (`cairn host-agent`); route table there |
@@ -86,8 +86,9 @@ mod wire;
 pub use driver::{
     BoxFuture, Changes, DiskIo, DiskSnapshot, DiskSource, DriverError, HypervisorDriver,
     KnownChanges, Quiesce, QuiescePolicy, ResourceUsage, SavedState, SnapshotKind, SnapshotOptions,
-    UnknownReason, VcpuUsage, VmHandle, VmInfo, VmSnapshot, VmState,
+    UnknownReason, VcpuUsage, VmHandle, VmInfo, VmOrigin, VmSnapshot, VmState,
 };
+pub use qemu::adopt::{AdoptSource, adopted_id};
 pub use qemu::{QemuDriver, QemuDriverOptions};
 pub use spec::{
     BootSpec, CheckpointId, DiskBacking, DiskBus, DiskFormat, DiskSpec, DiskSpecExt, NicSpec, VmId,

@@ -348,6 +348,8 @@ pub struct QmpClient {
     greeting: QmpGreeting,
     next_id: AtomicU64,
     options: QmpOptions,
+    /// The process on the other end (`SO_PEERCRED`), when the kernel tells.
+    peer_pid: Option<u32>,
 }
 
 impl fmt::Debug for QmpClient {
@@ -381,6 +383,12 @@ impl QmpClient {
                 path: path.to_owned(),
                 source,
             })?;
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|&p| p > 0);
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(read_half);
         let mut buf = Vec::new();
@@ -423,6 +431,7 @@ impl QmpClient {
             greeting,
             next_id: AtomicU64::new(1),
             options,
+            peer_pid,
         };
         client.execute("qmp_capabilities", None).await?;
         Ok(client)
@@ -431,6 +440,11 @@ impl QmpClient {
     /// The greeting QEMU sent.
     pub fn greeting(&self) -> &QmpGreeting {
         &self.greeting
+    }
+
+    /// The PID of the QEMU process serving this socket (the listener's credentials), if known.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.peer_pid
     }
 
     /// Why the connection closed, or `None` while it is open.

@@ -11,7 +11,7 @@
 //! | GET | `/v1/vms` | → [`VmInfo`] list, oldest first |
 //! | POST | `/v1/vms` | [`VmSpec`] → `201` [`VmInfo`]: QEMU started, QMP answers |
 //! | GET | `/v1/vms/{vm}` | → [`VmInfo`] (`state`: running / unresponsive / gone) |
-//! | DELETE | `/v1/vms/{vm}?timeout_ms=` | → `{"stopped": vm}`: snapshots torn down, `quit`, SIGKILL past the timeout (default 30 s) |
+//! | DELETE | `/v1/vms/{vm}?timeout_ms=` | → `{"stopped": vm}`: snapshots torn down, `quit`, SIGKILL past the timeout (default 30 s); `409` for a running adopted QEMU (never stopped) |
 //! | POST | `/v1/vms/{vm}/snapshots` | [`SnapshotRequest`] (empty body: defaults) → `201` [`VmSnapshot`] with `quiesce` and `quiesce_window_ms` |
 //! | GET | `/v1/snapshots` | → in-flight [`VmSnapshot`] list |
 //! | GET | `/v1/snapshots/{snapshot}` | → [`VmSnapshot`] |
@@ -27,7 +27,7 @@
 //! |---|---|
 //! | unknown VM or snapshot | `404 not_found` |
 //! | invalid spec, malformed JSON, id or query | `400 bad_request` |
-//! | VM not running, QEMU gone mid-call, a snapshot already in flight, state file exists | `409 conflict` |
+//! | VM not running, QEMU gone mid-call, a snapshot already in flight, state file exists, stopping an adopted QEMU, a disk that cannot be mapped | `409 conflict` |
 //! | timeouts, QEMU rejecting a command, tools, I/O, corrupt state files | `500 internal` |
 //!
 //! # Behaviour
@@ -136,7 +136,9 @@ pub fn api_error(e: &DriverError) -> ApiError {
     let kind = match e {
         DriverError::UnknownVm(_) | DriverError::UnknownSnapshot(_) => ErrorKind::NotFound,
         DriverError::InvalidSpec(_) => ErrorKind::BadRequest,
-        DriverError::NotRunning(_) | DriverError::SnapshotInProgress { .. } => ErrorKind::Conflict,
+        DriverError::NotRunning(_)
+        | DriverError::SnapshotInProgress { .. }
+        | DriverError::Refused { .. } => ErrorKind::Conflict,
         DriverError::Qmp {
             source: QmpError::Disconnected { .. } | QmpError::Connect { .. },
             ..
@@ -597,6 +599,12 @@ mod tests {
             400
         );
         assert_eq!(status(DriverError::NotRunning(vm)), 409);
+        let refused = DriverError::Refused {
+            vm,
+            reason: "adopted QEMU is never stopped".into(),
+        };
+        assert!(api_error(&refused).message.contains("never stopped"));
+        assert_eq!(status(refused), 409);
         let gone = QmpError::Disconnected {
             what: "query-status".into(),
             reason: "EOF".into(),

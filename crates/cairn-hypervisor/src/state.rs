@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use cairn_api::host::VmDisk;
+use cairn_api::host::VmOrigin;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +85,16 @@ pub(crate) struct VmRecord {
     pub qga_socket: PathBuf,
     pub started_at_ms: u64,
     pub disks: Vec<VmDisk>,
+    /// Cairn's own, or an adopted QEMU (never recorded here, rediscovered at each start).
+    #[serde(default)]
+    pub origin: VmOrigin,
+    /// Adopted VMs: why a disk could not be mapped; a snapshot is refused while non-empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmapped: Vec<String>,
+    /// Adopted VMs: the process's start time (`/proc/<pid>/stat` field 22), so a recycled PID
+    /// is never taken for the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
 }
 
 /// Where a snapshot is in its life (see the crate docs' diagram).

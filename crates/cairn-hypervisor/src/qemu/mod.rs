@@ -1,10 +1,13 @@
-//! [`QemuDriver`]: the [`HypervisorDriver`] for QEMU VMs this host agent launched.
+//! [`QemuDriver`]: the [`HypervisorDriver`] for QEMU VMs this host agent launched, and for
+//! running QEMU processes it adopts through their QMP socket ([`adopt`]).
 //!
 //! VMs run as their own process group (a signal to the agent never reaches them) and outlive
 //! the agent: [`QemuDriver::open`] re-adopts every VM of the registry whose process still runs.
 //! A PID is trusted only while `/proc/<pid>/cmdline` still names the VM's QMP socket, so a
-//! recycled PID is never signalled. VMs are stopped by their PID only.
+//! recycled PID is never signalled. VMs are stopped by their PID only; an adopted QEMU
+//! (`VmOrigin::Adopted`) is never stopped or signalled at all.
 
+pub mod adopt;
 mod cbt;
 mod graph;
 mod snapshot;
@@ -30,6 +33,7 @@ use crate::qga::{GuestAgent, QgaOptions};
 use crate::qmp::{QmpClient, QmpError, QmpOptions};
 use crate::spec::{CheckpointId, DiskSpecExt, RunPaths, VmId, VmSpec, qemu_args};
 use crate::state::{StateDir, VmDisk, VmRecord, now_ms};
+use cairn_api::host::VmOrigin;
 
 /// Limits and knobs of a [`QemuDriver`].
 #[derive(Debug, Clone)]
@@ -45,6 +49,9 @@ pub struct QemuDriverOptions {
     pub max_checkpoints: usize,
     /// `qemu-system-x86_64` to run; default `$CAIRN_QEMU_SYSTEM` or the one on `PATH`.
     pub qemu_program: Option<PathBuf>,
+    /// Running QEMU processes to adopt through their QMP sockets (a directory: every socket in
+    /// it, rescanned whenever VMs are listed).
+    pub adopt: Vec<adopt::AdoptSource>,
 }
 
 impl Default for QemuDriverOptions {
@@ -59,6 +66,7 @@ impl Default for QemuDriverOptions {
             migrate_timeout: Duration::from_secs(120),
             max_checkpoints: 4,
             qemu_program: None,
+            adopt: Vec::new(),
         }
     }
 }
@@ -97,6 +105,18 @@ fn pid_matches(pid: u32, marker: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let marker = marker.as_os_str().as_encoded_bytes();
     cmdline.windows(marker.len()).any(|w| w == marker)
+}
+
+/// Field 22 of `/proc/<pid>/stat` (start time in clock ticks since boot) of a live, not
+/// zombie process.
+fn pid_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(f.first(), None | Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    f.get(19)?.parse().ok()
 }
 
 fn kill_pid(pid: u32) {
@@ -149,6 +169,15 @@ impl QemuDriver {
     }
 
     fn is_alive(&self, rec: &VmRecord) -> bool {
+        if matches!(rec.origin, VmOrigin::Adopted { .. }) {
+            // Not our child: the same process as when adopted (PID and start time), or, when
+            // the kernel did not tell the PID, a socket that still exists.
+            return match (rec.pid, rec.pid_start) {
+                (0, _) => rec.qmp_socket.exists(),
+                (pid, Some(start)) => pid_start(pid) == Some(start),
+                (pid, None) => pid_start(pid).is_some(),
+            };
+        }
         if let Some(child) = self
             .children
             .lock()
@@ -220,7 +249,7 @@ impl QemuDriver {
             qmp_socket: rec.qmp_socket.clone(),
             qga_socket: rec.qga_socket.clone(),
             disks: rec.disks.clone(),
-            origin: cairn_api::host::VmOrigin::Cairn,
+            origin: rec.origin.clone(),
         }
     }
 
@@ -285,6 +314,9 @@ impl QemuDriver {
             qga_socket: paths.qga.clone(),
             started_at_ms: now_ms(),
             disks,
+            origin: VmOrigin::Cairn,
+            unmapped: Vec::new(),
+            pid_start: None,
         };
         self.children
             .lock()
@@ -356,6 +388,7 @@ impl QemuDriver {
             }
             None if kill => {
                 if let Some(rec) = self.vms.lock().unwrap_or_else(|e| e.into_inner()).get(&vm)
+                    && rec.origin == VmOrigin::Cairn
                     && pid_matches(pid, &rec.qmp_socket)
                 {
                     kill_pid(pid);
@@ -382,8 +415,27 @@ impl QemuDriver {
 
     /// Clean shutdown (snapshots torn down first, then `quit`, which also stores persistent
     /// bitmaps), SIGKILL past `timeout`. A VM that is already gone is just forgotten.
+    ///
+    /// An adopted QEMU is never stopped: refused while it runs; once gone it is only forgotten
+    /// (files of snapshots in flight cleared).
     pub async fn stop_vm(&self, vm: VmId, timeout: Duration) -> Result<(), DriverError> {
         let rec = self.record(vm)?;
+        if let VmOrigin::Adopted { qmp_socket } = &rec.origin {
+            if self.is_alive(&rec) {
+                return Err(DriverError::Refused {
+                    vm,
+                    reason: format!(
+                        "adopted QEMU (QMP {}) was not started by Cairn and is never stopped by it",
+                        qmp_socket.display()
+                    ),
+                });
+            }
+            if let Err(e) = self.recover_vm(vm).await {
+                tracing::warn!(vm = %vm, error = %e, "clearing snapshots of a gone adopted VM");
+            }
+            self.forget(vm).await;
+            return Ok(());
+        }
         if self.is_alive(&rec) {
             if let Err(e) = self.recover_vm(vm).await {
                 tracing::warn!(vm = %vm, error = %e, "tearing down snapshots before stop");
@@ -442,6 +494,7 @@ impl QemuDriver {
     }
 
     pub async fn list_vms(&self) -> Result<Vec<VmInfo>, DriverError> {
+        self.refresh_adopted().await;
         let mut recs: Vec<VmRecord> = self
             .vms
             .lock()
@@ -458,7 +511,13 @@ impl QemuDriver {
     }
 
     pub async fn vm_status(&self, vm: VmId) -> Result<VmInfo, DriverError> {
-        let rec = self.record(vm)?;
+        let rec = match self.record(vm) {
+            Err(DriverError::UnknownVm(_)) if !self.options.adopt.is_empty() => {
+                self.refresh_adopted().await;
+                self.record(vm)?
+            }
+            r => r?,
+        };
         Ok(self.info(&rec).await)
     }
 }

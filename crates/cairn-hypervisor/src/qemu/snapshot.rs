@@ -18,6 +18,7 @@ use crate::qga::GuestAgent;
 use crate::qmp::QmpClient;
 use crate::spec::{CheckpointId, DiskBacking, VmId, VmSnapshotId};
 use crate::state::{DiskPlan, JournalEntry, Phase, VmRecord, now_ms, remove_file};
+use cairn_api::host::VmOrigin;
 
 /// An undo-able quiesce. [`Quiesced::release`] thaws or resumes; if the future holding it is
 /// dropped instead (cancellation), `Drop` does the same from a spawned task.
@@ -185,11 +186,21 @@ impl QemuDriver {
     ) -> Result<VmSnapshot, DriverError> {
         let lock = self.vm_lock(vm);
         let _held = lock.lock().await;
-        let rec = self.record(vm)?;
+        let mut rec = self.record(vm)?;
         if let Some(j) = self.state.load_journal()?.iter().find(|j| j.vm == vm) {
             return Err(DriverError::SnapshotInProgress {
                 vm,
                 snapshot: j.snapshot,
+            });
+        }
+        if rec.origin != VmOrigin::Cairn {
+            // Its owner may have added, removed or renamed disks since we adopted it.
+            rec = self.remap_adopted(vm).await?;
+        }
+        if !rec.unmapped.is_empty() {
+            return Err(DriverError::Refused {
+                vm,
+                reason: format!("cannot snapshot: {}", rec.unmapped.join("; ")),
             });
         }
         let qmp = self.qmp(vm).await?;
@@ -516,7 +527,12 @@ impl QemuDriver {
 
     /// At agent start: clears every journal entry, then sweeps whatever carries our prefix in
     /// every running VM. Returns the number of journal entries cleared.
+    ///
+    /// Adopted QEMU processes are found first (their snapshots are cleared online) and read
+    /// again at the end (a disk seen mid-snapshot maps once the snapshot is gone). They are
+    /// only ever cleaned of our objects, never stopped; one that does not answer is skipped.
     pub async fn recover(&self) -> Result<usize, DriverError> {
+        self.refresh_adopted().await;
         let mut cleared = 0;
         for j in self.state.load_journal()? {
             let lock = self.vm_lock(j.vm);
@@ -536,9 +552,14 @@ impl QemuDriver {
         for vm in vms {
             let lock = self.vm_lock(vm);
             let _held = lock.lock().await;
+            let adopted = self.record(vm).is_ok_and(|r| r.origin != VmOrigin::Cairn);
             let qmp = match self.qmp(vm).await {
                 Ok(q) => q,
                 Err(DriverError::NotRunning(_)) => continue,
+                Err(e) if adopted => {
+                    tracing::warn!(%vm, error = %e, "adopted QEMU not swept");
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let ctx = Ctx {
@@ -546,22 +567,14 @@ impl QemuDriver {
                 qmp: &qmp,
                 job_timeout: self.options.job_timeout,
             };
-            sweep(&ctx, Scope::All, true).await?;
-            // Overlays nobody remembers: commit them into whatever they sit on.
-            let raw = ctx
-                .exec("query-named-block-nodes", json!({"flat": true}))
-                .await?;
-            for n in raw.as_array().into_iter().flatten() {
-                let name = n["node-name"].as_str().unwrap_or_default();
-                let base = n["image"]["backing-image"].is_object();
-                if temp_kind(name) == Some('o')
-                    && base
-                    && let Some(base_node) = backing_node(&raw, n)
-                {
-                    commit_overlay(&ctx, name, &base_node).await?;
-                }
+            match sweep_all(&ctx).await {
+                Ok(()) => {}
+                // A QEMU we only adopted must not keep the agent from starting.
+                Err(e) if adopted => tracing::warn!(%vm, error = %e, "sweeping adopted QEMU"),
+                Err(e) => return Err(e),
             }
         }
+        self.refresh_adopted().await;
         Ok(cleared)
     }
 
@@ -579,6 +592,26 @@ impl QemuDriver {
         }
         Ok(())
     }
+}
+
+/// Removes every temporary object of ours from one VM; commits overlays nobody remembers into
+/// whatever they sit on.
+async fn sweep_all(ctx: &Ctx<'_>) -> Result<(), DriverError> {
+    sweep(ctx, Scope::All, true).await?;
+    let raw = ctx
+        .exec("query-named-block-nodes", json!({"flat": true}))
+        .await?;
+    for n in raw.as_array().into_iter().flatten() {
+        let name = n["node-name"].as_str().unwrap_or_default();
+        let base = n["image"]["backing-image"].is_object();
+        if temp_kind(name) == Some('o')
+            && base
+            && let Some(base_node) = backing_node(&raw, n)
+        {
+            commit_overlay(ctx, name, &base_node).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The node name below `node` in its backing chain (by file name), when QEMU names one.

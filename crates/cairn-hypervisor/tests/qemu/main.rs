@@ -2,6 +2,7 @@
 //! machines. Tests that need a program that is missing print a loud SKIPPED notice and pass,
 //! unless `CAIRN_REQUIRE_QEMU=1`, which turns the skip into a failure (for CI).
 
+mod adopt;
 mod common;
 mod driver;
 mod guest;
