@@ -145,6 +145,25 @@ pub struct VmLocation {
     /// Who started the VM: Cairn, libvirt, or someone else's QEMU adopted over QMP.
     #[serde(default)]
     pub origin: crate::host::VmOrigin,
+    /// Disks a backup cannot read, and why (the host's reasons, and disks on no storage
+    /// agent's datastore).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected: Vec<crate::host::UnprotectedDisk>,
+}
+
+impl VmLocation {
+    /// Every disk a backup cannot read, and why: the host's reasons, then each disk on no
+    /// storage agent's datastore.
+    pub fn unprotected_disks(&self) -> Vec<crate::host::UnprotectedDisk> {
+        let mut out = self.unprotected.clone();
+        for d in self.disks.iter().filter(|d| d.storage_agent.is_none()) {
+            out.push(crate::host::UnprotectedDisk {
+                disk: d.disk.clone(),
+                reason: format!("{} is on no storage agent's datastore", d.path.display()),
+            });
+        }
+        out
+    }
 }
 
 /// Answer of `DELETE /v1/agents/{kind}/{name}`.

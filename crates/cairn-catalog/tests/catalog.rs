@@ -129,6 +129,7 @@ fn jobs_events_and_cancel() {
         kind: "backup".into(),
         state: JobState::Queued,
         params: JobKind::Backup {
+            skip_unprotected: false,
             vms: vec!["web1".into()],
             full: false,
         },

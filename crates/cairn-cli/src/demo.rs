@@ -246,6 +246,7 @@ fn demo(
     let (full, full_t) = job(
         &all,
         cairn_server::JobKind::Backup {
+            skip_unprotected: false,
             vms: names.clone(),
             full: false,
         },
@@ -268,6 +269,7 @@ fn demo(
     let (inc, inc_t) = job(
         &all,
         cairn_server::JobKind::Backup {
+            skip_unprotected: false,
             vms: vec!["vm1".into()],
             full: false,
         },
@@ -275,6 +277,7 @@ fn demo(
     let (idle, idle_t) = job(
         &all,
         cairn_server::JobKind::Backup {
+            skip_unprotected: false,
             vms: vec!["vm2".into()],
             full: false,
         },
@@ -284,6 +287,7 @@ fn demo(
     let (group, group_t) = job(
         &all,
         cairn_server::JobKind::GroupBackup {
+            skip_unprotected: false,
             vms: names.clone(),
             full: false,
         },

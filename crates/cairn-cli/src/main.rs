@@ -62,6 +62,10 @@ enum Cmd {
         /// Read every disk whole even when a previous backup exists.
         #[arg(long)]
         full: bool,
+        /// Back up the disks Cairn can read and skip, with a warning, those it cannot (a
+        /// network disk, a path no storage agent serves) instead of refusing the VM.
+        #[arg(long)]
+        skip_unprotected: bool,
         /// Print the job and return at once.
         #[arg(long)]
         no_wait: bool,
@@ -136,8 +140,18 @@ fn main() -> ExitCode {
             vms,
             group,
             full,
+            skip_unprotected,
             no_wait,
-        } => ops::backup(&cli.conn, vms, group, full, no_wait),
+        } => ops::backup(
+            &cli.conn,
+            cairn_api::server::StartBackup {
+                vms,
+                group,
+                full,
+                skip_unprotected,
+            },
+            no_wait,
+        ),
         Cmd::Backups { vm } => ops::backups(&cli.conn, vm),
         Cmd::Restore {
             vm,

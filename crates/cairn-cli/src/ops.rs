@@ -191,18 +191,22 @@ pub fn vm(conn: &Conn, _c: VmCmd) -> Result<ExitCode> {
     let v = conn.client()?.vms()?;
     out(conn, &v, |v| {
         println!(
-            "{:<16} {:<12} {:<10} {:>7} LAST BACKUP",
-            "VM", "HOST", "STATE", "BACKUPS"
+            "{:<16} {:<12} {:<8} {:<10} {:>7} LAST BACKUP",
+            "VM", "HOST", "FROM", "STATE", "BACKUPS"
         );
         for x in v {
             println!(
-                "{:<16} {:<12} {:<10} {:>7} {}",
+                "{:<16} {:<12} {:<8} {:<10} {:>7} {}",
                 x.name,
                 x.host.as_deref().unwrap_or("-"),
+                x.origin.as_ref().map_or("-", |o| o.kind()),
                 x.state.as_str(),
                 x.backups,
                 ago(x.last_backup_ms)
             );
+            for u in &x.unprotected {
+                println!("  not protected: {}: {}", u.disk, u.reason);
+            }
         }
     })?;
     Ok(ExitCode::SUCCESS)
@@ -258,15 +262,9 @@ fn finish(conn: &Conn, c: &dyn ServerApi, job: JobRecord, wait: bool) -> Result<
     })
 }
 
-pub fn backup(
-    conn: &Conn,
-    vms: Vec<String>,
-    group: bool,
-    full: bool,
-    no_wait: bool,
-) -> Result<ExitCode> {
+pub fn backup(conn: &Conn, r: StartBackup, no_wait: bool) -> Result<ExitCode> {
     let c = conn.client()?;
-    let job = c.start_backup(&StartBackup { vms, group, full })?;
+    let job = c.start_backup(&r)?;
     finish(conn, &c, job, !no_wait)
 }
 

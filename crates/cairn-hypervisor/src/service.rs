@@ -262,6 +262,7 @@ async fn start_vm(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
         Ok(match d.vm_status(handle.id).await {
             Ok(info) => info,
             Err(e) => VmInfo {
+                unprotected: Vec::new(),
                 handle,
                 spec,
                 state: VmState::Unresponsive { reason: chain(&e) },

@@ -166,7 +166,19 @@ impl Inner {
             _ => qemu_pid(&parsed.name).unwrap_or(0),
         };
         let spec = parsed.spec(inactive);
+        let unprotected = parsed
+            .disks
+            .iter()
+            .filter(|d| !matches!(d.device.as_str(), "cdrom" | "floppy"))
+            .filter_map(|d| {
+                Some(cairn_api::host::UnprotectedDisk {
+                    disk: d.target.clone(),
+                    reason: d.unprotectable()?,
+                })
+            })
+            .collect();
         Ok(VmInfo {
+            unprotected,
             handle: VmHandle {
                 id,
                 name: parsed.name.clone(),

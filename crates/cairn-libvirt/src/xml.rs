@@ -466,6 +466,15 @@ fn emit<'r>(
     if at_root && (tag == "uuid" || tag == "seclabel") {
         return;
     }
+    // A disk the backup does not hold is left out: the new domain must never share the
+    // original's disk (a network volume, an image on no datastore). CD-ROMs stay.
+    if tag == "disk" && parent_is(n, "devices") {
+        let target = child(n, "target").and_then(|t| t.attribute("dev"));
+        let media = matches!(n.attribute("device"), Some("cdrom" | "floppy"));
+        if !media && !r.disks.iter().any(|(t, ..)| Some(t.as_str()) == target) {
+            return;
+        }
+    }
     // The disk this element belongs to, when it is a restored one.
     let disk = n
         .ancestors()

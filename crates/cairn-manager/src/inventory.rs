@@ -334,6 +334,7 @@ fn locate(host: &str, v: VmInfo, storage: &[(String, DatastoreInfo)]) -> VmLocat
         })
         .collect();
     VmLocation {
+        unprotected: v.unprotected.clone(),
         name: v.spec.name.clone(),
         host: host.into(),
         host_vm_id: v.handle.id,

@@ -37,27 +37,31 @@ impl Flow<Server> for BackupFlow {
 
     fn run(&self, ctx: &JobCtx<'_>, params: &JobKind) -> Result<JobResult> {
         match params {
-            JobKind::Backup { vms, full } => run(ctx, vms, *full),
+            JobKind::Backup {
+                vms,
+                full,
+                skip_unprotected,
+            } => run(ctx, vms, *full, *skip_unprotected),
             other => Err(crate::jobs::not_for(other, self.kind())),
         }
     }
 }
 
 /// Backs up each VM in turn; the job fails at the first VM that fails.
-pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
+pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool, skip: bool) -> Result<JobResult> {
     let mut out = Vec::new();
     for vm in vms {
         ctx.check_cancel()?;
-        let b = backup_vm(ctx, vm, full)?;
+        let b = backup_vm(ctx, vm, full, skip)?;
         out.push(steps::summary(&b));
         crate::schedule::apply_retention(ctx, vm)?;
     }
     Ok(JobResult::Backup(BackupsDone { backups: out }))
 }
 
-fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool) -> Result<BackupRecord> {
+fn backup_vm(ctx: &JobCtx<'_>, vm: &str, full: bool, skip: bool) -> Result<BackupRecord> {
     let (created_ms, started) = steps::clock();
-    let loc = steps::locate(ctx, vm)?;
+    let loc = steps::locate(ctx, vm, skip)?;
     let parent = Parent::of(ctx, &loc, full)?;
     let point = steps::begin(ctx, &loc)?;
     let snap = steps::snapshot_vm(ctx, &loc, SnapshotKind::Fleecing, parent.since)?;

@@ -35,7 +35,11 @@ impl Flow<Server> for GroupFlow {
 
     fn run(&self, ctx: &JobCtx<'_>, params: &JobKind) -> Result<JobResult> {
         match params {
-            JobKind::GroupBackup { vms, full } => run(ctx, vms, *full),
+            JobKind::GroupBackup {
+                vms,
+                full,
+                skip_unprotected,
+            } => run(ctx, vms, *full, *skip_unprotected),
             other => Err(crate::jobs::not_for(other, self.kind())),
         }
     }
@@ -61,8 +65,8 @@ struct Snapped {
 /// A disk's place in a unit snapshot: (VM index, disk index) → (snapshot id, index within).
 type UnitOf = BTreeMap<(usize, usize), (String, usize)>;
 
-pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
-    let g = locate(ctx, vms, full)?;
+pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool, skip: bool) -> Result<JobResult> {
+    let g = locate(ctx, vms, full, skip)?;
     let mut snaps = snapshot_vms(ctx, &g)?;
     let unit_started = Instant::now();
     let (unit_of, units) = snapshot_units(ctx, &g)?;
@@ -81,12 +85,12 @@ pub fn run(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<JobResult> {
     Ok(report(ctx, &g, &snaps, unit_ms, out))
 }
 
-fn locate(ctx: &JobCtx<'_>, vms: &[String], full: bool) -> Result<Group> {
+fn locate(ctx: &JobCtx<'_>, vms: &[String], full: bool, skip: bool) -> Result<Group> {
     let (created_ms, started) = steps::clock();
     let id = new_id();
     let locs = vms
         .iter()
-        .map(|v| steps::locate(ctx, v))
+        .map(|v| steps::locate(ctx, v, skip))
         .collect::<Result<Vec<_>>>()?;
     let parents = locs
         .iter()

@@ -206,10 +206,12 @@ mod tests {
             JobKind::Backup {
                 vms: vec!["a".into()],
                 full: true,
+                skip_unprotected: false,
             },
             JobKind::GroupBackup {
                 vms: vec!["a".into()],
                 full: false,
+                skip_unprotected: true,
             },
             JobKind::Index { backup: "b".into() },
             JobKind::Prune {

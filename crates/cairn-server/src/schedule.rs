@@ -108,11 +108,13 @@ pub(crate) fn start_scheduler(server: &Arc<Server>) {
                         JobKind::GroupBackup {
                             vms: sc.vms.clone(),
                             full: false,
+                            skip_unprotected: false,
                         }
                     } else {
                         JobKind::Backup {
                             vms: sc.vms.clone(),
                             full: false,
+                            skip_unprotected: false,
                         }
                     };
                     match submit(&s, kind) {

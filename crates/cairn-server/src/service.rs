@@ -57,6 +57,7 @@ async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
                     vcpus: Some(v.spec.vcpus),
                     memory_mib: Some(v.spec.memory_mib),
                     disks: Some(v.disks.clone()),
+                    unprotected: v.unprotected_disks(),
                     backups: k.map_or(0, |k| k.backups),
                     last_backup_ms: k.and_then(|k| k.last_backup_ms),
                 }
@@ -75,6 +76,7 @@ async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
                 vcpus: None,
                 memory_mib: None,
                 disks: None,
+                unprotected: Vec::new(),
                 backups: k.backups,
                 last_backup_ms: k.last_backup_ms,
             });
@@ -112,11 +114,13 @@ async fn start_backup(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> 
         JobKind::GroupBackup {
             vms: r.vms,
             full: r.full,
+            skip_unprotected: r.skip_unprotected,
         }
     } else {
         JobKind::Backup {
             vms: r.vms,
             full: r.full,
+            skip_unprotected: r.skip_unprotected,
         }
     };
     blocking(StatusCode::ACCEPTED, move || submit(&s, kind)).await

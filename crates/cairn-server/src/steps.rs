@@ -33,9 +33,12 @@ use cairn_catalog::{BackupDisk, BackupRecord, Hold, MetadataSnapshot, now_ms};
 
 use crate::{JobCtx, Result, ServerError};
 
-/// Locates a VM and checks that it runs and every disk is served by a storage agent.
-pub fn locate(ctx: &JobCtx<'_>, vm: &str) -> Result<VmLocation> {
-    let loc = ctx
+/// Locates a VM and checks that it runs (or is a shut-off domain) and that Cairn can read
+/// every disk. A disk it cannot read (the host's reasons, or on no storage agent's datastore)
+/// refuses the VM, naming each disk and why; with `skip`, those disks are left out with a
+/// warning and the rest is backed up.
+pub fn locate(ctx: &JobCtx<'_>, vm: &str, skip: bool) -> Result<VmLocation> {
+    let mut loc = ctx
         .app
         .manager
         .vm(vm)
@@ -47,14 +50,32 @@ pub fn locate(ctx: &JobCtx<'_>, vm: &str) -> Result<VmLocation> {
             loc.host, loc.state
         )));
     }
-    for d in &loc.disks {
-        if d.storage_agent.is_none() {
-            return Err(ServerError::Invalid(format!(
-                "disk {} of VM {vm} ({}) is on no storage agent's datastore",
-                d.disk,
-                d.path.display()
-            )));
-        }
+    let unprotected = loc.unprotected_disks();
+    if unprotected.is_empty() {
+        return Ok(loc);
+    }
+    let list = unprotected
+        .iter()
+        .map(|u| format!("{} ({})", u.disk, u.reason))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if !skip {
+        return Err(ServerError::Invalid(format!(
+            "VM {vm}: Cairn cannot back up disk(s) {list}; back up the others with skip_unprotected (cairn backup --skip-unprotected)"
+        )));
+    }
+    for u in &unprotected {
+        ctx.warn(format!("{vm}/{}: not backed up: {}", u.disk, u.reason));
+    }
+    loc.disks.retain(|d| d.storage_agent.is_some());
+    // The stored attributes list only what the backup holds: a restored VM must never point at
+    // the original's disk.
+    let kept: Vec<String> = loc.disks.iter().map(|d| d.disk.clone()).collect();
+    loc.spec.disks.retain(|d| kept.contains(&d.id));
+    if loc.disks.is_empty() {
+        return Err(ServerError::Invalid(format!(
+            "VM {vm}: no disk Cairn can back up ({list})"
+        )));
     }
     Ok(loc)
 }

@@ -18,6 +18,7 @@ use crate::{FakeStorage, Fault, Script, lock, not_found, refused};
 /// A running VM as a host agent reports it, with the host's id `id`.
 pub fn vm_info(spec: VmSpec, id: &str) -> VmInfo {
     VmInfo {
+        unprotected: Vec::new(),
         handle: VmHandle {
             origin: Default::default(),
             id: id.parse().expect("a VM id"),

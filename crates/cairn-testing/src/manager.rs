@@ -26,6 +26,7 @@ const URL: &str = "https://manager.fake:1";
 pub fn vm_location(name: &str, host: &str, agent: &str, disks: &[&str]) -> VmLocation {
     let file = |d: &str| format!("{name}-{d}.qcow2");
     VmLocation {
+        unprotected: Vec::new(),
         origin: Default::default(),
         name: name.into(),
         host: host.into(),

@@ -87,6 +87,15 @@ pub struct VmHandle {
     pub origin: VmOrigin,
 }
 
+/// A disk of a VM that Cairn cannot back up, and why (a network disk such as rbd or iscsi, an
+/// image format it cannot read, a path no storage agent serves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnprotectedDisk {
+    pub disk: String,
+    pub reason: String,
+}
+
 /// [`VmHandle`] plus its state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,6 +103,9 @@ pub struct VmInfo {
     pub handle: VmHandle,
     pub spec: VmSpec,
     pub state: VmState,
+    /// Disks of the VM that are not in `spec` because Cairn cannot back them up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected: Vec<UnprotectedDisk>,
 }
 
 /// How the guest was made consistent for the snapshot.

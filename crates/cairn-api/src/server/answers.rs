@@ -64,6 +64,9 @@ pub struct VmEntry {
     pub memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<DiskLocation>>,
+    /// Disks a backup cannot read, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected: Vec<crate::host::UnprotectedDisk>,
     pub backups: i64,
     pub last_backup_ms: Option<i64>,
 }

@@ -30,6 +30,10 @@ pub struct StartBackup {
     /// Read every disk whole even with a previous backup.
     #[serde(default)]
     pub full: bool,
+    /// Back up the disks Cairn can read and skip (with a warning) those it cannot, instead of
+    /// refusing the VM.
+    #[serde(default)]
+    pub skip_unprotected: bool,
 }
 
 /// Body of `POST /v1/restores`: a backup restored as a new VM.

@@ -246,12 +246,18 @@ pub enum JobKind {
         vms: Vec<String>,
         #[serde(default)]
         full: bool,
+        /// Skip the disks Cairn cannot read instead of refusing the VM.
+        #[serde(default)]
+        skip_unprotected: bool,
     },
     /// One targeted group snapshot of all VMs, then a backup of each.
     GroupBackup {
         vms: Vec<String>,
         #[serde(default)]
         full: bool,
+        /// Skip the disks Cairn cannot read instead of refusing the VM.
+        #[serde(default)]
+        skip_unprotected: bool,
     },
     /// A backup restored as a new VM.
     Restore(RestoreParams),

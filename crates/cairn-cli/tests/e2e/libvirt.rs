@@ -566,3 +566,122 @@ fn libvirt_failures_leave_nothing_behind_and_bad_input_is_clear() {
         "{again}"
     );
 }
+
+#[test]
+fn libvirt_unprotected_disks_are_named_and_skipped_on_request() {
+    let Some(g) = guest_test() else { return };
+    let Some(_libvirtd) = Libvirtd::start() else {
+        return;
+    };
+    let t = g.tmp.path();
+    std::fs::set_permissions(t, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = |s: &str| t.join(s).display().to_string();
+    std::fs::create_dir_all(t.join("ds")).unwrap();
+    std::fs::create_dir_all(t.join("elsewhere")).unwrap();
+    // A shut-off domain (never started): one disk on the datastore, one image no storage agent
+    // serves, one network disk, a CD-ROM drive.
+    let name = format!("cairn-e2e-{:08x}", rand::random::<u32>());
+    let src = disk(t, &name);
+    let stray = t.join("elsewhere/data.qcow2");
+    assert!(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&stray)
+            .arg("16M")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vdb' bus='virtio'/></disk>\
+         <disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+         <source protocol='rbd' name='pool/image'><host name='127.0.0.1'/></source>\
+         <target dev='vdc' bus='virtio'/></disk>\
+         <disk type='file' device='cdrom'><target dev='sda' bus='sata'/><readonly/></disk>\
+         <channel",
+        stray.display()
+    );
+    let xml =
+        domain_xml(&name, &g.guest, &src, "52:54:00:3a:00:05").replacen("<channel", &extra, 1);
+    let file = t.join("dom.xml");
+    std::fs::write(&file, xml).unwrap();
+    let (ok, out) = virsh(&["define", file.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let _dom = Domain(name.clone());
+    let c = Cluster::start_with(t, &p("vault"), false, &["--libvirt", URI]);
+    let s = c.server.client();
+
+    // The listing says which disks are not protected and why; the CD-ROM is not a disk to back up.
+    let vms: Value = s.get_json("/v1/vms").unwrap();
+    let vm = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name.as_str())
+        .unwrap();
+    assert_eq!(vm["state"], "shut_off", "{vm}");
+    let why: Vec<(String, String)> = vm["unprotected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["disk"].as_str().unwrap().into(),
+                u["reason"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(
+        why.iter().any(|(d, r)| d == "vdc" && r.contains("rbd")),
+        "{why:?}"
+    );
+    assert!(
+        why.iter()
+            .any(|(d, r)| d == "vdb" && r.contains("no storage agent")),
+        "{why:?}"
+    );
+
+    // Refused by default, naming each disk; with skip_unprotected the rest is backed up.
+    let j = submit(&s, "/v1/backups", json!({ "vms": [name] }));
+    assert_eq!(j["state"], "failed");
+    let err = j["error"].as_str().unwrap();
+    assert!(
+        err.contains("vdb") && err.contains("vdc") && err.contains("skip"),
+        "{err}"
+    );
+    let j = submit(
+        &s,
+        "/v1/backups",
+        json!({ "vms": [name], "skip_unprotected": true }),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let b = &j["result"]["backups"][0];
+    let disks: Vec<_> = b["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["disk"].clone())
+        .collect();
+    assert_eq!(disks, ["vda"], "{b}");
+    let warned = j["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["level"] == "warn")
+        .count();
+    assert!(warned >= 2, "{j}");
+    // The restored domain holds only the disk the backup has: never the original's others.
+    let j = submit(
+        &s,
+        "/v1/restores",
+        json!({"backup": b["backup"], "as_name": format!("{name}-r"), "start": false}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        j["result"]["attributes"]["disks"].as_array().unwrap().len(),
+        1,
+        "{j}"
+    );
+}

@@ -487,6 +487,7 @@ impl QemuDriver {
             }
         };
         VmInfo {
+            unprotected: Vec::new(),
             handle: Self::handle(rec),
             spec: rec.spec.clone(),
             state,

@@ -219,14 +219,16 @@ fn rewrite_renames_moves_disks_and_forgets_the_original() {
         x.disks[0].data,
         DiskData::File("/ds/restored/vda.qcow2".into())
     );
+    // Disks the backup does not hold are left out (never shared with the original); the
+    // CD-ROM stays.
+    let targets: Vec<_> = x.disks.iter().map(|d| d.target.as_str()).collect();
+    assert_eq!(targets, ["vda", "sda", "sdb"]);
     // The LUN comes back as an image file in the datastore.
     assert_eq!(
-        x.disks[2].data,
+        x.disks[1].data,
         DiskData::File("/ds/restored/sda.raw".into())
     );
-    assert_eq!(x.disks[2].format, "raw");
-    // Disks not restored keep their source.
-    assert_eq!(x.disks[1].data, DiskData::File("/ds/web-1-data.raw".into()));
+    assert_eq!(x.disks[1].format, "raw");
     let macs: Vec<_> = x.nics.iter().map(|(m, _)| m.as_str()).collect();
     assert_eq!(macs, ["52:54:00:00:00:01", "52:54:00:00:00:02"]);
     // Namespaced elements survive with their prefix.

@@ -306,6 +306,7 @@ fn a_full_backup_ignores_the_previous_checkpoint() {
     let s = setup();
     assert_eq!(s.run(backup(&["vm1"])).state, JobState::Succeeded);
     let j = s.run(JobKind::Backup {
+        skip_unprotected: false,
         vms: vec!["vm1".into()],
         full: true,
     });

@@ -139,6 +139,7 @@ pub fn wait(server: &Server, id: &str) -> JobRecord {
 
 pub fn backup(vms: &[&str]) -> JobKind {
     JobKind::Backup {
+        skip_unprotected: false,
         vms: vms.iter().map(|v| v.to_string()).collect(),
         full: false,
     }
@@ -146,6 +147,7 @@ pub fn backup(vms: &[&str]) -> JobKind {
 
 pub fn group(vms: &[&str]) -> JobKind {
     JobKind::GroupBackup {
+        skip_unprotected: false,
         vms: vms.iter().map(|v| v.to_string()).collect(),
         full: false,
     }
