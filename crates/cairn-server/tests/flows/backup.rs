@@ -129,7 +129,7 @@ fn a_vm_that_is_not_running_or_has_a_disk_on_no_storage_agent_is_refused_before_
     );
     failed(
         &s.run(backup(&["vm2"])),
-        &["disk vda of VM vm2", "on no storage agent"],
+        &["VM vm2", "vda", "on no storage agent"],
     );
     assert!(s.manager.taken().is_empty());
     assert_eq!(s.manager.script.count("usage"), 0, "no metadata snapshot");
