@@ -154,4 +154,14 @@ pub trait HypervisorDriver: Send + Sync {
     fn guest_agent_of(&self, _vm: VmId) -> Option<std::sync::Arc<crate::qga::GuestAgent>> {
         None
     }
+    /// The guest as its agent reports it, for drivers that reach the agent through their VM
+    /// manager rather than a socket of their own (libvirt owns its domains' agent channel).
+    /// `None`: the host agent asks the guest agent itself.
+    fn guest_status(
+        &self,
+        _vm: VmId,
+        _timeout: Duration,
+    ) -> Option<BoxFuture<'_, cairn_api::host::GuestStatus>> {
+        None
+    }
 }

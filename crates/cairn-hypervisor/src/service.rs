@@ -463,6 +463,16 @@ struct GuestQuery {
 /// The driver's guest-agent client of `vm` (a second connection would starve the first).
 async fn guest_agent(s: &HostAgentService, vm: VmId) -> ApiResult<Arc<crate::qga::GuestAgent>> {
     let info = s.driver.vm_status(vm).await.map_err(|e| api_error(&e))?;
+    if matches!(
+        info.handle.origin,
+        cairn_api::host::VmOrigin::Libvirt { .. }
+    ) {
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            "libvirt owns this domain's guest agent channel: use libvirt (virsh \
+             qemu-agent-command) to run commands in the guest",
+        ));
+    }
     Ok(s.driver.guest_agent_of(vm).unwrap_or_else(|| {
         Arc::new(crate::qga::GuestAgent::new(
             &info.handle.qga_socket,
@@ -477,8 +487,11 @@ async fn guest(
     Query(q): Query<GuestQuery>,
 ) -> ApiResult<Response> {
     let vm: VmId = parse_id(&vm)?;
-    let ga = guest_agent(&s, vm).await?;
     let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(2000).min(60_000));
+    if let Some(status) = s.driver.guest_status(vm, timeout) {
+        return Ok(json(status.await));
+    }
+    let ga = guest_agent(&s, vm).await?;
     let status = match ga.wait_ready(timeout).await {
         Err(e) => GuestStatus {
             agent: false,

@@ -331,6 +331,40 @@ impl HypervisorDriver for LibvirtDriver {
         self.blocking(crate::backup::recover)
     }
 
+    /// Through libvirt (`virDomainGetFSInfo`, answered by the guest agent): libvirt owns the
+    /// domain's agent channel.
+    fn guest_status(
+        &self,
+        vm: VmId,
+        timeout: Duration,
+    ) -> Option<BoxFuture<'_, cairn_api::host::GuestStatus>> {
+        let f = self.blocking(move |inner| {
+            let conn = inner.conn()?;
+            let d = inner.domain(&conn, vm)?;
+            let secs = i32::try_from(timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+            let _ = d.set_agent_timeout(secs);
+            let r = d.fs_info();
+            let _ = d.set_agent_timeout(-1);
+            Ok(r)
+        });
+        Some(Box::pin(async move {
+            let no = |e: String| cairn_api::host::GuestStatus {
+                agent: false,
+                filesystems: Vec::new(),
+                error: Some(e),
+            };
+            match f.await {
+                Ok(Ok(filesystems)) => cairn_api::host::GuestStatus {
+                    agent: true,
+                    filesystems,
+                    error: None,
+                },
+                Ok(Err(e)) => no(e.message),
+                Err(e) => no(e.to_string()),
+            }
+        }))
+    }
+
     fn save_state<'a>(
         &'a self,
         vm: VmId,

@@ -104,6 +104,15 @@ struct RawBlockInfo {
     physical: c_ulonglong,
 }
 
+#[repr(C)]
+struct RawFsInfo {
+    mountpoint: *mut c_char,
+    name: *mut c_char,
+    fstype: *mut c_char,
+    ndev_alias: usize,
+    dev_alias: *mut *mut c_char,
+}
+
 macro_rules! bindings {
     ($($field:ident = $sym:literal : fn($($arg:ty),*) -> $ret:ty;)*) => {
         #[allow(non_snake_case)]
@@ -146,6 +155,7 @@ bindings! {
     initialize = "virInitialize": fn() -> c_int;
     get_last_error = "virGetLastError": fn() -> *mut RawError;
     reset_last_error = "virResetLastError": fn() -> ();
+    set_error_func = "virSetErrorFunc": fn(Ptr, Option<unsafe extern "C" fn(Ptr, *mut RawError)>) -> ();
     connect_open = "virConnectOpen": fn(*const c_char) -> Ptr;
     connect_close = "virConnectClose": fn(Ptr) -> c_int;
     connect_is_alive = "virConnectIsAlive": fn(Ptr) -> c_int;
@@ -172,6 +182,8 @@ bindings! {
     fs_thaw = "virDomainFSThaw": fn(Ptr, *const *const c_char, c_uint, c_uint) -> c_int;
     agent_timeout = "virDomainAgentSetResponseTimeout": fn(Ptr, c_int, c_uint) -> c_int;
     guest_time = "virDomainGetTime": fn(Ptr, *mut i64, *mut c_uint, c_uint) -> c_int;
+    fs_info = "virDomainGetFSInfo": fn(Ptr, *mut *mut *mut RawFsInfo, c_uint) -> c_int;
+    fs_info_free = "virDomainFSInfoFree": fn(*mut RawFsInfo) -> ();
     backup_begin = "virDomainBackupBegin": fn(Ptr, *const c_char, *const c_char, c_uint) -> c_int;
     backup_xml = "virDomainBackupGetXMLDesc": fn(Ptr, c_uint) -> *mut c_char;
     abort_job = "virDomainAbortJob": fn(Ptr) -> c_int;
@@ -187,6 +199,9 @@ bindings! {
 struct Lib {
     fns: Fns,
 }
+
+/// libvirt's error callback: silent.
+unsafe extern "C" fn quiet(_user: Ptr, _error: *mut RawError) {}
 
 fn lib() -> Result<&'static Lib, LibvirtError> {
     static LIB: OnceLock<Result<Lib, LibvirtError>> = OnceLock::new();
@@ -205,6 +220,9 @@ fn lib() -> Result<&'static Lib, LibvirtError> {
         if unsafe { (fns.initialize)() } < 0 {
             return Err(LibvirtError::new("virInitialize failed"));
         }
+        // SAFETY: a handler that ignores its arguments; libvirt then stops printing every
+        // error on stderr (the driver reports them itself, read from virGetLastError).
+        unsafe { (fns.set_error_func)(std::ptr::null_mut(), Some(quiet)) };
         Ok(Lib { fns })
     })
     .as_ref()
@@ -522,6 +540,45 @@ impl Domain {
         // SAFETY: two valid out pointers.
         let rc = unsafe { (self.lib.fns.guest_time)(self.ptr, &mut secs, &mut nsecs, 0) };
         self.rc(rc, "reach the guest agent")
+    }
+
+    /// The guest's mounted file systems as its agent reports them: `(mountpoint, type, device)`.
+    pub fn fs_info(&self) -> Result<Vec<(String, String, String)>, LibvirtError> {
+        let mut list: *mut *mut RawFsInfo = std::ptr::null_mut();
+        // SAFETY: `list` receives a malloc'ed array of `n` entries, each freed below with
+        // virDomainFSInfoFree and the array with free.
+        let n = unsafe { (self.lib.fns.fs_info)(self.ptr, &mut list, 0) };
+        let n = self.lib.check(n, "read the guest's file systems")?;
+        let ptrs = if list.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: libvirt wrote `n` entry pointers to `list`.
+            let v = unsafe { std::slice::from_raw_parts(list, usize::try_from(n).unwrap_or(0)) }
+                .to_vec();
+            // SAFETY: the array is ours; its entries now belong to `v`.
+            unsafe { libc::free(list.cast()) };
+            v
+        };
+        let text = |p: *mut c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                // SAFETY: a NUL-terminated string owned by the entry, copied before it is freed.
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        };
+        let mut out = Vec::new();
+        for p in ptrs {
+            if p.is_null() {
+                continue;
+            }
+            // SAFETY: a valid entry libvirt allocated; read, then freed exactly once.
+            let e = unsafe { &*p };
+            out.push((text(e.mountpoint), text(e.fstype), text(e.name)));
+            // SAFETY: as above.
+            unsafe { (self.lib.fns.fs_info_free)(p) };
+        }
+        Ok(out)
     }
 
     /// Freezes every guest file system through the guest agent; returns how many.

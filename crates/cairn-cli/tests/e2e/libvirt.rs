@@ -404,7 +404,7 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
     let j = submit(
         &s,
         "/v1/restores",
-        json!({"backup": inc["backup"], "as_name": new_name, "start": true}),
+        json!({"backup": inc["backup"], "as_name": new_name, "start": true, "wait_boot_s": 120}),
     );
     assert_eq!(j["state"], "succeeded", "{j}");
     let _copy = Domain(new_name.clone());
@@ -419,7 +419,10 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
     assert_ne!(uuid_old.trim(), uuid_new.trim());
     let disk_new = j["result"]["disks"][0]["path"].as_str().unwrap();
     assert!(xml.contains(disk_new), "{xml}");
-    wait_agent(&new_name);
+    // The server waited for the guest agent, through libvirt, and saw the disk mounted.
+    let guest = &j["result"]["guest"];
+    assert_eq!(guest["agent"], true, "{j}");
+    assert!(guest["filesystems"].to_string().contains("/mnt"), "{guest}");
     assert_eq!(guest_sh(&new_name, "test -f /mnt/new.bin"), 0);
 }
 
