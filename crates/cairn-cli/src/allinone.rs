@@ -33,6 +33,10 @@ pub struct AllInOneArgs {
     /// Do not save VM execution state into metadata snapshots.
     #[arg(long)]
     pub no_state: bool,
+    /// Protect the domains of this libvirt daemon (default `qemu:///system`) instead of
+    /// running Cairn's own VMs. Backups run with `--libvirt-checkpoints own`.
+    #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "qemu:///system")]
+    pub libvirt: Option<String>,
 }
 
 /// The running roles.
@@ -72,6 +76,7 @@ pub fn start(
     datastores: &[String],
     listen: SocketAddr,
     save_state: bool,
+    libvirt: Option<&str>,
 ) -> Result<AllInOne> {
     std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
     let state = std::path::absolute(state)?;
@@ -101,16 +106,27 @@ pub fn start(
     // Host agent.
     let hstate = state.join("host-agent");
     std::fs::create_dir_all(&hstate)?;
-    let driver = Arc::new(cairn_hypervisor::QemuDriver::open(
-        &hstate,
-        Default::default(),
-    )?);
-    let recovered = rt.block_on(cairn_hypervisor::HypervisorDriver::recover(&*driver))?;
+    let driver: Arc<dyn cairn_hypervisor::HypervisorDriver> = match libvirt {
+        Some(uri) => Arc::new(
+            cairn_libvirt::LibvirtDriver::open(cairn_libvirt::LibvirtOptions {
+                uri: uri.into(),
+                state_dir: hstate.clone(),
+                scratch_dir: None,
+                checkpoints: cairn_libvirt::CheckpointMode::Own,
+            })
+            .with_context(|| format!("opening libvirt at {uri}"))?,
+        ),
+        None => Arc::new(cairn_hypervisor::QemuDriver::open(
+            &hstate,
+            Default::default(),
+        )?),
+    };
+    let recovered = rt.block_on(driver.recover())?;
     if recovered > 0 {
         eprintln!("host agent: {recovered} snapshot(s) left by a previous run recovered");
     }
     let (h_url, h_fp, h_token, _) = rt.block_on(bind("host agent", &hstate, any, |t| {
-        cairn_hypervisor::service::HostAgentService::qemu(driver).router(t)
+        cairn_hypervisor::service::HostAgentService::new(driver, &hstate).router(t)
     }))?;
     Announce::new(
         AgentKind::Host,
@@ -190,7 +206,13 @@ pub fn start(
 }
 
 pub fn run(a: AllInOneArgs) -> Result<ExitCode> {
-    let all = start(&a.state_dir, &a.datastores, a.listen, !a.no_state)?;
+    let all = start(
+        &a.state_dir,
+        &a.datastores,
+        a.listen,
+        !a.no_state,
+        a.libvirt.as_deref(),
+    )?;
     println!(
         "{}",
         serde_json::json!({ "listen": all.server_url, "connection": all.connection,

@@ -19,19 +19,23 @@ pub struct DemoArgs {
     /// Keep everything (datastore, vault, catalog, logs) in DIR for inspection; the VMs are
     /// stopped either way.
     #[arg(long)]
-    keep: Option<PathBuf>,
+    pub(crate) keep: Option<PathBuf>,
     /// The tiny guest (vmlinux, initrd.gz) built by scripts/build-test-guest.sh.
     #[arg(long, env = "CAIRN_TEST_GUEST", default_value = "target/test-guest")]
-    guest: PathBuf,
+    pub(crate) guest: PathBuf,
     /// Number of VMs (2 or 3).
     #[arg(long, default_value_t = 3)]
-    vms: usize,
+    pub(crate) vms: usize,
+    /// Tell the story on libvirt domains defined with virsh (libvirtd is started when it does
+    /// not run, and stopped again).
+    #[arg(long)]
+    pub(crate) libvirt: bool,
 }
 
-const KERNEL_APPEND: &str = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable \
+pub(crate) const KERNEL_APPEND: &str = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable \
     no_timer_check lpj=4200000 8250.nr_uarts=1";
 
-fn sh(cmd: &mut Command) -> Result<String> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     ensure!(
         out.status.success(),
@@ -41,13 +45,13 @@ fn sh(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn say(s: &str) {
+pub(crate) fn say(s: &str) {
     eprintln!("\n== {s}");
 }
 
 /// A loop-mounted XFS for the datastore (a storage unit that can reflink), or `None` with a
 /// loud note when this machine cannot mount (not root, no loop devices).
-fn reflink_unit(w: &Path) -> Option<PathBuf> {
+pub(crate) fn reflink_unit(w: &Path) -> Option<PathBuf> {
     let img = w.join("unit-xfs.img");
     let mnt = w.join("datastore");
     let ok = (|| -> Result<()> {
@@ -74,7 +78,7 @@ fn reflink_unit(w: &Path) -> Option<PathBuf> {
     }
 }
 
-fn make_disk(w: &Path, ds: &Path, vm: &str, shared: &Path) -> Result<PathBuf> {
+pub(crate) fn make_disk(w: &Path, ds: &Path, vm: &str, shared: &Path) -> Result<PathBuf> {
     let tree = w.join("trees").join(vm);
     std::fs::create_dir_all(tree.join("etc"))?;
     std::fs::copy(shared, tree.join("shared.bin"))?;
@@ -112,7 +116,7 @@ fn wait_guest(all: &AllInOne, vm: &str, secs: u64) -> Result<Duration> {
     }
 }
 
-fn job(all: &AllInOne, kind: cairn_server::JobKind) -> Result<(JobResult, Duration)> {
+pub(crate) fn job(all: &AllInOne, kind: cairn_server::JobKind) -> Result<(JobResult, Duration)> {
     let t = Instant::now();
     let j =
         cairn_server::jobs::submit(&all.server, kind).map_err(|e| anyhow::anyhow!(e.chain()))?;
@@ -160,7 +164,11 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         }
     };
     let mut unmount = None;
-    let r = demo(&a, &guest, &w, &mut unmount, started);
+    let r = if a.libvirt {
+        crate::demo_libvirt::demo(&a, &guest, &w, &mut unmount, started)
+    } else {
+        demo(&a, &guest, &w, &mut unmount, started)
+    };
     if let Some(m) = unmount {
         let _ = Command::new("umount").arg(&m).status();
     }
@@ -211,6 +219,7 @@ fn demo(
         &[format!("ds={}", ds.display())],
         "127.0.0.1:0".parse()?,
         true,
+        None,
     )?;
     eprintln!(
         "server {}  (cairn --connect {} ...)",
@@ -438,7 +447,7 @@ fn demo(
     Ok(ExitCode::SUCCESS)
 }
 
-fn vault_size(dir: &Path) -> i64 {
+pub(crate) fn vault_size(dir: &Path) -> i64 {
     fn walk(p: &Path) -> i64 {
         std::fs::read_dir(p)
             .into_iter()

@@ -4,6 +4,7 @@
 mod allinone;
 mod control;
 mod demo;
+mod demo_libvirt;
 mod host_agent;
 mod image;
 mod ops;
