@@ -311,6 +311,7 @@ fn demo(
     let (restored, restore_t) = job(
         &all,
         cairn_server::JobKind::Restore(cairn_server::restore::RestoreParams {
+            over_existing: false,
             backup: newest.id.to_string(),
             as_name: "vm1-restored".into(),
             host: None,

@@ -205,7 +205,9 @@ pub(crate) fn demo(
         eprintln!("{n}: guest agent up after {} ms", t.elapsed().as_millis());
     }
 
-    say(&format!("every role in this process, the host agent on libvirt ({URI})"));
+    say(&format!(
+        "every role in this process, the host agent on libvirt ({URI})"
+    ));
     let all = crate::allinone::start(
         &w.join("state"),
         &[format!("ds={}", ds.display())],
@@ -258,6 +260,7 @@ pub(crate) fn demo(
     let (r, restore_t) = job(
         &all,
         JobKind::Restore(cairn_api::server::RestoreParams {
+            over_existing: false,
             backup: newest.id.to_string(),
             as_name: restored.clone(),
             host: None,

@@ -88,6 +88,10 @@ enum Cmd {
         /// Wait until the guest agent answers (seconds; 0 = do not wait).
         #[arg(long, default_value_t = 0)]
         wait_boot: u64,
+        /// Write the backup over the disks of the existing, shut-off VM named by `--as`
+        /// (only differing regions), instead of creating a new VM.
+        #[arg(long)]
+        over_existing: bool,
         #[arg(long)]
         no_wait: bool,
     },
@@ -161,9 +165,21 @@ fn main() -> ExitCode {
             host,
             no_start,
             wait_boot,
+            over_existing,
             no_wait,
         } => ops::restore(
-            &cli.conn, &vm, &backup, &as_name, host, no_start, wait_boot, no_wait,
+            &cli.conn,
+            &vm,
+            &backup,
+            cairn_api::server::RestoreParams {
+                backup: String::new(),
+                as_name,
+                host,
+                start: !no_start && !over_existing,
+                wait_boot_s: wait_boot,
+                over_existing,
+            },
+            no_wait,
         ),
         Cmd::Job(c) => ops::job(&cli.conn, c),
         Cmd::Schedule(c) => ops::schedule(&cli.conn, c),

@@ -296,14 +296,12 @@ pub fn backups(conn: &Conn, vm: Option<String>) -> Result<ExitCode> {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// `cairn restore VM --backup ID --as NAME`: `p` without its backup, filled in here.
 pub fn restore(
     conn: &Conn,
     vm: &str,
     backup: &str,
-    as_name: &str,
-    host: Option<String>,
-    no_start: bool,
-    wait_boot_s: u64,
+    mut p: RestoreParams,
     no_wait: bool,
 ) -> Result<ExitCode> {
     let c = conn.client()?;
@@ -311,13 +309,8 @@ pub fn restore(
     if b.vm != vm {
         bail!("backup {backup} is of VM {}, not {vm}", b.vm);
     }
-    let job = c.start_restore(&RestoreParams {
-        backup: backup.to_string(),
-        as_name: as_name.to_string(),
-        host,
-        start: !no_start,
-        wait_boot_s,
-    })?;
+    p.backup = backup.to_string();
+    let job = c.start_restore(&p)?;
     finish(conn, &c, job, !no_wait)
 }
 

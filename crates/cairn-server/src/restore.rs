@@ -55,6 +55,9 @@ impl Flow<Server> for RestoreFlow {
 }
 
 pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<JobResult> {
+    if p.over_existing {
+        return run_over(ctx, p);
+    }
     let started = Instant::now();
     let b = ctx.app.catalog.backup(&p.backup)?;
     check_name_free(ctx, &p.as_name)?;
@@ -101,6 +104,93 @@ pub fn run(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<JobResult> {
         }
     }
     Ok(JobResult::Restore(Box::new(result)))
+}
+
+/// Restores a backup over the disks of the shut-off VM `p.as_name`, in place: each disk of
+/// the backup onto the VM's disk with the same id, writing only the regions that differ.
+fn run_over(ctx: &JobCtx<'_>, p: &RestoreParams) -> Result<JobResult> {
+    let started = Instant::now();
+    let s = ctx.app;
+    let b = s.catalog.backup(&p.backup)?;
+    let vm = &p.as_name;
+    let loc = s
+        .manager
+        .vm(vm)
+        .map_err(ServerError::call(format!("locate VM {vm}")))?;
+    if loc.state != cairn_api::manager::VmRunState::ShutOff {
+        return Err(ServerError::Conflict(format!(
+            "VM {vm} is {}: a restore over its disks needs it shut off",
+            loc.state
+        )));
+    }
+    // Check every disk before writing any.
+    let mut plan = Vec::new();
+    for d in &b.disks {
+        let target = loc.disks.iter().find(|x| x.disk == d.disk).ok_or_else(|| {
+            ServerError::Invalid(format!("VM {vm} has no disk {} to restore over", d.disk))
+        })?;
+        let (Some(agent), Some(datastore), Some(disk)) = (
+            &target.storage_agent,
+            &target.datastore,
+            &target.datastore_disk,
+        ) else {
+            return Err(ServerError::Invalid(format!(
+                "disk {} of VM {vm} ({}) is on no storage agent's datastore",
+                d.disk,
+                target.path.display()
+            )));
+        };
+        if d.rdm.is_some() || target.format != d.format {
+            return Err(ServerError::Invalid(format!(
+                "disk {} of VM {vm} is {} and the backup's is {}{}: restore as a new VM instead",
+                d.disk,
+                target.format,
+                d.format,
+                if d.rdm.is_some() { " (a raw LUN)" } else { "" }
+            )));
+        }
+        plan.push((d, agent, datastore, disk, target.path.clone()));
+    }
+    let mut disks_out = Vec::new();
+    for (d, agent, datastore, disk, path) in plan {
+        ctx.check_cancel()?;
+        let t = Instant::now();
+        let r = s
+            .storage_agent(agent)?
+            .restore(&DiskRestoreRequest {
+                vault: s.config.vault.clone(),
+                snapshot: d.vault_snapshot.clone(),
+                datastore: datastore.clone(),
+                disk: disk.clone(),
+                format: d.format,
+                mode: RestoreMode::Over,
+            })
+            .map_err(ServerError::call(format!("restore over disk {}", d.disk)))?;
+        ctx.info(format!(
+            "{vm}/{}: restored over {} ({} B written, {} ms)",
+            d.disk,
+            path.display(),
+            r.bytes_written,
+            t.elapsed().as_millis()
+        ));
+        disks_out.push(RestoredDisk {
+            disk: d.disk.clone(),
+            path,
+            snapshot: d.vault_snapshot.clone(),
+        });
+    }
+    Ok(JobResult::Restore(Box::new(RestoreDone {
+        vm: vm.clone(),
+        from_backup: b.id.clone(),
+        host: loc.host.clone(),
+        disks: disks_out,
+        attributes: loc.spec.clone(),
+        started: false,
+        host_vm_id: Some(loc.host_vm_id),
+        guest: None,
+        boot_ms: None,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })))
 }
 
 /// Refuses a new name a VM already has.

@@ -53,6 +53,11 @@ pub struct RestoreParams {
     /// Wait up to this long for the guest agent to answer (0 = do not wait).
     #[serde(default)]
     pub wait_boot_s: u64,
+    /// Write the backup over the disks of the existing VM `as_name` instead of creating a new
+    /// VM: only differing regions are written. The VM must be shut off (a libvirt domain);
+    /// it is not started.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub over_existing: bool,
 }
 
 fn yes() -> bool {

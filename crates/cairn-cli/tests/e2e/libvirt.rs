@@ -387,7 +387,13 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
         "{again}"
     );
 
-    // 4. Shut off: backed up from the disk file in place, without starting the domain.
+    // 4. A restore over the disks of a running domain is refused.
+    let over = json!({"backup": full["backup"], "as_name": name, "over_existing": true});
+    let j = submit(&s, "/v1/restores", over.clone());
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("shut off"), "{j}");
+
+    // 5. Shut off: backed up from the disk file in place, without starting the domain.
     assert!(virsh(&["destroy", &name]).0);
     let off = backup(&s, &name);
     let (_, state) = virsh(&["domstate", &name]);
@@ -398,8 +404,22 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
         same_content(&restored_off, &src),
         "shut-off restore differs"
     );
+    // Restored over its own disk, shut off, the domain is back at the full backup's point.
+    let j = submit(&s, "/v1/restores", over);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(
+        same_content(&src, &restored),
+        "the disk is not the full backup's"
+    );
+    assert!(virsh(&["start", &name]).0);
+    wait_agent(&name);
+    assert_ne!(
+        guest_sh(&name, "test -f /mnt/new.bin"),
+        0,
+        "written after the full"
+    );
 
-    // 5. Restore as a new domain: a new name, UUID and MAC, its disk in the datastore; it boots.
+    // 6. Restore as a new domain: a new name, UUID and MAC, its disk in the datastore; it boots.
     let new_name = format!("{name}-copy");
     let j = submit(
         &s,

@@ -20,6 +20,7 @@ fn backed_up() -> (Setup, String) {
 
 fn restore(backup: &str, as_name: &str, wait_boot_s: u64) -> JobKind {
     JobKind::Restore(RestoreParams {
+        over_existing: false,
         backup: backup.into(),
         as_name: as_name.into(),
         host: None,
