@@ -3,7 +3,7 @@
 //! differ (the qcow2 half of the `ExtentMap` change source).
 //!
 //! Format: QEMU's `docs/interop/qcow2.txt`; every field offset, flag and limit used here is a
-//! named constant in [`format`]. All integers are big-endian.
+//! named constant in [`mod@format`]. All integers are big-endian.
 //!
 //! # How a change is found
 //!
@@ -350,7 +350,7 @@ impl<'a> Image<'a> {
     }
 
     fn check_range(&self, what: &'static str, offset: u64, len: u64) -> Result<(), Qcow2Error> {
-        let end = offset.checked_add(len).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len);
         if end > self.len {
             return Err(Qcow2Error::Truncated {
                 what,
@@ -505,7 +505,9 @@ fn push_merged(out: &mut Vec<Extent>, at: u64, len: u64) {
 
 /// The guest ranges of `current` that may differ from `previous`, given `host_changed`: the
 /// byte ranges of the image file not shared between the two clones (see the module docs).
-/// Reads only the two headers, the L1 tables and L2 tables.
+/// Reads only the two headers and L1 tables, and — unless no host range changed — every L2
+/// table of `current` plus the L2 tables of `previous` that must be compared (about 1/8192
+/// of the disk with 64 KiB clusters).
 pub fn changed_guest_extents(
     previous: &dyn ReadAt,
     current: &dyn ReadAt,
@@ -525,8 +527,13 @@ pub fn changed_guest_extents(
             // Unallocated in both, and no backing file: zeros in both.
             continue;
         }
-        let cur = c.l2(co)?;
         let compare = po != co || intersects(h, Extent::new(co, cs));
+        if !compare && h.is_empty() {
+            // Same table, shared bytes, and no host range changed: nothing it maps can differ
+            // (an idle disk costs the headers and L1 tables only).
+            continue;
+        }
+        let cur = c.l2(co)?;
         let prev = if compare { Some(p.l2(po)?) } else { None };
         for (j, e) in cur.iter().enumerate() {
             let guest = c.guest_offset(i, j);
