@@ -255,6 +255,32 @@ fn mapper_finds_written_zeroed_and_discarded_clusters() {
 }
 
 #[test]
+fn mapper_compares_entries_when_the_l2_table_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "a.qcow2", "", "64M");
+    io(&img, &["write -P 0xaa 1M 1M"]);
+    // An internal snapshot shares the L2 table: the next write copies it (the L1 entry moves)
+    // and the data cluster.
+    run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+    let pf = std::fs::File::open(&img).unwrap();
+    let l1_before = Image::open(&pf).unwrap().l1().unwrap();
+    let cur = copy(&img, &dir.path().join("a.cur"));
+    io(&cur, &["write -P 0x11 1088k 4k"]);
+    let cf = std::fs::File::open(&cur).unwrap();
+    assert_ne!(
+        Image::open(&cf).unwrap().l1().unwrap(),
+        l1_before,
+        "L2 table moved"
+    );
+    let set = changed(&img, &cur);
+    assert_eq!(
+        set.as_slice(),
+        &[Extent::new(1088 * KIB, 64 * KIB)],
+        "{set:?}"
+    );
+}
+
+#[test]
 fn mapper_handles_extended_l2_and_compressed_clusters() {
     let dir = tempfile::tempdir().unwrap();
     let ext = create(
