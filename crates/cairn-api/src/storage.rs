@@ -186,7 +186,8 @@ pub enum ChangeHint {
     /// An overlay that received every guest write since the parent backup point and is
     /// frozen now (a newer overlay sits on top).
     Overlay { overlay: PathBuf },
-    /// The reflink clone (raw) the parent backup was taken from, still on the same unit.
+    /// The reflink clone (raw, or qcow2: mapped through its L1/L2 tables) the parent backup
+    /// was taken from, still on the same unit.
     ExtentMap { previous: PathBuf },
     /// A persistent bitmap of a qcow2 image, enabled since the parent backup point. The agent
     /// never clears it: after a successful backup the caller clears or rotates it — safely

@@ -347,6 +347,10 @@ impl StorageAgent {
         let changed_bytes = changed.as_ref().map(|c| c.total_bytes()).unwrap_or(size);
         let mut labels = req.labels.clone();
         labels.insert("change_source".into(), source.as_str().into());
+        if source == ChangeSource::ExtentMap && snap.format == cairn_types::DiskFormat::Qcow2 {
+            // Host extents mapped to guest offsets through the clones' L1/L2 tables.
+            labels.insert("change_mapping".into(), "qcow2_tables".into());
+        }
         labels.insert("changed_bytes".into(), changed_bytes.to_string());
         if !fallbacks.is_empty() {
             labels.insert("change_fallbacks".into(), fallbacks.join(" | "));

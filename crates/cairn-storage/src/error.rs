@@ -59,10 +59,49 @@ pub enum StorageError {
         offset: u64,
         len: u64,
     },
+    /// A qcow2 image's header or tables cannot be used to map changes (the tracker falls back).
+    #[error("qcow2 image {}", path.display())]
+    Qcow2 {
+        path: PathBuf,
+        #[source]
+        source: Qcow2Error,
+    },
     #[error("not found: {0}")]
     NotFound(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+}
+
+/// Why the tables of a qcow2 image (or of two clones of it) cannot be trusted to map host
+/// changes to guest offsets. Never a panic: hostile or corrupt images end here.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    /// A structure lies (partly) beyond the end of the file.
+    #[error("{what} at bytes {offset}..{end} lies beyond the end of the file ({len} bytes)")]
+    Truncated {
+        what: &'static str,
+        offset: u64,
+        end: u64,
+        len: u64,
+    },
+    #[error("not a qcow2 image (magic {0:#010x})")]
+    Magic(u32),
+    /// A valid feature this mapper does not handle (backing file, external data file, ...).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A field out of its valid range.
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+    /// The two clones differ in a way that makes their tables incomparable.
+    #[error("the clones differ in {0}")]
+    Incomparable(String),
+    #[error("read {what} at {offset}")]
+    Read {
+        what: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<cairn_vault::VaultError> for StorageError {

@@ -12,6 +12,7 @@
 //! | [`rdm`] | raw device mappings: LUN id + mapping file + data |
 //! | [`jobs`] | backup calls: the vault they name, each disk's source (snapshot, in place, NBD export and its bitmap, raw LUN) |
 //! | [`service`] | the HTTPS service in front of the agent: HTTP only |
+//! | [`qcow2`] | qcow2 header and L1/L2 tables: host file ranges → guest ranges (qcow2 `ExtentMap`) |
 //! | [`qemu`] | `qemu-img` and `qemu-nbd` (through `cairn-nbd`) |
 //! | `sys` | the only `unsafe`: `FICLONE`, `FIEMAP`, `statfs` |
 //!
@@ -38,11 +39,12 @@
 //! | `OverlayMap` | `qemu-img map` of the frozen overlay: depth-0 extents | metadata | the host agent kept an overlay per backup interval | not an overlay |
 //! | `HypervisorBitmap` | extents passed in by the host agent (QEMU dirty bitmap) | none here | the VM ran with a bitmap since the parent | never (the cross-check guards it) |
 //! | `PersistentBitmap` | qcow2 bitmap via `qemu-nbd -B` + NBD block status | metadata | offline qcow2 with a bitmap since the parent | bitmap missing (lost) or `in-use` (QEMU killed) |
-//! | `ExtentMap` | FIEMAP of the previous and current reflink clones: extents not shared | metadata, no data read | reflink unit, raw disk, previous clone kept | no FIEMAP/different fs, qcow2 |
+//! | `ExtentMap` | FIEMAP of the previous and current reflink clones: extents not shared; for qcow2 mapped to guest offsets through both clones' L1/L2 tables ([`qcow2`]) | metadata, no data read | reflink unit, raw or qcow2 disk, previous clone kept | no FIEMAP/different fs; qcow2 with backing/external data file, encrypted, resized, other cluster size, bad tables |
 //! | `RecipeCompare` | the whole disk, chunked and fingerprinted against the vault | reads the disk, sends only new segments | every hint failed or none given | — (always works) |
 //!
 //! The chosen source, the changed byte count and the skipped hints with reasons are stored in
-//! the snapshot's labels (`change_source`, `changed_bytes`, `change_fallbacks`) and returned in
+//! the snapshot's labels (`change_source`, `changed_bytes`, `change_fallbacks`; a qcow2
+//! `ExtentMap` adds `change_mapping=qcow2_tables`) and returned in
 //! [`BackupResult`]. A failed hint never fails the job.
 //!
 //! # Invariants
@@ -65,6 +67,7 @@ pub mod error;
 pub mod files;
 pub mod jobs;
 pub mod provider;
+pub mod qcow2;
 pub mod qemu;
 pub mod rdm;
 pub mod restore;

@@ -61,14 +61,17 @@ pub fn changed_extents(
             qemu::overlay_extents(overlay).map_err(|e| tracking(source, e.to_string()))?
         }
         ChangeHint::ExtentMap { previous } => {
-            if current.format != DiskFormat::Raw || current.internal.is_some() {
+            if current.internal.is_some() {
                 return Err(tracking(
                     source,
-                    "extent maps describe file offsets: raw clones only",
+                    "extent maps describe files: not an internal qcow2 snapshot",
                 ));
             }
-            extent_map_changes(previous, &current.image, current.size)
-                .map_err(|e| tracking(source, e.to_string()))?
+            match current.format {
+                DiskFormat::Raw => extent_map_changes(previous, &current.image, current.size),
+                DiskFormat::Qcow2 => qcow2_extent_map_changes(previous, &current.image),
+            }
+            .map_err(|e| tracking(source, cairn_http::chain(&e)))?
         }
         ChangeHint::PersistentBitmap { image, bitmap } => persistent_bitmap(nbd, image, bitmap)?,
         ChangeHint::Hypervisor { extents } => extents.clone(),
@@ -137,6 +140,25 @@ pub fn extent_map_changes(previous: &Path, current: &Path, size: u64) -> Result<
     let pm = crate::sys::fiemap(&pf).map_err(StorageError::io(previous, "FIEMAP"))?;
     let cm = crate::sys::fiemap(&cf).map_err(StorageError::io(current, "FIEMAP"))?;
     Ok(diff_extent_maps(&pm, &cm, size))
+}
+
+/// The FIEMAP diff of two reflink clones of one qcow2 image, mapped to guest offsets through
+/// their L1/L2 tables ([`crate::qcow2`]). Reads the headers and tables only; refuses images
+/// whose tables cannot be compared (backing file, resized, ...).
+pub fn qcow2_extent_map_changes(previous: &Path, current: &Path) -> Result<ExtentList> {
+    let open = |p: &Path| File::open(p).map_err(StorageError::io(p, "open"));
+    let (pf, cf) = (open(previous)?, open(current)?);
+    let len = |f: &File, p: &Path| {
+        f.metadata()
+            .map(|m| m.len())
+            .map_err(StorageError::io(p, "stat"))
+    };
+    let host_len = len(&pf, previous)?.max(len(&cf, current)?);
+    let host = extent_map_changes(previous, current, host_len)?;
+    crate::qcow2::changed_guest_extents(&pf, &cf, &host).map_err(|source| StorageError::Qcow2 {
+        path: current.to_path_buf(),
+        source,
+    })
 }
 
 fn covering(map: &[PhysExtent], at: u64) -> Option<&PhysExtent> {

@@ -771,6 +771,9 @@ fn restore_over_an_existing_disk_writes_only_differences() {
 #[path = "suites/remote.rs"]
 mod remote;
 
+#[path = "suites/qcow2_extents.rs"]
+mod qcow2_extents;
+
 /// A group of disks on two storage units: one snapshot per unit (targeted group snapshot).
 #[test]
 fn group_snapshot_takes_one_snapshot_per_unit() {
