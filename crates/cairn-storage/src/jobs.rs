@@ -100,6 +100,21 @@ impl StorageAgent {
                 let r = self.backup_rdm(&*v, datastore, disk, &job.request)?;
                 Ok(r.data)
             }
+            DiskSource::Snapshot { snapshot, index } => {
+                // A unit snapshot's clone: with the disk's last clone as the previous point,
+                // FIEMAP tells what changed (see `lastclone`).
+                let u = self.get_snapshot(snapshot)?;
+                let snap = u.disks.get(*index).cloned().ok_or_else(|| {
+                    StorageError::NotFound(format!("disk {index} of snapshot {snapshot}"))
+                })?;
+                let mut req = job.request.clone();
+                if let Some(h) = crate::lastclone::hint(&u, &snap, req.parent.as_deref()) {
+                    req.hints.insert(0, h);
+                }
+                let r = self.backup_disk(&*v, &snap, &req)?;
+                crate::lastclone::keep(&u, &snap, &r.manifest.id.to_string());
+                Ok(r)
+            }
             s => {
                 let snap = self.resolve_source(s)?;
                 self.backup_disk(&*v, &snap, &job.request)

@@ -13,6 +13,7 @@
 //! | [`jobs`] | backup calls: the vault they name, each disk's source (snapshot, in place, NBD export and its bitmap, raw LUN) |
 //! | [`service`] | the HTTPS service in front of the agent: HTTP only |
 //! | [`qcow2`] | qcow2 header and L1/L2 tables: host file ranges → guest ranges (qcow2 `ExtentMap`) |
+//! | `lastclone` | each disk's last reflink clone after a backup from a unit snapshot: the previous point of the next backup's `ExtentMap` |
 //! | [`qemu`] | `qemu-img` and `qemu-nbd` (through `cairn-nbd`) |
 //! | `sys` | the only `unsafe`: `FICLONE`, `FIEMAP`, `statfs` |
 //!
@@ -66,6 +67,7 @@ pub mod datastore;
 pub mod error;
 pub mod files;
 pub mod jobs;
+mod lastclone;
 pub mod provider;
 pub mod qcow2;
 pub mod qemu;

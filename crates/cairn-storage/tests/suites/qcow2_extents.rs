@@ -161,3 +161,93 @@ fn qcow2_on_a_reflink_unit_maps_extents_through_l1_l2() {
         a.delete_snapshot(&s.id).unwrap();
     }
 }
+
+/// Group backups from unit snapshots, as the server runs them: after the first, the agent keeps
+/// the disk's last clone and the next backup of an idle (then lightly written) qcow2 disk reads
+/// almost nothing; a parent the last clone does not hold gets no hint.
+#[test]
+fn unit_snapshot_backups_keep_the_last_clone_for_the_next_fiemap_diff() {
+    let m = Mounted::new("xfs");
+    let dir = tempfile::tempdir().unwrap();
+    let ds = m.mnt.join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let _v = local_vault(dir.path());
+    let vault = cairn_api::storage::VaultTarget {
+        url: dir.path().join("repo").display().to_string(),
+        token: None,
+        fingerprint: None,
+    };
+    let a = agent(dir.path(), &ds);
+    let size = 96 * MIB;
+    let raw = dir.path().join("seed.raw");
+    write_raw(&raw, &image_bytes(size as usize, 17));
+    let disk = ds.join("vm.qcow2");
+    qcow2_from_raw(&raw, &disk);
+    let run = |tag: &str, parent: Option<String>| {
+        let u = a
+            .snapshot(&ReflinkProvider, std::slice::from_ref(&disk), tag)
+            .unwrap();
+        let job = cairn_api::storage::BackupJob {
+            source: cairn_api::storage::DiskSource::Snapshot {
+                snapshot: u.id.clone(),
+                index: 0,
+            },
+            request: req("vm", parent.as_deref(), vec![]),
+        };
+        let r = a.run_backup_jobs(&vault, &[job], 1).pop().unwrap().unwrap();
+        a.delete_snapshot(&u.id).unwrap();
+        r
+    };
+    let first = run("g1", None);
+    let id = |r: &BackupResult| r.manifest.id.to_string();
+    // Idle: nothing changed since the kept clone.
+    let idle = run("g2", Some(id(&first)));
+    assert_eq!(
+        idle.change_source,
+        ChangeSource::ExtentMap,
+        "{:?}",
+        idle.fallbacks
+    );
+    assert!(
+        idle.bytes_read <= size / 20,
+        "idle read {} of {size}",
+        idle.bytes_read
+    );
+    // A small write.
+    qemu_io_write(&disk, 0x61, 5 * MIB, 65536);
+    let small = run("g3", Some(id(&idle)));
+    assert_eq!(small.change_source, ChangeSource::ExtentMap);
+    assert!(
+        small.bytes_read <= size / 20,
+        "read {} of {size}",
+        small.bytes_read
+    );
+    // A parent the kept clone does not hold: no hint, the recipe comparison instead.
+    let other = run("g4", Some(id(&first)));
+    assert_eq!(other.change_source, ChangeSource::RecipeCompare);
+    // Every backup restores to the disk as it was.
+    let out = dir.path().join("out.raw");
+    let repo = cairn_vault::LocalVault {
+        repo: cairn_vault::Repository::open_dir(&dir.path().join("repo")).unwrap(),
+    };
+    cairn_vault::imager::restore(
+        &repo,
+        &id(&other),
+        &out,
+        &cairn_vault::imager::RestoreOptions::default(),
+        &cairn_vault::imager::NoProgress,
+    )
+    .unwrap();
+    let cur = dir.path().join("cur.raw");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            disk.to_str().unwrap(),
+            cur.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&cur).unwrap());
+}
