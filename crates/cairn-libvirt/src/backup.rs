@@ -61,12 +61,6 @@ fn libvirt_state(d: &Domain) -> Result<i32, DriverError> {
 
 /// Takes a VM snapshot of domain `vm`.
 pub fn snapshot(inner: &Inner, vm: VmId, o: &SnapshotOptions) -> Result<VmSnapshot, DriverError> {
-    if o.kind != SnapshotKind::Fleecing {
-        return Err(DriverError::Failed {
-            what: format!("{} snapshot of VM {vm}", o.kind),
-            reason: "libvirt domains take fleecing (pull-mode backup) snapshots only".into(),
-        });
-    }
     {
         let flights = inner.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.values().find(|f| f.vm == vm) {
@@ -85,6 +79,9 @@ pub fn snapshot(inner: &Inner, vm: VmId, o: &SnapshotOptions) -> Result<VmSnapsh
     let st = libvirt_state(&dom)?;
     let snap = if matches!(st, ffi::state::SHUTOFF | ffi::state::CRASHED) {
         offline(inner, vm, &uuid, &live, o)?
+    } else if o.kind == SnapshotKind::Overlay {
+        // A group snapshot: the guest held frozen while the storage unit is snapshotted.
+        crate::hold::frozen(inner, &dom, vm, &uuid, &live, o)?
     } else {
         online(inner, &dom, vm, &uuid, &live, st, o)?
     };
@@ -131,6 +128,7 @@ fn offline(
         checkpoint: None,
         since: None,
         created_at_ms: now_ms(),
+        frozen: false,
     };
     inner
         .flights
@@ -407,6 +405,7 @@ fn online(
         checkpoint: checkpoint.map(|c| c.bitmap_name()),
         since: since.as_ref().map(|s| s.cairn.clone()),
         created_at_ms: now_ms(),
+        frozen: false,
     };
     inner.journal.record(&flight)?;
     let result = begin(dom, st, o, &dir, &plan, &targets, created, &bitmap_disks);
@@ -579,6 +578,15 @@ pub fn delete(inner: &Inner, snap: &VmSnapshot) -> Result<u64, DriverError> {
 }
 
 fn end_flight(inner: &Inner, f: &Flight) -> Result<(), DriverError> {
+    if f.frozen {
+        let conn = inner.conn()?;
+        match conn.domain_by_uuid(&f.uuid) {
+            Ok(dom) => crate::hold::thaw(&dom)?,
+            Err(e) if e.code == ffi::ERR_NO_DOMAIN => {}
+            Err(e) => return Err(failed("look up the domain")(e)),
+        }
+        return inner.journal.forget(f);
+    }
     let Some(dir) = &f.dir else {
         return Ok(());
     };

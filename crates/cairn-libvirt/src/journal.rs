@@ -29,6 +29,9 @@ pub struct Flight {
     /// The checkpoint it read the changes since.
     pub since: Option<String>,
     pub created_at_ms: u64,
+    /// A group snapshot: the guest's file systems are frozen until the snapshot is deleted.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 #[derive(Debug)]

@@ -23,6 +23,7 @@
 mod backup;
 pub mod driver;
 pub mod ffi;
+mod hold;
 mod journal;
 mod restore;
 pub mod xml;

@@ -14,4 +14,5 @@ mod faults;
 mod flows;
 mod harness;
 mod libvirt;
+mod libvirt_group;
 mod libvirt_peers;

@@ -1,0 +1,126 @@
+//! Group (targeted) backups of libvirt domains: every guest frozen through libvirt, one
+//! reflink snapshot of the storage unit (a loop-mounted XFS), every guest thawed at once; the
+//! next group backup diffs each qcow2 disk with its last clone instead of reading it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+use crate::libvirt::*;
+
+#[test]
+fn libvirt_group_backups_freeze_every_guest_for_one_unit_snapshot() {
+    let Some(g) = guest_test() else { return };
+    let Some(_libvirtd) = Libvirtd::start() else {
+        return;
+    };
+    let t = g.tmp.path();
+    std::fs::set_permissions(t, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = |s: &str| t.join(s).display().to_string();
+    // The datastore on a reflink-capable storage unit.
+    let ds = t.join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let img = t.join("unit.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let ok = Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success()
+        && Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&ds)
+            .status()
+            .unwrap()
+            .success();
+    if !ok {
+        skip_or_fail("cannot loop-mount an XFS storage unit (root needed)");
+        return;
+    }
+    let _unmount = Unmount(ds.clone());
+    std::fs::set_permissions(&ds, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let names: Vec<String> = (1..=2)
+        .map(|i| format!("cairn-e2e-{:08x}-g{i}", rand::random::<u32>()))
+        .collect();
+    let mut doms = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let src = disk(t, n);
+        let mac = format!("52:54:00:3a:01:0{i}");
+        doms.push(define_and_boot(t, n, &domain_xml(n, &g.guest, &src, &mac)));
+    }
+    let c = Cluster::start_with(t, &p("vault"), false, &["--libvirt", URI]);
+    let s = c.server.client();
+
+    let group = |what: &str| -> Value {
+        let j = submit(&s, "/v1/backups", json!({ "vms": names, "group": true }));
+        assert_eq!(j["state"], "succeeded", "{what}: {j}");
+        j["result"].clone()
+    };
+    let first = group("first");
+    for b in first["backups"].as_array().unwrap() {
+        assert_eq!(b["quiesce"], "guest_freeze", "{b}");
+    }
+    let lifetimes = first["vm_snapshot_lifetimes_ms"].as_array().unwrap();
+    assert_eq!(lifetimes.len(), 2, "{first}");
+    // Every guest was thawed: it writes at once, and nothing is left in the journal.
+    for n in &names {
+        assert_eq!(guest_sh(n, "echo ok > /mnt/after-group && sync"), 0);
+    }
+    let left: Vec<_> = std::fs::read_dir(t.join("host/libvirt/flights"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The second group backup diffs each disk with its last clone.
+    let second = group("second");
+    for b in second["backups"].as_array().unwrap() {
+        let d = &b["disks"][0];
+        assert_eq!(d["change_source"], "extent_map", "{b}");
+        let (read, size) = (
+            b["bytes_read"].as_i64().unwrap(),
+            d["size"].as_i64().unwrap(),
+        );
+        assert!(read * 20 <= size, "read {read} of {size}: {b}");
+    }
+    // The frozen point is a clean file system.
+    let b = &second["backups"][1];
+    let j = submit(
+        &s,
+        "/v1/restores",
+        json!({"backup": b["backup"], "as_name": "g-restored", "start": false}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let restored = j["result"]["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let raw = t.join("g.raw");
+    assert!(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw", &restored])
+            .arg(&raw)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    drop(c);
+    drop(doms);
+}
