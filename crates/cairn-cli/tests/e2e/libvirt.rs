@@ -240,13 +240,23 @@ fn backup(s: &cairn_http::Client, vm: &str) -> Value {
 
 /// Restores `backup` as `as_name` without starting it; the restored disk's path.
 fn restore_disk(s: &cairn_http::Client, backup: &Value, as_name: &str) -> PathBuf {
+    restore_disks(s, backup, as_name).remove(0)
+}
+
+/// Restores `backup` as `as_name` without starting it; every restored disk's path, in order.
+fn restore_disks(s: &cairn_http::Client, backup: &Value, as_name: &str) -> Vec<PathBuf> {
     let j = submit(
         s,
         "/v1/restores",
         json!({"backup": backup["backup"], "as_name": as_name, "start": false}),
     );
     assert_eq!(j["state"], "succeeded", "{j}");
-    PathBuf::from(j["result"]["disks"][0]["path"].as_str().unwrap())
+    j["result"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .collect()
 }
 
 /// Cairn's checkpoints of a domain, per `virsh checkpoint-list --name`.
@@ -292,10 +302,20 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
     std::fs::create_dir_all(t.join("ds")).unwrap();
     let name = format!("cairn-e2e-{:08x}", rand::random::<u32>());
     let src = disk(t, &name);
+    // A second disk, a raw image: libvirt keeps no checkpoint on it, so it is read whole in
+    // the same job and compared with its parent.
+    let data = t.join("ds").join(format!("{name}-data.raw"));
+    let bytes: Vec<u8> = (0..8u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
+    std::fs::write(&data, bytes).unwrap();
+    let raw_disk = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vdb' bus='virtio'/></disk><channel",
+        data.display()
+    );
     let _dom = define_and_boot(
         t,
         &name,
-        &domain_xml(&name, &g.guest, &src, "52:54:00:3a:00:01"),
+        &domain_xml(&name, &g.guest, &src, "52:54:00:3a:00:01").replacen("<channel", &raw_disk, 1),
     );
 
     let cluster = Cluster::start_with(t, &p("vault"), false, &["--libvirt", URI]);
@@ -353,22 +373,30 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
     let inc = backup(&s, &name);
     let at_inc = t.join("at-inc.qcow2");
     copy_of(&src, &at_inc);
+    let at_inc_data = t.join("at-inc-data.raw");
+    std::fs::copy(&data, &at_inc_data).unwrap();
     assert!(virsh(&["resume", &name]).0);
     assert_eq!(inc["kind"], "incremental", "{inc}");
     assert_eq!(
         inc["disks"][0]["change_source"], "hypervisor_bitmap",
         "{inc}"
     );
-    let read = inc["bytes_read"].as_i64().unwrap();
+    let read = inc["disks"][0]["bytes_read"].as_i64().unwrap();
     assert!(
         read < 8 << 20,
         "read {read} B of a 32 MiB disk for 2 MiB written: {inc}"
     );
     assert_no_leftovers(t, &name);
-    let restored_inc = restore_disk(&s, &inc, "lv-inc");
+    assert_eq!(inc["disks"][1]["disk"], "vdb", "{inc}");
+    assert_eq!(inc["disks"][1]["change_source"], "recipe_compare", "{inc}");
+    let back_inc = restore_disks(&s, &inc, "lv-inc");
     assert!(
-        same_content(&restored_inc, &at_inc),
+        same_content(&back_inc[0], &at_inc),
         "incremental restore differs"
+    );
+    assert!(
+        same_content(&back_inc[1], &at_inc_data),
+        "raw disk restore differs"
     );
     // Cairn keeps at most the checkpoint it read from and the one it made.
     let cps = cairn_checkpoints(&name);
