@@ -124,3 +124,66 @@ fn libvirt_group_backups_freeze_every_guest_for_one_unit_snapshot() {
     drop(c);
     drop(doms);
 }
+
+/// A restore whose domain libvirt refuses (here: its kernel is gone) fails with libvirt's own
+/// message and leaves no domain and no restored disk behind; a domain that went away between
+/// listing and backup is a clear error.
+#[test]
+fn libvirt_refusals_are_clear_and_leave_nothing() {
+    let Some(g) = guest_test() else { return };
+    let Some(_libvirtd) = Libvirtd::start() else {
+        return;
+    };
+    let t = g.tmp.path();
+    std::fs::set_permissions(t, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = |s: &str| t.join(s).display().to_string();
+    std::fs::create_dir_all(t.join("ds")).unwrap();
+    // A shut-off domain booting a kernel of its own.
+    let kdir = t.join("kernel");
+    std::fs::create_dir_all(&kdir).unwrap();
+    std::fs::copy(g.guest.join("vmlinux"), kdir.join("vmlinux")).unwrap();
+    std::fs::copy(g.guest.join("initrd.gz"), kdir.join("initrd.gz")).unwrap();
+    let name = format!("cairn-e2e-{:08x}", rand::random::<u32>());
+    let src = disk(t, &name);
+    let file = t.join("dom.xml");
+    std::fs::write(&file, domain_xml(&name, &kdir, &src, "52:54:00:3a:02:01")).unwrap();
+    let (ok, out) = virsh(&["define", file.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let dom = Domain(name.clone());
+    let c = Cluster::start_with(t, &p("vault"), false, &["--libvirt", URI]);
+    let s = c.server.client();
+    let j = submit(&s, "/v1/backups", json!({ "vms": [name] }));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let b = j["result"]["backups"][0].clone();
+
+    // The kernel is gone: libvirt refuses to start the restored domain.
+    std::fs::remove_dir_all(&kdir).unwrap();
+    let copy = format!("{name}-copy");
+    let j = submit(
+        &s,
+        "/v1/restores",
+        json!({"backup": b["backup"], "as_name": copy, "start": true}),
+    );
+    assert_eq!(j["state"], "failed", "{j}");
+    let err = j["error"].as_str().unwrap();
+    assert!(err.contains("libvirt") && err.contains("vmlinux"), "{err}");
+    let (_, all) = virsh(&["list", "--all", "--name"]);
+    assert!(
+        !all.contains(&copy),
+        "the refused domain is left defined: {all}"
+    );
+    let left: Vec<_> = std::fs::read_dir(t.join("ds"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-copy"))
+        .collect();
+    assert!(left.is_empty(), "restored disks left: {left:?}");
+
+    // The domain goes away between listing and backup.
+    let _ = s.get_json::<Value>("/v1/vms").unwrap();
+    drop(dom);
+    let j = submit(&s, "/v1/backups", json!({ "vms": [name] }));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("not found"), "{j}");
+}
