@@ -69,13 +69,7 @@ pub fn snapshot(inner: &Inner, vm: VmId, o: &SnapshotOptions) -> Result<VmSnapsh
     }
     let conn = inner.conn()?;
     let dom = inner.domain(&conn, vm)?;
-    let uuid = dom.uuid().map_err(failed("domain uuid"))?;
-    let live = xml::parse(&dom.xml(0).map_err(failed("domain XML"))?).map_err(|e| {
-        DriverError::Failed {
-            what: format!("libvirt: domain {uuid}"),
-            reason: e.to_string(),
-        }
-    })?;
+    let (uuid, live) = inner.live(&dom)?;
     let st = libvirt_state(&dom)?;
     let snap = if matches!(st, ffi::state::SHUTOFF | ffi::state::CRASHED) {
         offline(inner, vm, &uuid, &live, o)?
@@ -130,11 +124,7 @@ fn offline(
         created_at_ms: now_ms(),
         frozen: false,
     };
-    inner
-        .flights
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, flight.clone());
+    inner.hand_out(&flight);
     Ok(VmSnapshot {
         id,
         vm,
@@ -318,13 +308,7 @@ fn quiesce(dom: &Domain, st: i32, o: &SnapshotOptions) -> (Quiesce, Undo) {
         QuiescePolicy::PauseOnly => pause(),
         QuiescePolicy::Auto if !cpus_running => (Quiesce::None, Undo::Nothing),
         QuiescePolicy::Auto => {
-            let secs = |d: Duration| i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX);
-            let reached = dom.set_agent_timeout(secs(o.agent_timeout)).is_ok()
-                && dom.agent_ping().is_ok()
-                && dom.set_agent_timeout(secs(o.freeze_timeout)).is_ok();
-            let frozen = reached && dom.fs_freeze().is_ok();
-            let _ = dom.set_agent_timeout(-1);
-            if frozen {
+            if freeze_through_agent(dom, o).is_ok() {
                 (Quiesce::GuestFreeze, Undo::Thaw)
             } else {
                 tracing::info!("guest agent did not freeze the file systems: pausing instead");
@@ -332,6 +316,22 @@ fn quiesce(dom: &Domain, st: i32, o: &SnapshotOptions) -> (Quiesce, Undo) {
             }
         }
     }
+}
+
+/// Freezes the guest's file systems through its agent: a ping bounded by `agent_timeout`,
+/// then the freeze bounded by `freeze_timeout`; libvirt's agent timeout is reset after.
+pub(crate) fn freeze_through_agent(
+    dom: &Domain,
+    o: &SnapshotOptions,
+) -> Result<(), crate::ffi::LibvirtError> {
+    let secs = |d: Duration| i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX);
+    let r = dom
+        .set_agent_timeout(secs(o.agent_timeout))
+        .and_then(|()| dom.agent_ping())
+        .and_then(|()| dom.set_agent_timeout(secs(o.freeze_timeout)))
+        .and_then(|()| dom.fs_freeze().map(|_| ()));
+    let _ = dom.set_agent_timeout(-1);
+    r
 }
 
 fn undo(dom: &Domain, u: Undo) {
@@ -453,11 +453,7 @@ fn online(
             changes,
         });
     }
-    inner
-        .flights
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, flight.clone());
+    inner.hand_out(&flight);
     Ok(VmSnapshot {
         id,
         vm,
@@ -677,13 +673,7 @@ pub fn changes_since(
 ) -> Result<Vec<(String, Changes)>, DriverError> {
     let conn = inner.conn()?;
     let dom = inner.domain(&conn, vm)?;
-    let uuid = dom.uuid().map_err(failed("domain uuid"))?;
-    let live = xml::parse(&dom.xml(0).map_err(failed("domain XML"))?).map_err(|e| {
-        DriverError::Failed {
-            what: format!("libvirt: domain {uuid}"),
-            reason: e.to_string(),
-        }
-    })?;
+    let (uuid, live) = inner.live(&dom)?;
     let since = resolve_since(inner, &uuid, checkpoint);
     let sizes = dom
         .checkpoint(&since.libvirt)

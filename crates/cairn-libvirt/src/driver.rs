@@ -134,6 +134,25 @@ impl Inner {
         Ok(c)
     }
 
+    /// Records a snapshot handed out, until `delete_snapshot` ends it.
+    pub fn hand_out(&self, f: &crate::journal::Flight) {
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(f.id, f.clone());
+    }
+
+    /// A domain's UUID and its live XML, read.
+    pub fn live(&self, d: &Domain) -> Result<(String, DomainXml), DriverError> {
+        let uuid = d.uuid().map_err(failed("domain uuid"))?;
+        let text = d.xml(0).map_err(failed("domain XML"))?;
+        let parsed = xml::parse(&text).map_err(|e| DriverError::Failed {
+            what: format!("libvirt: domain {uuid}"),
+            reason: e.to_string(),
+        })?;
+        Ok((uuid, parsed))
+    }
+
     /// The domain the host agent knows as `vm`.
     pub fn domain(&self, conn: &Connect, vm: VmId) -> Result<Domain, DriverError> {
         let doms = conn.domains().map_err(failed("list domains"))?;
@@ -147,15 +166,10 @@ impl Inner {
 
     /// Everything the host agent reports about a domain.
     pub fn info(&self, d: &Domain) -> Result<VmInfo, DriverError> {
-        let uuid = d.uuid().map_err(failed("domain uuid"))?;
+        let (uuid, parsed) = self.live(d)?;
         let id = vm_id(&uuid).ok_or_else(|| DriverError::Failed {
             what: "libvirt: domain uuid".into(),
             reason: format!("{uuid:?} is not a UUID"),
-        })?;
-        let live = d.xml(0).map_err(failed("domain XML"))?;
-        let parsed = xml::parse(&live).map_err(|e| DriverError::Failed {
-            what: format!("libvirt: domain {uuid}"),
-            reason: e.to_string(),
         })?;
         let inactive = d.xml(ffi::XML_INACTIVE).ok();
         let (st, _) = d.state().map_err(failed("domain state"))?;

@@ -44,14 +44,7 @@ pub fn frozen(
         frozen: true,
     };
     inner.journal.record(&flight)?;
-    let secs = |d: std::time::Duration| i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX);
-    let froze = dom
-        .set_agent_timeout(secs(o.agent_timeout))
-        .and_then(|()| dom.agent_ping())
-        .and_then(|()| dom.set_agent_timeout(secs(o.freeze_timeout)))
-        .and_then(|()| dom.fs_freeze());
-    let _ = dom.set_agent_timeout(-1);
-    if let Err(e) = froze {
+    if let Err(e) = crate::backup::freeze_through_agent(dom, o) {
         let _ = inner.journal.forget(&flight);
         return Err(DriverError::Failed {
             what: format!("group snapshot of VM {vm}"),
@@ -85,11 +78,7 @@ pub fn frozen(
             },
         });
     }
-    inner
-        .flights
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, flight.clone());
+    inner.hand_out(&flight);
     Ok(VmSnapshot {
         id,
         vm,
