@@ -4,7 +4,7 @@
 //! segments, fetches — is the framed binary protocol of `docs/PROTOCOL.md`, not JSON.)
 //! Every struct refuses fields it does not know.
 
-use cairn_types::SessionId;
+use cairn_types::{SessionId, SnapshotId};
 use serde::{Deserialize, Serialize};
 
 /// Retention rules of a prune. All zero keeps everything.
@@ -82,6 +82,43 @@ pub struct MaintRequest {
 pub struct ForgetRequest {
     /// Snapshot ids, unique prefixes or names.
     pub snapshots: Vec<String>,
+}
+
+/// A snapshot's retention lock: answer of `GET /v1/locks` (one per locked snapshot, expired
+/// locks included) and part of the answer of `POST /v1/snapshots/{spec}/lock`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLock {
+    pub snapshot: SnapshotId,
+    /// Unix seconds: the snapshot cannot be forgotten before.
+    pub until: u64,
+}
+
+/// Body of `POST /v1/snapshots/{spec}/lock`: lock or extend, never shorten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockRequest {
+    /// Unix seconds.
+    pub until: u64,
+}
+
+/// Answer of `POST /v1/snapshots/{spec}/lock`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockAnswer {
+    pub lock: SnapshotLock,
+    /// Objects the store made immutable, and those it could not (the vault's rules hold
+    /// either way).
+    pub protected: usize,
+    pub unprotected: usize,
+}
+
+/// The repository's retention rule for new snapshots: `GET` and `PUT /v1/retention`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicy {
+    /// Every new snapshot is locked for at least this long (0: no minimum).
+    pub min_lock_secs: u64,
 }
 
 #[cfg(test)]

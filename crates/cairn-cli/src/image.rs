@@ -33,6 +33,10 @@ pub enum ImageCmd {
         /// Worker threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Lock the new snapshot against forgetting for this long (30d, 1y, ...); the
+        /// repository's minimum lock applies anyway (`cairn repo retention`).
+        #[arg(long, value_parser = cairn_types::time::parse_span)]
+        lock_for: Option<u64>,
         #[arg(long)]
         json: bool,
         image: PathBuf,
@@ -69,6 +73,7 @@ pub fn run(cmd: ImageCmd, access: &VaultAccess) -> Result<ExitCode> {
             changed,
             chunker,
             threads,
+            lock_for,
             json,
             image,
         } => {
@@ -97,6 +102,12 @@ pub fn run(cmd: ImageCmd, access: &VaultAccess) -> Result<ExitCode> {
                 changed,
                 chunker,
                 threads,
+                lock_until: lock_for.map(|s| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                        + s
+                }),
                 ..Default::default()
             };
             let bar = Bar::new("backup", json);

@@ -11,8 +11,10 @@ mod ops;
 mod progress;
 mod register;
 mod repo;
+mod retention;
 mod service;
 mod storage_agent;
+mod token;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,9 @@ enum Cmd {
     Image(image::ImageCmd),
     /// Run the vault service over a local repository.
     Vault(service::VaultArgs),
+    /// Scoped tokens of a service (who may back up, restore, audit, administer).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// Run the storage agent over local datastores.
     StorageAgent(storage_agent::StorageAgentArgs),
     /// Run the QEMU host agent service over a state directory.
@@ -134,6 +139,7 @@ fn main() -> ExitCode {
         Cmd::Repo(c) => repo::run(c, &vault),
         Cmd::Image(c) => image::run(c, &vault),
         Cmd::Vault(a) => service::run(a),
+        Cmd::Token(c) => token::run(c),
         Cmd::StorageAgent(a) => storage_agent::run(a),
         Cmd::HostAgent(a) => host_agent::run(a),
         Cmd::Manager(a) => control::run_manager(a),

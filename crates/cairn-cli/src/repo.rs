@@ -83,6 +83,8 @@ pub enum RepoCmd {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Retention(crate::retention::RetentionCmd),
 }
 
 /// How to authenticate to a vault service.
@@ -130,12 +132,13 @@ pub fn open(repo: &str, access: &VaultAccess) -> Result<Arc<dyn Vault>> {
     Ok(Arc::new(LocalVault { repo }))
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
 pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
     match cmd {
+        RepoCmd::Retention(cmd) => return crate::retention::run(cmd, access),
         RepoCmd::Init {
             dir,
             chunker,
@@ -209,6 +212,13 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
                 }
                 for (id, name, _) in &plan.forget {
                     println!("forget {id} {name}");
+                }
+                for (id, name, until) in &plan.locked {
+                    println!(
+                        "locked {id} {name}: the rules would forget it, its retention lock \
+                         keeps it until {}",
+                        cairn_types::time::rfc3339(*until)
+                    );
                 }
                 println!(
                     "{} kept, {} {}",

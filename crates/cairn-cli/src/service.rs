@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cairn_vault::Repository;
@@ -141,6 +142,7 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| a.repo.join("service"));
     let creds = credentials(&state, a.cert.as_ref(), a.key.as_ref())?;
+    let repo_id = repo.config().id.clone();
     let service = VaultService::with_options(
         repo,
         ServiceOptions {
@@ -148,10 +150,14 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
             ..Default::default()
         },
     );
+    let rule = cairn_vault::service::access_rule(&repo_id);
     serve_until_signal(
         &format!("vault {}", a.repo.display()),
         creds,
-        move |tls, token| cairn_vault::service::serve(service, a.listen, tls, token),
+        move |tls, token| async move {
+            let access = cairn_http::access::Access::from_state("vault", &token, &state, rule)?;
+            cairn_vault::service::serve_with(service, a.listen, tls, Arc::new(access)).await
+        },
     )
 }
 

@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 pub enum ErrorKind {
     BadRequest,
     Unauthorized,
+    /// A valid token without the scope the call needs.
+    Forbidden,
     NotFound,
     Conflict,
     /// A request body over the route's limit.
@@ -30,6 +32,7 @@ impl ErrorKind {
         match self {
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Conflict => StatusCode::CONFLICT,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -5,7 +5,8 @@
 //!   first start and keeps it in its state directory; clients pin it by its SHA-256
 //!   fingerprint (`CAIRN_FINGERPRINT`) or trust a CA file (`CAIRN_CA`).
 //! - **Bearer tokens.** Every request but `GET /health` carries `Authorization: Bearer TOKEN`;
-//!   a missing or wrong token is `401` and the request does nothing.
+//!   a missing or wrong token is `401`, a token without the scope the call needs `403`, and
+//!   the request does nothing ([`access`]: scoped tokens, each service's rules, the audit log).
 //! - **JSON errors.** Every error response is `{"error": {"kind": ..., "message": ...}}` with a
 //!   status that says whose fault it was (4xx: the caller's, 5xx: ours).
 //!
@@ -15,6 +16,7 @@
 //! [`server`] holds the async side (axum over tokio-rustls); [`client`] a blocking client
 //! (ureq) for CLIs and agents.
 
+pub mod access;
 pub mod body;
 pub mod client;
 pub mod error;

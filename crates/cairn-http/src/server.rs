@@ -1,4 +1,4 @@
-//! The server side: a TLS listener for axum and the bearer-token check.
+//! The server side: a TLS listener for axum and the admin-token check.
 //!
 //! TLS handshakes run in their own tasks (a slow or hostile client cannot stall the accept
 //! loop) and each is bounded by a timeout; failed handshakes are logged and dropped.
@@ -7,16 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-
-use crate::error::{ApiError, ErrorKind};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -89,15 +83,20 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// Puts the bearer-token check ([`require_token`]) in front of every route of `router`.
+/// Puts the admin-token check in front of every route of `router` (a service without
+/// scoped tokens; see [`crate::access`]).
 pub fn with_token<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
     token: String,
 ) -> axum::Router<S> {
-    router.layer(axum::middleware::from_fn_with_state(
-        Token(Arc::new(token)),
-        require_token,
-    ))
+    crate::access::with_access(
+        router,
+        Arc::new(crate::access::Access::admin_only(
+            "service",
+            &token,
+            Arc::new(crate::access::admin_rule),
+        )),
+    )
 }
 
 /// Binds `addr` with TLS and serves `router` in a background task; returns the bound address
@@ -116,34 +115,6 @@ pub async fn serve(
         }
     });
     Ok((local, h))
-}
-
-/// The expected bearer token, as axum state for [`require_token`].
-#[derive(Clone, Debug)]
-pub struct Token(pub Arc<String>);
-
-/// Middleware: `401` unless `Authorization: Bearer <token>` matches. `GET /health` is open.
-pub async fn require_token(State(token): State<Token>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/health" {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), token.0.as_bytes()) => next.run(req).await,
-        _ => ApiError::new(ErrorKind::Unauthorized, "missing or invalid bearer token")
-            .into_response(),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads `path`, or creates it with a fresh random token (mode 0600).

@@ -1,7 +1,7 @@
 //! The host agent's HTTPS service: a thin JSON layer over a [`HypervisorDriver`].
 //!
 //! Every route but `GET /health` needs `Authorization: Bearer TOKEN`
-//! ([`cairn_http::server::require_token`]); errors are `{"error": {"kind", "message"}}`
+//! ([`cairn_http::server::with_token`]); errors are `{"error": {"kind", "message"}}`
 //! ([`ApiError`]). Ids in paths are 16 lowercase hex digits; a malformed id is `400`, a
 //! well-formed id the agent does not know is `404`.
 //!

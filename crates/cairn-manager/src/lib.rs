@@ -69,7 +69,7 @@ impl ManagerError {
             Self::Agent { source, .. } => match source.kind() {
                 // The agent refusing our token is the manager's misconfiguration, not the
                 // caller's: do not answer 401 to a caller whose token was fine.
-                Some(ErrorKind::Unauthorized) | None => ErrorKind::Internal,
+                Some(ErrorKind::Unauthorized | ErrorKind::Forbidden) | None => ErrorKind::Internal,
                 Some(k) => k,
             },
             Self::State { .. } => ErrorKind::Internal,

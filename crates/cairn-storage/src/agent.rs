@@ -364,6 +364,8 @@ impl StorageAgent {
             chunker: None,
             labels,
             threads: req.threads,
+            // The repository's minimum lock applies at commit (cairn_vault::retention).
+            lock_until: None,
         };
         tracing::debug!(
             "{}: change source {} chosen in {:?}",

@@ -13,6 +13,7 @@ pub mod fault;
 mod file;
 mod id;
 mod read_at;
+pub mod time;
 
 pub use disk::{DiskFormat, UnknownFormat};
 pub use extent::{Extent, ExtentList, ExtentParseError};

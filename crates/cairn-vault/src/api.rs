@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::maint::{GcPlan, PruneOptions, PrunePlan, VerifyReport};
 use crate::manifest::{RepoConfig, SnapshotManifest};
 use crate::repo::Repository;
+use crate::retention::{LockAnswer, RetentionPolicy, SnapshotLock};
 use crate::session::{BackupSession, CommitRequest};
 
 /// One frame to upload: one segment or several consecutive ones, encoded together.
@@ -65,6 +66,12 @@ pub trait Vault: Send + Sync {
     fn gc(&self, dry_run: bool) -> Result<GcPlan>;
     /// Forgets snapshots (ids or unique prefixes); all or none. Data is freed by GC.
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>>;
+    /// Locks a snapshot until `until` (Unix seconds) or extends its lock; never shortens.
+    fn lock(&self, spec: &str, until: u64) -> Result<LockAnswer>;
+    /// Every snapshot's retention lock (expired ones included).
+    fn locks(&self) -> Result<Vec<SnapshotLock>>;
+    fn retention_policy(&self) -> Result<RetentionPolicy>;
+    fn set_retention_policy(&self, p: &RetentionPolicy) -> Result<RetentionPolicy>;
     /// Segments whose stored copy is marked damaged: a backup that has their data reads and
     /// sends them again, healing every snapshot that needs them. Empty where the vault does
     /// not say.
@@ -160,6 +167,23 @@ impl Vault for LocalVault {
 
     fn damaged_segments(&self) -> Result<Vec<Digest>> {
         self.repo.damaged_segments()
+    }
+
+    fn lock(&self, spec: &str, until: u64) -> Result<LockAnswer> {
+        self.repo.lock_spec(spec, until)
+    }
+
+    fn locks(&self) -> Result<Vec<SnapshotLock>> {
+        self.repo.lock_list()
+    }
+
+    fn retention_policy(&self) -> Result<RetentionPolicy> {
+        self.repo.retention_policy()
+    }
+
+    fn set_retention_policy(&self, p: &RetentionPolicy) -> Result<RetentionPolicy> {
+        self.repo.set_retention_policy(p)?;
+        Ok(*p)
     }
 
     fn location(&self) -> String {

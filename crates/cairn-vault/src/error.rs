@@ -42,6 +42,24 @@ pub enum VaultError {
     SnapshotNotFound(String),
     #[error("repository is locked: {0}")]
     Locked(String),
+    /// A retention lock forbids forgetting the snapshot before `until`.
+    #[error(
+        "snapshot {snapshot} is under a retention lock until {}: it cannot be forgotten before",
+        crate::retention::describe(*until)
+    )]
+    RetentionLocked { snapshot: String, until: u64 },
+    /// A request to set a lock earlier than the one in force.
+    #[error(
+        "snapshot {snapshot} is locked until {}: a retention lock can be extended, never \
+         shortened (asked for {})",
+        crate::retention::describe(*until),
+        crate::retention::describe(*asked)
+    )]
+    RetentionShortened {
+        snapshot: String,
+        until: u64,
+        asked: u64,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("vault service: {message}")]
@@ -73,7 +91,9 @@ impl VaultError {
             _ if self.is_no_space() => K::InsufficientStorage,
             Self::SnapshotNotFound(_) | Self::MissingSegment(_) => K::NotFound,
             Self::Invalid(_) => K::BadRequest,
-            Self::Locked(_) => K::Conflict,
+            Self::Locked(_) | Self::RetentionLocked { .. } | Self::RetentionShortened { .. } => {
+                K::Conflict
+            }
             Self::Corrupt(_)
             | Self::IndexDamaged { .. }
             | Self::Segment { .. }

@@ -21,6 +21,7 @@
 //! | [`reader`] | random reads of a snapshot ([`cairn_types::ReadAt`]), fetching only the segments a read covers |
 //! | [`session`] | the vault side of a backup: lacking, upload, commit |
 //! | [`repo`], [`manifest`], [`lock`] | the repository layout, its config and snapshot manifests, its locks |
+//! | [`retention`] | retention locks: snapshots no credential can forget before their time |
 //! | [`index`] | the fingerprint index: digest → container, offset, lengths, codec |
 //! | [`store`] | object stores and their contract |
 //! | [`maint`] | verify, prune, GC: planned first, printable, `dry_run` |
@@ -34,6 +35,8 @@
 //!   containers stay, so a retry finds their segments present and does not send them again.
 //! - **The index is a cache**: deleting it loses nothing; the next open rebuilds it from the
 //!   containers' trailers.
+//! - **Retention locks** hold for every caller: a locked snapshot cannot be forgotten, a
+//!   lock can only be extended ([`retention`]).
 //! - **Locks**: backup sessions share, GC, prune and index rebuilds exclude everything else
 //!   (`locks/` objects, so they work on any store).
 //! - **The service trusts no upload**: it decodes and re-hashes every blob before storing it.
@@ -57,6 +60,7 @@ pub mod manifest;
 pub mod reader;
 pub mod remote;
 pub mod repo;
+pub mod retention;
 pub mod service;
 pub mod session;
 pub mod store;

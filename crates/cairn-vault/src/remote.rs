@@ -21,6 +21,7 @@ use crate::manifest::{RepoConfig, SnapshotManifest};
 use crate::service::messages::{
     Aborted, Empty, ForgetRequest, LeaseRenewed, MaintRequest, SessionBegun, Stored,
 };
+use crate::service::messages::{LockAnswer, LockRequest, RetentionPolicy, SnapshotLock};
 use crate::session::CommitRequest;
 use crate::wire;
 
@@ -259,6 +260,25 @@ impl Vault for RemoteVault {
 
     fn damaged_segments(&self) -> Result<Vec<Digest>> {
         self.client.get_json("/v1/damaged").map_err(remote)
+    }
+
+    fn lock(&self, spec: &str, until: u64) -> Result<LockAnswer> {
+        let path = format!("/v1/snapshots/{}/lock", path_seg(spec));
+        self.client
+            .post_json(&path, &LockRequest { until })
+            .map_err(remote)
+    }
+
+    fn locks(&self) -> Result<Vec<SnapshotLock>> {
+        self.client.get_json("/v1/locks").map_err(remote)
+    }
+
+    fn retention_policy(&self) -> Result<RetentionPolicy> {
+        self.client.get_json("/v1/retention").map_err(remote)
+    }
+
+    fn set_retention_policy(&self, p: &RetentionPolicy) -> Result<RetentionPolicy> {
+        self.client.put_json("/v1/retention", p).map_err(remote)
     }
 
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {

@@ -5,6 +5,7 @@
 //! config                         RepoConfig (JSON)
 //! containers/<2 hex>/<32 hex>    containers (see cairn_chunk::container)
 //! snapshots/<32 hex>.json        SnapshotManifest: a snapshot exists iff this exists
+//! retention/, retention-policy.json  retention locks (see crate::retention)
 //! locks/<16 hex>.json            RepoLock
 //! repair/damaged.json            segment copies found damaged (see "Healing" below)
 //! index/   (local directory)     the fingerprint index cache (see crate::index)
@@ -765,15 +766,26 @@ impl Repository {
         Ok(())
     }
 
-    /// Deletes a snapshot's manifest (its data stays until GC).
+    /// Deletes a snapshot's manifest (its data stays until GC) and its expired retention
+    /// locks; a snapshot under a retention lock is refused ([`crate::retention`]).
     pub fn forget(&self, id: &SnapshotId) -> Result<()> {
-        Ok(self.store.delete(&snapshot_key(id))?)
+        self.check_unlocked(id)?;
+        let key = snapshot_key(id);
+        self.store.release(&key)?;
+        self.store.delete(&key)?;
+        self.drop_retention(id)
     }
 
     /// Deletes a damaged manifest, named by the id of its object.
     pub fn forget_damaged(&self, file_id: &str) -> Result<()> {
         let key = Key::new(format!("snapshots/{file_id}.json"))
             .map_err(|_| VaultError::Invalid(format!("{file_id:?} is not a snapshot id")))?;
+        if let Ok(id) = file_id.parse::<SnapshotId>() {
+            self.check_unlocked(&id)?;
+            self.store.release(&key)?;
+            self.store.delete(&key)?;
+            return self.drop_retention(&id);
+        }
         Ok(self.store.delete(&key)?)
     }
 }

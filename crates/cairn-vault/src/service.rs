@@ -18,9 +18,16 @@
 //! | DELETE | `/v1/sessions/{id}` | → [`Aborted`]; nothing becomes visible |
 //! | POST | `/v1/fetch` | digests → download frames (stored bytes; the client verifies) |
 //! | POST | `/v1/verify`, `/v1/prune`, `/v1/gc` | [`MaintRequest`] → report or plan |
-//! | POST | `/v1/forget` | [`ForgetRequest`] → forgotten snapshot ids |
+//! | POST | `/v1/forget` | [`ForgetRequest`] → forgotten snapshot ids (a snapshot under a retention lock: `409`) |
+//! | GET | `/v1/locks` | → list of [`SnapshotLock`] (see [`crate::retention`]) |
+//! | POST | `/v1/snapshots/{spec}/lock` | [`LockRequest`] → [`LockAnswer`]; extends, never shortens (`409`) |
+//! | GET, PUT | `/v1/retention` | [`RetentionPolicy`]: the minimum lock of new snapshots |
 //!
 //! The JSON messages are in [`messages`]; unknown fields are refused on both ends.
+//!
+//! Who may call which route: [`access_rule`] (roles of [`cairn_http::access`] on the object
+//! `/vault/<repository id>`); forget, prune, GC and the retention policy need `admin`, and no
+//! credential at all can forget a snapshot under a retention lock ([`crate::retention`]).
 //!
 //! Handlers only turn requests into calls on the [`Repository`]; blocking work runs on the
 //! blocking pool. See `docs/PROTOCOL.md` for the frames (module [`crate::wire`]).
@@ -73,6 +80,7 @@ use axum::routing::{delete, get, post};
 use cairn_chunk::EncodedSegment;
 use cairn_chunk::format::BlobKind;
 use cairn_http::ApiError;
+use cairn_http::access::Access;
 use cairn_http::body::{BodyBudget, BodyError, BodyStream, Reservation};
 use cairn_types::{Digest, SessionId};
 
@@ -321,9 +329,17 @@ impl VaultService {
         }
     }
 
-    /// The router, with the token check applied to every route but `/health`.
+    /// The router, with only the admin token accepted (every route but `/health`).
     pub fn router(self: Arc<Self>, token: String) -> Router {
-        cairn_http::server::with_token(
+        let rule = access_rule(&self.repo.config().id);
+        let access = Access::admin_only("vault", &token, rule);
+        self.router_with(Arc::new(access))
+    }
+
+    /// The router, with `access` (admin and scoped tokens, [`access_rule`]) checking every
+    /// route but `/health`.
+    pub fn router_with(self: Arc<Self>, access: Arc<Access>) -> Router {
+        cairn_http::access::with_access(
             Router::new()
                 .route("/health", get(|| async { "ok" }))
                 .route("/v1/config", get(config))
@@ -344,10 +360,13 @@ impl VaultService {
                 .route("/v1/prune", post(prune))
                 .route("/v1/gc", post(gc))
                 .route("/v1/forget", post(forget))
+                .route("/v1/locks", get(locks))
+                .route("/v1/snapshots/{spec}/lock", post(lock))
+                .route("/v1/retention", get(policy).put(set_policy))
                 // Every handler reads its body through `BodyStream`; this only bounds an
                 // extractor that would buffer one.
                 .layer(DefaultBodyLimit::max(wire::MAX_JSON_BODY)),
-            token,
+            access,
         )
         .with_state(self)
     }
@@ -688,6 +707,40 @@ async fn forget(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
     ))
 }
 
+async fn locks(State(s): State<Shared>) -> ApiResult<Response> {
+    let repo = s.repo.clone();
+    Ok(json(blocking(move || repo.lock_list()).await?))
+}
+
+async fn lock(
+    State(s): State<Shared>,
+    Path(spec): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let (body, _room) = s.small_body(req, wire::MAX_JSON_BODY).await?;
+    let r: LockRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("lock request: {e}")))?;
+    let repo = s.repo.clone();
+    Ok(json(
+        blocking(move || repo.lock_spec(&spec, r.until)).await?,
+    ))
+}
+
+async fn policy(State(s): State<Shared>) -> ApiResult<Response> {
+    let repo = s.repo.clone();
+    Ok(json(blocking(move || repo.retention_policy()).await?))
+}
+
+async fn set_policy(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
+    let (body, _room) = s.small_body(req, wire::MAX_JSON_BODY).await?;
+    let p: RetentionPolicy = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("retention policy: {e}")))?;
+    let repo = s.repo.clone();
+    Ok(json(
+        blocking(move || repo.set_retention_policy(&p).map(|()| p)).await?,
+    ))
+}
+
 async fn gc(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
     let r = maint_req(&s, req).await?;
     let repo = s.repo.clone();
@@ -697,21 +750,42 @@ async fn gc(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
 }
 
 /// Serves (and reaps expired sessions) until the runtime stops; returns once bound with the
-/// listening address.
+/// listening address. Only the admin `token` is accepted.
 pub async fn serve(
     service: Arc<VaultService>,
     addr: std::net::SocketAddr,
     tls: rustls::ServerConfig,
     token: String,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let rule = access_rule(&service.repo.config().id);
+    serve_with(
+        service,
+        addr,
+        tls,
+        Arc::new(Access::admin_only("vault", &token, rule)),
+    )
+    .await
+}
+
+/// [`serve`] with scoped tokens and an audit log ([`cairn_http::access`]).
+pub async fn serve_with(
+    service: Arc<VaultService>,
+    addr: std::net::SocketAddr,
+    tls: rustls::ServerConfig,
+    access: Arc<Access>,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     service.spawn_reaper();
-    cairn_http::server::serve(service.router(token), addr, tls, "vault service").await
+    cairn_http::server::serve(service.router_with(access), addr, tls, "vault service").await
 }
 
 pub mod messages;
+mod rules;
+
+pub use rules::access_rule;
 
 pub use messages::{
-    Aborted, Empty, ForgetRequest, LeaseRenewed, MaintRequest, SessionBegun, Stored, VaultStats,
+    Aborted, Empty, ForgetRequest, LeaseRenewed, LockAnswer, LockRequest, MaintRequest,
+    RetentionPolicy, SessionBegun, SnapshotLock, Stored, VaultStats,
 };
 
 #[cfg(test)]

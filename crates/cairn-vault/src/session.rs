@@ -48,6 +48,10 @@ pub struct CommitRequest {
     /// Counters only the client knows (bytes read, segments, zero bytes, bytes sent).
     pub client_stats: BackupStats,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// A retention lock for the new snapshot (Unix seconds), raised to the repository's
+    /// minimum when it has one ([`crate::retention`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_until: Option<u64>,
 }
 
 struct State {
@@ -437,11 +441,20 @@ impl BackupSession {
         m.stats.bytes_stored = containers + index_bytes + guess;
         m.seal();
         let body = m.to_stored();
+        // The lock is written before the manifest: a snapshot is never visible unlocked
+        // when it should be locked (a lock object whose manifest never came is inert).
+        let lock_until = self.shared.repo.lock_for_new(req.lock_until)?;
+        if let Some(until) = lock_until {
+            self.shared.repo.write_lock(&m.id, until)?;
+        }
         cairn_types::fault::point("vault.commit.before_manifest");
         self.shared
             .repo
             .store()
             .put_new(&snapshot_key(&m.id), &body)?;
+        if let Some(until) = lock_until {
+            self.shared.repo.protect_new(&m.id, until);
+        }
         if let Some(l) = self.lock.take() {
             l.release()?;
         }

@@ -8,6 +8,7 @@ use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
 mod repair;
+mod security;
 mod vault_service;
 
 const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");

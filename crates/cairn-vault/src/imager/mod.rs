@@ -75,6 +75,8 @@ pub struct BackupOptions {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Worker threads (0 = one per core).
     pub threads: usize,
+    /// A retention lock for the snapshot (Unix seconds; see [`crate::retention`]).
+    pub lock_until: Option<u64>,
 }
 
 /// A snapshot's recipe as an incremental needs it: its entries and the digests of its tree
@@ -509,6 +511,7 @@ pub fn backup(
         parent: parent.map(|p| p.id),
         client_stats: stats,
         labels: opts.labels.clone(),
+        lock_until: opts.lock_until,
     });
     tracing::debug!("committed: {:?}", started.elapsed());
     committed

@@ -54,6 +54,9 @@ pub struct GcPlan {
     /// Damaged manifests whose data GC kept (by their salvaged recipe roots).
     #[serde(default)]
     pub damaged_snapshots_kept: usize,
+    /// Containers left whole because they hold data of a snapshot under a retention lock.
+    #[serde(default)]
+    pub locked_containers: usize,
     /// Leftovers of interrupted writes removed.
     #[serde(default)]
     pub leftovers_removed: usize,
@@ -169,6 +172,10 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
         .map(|(m, _)| (m.1, u64::from(m.2)))
         .collect();
     let dead_marks: HashSet<ContainerId> = superseded.iter().map(|f| f.0).collect();
+    // Containers holding data of a locked snapshot stay whole: the store may hold them
+    // immutable, and their live data must not move (crate::retention).
+    let locked = repo.locked_containers()?;
+    plan.locked_containers = locked.len();
     let mut candidates: Vec<(ContainerId, u64, Vec<Record>)> = Vec::new();
     for (c, size) in &containers {
         let recs = match repo.container_records(c) {
@@ -179,6 +186,9 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
             }
         };
         liveness.confirm(c, &recs);
+        if locked.contains(c) {
+            continue;
+        }
         if liveness.live_bytes(c, &recs, false) * 2 < *size || dead_marks.contains(c) {
             candidates.push((*c, *size, recs));
         }
@@ -278,6 +288,8 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
     }
     cairn_types::fault::point("vault.gc.after_index");
     for c in &doomed {
+        // Protected while a lock (now expired) held its data.
+        repo.store().release(&container_key(c))?;
         repo.store().delete(&container_key(c))?;
     }
     // Marks of damaged copies in containers that are gone are dropped.

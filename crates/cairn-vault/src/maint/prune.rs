@@ -16,6 +16,9 @@ pub use cairn_api::vault::PruneOptions;
 pub struct PrunePlan {
     pub keep: Vec<(SnapshotId, String, u64)>,
     pub forget: Vec<(SnapshotId, String, u64)>,
+    /// Snapshots the rules would forget but a retention lock keeps, with the lock's end.
+    #[serde(default)]
+    pub locked: Vec<(SnapshotId, String, u64)>,
     pub executed: bool,
 }
 
@@ -26,16 +29,7 @@ fn days(t: u64) -> i64 {
 
 /// Civil (year, month) of a day count since 1970-01-01.
 fn year_month(day: i64) -> (i64, u32) {
-    // Howard Hinnant's days-from-civil inverse.
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a month, 1..=12
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, _) = cairn_types::time::civil_from_days(day);
     (y, m)
 }
 
@@ -74,6 +68,8 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<Pr
     }
     let nothing = opts.keep_last + opts.keep_daily + opts.keep_weekly + opts.keep_monthly == 0;
     let mut plan = PrunePlan::default();
+    let t = crate::manifest::now();
+    let locks = repo.retention_locks()?;
     for (_, mut snaps) in by_name {
         snaps.sort_by_key(|s| std::cmp::Reverse((s.created, s.created_ms, s.id))); // newest first
         let times: Vec<u64> = snaps.iter().map(|s| s.created).collect();
@@ -82,6 +78,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, dry_run: bool) -> Result<Pr
             let row = (s.id, s.name.clone(), s.created);
             if nothing || kept {
                 plan.keep.push(row);
+            } else if let Some(&until) = locks.get(&s.id).filter(|&&u| u > t) {
+                plan.keep.push(row.clone());
+                plan.locked.push((row.0, row.1, until));
             } else {
                 plan.forget.push(row);
             }

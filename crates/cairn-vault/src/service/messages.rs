@@ -2,5 +2,6 @@
 //! [`cairn_api::vault`].
 
 pub use cairn_api::vault::{
-    Aborted, Empty, ForgetRequest, LeaseRenewed, MaintRequest, SessionBegun, Stored, VaultStats,
+    Aborted, Empty, ForgetRequest, LeaseRenewed, LockAnswer, LockRequest, MaintRequest,
+    RetentionPolicy, SessionBegun, SnapshotLock, Stored, VaultStats,
 };

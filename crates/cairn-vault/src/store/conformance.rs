@@ -93,6 +93,28 @@ pub fn run(s: &dyn ObjectStore) {
         big[3 << 20..(3 << 20) + 100]
     );
 
+    // protection: where the store protects, the object can be neither replaced nor deleted
+    // until released, and its bytes are unchanged; release of a missing key succeeds
+    s.put(&k("p/held"), b"locked bytes").unwrap();
+    if s.protect(&k("p/held"), u64::MAX).expect("protect") {
+        assert!(
+            s.delete(&k("p/held")).is_err(),
+            "a protected object cannot be deleted"
+        );
+        assert!(s.put(&k("p/held"), b"other").is_err(), "nor replaced");
+        assert_eq!(s.get(&k("p/held")).unwrap(), b"locked bytes");
+        s.release(&k("p/held")).expect("release");
+    } else {
+        eprintln!(
+            "conformance: {} cannot protect objects (not root?)",
+            s.location()
+        );
+    }
+    s.release(&k("p/missing"))
+        .expect("release of a missing key");
+    s.delete(&k("p/held"))
+        .expect("released objects can be deleted");
+
     // delete is idempotent
     s.delete(&k("a/one")).unwrap();
     s.delete(&k("a/one")).unwrap();

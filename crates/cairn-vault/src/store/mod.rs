@@ -11,6 +11,8 @@
 //! | `list` | every key under a prefix, in no particular order, with its size. |
 //! | `delete` | idempotent: deleting a missing key succeeds. |
 //! | `remove_leftovers` | removes only what interrupted writes left (never an object `list` shows). |
+//! | `protect` | best effort: makes the object undeletable and unchangeable by means outside the vault until `until` (or until `release`); answers whether the store did. Never changes the object's bytes. |
+//! | `release` | undoes `protect` where the store can (a store whose protection holds until its time, such as S3 object lock, cannot: the vault only releases objects whose retention has expired). |
 //!
 //! Errors carry a kind; [`StoreErrorKind::Transient`] errors may be retried by the caller.
 //! Nothing outside a backend may assume that keys are local files.
@@ -169,6 +171,17 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn remove_leftovers(&self, min_age: std::time::Duration) -> Result<usize, StoreError> {
         let _ = min_age;
         Ok(0)
+    }
+    /// Protects `key` against change and deletion until `until` (Unix seconds), where the
+    /// store can; `Ok(false)` where it cannot (the vault's own retention rules still hold).
+    fn protect(&self, key: &Key, until: u64) -> Result<bool, StoreError> {
+        let _ = (key, until);
+        Ok(false)
+    }
+    /// Lifts [`ObjectStore::protect`] so that the vault can delete or replace the object.
+    fn release(&self, key: &Key) -> Result<(), StoreError> {
+        let _ = key;
+        Ok(())
     }
     /// A human-readable location, for messages.
     fn location(&self) -> String;

@@ -10,6 +10,7 @@ use rand::{RngCore, SeedableRng};
 
 mod damage;
 mod flips;
+mod retention;
 
 fn image(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
