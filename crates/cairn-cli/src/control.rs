@@ -156,7 +156,9 @@ pub fn run_server(a: ServerArgs) -> Result<ExitCode> {
         a.listen,
     );
     serve_until_signal("backup server", creds, move |tls, token| async move {
-        let r = cairn_server::service::serve(server, listen, tls, token).await?;
+        let rule = cairn_server::service::access_rule();
+        let access = cairn_http::access::Access::from_state("server", &token, &state, rule)?;
+        let r = cairn_server::service::serve_with(server, listen, tls, Arc::new(access)).await?;
         write_connection(&state, &format!("https://{}", r.0), &fp, &tf)
             .map_err(std::io::Error::other)?;
         Ok(r)

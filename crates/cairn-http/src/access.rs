@@ -317,8 +317,32 @@ impl Access {
         Ok(c.1.clone())
     }
 
-    /// Who presents `token` and whether they may do what `need` says.
-    fn check(&self, token: Option<&str>, need: &Need) -> Result<Caller, ApiError> {
+    /// Who presents `token` and whether they may do what `need` says; a refusal names the
+    /// caller when the token is known.
+    fn check(
+        &self,
+        token: Option<&str>,
+        need: &Need,
+    ) -> Result<Caller, (Option<String>, ApiError)> {
+        self.check_inner(token, need).map_err(|e| {
+            let who = match (&e.kind, token) {
+                (ErrorKind::Forbidden, Some(t)) => self.name_of(t),
+                _ => None,
+            };
+            (who, e)
+        })
+    }
+
+    fn name_of(&self, token: &str) -> Option<String> {
+        let hash = sha256_hex(token.as_bytes());
+        let tokens = self.scoped().ok()?;
+        tokens
+            .into_iter()
+            .find(|t| t.sha256 == hash)
+            .map(|t| t.name)
+    }
+
+    fn check_inner(&self, token: Option<&str>, need: &Need) -> Result<Caller, ApiError> {
         let unauthorized =
             || ApiError::new(ErrorKind::Unauthorized, "missing or invalid bearer token");
         let token = token.ok_or_else(unauthorized)?;
@@ -424,14 +448,14 @@ pub async fn require_access(
             }
             resp
         }
-        Err(e) => {
-            let who = if token.is_some() {
-                "(refused token)"
-            } else {
-                "(no token)"
+        Err((known, e)) => {
+            let who = match (known, token) {
+                (Some(name), _) => name,
+                (None, Some(_)) => "(invalid token)".into(),
+                (None, None) => "(no token)".into(),
             };
             let resp = e.into_response();
-            access.audit(who, &method, &path, resp.status().as_u16());
+            access.audit(&who, &method, &path, resp.status().as_u16());
             resp
         }
     }
@@ -498,27 +522,27 @@ mod tests {
         let a = Access::from_state("test", "the-admin", dir.path(), Arc::new(admin_rule)).unwrap();
         let n = need(&[Role::Backup], "/vault/r1");
         assert_eq!(a.check(Some(&secret), &n).unwrap().name, "agent-1");
+        let unwrap_err = |r: Result<Caller, (Option<String>, ApiError)>| r.unwrap_err().1;
         assert_eq!(a.check(Some("the-admin"), &n).unwrap().name, "admin");
-        let e = a.check(Some(&secret), &need(&[], "/vault/r1")).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Forbidden);
-        assert!(e.message.contains("agent-1"), "{}", e.message);
-        let e = a
-            .check(Some(&secret), &need(&[Role::Backup], "/vault/r2"))
-            .unwrap_err();
+        let (who, e) = a.check(Some(&secret), &need(&[], "/vault/r1")).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Forbidden);
         assert_eq!(
-            a.check(Some("nope"), &n).unwrap_err().kind,
-            ErrorKind::Unauthorized
+            who.as_deref(),
+            Some("agent-1"),
+            "a refusal names a known caller"
         );
-        assert_eq!(a.check(None, &n).unwrap_err().kind, ErrorKind::Unauthorized);
+        assert!(e.message.contains("agent-1"), "{}", e.message);
+        let e = unwrap_err(a.check(Some(&secret), &need(&[Role::Backup], "/vault/r2")));
+        assert_eq!(e.kind, ErrorKind::Forbidden);
+        let e = unwrap_err(a.check(Some("nope"), &n));
+        assert_eq!(e.kind, ErrorKind::Unauthorized);
+        assert_eq!(unwrap_err(a.check(None, &n)).kind, ErrorKind::Unauthorized);
 
         // Revoked: refused from the next request on.
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(f.remove("agent-1"));
         f.save(&tokens_path(dir.path())).unwrap();
-        assert_eq!(
-            a.check(Some(&secret), &n).unwrap_err().kind,
-            ErrorKind::Unauthorized
-        );
+        let e = unwrap_err(a.check(Some(&secret), &n));
+        assert_eq!(e.kind, ErrorKind::Unauthorized);
     }
 }

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cairn_catalog::Retention;
 use cairn_http::ApiError;
+use cairn_http::access::{Access, Need, Role, Rule};
 use serde::Deserialize;
 
 use cairn_api::server::{
@@ -325,9 +326,43 @@ async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.data_path())).await
 }
 
-/// The router, with the token check on every route but `/health` and the OpenAPI document.
+/// What each route needs, on the object `/server` ([`cairn_http::access`]): reading the
+/// catalog takes any role; reading file contents and restoring take `restore`; starting
+/// backups takes `backup`; a job is cancelled by `backup` or `restore`; prune, schedules and
+/// retention rules need `admin`.
+pub fn access_rule() -> Rule {
+    use Role::{Audit, Backup, Restore};
+    Arc::new(|m: &Method, path: &str| {
+        let p: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let roles: &'static [Role] = match (m.as_str(), &p[..]) {
+            ("GET", ["v1", "files", "content"]) => &[Restore],
+            ("GET", _) => &[Audit, Backup, Restore],
+            ("POST", ["v1", "backups"]) => &[Backup],
+            ("POST", ["v1", "restores"] | ["v1", "files", "restore"]) => &[Restore],
+            ("POST", ["v1", "jobs", _, "cancel"]) => &[Backup, Restore],
+            _ => &[],
+        };
+        Need {
+            roles,
+            object: "/server".into(),
+            quiet: false,
+        }
+    })
+}
+
+/// The router, with only the admin token accepted on every route but `/health` and the
+/// OpenAPI document.
 pub fn router(server: Arc<Server>, token: String) -> Router {
-    let api = cairn_http::server::with_token(
+    router_with(
+        server,
+        Arc::new(Access::admin_only("server", &token, access_rule())),
+    )
+}
+
+/// The router, with `access` (admin and scoped tokens, [`access_rule`]) on every route but
+/// `/health` and the OpenAPI document.
+pub fn router_with(server: Arc<Server>, access: Arc<Access>) -> Router {
+    let api = cairn_http::access::with_access(
         Router::new()
             .route("/v1/vms", get(vms))
             .route("/v1/backups", get(backups).post(start_backup))
@@ -349,7 +384,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
             .route("/v1/files/content", get(files_content))
             .route("/v1/files/restore", post(files_restore))
             .route("/v1/stats", get(stats)),
-        token,
+        access,
     )
     .with_state(server);
     Router::new()
@@ -369,4 +404,14 @@ pub async fn serve(
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     cairn_http::server::serve(router(server, token), addr, tls, "backup server").await
+}
+
+/// [`serve`] with scoped tokens and an audit log.
+pub async fn serve_with(
+    server: Arc<Server>,
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    access: Arc<Access>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    cairn_http::server::serve(router_with(server, access), addr, tls, "backup server").await
 }

@@ -101,3 +101,148 @@ fn every_answer_decodes_typed() {
     assert_eq!(e.kind(), Some(ErrorKind::BadRequest));
     assert!(e.to_string().contains("keep_hourly"), "{e}");
 }
+
+/// Every role against every route of the REST API: allowed (any answer but 401/403: a bad
+/// body is 400 after the check) or `403`, and every refusal in the audit log.
+#[test]
+fn each_scope_against_each_route() {
+    use cairn_http::access::{Access, Scope, TokenFile, tokens_path};
+    let s = setup();
+    let state = s.dir.path().join("server-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut tokens = TokenFile::default();
+    let roles = ["audit", "backup", "restore", "admin"];
+    let secrets: Vec<String> = roles
+        .iter()
+        .map(|r| {
+            let scope: Scope = format!("{r}:/server").parse().unwrap();
+            tokens.add(&format!("{r}-user"), vec![scope]).unwrap()
+        })
+        .collect();
+    let elsewhere = tokens
+        .add("other", vec!["admin:/vault/x".parse().unwrap()])
+        .unwrap();
+    tokens.save(&tokens_path(&state)).unwrap();
+    let (id, fp) = cairn_http::tls::ensure_self_signed(&s.dir.path().join("tls"), &[]).unwrap();
+    let tls = cairn_http::tls::server_config(&id).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rule = cairn_server::service::access_rule();
+    let access = Access::from_state("server", "the-admin", &state, rule).unwrap();
+    let (addr, _handle) = rt
+        .block_on(cairn_server::service::serve_with(
+            s.server.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            tls,
+            std::sync::Arc::new(access),
+        ))
+        .unwrap();
+    let url = format!("https://{addr}");
+    let client =
+        |t: &str| cairn_http::Client::new(&url, t, &Trust::Fingerprint(fp.clone())).unwrap();
+    let body = serde_json::json!({});
+    type Call = fn(&cairn_http::Client, &serde_json::Value) -> Option<ErrorKind>;
+    fn kind<T>(r: Result<T, cairn_http::ClientError>) -> Option<ErrorKind> {
+        r.err().map(|e| e.kind().unwrap_or(ErrorKind::Unknown))
+    }
+    // (route, call, allowed for audit, backup, restore, admin)
+    let matrix: Vec<(&str, Call, [bool; 4])> = vec![
+        (
+            "GET /v1/vms",
+            |c, _| kind(c.get_json::<serde_json::Value>("/v1/vms")),
+            [true; 4],
+        ),
+        (
+            "GET /v1/backups",
+            |c, _| kind(c.get_json::<serde_json::Value>("/v1/backups")),
+            [true; 4],
+        ),
+        (
+            "GET /v1/jobs",
+            |c, _| kind(c.get_json::<serde_json::Value>("/v1/jobs")),
+            [true; 4],
+        ),
+        (
+            "GET /v1/stats",
+            |c, _| kind(c.get_json::<serde_json::Value>("/v1/stats")),
+            [true; 4],
+        ),
+        (
+            "GET /v1/files/content",
+            |c, _| kind(c.get_bytes("/v1/files/content?backup=x&path=/a")),
+            [false, false, true, true],
+        ),
+        (
+            "POST /v1/backups",
+            |c, b| kind(c.post_json::<_, serde_json::Value>("/v1/backups", b)),
+            [false, true, false, true],
+        ),
+        (
+            "POST /v1/restores",
+            |c, b| kind(c.post_json::<_, serde_json::Value>("/v1/restores", b)),
+            [false, false, true, true],
+        ),
+        (
+            "POST /v1/files/restore",
+            |c, b| kind(c.post_json::<_, serde_json::Value>("/v1/files/restore", b)),
+            [false, false, true, true],
+        ),
+        (
+            "POST /v1/jobs/x/cancel",
+            |c, b| kind(c.post_json::<_, serde_json::Value>("/v1/jobs/x/cancel", b)),
+            [false, true, true, true],
+        ),
+        (
+            "POST /v1/prune",
+            |c, b| kind(c.post_json::<_, serde_json::Value>("/v1/prune", b)),
+            [false, false, false, true],
+        ),
+        (
+            "PUT /v1/schedules/n",
+            |c, b| kind(c.put_json::<_, serde_json::Value>("/v1/schedules/n", b)),
+            [false, false, false, true],
+        ),
+        (
+            "DELETE /v1/schedules/n",
+            |c, _| kind(c.delete_json::<serde_json::Value>("/v1/schedules/n")),
+            [false, false, false, true],
+        ),
+        (
+            "PUT /v1/retention/vm9",
+            |c, b| kind(c.put_json::<_, serde_json::Value>("/v1/retention/vm9", b)),
+            [false, false, false, true],
+        ),
+    ];
+    for (route, call, allowed) in &matrix {
+        for (i, secret) in secrets.iter().enumerate() {
+            let got = call(&client(secret), &body);
+            let refused = matches!(got, Some(ErrorKind::Forbidden | ErrorKind::Unauthorized));
+            assert_eq!(!refused, allowed[i], "{} on {route}: {got:?}", roles[i]);
+            if refused {
+                assert_eq!(got, Some(ErrorKind::Forbidden), "{} on {route}", roles[i]);
+            }
+        }
+        // A token scoped elsewhere, a wrong one: refused everywhere.
+        assert_eq!(
+            call(&client(&elsewhere), &body),
+            Some(ErrorKind::Forbidden),
+            "{route}"
+        );
+        assert_eq!(
+            call(&client("wrong"), &body),
+            Some(ErrorKind::Unauthorized),
+            "{route}"
+        );
+    }
+    let log = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("\"caller\":\"backup-user\"")
+            && l.contains("/v1/prune")
+            && l.contains("403")),
+        "{log}"
+    );
+    assert!(log.lines().any(|l| l.contains("\"status\":403")), "{log}");
+}
