@@ -12,7 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use cairn_chunk::{Entry, EntryKind, fingerprint, is_zero};
@@ -28,6 +28,27 @@ use crate::qemu::{self, NbdImage, NbdOpen, NbdRuntime};
 
 /// Bytes of segment data per vault fetch and per comparison window.
 const WINDOW: u64 = 4 << 20;
+
+/// Time spent fetching and writing, summed over the threads that do it.
+#[derive(Debug, Default)]
+struct Spent {
+    fetch_us: AtomicU64,
+    write_us: AtomicU64,
+}
+
+impl Spent {
+    fn time<T>(counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        counter.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        r
+    }
+
+    fn report(&self, rep: &mut RestoreReport) {
+        rep.fetch_ms = self.fetch_us.load(Ordering::Relaxed) / 1000;
+        rep.write_ms = self.write_us.load(Ordering::Relaxed) / 1000;
+    }
+}
 
 pub use cairn_api::storage::{RestoreMode, RestoreReport};
 
@@ -114,7 +135,7 @@ fn fetch_and_write(
         return Ok(0);
     }
     let datas = fetch(vault, want)?;
-    write_runs(target, want, datas)
+    write_runs(&|o, d| target.write(o, d), want, datas)
 }
 
 /// The data of `want`, checked against the entries' lengths.
@@ -138,15 +159,20 @@ fn fetch(vault: &dyn Vault, want: &[(u64, Entry)]) -> Result<Vec<Vec<u8>>> {
     Ok(datas)
 }
 
-/// Writes fetched segments; adjacent ones go out as one write (over NBD each write is a
-/// round trip, and segments average a few KiB). Returns bytes written.
-fn write_runs(target: &dyn DiskTarget, want: &[(u64, Entry)], datas: Vec<Vec<u8>>) -> Result<u64> {
+/// Writes fetched segments with `write(offset, bytes)`; adjacent ones go out as one write
+/// (over NBD each write is a round trip, to a file a system call, and segments average a few
+/// KiB). Returns bytes written.
+fn write_runs(
+    write: &dyn Fn(u64, &[u8]) -> Result<()>,
+    want: &[(u64, Entry)],
+    datas: Vec<Vec<u8>>,
+) -> Result<u64> {
     let mut n = 0;
     let mut run: Vec<u8> = Vec::new();
     let mut run_off = 0u64;
     for ((off, _), d) in want.iter().zip(datas) {
         if !run.is_empty() && *off != run_off + run.len() as u64 {
-            target.write(run_off, &run)?;
+            write(run_off, &run)?;
             run.clear();
         }
         if run.is_empty() {
@@ -156,7 +182,7 @@ fn write_runs(target: &dyn DiskTarget, want: &[(u64, Entry)], datas: Vec<Vec<u8>
         n += d.len() as u64;
     }
     if !run.is_empty() {
-        target.write(run_off, &run)?;
+        write(run_off, &run)?;
     }
     Ok(n)
 }
@@ -167,12 +193,13 @@ fn fetch_and_write_pipelined(
     vault: &dyn Vault,
     target: &dyn DiskTarget,
     batches: &[Vec<(u64, Entry)>],
+    spent: &Spent,
 ) -> Result<u64> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Vec<u8>>>>(1);
         scope.spawn(move || {
             for b in batches {
-                let r = fetch(vault, b);
+                let r = Spent::time(&spent.fetch_us, || fetch(vault, b));
                 let failed = r.is_err();
                 if tx.send(r).is_err() || failed {
                     return;
@@ -184,7 +211,9 @@ fn fetch_and_write_pipelined(
             let datas = rx
                 .recv()
                 .map_err(|_| StorageError::Invalid("vault fetch thread ended early".into()))??;
-            written += write_runs(target, b, datas)?;
+            written += Spent::time(&spent.write_us, || {
+                write_runs(&|o, d| target.write(o, d), b, datas)
+            })?;
             if i == 0 {
                 cairn_types::fault::point("storage.restore.after_first_batch");
             }
@@ -237,16 +266,6 @@ pub fn restore_new(
     let partial = partial_name(&req.target)?;
     let _ = std::fs::remove_file(&partial);
     let result = (|| -> Result<RestoreReport> {
-        qemu::img_create(&partial, DiskFormat::Qcow2, snap.size)?;
-        let nbd = NbdImage::open(
-            nbd_rt,
-            &partial,
-            DiskFormat::Qcow2,
-            &NbdOpen {
-                writable: true,
-                ..Default::default()
-            },
-        )?;
         let mut rep = RestoreReport {
             snapshot: snap.id.to_string(),
             size: snap.size,
@@ -271,18 +290,48 @@ pub fn restore_new(
             }
         }
         batches.retain(|b| !b.is_empty());
-        rep.bytes_written += fetch_and_write_pipelined(vault, &nbd, &batches)?;
-        cairn_types::fault::point("storage.restore.before_rename");
+        let spent = Spent::default();
+        let finish;
+        {
+            qemu::img_create(&partial, DiskFormat::Qcow2, snap.size)?;
+            let nbd = NbdImage::open(
+                nbd_rt,
+                &partial,
+                DiskFormat::Qcow2,
+                &NbdOpen {
+                    writable: true,
+                    ..Default::default()
+                },
+            )?;
+            rep.bytes_written += fetch_and_write_pipelined(vault, &nbd, &batches, &spent)?;
+            cairn_types::fault::point("storage.restore.before_rename");
+            finish = Instant::now();
+            nbd.flush()?;
+            drop(nbd);
+        }
         rep.bytes_fetched = rep.bytes_written;
-        nbd.flush()?;
-        drop(nbd);
+        spent.report(&mut rep);
+        rep.finish_ms = finish.elapsed().as_millis() as u64;
         Ok(rep)
     })();
     match result {
         Ok(mut rep) => {
+            let t = Instant::now();
             std::fs::rename(&partial, &req.target)
                 .map_err(StorageError::io(&req.target, "rename"))?;
+            sync_parent(&req.target)?;
+            rep.finish_ms += t.elapsed().as_millis() as u64;
             rep.duration_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                "restored {} into {}: {} B in {} ms (fetch {} ms, write {} ms, summed over threads; finish {} ms)",
+                rep.snapshot,
+                req.target.display(),
+                rep.bytes_written,
+                rep.duration_ms,
+                rep.fetch_ms,
+                rep.write_ms,
+                rep.finish_ms
+            );
             Ok(rep)
         }
         Err(e) => {
@@ -290,6 +339,17 @@ pub fn restore_new(
             Err(e)
         }
     }
+}
+
+/// Syncs the directory holding `path`, so that a rename into it is durable.
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StorageError::io(dir, "fsync"))
 }
 
 /// Restores over an existing disk, writing only segments whose content differs.
