@@ -1,9 +1,17 @@
 //! Writing backups into a datastore.
 //!
 //! - **New disk** ([`RestoreMode::New`]): raw through `imager::restore` (sparse: zero
-//!   segments stay holes); qcow2 by creating an empty image and writing only the data
-//!   segments through `qemu-nbd`, so unallocated clusters stay unallocated. Either way the
-//!   disk is written under a temporary name and renamed when complete.
+//!   segments stay holes); qcow2 with Cairn's own writer ([`crate::qcow2::writer`]): the
+//!   snapshot's entries say which clusters hold data, so the image is planned up front, and
+//!   [`FETCH_STREAMS`] threads each fetch the segments of a window of whole clusters from the
+//!   vault and write the window into place (`O_DIRECT` where the file system allows); the
+//!   other clusters stay unallocated. A block device target, or a size the writer refuses,
+//!   falls back to `qemu-img create` and writing the data segments through `qemu-nbd`. Either
+//!   way the disk is written under a temporary name, synced, and renamed when complete.
+//!
+//!   Measured on the libvirt bench (1 GiB qcow2 holding 720 MB, a loaded 2-core VM): through
+//!   `qemu-nbd` the agent took 8.0 s, the NBD writes as slow as the fetches; natively 4.4 s,
+//!   the vault fetches the bottleneck (docs/BENCHMARKS.md).
 //! - **Over an existing disk** ([`RestoreMode::Over`]): the snapshot's entries give the segment
 //!   boundaries; the disk is read at those same offsets, each piece fingerprinted and compared
 //!   with the entry, and only differing segments are fetched from the vault and written. A disk
@@ -12,11 +20,11 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use cairn_chunk::{Entry, EntryKind, fingerprint, is_zero};
-use cairn_types::{Digest, ReadAt};
+use cairn_types::{Digest, Extent, ReadAt};
 use cairn_vault::Vault;
 use cairn_vault::imager::{self, NoProgress, RestoreOptions};
 
@@ -24,10 +32,17 @@ use crate::agent::StorageAgent;
 use crate::error::{Result, StorageError};
 use cairn_types::DiskFormat;
 
+use crate::qcow2::format::DEFAULT_CLUSTER_BITS;
+use crate::qcow2::writer::{Plan, Writer};
 use crate::qemu::{self, NbdImage, NbdOpen, NbdRuntime};
 
 /// Bytes of segment data per vault fetch and per comparison window.
 const WINDOW: u64 = 4 << 20;
+
+/// Vault fetches in flight at once while a new qcow2 is written natively: one stream's
+/// fetch (the service reads and sends, this side decompresses and checks) overlaps the
+/// other's, and each writes its own window.
+pub const FETCH_STREAMS: usize = 2;
 
 /// Time spent fetching and writing, summed over the threads that do it.
 #[derive(Debug, Default)]
@@ -222,6 +237,83 @@ fn fetch_and_write_pipelined(
     })
 }
 
+/// Fetches the data entries (`data`, in guest order) of each window of whole clusters in
+/// `windows`, lays them into a zeroed cluster buffer and writes it with the native qcow2
+/// `writer`, on [`FETCH_STREAMS`] threads (the writer takes windows in any order from any
+/// thread). A segment across a window's edge is fetched for both windows. The first window
+/// goes alone, so that the fault point after it holds the whole restore. Returns the bytes
+/// fetched; the first error stops every stream.
+fn fetch_and_write_windows(
+    vault: &dyn Vault,
+    writer: &Writer,
+    windows: &[Extent],
+    data: &[(u64, Entry)],
+    spent: &Spent,
+) -> Result<u64> {
+    let one = |w: &Extent| -> Result<u64> {
+        let lo = data.partition_point(|(o, e)| o + u64::from(e.len) <= w.offset);
+        let hi = data.partition_point(|(o, _)| *o < w.end());
+        let want = &data[lo..hi];
+        let datas = Spent::time(&spent.fetch_us, || fetch(vault, want))?;
+        Spent::time(&spent.write_us, || {
+            let len = usize::try_from(w.len)
+                .map_err(|_| StorageError::Invalid(format!("a window of {} bytes", w.len)))?;
+            let mut buf = crate::qcow2::writer::ClusterBuf::zeroed(len);
+            let out = buf.as_mut_slice();
+            let mut fetched = 0;
+            for ((off, _), d) in want.iter().zip(&datas) {
+                fetched += d.len() as u64;
+                let from = w.offset.max(*off);
+                let to = w.end().min(off + d.len() as u64);
+                if from < to {
+                    out[(from - w.offset) as usize..(to - w.offset) as usize]
+                        .copy_from_slice(&d[(from - off) as usize..(to - off) as usize]);
+                }
+            }
+            writer.write_clusters(w.offset, &buf)?;
+            Ok(fetched)
+        })
+    };
+    let Some((first, rest)) = windows.split_first() else {
+        return Ok(0);
+    };
+    let mut fetched = one(first)?;
+    cairn_types::fault::point("storage.restore.after_first_batch");
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let stream = || -> Result<u64> {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let Some(w) = rest.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            match one(w) {
+                Ok(k) => n += k,
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(n)
+    };
+    let results: Vec<Result<u64>> = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..FETCH_STREAMS).map(|_| scope.spawn(stream)).collect();
+        streams
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(StorageError::Invalid("a restore stream panicked".into()))
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        fetched += r?;
+    }
+    Ok(fetched)
+}
+
 fn partial_name(target: &Path) -> Result<PathBuf> {
     imager::partial_path(target)
         .ok_or_else(|| StorageError::Invalid(format!("{} is not a file path", target.display())))
@@ -291,8 +383,33 @@ pub fn restore_new(
         }
         batches.retain(|b| !b.is_empty());
         let spent = Spent::default();
+        let plan = if is_dev {
+            None
+        } else {
+            let extents = batches
+                .iter()
+                .flatten()
+                .map(|(o, e)| Extent::new(*o, u64::from(e.len)));
+            Plan::new(snap.size, DEFAULT_CLUSTER_BITS, extents)
+                .inspect_err(|e| {
+                    tracing::info!(
+                        "{}: qcow2 writer refuses ({e}); writing through qemu-nbd",
+                        partial.display()
+                    )
+                })
+                .ok()
+        };
         let finish;
-        {
+        if let Some(plan) = plan {
+            let windows = plan.windows(WINDOW);
+            let w = Writer::create(&partial, plan)?;
+            let data: Vec<(u64, Entry)> = batches.into_iter().flatten().collect();
+            rep.bytes_fetched = fetch_and_write_windows(vault, &w, &windows, &data, &spent)?;
+            rep.bytes_written = data.iter().map(|(_, e)| u64::from(e.len)).sum();
+            cairn_types::fault::point("storage.restore.before_rename");
+            finish = Instant::now();
+            w.finish()?;
+        } else {
             qemu::img_create(&partial, DiskFormat::Qcow2, snap.size)?;
             let nbd = NbdImage::open(
                 nbd_rt,
@@ -305,11 +422,11 @@ pub fn restore_new(
             )?;
             rep.bytes_written += fetch_and_write_pipelined(vault, &nbd, &batches, &spent)?;
             cairn_types::fault::point("storage.restore.before_rename");
+            rep.bytes_fetched = rep.bytes_written;
             finish = Instant::now();
             nbd.flush()?;
             drop(nbd);
         }
-        rep.bytes_fetched = rep.bytes_written;
         spent.report(&mut rep);
         rep.finish_ms = finish.elapsed().as_millis() as u64;
         Ok(rep)
