@@ -338,7 +338,7 @@ impl Plan {
     }
 }
 
-/// A zeroed buffer whose bytes start at a [`DIRECT_ALIGN`] boundary (safe code: a larger
+/// A zeroed buffer whose bytes start at a 4 KiB boundary (safe code: a larger
 /// vector and `align_offset`), for [`Writer::write_clusters`].
 #[derive(Debug)]
 pub struct ClusterBuf {
