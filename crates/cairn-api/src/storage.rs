@@ -287,6 +287,15 @@ pub struct RestoreReport {
     /// Zero bytes left as holes (new disk).
     pub zero_bytes: u64,
     pub duration_ms: u64,
+    /// Where the time went: vault fetches (summed over the fetch streams, which overlap each
+    /// other and the writes), writes to the disk (summed likewise), and the end (tables,
+    /// flush, sync, rename).
+    #[serde(default)]
+    pub fetch_ms: u64,
+    #[serde(default)]
+    pub write_ms: u64,
+    #[serde(default)]
+    pub finish_ms: u64,
 }
 
 /// One extent of a file's map.

@@ -210,7 +210,7 @@ fn restore_disk(ctx: &JobCtx<'_>, p: &RestoreParams, d: &BackupDisk) -> Result<P
     let s = ctx.app;
     let c = s.storage_agent(&d.storage_agent)?;
     let t = Instant::now();
-    let (new_id, fetched) = if let Some(rdm) = &d.rdm {
+    let (new_id, rep) = if let Some(rdm) = &d.rdm {
         let id = format!("luns/{}-{}", p.as_name, d.disk);
         let r = c
             .restore_rdm(&RdmRestoreRequest {
@@ -225,7 +225,7 @@ fn restore_disk(ctx: &JobCtx<'_>, p: &RestoreParams, d: &BackupDisk) -> Result<P
             d.disk,
             rdm.mapping_snapshot.as_deref().unwrap_or("(unnamed)")
         ));
-        (id, r.report.bytes_fetched)
+        (id, r.report)
     } else {
         let format = d.format;
         let id = format!("{}-{}.{format}", p.as_name, d.disk);
@@ -246,7 +246,7 @@ fn restore_disk(ctx: &JobCtx<'_>, p: &RestoreParams, d: &BackupDisk) -> Result<P
                 mode: RestoreMode::New,
             })
             .map_err(ServerError::call(format!("restore disk {}", d.disk)))?;
-        (id, r.bytes_fetched)
+        (id, r)
     };
     // Where the datastore keeps it, for the VM's configuration.
     let dss = c
@@ -259,11 +259,16 @@ fn restore_disk(ctx: &JobCtx<'_>, p: &RestoreParams, d: &BackupDisk) -> Result<P
         .ok_or_else(|| ServerError::NotFound(format!("datastore {}", d.datastore)))?;
     let path = ds_path.join(&new_id);
     ctx.info(format!(
-        "{}: restored to {} ({} B fetched, {} ms)",
+        "{}: restored to {} ({} B fetched, {} ms; storage agent {} ms: fetch {} ms and write {} ms \
+         summed over its threads, finish {} ms)",
         d.disk,
         path.display(),
-        fetched,
-        t.elapsed().as_millis()
+        rep.bytes_fetched,
+        t.elapsed().as_millis(),
+        rep.duration_ms,
+        rep.fetch_ms,
+        rep.write_ms,
+        rep.finish_ms
     ));
     Ok(path)
 }

@@ -73,7 +73,8 @@ pub enum StorageError {
 }
 
 /// Why the tables of a qcow2 image (or of two clones of it) cannot be trusted to map host
-/// changes to guest offsets. Never a panic: hostile or corrupt images end here.
+/// changes to guest offsets, or why the writer refuses an image. Never a panic: hostile or
+/// corrupt images end here.
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
     /// A structure lies (partly) beyond the end of the file.
@@ -95,6 +96,9 @@ pub enum Qcow2Error {
     /// The two clones differ in a way that makes their tables incomparable.
     #[error("the clones differ in {0}")]
     Incomparable(String),
+    /// The writer was handed guest bytes outside the clusters it planned.
+    #[error("guest bytes {offset}..{end} lie outside the planned clusters")]
+    NotPlanned { offset: u64, end: u64 },
     #[error("read {what} at {offset}")]
     Read {
         what: &'static str,

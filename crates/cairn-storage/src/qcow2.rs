@@ -51,12 +51,32 @@ pub mod format {
     pub const OFF_CRYPT_METHOD: usize = 32;
     pub const OFF_L1_SIZE: usize = 36;
     pub const OFF_L1_TABLE_OFFSET: usize = 40;
+    pub const OFF_REFCOUNT_TABLE_OFFSET: usize = 48;
+    pub const OFF_REFCOUNT_TABLE_CLUSTERS: usize = 56;
     pub const OFF_INCOMPATIBLE_FEATURES: usize = 72;
+    pub const OFF_REFCOUNT_ORDER: usize = 96;
     pub const OFF_HEADER_LENGTH: usize = 100;
     pub const OFF_COMPRESSION_TYPE: usize = 104;
     /// Header length of version 2 (fixed) and the minimum of version 3.
     pub const HEADER_V2_LEN: usize = 72;
     pub const HEADER_V3_MIN_LEN: usize = 104;
+    /// The version 3 header the writer emits (and `qemu-img create` 10.0 does): the minimum,
+    /// the compression type byte (0 = zlib) and padding to a multiple of 8. The header
+    /// extensions follow; an all-zero one ends them.
+    pub const HEADER_V3_LEN: usize = 112;
+    /// A header extension's type and length fields (type 0 ends the extensions).
+    pub const EXTENSION_HEADER_LEN: usize = 8;
+    /// QEMU's sector: virtual sizes are whole sectors.
+    pub const SECTOR: u64 = 512;
+
+    /// `log2` of the refcount width in bits: 16-bit refcounts, QEMU's default.
+    pub const REFCOUNT_ORDER_16: u32 = 4;
+    pub const REFCOUNT_16_LEN: u64 = 2;
+    pub const REFCOUNT_TABLE_ENTRY_LEN: u64 = 8;
+    /// `qemu-img create`'s default cluster size, 64 KiB.
+    pub const DEFAULT_CLUSTER_BITS: u32 = 16;
+    /// Refcount is exactly one (an L1 entry's flag; the L2 entry's is [`L2E_COPIED`]).
+    pub const L1E_COPIED: u64 = 1 << 63;
 
     pub const INCOMPAT_DIRTY: u64 = 1 << 0;
     pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -551,6 +571,8 @@ pub fn changed_guest_extents(
     }
     Ok(ExtentList::from_unsorted(out))
 }
+
+pub mod writer;
 
 #[cfg(test)]
 mod tests;

@@ -1,9 +1,17 @@
 //! Writing backups into a datastore.
 //!
 //! - **New disk** ([`RestoreMode::New`]): raw through `imager::restore` (sparse: zero
-//!   segments stay holes); qcow2 by creating an empty image and writing only the data
-//!   segments through `qemu-nbd`, so unallocated clusters stay unallocated. Either way the
-//!   disk is written under a temporary name and renamed when complete.
+//!   segments stay holes); qcow2 with Cairn's own writer ([`crate::qcow2::writer`]): the
+//!   snapshot's entries say which clusters hold data, so the image is planned up front, and
+//!   [`FETCH_STREAMS`] threads each fetch the segments of a window of whole clusters from the
+//!   vault and write the window into place (`O_DIRECT` where the file system allows); the
+//!   other clusters stay unallocated. A block device target, or a size the writer refuses,
+//!   falls back to `qemu-img create` and writing the data segments through `qemu-nbd`. Either
+//!   way the disk is written under a temporary name, synced, and renamed when complete.
+//!
+//!   Measured on the libvirt bench (1 GiB qcow2 holding 720 MB, a loaded 2-core VM): through
+//!   `qemu-nbd` the agent took 8.0 s, the NBD writes as slow as the fetches; natively 4.4 s,
+//!   the vault fetches the bottleneck (docs/BENCHMARKS.md).
 //! - **Over an existing disk** ([`RestoreMode::Over`]): the snapshot's entries give the segment
 //!   boundaries; the disk is read at those same offsets, each piece fingerprinted and compared
 //!   with the entry, and only differing segments are fetched from the vault and written. A disk
@@ -12,11 +20,11 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use cairn_chunk::{Entry, EntryKind, fingerprint, is_zero};
-use cairn_types::{Digest, ReadAt};
+use cairn_types::{Digest, Extent, ReadAt};
 use cairn_vault::Vault;
 use cairn_vault::imager::{self, NoProgress, RestoreOptions};
 
@@ -24,10 +32,38 @@ use crate::agent::StorageAgent;
 use crate::error::{Result, StorageError};
 use cairn_types::DiskFormat;
 
+use crate::qcow2::format::DEFAULT_CLUSTER_BITS;
+use crate::qcow2::writer::{Plan, Writer};
 use crate::qemu::{self, NbdImage, NbdOpen, NbdRuntime};
 
 /// Bytes of segment data per vault fetch and per comparison window.
 const WINDOW: u64 = 4 << 20;
+
+/// Vault fetches in flight at once while a new qcow2 is written natively: one stream's
+/// fetch (the service reads and sends, this side decompresses and checks) overlaps the
+/// other's, and each writes its own window.
+pub const FETCH_STREAMS: usize = 2;
+
+/// Time spent fetching and writing, summed over the threads that do it.
+#[derive(Debug, Default)]
+struct Spent {
+    fetch_us: AtomicU64,
+    write_us: AtomicU64,
+}
+
+impl Spent {
+    fn time<T>(counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        counter.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        r
+    }
+
+    fn report(&self, rep: &mut RestoreReport) {
+        rep.fetch_ms = self.fetch_us.load(Ordering::Relaxed) / 1000;
+        rep.write_ms = self.write_us.load(Ordering::Relaxed) / 1000;
+    }
+}
 
 pub use cairn_api::storage::{RestoreMode, RestoreReport};
 
@@ -114,7 +150,7 @@ fn fetch_and_write(
         return Ok(0);
     }
     let datas = fetch(vault, want)?;
-    write_runs(target, want, datas)
+    write_runs(&|o, d| target.write(o, d), want, datas)
 }
 
 /// The data of `want`, checked against the entries' lengths.
@@ -138,15 +174,20 @@ fn fetch(vault: &dyn Vault, want: &[(u64, Entry)]) -> Result<Vec<Vec<u8>>> {
     Ok(datas)
 }
 
-/// Writes fetched segments; adjacent ones go out as one write (over NBD each write is a
-/// round trip, and segments average a few KiB). Returns bytes written.
-fn write_runs(target: &dyn DiskTarget, want: &[(u64, Entry)], datas: Vec<Vec<u8>>) -> Result<u64> {
+/// Writes fetched segments with `write(offset, bytes)`; adjacent ones go out as one write
+/// (over NBD each write is a round trip, to a file a system call, and segments average a few
+/// KiB). Returns bytes written.
+fn write_runs(
+    write: &dyn Fn(u64, &[u8]) -> Result<()>,
+    want: &[(u64, Entry)],
+    datas: Vec<Vec<u8>>,
+) -> Result<u64> {
     let mut n = 0;
     let mut run: Vec<u8> = Vec::new();
     let mut run_off = 0u64;
     for ((off, _), d) in want.iter().zip(datas) {
         if !run.is_empty() && *off != run_off + run.len() as u64 {
-            target.write(run_off, &run)?;
+            write(run_off, &run)?;
             run.clear();
         }
         if run.is_empty() {
@@ -156,7 +197,7 @@ fn write_runs(target: &dyn DiskTarget, want: &[(u64, Entry)], datas: Vec<Vec<u8>
         n += d.len() as u64;
     }
     if !run.is_empty() {
-        target.write(run_off, &run)?;
+        write(run_off, &run)?;
     }
     Ok(n)
 }
@@ -167,12 +208,13 @@ fn fetch_and_write_pipelined(
     vault: &dyn Vault,
     target: &dyn DiskTarget,
     batches: &[Vec<(u64, Entry)>],
+    spent: &Spent,
 ) -> Result<u64> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Vec<u8>>>>(1);
         scope.spawn(move || {
             for b in batches {
-                let r = fetch(vault, b);
+                let r = Spent::time(&spent.fetch_us, || fetch(vault, b));
                 let failed = r.is_err();
                 if tx.send(r).is_err() || failed {
                     return;
@@ -184,13 +226,92 @@ fn fetch_and_write_pipelined(
             let datas = rx
                 .recv()
                 .map_err(|_| StorageError::Invalid("vault fetch thread ended early".into()))??;
-            written += write_runs(target, b, datas)?;
+            written += Spent::time(&spent.write_us, || {
+                write_runs(&|o, d| target.write(o, d), b, datas)
+            })?;
             if i == 0 {
                 cairn_types::fault::point("storage.restore.after_first_batch");
             }
         }
         Ok(written)
     })
+}
+
+/// Fetches the data entries (`data`, in guest order) of each window of whole clusters in
+/// `windows`, lays them into a zeroed cluster buffer and writes it with the native qcow2
+/// `writer`, on [`FETCH_STREAMS`] threads (the writer takes windows in any order from any
+/// thread). A segment across a window's edge is fetched for both windows. The first window
+/// goes alone, so that the fault point after it holds the whole restore. Returns the bytes
+/// fetched; the first error stops every stream.
+fn fetch_and_write_windows(
+    vault: &dyn Vault,
+    writer: &Writer,
+    windows: &[Extent],
+    data: &[(u64, Entry)],
+    spent: &Spent,
+) -> Result<u64> {
+    let one = |w: &Extent| -> Result<u64> {
+        let lo = data.partition_point(|(o, e)| o + u64::from(e.len) <= w.offset);
+        let hi = data.partition_point(|(o, _)| *o < w.end());
+        let want = &data[lo..hi];
+        let datas = Spent::time(&spent.fetch_us, || fetch(vault, want))?;
+        Spent::time(&spent.write_us, || {
+            let len = usize::try_from(w.len)
+                .map_err(|_| StorageError::Invalid(format!("a window of {} bytes", w.len)))?;
+            let mut buf = crate::qcow2::writer::ClusterBuf::zeroed(len);
+            let out = buf.as_mut_slice();
+            let mut fetched = 0;
+            for ((off, _), d) in want.iter().zip(&datas) {
+                fetched += d.len() as u64;
+                let from = w.offset.max(*off);
+                let to = w.end().min(off + d.len() as u64);
+                if from < to {
+                    out[(from - w.offset) as usize..(to - w.offset) as usize]
+                        .copy_from_slice(&d[(from - off) as usize..(to - off) as usize]);
+                }
+            }
+            writer.write_clusters(w.offset, &buf)?;
+            Ok(fetched)
+        })
+    };
+    let Some((first, rest)) = windows.split_first() else {
+        return Ok(0);
+    };
+    let mut fetched = one(first)?;
+    cairn_types::fault::point("storage.restore.after_first_batch");
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let stream = || -> Result<u64> {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let Some(w) = rest.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            match one(w) {
+                Ok(k) => n += k,
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(n)
+    };
+    let results: Vec<Result<u64>> = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..FETCH_STREAMS).map(|_| scope.spawn(stream)).collect();
+        streams
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(StorageError::Invalid("a restore stream panicked".into()))
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        fetched += r?;
+    }
+    Ok(fetched)
 }
 
 fn partial_name(target: &Path) -> Result<PathBuf> {
@@ -237,16 +358,6 @@ pub fn restore_new(
     let partial = partial_name(&req.target)?;
     let _ = std::fs::remove_file(&partial);
     let result = (|| -> Result<RestoreReport> {
-        qemu::img_create(&partial, DiskFormat::Qcow2, snap.size)?;
-        let nbd = NbdImage::open(
-            nbd_rt,
-            &partial,
-            DiskFormat::Qcow2,
-            &NbdOpen {
-                writable: true,
-                ..Default::default()
-            },
-        )?;
         let mut rep = RestoreReport {
             snapshot: snap.id.to_string(),
             size: snap.size,
@@ -271,18 +382,73 @@ pub fn restore_new(
             }
         }
         batches.retain(|b| !b.is_empty());
-        rep.bytes_written += fetch_and_write_pipelined(vault, &nbd, &batches)?;
-        cairn_types::fault::point("storage.restore.before_rename");
-        rep.bytes_fetched = rep.bytes_written;
-        nbd.flush()?;
-        drop(nbd);
+        let spent = Spent::default();
+        let plan = if is_dev {
+            None
+        } else {
+            let extents = batches
+                .iter()
+                .flatten()
+                .map(|(o, e)| Extent::new(*o, u64::from(e.len)));
+            Plan::new(snap.size, DEFAULT_CLUSTER_BITS, extents)
+                .inspect_err(|e| {
+                    tracing::info!(
+                        "{}: qcow2 writer refuses ({e}); writing through qemu-nbd",
+                        partial.display()
+                    )
+                })
+                .ok()
+        };
+        let finish;
+        if let Some(plan) = plan {
+            let windows = plan.windows(WINDOW);
+            let w = Writer::create(&partial, plan)?;
+            let data: Vec<(u64, Entry)> = batches.into_iter().flatten().collect();
+            rep.bytes_fetched = fetch_and_write_windows(vault, &w, &windows, &data, &spent)?;
+            rep.bytes_written = data.iter().map(|(_, e)| u64::from(e.len)).sum();
+            cairn_types::fault::point("storage.restore.before_rename");
+            finish = Instant::now();
+            w.finish()?;
+        } else {
+            qemu::img_create(&partial, DiskFormat::Qcow2, snap.size)?;
+            let nbd = NbdImage::open(
+                nbd_rt,
+                &partial,
+                DiskFormat::Qcow2,
+                &NbdOpen {
+                    writable: true,
+                    ..Default::default()
+                },
+            )?;
+            rep.bytes_written += fetch_and_write_pipelined(vault, &nbd, &batches, &spent)?;
+            cairn_types::fault::point("storage.restore.before_rename");
+            rep.bytes_fetched = rep.bytes_written;
+            finish = Instant::now();
+            nbd.flush()?;
+            drop(nbd);
+        }
+        spent.report(&mut rep);
+        rep.finish_ms = finish.elapsed().as_millis() as u64;
         Ok(rep)
     })();
     match result {
         Ok(mut rep) => {
+            let t = Instant::now();
             std::fs::rename(&partial, &req.target)
                 .map_err(StorageError::io(&req.target, "rename"))?;
+            sync_parent(&req.target)?;
+            rep.finish_ms += t.elapsed().as_millis() as u64;
             rep.duration_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                "restored {} into {}: {} B in {} ms (fetch {} ms, write {} ms, summed over threads; finish {} ms)",
+                rep.snapshot,
+                req.target.display(),
+                rep.bytes_written,
+                rep.duration_ms,
+                rep.fetch_ms,
+                rep.write_ms,
+                rep.finish_ms
+            );
             Ok(rep)
         }
         Err(e) => {
@@ -290,6 +456,17 @@ pub fn restore_new(
             Err(e)
         }
     }
+}
+
+/// Syncs the directory holding `path`, so that a rename into it is durable.
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StorageError::io(dir, "fsync"))
 }
 
 /// Restores over an existing disk, writing only segments whose content differs.

@@ -181,6 +181,9 @@ fn qcow2_frozen_base_and_overlay_map() {
         &want,
         "qcow2 restore",
     );
+    // Written by Cairn's own qcow2 writer: QEMU finds it clean.
+    let check = sh("qemu-img", &["check", "-f", "qcow2", q.to_str().unwrap()]);
+    assert!(check.contains("No errors were found"), "{check}");
     println!(
         "overlay incremental: read {} bytes, sent {} bytes; qcow2 restore {rep:?}",
         r2.bytes_read, r2.bytes_sent

@@ -192,6 +192,7 @@ impl StorageAgentApi for FakeStorage {
             regions_written: 1,
             zero_bytes: (1 << 20) - 4096,
             duration_ms: 1,
+            ..Default::default()
         })
     }
 
