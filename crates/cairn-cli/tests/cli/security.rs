@@ -122,10 +122,12 @@ fn ransomware_drill_on_the_vault_service() {
             "{err}"
         );
     }
+    d.refused(&agent, &["repo", "lock", d.url, &s1, "--for", "1h"], "403");
+    // Nor may it pin storage with a lock on what is there.
     d.refused(
         &agent,
-        &["repo", "lock", d.url, &s1, "--for", "1h"],
-        "never shortened",
+        &["repo", "lock", d.url, &s2, "--for", "3650d"],
+        "403",
     );
     // Routes that do not exist (delete or overwrite a container) need admin too.
     let client = |tf: &Path| {
@@ -164,7 +166,7 @@ fn ransomware_drill_on_the_vault_service() {
         &["repo", "lock", d.url, &s1, "--for", "60"],
         "never shortened",
     );
-    d.ok(&agent, &["repo", "lock", d.url, &s1, "--for", "2d"]);
+    d.ok(&admin, &["repo", "lock", d.url, &s1, "--for", "2d"]);
     d.ok(&admin, &["repo", "gc", d.url]);
 
     // Revoked: refused from the next request on.

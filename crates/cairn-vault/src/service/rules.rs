@@ -7,8 +7,9 @@ use cairn_http::access::{Need, Role, Rule};
 
 /// What each route needs, on the object `/vault/<repository id>` (see the module docs):
 /// `audit` reads lists, states and reports, `backup` writes sessions and reads recipes (an
-/// incremental needs its parent's) and may extend a lock, `restore` reads data and recipes;
-/// forget, prune, GC and the retention policy need `admin`.
+/// incremental needs its parent's) and may ask for a lock on the snapshot it commits, `restore` reads data and recipes;
+/// forget, prune, GC, the retention policy and locks on existing snapshots need `admin`
+/// (a lock pins storage: a backup client must not pin what it did not write).
 pub fn access_rule(repo_id: &str) -> Rule {
     use Role::{Audit, Backup, Restore};
     let object = format!("/vault/{repo_id}");
@@ -31,7 +32,6 @@ pub fn access_rule(repo_id: &str) -> Rule {
             | ("POST", ["v1", "sessions", _, "commit"])
             | ("DELETE", ["v1", "sessions", _]) => (&[Backup], false),
             ("POST", ["v1", "sessions", _, "keepalive" | "lacking" | "blobs"]) => (&[Backup], true),
-            ("POST", ["v1", "snapshots", _, "lock"]) => (&[Backup], false),
             ("POST", ["v1", "verify"]) => (&[Audit], false),
             _ => (&[], false),
         };
