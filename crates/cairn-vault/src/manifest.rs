@@ -270,3 +270,42 @@ fn salvage_root(bytes: &[u8]) -> Option<cairn_types::Digest> {
         .parse()
         .ok()
 }
+
+/// The snapshot `spec` names among `all`: an id, a unique id prefix (at least 6 digits), or a
+/// name (the newest with it).
+pub(crate) fn find_in(all: &[SnapshotManifest], spec: &str) -> crate::Result<SnapshotManifest> {
+    if let Ok(id) = spec.parse::<SnapshotId>()
+        && let Some(s) = all.iter().find(|s| s.id == id)
+    {
+        return Ok(s.clone());
+    }
+    let by_prefix: Vec<&SnapshotManifest> =
+        if spec.len() >= 6 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
+            let p = spec.to_ascii_lowercase();
+            all.iter()
+                .filter(|s| s.id.to_hex().starts_with(&p))
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let by_name = all.iter().rev().find(|s| s.name == spec);
+    match (by_name, by_prefix.as_slice()) {
+        (Some(named), [one]) if one.id != named.id => Err(crate::VaultError::Invalid(format!(
+            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of snapshot {}'s id \
+             (give the whole id)",
+            named.id, one.id
+        ))),
+        (Some(named), _) if by_prefix.len() > 1 => Err(crate::VaultError::Invalid(format!(
+            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of {} ids",
+            named.id,
+            by_prefix.len()
+        ))),
+        (Some(named), _) => Ok(named.clone()),
+        (None, [one]) => Ok((*one).clone()),
+        (None, []) => Err(crate::VaultError::SnapshotNotFound(spec.to_string())),
+        (None, many) => Err(crate::VaultError::Invalid(format!(
+            "snapshot prefix {spec:?} is ambiguous ({} matches)",
+            many.len()
+        ))),
+    }
+}

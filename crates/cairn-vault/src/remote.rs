@@ -350,6 +350,22 @@ impl Vault for RemoteVault {
     }
 
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {
+        if self.keys.is_some() {
+            // Names are sealed: resolve them here, send ids (a damaged snapshot's id passes
+            // through as it is).
+            let all = self.list()?;
+            let ids: Vec<String> = specs
+                .iter()
+                .map(|s| match crate::repo::find_in(&all, s) {
+                    Ok(m) => m.id.to_string(),
+                    Err(_) => s.clone(),
+                })
+                .collect();
+            return self
+                .client
+                .post_json("/v1/forget", &ForgetRequest { snapshots: ids })
+                .map_err(remote);
+        }
         self.client
             .post_json(
                 "/v1/forget",

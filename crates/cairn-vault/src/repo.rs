@@ -32,6 +32,7 @@ use cairn_types::{ContainerId, Digest, SnapshotId};
 use crate::error::{Result, VaultError};
 use crate::index::{Index, Location};
 use crate::keys::EncryptionConfig;
+pub(crate) use crate::manifest::find_in;
 use crate::manifest::{DamagedSnapshot, REPO_VERSION, RepoConfig, SnapshotManifest, now};
 use crate::store::{Key, LocalStore, ObjectStore, StoreErrorKind};
 use cairn_chunk::format::REPO_VERSION_ENCRYPTED;
@@ -876,42 +877,5 @@ pub(crate) fn segment_error(
         container: loc.container,
         offset: loc.offset,
         source,
-    }
-}
-
-pub(crate) fn find_in(all: &[SnapshotManifest], spec: &str) -> Result<SnapshotManifest> {
-    if let Ok(id) = spec.parse::<SnapshotId>()
-        && let Some(s) = all.iter().find(|s| s.id == id)
-    {
-        return Ok(s.clone());
-    }
-    let by_prefix: Vec<&SnapshotManifest> =
-        if spec.len() >= 6 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
-            let p = spec.to_ascii_lowercase();
-            all.iter()
-                .filter(|s| s.id.to_hex().starts_with(&p))
-                .collect()
-        } else {
-            Vec::new()
-        };
-    let by_name = all.iter().rev().find(|s| s.name == spec);
-    match (by_name, by_prefix.as_slice()) {
-        (Some(named), [one]) if one.id != named.id => Err(VaultError::Invalid(format!(
-            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of snapshot {}'s id \
-             (give the whole id)",
-            named.id, one.id
-        ))),
-        (Some(named), _) if by_prefix.len() > 1 => Err(VaultError::Invalid(format!(
-            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of {} ids",
-            named.id,
-            by_prefix.len()
-        ))),
-        (Some(named), _) => Ok(named.clone()),
-        (None, [one]) => Ok((*one).clone()),
-        (None, []) => Err(VaultError::SnapshotNotFound(spec.to_string())),
-        (None, many) => Err(VaultError::Invalid(format!(
-            "snapshot prefix {spec:?} is ambiguous ({} matches)",
-            many.len()
-        ))),
     }
 }
