@@ -323,12 +323,18 @@ pub fn decode_frame(
             digest: *digest,
             source,
         })?;
-        let inner = if codec.is_compressed() {
-            Codec::Zstd
-        } else {
-            Codec::Raw
-        };
-        return decode_frame(None, inner, &opened, frame_len, digest);
+        if !codec.is_compressed() {
+            // Raw inside: the opened bytes are the plaintext (no second copy).
+            if opened.len() != frame_len {
+                return Err(CodecError::Length {
+                    digest: *digest,
+                    got: opened.len(),
+                    want: frame_len,
+                });
+            }
+            return Ok(opened);
+        }
+        return decode_frame(None, Codec::Zstd, &opened, frame_len, digest);
     }
     if stored.len() > SEGMENT_MAX_LEN || frame_len > SEGMENT_MAX_LEN {
         return Err(CodecError::TooLarge {

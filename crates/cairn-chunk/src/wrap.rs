@@ -108,7 +108,7 @@ pub fn parse_paper_key(text: &str) -> Result<[u8; 32], FormatError> {
     let digits: Vec<u8> = text
         .chars()
         .filter(|c| !c.is_whitespace() && *c != '-')
-        .map(|c| c.to_digit(16).map(|d| d as u8).ok_or(()))
+        .map(|c| c.to_digit(16).and_then(|d| u8::try_from(d).ok()).ok_or(()))
         .collect::<Result<_, _>>()
         .map_err(|()| err("holds a character that is not a hex digit"))?;
     if digits.len() != PAPER_KEY_DIGITS {

@@ -260,7 +260,10 @@ fn process_batch(
                 for &&(d, p, n) in f.iter() {
                     let seg = match &keys {
                         None => EncodedSegment::raw(&data[p..p + n]),
-                        Some(_) => Encoder::sealing(0, keys.clone()).encode(&data[p..p + n]),
+                        Some(k) => EncodedSegment {
+                            codec: cairn_chunk::Codec::SealedRaw,
+                            bytes: k.seal_frame(&data[p..p + n], 0, &[]),
+                        },
                     };
                     sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
                     out.push(Upload::single(d, BlobKind::Data, seg_len(n), seg));
