@@ -23,7 +23,12 @@
 //!
 //! Nonces are 24 random bytes per frame (XChaCha20): with many writers sealing under one key
 //! and no coordination between them, a random 192-bit nonce repeats with negligible
-//! probability (2^-96 after 2^48 frames), where a 96-bit one would not stay safe.
+//! probability (2^-97 after 2^48 frames), where a 96-bit one would not stay safe.
+//!
+//! Frames are sealed as XChaCha20-Poly1305 is defined: HChaCha20 of the key and the nonce's
+//! first 16 bytes gives a subkey, used with ChaCha20-Poly1305 and the nonce's last 8 bytes;
+//! the ChaCha20-Poly1305 step is `ring`'s (assembly, several times the pure-Rust speed). The
+//! tests check that RustCrypto's `XChaCha20Poly1305` opens what this seals and the reverse.
 
 use cairn_types::Digest;
 use chacha20poly1305::aead::AeadInOut;
@@ -52,7 +57,7 @@ pub struct Keys {
     master: [u8; 32],
     fingerprint: [u8; 32],
     name_tag: [u8; 32],
-    frame: XChaCha20Poly1305,
+    frame: [u8; 32],
     metadata: XChaCha20Poly1305,
 }
 
@@ -80,7 +85,7 @@ impl Keys {
             master: *master,
             fingerprint: blake3::derive_key(KDF_CONTEXT_FINGERPRINT, master),
             name_tag: blake3::derive_key(KDF_CONTEXT_NAME_TAG, master),
-            frame: aead(&blake3::derive_key(KDF_CONTEXT_FRAME, master)),
+            frame: blake3::derive_key(KDF_CONTEXT_FRAME, master),
             metadata: aead(&blake3::derive_key(KDF_CONTEXT_METADATA, master)),
         }
     }
@@ -118,7 +123,7 @@ impl Keys {
         out.extend_from_slice(&n.to_le_bytes());
         refs.iter()
             .for_each(|r| out.extend_from_slice(r.as_bytes()));
-        seal_into(&self.frame, &mut out, SEALED_CHECKSUM_LEN, encoded);
+        xseal(&self.frame, &mut out, SEALED_CHECKSUM_LEN, encoded);
         let sum = blake3::hash(&out[SEALED_CHECKSUM_LEN..]);
         out[..SEALED_CHECKSUM_LEN].copy_from_slice(&sum.as_bytes()[..SEALED_CHECKSUM_LEN]);
         out
@@ -127,7 +132,7 @@ impl Keys {
     /// Opens a sealed frame: its encoded bytes (what the codec made of the plaintext).
     pub fn open_frame(&self, stored: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let (head, _) = SealedHeader::parse(stored)?;
-        open_from(&self.frame, stored, SEALED_CHECKSUM_LEN, head)
+        xopen(&self.frame, stored, SEALED_CHECKSUM_LEN, head)
     }
 
     /// Seals metadata (a manifest's private fields); `aad` binds it to its context.
@@ -190,6 +195,60 @@ pub(crate) fn open_from(
             &tag,
         )
         .map_err(|_| CryptoError::Open)?;
+    Ok(plain)
+}
+
+/// The ChaCha20-Poly1305 key and nonce XChaCha20-Poly1305 uses for `key` and `nonce`.
+fn subkey(key: &[u8; 32], nonce: &[u8; SEALED_NONCE_LEN]) -> ring::aead::LessSafeKey {
+    let input: [u8; 16] = nonce[..16].try_into().expect("16 bytes");
+    let sub = chacha20::hchacha::<chacha20::R20>(&(*key).into(), &input.into());
+    let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, sub.as_slice())
+        .expect("a 32-byte key");
+    ring::aead::LessSafeKey::new(unbound)
+}
+
+fn short_nonce(nonce: &[u8; SEALED_NONCE_LEN]) -> ring::aead::Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&nonce[16..]);
+    ring::aead::Nonce::assume_unique_for_key(n)
+}
+
+/// [`seal_into`] for frames, with `ring`'s ChaCha20-Poly1305 (same bytes out).
+fn xseal(key: &[u8; 32], out: &mut Vec<u8>, aad_from: usize, plain: &[u8]) {
+    let nonce: [u8; SEALED_NONCE_LEN] = rand::random();
+    let aad_end = out.len();
+    out.extend_from_slice(&nonce);
+    let body = out.len();
+    out.extend_from_slice(plain);
+    let (aad, rest) = out.split_at_mut(body);
+    let tag = subkey(key, &nonce)
+        .seal_in_place_separate_tag(
+            short_nonce(&nonce),
+            ring::aead::Aad::from(&aad[aad_from..aad_end]),
+            rest,
+        )
+        .expect("a frame is far below the cipher's limit");
+    out.extend_from_slice(tag.as_ref());
+}
+
+/// [`open_from`] for frames, with `ring`'s ChaCha20-Poly1305.
+fn xopen(key: &[u8; 32], buf: &[u8], aad_from: usize, head: usize) -> Result<Vec<u8>, CryptoError> {
+    let body = buf.get(head..).unwrap_or_default();
+    if body.len() < SEALED_NONCE_LEN + SEALED_TAG_LEN {
+        return Err(FormatError::new("sealed frame", "shorter than its nonce and tag").into());
+    }
+    let (nonce, rest) = body.split_at(SEALED_NONCE_LEN);
+    let nonce: [u8; SEALED_NONCE_LEN] = nonce.try_into().expect("24 bytes");
+    let mut plain = rest.to_vec();
+    let n = subkey(key, &nonce)
+        .open_in_place(
+            short_nonce(&nonce),
+            ring::aead::Aad::from(&buf[aad_from..head]),
+            &mut plain,
+        )
+        .map_err(|_| CryptoError::Open)?
+        .len();
+    plain.truncate(n);
     Ok(plain)
 }
 
@@ -268,6 +327,32 @@ mod tests {
             if i >= SEALED_CHECKSUM_LEN * 8 {
                 assert!(keys.open_frame(&bad).is_err(), "open misses bit {i}");
             }
+        }
+    }
+
+    #[test]
+    fn frames_are_xchacha20_poly1305_as_rustcrypto_has_it() {
+        let master = [3u8; 32];
+        let keys = Keys::from_master(&master);
+        let rc = aead(&blake3::derive_key(KDF_CONTEXT_FRAME, &master));
+        for len in [0usize, 1, 63, 64, 65, 1000, 70_000] {
+            let plain: Vec<u8> = (0..len)
+                .map(|i| u8::try_from(i * 7 % 251).unwrap())
+                .collect();
+            // Sealed here, opened by RustCrypto.
+            let sealed = keys.seal_frame(&plain, 2, &[Digest([1; 32])]);
+            let (head, _) = SealedHeader::parse(&sealed).unwrap();
+            assert_eq!(
+                open_from(&rc, &sealed, SEALED_CHECKSUM_LEN, head).unwrap(),
+                plain
+            );
+            // Sealed by RustCrypto, opened here.
+            let mut other = sealed[..head].to_vec();
+            seal_into(&rc, &mut other, SEALED_CHECKSUM_LEN, &plain);
+            assert_eq!(
+                xopen(&keys.frame, &other, SEALED_CHECKSUM_LEN, head).unwrap(),
+                plain
+            );
         }
     }
 
