@@ -10,9 +10,12 @@
 //! damage to a frame fails the members whose bytes it changed (all of them when the frame no
 //! longer decodes), never returns wrong bytes.
 
+use std::sync::Arc;
+
 use cairn_types::Digest;
 
-use crate::fingerprint::fingerprint;
+use crate::crypto::Keys;
+use crate::fingerprint::fingerprint_with;
 use crate::format::SEGMENT_MAX_LEN;
 
 /// How a stored segment is encoded. Stored as one byte in container and index records.
@@ -21,6 +24,10 @@ use crate::format::SEGMENT_MAX_LEN;
 pub enum Codec {
     Raw = 0,
     Zstd = 1,
+    /// Raw, then sealed (see [`crate::crypto`]).
+    SealedRaw = 2,
+    /// zstd, then sealed.
+    SealedZstd = 3,
 }
 
 impl Codec {
@@ -28,8 +35,20 @@ impl Codec {
         match v {
             0 => Some(Self::Raw),
             1 => Some(Self::Zstd),
+            2 => Some(Self::SealedRaw),
+            3 => Some(Self::SealedZstd),
             _ => None,
         }
+    }
+
+    /// Is the frame encrypted?
+    pub fn is_sealed(self) -> bool {
+        matches!(self, Self::SealedRaw | Self::SealedZstd)
+    }
+
+    /// Is the frame (inside its seal) compressed?
+    pub fn is_compressed(self) -> bool {
+        matches!(self, Self::Zstd | Self::SealedZstd)
     }
 }
 
@@ -55,6 +74,14 @@ pub enum CodecError {
     },
     #[error("segment {digest:?}: content hashes to {got:?}")]
     Mismatch { digest: Digest, got: Digest },
+    #[error("segment {digest:?} is sealed: the repository's key is needed to read it")]
+    NoKey { digest: Digest },
+    #[error("segment {digest:?}: sealed frame: {source}")]
+    Open {
+        digest: Digest,
+        #[source]
+        source: crate::crypto::CryptoError,
+    },
     #[error("segment {digest:?}: {len} bytes at {inner} lie outside its {frame_len}-byte frame")]
     Outside {
         digest: Digest,
@@ -91,10 +118,11 @@ impl EncodedSegment {
     }
 }
 
-/// Reusable compression state (one per thread).
+/// Reusable compression state (one per thread); with keys, it seals what it compressed.
 pub struct Encoder {
     zstd: zstd::bulk::Compressor<'static>,
     level: i32,
+    keys: Option<Arc<Keys>>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -108,8 +136,23 @@ impl std::fmt::Debug for Encoder {
 impl Encoder {
     /// `level` 0 disables compression.
     pub fn new(level: i32) -> Self {
+        Self::sealing(level, None)
+    }
+
+    /// An encoder that seals every frame with `keys` (when given).
+    pub fn sealing(level: i32, keys: Option<Arc<Keys>>) -> Self {
         let zstd = zstd::bulk::Compressor::new(level.max(1)).expect("zstd compressor");
-        Self { zstd, level }
+        Self { zstd, level, keys }
+    }
+
+    /// The keys frames are sealed with.
+    pub fn keys(&self) -> Option<&Arc<Keys>> {
+        self.keys.as_ref()
+    }
+
+    /// The fingerprint of a segment or node under this encoder's keys.
+    pub fn fingerprint(&self, data: &[u8]) -> Digest {
+        fingerprint_with(self.keys.as_deref(), data)
     }
 
     /// The zstd level (0 = off).
@@ -117,8 +160,29 @@ impl Encoder {
         self.level
     }
 
-    /// Encodes `data`, compressing only when it pays.
+    /// Encodes `data`, compressing only when it pays, and seals it when the encoder has keys.
     pub fn encode(&mut self, data: &[u8]) -> EncodedSegment {
+        self.encode_with_refs(data, 0, &[])
+    }
+
+    /// [`encode`](Self::encode) for a tree node: a sealed node carries its `level` and the
+    /// digests it refers to in the clear, for a vault without the key.
+    pub fn encode_with_refs(&mut self, data: &[u8], level: u8, refs: &[Digest]) -> EncodedSegment {
+        let seg = self.compress(data);
+        match &self.keys {
+            None => seg,
+            Some(k) => EncodedSegment {
+                codec: if seg.codec == Codec::Zstd {
+                    Codec::SealedZstd
+                } else {
+                    Codec::SealedRaw
+                },
+                bytes: k.seal_frame(&seg.bytes, level, refs),
+            },
+        }
+    }
+
+    fn compress(&mut self, data: &[u8]) -> EncodedSegment {
         if self.level > 0 && data.len() >= 64 {
             let cap = zstd::zstd_safe::compress_bound(data.len());
             let mut out = Vec::with_capacity(cap);
@@ -143,20 +207,22 @@ thread_local! {
 }
 
 /// Decodes a stored segment and checks it against `digest` and `raw_len`.
+/// `keys` are the repository's (`None` when it is not encrypted, or unknown).
 pub fn decode(
+    keys: Option<&Keys>,
     codec: Codec,
     stored: &[u8],
     raw_len: usize,
     digest: &Digest,
 ) -> Result<Vec<u8>, CodecError> {
-    let plain = decode_frame(codec, stored, raw_len, digest)?;
-    check(&plain, digest)?;
+    let plain = decode_frame(keys, codec, stored, raw_len, digest)?;
+    check(keys, &plain, digest)?;
     Ok(plain)
 }
 
-/// Checks plaintext against its fingerprint.
-pub fn check(plain: &[u8], digest: &Digest) -> Result<(), CodecError> {
-    let got = fingerprint(plain);
+/// Checks plaintext against its fingerprint (keyed when `keys` are given).
+pub fn check(keys: Option<&Keys>, plain: &[u8], digest: &Digest) -> Result<(), CodecError> {
+    let got = fingerprint_with(keys, plain);
     if got != *digest {
         return Err(CodecError::Mismatch {
             digest: *digest,
@@ -168,16 +234,22 @@ pub fn check(plain: &[u8], digest: &Digest) -> Result<(), CodecError> {
 
 /// Decodes one segment of a stored frame and checks it against `digest`.
 pub fn decode_member(
+    keys: Option<&Keys>,
     codec: Codec,
     stored: &[u8],
     m: Member,
     digest: &Digest,
 ) -> Result<Vec<u8>, CodecError> {
-    FrameCache::new().member((), codec, stored, m, digest)
+    FrameCache::new().member(keys, (), codec, stored, m, digest)
 }
 
 /// The segment `m` of a decoded frame, checked against `digest`.
-pub fn member_of<'a>(frame: &'a [u8], m: Member, digest: &Digest) -> Result<&'a [u8], CodecError> {
+pub fn member_of<'a>(
+    keys: Option<&Keys>,
+    frame: &'a [u8],
+    m: Member,
+    digest: &Digest,
+) -> Result<&'a [u8], CodecError> {
     let end = u64::from(m.inner) + u64::from(m.raw_len);
     if end > frame.len() as u64 || frame.len() as u64 != u64::from(m.frame_len) {
         return Err(CodecError::Outside {
@@ -188,7 +260,7 @@ pub fn member_of<'a>(frame: &'a [u8], m: Member, digest: &Digest) -> Result<&'a 
         });
     }
     let piece = &frame[m.inner as usize..][..m.raw_len as usize];
-    check(piece, digest)?;
+    check(keys, piece, digest)?;
     Ok(piece)
 }
 
@@ -209,6 +281,7 @@ impl<K: PartialEq> FrameCache<K> {
     /// `digest`. A segment that is its whole frame is decoded directly, without the cache.
     pub fn member(
         &mut self,
+        keys: Option<&Keys>,
         key: K,
         codec: Codec,
         stored: &[u8],
@@ -216,26 +289,53 @@ impl<K: PartialEq> FrameCache<K> {
         digest: &Digest,
     ) -> Result<Vec<u8>, CodecError> {
         if m.is_whole() {
-            return decode(codec, stored, m.raw_len as usize, digest);
+            return decode(keys, codec, stored, m.raw_len as usize, digest);
         }
         if self.last.as_ref().is_none_or(|(k, _)| *k != key) {
             self.last = None;
-            let frame = decode_frame(codec, stored, m.frame_len as usize, digest)?;
+            let frame = decode_frame(keys, codec, stored, m.frame_len as usize, digest)?;
             self.last = Some((key, frame));
         }
         let (_, frame) = self.last.as_ref().expect("just decoded");
-        Ok(member_of(frame, m, digest)?.to_vec())
+        Ok(member_of(keys, frame, m, digest)?.to_vec())
     }
 }
 
 /// Decodes a stored frame to its `frame_len` bytes of plaintext, without a fingerprint check
-/// (`digest` names the segment asked for, in errors).
+/// (`digest` names the segment asked for, in errors). A sealed frame is opened with `keys`
+/// first.
 pub fn decode_frame(
+    keys: Option<&Keys>,
     codec: Codec,
     stored: &[u8],
     frame_len: usize,
     digest: &Digest,
 ) -> Result<Vec<u8>, CodecError> {
+    if codec.is_sealed() {
+        let keys = keys.ok_or(CodecError::NoKey { digest: *digest })?;
+        if stored.len() > SEGMENT_MAX_LEN {
+            return Err(CodecError::TooLarge {
+                digest: *digest,
+                len: stored.len(),
+            });
+        }
+        let opened = keys.open_frame(stored).map_err(|source| CodecError::Open {
+            digest: *digest,
+            source,
+        })?;
+        if !codec.is_compressed() {
+            // Raw inside: the opened bytes are the plaintext (no second copy).
+            if opened.len() != frame_len {
+                return Err(CodecError::Length {
+                    digest: *digest,
+                    got: opened.len(),
+                    want: frame_len,
+                });
+            }
+            return Ok(opened);
+        }
+        return decode_frame(None, Codec::Zstd, &opened, frame_len, digest);
+    }
     if stored.len() > SEGMENT_MAX_LEN || frame_len > SEGMENT_MAX_LEN {
         return Err(CodecError::TooLarge {
             digest: *digest,
@@ -243,8 +343,8 @@ pub fn decode_frame(
         });
     }
     let plain = match codec {
-        Codec::Raw => stored.to_vec(),
-        Codec::Zstd => {
+        Codec::Raw | Codec::SealedRaw => stored.to_vec(),
+        Codec::Zstd | Codec::SealedZstd => {
             let mut out = Vec::with_capacity(frame_len);
             DECOMPRESSOR
                 .with(|d| {
@@ -276,7 +376,39 @@ pub fn decode_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fingerprint::fingerprint;
     use proptest::prelude::*;
+
+    #[test]
+    fn sealed_frames_round_trip_and_need_their_key() {
+        let keys = Arc::new(Keys::generate());
+        let data = b"hello world ".repeat(1000);
+        let d = keys.fingerprint(&data);
+        let mut enc = Encoder::sealing(3, Some(keys.clone()));
+        assert_eq!(enc.fingerprint(&data), d);
+        let e = enc.encode(&data);
+        assert_eq!(e.codec, Codec::SealedZstd);
+        assert!(e.bytes.len() < data.len() / 10);
+        assert_eq!(
+            decode(Some(&keys), e.codec, &e.bytes, data.len(), &d).unwrap(),
+            data
+        );
+        assert!(matches!(
+            decode(None, e.codec, &e.bytes, data.len(), &d),
+            Err(CodecError::NoKey { .. })
+        ));
+        let other = Keys::generate();
+        assert!(matches!(
+            decode(Some(&other), e.codec, &e.bytes, data.len(), &d),
+            Err(CodecError::Open { .. })
+        ));
+        let mut bad = e.bytes.clone();
+        bad[40] ^= 4;
+        assert!(decode(Some(&keys), e.codec, &bad, data.len(), &d).is_err());
+        let raw = Encoder::sealing(0, Some(keys.clone())).encode(b"tiny");
+        assert_eq!(raw.codec, Codec::SealedRaw);
+        assert!(!raw.bytes.windows(4).any(|w| w == b"tiny"));
+    }
 
     #[test]
     fn compressible_data_is_compressed_and_round_trips() {
@@ -285,7 +417,10 @@ mod tests {
         let e = Encoder::new(1).encode(&data);
         assert_eq!(e.codec, Codec::Zstd);
         assert!(e.bytes.len() < data.len() / 10);
-        assert_eq!(decode(e.codec, &e.bytes, data.len(), &d).unwrap(), data);
+        assert_eq!(
+            decode(None, e.codec, &e.bytes, data.len(), &d).unwrap(),
+            data
+        );
     }
 
     #[test]
@@ -295,12 +430,12 @@ mod tests {
         let mut e = Encoder::new(1).encode(&data);
         let n = e.bytes.len();
         e.bytes[n / 2] ^= 1;
-        assert!(decode(e.codec, &e.bytes, data.len(), &d).is_err());
+        assert!(decode(None, e.codec, &e.bytes, data.len(), &d).is_err());
         let raw = Encoder::new(0).encode(&data);
         let mut bad = raw.bytes.clone();
         bad[5] ^= 0x40;
         assert!(matches!(
-            decode(Codec::Raw, &bad, data.len(), &d),
+            decode(None, Codec::Raw, &bad, data.len(), &d),
             Err(CodecError::Mismatch { .. })
         ));
     }
@@ -329,11 +464,11 @@ mod tests {
                 b"not the frame"
             };
             let got = cache
-                .member(7u32, e.codec, stored, m, &fingerprint(p))
+                .member(None, 7u32, e.codec, stored, m, &fingerprint(p))
                 .unwrap();
             assert_eq!(&got, p);
             assert_eq!(
-                decode_member(e.codec, &e.bytes, m, &fingerprint(p)).unwrap(),
+                decode_member(None, e.codec, &e.bytes, m, &fingerprint(p)).unwrap(),
                 *p
             );
             inner += len32(p);
@@ -345,7 +480,7 @@ mod tests {
             raw_len: len32(&parts[0]),
         };
         assert!(matches!(
-            decode_member(e.codec, &e.bytes, m, &fingerprint(&parts[1])),
+            decode_member(None, e.codec, &e.bytes, m, &fingerprint(&parts[1])),
             Err(CodecError::Mismatch { .. })
         ));
         let out = Member {
@@ -354,7 +489,7 @@ mod tests {
             raw_len: 20,
         };
         assert!(matches!(
-            decode_member(e.codec, &e.bytes, out, &fingerprint(&parts[0])),
+            decode_member(None, e.codec, &e.bytes, out, &fingerprint(&parts[0])),
             Err(CodecError::Outside { .. })
         ));
         let short = Member {
@@ -362,21 +497,21 @@ mod tests {
             inner: 0,
             raw_len: 5,
         };
-        assert!(decode_member(e.codec, &e.bytes, short, &fingerprint(&parts[0])).is_err());
+        assert!(decode_member(None, e.codec, &e.bytes, short, &fingerprint(&parts[0])).is_err());
     }
 
     proptest! {
         #[test]
         fn decode_of_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000), len in 0usize..5000) {
-            let _ = decode(Codec::Zstd, &bytes, len, &Digest::default());
-            let _ = decode(Codec::Raw, &bytes, len, &Digest::default());
+            let _ = decode(None, Codec::Zstd, &bytes, len, &Digest::default());
+            let _ = decode(None, Codec::Raw, &bytes, len, &Digest::default());
         }
 
         #[test]
         fn encode_decode_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..5000), level in 0i32..4) {
             let d = fingerprint(&bytes);
             let e = Encoder::new(level).encode(&bytes);
-            prop_assert_eq!(decode(e.codec, &e.bytes, bytes.len(), &d).unwrap(), bytes);
+            prop_assert_eq!(decode(None, e.codec, &e.bytes, bytes.len(), &d).unwrap(), bytes);
         }
     }
 }

@@ -447,7 +447,8 @@ mod tests {
         assert_eq!(recs.len(), 13);
         for r in &recs {
             let blob = &bytes[usize::try_from(r.offset).unwrap()..][..r.stored_len as usize];
-            let plain = crate::codec::decode_member(r.codec, blob, r.member(), &r.digest).unwrap();
+            let plain =
+                crate::codec::decode_member(None, r.codec, blob, r.member(), &r.digest).unwrap();
             assert_eq!(plain.len(), r.raw_len as usize);
         }
         // The three members of the last frame share its bytes and follow one another.
@@ -564,7 +565,7 @@ mod tests {
         assert!(recs[0].member().is_whole() && recs[0].raw_len == len);
         let blob = &v1[8..8 + data.len()];
         assert_eq!(
-            crate::codec::decode_member(recs[0].codec, blob, recs[0].member(), &d).unwrap(),
+            crate::codec::decode_member(None, recs[0].codec, blob, recs[0].member(), &d).unwrap(),
             data
         );
     }

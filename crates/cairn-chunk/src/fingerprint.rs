@@ -1,10 +1,22 @@
-//! Fingerprints: BLAKE3-256 of a segment's plaintext.
+//! Fingerprints: BLAKE3-256 of a segment's plaintext; in an encrypted repository keyed
+//! BLAKE3 under the repository's fingerprint key, so equal data in two repositories cannot be
+//! matched.
 
 use cairn_types::Digest;
+
+use crate::crypto::Keys;
 
 /// The fingerprint of `data`.
 pub fn fingerprint(data: &[u8]) -> Digest {
     Digest(*blake3::hash(data).as_bytes())
+}
+
+/// The fingerprint of `data` in a repository with these keys (plain BLAKE3 without).
+pub fn fingerprint_with(keys: Option<&Keys>, data: &[u8]) -> Digest {
+    match keys {
+        Some(k) => k.fingerprint(data),
+        None => fingerprint(data),
+    }
 }
 
 /// True when every byte of `data` is zero (such regions are stored as holes).

@@ -70,6 +70,54 @@ pub const INDEX_BLOOM_K: u32 = 7;
 /// Largest segment the codec accepts (raw or stored), far above any chunker maximum.
 pub const SEGMENT_MAX_LEN: usize = 16 << 20;
 
+/// Version of a repository's `config` without encryption.
+pub const REPO_VERSION: u32 = 1;
+/// Version of an encrypted repository's `config`: older Cairn refuses to open it rather than
+/// failing on sealed frames.
+pub const REPO_VERSION_ENCRYPTED: u32 = 2;
+
+/// A sealed frame (codecs 2 and 3) starts with this clear header:
+/// checksum(16) level(u8) pad(3) refs(u32). `checksum` is BLAKE3 (first 16 bytes) of every
+/// byte after it, so a vault without the key checks the stored ciphertext.
+pub const SEALED_HEADER_LEN: usize = 24;
+/// Bytes of the keyless checksum at the start of a sealed frame.
+pub const SEALED_CHECKSUM_LEN: usize = 16;
+/// After the header: `refs` digests in the clear (a tree node's children; none for data),
+/// then the XChaCha20-Poly1305 nonce, the ciphertext and its tag.
+pub const SEALED_NONCE_LEN: usize = 24;
+/// Poly1305 tag at the end of a sealed frame.
+pub const SEALED_TAG_LEN: usize = 16;
+/// Most clear references a sealed frame may carry (a tree node's records).
+pub const SEALED_MAX_REFS: usize = NODE_MAX_RECORDS;
+
+/// BLAKE3 `derive_key` contexts: every key used is derived from the 32-byte master key with
+/// one of these, so no two uses share a key.
+pub const KDF_CONTEXT_FINGERPRINT: &str = "cairn 2026-12-01 segment fingerprint key";
+/// Key of the AEAD that seals frames.
+pub const KDF_CONTEXT_FRAME: &str = "cairn 2026-12-01 frame sealing key";
+/// Key of the AEAD that seals the private fields of snapshot manifests.
+pub const KDF_CONTEXT_METADATA: &str = "cairn 2026-12-01 metadata sealing key";
+/// Keyed hash of a snapshot's name: lets a vault without the key group a disk's history.
+pub const KDF_CONTEXT_NAME_TAG: &str = "cairn 2026-12-01 snapshot name tag";
+/// The value recorded in the config to recognise the right master key.
+pub const KDF_CONTEXT_KEY_CHECK: &str = "cairn 2026-12-01 master key check";
+/// Turns the secret of a key file into the key that wraps the master key.
+pub const KDF_CONTEXT_KEY_FILE: &str = "cairn 2026-12-01 key file wrapping key";
+
+/// Argon2id defaults for a passphrase (recorded with every wrapped key, so they may change).
+pub const ARGON2_MEMORY_KIB: u32 = 64 * 1024;
+/// Argon2id passes.
+pub const ARGON2_PASSES: u32 = 3;
+/// Argon2id lanes.
+pub const ARGON2_LANES: u32 = 1;
+/// Bounds a wrapped key's recorded Argon2 memory may take (a hostile key object must not
+/// make an open allocate without limit).
+pub const ARGON2_MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+/// Salt of a passphrase's Argon2id.
+pub const ARGON2_SALT_LEN: usize = 16;
+/// Hex digits of a paper recovery key: 64 for the key, 4 of checksum, in groups of 4.
+pub const PAPER_KEY_DIGITS: usize = 68;
+
 const _: () = assert!(CONTAINER_RECORD_LEN == 32 + 8 + 4 + 4 + 1 + 1 + 2);
 const _: () = assert!(CONTAINER_FRAME_LEN == 8 + 4 + 4 + 4 + 1 + 1 + 2);
 const _: () = assert!(CONTAINER_MEMBER_LEN == 32 + 4);
@@ -77,6 +125,7 @@ const _: () = assert!(CONTAINER_FOOTER_LEN == 8 + 4 + 4 + 16 + 8);
 const _: () = assert!(LEAF_RECORD_LEN == 32 + 4 + 1);
 const _: () = assert!(INNER_RECORD_LEN == 32 + 8 + 8);
 const _: () = assert!(INDEX_RECORD_LEN == 32 + 4 * 6 + 1 + 1 + 2);
+const _: () = assert!(SEALED_HEADER_LEN == SEALED_CHECKSUM_LEN + 1 + 3 + 4);
 const _: () = assert!(INDEX_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 4 + 4 + 16);
 
 /// Kind of a blob stored in a container.

@@ -8,6 +8,8 @@
 //! | [`codec`] | the segment codec: per-segment zstd when it pays, verified decode |
 //! | [`recipe`] | recipe entries and the content-defined tree over them |
 //! | [`container`] | the self-describing container (pack file) format |
+//! | [`crypto`] | an encrypted repository's keys, keyed fingerprints, sealed frames |
+//! | [`wrap`] | wrapping the master key by passphrases, key files, paper recovery keys |
 //!
 //! Nothing here does I/O; every parser of untrusted bytes has hard limits and returns
 //! [`FormatError`] instead of panicking.
@@ -22,13 +24,16 @@
 pub mod chunker;
 pub mod codec;
 pub mod container;
+pub mod crypto;
 pub mod fingerprint;
 pub mod format;
 pub mod recipe;
+pub mod wrap;
 
 pub use chunker::{Chunker, ChunkerParams};
 pub use codec::{Codec, CodecError, EncodedSegment, Encoder, FrameCache, Member};
-pub use fingerprint::{fingerprint, is_zero};
+pub use crypto::Keys;
+pub use fingerprint::{fingerprint, fingerprint_with, is_zero};
 pub use recipe::{Entry, EntryKind};
 
 /// Bytes that do not follow one of Cairn's formats.

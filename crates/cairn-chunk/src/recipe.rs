@@ -20,7 +20,8 @@
 use cairn_types::Digest;
 
 use crate::FormatError;
-use crate::fingerprint::fingerprint;
+use crate::crypto::Keys;
+use crate::fingerprint::fingerprint_with;
 use crate::format::{
     INNER_RECORD_LEN, LEAF_RECORD_LEN, NODE_BOUNDARY_DIVISOR, NODE_HEADER_LEN, NODE_MAGIC,
     NODE_MAX_LEVEL, NODE_MAX_RECORDS,
@@ -148,6 +149,18 @@ pub enum Node {
 }
 
 impl Node {
+    /// The digests a node refers to: its data segments (a leaf) or its children.
+    pub fn refs(&self) -> Vec<Digest> {
+        match self {
+            Node::Leaf(es) => es
+                .iter()
+                .filter(|e| e.kind == EntryKind::Data)
+                .map(|e| e.digest)
+                .collect(),
+            Node::Inner { children, .. } => children.iter().map(|c| c.digest).collect(),
+        }
+    }
+
     pub fn level(&self) -> u8 {
         match self {
             Node::Leaf(_) => 0,
@@ -229,6 +242,7 @@ pub struct TreeRoot {
 pub struct TreeBuilder<F: FnMut(Digest, Vec<u8>)> {
     levels: Vec<Pending>,
     sink: F,
+    keys: Option<std::sync::Arc<Keys>>,
 }
 
 #[derive(Default)]
@@ -247,9 +261,15 @@ impl<F: FnMut(Digest, Vec<u8>)> std::fmt::Debug for TreeBuilder<F> {
 
 impl<F: FnMut(Digest, Vec<u8>)> TreeBuilder<F> {
     pub fn new(sink: F) -> Self {
+        Self::keyed(None, sink)
+    }
+
+    /// A builder whose node digests are keyed fingerprints under `keys` (when given).
+    pub fn keyed(keys: Option<std::sync::Arc<Keys>>, sink: F) -> Self {
         Self {
             levels: vec![Pending::default()],
             sink,
+            keys,
         }
     }
 
@@ -287,7 +307,7 @@ impl<F: FnMut(Digest, Vec<u8>)> TreeBuilder<F> {
             ),
         };
         let bytes = node.encode();
-        let digest = fingerprint(&bytes);
+        let digest = fingerprint_with(self.keys.as_deref(), &bytes);
         (self.sink)(digest, bytes);
         if self.levels.len() <= level + 1 {
             self.levels.push(Pending::default());
@@ -328,7 +348,7 @@ impl<F: FnMut(Digest, Vec<u8>)> TreeBuilder<F> {
             if top && level == 0 && pending == 0 {
                 // An empty recipe: a single empty leaf.
                 let bytes = Node::Leaf(Vec::new()).encode();
-                let digest = fingerprint(&bytes);
+                let digest = fingerprint_with(self.keys.as_deref(), &bytes);
                 (self.sink)(digest, bytes);
                 return TreeRoot {
                     digest,
@@ -346,6 +366,7 @@ impl<F: FnMut(Digest, Vec<u8>)> TreeBuilder<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fingerprint::fingerprint;
     use std::collections::HashMap;
 
     fn entries(n: usize, salt: u8) -> Vec<Entry> {

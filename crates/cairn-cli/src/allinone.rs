@@ -163,6 +163,7 @@ pub fn start(
             datastores: ds,
             state_dir: sstate.clone(),
             parallel,
+            vault_key_file: None,
         },
         cairn_storage::NbdRuntime::new(nbd_rts.iter().map(|rt| rt.handle().clone()))?,
     ));

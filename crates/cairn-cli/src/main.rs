@@ -7,6 +7,7 @@ mod demo;
 mod demo_libvirt;
 mod host_agent;
 mod image;
+mod keys;
 mod ops;
 mod progress;
 mod register;
@@ -134,6 +135,7 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let vault = repo::VaultAccess {
         token_file: cli.conn.token_file_given(&matches),
+        key_file: cli.conn.key_file.clone(),
     };
     let r = match cli.cmd {
         Cmd::Repo(c) => repo::run(c, &vault),

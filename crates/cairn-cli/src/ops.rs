@@ -69,6 +69,10 @@ pub struct Conn {
     /// One JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// A key file that opens an encrypted repository (instead of the passphrase in
+    /// CAIRN_PASSWORD); with `repo init --encrypt`, where to write the first one.
+    #[arg(long, global = true, env = "CAIRN_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Conn {

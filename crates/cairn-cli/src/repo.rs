@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use cairn_chunk::ChunkerParams;
 use cairn_vault::maint::PruneOptions;
-use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
+use cairn_vault::{FirstKey, InitOptions, LocalVault, Repository, Vault};
+
+use crate::keys::KeyUse;
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
@@ -15,6 +17,11 @@ pub enum RepoCmd {
     /// Create a repository in an empty directory.
     Init {
         dir: PathBuf,
+        /// Encrypt it: the master key is wrapped by the passphrase in CAIRN_PASSWORD (asked
+        /// for on a terminal) or, with --key-file FILE, by a new key file written there.
+        /// Losing every passphrase and key file loses the data.
+        #[arg(long)]
+        encrypt: bool,
         /// Segmentation: `cdc:MIN,AVG,MAX` or `fixed:SIZE` (e.g. cdc:4k,16k,64k).
         #[arg(long)]
         chunker: Option<String>,
@@ -76,6 +83,9 @@ pub enum RepoCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Passphrases and key files of an encrypted repository.
+    #[command(subcommand)]
+    Key(crate::keys::KeyCmd),
     /// Rebuild the local fingerprint index from the containers (keeping the entries of
     /// containers with a damaged trailer whose segments still read back intact).
     RebuildIndex {
@@ -94,6 +104,8 @@ pub struct VaultAccess {
     /// variable, `CAIRN_SERVER_TOKEN_FILE`, names the backup server's token and is never sent
     /// to a vault.)
     pub token_file: Option<PathBuf>,
+    /// `--key-file`: opens an encrypted repository (else CAIRN_PASSWORD or a prompt).
+    pub key_file: Option<PathBuf>,
 }
 
 impl VaultAccess {
@@ -115,6 +127,12 @@ impl VaultAccess {
 /// Opens REPO: a directory or `https://HOST:PORT` (token from `--token-file` or
 /// `CAIRN_TOKEN`, trust in `CAIRN_FINGERPRINT` or `CAIRN_CA`).
 pub fn open(repo: &str, access: &VaultAccess) -> Result<Arc<dyn Vault>> {
+    open_for(repo, access, KeyUse::Required)
+}
+
+/// [`open`], asking for the key of an encrypted repository only when `use_` requires it.
+pub fn open_for(repo: &str, access: &VaultAccess, use_: KeyUse) -> Result<Arc<dyn Vault>> {
+    let key_file = access.key_file.as_deref();
     if repo.starts_with("http://") {
         anyhow::bail!(
             "{repo}: vault services speak HTTPS only (tokens never travel in clear text)"
@@ -125,10 +143,12 @@ pub fn open(repo: &str, access: &VaultAccess) -> Result<Arc<dyn Vault>> {
         let trust = cairn_http::Trust::from_env().context(
             "set CAIRN_FINGERPRINT (the vault's certificate SHA-256) or CAIRN_CA (a CA file)",
         )?;
-        let v = cairn_vault::remote::RemoteVault::connect(repo, &token, &trust)?;
+        let mut v = cairn_vault::remote::RemoteVault::connect(repo, &token, &trust)?;
+        let encrypted = v.config()?.encryption.is_some();
+        crate::keys::unlock(encrypted, key_file, use_, |c| Ok(v.unlock(c)?))?;
         return Ok(Arc::new(v));
     }
-    let repo = Repository::open_dir(std::path::Path::new(repo))?;
+    let repo = crate::keys::open_dir(std::path::Path::new(repo), key_file, use_)?;
     Ok(Arc::new(LocalVault { repo }))
 }
 
@@ -141,6 +161,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
         RepoCmd::Retention(cmd) => return crate::retention::run(cmd, access),
         RepoCmd::Init {
             dir,
+            encrypt,
             chunker,
             compression,
             json,
@@ -155,17 +176,43 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
             {
                 anyhow::bail!("{} exists and is not empty", dir.display());
             }
+            let first = match (encrypt, &access.key_file) {
+                (false, _) => None,
+                (true, Some(f)) => {
+                    anyhow::ensure!(
+                        std::fs::symlink_metadata(f).is_err(),
+                        "{} exists: `repo init --encrypt --key-file` writes a new key file there",
+                        f.display()
+                    );
+                    Some(FirstKey::KeyFile(f.clone()))
+                }
+                (true, None) => Some(FirstKey::Passphrase(
+                    crate::keys::new_passphrase("CAIRN_PASSWORD")?,
+                    cairn_chunk::wrap::KdfParams::default(),
+                )),
+            };
             let r = Repository::init_dir(
                 &dir,
                 &InitOptions {
                     chunker,
                     compression,
+                    encrypt: first,
                 },
             )?;
             if json {
                 print_json(r.config());
             } else {
-                println!("created repository {} at {}", r.config().id, dir.display());
+                println!(
+                    "created {}repository {} at {}",
+                    if encrypt { "encrypted " } else { "" },
+                    r.config().id,
+                    dir.display()
+                );
+                if encrypt {
+                    println!(
+                        "losing every passphrase and key file of it loses its data: keep a                          copy (`cairn repo key export DIR FILE` or `--paper`)"
+                    );
+                }
             }
         }
         RepoCmd::Verify {
@@ -173,7 +220,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
             metadata_only,
             json,
         } => {
-            let v = open(&repo, access)?;
+            let v = open_for(&repo, access, KeyUse::Optional)?;
             let rep = v.verify(!metadata_only)?;
             if json {
                 print_json(&rep);
@@ -193,7 +240,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
             dry_run,
             json,
         } => {
-            let v = open(&repo, access)?;
+            let v = open_for(&repo, access, KeyUse::Optional)?;
             let opts = PruneOptions {
                 keep_last,
                 keep_daily,
@@ -237,7 +284,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
             dry_run,
             json,
         } => {
-            let v = open(&repo, access)?;
+            let v = open_for(&repo, access, KeyUse::Optional)?;
             let plan = v.gc(dry_run)?;
             if json {
                 print_json(&plan);
@@ -259,7 +306,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
             snapshots,
             json,
         } => {
-            let v = open(&repo, access)?;
+            let v = open_for(&repo, access, KeyUse::Optional)?;
             let ids = v.forget(&snapshots)?;
             if json {
                 print_json(&ids);
@@ -274,7 +321,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
             }
         }
         RepoCmd::Repair { dir, dry_run, json } => {
-            let r = Repository::open_dir(&dir)?;
+            let r = crate::keys::open_dir(&dir, access.key_file.as_deref(), KeyUse::Optional)?;
             let rep = cairn_vault::maint::repair(&r, dry_run)?;
             if json {
                 print_json(&rep);
@@ -285,6 +332,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
+        RepoCmd::Key(c) => return crate::keys::run(c, access.key_file.as_deref()),
         RepoCmd::RebuildIndex { dir, json } => {
             if !dir.join("config").exists() && !dir.join("config.copy").exists() {
                 anyhow::bail!("{} is not a repository", dir.display());

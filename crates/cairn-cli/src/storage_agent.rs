@@ -23,6 +23,10 @@ pub struct StorageAgentArgs {
     /// Disks backed up at once.
     #[arg(long, default_value_t = 2)]
     parallel: usize,
+    /// A key file (`cairn repo key export`) that opens the encrypted repositories this agent
+    /// backs up to and restores from: the agent seals and opens, vaults store ciphertext.
+    #[arg(long)]
+    vault_key_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     register: crate::register::ManagerArgs,
 }
@@ -62,6 +66,7 @@ pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
             datastores: a.datastores,
             state_dir: a.state_dir.clone(),
             parallel: a.parallel,
+            vault_key_file: a.vault_key_file.clone(),
         },
         NbdRuntime::new(nbd_rts.iter().map(|rt| rt.handle().clone()))?,
     ));

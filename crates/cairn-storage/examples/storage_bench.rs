@@ -110,6 +110,7 @@ fn main() {
             }],
             state_dir: state,
             parallel: 2,
+            vault_key_file: None,
         },
         cairn_storage::NbdRuntime::new([nbd_rt.handle().clone()]).expect("multi-thread runtime"),
     );

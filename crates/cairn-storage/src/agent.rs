@@ -42,6 +42,10 @@ pub struct AgentConfig {
     /// Disks backed up at once by [`StorageAgent::backup_disks`] (0 = 2).
     #[serde(default)]
     pub parallel: usize,
+    /// A key file that opens encrypted repositories this agent backs up to and restores
+    /// from (the agent seals and opens; vault services only store ciphertext).
+    #[serde(default)]
+    pub vault_key_file: Option<PathBuf>,
 }
 
 /// Byte counters of disk data (since the agent started).
@@ -324,7 +328,7 @@ impl StorageAgent {
                     if let Some(cc) = &req.cross_check {
                         wait(&mut recipe)?;
                         let entries = &recipe.as_ref().expect("read while there are hints").entries;
-                        match cross_check(reader, entries, &set, cc) {
+                        match cross_check(vault.keys().as_deref(), reader, entries, &set, cc) {
                             Ok(r) => check_read += r.bytes,
                             Err(e @ StorageError::TrackingMismatch { .. }) => {
                                 tracing::warn!("{}: {e}", req.name);

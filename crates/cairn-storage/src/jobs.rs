@@ -18,11 +18,15 @@ use crate::qemu::NbdImage;
 pub trait VaultTargetExt {
     /// Connects to the vault: a vault service (`https://`, token and fingerprint required) or
     /// a local repository directory (an absolute path).
-    fn open(&self) -> Result<Box<dyn Vault>>;
+    /// An encrypted repository is unlocked with `key_file` (the agent's `--vault-key-file`).
+    fn open(&self, key_file: Option<&std::path::Path>) -> Result<Box<dyn Vault>>;
 }
 
 impl VaultTargetExt for VaultTarget {
-    fn open(&self) -> Result<Box<dyn Vault>> {
+    fn open(&self, key_file: Option<&std::path::Path>) -> Result<Box<dyn Vault>> {
+        let cred = key_file
+            .map(cairn_vault::Credential::read_key_file)
+            .transpose()?;
         if self.url.starts_with("https://") {
             let token = self
                 .token
@@ -32,11 +36,14 @@ impl VaultTargetExt for VaultTarget {
                 .fingerprint
                 .clone()
                 .ok_or_else(|| StorageError::Invalid("vault fingerprint missing".into()))?;
-            let v = cairn_vault::remote::RemoteVault::connect(
+            let mut v = cairn_vault::remote::RemoteVault::connect(
                 &self.url,
                 token,
                 &cairn_http::Trust::Fingerprint(fp),
             )?;
+            if let Some(c) = &cred {
+                v.unlock(c)?;
+            }
             return Ok(Box::new(v));
         }
         let dir = PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
@@ -46,9 +53,11 @@ impl VaultTargetExt for VaultTarget {
                 self.url
             )));
         }
-        Ok(Box::new(cairn_vault::LocalVault {
-            repo: cairn_vault::Repository::open_dir(&dir)?,
-        }))
+        let repo = cairn_vault::Repository::open_dir(&dir)?;
+        if let Some(c) = &cred {
+            repo.unlock(c)?;
+        }
+        Ok(Box::new(cairn_vault::LocalVault { repo }))
     }
 }
 
@@ -72,7 +81,7 @@ impl StorageAgent {
 
     /// Backs up one disk of a backup call.
     fn run_backup_job(&self, vault: &VaultTarget, job: &BackupJob) -> Result<BackupResult> {
-        let v = vault.open()?;
+        let v = vault.open(self.config().vault_key_file.as_deref())?;
         match &job.source {
             DiskSource::Nbd {
                 socket,

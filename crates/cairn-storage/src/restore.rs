@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use cairn_chunk::{Entry, EntryKind, fingerprint, is_zero};
+use cairn_chunk::{Entry, EntryKind, fingerprint_with, is_zero};
 use cairn_types::{Digest, Extent, ReadAt};
 use cairn_vault::Vault;
 use cairn_vault::imager::{self, NoProgress, RestoreOptions};
@@ -478,6 +478,7 @@ pub fn restore_over(
     let started = Instant::now();
     let snap = vault.find(&req.snapshot)?;
     let entries = vault.entries(&snap)?;
+    let keys = vault.keys();
     let path = &req.target;
     let file;
     let nbd;
@@ -556,7 +557,9 @@ pub fn restore_over(
                     rep.bytes_written += u64::from(e.len);
                     rep.regions_written += 1;
                 }
-                EntryKind::Data if fingerprint(piece) != e.digest => want.push((off, e)),
+                EntryKind::Data if fingerprint_with(keys.as_deref(), piece) != e.digest => {
+                    want.push((off, e))
+                }
                 _ => {}
             }
         }

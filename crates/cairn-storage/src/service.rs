@@ -133,7 +133,7 @@ async fn restores(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Re
     let req: DiskRestoreRequest = body(&b)?;
     blocking(move || {
         let target = a.disk_path(&req.datastore, &req.disk)?;
-        let v = req.vault.open()?;
+        let v = req.vault.open(a.config().vault_key_file.as_deref())?;
         a.restore(
             &*v,
             &RestoreRequest {
@@ -161,7 +161,7 @@ async fn discard_restored(State(a): State<Shared>, b: axum::body::Bytes) -> ApiR
 async fn rdm_restore(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
     let req: RdmRestoreRequest = body(&b)?;
     blocking(move || {
-        let v = req.vault.open()?;
+        let v = req.vault.open(a.config().vault_key_file.as_deref())?;
         a.restore_rdm(&*v, &req.datastore, &req.snapshot, &req.disk)
     })
     .await
@@ -175,7 +175,7 @@ async fn rdm_resolve(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult
 async fn scan_files(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
     let req: ScanRequest = body(&b)?;
     blocking(move || {
-        let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
+        let v: Arc<dyn Vault> = Arc::from(req.vault.open(a.config().vault_key_file.as_deref())?);
         a.scan_files(v, &req.snapshot)
     })
     .await
@@ -193,7 +193,7 @@ async fn read_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<R
         )));
     }
     let (data, stats) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
+        let v: Arc<dyn Vault> = Arc::from(req.vault.open(a.config().vault_key_file.as_deref())?);
         let mut out = Vec::with_capacity(req.entry.size as usize);
         let stats = a.read_file(v, &req.snapshot, &req.entry, &mut out)?;
         Ok((out, stats))
@@ -214,7 +214,7 @@ async fn read_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<R
 async fn restore_file(State(a): State<Shared>, b: axum::body::Bytes) -> ApiResult<Response> {
     let req: FileRestoreRequest = body(&b)?;
     blocking(move || {
-        let v: Arc<dyn Vault> = Arc::from(req.vault.open()?);
+        let v: Arc<dyn Vault> = Arc::from(req.vault.open(a.config().vault_key_file.as_deref())?);
         let (path, read) =
             a.restore_file_into(v, &req.snapshot, &req.entry, &req.datastore, &req.dest)?;
         Ok(FileRestored {

@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use cairn_chunk::{Entry, EntryKind, fingerprint, is_zero};
+use cairn_chunk::{Entry, EntryKind, Keys, fingerprint_with, is_zero};
 use cairn_types::{Extent, ExtentList, ReadAt};
 use rand::SeedableRng;
 
@@ -218,7 +218,9 @@ pub struct CrossCheckReport {
 /// Samples parent segments lying wholly outside `set.extents`, reads them from `disk` and
 /// compares their fingerprints with the parent's recipe entries (no data is fetched from the
 /// vault). A mismatch is [`StorageError::TrackingMismatch`].
+/// `keys` are an encrypted repository's (its fingerprints are keyed).
 pub fn cross_check(
+    keys: Option<&Keys>,
     disk: &dyn ReadAt,
     parent: &[Entry],
     set: &ChangeSet,
@@ -255,7 +257,7 @@ pub fn cross_check(
             .map_err(StorageError::io(format!("disk snapshot at {off}"), "read"))?;
         let same = match e.kind {
             EntryKind::Zero => is_zero(&buf),
-            EntryKind::Data => fingerprint(&buf) == e.digest,
+            EntryKind::Data => fingerprint_with(keys, &buf) == e.digest,
         };
         if !same {
             return Err(StorageError::TrackingMismatch {

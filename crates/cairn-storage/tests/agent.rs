@@ -523,6 +523,7 @@ fn wrong_tracking_is_caught_by_the_cross_check() {
     };
     let reader = snap.open(&nbd()).unwrap();
     let e = cross_check(
+        None,
         &*reader,
         &parent,
         &set,
@@ -547,6 +548,7 @@ fn wrong_tracking_is_caught_by_the_cross_check() {
     };
     assert!(
         cross_check(
+            None,
             &*reader,
             &parent,
             &ok,

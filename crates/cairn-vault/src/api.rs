@@ -83,6 +83,12 @@ pub trait Vault: Send + Sync {
         (0, 0)
     }
     fn location(&self) -> String;
+    /// The keys of an encrypted repository, when this client has them: backups fingerprint
+    /// and seal with them, reads open with them. `None` for a repository that is not
+    /// encrypted (and for one whose key was not given: backups then refuse).
+    fn keys(&self) -> Option<Arc<cairn_chunk::Keys>> {
+        None
+    }
 }
 
 /// A local repository as a [`Vault`].
@@ -188,5 +194,9 @@ impl Vault for LocalVault {
 
     fn location(&self) -> String {
         self.repo.store().location()
+    }
+
+    fn keys(&self) -> Option<Arc<cairn_chunk::Keys>> {
+        self.repo.keys().cloned()
     }
 }

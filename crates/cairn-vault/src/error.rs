@@ -69,6 +69,15 @@ pub enum VaultError {
     },
     #[error("not a Cairn repository ({0})")]
     NotARepository(String),
+    /// The passphrase or key file does not open this repository's key.
+    #[error("wrong passphrase or key file for this repository{0}")]
+    WrongKey(String),
+    /// An encrypted repository was opened without a passphrase or key file where one is needed.
+    #[error("repository {0} is encrypted: give its passphrase (CAIRN_PASSWORD) or --key-file")]
+    KeyNeeded(String),
+    /// A key file that cannot be read as one.
+    #[error("key file {path}: {reason}")]
+    BadKeyFile { path: String, reason: String },
 }
 
 impl VaultError {
@@ -90,7 +99,8 @@ impl VaultError {
         let kind = match self {
             _ if self.is_no_space() => K::InsufficientStorage,
             Self::SnapshotNotFound(_) | Self::MissingSegment(_) => K::NotFound,
-            Self::Invalid(_) => K::BadRequest,
+            Self::Invalid(_) | Self::BadKeyFile { .. } => K::BadRequest,
+            Self::WrongKey(_) | Self::KeyNeeded(_) => K::BadRequest,
             Self::Locked(_) | Self::RetentionLocked { .. } | Self::RetentionShortened { .. } => {
                 K::Conflict
             }

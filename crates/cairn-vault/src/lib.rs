@@ -22,6 +22,7 @@
 //! | [`session`] | the vault side of a backup: lacking, upload, commit |
 //! | [`repo`], [`manifest`], [`lock`] | the repository layout, its config and snapshot manifests, its locks |
 //! | [`retention`] | retention locks: snapshots no credential can forget before their time |
+//! | [`keys`] | an encrypted repository's wrapped keys, key files, unlocking |
 //! | [`index`] | the fingerprint index: digest → container, offset, lengths, codec |
 //! | [`store`] | object stores and their contract |
 //! | [`maint`] | verify, prune, GC: planned first, printable, `dry_run` |
@@ -54,6 +55,7 @@ pub mod api;
 pub mod error;
 pub mod imager;
 pub mod index;
+pub mod keys;
 pub mod lock;
 pub mod maint;
 pub mod manifest;
@@ -68,6 +70,7 @@ pub mod wire;
 
 pub use api::{LocalVault, Upload, Vault, VaultSession};
 pub use error::{Result, VaultError};
+pub use keys::Credential;
 pub use manifest::{BackupStats, RepoConfig, SnapshotManifest};
-pub use repo::{InitOptions, RebuildReport, Repository};
+pub use repo::{FirstKey, InitOptions, RebuildReport, Repository};
 pub use session::{BackupSession, CommitRequest};

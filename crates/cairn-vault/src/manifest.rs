@@ -16,8 +16,9 @@ use cairn_chunk::ChunkerParams;
 use cairn_chunk::recipe::TreeRoot;
 use cairn_types::SnapshotId;
 
-/// Version of the repository layout.
-pub const REPO_VERSION: u32 = 1;
+/// Version of the repository layout (an encrypted one's is
+/// [`cairn_chunk::format::REPO_VERSION_ENCRYPTED`]).
+pub use cairn_chunk::format::REPO_VERSION;
 
 /// The `config` object.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -29,6 +30,9 @@ pub struct RepoConfig {
     /// zstd level for segments (0 = off).
     pub compression: i32,
     pub created: u64,
+    /// Present when the repository is encrypted (see [`crate::keys`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::keys::EncryptionConfig>,
 }
 
 /// Counters of one backup.
@@ -68,6 +72,10 @@ pub struct SnapshotManifest {
     pub stats: BackupStats,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// In an encrypted repository: the real name and labels, sealed (hex; see
+    /// [`Private`]). `name` then holds the keyed tag of the name, `labels` nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
     /// BLAKE3 of the canonical JSON without this field (hex); see the module docs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
@@ -127,6 +135,53 @@ impl SnapshotManifest {
             return Err("stored bytes differ from the manifest's own form".into());
         }
         Ok(m)
+    }
+}
+
+/// The fields of a manifest an encrypted repository seals: sealed under the metadata key
+/// with the recipe root's digest as associated data, so they cannot be moved to another
+/// snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Private {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Private {
+    /// Seals the name and labels for a commit: (name tag, sealed hex).
+    pub fn seal(
+        keys: &cairn_chunk::Keys,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        root: &cairn_types::Digest,
+    ) -> (String, String) {
+        let p = Self {
+            name: name.to_string(),
+            labels: labels.clone(),
+        };
+        let json = serde_json::to_vec(&p).expect("private json");
+        let sealed = keys.seal_metadata(&json, root.as_bytes());
+        (format!("enc-{}", keys.name_tag(name)), hex::encode(sealed))
+    }
+}
+
+impl SnapshotManifest {
+    /// Replaces the name tag and empty labels of a sealed manifest by the real ones. A
+    /// manifest that is not sealed is left as it is.
+    pub fn open_private(&mut self, keys: &cairn_chunk::Keys) -> Result<(), String> {
+        let Some(sealed) = &self.sealed else {
+            return Ok(());
+        };
+        let bytes = hex::decode(sealed).map_err(|_| "sealed fields are not hex".to_string())?;
+        let json = keys
+            .open_metadata(&bytes, self.root.digest.as_bytes())
+            .map_err(|e| format!("sealed fields: {e}"))?;
+        let p: Private =
+            serde_json::from_slice(&json).map_err(|e| format!("sealed fields: {e}"))?;
+        self.name = p.name;
+        self.labels = p.labels;
+        Ok(())
     }
 }
 
@@ -214,4 +269,43 @@ fn salvage_root(bytes: &[u8]) -> Option<cairn_types::Digest> {
         .ok()?
         .parse()
         .ok()
+}
+
+/// The snapshot `spec` names among `all`: an id, a unique id prefix (at least 6 digits), or a
+/// name (the newest with it).
+pub(crate) fn find_in(all: &[SnapshotManifest], spec: &str) -> crate::Result<SnapshotManifest> {
+    if let Ok(id) = spec.parse::<SnapshotId>()
+        && let Some(s) = all.iter().find(|s| s.id == id)
+    {
+        return Ok(s.clone());
+    }
+    let by_prefix: Vec<&SnapshotManifest> =
+        if spec.len() >= 6 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
+            let p = spec.to_ascii_lowercase();
+            all.iter()
+                .filter(|s| s.id.to_hex().starts_with(&p))
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let by_name = all.iter().rev().find(|s| s.name == spec);
+    match (by_name, by_prefix.as_slice()) {
+        (Some(named), [one]) if one.id != named.id => Err(crate::VaultError::Invalid(format!(
+            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of snapshot {}'s id \
+             (give the whole id)",
+            named.id, one.id
+        ))),
+        (Some(named), _) if by_prefix.len() > 1 => Err(crate::VaultError::Invalid(format!(
+            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of {} ids",
+            named.id,
+            by_prefix.len()
+        ))),
+        (Some(named), _) => Ok(named.clone()),
+        (None, [one]) => Ok((*one).clone()),
+        (None, []) => Err(crate::VaultError::SnapshotNotFound(spec.to_string())),
+        (None, many) => Err(crate::VaultError::Invalid(format!(
+            "snapshot prefix {spec:?} is ambiguous ({} matches)",
+            many.len()
+        ))),
+    }
 }

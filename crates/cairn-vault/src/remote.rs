@@ -1,6 +1,10 @@
 //! A vault service as a [`Vault`]: the client half of the protocol in [`crate::service`].
 //! Counts the disk-data bytes it sends and receives.
 //!
+//! An encrypted repository's service has no key: a client [`unlock`](RemoteVault::unlock)s
+//! it, then seals what it uploads, opens what it fetches and the manifests' private fields,
+//! and reads recipe trees itself (the service's `entries` cannot).
+//!
 //! An open session renews its lease from a keep-alive thread (every third of the lease the
 //! service announced), so a backup that is alive keeps its session however long it goes
 //! between two calls; the thread stops when the session is committed or dropped, and a
@@ -10,7 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cairn_chunk::Entry;
+use cairn_chunk::recipe::Node;
+use cairn_chunk::{Entry, Keys};
 use cairn_http::{Client, ClientError, Trust};
 use cairn_types::{Digest, SessionId, SnapshotId};
 
@@ -44,9 +49,72 @@ pub struct RemoteVault {
     client: Client,
     sent: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
+    keys: Option<Arc<Keys>>,
 }
 
 impl RemoteVault {
+    /// Opens the master key of an encrypted repository with `cred` (the wrapped keys are
+    /// read from the service); a repository that is not encrypted is left as it is.
+    pub fn unlock(&mut self, cred: &crate::keys::Credential) -> Result<()> {
+        let config = self.config()?;
+        let client = &self.client;
+        let keys = crate::keys::unlock_with(
+            &config,
+            || client.get_json("/v1/keys").map_err(remote),
+            cred,
+        )?;
+        if let Some(k) = keys {
+            self.keys = Some(Arc::new(k));
+        }
+        Ok(())
+    }
+
+    fn open(&self, mut m: SnapshotManifest) -> Result<SnapshotManifest> {
+        if let Some(k) = &self.keys {
+            m.open_private(k)
+                .map_err(|e| VaultError::Corrupt(format!("snapshot {}: {e}", m.id)))?;
+        }
+        Ok(m)
+    }
+
+    /// Reads a recipe tree here, level by level (the service cannot open sealed nodes).
+    fn walk_tree(&self, s: &SnapshotManifest) -> Result<(Vec<Entry>, Vec<Digest>)> {
+        let mut nodes = Vec::new();
+        let mut digests = vec![s.root.digest];
+        let mut level = s.root.level;
+        loop {
+            let blobs = self.fetch(&digests)?;
+            nodes.extend_from_slice(&digests);
+            let (mut next, mut out) = (Vec::new(), Vec::new());
+            for (d, b) in digests.iter().zip(blobs) {
+                let node = Node::decode(&b)
+                    .map_err(|e| VaultError::Corrupt(format!("tree node {d:?}: {e}")))?;
+                if node.level() != level {
+                    return Err(VaultError::Corrupt(format!(
+                        "tree node {d:?}: level {} where {level} was expected",
+                        node.level()
+                    )));
+                }
+                match node {
+                    Node::Leaf(e) => out.extend(e),
+                    Node::Inner { children, .. } => next.extend(children.iter().map(|c| c.digest)),
+                }
+            }
+            if level == 0 {
+                if out.len() as u64 != s.root.entries {
+                    return Err(VaultError::Corrupt(format!(
+                        "snapshot {}: recipe has {} entries, manifest says {}",
+                        s.id,
+                        out.len(),
+                        s.root.entries
+                    )));
+                }
+                return Ok((out, nodes));
+            }
+            digests = next;
+            level -= 1;
+        }
+    }
     /// Connects and checks the token with a config request.
     pub fn connect(base: &str, token: &str, trust: &Trust) -> Result<Self> {
         let client = Client::new(base, token, trust).map_err(remote)?;
@@ -54,6 +122,7 @@ impl RemoteVault {
             client,
             sent: Arc::default(),
             received: Arc::default(),
+            keys: None,
         };
         v.config()?;
         Ok(v)
@@ -194,10 +263,15 @@ impl Vault for RemoteVault {
     }
 
     fn list(&self) -> Result<Vec<SnapshotManifest>> {
-        self.client.get_json("/v1/snapshots").map_err(remote)
+        let all: Vec<SnapshotManifest> = self.client.get_json("/v1/snapshots").map_err(remote)?;
+        all.into_iter().map(|m| self.open(m)).collect()
     }
 
     fn find(&self, spec: &str) -> Result<SnapshotManifest> {
+        if self.keys.is_some() {
+            // Names are sealed: only this side can match them.
+            return crate::repo::find_in(&self.list()?, spec);
+        }
         self.client
             .get_json(&format!("/v1/snapshots/{}", path_seg(spec)))
             .map_err(|e| match e.kind() {
@@ -209,12 +283,26 @@ impl Vault for RemoteVault {
     }
 
     fn entries(&self, s: &SnapshotManifest) -> Result<Vec<Entry>> {
+        if self.keys.is_some() {
+            return Ok(self.walk_tree(s)?.0);
+        }
         let b = self
             .client
             .get_bytes(&format!("/v1/snapshots/{}/entries", s.id))
             .map_err(remote)?;
         cairn_chunk::recipe::decode_entries(&b)
             .map_err(|e| VaultError::Corrupt(format!("entries of {}: {e}", s.id)))
+    }
+
+    fn entries_and_nodes(&self, s: &SnapshotManifest) -> Result<(Vec<Entry>, Vec<Digest>)> {
+        if self.keys.is_some() {
+            return self.walk_tree(s);
+        }
+        Ok((self.entries(s)?, Vec::new()))
+    }
+
+    fn keys(&self) -> Option<Arc<Keys>> {
+        self.keys.clone()
     }
 
     fn fetch(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>> {
@@ -238,7 +326,7 @@ impl Vault for RemoteVault {
                 }
                 // End-to-end check: what arrives must hash to what was asked for.
                 let plain = cache
-                    .member(carried.0, codec, carried.1, m, d)
+                    .member(self.keys.as_deref(), carried.0, codec, carried.1, m, d)
                     .map_err(|e| VaultError::Corrupt(format!("segment from the vault: {e}")))?;
                 out.push(plain);
             }
@@ -282,6 +370,22 @@ impl Vault for RemoteVault {
     }
 
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {
+        if self.keys.is_some() {
+            // Names are sealed: resolve them here, send ids (a damaged snapshot's id passes
+            // through as it is).
+            let all = self.list()?;
+            let ids: Vec<String> = specs
+                .iter()
+                .map(|s| match crate::repo::find_in(&all, s) {
+                    Ok(m) => m.id.to_string(),
+                    Err(_) => s.clone(),
+                })
+                .collect();
+            return self
+                .client
+                .post_json("/v1/forget", &ForgetRequest { snapshots: ids })
+                .map_err(remote);
+        }
         self.client
             .post_json(
                 "/v1/forget",

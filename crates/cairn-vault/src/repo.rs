@@ -27,13 +27,16 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use cairn_chunk::container::{self, Record};
 use cairn_chunk::format::CONTAINER_FOOTER_LEN;
 use cairn_chunk::recipe::Node;
-use cairn_chunk::{ChunkerParams, Entry, FrameCache, codec};
+use cairn_chunk::{ChunkerParams, Entry, FrameCache, Keys, codec};
 use cairn_types::{ContainerId, Digest, SnapshotId};
 
 use crate::error::{Result, VaultError};
 use crate::index::{Index, Location};
+use crate::keys::EncryptionConfig;
+pub(crate) use crate::manifest::find_in;
 use crate::manifest::{DamagedSnapshot, REPO_VERSION, RepoConfig, SnapshotManifest, now};
 use crate::store::{Key, LocalStore, ObjectStore, StoreErrorKind};
+use cairn_chunk::format::REPO_VERSION_ENCRYPTED;
 
 /// An open repository. Cheap to share (`Arc`); all methods take `&self`.
 pub struct Repository {
@@ -42,6 +45,9 @@ pub struct Repository {
     index: RwLock<Index>,
     cache_dir: PathBuf,
     damaged: RwLock<HashSet<Mark>>,
+    /// The keys of an encrypted repository, once unlocked (see [`crate::keys`]). A vault
+    /// service never has them: it stores, checks and collects ciphertext.
+    keys: std::sync::OnceLock<Arc<Keys>>,
 }
 
 /// What [`Repository::rebuild_index`] did.
@@ -82,6 +88,16 @@ pub const DEFAULT_COMPRESSION: i32 = 3;
 pub struct InitOptions {
     pub chunker: ChunkerParams,
     pub compression: i32,
+    /// Encrypt the repository, its master key wrapped by this first key.
+    pub encrypt: Option<FirstKey>,
+}
+
+/// The first wrapping of a new encrypted repository's master key.
+#[derive(Clone, Debug)]
+pub enum FirstKey {
+    Passphrase(crate::keys::Secret, cairn_chunk::wrap::KdfParams),
+    /// A new key file, written at this path.
+    KeyFile(PathBuf),
 }
 
 impl Default for InitOptions {
@@ -89,6 +105,7 @@ impl Default for InitOptions {
         Self {
             chunker: ChunkerParams::default(),
             compression: DEFAULT_COMPRESSION,
+            encrypt: None,
         }
     }
 }
@@ -120,12 +137,18 @@ impl Repository {
         opts: &InitOptions,
     ) -> Result<Arc<Self>> {
         opts.chunker.validate().map_err(VaultError::Invalid)?;
+        let keys = opts.encrypt.as_ref().map(|_| Arc::new(Keys::generate()));
         let config = RepoConfig {
-            version: REPO_VERSION,
+            version: if keys.is_some() {
+                REPO_VERSION_ENCRYPTED
+            } else {
+                REPO_VERSION
+            },
             id: hex::encode(rand::random::<[u8; 16]>()),
             chunker: opts.chunker,
             compression: opts.compression,
             created: now(),
+            encryption: keys.as_deref().map(EncryptionConfig::for_keys),
         };
         let body = serde_json::to_vec_pretty(&config).expect("config json");
         store
@@ -137,7 +160,15 @@ impl Repository {
                 _ => e.into(),
             })?;
         store.put(&config_copy_key(), &body)?;
-        Self::open(store, cache_dir)
+        let repo = Self::open(store, cache_dir)?;
+        if let (Some(keys), Some(first)) = (keys, &opts.encrypt) {
+            repo.set_keys(keys);
+            match first {
+                FirstKey::Passphrase(p, kdf) => repo.add_passphrase(&p.0, *kdf)?,
+                FirstKey::KeyFile(path) => repo.add_key_file(path)?,
+            };
+        }
+        Ok(repo)
     }
 
     /// Reads and parses the config, falling back on its copy when it is damaged.
@@ -200,7 +231,10 @@ impl Repository {
     /// Opens a repository and brings the index up to date with the containers in the store.
     pub fn open(store: Arc<dyn ObjectStore>, cache_dir: &Path) -> Result<Arc<Self>> {
         let config = Self::read_config(store.as_ref())?;
-        if config.version != REPO_VERSION {
+        let encrypted = config.encryption.is_some();
+        if !(config.version == REPO_VERSION && !encrypted
+            || config.version == REPO_VERSION_ENCRYPTED && encrypted)
+        {
             return Err(VaultError::NotARepository(format!(
                 "unsupported repository version {}",
                 config.version
@@ -221,6 +255,7 @@ impl Repository {
             index: RwLock::new(index),
             cache_dir: cache_dir.to_path_buf(),
             damaged: RwLock::new(damaged.into_iter().collect()),
+            keys: std::sync::OnceLock::new(),
         });
         repo.sync_index()?;
         Ok(repo)
@@ -246,6 +281,24 @@ impl Repository {
 
     pub fn config(&self) -> &RepoConfig {
         &self.config
+    }
+
+    /// The keys of an encrypted repository, once [`unlock`](Self::unlock)ed.
+    pub fn keys(&self) -> Option<&Arc<Keys>> {
+        self.keys.get()
+    }
+
+    /// Is the repository encrypted (whether or not it is unlocked)?
+    pub fn is_encrypted(&self) -> bool {
+        self.config.encryption.is_some()
+    }
+
+    pub(crate) fn set_keys(&self, keys: Arc<Keys>) {
+        let _ = self.keys.set(keys);
+    }
+
+    fn key_ref(&self) -> Option<&Keys> {
+        self.keys.get().map(|k| &**k)
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -436,7 +489,7 @@ impl Repository {
                 .filter(|(d, l)| {
                     let at = l.offset as usize;
                     data.get(at..at + l.stored_len as usize)
-                        .is_some_and(|b| decode_blob(d, l, b).is_ok())
+                        .is_some_and(|b| decode_blob(self.key_ref(), d, l, b).is_ok())
                 })
                 .collect();
             if kept.is_empty() {
@@ -538,7 +591,7 @@ impl Repository {
             u64::from(loc.offset),
             u64::from(loc.stored_len),
         )?;
-        decode_blob(d, &loc, &bytes).inspect_err(|_| self.note_damage(d, &loc))
+        decode_blob(self.key_ref(), d, &loc, &bytes).inspect_err(|_| self.note_damage(d, &loc))
     }
 
     /// Marks a copy a read found damaged (best effort: the read fails either way).
@@ -557,6 +610,7 @@ impl Repository {
         self.for_each_stored(digests, |i, loc, stored| {
             let plain = frames
                 .member(
+                    self.key_ref(),
                     (loc.container, loc.offset),
                     loc.codec,
                     stored,
@@ -641,6 +695,30 @@ impl Repository {
         Ok(())
     }
 
+    /// The level of a tree node and the digests it refers to (data segments at level 0,
+    /// child nodes above). A sealed node's references are read from its clear header
+    /// (checked against its keyless checksum): this needs no key.
+    pub fn node_refs(&self, d: &Digest) -> Result<(u8, Vec<Digest>)> {
+        let loc = self.locate(d)?.ok_or(VaultError::MissingSegment(*d))?;
+        if !loc.codec.is_sealed() {
+            let n = self.read_node(d)?;
+            return Ok((n.level(), n.refs()));
+        }
+        let stored = self.store.get_range(
+            &container_key(&loc.container),
+            u64::from(loc.offset),
+            u64::from(loc.stored_len),
+        )?;
+        let h = cairn_chunk::crypto::check_sealed(&stored).map_err(|source| {
+            self.note_damage(d, &loc);
+            VaultError::Format {
+                container: loc.container,
+                source,
+            }
+        })?;
+        Ok((h.level, h.refs))
+    }
+
     /// Reads and parses a recipe tree node.
     pub fn read_node(&self, d: &Digest) -> Result<Node> {
         let b = self.read_blob(d)?;
@@ -676,7 +754,13 @@ impl Repository {
                 Err(e) => return Err(e.into()),
             };
             match SnapshotManifest::parse_stored(file_id, &b) {
-                Ok(s) => out.push(s),
+                Ok(mut s) => {
+                    if let Some(k) = self.keys() {
+                        s.open_private(k)
+                            .map_err(|e| VaultError::Corrupt(format!("snapshot {file_id}: {e}")))?;
+                    }
+                    out.push(s)
+                }
                 Err(problem) => damaged.push(DamagedSnapshot::salvage(file_id, problem, &b)),
             }
         }
@@ -752,15 +836,9 @@ impl Repository {
             if !into.insert(d) {
                 continue; // a shared subtree already marked
             }
-            match self.read_node(&d)? {
-                Node::Leaf(es) => {
-                    for e in es {
-                        if e.kind == cairn_chunk::EntryKind::Data {
-                            into.insert(e.digest);
-                        }
-                    }
-                }
-                Node::Inner { children, .. } => stack.extend(children.iter().map(|c| c.digest)),
+            match self.node_refs(&d)? {
+                (0, data) => into.extend(data),
+                (_, children) => stack.extend(children),
             }
         }
         Ok(())
@@ -791,8 +869,14 @@ impl Repository {
 }
 
 /// Decodes one segment from its stored frame.
-pub(crate) fn decode_blob(d: &Digest, loc: &Location, stored: &[u8]) -> Result<Vec<u8>> {
-    codec::decode_member(loc.codec, stored, loc.member(), d).map_err(|e| segment_error(d, loc, e))
+pub(crate) fn decode_blob(
+    keys: Option<&Keys>,
+    d: &Digest,
+    loc: &Location,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
+    codec::decode_member(keys, loc.codec, stored, loc.member(), d)
+        .map_err(|e| segment_error(d, loc, e))
 }
 
 pub(crate) fn segment_error(
@@ -805,42 +889,5 @@ pub(crate) fn segment_error(
         container: loc.container,
         offset: loc.offset,
         source,
-    }
-}
-
-pub(crate) fn find_in(all: &[SnapshotManifest], spec: &str) -> Result<SnapshotManifest> {
-    if let Ok(id) = spec.parse::<SnapshotId>()
-        && let Some(s) = all.iter().find(|s| s.id == id)
-    {
-        return Ok(s.clone());
-    }
-    let by_prefix: Vec<&SnapshotManifest> =
-        if spec.len() >= 6 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
-            let p = spec.to_ascii_lowercase();
-            all.iter()
-                .filter(|s| s.id.to_hex().starts_with(&p))
-                .collect()
-        } else {
-            Vec::new()
-        };
-    let by_name = all.iter().rev().find(|s| s.name == spec);
-    match (by_name, by_prefix.as_slice()) {
-        (Some(named), [one]) if one.id != named.id => Err(VaultError::Invalid(format!(
-            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of snapshot {}'s id \
-             (give the whole id)",
-            named.id, one.id
-        ))),
-        (Some(named), _) if by_prefix.len() > 1 => Err(VaultError::Invalid(format!(
-            "{spec:?} is ambiguous: the name of snapshot {} and a prefix of {} ids",
-            named.id,
-            by_prefix.len()
-        ))),
-        (Some(named), _) => Ok(named.clone()),
-        (None, [one]) => Ok((*one).clone()),
-        (None, []) => Err(VaultError::SnapshotNotFound(spec.to_string())),
-        (None, many) => Err(VaultError::Invalid(format!(
-            "snapshot prefix {spec:?} is ambiguous ({} matches)",
-            many.len()
-        ))),
     }
 }

@@ -5,6 +5,7 @@
 //! | GET | `/health` | → `ok` (no token needed) |
 //! | GET | `/v1/config` | → RepoConfig |
 //! | GET | `/v1/stats` | → [`VaultStats`]: disk-data bytes received and sent, open and expired sessions |
+//! | GET | `/v1/keys` | → the wrapped keys of an encrypted repository (useless without a passphrase or key file) |
 //! | GET | `/v1/snapshots` | → list of SnapshotManifest |
 //! | GET | `/v1/damaged` | → digests whose stored copy is marked damaged (a backup that has their data sends them again) |
 //! | GET | `/v1/snapshots/{spec}` | → SnapshotManifest |
@@ -344,6 +345,7 @@ impl VaultService {
                 .route("/health", get(|| async { "ok" }))
                 .route("/v1/config", get(config))
                 .route("/v1/stats", get(stats))
+                .route("/v1/keys", get(keys))
                 .route("/v1/snapshots", get(list))
                 .route("/v1/damaged", get(damaged))
                 .route("/v1/snapshots/{spec}", get(find))
@@ -384,6 +386,11 @@ async fn stats(State(s): State<Shared>) -> Response {
         expired_sessions: s.sessions_expired.load(Ordering::Relaxed),
         session_lease_ms: s.lease_ms(),
     })
+}
+
+async fn keys(State(s): State<Shared>) -> ApiResult<Response> {
+    let repo = s.repo.clone();
+    Ok(json(blocking(move || repo.list_keys()).await?))
 }
 
 async fn list(State(s): State<Shared>) -> ApiResult<Response> {

@@ -52,6 +52,10 @@ pub struct CommitRequest {
     /// minimum when it has one ([`crate::retention`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_until: Option<u64>,
+    /// Encrypted repository: the real name and labels, sealed by the client
+    /// ([`crate::manifest::Private::seal`]); `name` is then their keyed tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
 }
 
 struct State {
@@ -59,6 +63,11 @@ struct State {
     tree: ContainerBuilder,
     in_flight: HashSet<Digest>,
     new_nodes: HashMap<Digest, Vec<u8>>,
+    /// New sealed nodes (encrypted repository): their level and clear references, which is
+    /// all a vault without the key sees of them.
+    sealed_nodes: HashMap<Digest, (u8, Vec<Digest>)>,
+    /// New sealed leaves whose data was all present when they were noted.
+    checked_sealed: HashSet<Digest>,
     /// New leaves whose data was all present (indexed or in flight) when they were noted,
     /// with the bytes and entries each covers: `commit` need not look their data up again.
     /// (Present stays present: the session's shared lock keeps GC out, and a container the
@@ -156,6 +165,8 @@ impl BackupSession {
                 tree: ContainerBuilder::new(),
                 in_flight: HashSet::new(),
                 new_nodes: HashMap::new(),
+                sealed_nodes: HashMap::new(),
+                checked_sealed: HashSet::new(),
                 checked_leaves: HashMap::new(),
                 stats: BackupStats::default(),
             }),
@@ -291,9 +302,48 @@ impl BackupSession {
             .ok_or_else(|| reject("no segments".into()))?;
         let frame_len =
             u32::try_from(total).map_err(|_| reject(format!("frame of {total} bytes")))?;
-        let plain =
-            cairn_chunk::codec::decode_frame(seg.codec, &seg.bytes, frame_len as usize, &first)
-                .map_err(|e| reject(e.to_string()))?;
+        if seg.codec.is_sealed() != self.shared.repo.is_encrypted() {
+            return Err(reject(format!(
+                "a {} frame in {} repository",
+                if seg.codec.is_sealed() {
+                    "sealed"
+                } else {
+                    "clear"
+                },
+                if self.shared.repo.is_encrypted() {
+                    "an encrypted"
+                } else {
+                    "a clear"
+                }
+            )));
+        }
+        if seg.codec.is_sealed() {
+            // Without the key only the ciphertext's layout and checksum can be checked (the
+            // client that sealed it checks its fingerprints on every read).
+            let h =
+                cairn_chunk::crypto::check_sealed(&seg.bytes).map_err(|e| reject(e.to_string()))?;
+            match kind {
+                BlobKind::Tree if members.len() != 1 => {
+                    return Err(reject("a tree node must be a frame of its own".into()));
+                }
+                BlobKind::Tree => {
+                    self.note_sealed(&[(first, h.level, h.refs)])?;
+                }
+                BlobKind::Data if !h.refs.is_empty() => {
+                    return Err(reject("a data frame with references".into()));
+                }
+                BlobKind::Data => {}
+            }
+            return self.put_frame(kind, members, seg);
+        }
+        let plain = cairn_chunk::codec::decode_frame(
+            None,
+            seg.codec,
+            &seg.bytes,
+            frame_len as usize,
+            &first,
+        )
+        .map_err(|e| reject(e.to_string()))?;
         let mut inner = 0;
         for &(d, n) in members {
             let m = cairn_chunk::Member {
@@ -301,7 +351,8 @@ impl BackupSession {
                 inner,
                 raw_len: n,
             };
-            cairn_chunk::codec::member_of(&plain, m, &d).map_err(|e| reject(e.to_string()))?;
+            cairn_chunk::codec::member_of(None, &plain, m, &d)
+                .map_err(|e| reject(e.to_string()))?;
             inner += n;
         }
         if kind == BlobKind::Tree {
@@ -319,12 +370,23 @@ impl BackupSession {
     /// can check the tree below them. The data of new leaves is looked up now, while the
     /// backup is still running, rather than all at once at commit.
     pub fn note_nodes(&self, nodes: &[(Digest, &EncodedSegment, u32)]) -> Result<()> {
+        if nodes.iter().any(|n| n.1.codec.is_sealed()) {
+            let sealed = nodes
+                .iter()
+                .map(|&(d, seg, _)| {
+                    let h = cairn_chunk::crypto::check_sealed(&seg.bytes)
+                        .map_err(|e| VaultError::Invalid(format!("tree node {d:?}: {e}")))?;
+                    Ok((d, h.level, h.refs))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return self.note_sealed(&sealed);
+        }
         let mut leaves: Vec<(Digest, u64, u64, std::ops::Range<usize>)> = Vec::new();
         let mut data: Vec<Digest> = Vec::new();
         let mut plains = Vec::with_capacity(nodes.len());
         for &(digest, seg, raw_len) in nodes {
             let plain =
-                cairn_chunk::codec::decode(seg.codec, &seg.bytes, raw_len as usize, &digest)
+                cairn_chunk::codec::decode(None, seg.codec, &seg.bytes, raw_len as usize, &digest)
                     .map_err(|e| VaultError::Invalid(format!("tree node {digest:?}: {e}")))?;
             // A node that does not decode is left to `commit`, which refuses it.
             if let Ok(Node::Leaf(es)) = Node::decode(&plain) {
@@ -351,6 +413,33 @@ impl BackupSession {
             }
         }
         st.new_nodes.extend(plains);
+        Ok(())
+    }
+
+    /// Records sealed tree nodes (digest, level, clear references); the data of new leaves is
+    /// looked up now, as for clear ones.
+    fn note_sealed(&self, nodes: &[(Digest, u8, Vec<Digest>)]) -> Result<()> {
+        let data: Vec<Digest> = nodes
+            .iter()
+            .filter(|n| n.1 == 0)
+            .flat_map(|n| n.2.iter().copied())
+            .collect();
+        let in_flight: Vec<bool> = {
+            let st = self.shared.state();
+            data.iter().map(|d| st.in_flight.contains(d)).collect()
+        };
+        let present = present(&self.shared.repo, &data, &in_flight)?;
+        let mut at = 0;
+        let mut st = self.shared.state();
+        for (d, level, refs) in nodes {
+            if *level == 0 {
+                if present[at..at + refs.len()].iter().all(|&p| p) {
+                    st.checked_sealed.insert(*d);
+                }
+                at += refs.len();
+            }
+            st.sealed_nodes.insert(*d, (*level, refs.clone()));
+        }
         Ok(())
     }
 
@@ -430,6 +519,7 @@ impl BackupSession {
             parent: req.parent,
             stats,
             labels: req.labels,
+            sealed: req.sealed,
             checksum: None,
         };
         m.stats.duration_ms = m
@@ -466,7 +556,9 @@ impl BackupSession {
         let st = self.shared.state();
         let repo = &self.shared.repo;
         let exists = |d: &Digest| -> Result<bool> {
-            Ok(st.new_nodes.contains_key(d) || repo.locate(d)?.is_some())
+            Ok(st.new_nodes.contains_key(d)
+                || st.sealed_nodes.contains_key(d)
+                || repo.locate(d)?.is_some())
         };
         if !exists(&root.digest)? {
             return Err(VaultError::Invalid(format!(
@@ -486,6 +578,29 @@ impl BackupSession {
                         "tree node {d:?} covers {} bytes / {} entries, parent says {span} / {count}",
                         got.0, got.1
                     )));
+                }
+                continue;
+            }
+            if let Some((got, refs)) = st.sealed_nodes.get(&d) {
+                // Sealed: only the references can be checked without the key.
+                if *got != level {
+                    return Err(VaultError::Invalid(format!(
+                        "tree node {d:?} has level {got}, expected {level}"
+                    )));
+                }
+                if level == 0 {
+                    if !st.checked_sealed.contains(&d) {
+                        leaf_data.extend_from_slice(refs);
+                    }
+                    continue;
+                }
+                for c in refs {
+                    if !exists(c)? {
+                        return Err(VaultError::Invalid(format!(
+                            "tree node {c:?} referenced but never uploaded"
+                        )));
+                    }
+                    stack.push((*c, level - 1, span, count));
                 }
                 continue;
             }

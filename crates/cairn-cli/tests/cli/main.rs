@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
+mod encryption;
 mod repair;
 mod security;
 mod vault_service;

@@ -40,6 +40,7 @@ pub fn agent(dir: &Path, datastore: &Path) -> cairn_storage::StorageAgent {
             }],
             state_dir: dir.join("agent-state"),
             parallel: 2,
+            vault_key_file: None,
         },
         nbd(),
     )

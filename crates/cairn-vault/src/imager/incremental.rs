@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cairn_chunk::recipe::{TreeBuilder, TreeRoot};
-use cairn_chunk::{Chunker, ChunkerParams, Encoder, Entry};
+use cairn_chunk::recipe::TreeRoot;
+use cairn_chunk::{Chunker, ChunkerParams, Entry};
 use cairn_types::{Digest, ExtentList, ReadAt};
 
 use super::{NodeBytes, Progress, RecipeCounts, process_batch, source_err, upload_nodes};
@@ -39,7 +39,7 @@ pub(super) fn incremental(
     known_nodes: &std::collections::HashSet<Digest>,
     changed: &ExtentList,
     params: ChunkerParams,
-    level: i32,
+    coding: &super::Coding,
     sent: &AtomicU64,
     stats: &mut BackupStats,
     progress: &dyn Progress,
@@ -100,11 +100,11 @@ pub(super) fn incremental(
         let (spare_tx, spare_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
         let walk_failed = &walk_failed;
         let worker = sc.spawn(move || -> Result<(TreeRoot, RecipeCounts)> {
-            let mut enc = Encoder::new(level);
-            let mut node_enc = Encoder::new(1);
+            let mut enc = coding.encoder();
+            let mut node_enc = coding.node_encoder();
             let nodes = std::cell::RefCell::new(Vec::<(Digest, Vec<u8>)>::new());
             // Nodes the parent already has need no question to the vault.
-            let mut tree = TreeBuilder::new(|d, bytes| {
+            let mut tree = coding.tree(|d, bytes| {
                 if !known_nodes.contains(&d) {
                     nodes.borrow_mut().push((d, bytes));
                 }

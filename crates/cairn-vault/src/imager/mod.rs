@@ -27,9 +27,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use cairn_chunk::format::{BlobKind, FRAME_TARGET_LEN};
+use cairn_chunk::recipe::Node;
 use cairn_chunk::recipe::{TreeBuilder, TreeRoot};
 use cairn_chunk::{
-    Chunker, ChunkerParams, EncodedSegment, Encoder, Entry, EntryKind, fingerprint, is_zero,
+    Chunker, ChunkerParams, EncodedSegment, Encoder, Entry, EntryKind, Keys, fingerprint_with,
+    is_zero,
 };
 use cairn_types::{Digest, Extent, ExtentList, ReadAt, SnapshotId};
 
@@ -44,6 +46,31 @@ mod restore;
 use incremental::incremental;
 
 pub use restore::{PARTIAL_SUFFIX, RestoreOptions, RestoreStats, partial_path, restore};
+
+/// How a backup encodes what it uploads: the repository's zstd level and, for an encrypted
+/// repository, the keys that fingerprint and seal (the vault never sees them).
+#[derive(Clone, Debug)]
+pub(crate) struct Coding {
+    pub level: i32,
+    pub keys: Option<std::sync::Arc<Keys>>,
+}
+
+impl Coding {
+    /// An encoder for data frames.
+    pub fn encoder(&self) -> Encoder {
+        Encoder::sealing(self.level, self.keys.clone())
+    }
+
+    /// An encoder for tree nodes (level 1: they are small and compress well).
+    pub fn node_encoder(&self) -> Encoder {
+        Encoder::sealing(1, self.keys.clone())
+    }
+
+    /// A tree builder whose node digests are this repository's fingerprints.
+    pub fn tree<F: FnMut(Digest, Vec<u8>)>(&self, sink: F) -> TreeBuilder<F> {
+        TreeBuilder::keyed(self.keys.clone(), sink)
+    }
+}
 
 /// Progress reports; implementations must be cheap (called per batch).
 pub trait Progress: Send + Sync {
@@ -152,6 +179,7 @@ fn process_batch(
             Some(at)
         })
         .collect();
+    let keys = enc.keys().cloned();
     let hash = |range: std::ops::Range<usize>| -> Vec<Entry> {
         range
             .map(|i| {
@@ -161,7 +189,7 @@ fn process_batch(
                 if is_zero(piece) {
                     Entry::zero(n)
                 } else {
-                    Entry::data(fingerprint(piece), n)
+                    Entry::data(fingerprint_with(keys.as_deref(), piece), n)
                 }
             })
             .collect()
@@ -229,10 +257,16 @@ fn process_batch(
                 &scratch
             };
             let seg = enc.encode(plain);
-            if seg.codec == cairn_chunk::Codec::Raw && f.len() > 1 {
+            if !seg.codec.is_compressed() && f.len() > 1 {
                 // Not worth compressing: each segment stands alone and reads alone.
                 for &&(d, p, n) in f.iter() {
-                    let seg = EncodedSegment::raw(&data[p..p + n]);
+                    let seg = match &keys {
+                        None => EncodedSegment::raw(&data[p..p + n]),
+                        Some(k) => EncodedSegment {
+                            codec: cairn_chunk::Codec::SealedRaw,
+                            bytes: k.seal_frame(&data[p..p + n], 0, &[]),
+                        },
+                    };
                     sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
                     out.push(Upload::single(d, BlobKind::Data, seg_len(n), seg));
                 }
@@ -252,7 +286,7 @@ fn process_batch(
         let (a, b) = frames.split_at(frames.len() / 2);
         let level = enc.level();
         std::thread::scope(|sc| {
-            let h = sc.spawn(|| encode(&mut Encoder::new(level), b));
+            let h = sc.spawn(|| encode(&mut Encoder::sealing(level, keys.clone()), b));
             let mut first = encode(enc, a);
             first.extend(h.join().expect("encoder thread"));
             first
@@ -268,16 +302,20 @@ fn process_batch(
 
 /// Builds the tree over `entries`, uploads the nodes the vault lacks, and returns the root
 /// and the recipe's counts.
-fn upload_tree(session: &dyn VaultSession, entries: &[Entry]) -> Result<(TreeRoot, RecipeCounts)> {
+fn upload_tree(
+    session: &dyn VaultSession,
+    coding: &Coding,
+    entries: &[Entry],
+) -> Result<(TreeRoot, RecipeCounts)> {
     let mut nodes: Vec<(Digest, Vec<u8>)> = Vec::new();
-    let mut b = TreeBuilder::new(|d, bytes| nodes.push((d, bytes)));
+    let mut b = coding.tree(|d, bytes| nodes.push((d, bytes)));
     let t0 = Instant::now();
     let mut counts = RecipeCounts::default();
     counts.feed(&mut b, entries.iter().copied());
     let root = b.finish();
     let built = t0.elapsed();
     let mut sizes = NodeBytes::default();
-    upload_nodes(session, &mut Encoder::new(1), &nodes, &mut sizes)?;
+    upload_nodes(session, &mut coding.node_encoder(), &nodes, &mut sizes)?;
     tracing::debug!(
         "tree: {} new nodes, {} bytes ({} stored); built in {built:?}, uploaded in {:?}",
         nodes.len(),
@@ -311,7 +349,13 @@ fn upload_nodes(
             .filter(|(_, l)| *l)
             .map(|((d, bytes), _)| {
                 sizes.raw += bytes.len();
-                let seg = enc.encode(bytes);
+                let seg = if enc.keys().is_some() {
+                    // A sealed node carries its references in the clear (for GC).
+                    let n = Node::decode(bytes).expect("a node this backup built");
+                    enc.encode_with_refs(bytes, n.level(), &n.refs())
+                } else {
+                    enc.encode(bytes)
+                };
                 sizes.stored += seg.bytes.len();
                 Upload::single(*d, BlobKind::Tree, seg_len(bytes.len()), seg)
             })
@@ -331,6 +375,7 @@ const PARENT_SPOT_CHECKS: usize = 8;
 /// over the disk and outside the changed extents, must read back with their fingerprints.
 /// `Ok(Err(why))` when they do not.
 fn parent_fits(
+    keys: Option<&Keys>,
     source: &dyn ReadAt,
     size: u64,
     parent: &[Entry],
@@ -360,7 +405,7 @@ fn parent_fits(
             .map_err(|e| source_err(e, off))?;
         let same = match e.kind {
             EntryKind::Zero => buf.iter().all(|&b| b == 0),
-            EntryKind::Data => fingerprint(&buf) == e.digest,
+            EntryKind::Data => fingerprint_with(keys, &buf) == e.digest,
         };
         if !same {
             return Ok(Err(format!(
@@ -410,7 +455,14 @@ pub fn backup(
     }
     // One config read (a request to a remote vault) serves the whole backup.
     let config = vault.config()?;
-    let level = config.compression;
+    let keys = vault.keys();
+    if config.encryption.is_some() && keys.is_none() {
+        return Err(VaultError::KeyNeeded(config.id.clone()));
+    }
+    let coding = Coding {
+        level: config.compression,
+        keys: keys.clone(),
+    };
     let session = vault.begin(&format!("backup {}", opts.name))?;
     let sent = AtomicU64::new(0);
     let mut stats = BackupStats::default();
@@ -432,7 +484,7 @@ pub fn backup(
                 Some(r) if r.snapshot == p.id => r.clone(),
                 _ => std::sync::Arc::new(ParentRecipe::read(vault, p)?),
             };
-            match parent_fits(source, size, &recipe.entries, changed)? {
+            match parent_fits(keys.as_deref(), source, size, &recipe.entries, changed)? {
                 Ok(()) => {
                     let changed = with_damaged(vault, &recipe.entries, changed)?;
                     Some((p, recipe, changed))
@@ -461,7 +513,7 @@ pub fn backup(
                 &known_nodes,
                 changed,
                 chunker,
-                level,
+                &coding,
                 &sent,
                 &mut stats,
                 progress,
@@ -480,14 +532,14 @@ pub fn backup(
                 source,
                 size,
                 chunker,
-                level,
+                &coding,
                 opts.threads,
                 &sent,
                 &mut stats,
                 progress,
             )?;
             tracing::debug!("segments done: {:?}", started.elapsed());
-            let (root, counts) = upload_tree(&*session, &entries)?;
+            let (root, counts) = upload_tree(&*session, &coding, &entries)?;
             tracing::debug!("recipe tree uploaded: {:?}", started.elapsed());
             (root, counts, chunker)
         }
@@ -504,15 +556,33 @@ pub fn backup(
     stats.bytes_sent = sent.load(Ordering::Relaxed);
     stats.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     cairn_types::fault::point("storage.backup.before_commit");
+    // An encrypted repository stores the name and labels sealed, and a keyed tag of the
+    // name in their place (prune groups a disk's snapshots by it).
+    let (name, labels, sealed) = match &keys {
+        None => (opts.name.clone(), opts.labels.clone(), None),
+        Some(k) => {
+            let (tag, sealed) =
+                crate::manifest::Private::seal(k, &opts.name, &opts.labels, &root.digest);
+            (tag, Default::default(), Some(sealed))
+        }
+    };
     let committed = session.commit(CommitRequest {
-        name: opts.name.clone(),
+        name,
         root: Some(root),
         chunker: Some(chunker),
         parent: parent.map(|p| p.id),
         client_stats: stats,
-        labels: opts.labels.clone(),
+        labels,
+        sealed,
         lock_until: opts.lock_until,
     });
+    let committed = match (committed, &keys) {
+        (Ok(mut m), Some(k)) => m
+            .open_private(k)
+            .map(|()| m)
+            .map_err(|e| VaultError::Corrupt(format!("the committed manifest: {e}"))),
+        (c, _) => c,
+    };
     tracing::debug!("committed: {:?}", started.elapsed());
     committed
 }
@@ -523,7 +593,7 @@ fn full(
     source: &dyn ReadAt,
     size: u64,
     params: ChunkerParams,
-    level: i32,
+    coding: &Coding,
     threads: usize,
     sent: &AtomicU64,
     stats: &mut BackupStats,
@@ -601,7 +671,7 @@ fn full(
             let pool_tx = pool_tx.clone();
             let done = &done;
             sc.spawn(move || {
-                let mut enc = Encoder::new(level);
+                let mut enc = coding.encoder();
                 for (seq, data, cuts) in brx {
                     let r = process_batch(session, &mut enc, &data, &cuts, sent, false);
                     let len = data.len() as u64;

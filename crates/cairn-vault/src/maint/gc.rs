@@ -210,7 +210,8 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
     }
     // Repack: copy live blobs (still encoded) into new containers.
     let mut builder = ContainerBuilder::new();
-    let mut encoder = Encoder::new(repo.config().compression);
+    let mut encoder = Encoder::sealing(repo.config().compression, repo.keys().cloned());
+    let keys = repo.keys().map(|k| &**k);
     let mut new_containers = Vec::new();
     let mut copied: HashSet<Digest> = HashSet::new();
     let flush = |b: ContainerBuilder, out: &mut Vec<_>| -> Result<()> {
@@ -243,14 +244,16 @@ pub fn gc(repo: &Repository, dry_run: bool) -> Result<GcPlan> {
                         data.len()
                     ))
                 })?;
-            if superseded.contains(&(*c, r.offset)) {
+            // A sealed frame is sorted out only with the key; without it, it is kept whole.
+            if superseded.contains(&(*c, r.offset)) && (!r.codec.is_sealed() || keys.is_some()) {
                 // Damaged here, stored again elsewhere: keep only the intact members.
-                let Ok(plain) = codec::decode_frame(r.codec, blob, r.frame_len as usize, &r.digest)
+                let Ok(plain) =
+                    codec::decode_frame(keys, r.codec, blob, r.frame_len as usize, &r.digest)
                 else {
                     continue;
                 };
                 for m in f {
-                    let Ok(piece) = codec::member_of(&plain, m.member(), &m.digest) else {
+                    let Ok(piece) = codec::member_of(keys, &plain, m.member(), &m.digest) else {
                         continue;
                     };
                     if liveness.live.contains(&m.digest) && copied.insert(m.digest) {

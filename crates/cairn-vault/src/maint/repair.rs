@@ -87,7 +87,7 @@ fn rebuild_trailers(repo: &Repository, dry_run: bool, rep: &mut RepairReport) ->
                 .insert((l.offset, l.inner), (d, l));
         }
     }
-    let mut encoder = Encoder::new(repo.config().compression);
+    let mut encoder = Encoder::sealing(repo.config().compression, repo.keys().cloned());
     for c in damaged {
         let entries: Vec<(Digest, Location)> =
             known.remove(&c).unwrap_or_default().into_values().collect();
@@ -139,14 +139,16 @@ fn copy_frame(
         rep.segments_lost += members.len();
         return 0;
     };
-    let Ok(frame) = codec::decode_frame(l.codec, stored, l.frame_len as usize, &members[0].0)
+    let keys = encoder.keys().cloned();
+    let keys = keys.as_deref();
+    let Ok(frame) = codec::decode_frame(keys, l.codec, stored, l.frame_len as usize, &members[0].0)
     else {
         rep.segments_lost += members.len();
         return 0;
     };
     let intact: Vec<&(Digest, Location)> = members
         .iter()
-        .filter(|(d, m)| codec::member_of(&frame, m.member(), d).is_ok())
+        .filter(|(d, m)| codec::member_of(keys, &frame, m.member(), d).is_ok())
         .collect();
     rep.segments_lost += members.len() - intact.len();
     // A frame whose members are all known and intact is copied whole, bytes unchanged.
@@ -232,6 +234,7 @@ fn rebuild_manifest(repo: &Repository, d: &DamagedSnapshot) -> Result<Option<Sna
         parent: None,
         stats: Default::default(),
         labels: [("recovered".to_string(), "by cairn repo repair".to_string())].into(),
+        sealed: None,
         checksum: None,
     };
     m.created_ms = m.created * 1000;

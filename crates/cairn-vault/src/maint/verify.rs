@@ -4,6 +4,7 @@
 //! |---|---|
 //! | config | parses, and its backup copy (if any) agrees |
 //! | containers | footer and trailer checksum; with `read_data`, every frame decoded and every segment re-hashed |
+//! | sealed frames (encrypted) | always, without the key: layout and keyless checksum of every frame; with `read_data` and the key: every frame opened and every segment's keyed fingerprint checked |
 //! | index (local cache) | every page against its checksum; every entry names a frame some container record confirms; every container record is findable. A damaged run is rebuilt from the containers |
 //! | snapshot manifests | parse, checksum, size against the recipe, id against the object's name |
 //! | recipe trees | every node decodes, every segment it names has an intact copy |
@@ -16,9 +17,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use cairn_chunk::FrameCache;
 use cairn_chunk::format::CONTAINER_MAGIC;
-use cairn_chunk::recipe::Node;
-use cairn_chunk::{EntryKind, FrameCache};
 use cairn_types::{ContainerId, Digest};
 
 use crate::error::{Result, VaultError};
@@ -86,7 +86,9 @@ impl VerifyReport {
 }
 
 /// Verifies the repository. With `read_data`, every blob of every container is decoded and
-/// re-hashed; without, only container trailers, the index and trees are checked.
+/// re-hashed; without, only container trailers, the index and trees are checked. In an
+/// encrypted repository every sealed frame's ciphertext is checked in any case (no key
+/// needed); its plaintext only with `read_data` and the key.
 pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
     let mut rep = VerifyReport::default();
     check_config(repo, &mut rep);
@@ -122,7 +124,7 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
                 known
             }
         };
-        let data = if read_data {
+        let data = if read_data || repo.is_encrypted() {
             match repo.store().get(&container_key(c)) {
                 Ok(b) => Some(b),
                 Err(e) => {
@@ -140,6 +142,7 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
             rep.damage(Some(*c), why);
         }
         let mut frames = FrameCache::new();
+        let open = read_data && repo.keys().is_some();
         let mut damaged_here = 0u64;
         for (d, loc) in &recs {
             records_seen.insert((*d, *c, loc.offset));
@@ -149,8 +152,17 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
                     loc.offset as usize + loc.stored_len as usize,
                 );
                 let got = match bytes.get(from..to) {
+                    Some(blob) if loc.codec.is_sealed() && !open => {
+                        cairn_chunk::crypto::check_sealed(blob)
+                            .map(|_| Vec::new())
+                            .map_err(|source| VaultError::Format {
+                                container: *c,
+                                source,
+                            })
+                    }
                     Some(blob) => frames
                         .member(
+                            repo.keys().map(|k| &**k),
                             (loc.container, loc.offset),
                             loc.codec,
                             blob,
@@ -343,15 +355,11 @@ fn tree_missing(
     if let Some(&n) = memo.get(d) {
         return n;
     }
-    let n = match repo.read_node(d) {
-        Ok(Node::Leaf(es)) => es
+    let n = match repo.node_refs(d) {
+        Ok((0, data)) => data.iter().filter(|d| !good.contains_key(d)).count() as u64,
+        Ok((_, children)) => children
             .iter()
-            .filter(|e| e.kind == EntryKind::Data)
-            .filter(|e| !good.contains_key(&e.digest))
-            .count() as u64,
-        Ok(Node::Inner { children, .. }) => children
-            .iter()
-            .map(|c| tree_missing(repo, &c.digest, good, memo, damage))
+            .map(|c| tree_missing(repo, c, good, memo, damage))
             .sum(),
         Err(e) => {
             damage.push(Damage {

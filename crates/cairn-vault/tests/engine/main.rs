@@ -9,6 +9,7 @@ use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
 use rand::{RngCore, SeedableRng};
 
 mod damage;
+mod encrypted;
 mod flips;
 mod retention;
 
