@@ -1,9 +1,7 @@
 //! End-to-end tests of the storage agent against real qemu-img/qemu-nbd, loop-mounted XFS and
 //! btrfs, a local vault and a vault service in another process. Run as root, serially:
 //! `cargo test -p cairn-storage -- --test-threads=1`.
-
 mod common;
-
 use std::path::Path;
 use std::time::Instant;
 
@@ -181,8 +179,7 @@ fn qcow2_frozen_base_and_overlay_map() {
         &want,
         "qcow2 restore",
     );
-    // Written by Cairn's own qcow2 writer: QEMU finds it clean.
-    let check = sh("qemu-img", &["check", "-f", "qcow2", q.to_str().unwrap()]);
+    let check = sh("qemu-img", &["check", "-f", "qcow2", q.to_str().unwrap()]); // our writer's
     assert!(check.contains("No errors were found"), "{check}");
     println!(
         "overlay incremental: read {} bytes, sent {} bytes; qcow2 restore {rep:?}",
