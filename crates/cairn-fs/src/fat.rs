@@ -18,6 +18,7 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use cairn_types::ReadAt;
+use cairn_types::time::days_from_civil;
 
 use crate::format::*;
 use crate::util::{Sink, alloc, join, le16, le32, read_exact};
@@ -414,17 +415,6 @@ fn parse_dir(buf: &[u8]) -> Vec<DirEntry> {
         });
     }
     out
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// A FAT date and time (and 10 ms units) as Unix nanoseconds; `None` for an unset date.

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cairn_chunk::recipe::Node;
 use cairn_chunk::{Entry, Keys};
 use cairn_http::{Client, ClientError, Trust};
 use cairn_types::{Digest, SessionId, SnapshotId};
@@ -79,41 +78,7 @@ impl RemoteVault {
 
     /// Reads a recipe tree here, level by level (the service cannot open sealed nodes).
     fn walk_tree(&self, s: &SnapshotManifest) -> Result<(Vec<Entry>, Vec<Digest>)> {
-        let mut nodes = Vec::new();
-        let mut digests = vec![s.root.digest];
-        let mut level = s.root.level;
-        loop {
-            let blobs = self.fetch(&digests)?;
-            nodes.extend_from_slice(&digests);
-            let (mut next, mut out) = (Vec::new(), Vec::new());
-            for (d, b) in digests.iter().zip(blobs) {
-                let node = Node::decode(&b)
-                    .map_err(|e| VaultError::Corrupt(format!("tree node {d:?}: {e}")))?;
-                if node.level() != level {
-                    return Err(VaultError::Corrupt(format!(
-                        "tree node {d:?}: level {} where {level} was expected",
-                        node.level()
-                    )));
-                }
-                match node {
-                    Node::Leaf(e) => out.extend(e),
-                    Node::Inner { children, .. } => next.extend(children.iter().map(|c| c.digest)),
-                }
-            }
-            if level == 0 {
-                if out.len() as u64 != s.root.entries {
-                    return Err(VaultError::Corrupt(format!(
-                        "snapshot {}: recipe has {} entries, manifest says {}",
-                        s.id,
-                        out.len(),
-                        s.root.entries
-                    )));
-                }
-                return Ok((out, nodes));
-            }
-            digests = next;
-            level -= 1;
-        }
+        crate::repo::walk_recipe(s, |d| self.fetch(d))
     }
     /// Connects and checks the token with a config request.
     pub fn connect(base: &str, token: &str, trust: &Trust) -> Result<Self> {

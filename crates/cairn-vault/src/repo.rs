@@ -786,42 +786,7 @@ impl Repository {
 
     /// [`entries`](Self::entries), plus the digests of every tree node read on the way.
     pub fn entries_and_nodes(&self, s: &SnapshotManifest) -> Result<(Vec<Entry>, Vec<Digest>)> {
-        let mut nodes = Vec::new();
-        let mut level_digests = vec![s.root.digest];
-        let mut level = s.root.level;
-        loop {
-            let blobs = self.read_many(&level_digests)?;
-            nodes.extend_from_slice(&level_digests);
-            let mut next = Vec::new();
-            let mut out = Vec::new();
-            for (d, b) in level_digests.iter().zip(blobs) {
-                let node = Node::decode(&b)
-                    .map_err(|e| VaultError::Corrupt(format!("tree node {d:?}: {e}")))?;
-                if node.level() != level {
-                    return Err(VaultError::Corrupt(format!(
-                        "tree node {d:?}: level {} where {level} was expected",
-                        node.level()
-                    )));
-                }
-                match node {
-                    Node::Leaf(e) => out.extend(e),
-                    Node::Inner { children, .. } => next.extend(children.iter().map(|c| c.digest)),
-                }
-            }
-            if level == 0 {
-                if out.len() as u64 != s.root.entries {
-                    return Err(VaultError::Corrupt(format!(
-                        "snapshot {}: recipe has {} entries, manifest says {}",
-                        s.id,
-                        out.len(),
-                        s.root.entries
-                    )));
-                }
-                return Ok((out, nodes));
-            }
-            level_digests = next;
-            level -= 1;
-        }
+        walk_recipe(s, |d| self.read_many(d))
     }
 
     /// Every blob digest a snapshot reaches (tree nodes and data), for GC marking.
@@ -865,6 +830,51 @@ impl Repository {
             return self.drop_retention(&id);
         }
         Ok(self.store.delete(&key)?)
+    }
+}
+
+/// Reads a snapshot's recipe tree level by level, each level with one batched `read` (tree
+/// nodes of a backup sit together in its tree containers): its entries, in order, and the
+/// digests of every node read on the way.
+pub(crate) fn walk_recipe(
+    s: &SnapshotManifest,
+    read: impl Fn(&[Digest]) -> Result<Vec<Vec<u8>>>,
+) -> Result<(Vec<Entry>, Vec<Digest>)> {
+    let mut nodes = Vec::new();
+    let mut level_digests = vec![s.root.digest];
+    let mut level = s.root.level;
+    loop {
+        let blobs = read(&level_digests)?;
+        nodes.extend_from_slice(&level_digests);
+        let mut next = Vec::new();
+        let mut out = Vec::new();
+        for (d, b) in level_digests.iter().zip(blobs) {
+            let node = Node::decode(&b)
+                .map_err(|e| VaultError::Corrupt(format!("tree node {d:?}: {e}")))?;
+            if node.level() != level {
+                return Err(VaultError::Corrupt(format!(
+                    "tree node {d:?}: level {} where {level} was expected",
+                    node.level()
+                )));
+            }
+            match node {
+                Node::Leaf(e) => out.extend(e),
+                Node::Inner { children, .. } => next.extend(children.iter().map(|c| c.digest)),
+            }
+        }
+        if level == 0 {
+            if out.len() as u64 != s.root.entries {
+                return Err(VaultError::Corrupt(format!(
+                    "snapshot {}: recipe has {} entries, manifest says {}",
+                    s.id,
+                    out.len(),
+                    s.root.entries
+                )));
+            }
+            return Ok((out, nodes));
+        }
+        level_digests = next;
+        level -= 1;
     }
 }
 
