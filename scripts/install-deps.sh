@@ -27,6 +27,8 @@ set -euo pipefail
 #   mtools            mcopy: fills FAT test images without mounting
 #   ntfs-3g           mkntfs: NTFS test images for cairn-fs
 #   wimtools          wimlib-imagex capture/apply: fills NTFS test images without mounting
+#   lvm2              pvcreate/vgcreate/lvcreate/vgcfgrestore: LVM test images (never activated)
+#   cryptsetup-bin    cryptsetup luksFormat: a LUKS volume the catalog must name, not read
 #   fdisk             sfdisk: GPT and MBR partition tables on plain image files
 #   libvirt-*         libvirtd + virtlogd + virsh: the host agent's libvirt driver and its tests
 #   libvirt-dev       headers for the `libvirt` cargo feature (the `virt` crate links libvirt.so)
@@ -47,6 +49,8 @@ CAIRN_APT_PACKAGES="
   mtools
   ntfs-3g
   wimtools
+  lvm2
+  cryptsetup-bin
   fdisk
   libvirt-daemon-system
   libvirt-daemon-driver-qemu

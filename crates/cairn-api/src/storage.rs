@@ -550,13 +550,16 @@ pub struct ReadStats {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScannedVolume {
-    /// `whole` or `pN`.
+    /// `whole`, `pN`, or `VG-LV` for an LVM logical volume.
     pub volume: String,
     pub partition: Partition,
     /// False when damage cut the listing short (see `errors`).
     pub complete: bool,
     pub errors: Vec<String>,
     pub files: Vec<FileEntry>,
+    /// Found but not read, and why (an encrypted volume, swap, a thin LV, unknown contents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_indexed: Option<String>,
 }
 
 /// Everything a scan found in one snapshot.

@@ -46,8 +46,14 @@ pub enum CatalogError {
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
 
 /// The migrations, in order: (version, name, SQL).
-pub const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "backup_volumes",
+        include_str!("../migrations/0002_backup_volumes.sql"),
+    ),
+];
 
 /// Applies the migrations `conn` lacks. Returns the versions applied.
 pub fn migrate(conn: &mut Connection) -> Result<Vec<i64>> {
@@ -178,6 +184,7 @@ fn backup_row(r: &rusqlite::Row<'_>) -> Result<BackupRecord> {
         attributes: from_json("attributes", &text(16)?)?,
         disks: Vec::new(),
         metadata: None,
+        volumes: None,
     })
 }
 
@@ -499,13 +506,40 @@ impl Catalog {
 
     /// Removes a backup record (its vault snapshots are the caller's to prune).
     pub fn delete_backup(&self, id: &str) -> Result<()> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM backups WHERE id = $1", params![id])?;
+        let c = self.conn();
+        let n = c.execute("DELETE FROM backups WHERE id = $1", params![id])?;
         if n == 0 {
             return Err(CatalogError::NotFound(format!("backup {id}")));
         }
+        c.execute(
+            "DELETE FROM backup_volumes WHERE backup_id = $1",
+            params![id],
+        )?;
         Ok(())
+    }
+
+    /// Records what indexing found on the disks of backup `id` (replaces an earlier record).
+    pub fn set_backup_volumes(&self, id: &str, volumes: &[IndexedVolume]) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO backup_volumes (backup_id, indexed_ms, volumes) VALUES ($1, $2, $3)
+             ON CONFLICT (backup_id) DO UPDATE SET indexed_ms = excluded.indexed_ms,
+                volumes = excluded.volumes",
+            params![id, now_ms(), json(&volumes)],
+        )?;
+        Ok(())
+    }
+
+    /// What indexing found on the disks of backup `id`; `None` before it was indexed.
+    pub fn backup_volumes(&self, id: &str) -> Result<Option<Vec<IndexedVolume>>> {
+        let s: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT volumes FROM backup_volumes WHERE backup_id = $1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        s.map(|s| from_json("backup volumes", &s)).transpose()
     }
 
     // ---- jobs ------------------------------------------------------------------------------

@@ -4,6 +4,6 @@
 //! [`crate::CatalogError::Decode`] naming it, never a default.
 
 pub use cairn_api::server::{
-    BackupDisk, BackupRecord, Hold, JobEvent, JobKind, JobRecord, JobResult, JobState,
-    MetadataSnapshot, Retention, Schedule, TimestampId, VmSummary,
+    BackupDisk, BackupRecord, Hold, IndexedVolume, JobEvent, JobKind, JobRecord, JobResult,
+    JobState, MetadataSnapshot, Retention, Schedule, TimestampId, VmSummary,
 };

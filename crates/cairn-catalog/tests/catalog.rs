@@ -49,6 +49,7 @@ fn backup(id: &str, vm: &str, ts: &str, created: i64) -> BackupRecord {
             rdm: None,
         }],
         metadata: None,
+        volumes: None,
     }
 }
 
@@ -117,7 +118,23 @@ fn backups_round_trip_and_are_atomic() {
         c.insert_backup(&backup("2123456789abcdef", "web1", "nope", 7))
             .is_err()
     );
+    // What indexing found, the volumes it could not read included; replaced on re-index and
+    // removed with the backup.
+    assert_eq!(c.backup_volumes(b.id.as_ref()).unwrap(), None);
+    let luks = IndexedVolume {
+        disk: "vdb".into(),
+        volume: "p2".into(),
+        files: 0,
+        complete: false,
+        fs: "Luks".into(),
+        not_indexed: Some("LUKS encrypted volume (no key)".into()),
+    };
+    c.set_backup_volumes(b.id.as_ref(), &[luks.clone()]).unwrap();
+    c.set_backup_volumes(b.id.as_ref(), std::slice::from_ref(&luks))
+        .unwrap();
+    assert_eq!(c.backup_volumes(b.id.as_ref()).unwrap(), Some(vec![luks]));
     c.delete_backup(&b.id).unwrap();
+    assert_eq!(c.backup_volumes(b.id.as_ref()).unwrap(), None);
     assert_eq!(c.orphan_metadata().unwrap().len(), 1);
 }
 

@@ -470,7 +470,15 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
             let v = c.files_ls(&backup, &path)?;
             out(conn, &v, |v| {
                 for f in v {
-                    row(f.kind.as_str(), f.size, "", &f.path);
+                    match &f.not_indexed {
+                        Some(why) => row(
+                            f.kind.as_str(),
+                            None,
+                            "",
+                            &format!("{}  (not indexed: {why})", f.path),
+                        ),
+                        None => row(f.kind.as_str(), f.size, "", &f.path),
+                    }
                 }
             })?;
         }

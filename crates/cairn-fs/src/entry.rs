@@ -23,8 +23,46 @@ pub enum FsKind {
     Fat16,
     Fat32,
     Ntfs,
-    /// Nothing this crate can read.
+    /// An LVM2 physical volume: its logical volumes are volumes of their own.
+    LvmPv,
+    /// Detected, never read: the reason is [`FsKind::not_read_reason`].
+    Luks,
+    BitLocker,
+    Swap,
+    Zfs,
+    MdRaid,
+    /// The first 64 KiB are zeros.
+    Blank,
+    /// Nothing this crate can read or recognise.
     Unknown,
+}
+
+impl FsKind {
+    /// Why a volume of this kind is not listed (`None` for the file systems this crate reads
+    /// and for LVM physical volumes, which are read through their logical volumes).
+    pub fn not_read_reason(self) -> Option<&'static str> {
+        Some(match self {
+            Self::Luks => "LUKS encrypted volume (no key)",
+            Self::BitLocker => "BitLocker encrypted volume (no key)",
+            Self::Swap => "swap space",
+            Self::Zfs => "ZFS pool member (ZFS is not read)",
+            Self::MdRaid => "md-raid member (arrays are not assembled)",
+            Self::Blank => "blank (no data in its first 64 KiB)",
+            Self::Unknown => "unknown contents (no file system this reader knows)",
+            _ => return None,
+        })
+    }
+}
+
+/// One piece of a logical volume: `length` bytes from `lv_offset`, spread over `stripes`
+/// (disk byte offsets where each stripe's area starts) in chunks of `stripe_size` bytes; a
+/// linear piece has one stripe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LvSegment {
+    pub lv_offset: u64,
+    pub length: u64,
+    pub stripe_size: u64,
+    pub stripes: Vec<u64>,
 }
 
 /// The partition type as the table states it.
@@ -36,6 +74,13 @@ pub enum PartitionType {
     Gpt(String),
     /// The whole disk (no table).
     WholeDisk,
+    /// An LVM2 logical volume, assembled from physical volumes on this disk; `segments` map
+    /// its bytes to the disk (empty when it cannot be read, see [`Partition::note`]).
+    LogicalVolume {
+        vg: String,
+        lv: String,
+        segments: Vec<LvSegment>,
+    },
 }
 
 /// One partition (or the whole disk when there is no table).
@@ -58,6 +103,25 @@ pub struct Partition {
     /// MBR active (boot) flag.
     pub bootable: bool,
     pub fs: FsKind,
+    /// Why this volume cannot be listed although its kind could be (a thin or snapshot
+    /// logical volume, one on a physical volume missing from this disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Partition {
+    /// Whether [`crate::walk`] can list it.
+    pub fn readable(&self) -> bool {
+        self.note.is_none() && self.fs.not_read_reason().is_none() && self.fs != FsKind::LvmPv
+    }
+
+    /// Why it is not listed, for the catalog's "not indexed: …"; `None` when it is readable
+    /// and for an LVM physical volume whose logical volumes were all found on this disk.
+    pub fn not_indexed_reason(&self) -> Option<String> {
+        self.note
+            .clone()
+            .or_else(|| self.fs.not_read_reason().map(str::to_string))
+    }
 }
 
 /// Partition table and partitions of a disk image.

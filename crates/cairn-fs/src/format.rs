@@ -105,5 +105,45 @@ pub const NTFS_REPARSE_TAG_MOUNT_POINT: u32 = 0xA000_0003;
 /// Seconds between 1601-01-01 and 1970-01-01 (NTFS times count 100 ns from 1601).
 pub const NTFS_EPOCH_DELTA_SECS: i64 = 11_644_473_600;
 
+// ---- LVM2 (physical-volume label, metadata area header) ----
+/// The label sits in one of the first four 512-byte sectors of a physical volume.
+pub const LVM_LABEL_SECTORS: u64 = 4;
+pub const LVM_SECTOR: u64 = 512;
+pub const LVM_LABEL_ID: [u8; 8] = *b"LABELONE";
+pub const LVM_LABEL_TYPE: [u8; 8] = *b"LVM2 001";
+/// The label header's CRC covers the sector from this offset (after the CRC field).
+pub const LVM_LABEL_CRC_FROM: usize = 20;
+/// Seed of LVM2's CRC-32 (reflected, no final inversion).
+pub const LVM_CRC_INIT: u32 = 0xf597_a6cf;
+/// Length of a PV uuid on disk (no dashes).
+pub const LVM_ID_LEN: usize = 32;
+pub const LVM_MDA_MAGIC: [u8; 16] = *b" LVM2 x[5A%r0N*>";
+pub const LVM_MDA_HEADER_LEN: u64 = 512;
+pub const LVM_MDA_VERSION: u32 = 1;
+/// `raw_locn.flags`: this copy of the metadata is to be ignored.
+pub const LVM_RAW_LOCN_IGNORED: u32 = 0x1;
+/// Largest text metadata read (LVM's own default area is 1 MiB).
+pub const LVM_MAX_METADATA: u64 = 16 << 20;
+/// Deepest section nesting and most values accepted in text metadata.
+pub const LVM_MAX_TEXT_DEPTH: usize = 16;
+pub const LVM_MAX_TEXT_ITEMS: usize = 1 << 20;
+
+// ---- contents that are detected but not read ----
+pub const LUKS_MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+/// OEM id at byte 3 of a BitLocker volume's boot sector.
+pub const BITLOCKER_OEM: [u8; 8] = *b"-FVE-FS-";
+/// Swap signatures end the first 4 KiB page.
+pub const SWAP_MAGICS: [&[u8; 10]; 2] = [b"SWAPSPACE2", b"SWAP-SPACE"];
+pub const SWAP_MAGIC_OFFSET: u64 = 4096 - 10;
+/// md-raid superblock magic (little-endian) at 4 KiB (v1.2) or 0 (v1.1), near the end (v1.0,
+/// 0.90).
+pub const MD_MAGIC: u32 = 0xa92b_4efc;
+pub const MD_V12_OFFSET: u64 = 4096;
+/// ZFS: the first uberblock of vdev label 0 at 128 KiB, magic in either byte order.
+pub const ZFS_UBERBLOCK_OFFSET: u64 = 128 << 10;
+pub const ZFS_UBERBLOCK_MAGIC: u64 = 0x00ba_b10c;
+/// A volume whose first bytes are all zero holds nothing (checked over this many bytes).
+pub const BLANK_PROBE_LEN: usize = 64 << 10;
+
 const _: () = assert!(MBR_TABLE_OFFSET + 4 * MBR_ENTRY_LEN + 2 == 512);
 const _: () = assert!(EXT_I_BLOCK_LEN == 15 * 4);

@@ -13,6 +13,7 @@
 //! | `ext` | ext2/3/4: extents, indirect maps, htree and inline directories, in-memory jbd2 replay |
 //! | `fat` | FAT12/16/32 with long names |
 //! | `ntfs` | NTFS: MFT scan, `$STANDARD_INFORMATION`, `$FILE_NAME`, `$DATA` runs, reparse-point links |
+//! | `lvm` | LVM2 labels and text metadata; linear and striped logical volumes, read in place |
 //! | `format` | every magic number and on-disk constant |
 //!
 //! All three file-system readers are our own rather than `ext4-view`, `fatfs` or `ntfs`: the
@@ -52,6 +53,7 @@ mod error;
 mod ext;
 mod fat;
 pub mod format;
+mod lvm;
 mod ntfs;
 mod part;
 mod util;
@@ -61,8 +63,8 @@ use std::ops::ControlFlow;
 
 pub use cairn_types::ReadAt;
 pub use entry::{
-    DiskLayout, FileEntry, FileExtent, FileKind, FsKind, Limits, Partition, PartitionType,
-    TableKind, WalkError, WalkReport,
+    DiskLayout, FileEntry, FileExtent, FileKind, FsKind, Limits, LvSegment, Partition,
+    PartitionType, TableKind, WalkError, WalkReport,
 };
 pub use error::{Error, ErrorKind, Result};
 
@@ -100,6 +102,37 @@ fn walk_to(
     visitor: &mut dyn FnMut(FileEntry) -> ControlFlow<()>,
     target: Option<String>,
 ) -> Result<WalkReport> {
+    if let Some(why) = partition.note.as_ref() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("not indexed: {why}"),
+        ));
+    }
+    if let PartitionType::LogicalVolume { segments, .. } = &partition.part_type {
+        // The file system sees the LV from byte 0; its extents go back to disk ranges.
+        let lv = lvm::LvReader::new(reader, segments.clone(), partition.length);
+        let inner = Partition {
+            offset: 0,
+            part_type: PartitionType::WholeDisk,
+            ..partition.clone()
+        };
+        let mut bad = Vec::new();
+        let mut mapped = |mut e: FileEntry| match lvm::map_extents(segments, &e.extents, limits) {
+            Ok(x) => {
+                e.extents = x;
+                visitor(e)
+            }
+            Err(err) => {
+                bad.push((e.path, err));
+                ControlFlow::Continue(())
+            }
+        };
+        let mut report = walk_to(&lv, &inner, limits, &mut mapped, target)?;
+        for (path, err) in bad {
+            report.error(limits, &path, err);
+        }
+        return Ok(report);
+    }
     let mut sink = util::Sink::new(visitor, limits);
     sink.target = target;
     let fs = match partition.fs {
@@ -114,10 +147,14 @@ fn walk_to(
             fat::walk(reader, partition, limits, &mut sink)?
         }
         FsKind::Ntfs => ntfs::walk(reader, partition, limits, &mut sink)?,
-        FsKind::Unknown => {
+        other => {
             return Err(Error::new(
                 ErrorKind::NotFound,
-                format!("no known file system at byte {}", partition.offset),
+                format!(
+                    "not indexed: {} (at byte {})",
+                    other.not_read_reason().unwrap_or("LVM physical volume"),
+                    partition.offset
+                ),
             ));
         }
     }

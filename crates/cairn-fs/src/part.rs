@@ -52,6 +52,7 @@ pub fn scan(r: &dyn ReadAt, limits: &Limits) -> Result<DiskLayout> {
     for p in &mut layout.partitions {
         p.fs = probe_fs(r, p.offset, p.length);
     }
+    crate::lvm::assemble(r, limits, &mut layout);
     Ok(layout)
 }
 
@@ -66,6 +67,7 @@ fn whole_disk(size: u64) -> Partition {
         logical: false,
         bootable: false,
         fs: FsKind::Unknown,
+        note: None,
     }
 }
 
@@ -82,7 +84,60 @@ pub(crate) fn probe_fs(r: &dyn ReadAt, offset: u64, length: u64) -> FsKind {
     if crate::ntfs::probe(&head[..512]) {
         return FsKind::Ntfs;
     }
-    crate::fat::probe(&head[..512]).unwrap_or(FsKind::Unknown)
+    if head[3..11] == BITLOCKER_OEM {
+        return FsKind::BitLocker;
+    }
+    if let Some(k) = crate::fat::probe(&head[..512]) {
+        return k;
+    }
+    probe_other(r, offset, length, &head[..n])
+}
+
+/// Contents that are recognised but not read: LVM physical volumes (read through their
+/// logical volumes), LUKS, swap, md-raid members, ZFS, blank volumes.
+fn probe_other(r: &dyn ReadAt, offset: u64, length: u64, head: &[u8]) -> FsKind {
+    if crate::lvm::label_in(head).is_some() {
+        return FsKind::LvmPv;
+    }
+    if head.starts_with(&LUKS_MAGIC) {
+        return FsKind::Luks;
+    }
+    let at = |pos: u64, buf: &mut [u8]| {
+        pos.checked_add(buf.len() as u64)
+            .is_some_and(|end| end <= length)
+            && r.read_exact_at(buf, offset + pos).is_ok()
+    };
+    let mut magic = [0u8; 10];
+    if at(SWAP_MAGIC_OFFSET, &mut magic) && SWAP_MAGICS.iter().any(|m| **m == magic) {
+        return FsKind::Swap;
+    }
+    // md superblocks: v1.1 at 0, v1.2 at 4 KiB, v1.0 8 KiB before the end (4 KiB aligned),
+    // 0.90 in the last 64 KiB-aligned 64 KiB.
+    let mut word = [0u8; 4];
+    let md_at = [
+        Some(0),
+        Some(MD_V12_OFFSET),
+        length.checked_sub(8192).map(|p| p & !4095),
+        (length & !0xffff).checked_sub(0x10000),
+    ];
+    for pos in md_at.into_iter().flatten() {
+        if at(pos, &mut word) && u32::from_le_bytes(word) == MD_MAGIC {
+            return FsKind::MdRaid;
+        }
+    }
+    let mut ub = [0u8; 8];
+    if at(ZFS_UBERBLOCK_OFFSET, &mut ub)
+        && (u64::from_le_bytes(ub) == ZFS_UBERBLOCK_MAGIC
+            || u64::from_be_bytes(ub) == ZFS_UBERBLOCK_MAGIC)
+    {
+        return FsKind::Zfs;
+    }
+    let mut first = vec![0u8; BLANK_PROBE_LEN];
+    let n = usize::try_from(length).map_or(BLANK_PROBE_LEN, |l| l.min(BLANK_PROBE_LEN));
+    if r.read_exact_at(&mut first[..n], offset).is_ok() && first[..n].iter().all(|b| *b == 0) {
+        return FsKind::Blank;
+    }
+    FsKind::Unknown
 }
 
 /// Tries primary then backup GPT header for each sector size; fills `layout` on success.
@@ -196,6 +251,7 @@ fn gpt_at(
             logical: false,
             bootable: false,
             fs: FsKind::Unknown,
+            note: None,
         });
     }
     Ok(Some((guid(&h[56..72]), parts)))
@@ -273,6 +329,7 @@ fn push_mbr(
         logical,
         bootable: boot == 0x80,
         fs: FsKind::Unknown,
+        note: None,
     });
 }
 
@@ -426,7 +483,13 @@ mod tests {
             let l = scan(&vec![0u8; n], &Limits::default()).unwrap();
             assert_eq!(l.table, TableKind::None);
             assert_eq!(l.partitions.len(), 1);
-            assert_eq!(l.partitions[0].fs, FsKind::Unknown);
+            // Too short to probe, or all zeros.
+            let want = if n < 512 {
+                FsKind::Unknown
+            } else {
+                FsKind::Blank
+            };
+            assert_eq!(l.partitions[0].fs, want);
         }
     }
 }

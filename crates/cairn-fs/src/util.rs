@@ -78,6 +78,12 @@ pub(crate) fn guid(b: &[u8]) -> String {
 
 /// CRC-32 (IEEE 802.3, reflected), as GPT uses it.
 pub(crate) fn crc32(data: &[u8]) -> u32 {
+    !crc32_update(!0, data)
+}
+
+/// The CRC-32 register after `data`, from `crc` and without the final inversion (LVM2 seeds
+/// it with its own initial value and stores the register as is).
+pub(crate) fn crc32_update(crc: u32, data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut t = [0u32; 256];
         let mut i = 0;
@@ -98,11 +104,11 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
         }
         t
     };
-    let mut c = !0u32;
+    let mut c = crc;
     for &b in data {
         c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
     }
-    !c
+    c
 }
 
 /// Joins a directory path and an entry name, refusing names that would break the path

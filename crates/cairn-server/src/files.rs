@@ -135,6 +135,19 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
             )))?;
         let volume_count = scan.volumes.len();
         for v in scan.volumes {
+            let fs = format!("{:?}", v.partition.fs);
+            if let Some(why) = v.not_indexed {
+                ctx.warn(format!("{}/{}: not indexed: {why}", d.disk, v.volume));
+                report.push(IndexedVolume {
+                    disk: d.disk.clone(),
+                    volume: v.volume,
+                    files: 0,
+                    complete: false,
+                    fs,
+                    not_indexed: Some(why),
+                });
+                continue;
+            }
             let (volume, complete, errors, entries) = (v.volume, v.complete, v.errors, v.files);
             if !complete {
                 ctx.warn(format!(
@@ -148,6 +161,8 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
                 volume: volume.clone(),
                 files: entries.len() as u64,
                 complete,
+                fs,
+                not_indexed: None,
             });
             volumes.push((
                 d.disk.clone(),
@@ -158,6 +173,12 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
         ctx.info(format!(
             "{}: {} volume(s) parsed in {} ms, {} B of metadata read from the vault",
             d.disk, volume_count, scan.elapsed_ms, scan.read.bytes
+        ));
+    }
+    if volumes.is_empty() {
+        ctx.warn(format!(
+            "backup {}: no volume could be indexed; its files cannot be searched",
+            b.id
         ));
     }
     let added = files
@@ -175,6 +196,7 @@ pub fn index_backup(ctx: &JobCtx<'_>, backup: &str) -> Result<JobResult> {
         "indexed {} files: {} new records, {} shared with the previous backup, {} B written",
         added.files, added.records_new, added.records_shared, added.bytes_written
     ));
+    s.catalog.set_backup_volumes(b.id.as_ref(), &report)?;
     Ok(JobResult::Index(IndexDone {
         backup: b.id.to_string(),
         already_indexed: false,
@@ -210,6 +232,7 @@ fn file_info(disk: &str, volume: &str, r: &FileRecord) -> FileInfo {
         mtime_ns: r.mtime_ns,
         link_target: r.link_target.clone(),
         extents: Some(r.extents.len() as u64),
+        not_indexed: None,
     }
 }
 
@@ -236,22 +259,39 @@ impl Server {
         let (disk, volume, rest) = split(path);
         let (Some(disk), Some(volume)) = (disk, volume) else {
             let vols = files.volumes(&b.id).map_err(index_err)?;
-            return Ok(vols
+            let volume = |disk: &str, volume: &str, files, not_indexed| FileInfo {
+                path: format!("/{disk}/{volume}"),
+                kind: EntryKind::Volume,
+                files,
+                size: None,
+                mode: None,
+                uid: None,
+                gid: None,
+                mtime_ns: None,
+                link_target: None,
+                extents: None,
+                not_indexed,
+            };
+            let mut out: Vec<FileInfo> = vols
                 .iter()
                 .filter(|v| disk.is_none_or(|d| d == v.disk))
-                .map(|v| FileInfo {
-                    path: format!("/{}/{}", v.disk, v.volume),
-                    kind: EntryKind::Volume,
-                    files: Some(v.files),
-                    size: None,
-                    mode: None,
-                    uid: None,
-                    gid: None,
-                    mtime_ns: None,
-                    link_target: None,
-                    extents: None,
-                })
-                .collect());
+                .map(|v| volume(&v.disk, &v.volume, Some(v.files), None))
+                .collect();
+            // The volumes that were found but not indexed, with the reason.
+            let skipped = self
+                .catalog
+                .backup_volumes(b.id.as_ref())?
+                .unwrap_or_default();
+            out.extend(
+                skipped
+                    .into_iter()
+                    .filter(|v| disk.is_none_or(|d| d == v.disk))
+                    .filter_map(|v| {
+                        let why = v.not_indexed?;
+                        Some(volume(&v.disk, &v.volume, None, Some(why)))
+                    }),
+            );
+            return Ok(out);
         };
         let list = files.list(&b.id, disk, volume, &rest).map_err(index_err)?;
         Ok(list.iter().map(|r| file_info(disk, volume, r)).collect())

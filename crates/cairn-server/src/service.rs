@@ -104,6 +104,7 @@ async fn backup(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Re
     blocking(StatusCode::OK, move || {
         let mut b = s.catalog.backup(&id)?;
         b.metadata = s.catalog.metadata(&b.timestamp_id).ok();
+        b.volumes = s.catalog.backup_volumes(b.id.as_ref()).ok().flatten();
         Ok(b)
     })
     .await

@@ -512,6 +512,7 @@ pub fn finish(ctx: &JobCtx<'_>, b: Backed<'_>) -> Result<BackupRecord> {
         attributes: attributes(b.loc),
         disks: b.disks,
         metadata: None,
+        volumes: None,
     };
     ctx.app.catalog.insert_backup(&r)?;
     crate::files::queue_index(ctx, &r.id);

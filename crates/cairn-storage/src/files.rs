@@ -8,8 +8,10 @@
 //! - [`StorageAgent::read_file`]: one file's bytes, fetching only the segments that cover its
 //!   extents; the returned [`ReadStats`] prove it.
 //!
-//! A volume is named `whole` on an unpartitioned disk and `pN` (the partition's index)
-//! otherwise. A damaged file system yields a partial listing with its errors, never a panic.
+//! A volume is named `whole` on an unpartitioned disk, `pN` (the partition's index)
+//! otherwise, and `VG-LV` for an LVM logical volume. A volume that holds nothing readable
+//! (encrypted, swap, a thin LV, unknown contents) is listed with the reason and no files. A
+//! damaged file system yields a partial listing with its errors, never a panic.
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use cairn_fs::{DiskLayout, FileEntry, FsKind, Limits, Partition, TableKind};
+use cairn_fs::{DiskLayout, FileEntry, Limits, Partition, PartitionType, TableKind};
 use cairn_vault::Vault;
 use cairn_vault::reader::{ReadStats, SnapshotReader};
 
@@ -26,9 +28,12 @@ use crate::error::{Result, StorageError};
 
 pub use cairn_api::storage::{ScanResult, ScannedVolume};
 
-/// The volume name of a partition.
+/// The volume name of a partition: `whole`, `pN`, or `VG-LV` for an LVM logical volume
+/// (dashes inside either name doubled, as device-mapper names it: `rhel-root`).
 pub fn volume_name(layout: &DiskLayout, p: &Partition) -> String {
-    if layout.table == TableKind::None {
+    if let PartitionType::LogicalVolume { vg, lv, .. } = &p.part_type {
+        format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+    } else if layout.table == TableKind::None {
         "whole".into()
     } else {
         format!("p{}", p.index)
@@ -53,11 +58,23 @@ impl StorageAgent {
         let limits = Limits::default();
         let mut volumes = Vec::new();
         for p in &layout.partitions {
-            if p.fs == FsKind::Unknown {
+            let volume = volume_name(&layout, p);
+            if !p.readable() {
+                // Named with the reason, never silently skipped; an LVM physical volume
+                // whose logical volumes were found is covered by them.
+                if let Some(why) = p.not_indexed_reason() {
+                    volumes.push(ScannedVolume {
+                        volume,
+                        partition: p.clone(),
+                        complete: false,
+                        errors: Vec::new(),
+                        files: Vec::new(),
+                        not_indexed: Some(why),
+                    });
+                }
                 continue;
             }
             let mut files = Vec::new();
-            let volume = volume_name(&layout, p);
             let (complete, errors) = match cairn_fs::walk(&reader, p, &limits, |e| {
                 files.push(e);
                 ControlFlow::Continue(())
@@ -74,6 +91,7 @@ impl StorageAgent {
                 complete,
                 errors,
                 files,
+                not_indexed: None,
             });
         }
         let read = reader.stats();

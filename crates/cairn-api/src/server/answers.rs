@@ -233,7 +233,7 @@ pub struct IndexDone {
     pub bytes_written: u64,
 }
 
-/// One parsed volume of an [`IndexDone`].
+/// One volume of an [`IndexDone`]: parsed, or found and named but not indexed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IndexedVolume {
@@ -242,6 +242,13 @@ pub struct IndexedVolume {
     pub files: u64,
     /// False when the file system was only partly readable.
     pub complete: bool,
+    /// What the volume holds (`Ext4`, `Xfs`, `Luks`, `Swap`, …).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fs: String,
+    /// Why nothing of it is indexed (`LUKS encrypted volume (no key)`, `thin volume in pool
+    /// …`); `None` for a volume that was parsed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_indexed: Option<String>,
 }
 
 /// What an entry of a file listing is: a volume (file system) of a disk, or one of its files.
@@ -304,6 +311,9 @@ pub struct FileInfo {
     /// Runs of the file on the disk image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extents: Option<u64>,
+    /// A volume that was found but not indexed: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_indexed: Option<String>,
 }
 
 /// One hit of `GET /v1/files/find`.

@@ -105,6 +105,10 @@ pub struct BackupRecord {
     /// catalog keeps it in its own table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<MetadataSnapshot>,
+    /// What the file catalog found on each disk, indexed or not and why: set in the answer
+    /// of `GET /v1/backups/{id}` once the backup is indexed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<super::IndexedVolume>>,
 }
 
 /// One disk of a backup.

@@ -49,11 +49,17 @@ fn every_flow_with_each_role_in_its_own_process() {
     );
 
     // Two VMs on host h1, disks on storage agent s1.
+    // vm2 also has a disk with an LVM logical volume and a LUKS volume (file catalog coverage).
     for name in ["vm1", "vm2"] {
         let d = disk(t, name);
+        let mut disks = vec![json!({"id": "vda", "path": d, "format": "qcow2"})];
+        if name == "vm2" {
+            let lvm = lvm_luks_disk(t, "vm2-b");
+            disks.push(json!({"id": "vdb", "path": lvm, "format": "qcow2"}));
+        }
         let spec = json!({
             "name": name, "vcpus": 1, "memory_mib": 192,
-            "disks": [{"id": "vda", "path": d, "format": "qcow2"}],
+            "disks": disks,
             "boot": g.boot(),
         });
         let _: Value = m.post_json("/v1/hosts/h1/vms", &spec).unwrap();
@@ -170,6 +176,43 @@ fn every_flow_with_each_role_in_its_own_process() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Coverage: vm2's second disk lists its logical volume's files and names the LUKS volume
+    // it could not read, in `files ls` and in the backup's record.
+    let b2: Value = s.get_json("/v1/backups?vm=vm2").unwrap();
+    let b2 = b2[0]["id"].as_str().unwrap().to_string();
+    let (ok, ls) = cli(&conn, &["files", "ls", &b2, "/vdb"]);
+    assert!(ok, "{ls}");
+    let ls = ls.as_array().unwrap();
+    let lv = ls
+        .iter()
+        .find(|v| v["path"].as_str().unwrap().ends_with("-files"));
+    assert!(lv.is_some_and(|v| v["files"].as_u64() > Some(0)), "{ls:#?}");
+    let luks = ls
+        .iter()
+        .find(|v| v["path"] == "/vdb/p2")
+        .expect("p2 listed");
+    assert!(
+        luks["not_indexed"].as_str().unwrap().contains("LUKS"),
+        "{luks}"
+    );
+    let lv_root = format!("{}/", lv.unwrap()["path"].as_str().unwrap());
+    let (ok, f) = cli(&conn, &["files", "ls", &b2, &lv_root]);
+    let f = f.as_array().unwrap();
+    assert!(
+        ok && f
+            .iter()
+            .any(|e| e["path"].as_str().unwrap().ends_with("/lvm.txt") && e["size"] == 24),
+        "{f:#?}"
+    );
+    let rec: Value = s.get_json(&format!("/v1/backups/{b2}")).unwrap();
+    let vols = rec["volumes"]
+        .as_array()
+        .expect("the record lists its volumes");
+    assert!(
+        vols.iter()
+            .any(|v| v["disk"] == "vdb" && v["fs"] == "Luks" && v["not_indexed"].is_string()),
+        "{rec:#}"
+    );
     let (ok, hits) = cli(&conn, &["files", "find", "new.bin", "--vm", "vm1"]);
     assert!(ok, "{hits}");
     let hits = hits.as_array().unwrap();

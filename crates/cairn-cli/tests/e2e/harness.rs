@@ -268,6 +268,73 @@ pub fn disk(dir: &Path, name: &str) -> PathBuf {
     out
 }
 
+/// A second disk for the file catalog's coverage: GPT, an LVM physical volume on `p1` whose
+/// linear logical volume `data/files` holds ext4 with `lvm.txt`, and a LUKS2 volume on `p2`.
+/// Made by the real tools (lvm2 with activation off, since device-mapper is missing here;
+/// cryptsetup on a plain file) and converted to qcow2 in the datastore.
+pub fn lvm_luks_disk(dir: &Path, name: &str) -> PathBuf {
+    let sh = |script: &str| {
+        let out = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let raw = dir.join(format!("{name}.raw"));
+    let src = dir.join(format!("src-{name}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("lvm.txt"), "inside a logical volume\n").unwrap();
+    let vg = format!("cairne{}", std::process::id());
+    // p1: 24 MiB from 1 MiB; p2: 16 MiB after it.
+    let (p1, p2) = (1u64 << 20, 25u64 << 20);
+    let script = format!(
+        r#"truncate -s 48M {raw}
+printf 'label: gpt\nstart=2048, size=49152\nstart=51200, size=32768\n' | sfdisk -q {raw}
+dev=$(losetup -f --show -o {p1} --sizelimit $((24<<20)) {raw})
+trap 'losetup -d $dev' EXIT
+cfg="global {{ activation = 0 }} backup {{ backup = 0 archive = 0 }} devices {{ obtain_device_list_from_udev = 0 use_devicesfile = 0 filter = [ \"a|^$dev\$|\", \"r|.*|\" ] }}"
+pvcreate --config "$cfg" -q -ff -y $dev >/dev/null
+vgcreate --config "$cfg" -q {vg} $dev >/dev/null
+lvcreate --config "$cfg" -q -an -Zn -l 100%FREE -n files {vg} >/dev/null 2>&1
+pvs --config "$cfg" --noheadings -o pe_start --units b --nosuffix $dev"#,
+        raw = raw.display()
+    );
+    let pe_start: u64 = sh(&script).trim().parse().unwrap();
+    // The LV is linear from the PV's first extent: ext4 goes right there.
+    sh(&format!(
+        "mke2fs -q -F -t ext4 -d {src} -E offset={off} {raw} 8M",
+        src = src.display(),
+        off = p1 + pe_start,
+        raw = raw.display()
+    ));
+    let luks = dir.join(format!("{name}.luks"));
+    sh(&format!(
+        "truncate -s 16M {l} && echo -n secret | cryptsetup luksFormat -q --type luks2 \
+         --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file - {l} && \
+         dd if={l} of={raw} bs=1M seek={seek} conv=notrunc status=none",
+        l = luks.display(),
+        raw = raw.display(),
+        seek = p2 >> 20
+    ));
+    let out = dir.join("ds").join(format!("{name}.qcow2"));
+    assert!(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success()
+    );
+    out
+}
+
 pub fn wait_job(c: &Client, id: &str) -> Value {
     let t = Instant::now();
     loop {
