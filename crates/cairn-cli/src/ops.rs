@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cairn_api::client::FindFiles;
 use cairn_api::server::{
-    JobRecord, JobState, PutSchedule, RestoreFileInto, RestoreParams, Retention, StartBackup,
-    StartPrune,
+    JobRecord, JobState, PutSchedule, RestoreFileInto, RestoreFileIntoGuest, RestoreParams,
+    Retention, StartBackup, StartPrune,
 };
 use cairn_api::{ServerApi, ServerClient};
 use cairn_http::Trust;
@@ -449,8 +449,15 @@ pub enum FilesCmd {
         path: String,
         out: PathBuf,
         /// `[AGENT:]DATASTORE` to restore into (OUT is then relative to it).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "into_guest")]
         into_datastore: Option<String>,
+        /// Write into the running guest of VM (default: the backup's VM) through its guest
+        /// agent; OUT is then an absolute path in the guest.
+        #[arg(long, value_name = "VM", num_args = 0..=1, default_missing_value = "")]
+        into_guest: Option<String>,
+        /// With --into-guest: replace what exists at OUT.
+        #[arg(long, requires = "into_guest")]
+        overwrite: bool,
     },
 }
 
@@ -518,7 +525,31 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
             backup,
             path,
             out: dest,
+            into_guest: Some(vm),
+            overwrite,
+            ..
+        } => {
+            let v = c.restore_file_into_guest(&RestoreFileIntoGuest {
+                backup,
+                path: path.clone(),
+                vm: Some(vm).filter(|v| !v.is_empty()),
+                dest: dest.to_string_lossy().into_owned(),
+                overwrite,
+            })?;
+            out(conn, &v, |v| {
+                eprintln!(
+                    "{path}: {} file(s), {} dir(s), {} bytes written to {} in VM {} ({} skipped; \
+                     {} bytes read from the vault)",
+                    v.files, v.dirs, v.bytes, v.dest, v.vm, v.skipped, v.vault_bytes_read
+                )
+            })?;
+        }
+        FilesCmd::Restore {
+            backup,
+            path,
+            out: dest,
             into_datastore: Some(ds),
+            ..
         } => {
             let (agent, ds) = match ds.split_once(':') {
                 Some((a, d)) => (Some(a.to_string()), d.to_string()),
@@ -546,6 +577,7 @@ pub fn files(conn: &Conn, cmd: FilesCmd) -> Result<ExitCode> {
             path,
             out: dest,
             into_datastore: None,
+            ..
         } => {
             let content = c.file_content(&backup, &path)?;
             if dest.as_os_str() == "-" {

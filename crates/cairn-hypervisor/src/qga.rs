@@ -599,5 +599,7 @@ async fn exchange(
     }
 }
 
+pub mod files;
+
 #[cfg(test)]
 mod fake_agent_tests;

@@ -226,6 +226,7 @@ impl HostAgentService {
                 .route("/v1/vms/{vm}/usage", get(usage))
                 .route("/v1/vms/{vm}/guest", get(guest))
                 .route("/v1/vms/{vm}/guest/exec", post(guest_exec))
+                .route("/v1/vms/{vm}/guest/files", post(write_guest_file))
                 .route(
                     "/v1/saved/{name}",
                     get(saved_state).delete(delete_saved_state),
@@ -537,6 +538,24 @@ async fn guest_exec(
         stdout: String::from_utf8_lossy(&st.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&st.stderr).into_owned(),
     }))
+}
+
+/// Writes a directory or one piece of a file into the guest (restore into the guest).
+async fn write_guest_file(
+    State(s): State<Shared>,
+    Path(vm): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    use crate::qga::files::{GuestFileError, write};
+    let vm: VmId = parse_id(&vm)?;
+    let req: cairn_api::host::GuestFileWrite = serde_json::from_slice(&b)
+        .map_err(|e| ApiError::bad_request(format!("guest file request: {e}")))?;
+    let ga = guest_agent(&s, vm).await?;
+    match write(&ga, &req).await {
+        Ok(w) => Ok(json(w)),
+        Err(GuestFileError::Invalid(m)) => Err(ApiError::bad_request(m)),
+        Err(e) => Err(ApiError::new(ErrorKind::Conflict, e.to_string())),
+    }
 }
 
 /// Downloads a saved execution state (`GET`) or deletes it (`DELETE`).

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use cairn_api::host::{
-    ExecRequest, IdError, SaveStateRequest, SnapshotRequest, VmSnapshotId, VmSpec,
+    ExecRequest, GuestFileWrite, IdError, SaveStateRequest, SnapshotRequest, VmSnapshotId, VmSpec,
 };
 use cairn_api::manager::RemovedAgent;
 use cairn_api::{CallResult, HostAgentApi};
@@ -129,6 +129,15 @@ async fn guest_exec(
     blocking(move || inv.on_vm_host(&name, |h, id| h.guest_exec(id, &req))).await
 }
 
+async fn write_guest_file(
+    State(inv): State<Shared>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let req: GuestFileWrite = body(&b)?;
+    blocking(move || inv.on_vm_host(&name, |h, id| h.write_guest_file(id, &req))).await
+}
+
 /// Runs `call` on the host agent named `host`.
 fn on_host<T>(
     inv: &Inventory,
@@ -191,6 +200,7 @@ pub fn router(inv: Arc<Inventory>, token: String) -> Router {
             .route("/v1/vms/{vm}/usage", get(usage))
             .route("/v1/vms/{vm}/guest", get(guest))
             .route("/v1/vms/{vm}/guest/exec", post(guest_exec))
+            .route("/v1/vms/{vm}/guest/files", post(write_guest_file))
             .route("/v1/hosts/{host}/snapshots/{id}", delete(delete_snapshot))
             .route("/v1/hosts/{host}/vms", post(provision))
             .route(

@@ -29,7 +29,7 @@ use cairn_fileindex::{BackupMeta, FileIndex, FileKind, FileRecord, FindOptions, 
 use crate::engine::Flow;
 use crate::{JobCtx, JobKind, Result, Server, ServerError};
 
-fn index_err(e: cairn_fileindex::IndexError) -> ServerError {
+pub(crate) fn index_err(e: cairn_fileindex::IndexError) -> ServerError {
     ServerError::Failed(format!("file index: {e}"))
 }
 
@@ -58,7 +58,7 @@ pub fn to_record(e: FileEntry) -> FileRecord {
 }
 
 /// What the storage agent needs to read a file back (and restore its mode and mtime).
-fn to_entry(r: &FileRecord) -> FileEntry {
+pub(crate) fn to_entry(r: &FileRecord) -> FileEntry {
     let mut e = FileEntry::new(r.path.clone(), FileKind::File, r.inode.unwrap_or(0));
     e.size = r.size;
     e.mode = r.mode;
@@ -237,11 +237,11 @@ fn file_info(disk: &str, volume: &str, r: &FileRecord) -> FileInfo {
 }
 
 /// A file found in the index.
-struct Found {
-    b: BackupRecord,
-    disk: String,
-    volume: String,
-    r: FileRecord,
+pub(crate) struct Found {
+    pub(crate) b: BackupRecord,
+    pub(crate) disk: String,
+    pub(crate) volume: String,
+    pub(crate) r: FileRecord,
 }
 
 impl Server {
@@ -351,7 +351,7 @@ impl Server {
     }
 
     /// The backup and the indexed record at `/<disk>/<volume>/<path>`.
-    fn find_file(&self, backup: &str, path: &str) -> Result<Found> {
+    pub(crate) fn find_file(&self, backup: &str, path: &str) -> Result<Found> {
         let b = self.catalog.backup(backup)?;
         let (Some(disk), Some(volume), rest) = split(path) else {
             return Err(ServerError::Invalid(format!(
@@ -372,7 +372,7 @@ impl Server {
     }
 
     /// Disk `disk` of backup `b` and a client of the storage agent that holds it.
-    fn disk_source<'b>(
+    pub(crate) fn disk_source<'b>(
         &self,
         b: &'b BackupRecord,
         disk: &str,

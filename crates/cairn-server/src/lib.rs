@@ -50,6 +50,7 @@ pub mod backup;
 pub mod engine;
 pub mod files;
 pub mod group;
+mod guest_restore;
 pub mod jobs;
 pub mod meta;
 pub mod restore;

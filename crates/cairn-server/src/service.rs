@@ -17,7 +17,8 @@ use cairn_http::access::{Access, Need, Role, Rule};
 use serde::Deserialize;
 
 use cairn_api::server::{
-    DeletedSchedule, PutSchedule, RestoreFileInto, StartBackup, StartPrune, VmEntry, VmListState,
+    DeletedSchedule, PutSchedule, RestoreFileInto, RestoreFileIntoGuest, StartBackup, StartPrune,
+    VmEntry, VmListState,
 };
 
 use crate::jobs::{JobKind, submit};
@@ -323,6 +324,11 @@ async fn files_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response>
     .await
 }
 
+async fn files_restore_guest(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+    let r: RestoreFileIntoGuest = body(&b)?;
+    blocking(StatusCode::OK, move || s.files_restore_into_guest(&r)).await
+}
+
 async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.data_path())).await
 }
@@ -339,7 +345,10 @@ pub fn access_rule() -> Rule {
             ("GET", ["v1", "files", "content"]) => &[Restore],
             ("GET", _) => &[Audit, Backup, Restore],
             ("POST", ["v1", "backups"]) => &[Backup],
-            ("POST", ["v1", "restores"] | ["v1", "files", "restore"]) => &[Restore],
+            (
+                "POST",
+                ["v1", "restores"] | ["v1", "files", "restore"] | ["v1", "files", "restore-guest"],
+            ) => &[Restore],
             ("POST", ["v1", "jobs", _, "cancel"]) => &[Backup, Restore],
             _ => &[],
         };
@@ -384,6 +393,7 @@ pub fn router_with(server: Arc<Server>, access: Arc<Access>) -> Router {
             .route("/v1/files/versions", get(files_versions))
             .route("/v1/files/content", get(files_content))
             .route("/v1/files/restore", post(files_restore))
+            .route("/v1/files/restore-guest", post(files_restore_guest))
             .route("/v1/stats", get(stats)),
         access,
     )

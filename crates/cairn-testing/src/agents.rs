@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_api::host::{
-    DeletedSnapshot, DeletedState, DiskBacking, ExecRequest, ExecResult, GuestStatus,
-    ResourceUsage, SaveStateRequest, SavedState, SnapshotKind, SnapshotRequest, StoppedVm, VmDisk,
-    VmHandle, VmId, VmInfo, VmSnapshot, VmSnapshotId, VmSpec, VmState,
+    DeletedSnapshot, DeletedState, DiskBacking, ExecRequest, ExecResult, GuestFileWrite,
+    GuestFileWritten, GuestStatus, ResourceUsage, SaveStateRequest, SavedState, SnapshotKind,
+    SnapshotRequest, StoppedVm, VmDisk, VmHandle, VmId, VmInfo, VmSnapshot, VmSnapshotId, VmSpec,
+    VmState,
 };
 use cairn_api::manager::Registration;
 use cairn_api::{AgentConnector, CallResult, HostAgentApi, StorageAgentApi};
@@ -124,6 +125,9 @@ impl HostAgentApi for FakeHost {
         refused()
     }
     fn guest_exec(&self, _: VmId, _: &ExecRequest) -> CallResult<ExecResult> {
+        refused()
+    }
+    fn write_guest_file(&self, _: VmId, _: &GuestFileWrite) -> CallResult<GuestFileWritten> {
         refused()
     }
 }

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cairn_api::host::{
     Changes, DeletedSnapshot, DeletedState, DiskBacking, DiskSnapshot, DiskSource, DiskSpec,
-    ExecResult, GuestStatus, KnownChanges, Quiesce, ResourceUsage, SavedState, SnapshotKind,
-    SnapshotRequest, StoppedVm, VmDisk, VmInfo, VmSnapshot, VmSnapshotId, VmSpec,
+    ExecResult, GuestFileWrite, GuestFileWritten, GuestStatus, KnownChanges, Quiesce,
+    ResourceUsage, SavedState, SnapshotKind, SnapshotRequest, StoppedVm, VmDisk, VmInfo,
+    VmSnapshot, VmSnapshotId, VmSpec,
 };
 use cairn_api::manager::{
     AgentKind, AgentRecord, DiskLocation, Registration, RemovedAgent, VmLocation, VmRunState,
@@ -274,6 +275,10 @@ impl ManagerApi for FakeManager {
     }
 
     fn guest_exec(&self, _: &str, _: &str) -> CallResult<ExecResult> {
+        refused()
+    }
+
+    fn write_guest_file(&self, _: &str, _: &GuestFileWrite) -> CallResult<GuestFileWritten> {
         refused()
     }
 

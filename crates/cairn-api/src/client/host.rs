@@ -6,9 +6,9 @@ use cairn_http::{Client, ClientError, Trust};
 
 use super::{CallResult, seg};
 use crate::host::{
-    DeletedSnapshot, DeletedState, ExecRequest, ExecResult, GuestStatus, ResourceUsage,
-    SaveStateRequest, SavedState, SnapshotRequest, StoppedVm, VmId, VmInfo, VmSnapshot,
-    VmSnapshotId, VmSpec,
+    DeletedSnapshot, DeletedState, ExecRequest, ExecResult, GuestFileWrite, GuestFileWritten,
+    GuestStatus, ResourceUsage, SaveStateRequest, SavedState, SnapshotRequest, StoppedVm, VmId,
+    VmInfo, VmSnapshot, VmSnapshotId, VmSpec,
 };
 
 /// The host agent's calls (the manager relays the server's calls through these).
@@ -35,6 +35,9 @@ pub trait HostAgentApi: Send + Sync {
     fn guest(&self, vm: VmId, timeout_ms: u64) -> CallResult<GuestStatus>;
     /// `POST /v1/vms/{vm}/guest/exec`.
     fn guest_exec(&self, vm: VmId, req: &ExecRequest) -> CallResult<ExecResult>;
+    /// `POST /v1/vms/{vm}/guest/files`: writes a directory or a piece of a file into the
+    /// running guest through its guest agent.
+    fn write_guest_file(&self, vm: VmId, req: &GuestFileWrite) -> CallResult<GuestFileWritten>;
 }
 
 /// [`HostAgentApi`] over HTTPS.
@@ -99,5 +102,10 @@ impl HostAgentApi for HostAgentClient {
     fn guest_exec(&self, vm: VmId, req: &ExecRequest) -> CallResult<ExecResult> {
         self.http
             .post_json(&format!("/v1/vms/{vm}/guest/exec"), req)
+    }
+
+    fn write_guest_file(&self, vm: VmId, req: &GuestFileWrite) -> CallResult<GuestFileWritten> {
+        self.http
+            .post_json(&format!("/v1/vms/{vm}/guest/files"), req)
     }
 }

@@ -7,9 +7,9 @@ use cairn_http::{Client, ClientError, Trust};
 
 use super::{CallResult, seg};
 use crate::host::{
-    DeletedSnapshot, DeletedState, ExecRequest, ExecResult, GuestStatus, ResourceUsage,
-    SaveStateRequest, SavedState, SnapshotRequest, StoppedVm, VmInfo, VmSnapshot, VmSnapshotId,
-    VmSpec,
+    DeletedSnapshot, DeletedState, ExecRequest, ExecResult, GuestFileWrite, GuestFileWritten,
+    GuestStatus, ResourceUsage, SaveStateRequest, SavedState, SnapshotRequest, StoppedVm, VmInfo,
+    VmSnapshot, VmSnapshotId, VmSpec,
 };
 use crate::manager::{AgentKind, AgentRecord, Registration, RemovedAgent, VmLocation};
 
@@ -44,6 +44,8 @@ pub trait ManagerApi: Send + Sync {
     fn guest(&self, vm: &str, timeout_ms: u64) -> CallResult<GuestStatus>;
     /// `POST /v1/vms/{vm}/guest/exec`: runs a shell command in the VM's guest.
     fn guest_exec(&self, vm: &str, shell: &str) -> CallResult<ExecResult>;
+    /// `POST /v1/vms/{vm}/guest/files`: relayed to the VM's host agent.
+    fn write_guest_file(&self, vm: &str, req: &GuestFileWrite) -> CallResult<GuestFileWritten>;
     /// `POST /v1/hosts/{host}/vms`: starts a VM on `host`.
     fn provision(&self, host: &str, spec: &VmSpec) -> CallResult<VmInfo>;
     /// `DELETE /v1/vms/{vm}`.
@@ -152,6 +154,11 @@ impl ManagerApi for ManagerClient {
                 timeout_ms: None,
             },
         )
+    }
+
+    fn write_guest_file(&self, vm: &str, req: &GuestFileWrite) -> CallResult<GuestFileWritten> {
+        self.http
+            .post_json(&format!("/v1/vms/{}/guest/files", seg(vm)), req)
     }
 
     fn provision(&self, host: &str, spec: &VmSpec) -> CallResult<VmInfo> {

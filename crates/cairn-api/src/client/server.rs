@@ -5,8 +5,8 @@ use cairn_http::{Client, ClientError, Trust};
 use super::{CallResult, seg};
 use crate::server::{
     BackupRecord, DataPath, DeletedSchedule, FileContent, FileHit, FileInfo, FileRestoredInto,
-    FileVersion, JobRecord, PutSchedule, RestoreFileInto, RestoreParams, Retention, Schedule,
-    StartBackup, StartPrune, VmEntry,
+    FileRestoredIntoGuest, FileVersion, JobRecord, PutSchedule, RestoreFileInto,
+    RestoreFileIntoGuest, RestoreParams, Retention, Schedule, StartBackup, StartPrune, VmEntry,
 };
 
 /// Header of `GET /v1/files/content`: the file's [`FileInfo`] as JSON.
@@ -66,6 +66,11 @@ pub trait ServerApi: Send + Sync {
     fn file_content(&self, backup: &str, path: &str) -> CallResult<FileContent>;
     /// `POST /v1/files/restore`: a file written into primary storage by a storage agent.
     fn restore_file_into(&self, r: &RestoreFileInto) -> CallResult<FileRestoredInto>;
+    /// `POST /v1/files/restore-guest`: a file or directory written into a running guest.
+    fn restore_file_into_guest(
+        &self,
+        r: &RestoreFileIntoGuest,
+    ) -> CallResult<FileRestoredIntoGuest>;
     /// `GET /v1/stats`: the data-path proof.
     fn stats(&self) -> CallResult<DataPath>;
 }
@@ -227,6 +232,13 @@ impl ServerApi for ServerClient {
 
     fn restore_file_into(&self, r: &RestoreFileInto) -> CallResult<FileRestoredInto> {
         self.http.post_json("/v1/files/restore", r)
+    }
+
+    fn restore_file_into_guest(
+        &self,
+        r: &RestoreFileIntoGuest,
+    ) -> CallResult<FileRestoredIntoGuest> {
+        self.http.post_json("/v1/files/restore-guest", r)
     }
 
     fn stats(&self) -> CallResult<DataPath> {

@@ -411,6 +411,58 @@ pub struct ExecResult {
     pub stderr: String,
 }
 
+/// What `POST /v1/vms/{vm}/guest/files` writes into the running guest through its guest
+/// agent: a directory, or one piece of a regular file.
+///
+/// A file is sent in order, in pieces of at most [`GUEST_FILE_PIECE`] bytes: the piece at
+/// `offset` 0 creates a temporary file beside `path`; each later piece is appended after
+/// checking that the temporary file holds exactly `offset` bytes; the `last` piece sets mode,
+/// owner and modification time and moves the file into place, refusing when `path` exists
+/// unless `overwrite`. An empty file is one piece, empty and last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestFileWrite {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Create a directory (with its parents) instead of writing a file.
+    #[serde(default)]
+    pub dir: bool,
+    #[serde(default)]
+    pub offset: u64,
+    /// The piece's bytes, base64 (standard alphabet, padded), as the guest agent takes them.
+    #[serde(default)]
+    pub data_b64: String,
+    #[serde(default)]
+    pub last: bool,
+    /// Permission bits (`0o7777` at most).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Modification time, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_s: Option<i64>,
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// Largest piece of a [`GuestFileWrite`] (before base64): keeps each request and each guest
+/// agent message well under their size limits.
+pub const GUEST_FILE_PIECE: usize = 384 << 10;
+
+/// Answer of `POST /v1/vms/{vm}/guest/files`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestFileWritten {
+    pub path: String,
+    /// Bytes of the file written so far (the piece's offset plus its length).
+    pub bytes: u64,
+    /// The file (or directory) is in place with its mode, owner and time.
+    pub done: bool,
+}
+
 /// Answer of `DELETE /v1/vms/{vm}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

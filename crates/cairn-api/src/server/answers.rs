@@ -355,6 +355,22 @@ pub struct FileRestoredInto {
     pub file: FileInfo,
 }
 
+/// Answer of `POST /v1/files/restore-guest`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRestoredIntoGuest {
+    pub vm: String,
+    pub dest: String,
+    pub files: u64,
+    pub dirs: u64,
+    /// Symbolic links and special files, which are not written.
+    pub skipped: u64,
+    /// File bytes written into the guest.
+    pub bytes: u64,
+    /// Bytes the storage agent fetched from the vault for them.
+    pub vault_bytes_read: u64,
+}
+
 /// A file's bytes from `GET /v1/files/content` with what its headers say.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileContent {

@@ -106,6 +106,24 @@ pub struct RestoreFileInto {
     pub dest: String,
 }
 
+/// Body of `POST /v1/files/restore-guest`: a file or a directory of a backup written into a
+/// running VM through its guest agent (restore into the guest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreFileIntoGuest {
+    pub backup: String,
+    /// `/<disk>/<volume>/<path>`.
+    pub path: String,
+    /// Default: the backup's own VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Absolute path in the guest.
+    pub dest: String,
+    /// Replace what exists at `dest` (default: refuse).
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
 /// Answer of `GET /v1/stats`: the data-path proof — disk-data bytes through the server (by
 /// design 0) next to each storage agent's counters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -246,6 +246,71 @@ fn every_flow_with_each_role_in_its_own_process() {
         names.contains(&"/vda/whole/hello.txt") && names.contains(&"/vda/whole/new.bin"),
         "{names:?}"
     );
+    // Restore into the running guest through its guest agent: a file of six pieces, its
+    // mode and time; an existing target is refused unless overwriting is asked for; a
+    // directory with its files.
+    let hello = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/vda/whole/hello.txt")
+        .unwrap()
+        .clone();
+    let into_guest = |path: &str, dest: &str, more: &[&str]| {
+        let mut a = vec!["files", "restore", &in_group, path, dest, "--into-guest"];
+        a.extend_from_slice(more);
+        cli(&conn, &a)
+    };
+    let (ok, r) = into_guest("/vda/whole/new.bin", "/tmp/back/new.bin", &[]);
+    assert!(ok, "{r}");
+    assert_eq!(
+        (r["files"].as_u64(), r["bytes"].as_u64()),
+        (Some(1), Some(2 << 20)),
+        "{r}"
+    );
+    let (ok, r) = into_guest("/vda/whole/hello.txt", "/tmp/back/hello.txt", &[]);
+    assert!(ok, "{r}");
+    let same = guest_exec(
+        &m,
+        "vm1",
+        "cd /tmp/back && [ \"$(sha256sum < new.bin)\" = \"$(sha256sum < /mnt/new.bin)\" ] \
+         && stat -c '%a %Y' hello.txt && cat hello.txt",
+    );
+    let mtime_s = hello["mtime_ns"]
+        .as_i64()
+        .unwrap()
+        .div_euclid(1_000_000_000);
+    let want = format!(
+        "{:o} {mtime_s}\nhello from vm1\n",
+        hello["mode"].as_u64().unwrap() & 0o7777
+    );
+    assert_eq!(
+        (same["exit_code"].as_i64(), same["stdout"].as_str()),
+        (Some(0), Some(&*want)),
+        "{same}"
+    );
+    let (ok, r) = into_guest("/vda/whole/hello.txt", "/tmp/back/hello.txt", &[]);
+    assert!(!ok && r.to_string().contains("exists"), "{r}");
+    let (ok, r) = into_guest(
+        "/vda/whole/hello.txt",
+        "/tmp/back/hello.txt",
+        &["--overwrite"],
+    );
+    assert!(ok, "{r}");
+    let (ok, r) = into_guest("/vda/whole/", "/tmp/tree", &[]);
+    assert!(ok, "{r}");
+    assert!(
+        r["files"].as_u64() >= Some(2) && r["dirs"].as_u64() >= Some(1),
+        "{r}"
+    );
+    let tree = guest_exec(&m, "vm1", "cat /tmp/tree/hello.txt && ls /tmp/tree");
+    assert!(
+        tree["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("hello from vm1\n"),
+        "{tree}"
+    );
     // Restore one file: the same bytes as in the guest, reading only its segments.
     let out = t.join("new.bin");
     let (ok, r) = cli(

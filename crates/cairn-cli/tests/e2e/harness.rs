@@ -374,6 +374,13 @@ pub fn cli(conn: &Path, args: &[&str]) -> (bool, Value) {
         .args(args)
         .output()
         .unwrap();
+    if !out.status.success() && serde_json::from_slice::<Value>(&out.stdout).is_err() {
+        // A refused command: its message is on stderr.
+        return (
+            false,
+            Value::String(String::from_utf8_lossy(&out.stderr).into_owned()),
+        );
+    }
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
         panic!(
             "cairn {args:?}: {}\n{}",
