@@ -13,6 +13,7 @@
 //! | `ext` | ext2/3/4: extents, indirect maps, htree and inline directories, in-memory jbd2 replay |
 //! | `fat` | FAT12/16/32 with long names |
 //! | `ntfs` | NTFS: MFT scan, `$STANDARD_INFORMATION`, `$FILE_NAME`, `$DATA` runs, reparse-point links |
+//! | `xfs` | XFS v4/v5: CRC-checked metadata, extent lists and bmbt maps, short-form/block/leaf/node directories, log cleanliness (no replay) |
 //! | `format` | every magic number and on-disk constant |
 //!
 //! All three file-system readers are our own rather than `ext4-view`, `fatfs` or `ntfs`: the
@@ -55,6 +56,7 @@ pub mod format;
 mod ntfs;
 mod part;
 mod util;
+mod xfs;
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -62,7 +64,7 @@ use std::ops::ControlFlow;
 pub use cairn_types::ReadAt;
 pub use entry::{
     DiskLayout, FileEntry, FileExtent, FileKind, FsKind, Limits, Partition, PartitionType,
-    TableKind, WalkError, WalkReport,
+    TableKind, WalkError, WalkReport, XfsLog,
 };
 pub use error::{Error, ErrorKind, Result};
 
@@ -114,6 +116,7 @@ fn walk_to(
             fat::walk(reader, partition, limits, &mut sink)?
         }
         FsKind::Ntfs => ntfs::walk(reader, partition, limits, &mut sink)?,
+        FsKind::Xfs => xfs::walk(reader, partition, limits, &mut sink)?,
         FsKind::Unknown => {
             return Err(Error::new(
                 ErrorKind::NotFound,
