@@ -201,4 +201,5 @@ pub const XFS_LOG_REC_CRC_OFFSET: usize = 32;
 /// Bytes of a record header, and of each extra header block (cycle + 64 saved words), that
 /// the record checksum covers.
 pub const XFS_LOG_REC_HDR_LEN: usize = 328;
+pub const XFS_LOG_REC_HDR_LEN_I386: usize = 324;
 pub const XFS_LOG_EXT_HDR_LEN: usize = 260;
