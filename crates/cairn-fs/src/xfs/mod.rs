@@ -43,8 +43,9 @@ use volume::Volume;
 
 pub(crate) use sb::probe;
 
+const INODE_CHUNK_LOG: u32 = 16;
 /// Inode bytes read (and cached) at once.
-const INODE_CHUNK: u64 = 64 << 10;
+const INODE_CHUNK: u64 = 1 << INODE_CHUNK_LOG;
 /// Fewest inode chunks cached before the cache is dropped; more up to `Limits::max_alloc`.
 const INODE_CACHE_MIN_CHUNKS: usize = 256;
 
@@ -93,7 +94,7 @@ impl<'a> Xfs<'a> {
         let chunk = off / INODE_CHUNK;
         let mut cache = self.cache.borrow_mut();
         if !cache.contains_key(&chunk) {
-            let max = INODE_CACHE_MIN_CHUNKS.max(self.limits.max_alloc / INODE_CHUNK as usize);
+            let max = INODE_CACHE_MIN_CHUNKS.max(self.limits.max_alloc >> INODE_CHUNK_LOG);
             if cache.len() >= max {
                 cache.clear();
             }
