@@ -180,13 +180,134 @@ mod tests {
     use super::*;
 
     /// Encodes a record the way the format lays it out.
-    pub(crate) fn encode(r: Run) -> [u8; 16] {
+    fn encode(r: Run) -> [u8; 16] {
         let l0 = (u64::from(r.unwritten) << 63) | (r.logical << 9) | (r.fsb >> 43);
         let l1 = (r.fsb << 21) | r.count;
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&l0.to_be_bytes());
         b[8..].copy_from_slice(&l1.to_be_bytes());
         b
+    }
+
+    /// A v4 superblock: 512-byte blocks, one AG of 64 blocks, 256-byte inodes.
+    fn tiny_super() -> Super {
+        let mut b = vec![0u8; 512];
+        b[0..4].copy_from_slice(&XFS_SB_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&512u32.to_be_bytes());
+        b[8..16].copy_from_slice(&64u64.to_be_bytes());
+        b[84..88].copy_from_slice(&64u32.to_be_bytes());
+        b[88..92].copy_from_slice(&1u32.to_be_bytes());
+        b[100..102].copy_from_slice(&4u16.to_be_bytes());
+        b[102..104].copy_from_slice(&512u16.to_be_bytes());
+        b[104..106].copy_from_slice(&256u16.to_be_bytes());
+        b[106..108].copy_from_slice(&2u16.to_be_bytes());
+        b[120..125].copy_from_slice(&[9, 9, 8, 1, 6]);
+        Super::parse(&b).unwrap()
+    }
+
+    /// A v4 bmbt block at `fsb` of `img`: level, then records (leaf) or pointers (node).
+    fn block(img: &mut [u8], fsb: usize, level: u16, recs: &[Run], ptrs: &[u64]) {
+        let b = &mut img[fsb * 512..(fsb + 1) * 512];
+        b[0..4].copy_from_slice(&XFS_BMAP_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&level.to_be_bytes());
+        let n = u16::try_from(recs.len() + ptrs.len()).unwrap();
+        b[6..8].copy_from_slice(&n.to_be_bytes());
+        for (i, r) in recs.iter().enumerate() {
+            b[24 + i * 16..40 + i * 16].copy_from_slice(&encode(*r));
+        }
+        let cap = (512 - 24) / 16;
+        for (i, p) in ptrs.iter().enumerate() {
+            b[24 + cap * 8 + i * 8..32 + cap * 8 + i * 8].copy_from_slice(&p.to_be_bytes());
+        }
+    }
+
+    /// An in-inode root of `level` pointing at `ptr`, in a 156-byte fork (9 slots).
+    fn root(level: u16, ptr: u64) -> Vec<u8> {
+        let mut f = vec![0u8; 156];
+        f[0..2].copy_from_slice(&level.to_be_bytes());
+        f[2..4].copy_from_slice(&1u16.to_be_bytes());
+        f[4 + 9 * 8..4 + 10 * 8].copy_from_slice(&ptr.to_be_bytes());
+        f
+    }
+
+    fn map(img: &[u8], fork: &[u8], limits: &Limits) -> Result<Vec<Run>> {
+        let sb = tiny_super();
+        let data = img.to_vec();
+        let vol = Volume {
+            r: &data,
+            base: 0,
+            len: data.len() as u64,
+            block_size: 512,
+        };
+        let claimed = RefCell::default();
+        let m = Mapper {
+            vol: &vol,
+            sb: &sb,
+            limits,
+            claimed: &claimed,
+        };
+        m.runs(99, XFS_DINODE_FMT_BTREE, fork, 0)
+    }
+
+    #[test]
+    fn three_level_bmbt_in_key_order_and_loops_caught() {
+        let run = |logical, fsb| Run {
+            logical,
+            fsb,
+            count: 2,
+            unwritten: false,
+        };
+        let mut img = vec![0u8; 64 * 512];
+        block(&mut img, 10, 0, &[run(0, 40), run(2, 44)], &[]);
+        block(&mut img, 11, 0, &[run(8, 50)], &[]);
+        block(&mut img, 5, 1, &[], &[10, 11]);
+        let l = Limits::default();
+        let runs = map(&img, &root(2, 5), &l).unwrap();
+        assert_eq!(runs, [run(0, 40), run(2, 44), run(8, 50)]);
+        // Too few allowed extents: a Limit error, not a partial map.
+        let small = Limits {
+            max_extents_per_file: 3,
+            ..Limits::default()
+        };
+        assert!(map(&img, &root(2, 5), &small).is_err());
+        // The node points twice at one leaf.
+        let mut twice = img.clone();
+        block(&mut twice, 5, 1, &[], &[10, 10]);
+        assert!(
+            map(&twice, &root(2, 5), &l)
+                .unwrap_err()
+                .context
+                .contains("used twice")
+        );
+        // A node pointing at itself: its level cannot match twice, and it is read once.
+        let mut selfloop = img.clone();
+        block(&mut selfloop, 5, 2, &[], &[5]);
+        assert!(map(&selfloop, &root(3, 5), &l).is_err());
+        // Out-of-order leaves, a pointer past the AG, an absurd root level.
+        let mut swapped = img.clone();
+        block(&mut swapped, 5, 1, &[], &[11, 10]);
+        assert!(
+            map(&swapped, &root(2, 5), &l)
+                .unwrap_err()
+                .context
+                .contains("out of order")
+        );
+        assert!(
+            map(&img, &root(2, 64), &l)
+                .unwrap_err()
+                .context
+                .contains("beyond")
+        );
+        assert!(map(&img, &root(MAX_LEVELS, 5), &l).is_err());
+        // A leaf extent beyond the device.
+        let mut far = img.clone();
+        block(&mut far, 11, 0, &[run(8, 63)], &[]);
+        assert!(
+            map(&far, &root(2, 5), &l)
+                .unwrap_err()
+                .context
+                .contains("beyond the device")
+        );
     }
 
     #[test]
