@@ -336,3 +336,31 @@ fn xfs_truncated_and_flipped_images_never_panic() {
         assert!(start.elapsed() < Duration::from_secs(60));
     }
 }
+
+#[test]
+fn xfs_unwritten_extent_reads_as_zeros() {
+    for args in [V4, &[][..]] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (img, mut d, g) = small(tmp.path(), args);
+        // Mark /block.bin's only extent unwritten (preallocated): the flag is the top bit.
+        let ino = inode_at(&img, "/block.bin");
+        let rec = ino + g.core();
+        d[rec] |= 0x80;
+        if g.v5 {
+            fix_crc(&mut d, ino, g.inode_size, 100);
+        }
+        std::fs::write(&img, &d).unwrap();
+        let (_, parts) = only_fs(&img);
+        let (entries, rep) = walk_all(&img, &parts[0]);
+        assert!(
+            rep.errors.iter().all(|e| e.path == "/link_long"),
+            "{:?}",
+            rep.errors
+        );
+        let e = by_path(&entries, "/block.bin");
+        assert!(e.extents.is_empty(), "{args:?}: {:?}", e.extents);
+        let f = std::fs::File::open(&img).unwrap();
+        let data = cairn_fs::read_file(&f, e, &Limits::default()).unwrap();
+        assert_eq!(data, vec![0u8; 4096 * 3 + 17], "{args:?}");
+    }
+}
