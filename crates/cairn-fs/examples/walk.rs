@@ -45,6 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             report.journal_transactions,
             report.journal_blocks
         );
+        if let Some(log) = &report.xfs_log {
+            eprintln!("  {}", log.note());
+        }
         for e in report.errors.iter().take(20) {
             eprintln!("  error at {:?}: {}", e.path, e.error);
         }

@@ -23,6 +23,7 @@ pub enum FsKind {
     Fat16,
     Fat32,
     Ntfs,
+    Xfs,
     /// An LVM2 physical volume: its logical volumes are volumes of their own.
     LvmPv,
     /// Detected, never read: the reason is [`FsKind::not_read_reason`].
@@ -281,6 +282,34 @@ pub struct WalkReport {
     pub journal_transactions: u64,
     /// ext only: distinct blocks taken from the journal.
     pub journal_blocks: u64,
+    /// XFS only: whether the metadata log was clean (it is never replayed).
+    pub xfs_log: Option<XfsLog>,
+}
+
+/// State of an XFS metadata log when the volume was read. A dirty log is not replayed: the
+/// listing is the volume as of its last checkpoint (changes only in the log are missing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XfsLog {
+    /// The log ends with an unmount record (or was never written): nothing is pending.
+    Clean,
+    /// The log holds changes after the last unmount record.
+    Dirty,
+    /// The log is on another device and was not checked.
+    External,
+    /// The log could not be read or understood (why).
+    Unknown(String),
+}
+
+impl XfsLog {
+    /// A one-line note for humans.
+    pub fn note(&self) -> String {
+        match self {
+            Self::Clean => "XFS log is clean".into(),
+            Self::Dirty => "XFS log is dirty: read as of the last checkpoint, not replayed".into(),
+            Self::External => "XFS log is on an external device: not checked".into(),
+            Self::Unknown(why) => format!("XFS log state unknown ({why}): not replayed"),
+        }
+    }
 }
 
 impl WalkReport {

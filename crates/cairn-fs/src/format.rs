@@ -147,3 +147,99 @@ pub const BLANK_PROBE_LEN: usize = 64 << 10;
 
 const _: () = assert!(MBR_TABLE_OFFSET + 4 * MBR_ENTRY_LEN + 2 == 512);
 const _: () = assert!(EXT_I_BLOCK_LEN == 15 * 4);
+
+// ---- XFS (big-endian; CRC fields are CRC-32C stored little-endian) ----
+// Source: "XFS Algorithms & Data Structures" (the public on-disk format book).
+/// `XFSB` at byte 0 of the primary superblock (AG 0).
+pub const XFS_SB_MAGIC: u32 = 0x5846_5342;
+/// Bytes of the superblock the reader parses (v5 fields end at 264).
+pub const XFS_SB_LEN: usize = 512;
+pub const XFS_SB_CRC_OFFSET: usize = 224;
+/// Low four bits of `sb_versionnum`.
+pub const XFS_SB_VERSION_NUMBITS: u16 = 0x000F;
+pub const XFS_SB_VERSION_4: u16 = 4;
+pub const XFS_SB_VERSION_5: u16 = 5;
+pub const XFS_SB_VERSION_MOREBITS: u16 = 0x8000;
+/// `sb_features2` (v4): directory entries carry a file type byte.
+pub const XFS_SB_FEATURES2_FTYPE: u32 = 0x200;
+pub const XFS_SB_FEATURES2_CRC: u32 = 0x100;
+pub const XFS_SB_INCOMPAT_FTYPE: u32 = 0x1;
+pub const XFS_SB_INCOMPAT_SPINODES: u32 = 0x2;
+pub const XFS_SB_INCOMPAT_META_UUID: u32 = 0x4;
+pub const XFS_SB_INCOMPAT_BIGTIME: u32 = 0x8;
+pub const XFS_SB_INCOMPAT_NEEDSREPAIR: u32 = 0x10;
+pub const XFS_SB_INCOMPAT_NREXT64: u32 = 0x20;
+/// Incompatible features this reader understands; any other bit is `Unsupported`.
+pub const XFS_SB_INCOMPAT_KNOWN: u32 = XFS_SB_INCOMPAT_FTYPE
+    | XFS_SB_INCOMPAT_SPINODES
+    | XFS_SB_INCOMPAT_META_UUID
+    | XFS_SB_INCOMPAT_BIGTIME
+    | XFS_SB_INCOMPAT_NEEDSREPAIR
+    | XFS_SB_INCOMPAT_NREXT64;
+/// `IN` at byte 0 of every on-disk inode.
+pub const XFS_DINODE_MAGIC: u16 = 0x494E;
+/// Inode core sizes: v1/v2 inodes, v3 (CRC) inodes; the data fork follows.
+pub const XFS_DINODE_CORE_V2_LEN: usize = 100;
+pub const XFS_DINODE_CORE_V3_LEN: usize = 176;
+pub const XFS_DINODE_CRC_OFFSET: usize = 100;
+pub const XFS_DINODE_FMT_DEV: u8 = 0;
+pub const XFS_DINODE_FMT_LOCAL: u8 = 1;
+pub const XFS_DINODE_FMT_EXTENTS: u8 = 2;
+pub const XFS_DINODE_FMT_BTREE: u8 = 3;
+/// `di_flags`: the data lives on the realtime device.
+pub const XFS_DIFLAG_REALTIME: u16 = 0x1;
+/// `di_flags2`: timestamps are 64-bit nanoseconds from 1901-12-13 (bigtime).
+pub const XFS_DIFLAG2_BIGTIME: u64 = 0x8;
+/// `di_flags2`: extent counters are 64-bit (`di_big_nextents` at byte 24).
+pub const XFS_DIFLAG2_NREXT64: u64 = 0x10;
+/// Seconds added to a bigtime timestamp's epoch to reach the Unix epoch (−2^31 s).
+pub const XFS_BIGTIME_EPOCH_OFFSET: i64 = 1 << 31;
+/// B+tree extent map blocks: v4 `BMAP`, v5 `BMA3`.
+pub const XFS_BMAP_MAGIC: u32 = 0x424D_4150;
+pub const XFS_BMAP_CRC_MAGIC: u32 = 0x424D_4133;
+/// Long-format btree block header: v4 24 bytes, v5 72 bytes (CRC at 64).
+pub const XFS_BTREE_LBLOCK_LEN: usize = 24;
+pub const XFS_BTREE_LBLOCK_CRC_LEN: usize = 72;
+pub const XFS_BTREE_LBLOCK_CRC_OFFSET: usize = 64;
+/// An extent record (`xfs_bmbt_rec`): 128 bits, flag | startoff:54 | startblock:52 | count:21.
+pub const XFS_BMBT_REC_LEN: usize = 16;
+/// In-inode bmbt root header (`bb_level`, `bb_numrecs`).
+pub const XFS_BMDR_HDR_LEN: usize = 4;
+/// Directory data blocks: v4 `XD2B` (single block) / `XD2D`; v5 `XDB3` / `XDD3`.
+pub const XFS_DIR2_BLOCK_MAGIC: u32 = 0x5844_3242;
+pub const XFS_DIR2_DATA_MAGIC: u32 = 0x5844_3244;
+pub const XFS_DIR3_BLOCK_MAGIC: u32 = 0x5844_4233;
+pub const XFS_DIR3_DATA_MAGIC: u32 = 0x5844_4433;
+/// Data block header length (magic + 3 best-free entries; v5 adds CRC, blkno, lsn, uuid, owner, pad).
+pub const XFS_DIR2_DATA_HDR_LEN: usize = 16;
+pub const XFS_DIR3_DATA_HDR_LEN: usize = 64;
+pub const XFS_DIR3_CRC_OFFSET: usize = 4;
+/// `freetag` of an unused region inside a directory data block.
+pub const XFS_DIR2_DATA_FREE_TAG: u16 = 0xFFFF;
+/// Byte offset of the first leaf block in a directory's address space (32 GiB): data blocks
+/// lie below it.
+pub const XFS_DIR2_LEAF_OFFSET: u64 = 32 << 30;
+/// Single-block directory tail: `count`, `stale` (u32 each), after `count` 8-byte leaf entries.
+pub const XFS_DIR2_BLOCK_TAIL_LEN: usize = 8;
+pub const XFS_DIR2_LEAF_ENTRY_LEN: usize = 8;
+/// Remote symlink block header (v5 `XSLM`): magic, offset, bytes, crc, uuid, owner, blkno, lsn.
+pub const XFS_SYMLINK_MAGIC: u32 = 0x5853_4C4D;
+pub const XFS_SYMLINK_HDR_LEN: usize = 56;
+pub const XFS_SYMLINK_CRC_OFFSET: usize = 12;
+pub const XFS_SYMLINK_MAXLEN: u64 = 1024;
+/// Log: 512-byte basic blocks; each record starts with a header holding this magic.
+pub const XFS_LOG_BBSIZE: u64 = 512;
+pub const XFS_LOG_HEADER_MAGIC: u32 = 0xFEED_BABE;
+/// Each log header block covers this many bytes of record data (v2 logs).
+pub const XFS_LOG_HEADER_CYCLE_SIZE: u32 = 32 * 1024;
+/// Log operation header (`tid`, `len`, `clientid`, `flags`, pad) and its unmount flag.
+pub const XFS_LOG_OP_HDR_LEN: usize = 12;
+pub const XFS_LOG_OP_FLAG_OFFSET: usize = 9;
+pub const XFS_LOG_UNMOUNT_TRANS: u8 = 0x20;
+/// Record header fields used: cycle 4, version 8, len 12, crc 32, num_logops 40, size 320.
+pub const XFS_LOG_REC_CRC_OFFSET: usize = 32;
+/// Bytes of a record header, and of each extra header block (cycle + 64 saved words), that
+/// the record checksum covers.
+pub const XFS_LOG_REC_HDR_LEN: usize = 328;
+pub const XFS_LOG_REC_HDR_LEN_I386: usize = 324;
+pub const XFS_LOG_EXT_HDR_LEN: usize = 260;

@@ -14,9 +14,10 @@
 //! | `fat` | FAT12/16/32 with long names |
 //! | `ntfs` | NTFS: MFT scan, `$STANDARD_INFORMATION`, `$FILE_NAME`, `$DATA` runs, reparse-point links |
 //! | `lvm` | LVM2 labels and text metadata; linear and striped logical volumes, read in place |
+//! | `xfs` | XFS v4/v5: CRC-checked metadata, extent lists and bmbt maps, short-form/block/leaf/node directories, log cleanliness (no replay) |
 //! | `format` | every magic number and on-disk constant |
 //!
-//! All three file-system readers are our own rather than `ext4-view`, `fatfs` or `ntfs`: the
+//! All the file-system readers are our own rather than `ext4-view`, `fatfs` or `ntfs`: the
 //! catalog needs every file's data as byte ranges of the *disk image*, a bounded streaming walk,
 //! and speed (one read per inode-table chunk and per directory run). `fatfs` hides cluster
 //! locations and wants `Read + Write + Seek`; `ext4-view` (which also replays the journal in
@@ -27,7 +28,8 @@
 //! # Invariants
 //!
 //! - **Never writes** to the source, not even for journal replay: committed ext journal
-//!   transactions are overlaid in memory.
+//!   transactions are overlaid in memory. A dirty XFS log is not replayed at all: the walk
+//!   reads the last checkpoint and says so in [`WalkReport::xfs_log`].
 //! - **Extents are image byte ranges**: [`FileExtent::disk_offset`] includes the partition
 //!   offset, so `reader.read_at(disk_offset)` returns file bytes with no further mapping.
 //!   Holes and unwritten extents are absent and read as zeros. When ext journal replay put a
@@ -57,6 +59,7 @@ mod lvm;
 mod ntfs;
 mod part;
 mod util;
+mod xfs;
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -64,7 +67,7 @@ use std::ops::ControlFlow;
 pub use cairn_types::ReadAt;
 pub use entry::{
     DiskLayout, FileEntry, FileExtent, FileKind, FsKind, Limits, LvSegment, Partition,
-    PartitionType, TableKind, WalkError, WalkReport,
+    PartitionType, TableKind, WalkError, WalkReport, XfsLog,
 };
 pub use error::{Error, ErrorKind, Result};
 
@@ -94,7 +97,7 @@ pub fn walk(
     walk_to(reader, partition, limits, &mut visitor, None)
 }
 
-/// [`walk`], listing only the ancestors of `target` when it is given (ext, FAT).
+/// [`walk`], listing only the ancestors of `target` when it is given (ext, FAT, XFS).
 fn walk_to(
     reader: &dyn ReadAt,
     partition: &Partition,
@@ -147,6 +150,7 @@ fn walk_to(
             fat::walk(reader, partition, limits, &mut sink)?
         }
         FsKind::Ntfs => ntfs::walk(reader, partition, limits, &mut sink)?,
+        FsKind::Xfs => xfs::walk(reader, partition, limits, &mut sink)?,
         other => {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -163,7 +167,7 @@ fn walk_to(
 
 /// Finds one entry by its full path (`/` separated, leading `/` optional).
 ///
-/// On ext and FAT only the directories along the path are read; on NTFS it costs up to one
+/// On ext, FAT and XFS only the directories along the path are read; on NTFS it costs up to one
 /// walk (the MFT is scanned).
 pub fn lookup(
     reader: &dyn ReadAt,

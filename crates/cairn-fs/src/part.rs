@@ -84,6 +84,9 @@ pub(crate) fn probe_fs(r: &dyn ReadAt, offset: u64, length: u64) -> FsKind {
     if crate::ntfs::probe(&head[..512]) {
         return FsKind::Ntfs;
     }
+    if crate::xfs::probe(&head[..512]) {
+        return FsKind::Xfs;
+    }
     if head[3..11] == BITLOCKER_OEM {
         return FsKind::BitLocker;
     }

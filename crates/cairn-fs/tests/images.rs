@@ -1,5 +1,5 @@
 //! cairn-fs against images made by the real tools (mke2fs, sfdisk, mkfs.fat, mcopy, mkntfs,
-//! wimlib-imagex, debugfs, e2fsck). A missing tool fails the test with the command to install
+//! wimlib-imagex, debugfs, e2fsck, mkfs.xfs, xfs_db, xfs_repair). A missing tool fails the test with the command to install
 //! it: the project installs its own packages (`scripts/install-deps.sh`).
 
 use std::collections::BTreeMap;
@@ -20,6 +20,10 @@ mod fat_ntfs;
 mod journal;
 #[path = "images/lvm.rs"]
 mod lvm;
+#[path = "images/xfs.rs"]
+mod xfs;
+#[path = "images/xfs_damage.rs"]
+mod xfs_damage;
 
 use fat_ntfs::{FAT_CAPS, mcopy};
 use journal::{debugfs_script, journal_image, names};

@@ -5,7 +5,7 @@ use super::*;
 // ---------- damage ----------
 
 /// Walks every partition of `data` with small limits; must not panic or hang.
-fn walk_bytes(data: &[u8], limits: &Limits) -> u64 {
+pub(super) fn walk_bytes(data: &[u8], limits: &Limits) -> u64 {
     let owned = data.to_vec();
     let data = &owned;
     let Ok(l) = cairn_fs::scan_with(data, limits) else {
@@ -26,7 +26,7 @@ fn walk_bytes(data: &[u8], limits: &Limits) -> u64 {
     n
 }
 
-fn small_limits() -> Limits {
+pub(super) fn small_limits() -> Limits {
     Limits {
         max_entries: 10_000,
         max_alloc: 32 << 20,
