@@ -23,6 +23,8 @@ pub enum FsKind {
     Fat16,
     Fat32,
     Ntfs,
+    /// btrfs on a single device.
+    Btrfs,
     /// Nothing this crate can read.
     Unknown,
 }
@@ -118,6 +120,15 @@ pub struct FileEntry {
     /// transaction (data=journal mode), so the current content lives there, not at the
     /// block's home location.
     pub data_from_journal: bool,
+    /// Compressed data (btrfs), merged with `extents` in file order by `copy_file`; empty on
+    /// other file systems. See [`CompressedExtent`](crate::CompressedExtent).
+    #[serde(default)]
+    pub compressed: Vec<crate::CompressedExtent>,
+    /// btrfs: id of the subvolume (tree) the entry belongs to (5 for the top level). Inode
+    /// numbers are unique only within one subvolume; a subvolume's or snapshot's own root
+    /// directory is the entry with inode 256.
+    #[serde(default)]
+    pub subvolume: Option<u64>,
 }
 
 impl FileEntry {
@@ -143,6 +154,8 @@ impl FileEntry {
             extents: Vec::new(),
             inline_data: None,
             data_from_journal: false,
+            compressed: Vec::new(),
+            subvolume: None,
         }
     }
 }
@@ -217,6 +230,9 @@ pub struct WalkReport {
     pub journal_transactions: u64,
     /// ext only: distinct blocks taken from the journal.
     pub journal_blocks: u64,
+    /// btrfs only: the default subvolume (what a mount without options shows; paths are
+    /// always from the top level, id 5).
+    pub btrfs_default_subvolume: Option<u64>,
 }
 
 impl WalkReport {

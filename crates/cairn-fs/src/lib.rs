@@ -47,6 +47,8 @@
     clippy::cast_lossless
 )]
 
+mod btrfs;
+mod compressed;
 mod entry;
 mod error;
 mod ext;
@@ -60,6 +62,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 
 pub use cairn_types::ReadAt;
+pub use compressed::{CompressedExtent, Compression};
 pub use entry::{
     DiskLayout, FileEntry, FileExtent, FileKind, FsKind, Limits, Partition, PartitionType,
     TableKind, WalkError, WalkReport,
@@ -114,6 +117,7 @@ fn walk_to(
             fat::walk(reader, partition, limits, &mut sink)?
         }
         FsKind::Ntfs => ntfs::walk(reader, partition, limits, &mut sink)?,
+        FsKind::Btrfs => btrfs::walk(reader, partition, limits, &mut sink)?,
         FsKind::Unknown => {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -169,25 +173,34 @@ pub fn copy_file(reader: &dyn ReadAt, entry: &FileEntry, out: &mut dyn Write) ->
         }
         Ok(())
     };
-    for x in &entry.extents {
-        let end = x.file_offset.checked_add(x.length);
-        if x.file_offset < pos || end.is_none_or(|e| e > entry.size) {
+    for run in compressed::runs(entry) {
+        let (file_offset, length) = run.file_range();
+        let end = file_offset.checked_add(length);
+        if file_offset < pos || end.is_none_or(|e| e > entry.size) {
             return Err(Error::corrupt(format!(
-                "{}: extent {x:?} out of order or past the size",
+                "{}: extent at file offset {file_offset} ({length} bytes) out of order or past the size",
                 entry.path
             )));
         }
-        fill(out, x.file_offset - pos)?;
-        let mut done = 0;
-        while done < x.length {
-            let k = (x.length - done).min(CHUNK) as usize;
-            util::read_exact(reader, &mut buf[..k], x.disk_offset + done, &|| {
-                format!("data of {}", entry.path)
-            })?;
-            out.write_all(&buf[..k]).map_err(werr)?;
-            done += k as u64;
+        fill(out, file_offset - pos)?;
+        match run {
+            compressed::Run::Plain(x) => {
+                let mut done = 0;
+                while done < x.length {
+                    let k = (x.length - done).min(CHUNK) as usize;
+                    util::read_exact(reader, &mut buf[..k], x.disk_offset + done, &|| {
+                        format!("data of {}", entry.path)
+                    })?;
+                    out.write_all(&buf[..k]).map_err(werr)?;
+                    done += k as u64;
+                }
+            }
+            compressed::Run::Compressed(x) => {
+                let data = compressed::read_extent(reader, x, &entry.path)?;
+                out.write_all(&data).map_err(werr)?;
+            }
         }
-        pos = x.file_offset + x.length;
+        pos = file_offset + length;
     }
     fill(out, entry.size - pos)?;
     Ok(entry.size)

@@ -82,6 +82,9 @@ pub(crate) fn probe_fs(r: &dyn ReadAt, offset: u64, length: u64) -> FsKind {
     if crate::ntfs::probe(&head[..512]) {
         return FsKind::Ntfs;
     }
+    if crate::btrfs::probe(r, offset, length) {
+        return FsKind::Btrfs;
+    }
     crate::fat::probe(&head[..512]).unwrap_or(FsKind::Unknown)
 }
 

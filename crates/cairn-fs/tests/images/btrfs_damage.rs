@@ -1,0 +1,3 @@
+//! Mutated btrfs images.
+
+use super::*;
