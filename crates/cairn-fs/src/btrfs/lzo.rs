@@ -178,7 +178,7 @@ pub(crate) fn btrfs_lzo(input: &[u8], sector: u32, max: usize) -> Result<Vec<u8>
     let input = &input[..total];
     let mut out = Vec::new();
     let mut at = 4usize;
-    while at < total && out.len() < max {
+    while at < total {
         let left = sector - at % sector;
         if left < 4 {
             at += left;
