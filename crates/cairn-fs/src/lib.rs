@@ -13,6 +13,8 @@
 //! | `ext` | ext2/3/4: extents, indirect maps, htree and inline directories, in-memory jbd2 replay |
 //! | `fat` | FAT12/16/32 with long names |
 //! | `ntfs` | NTFS: MFT scan, `$STANDARD_INFORMATION`, `$FILE_NAME`, `$DATA` runs, reparse-point links |
+//! | `btrfs` | btrfs on one device: checked superblock and nodes, chunk map, every subvolume and snapshot at its place, inline/regular/compressed extents |
+//! | `compressed` | [`CompressedExtent`]: zlib, zstd and btrfs-LZO data that `copy_file` decompresses |
 //! | `format` | every magic number and on-disk constant |
 //!
 //! All three file-system readers are our own rather than `ext4-view`, `fatfs` or `ntfs`: the
@@ -31,7 +33,8 @@
 //!   offset, so `reader.read_at(disk_offset)` returns file bytes with no further mapping.
 //!   Holes and unwritten extents are absent and read as zeros. When ext journal replay put a
 //!   file's data block in the journal (data=journal mode), the extent points at the journal
-//!   copy and [`FileEntry::data_from_journal`] is set.
+//!   copy and [`FileEntry::data_from_journal`] is set. Compressed data (btrfs) cannot be a
+//!   byte range: it is listed in [`FileEntry::compressed`], and [`copy_file`] decompresses it.
 //! - **Bounded on hostile input**: every count, size and depth read from disk is checked
 //!   against [`Limits`] before it drives a loop or an allocation; directory cycles are detected.
 //!   Damage inside the tree yields a partial listing with errors in the [`WalkReport`];

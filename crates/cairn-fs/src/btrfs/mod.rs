@@ -17,7 +17,8 @@
 //! reported as an error (its files are not listed). Inode numbers repeat across subvolumes
 //! (each subvolume's root directory is inode 256): `(subvolume, inode)` identifies a file.
 //!
-//! Not read: the log tree (fsync log of a crash; its changes are not replayed), extended
+//! Not read: the log tree (fsync log of a crash; its changes are not replayed, and its
+//! presence is reported as an `Unsupported` error in the report), extended
 //! attributes, data checksums (file data is not verified), the backup superblocks and tree
 //! roots, encrypted or otherwise encoded extents (an `Unsupported` error for that file).
 
@@ -453,6 +454,14 @@ pub(crate) fn walk(
         limits,
         trees: RefCell::default(),
     };
+    if fs.vol.sb.log_root != 0 {
+        sink.error(
+            "",
+            Error::unsupported(
+                "btrfs log tree not replayed: files fsynced after the last commit may show older content",
+            ),
+        );
+    }
     match fs.default_subvolume() {
         Ok(id) => sink.report.btrfs_default_subvolume = Some(id),
         Err(e) => sink.error("", e),

@@ -33,6 +33,8 @@ pub(crate) struct Super {
     pub chunk_root: u64,
     pub chunk_root_level: u8,
     pub root_dir_objectid: u64,
+    /// Logical address of the log tree (fsync log since the last commit), 0 when none.
+    pub log_root: u64,
     pub devid: u64,
     /// The fsid node headers carry (`metadata_uuid` when that feature is on).
     pub node_fsid: [u8; 16],
@@ -87,6 +89,7 @@ impl Super {
             chunk_root: le64(b, 0x58),
             chunk_root_level,
             root_dir_objectid: le64(b, 0x80),
+            log_root: le64(b, 0x60),
             devid: le64(b, BTRFS_SB_DEV_ITEM_OFFSET),
             node_fsid,
         })
