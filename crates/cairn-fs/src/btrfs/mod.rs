@@ -3,7 +3,7 @@
 //! | piece | handled |
 //! |---|---|
 //! | superblock | primary copy at 64 KiB; crc32c, xxhash64 and sha256 checksums verified (blake2b: `Unsupported`) |
-//! | chunks | bootstrap `sys_chunk_array`, then the chunk tree; SINGLE and DUP (first copy); RAID profiles and more than one device: `Unsupported` ("multi-device btrfs not supported") |
+//! | chunks | bootstrap `sys_chunk_array`, then the chunk tree; SINGLE and DUP (first copy; a tree node whose first copy fails its checks is read from the second); RAID profiles and more than one device: `Unsupported` ("multi-device btrfs not supported") |
 //! | trees | every node's checksum, address and fsid verified ([`volume`]); bounded searches ([`tree`]) |
 //! | subvolumes | the top level (tree 5) is `/`; subvolumes and snapshots appear where their directory entry (a `ROOT_ITEM` location) links them, each entry tagged with its tree id in [`FileEntry::subvolume`] |
 //! | inodes | `INODE_ITEM` (mode, uid, gid, size, nlink, atime, mtime, ctime, otime as creation time) |

@@ -6,7 +6,7 @@
 //!   node's checksum, its own address (`bytenr`) and its fsid are verified before it is used
 //!   ([`Volume::node`]), and only verified nodes are cached;
 //! - the chunk map holds only SINGLE and DUP chunks whose stripes are on this device (DUP
-//!   reads the first copy); a RAID profile or another device's stripe fails the open with
+//!   reads the first copy, and the second when a tree node's first copy fails its checks); a RAID profile or another device's stripe fails the open with
 //!   "multi-device btrfs not supported";
 //! - every physical range is checked against the partition before it is read, and physical
 //!   offsets handed out include the partition offset.
@@ -96,12 +96,14 @@ impl Super {
     }
 }
 
-/// A chunk: logical `[start, start + len)` lives at partition byte `phys`.
+/// A chunk: logical `[start, start + len)` lives at partition byte `phys` (and, for DUP,
+/// again at `mirror`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Chunk {
     start: u64,
     len: u64,
     phys: u64,
+    mirror: Option<u64>,
 }
 
 /// Parses one chunk item (logical start `start`); returns it and its length in bytes.
@@ -132,11 +134,16 @@ fn parse_chunk(start: u64, b: &[u8], devid: u64) -> Result<(Chunk, usize)> {
     if len == 0 || start.checked_add(len).is_none() {
         return Err(bad("length"));
     }
+    let mirror = (ty & BTRFS_BLOCK_GROUP_DUP != 0 && stripes >= 2)
+        .then(|| &b[BTRFS_CHUNK_ITEM_HEADER_LEN + BTRFS_STRIPE_LEN..])
+        .filter(|s1| le64(s1, 0) == devid)
+        .map(|s1| le64(s1, 8));
     Ok((
         Chunk {
             start,
             len,
             phys: le64(s0, 8),
+            mirror,
         },
         size,
     ))
@@ -237,6 +244,11 @@ impl<'a> Volume<'a> {
     /// The partition byte ranges holding logical `[logical, logical + len)`, in order: one
     /// per chunk crossed.
     pub(crate) fn map(&self, logical: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.map_copy(logical, len, false)
+    }
+
+    /// [`Volume::map`] to the first copy, or to the second copy of DUP chunks (`mirror`).
+    fn map_copy(&self, logical: u64, len: u64, mirror: bool) -> Result<Vec<(u64, u64)>> {
         let mut out = Vec::new();
         let mut at = logical;
         let end = logical
@@ -252,7 +264,12 @@ impl<'a> Volume<'a> {
                     Error::corrupt(format!("btrfs logical address {at} is in no chunk"))
                 })?;
             let n = (end - at).min(c.start + c.len - at);
-            let phys = c.phys.checked_add(at - c.start);
+            let base = if mirror {
+                c.mirror.unwrap_or(c.phys)
+            } else {
+                c.phys
+            };
+            let phys = base.checked_add(at - c.start);
             match phys {
                 Some(p) if p.checked_add(n).is_some_and(|e| e <= self.len) => out.push((p, n)),
                 _ => {
@@ -266,15 +283,16 @@ impl<'a> Volume<'a> {
         Ok(out)
     }
 
-    /// Reads logical bytes into `buf`.
-    pub(crate) fn read_logical(
+    /// Reads logical bytes into `buf` (from the second DUP copy when `mirror`).
+    fn read_logical(
         &self,
         logical: u64,
         buf: &mut [u8],
+        mirror: bool,
         what: &dyn Fn() -> String,
     ) -> Result<()> {
         let mut done = 0usize;
-        for (phys, n) in self.map(logical, buf.len() as u64)? {
+        for (phys, n) in self.map_copy(logical, buf.len() as u64, mirror)? {
             // The pieces add up to buf.len().
             #[allow(clippy::cast_possible_truncation)]
             let n = n as usize;
@@ -284,6 +302,11 @@ impl<'a> Volume<'a> {
         Ok(())
     }
 
+    fn has_mirror(&self, logical: u64) -> bool {
+        let i = self.chunks.partition_point(|c| c.start <= logical);
+        i > 0 && self.chunks[i - 1].mirror.is_some()
+    }
+
     /// The tree node at `logical`, checked (checksum, address, fsid) and cached.
     pub(crate) fn node(&self, logical: u64) -> Result<Rc<Vec<u8>>> {
         if let Some(n) = self.cache.borrow().get(&logical) {
@@ -291,16 +314,26 @@ impl<'a> Volume<'a> {
         }
         let size = self.sb.nodesize as usize;
         let mut b = vec![0u8; size];
-        self.read_logical(logical, &mut b, &|| format!("btrfs tree node {logical}"))?;
-        if !self.sb.csum.verify(&b) {
-            return Err(Error::corrupt(format!(
-                "btrfs tree node {logical}: checksum mismatch"
-            )));
-        }
-        if le64(&b, 0x30) != logical || b[0x20..0x30] != self.sb.node_fsid {
-            return Err(Error::corrupt(format!(
-                "btrfs tree node {logical}: header names another block or file system"
-            )));
+        let what = || format!("btrfs tree node {logical}");
+        let check = |b: &mut Vec<u8>, mirror: bool| -> Result<()> {
+            self.read_logical(logical, b, mirror, &what)?;
+            if !self.sb.csum.verify(b) {
+                return Err(Error::corrupt(format!(
+                    "btrfs tree node {logical}: checksum mismatch"
+                )));
+            }
+            if le64(b, 0x30) != logical || b[0x20..0x30] != self.sb.node_fsid {
+                return Err(Error::corrupt(format!(
+                    "btrfs tree node {logical}: header names another block or file system"
+                )));
+            }
+            Ok(())
+        };
+        // A damaged first copy of a DUP node falls back to the second.
+        if let Err(e) = check(&mut b, false) {
+            if !self.has_mirror(logical) || check(&mut b, true).is_err() {
+                return Err(e);
+            }
         }
         let n = Rc::new(b);
         let mut cache = self.cache.borrow_mut();

@@ -338,3 +338,38 @@ fn btrfs_random_damage_under_valid_checksums() {
         }
     }
 }
+
+#[test]
+fn btrfs_dup_metadata_survives_one_damaged_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, entries) = fresh(tmp.path(), 100, &["-m", "dup"]);
+    let mut copies: BTreeMap<u64, Vec<Node>> = BTreeMap::new();
+    for n in nodes(&img).into_iter().filter(|x| x.owner() == 5) {
+        copies.entry(u64_at(&n.buf, 0x30)).or_default().push(n);
+    }
+    let pairs: Vec<&Vec<Node>> = copies.values().filter(|v| v.len() == 2).collect();
+    assert!(!pairs.is_empty());
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let flip = |n: &Node| {
+        let mut b = n.buf.clone();
+        b[200] ^= 0xff; // checksum no longer matches
+        f.write_all_at(&b, n.phys).unwrap();
+    };
+    for which in 0..2 {
+        for p in &pairs {
+            flip(&p[which]);
+        }
+        let (r, got) = walk_bounded(&img);
+        assert!(r.unwrap().is_complete(), "copy {which} damaged");
+        assert_eq!(got.len(), entries.len());
+        for p in &pairs {
+            f.write_all_at(&p[which].buf, p[which].phys).unwrap();
+        }
+    }
+    for p in &pairs {
+        flip(&p[0]);
+        flip(&p[1]);
+    }
+    let (r, _) = walk_bounded(&img);
+    assert!(errors(&r).contains("checksum"), "{}", errors(&r));
+}
