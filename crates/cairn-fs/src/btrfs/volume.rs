@@ -330,10 +330,10 @@ impl<'a> Volume<'a> {
             Ok(())
         };
         // A damaged first copy of a DUP node falls back to the second.
-        if let Err(e) = check(&mut b, false) {
-            if !self.has_mirror(logical) || check(&mut b, true).is_err() {
-                return Err(e);
-            }
+        if let Err(e) = check(&mut b, false)
+            && (!self.has_mirror(logical) || check(&mut b, true).is_err())
+        {
+            return Err(e);
         }
         let n = Rc::new(b);
         let mut cache = self.cache.borrow_mut();
