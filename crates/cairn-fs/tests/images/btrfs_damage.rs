@@ -373,3 +373,26 @@ fn btrfs_dup_metadata_survives_one_damaged_copy() {
     let (r, _) = walk_bounded(&img);
     assert!(errors(&r).contains("checksum"), "{}", errors(&r));
 }
+
+#[test]
+fn btrfs_directories_without_index_items_use_dir_items() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    super::btrfs_tree(&src, 40);
+    let img = super::mkfs_btrfs(tmp.path(), &src, &[]);
+    // Retype every DIR_INDEX item (96) as 97, which sorts the same and means nothing.
+    let n = mutate(&img, &|x| x.owner() == 5 && x.level() == 0, &|x| {
+        let mut changed = false;
+        for i in 0..x.nritems() {
+            let ty = 101 + i * 25 + 8;
+            if x.buf[ty] == 96 {
+                x.buf[ty] = 97;
+                changed = true;
+            }
+        }
+        changed
+    });
+    assert!(n >= 1);
+    let part = super::btrfs_only(&img);
+    check(&img, &part, &src, &super::BTRFS_CAPS);
+}
