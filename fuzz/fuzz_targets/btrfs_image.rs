@@ -2,8 +2,8 @@
 //! allocate without bound.
 //!
 //! Raw bytes would never get past the superblock and node checksums, so the target first
-//! builds three small templates with `mkfs.btrfs --rootdir` (plain+zstd, lzo, zlib; one
-//! subvolume each) and keeps their non-zero 4 KiB pages. An input is a template choice and
+//! builds three small templates with `mkfs.btrfs --rootdir` (zstd and lzo with 4 KiB nodes,
+//! zlib with 16 KiB nodes; one subvolume each) and keeps their non-zero 4 KiB pages. An input is a template choice and
 //! a list of patches `[page u16][offset u16][len u8][bytes]` applied to those pages; every
 //! patched tree node and the superblock get a fresh crc32c, so the damage reaches the tree
 //! parsers, the chunk map, the extent code and the decompressors.
@@ -41,7 +41,7 @@ fn crc32c(data: &[u8]) -> u32 {
     !c
 }
 
-fn template(compress: &str) -> Template {
+fn template((compress, nodesize): (&str, &str)) -> Template {
     let dir = std::env::temp_dir().join(format!("cairn-fuzz-btrfs-{}-{compress}", std::process::id()));
     let src = dir.join("src");
     let _ = std::fs::remove_dir_all(&dir);
@@ -55,14 +55,14 @@ fn template(compress: &str) -> Template {
     let noise: Vec<u8> = (0..70_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(src.join("dir/noise"), &noise).unwrap();
     std::fs::write(src.join("vol/in-subvolume"), b"inside").unwrap();
-    for i in 0..300 {
+    for i in 0..80 {
         std::fs::write(src.join(format!("dir/sub/f{i}")), format!("{i}")).unwrap();
     }
     std::os::unix::fs::symlink("dir/text", src.join("link")).unwrap();
     std::fs::hard_link(src.join("tiny"), src.join("dir/hard")).unwrap();
     let img = dir.join("img");
     std::fs::File::create(&img).unwrap();
-    let mut args = vec!["-f", "-q", "--shrink", "--subvol", "rw:vol", "--rootdir"];
+    let mut args = vec!["-f", "-q", "--shrink", "-n", nodesize, "--subvol", "rw:vol", "--rootdir"];
     let s = src.to_str().unwrap().to_string();
     args.push(&s);
     if compress != "no" {
@@ -102,7 +102,13 @@ fn template(compress: &str) -> Template {
 
 fn templates() -> &'static [Template] {
     static T: OnceLock<Vec<Template>> = OnceLock::new();
-    T.get_or_init(|| ["zstd", "lzo", "zlib"].iter().map(|c| template(c)).collect())
+    // Small nodes make deeper trees out of few files (and faster runs).
+    T.get_or_init(|| {
+        [("zstd", "4096"), ("lzo", "4096"), ("zlib", "16384")]
+            .into_iter()
+            .map(template)
+            .collect()
+    })
 }
 
 /// A template with patched pages laid over it.

@@ -122,10 +122,13 @@ impl Run<'_> {
     }
 }
 
-/// The extents and compressed extents of `e` merged in file order.
+/// The extents and compressed extents of `e` merged in file order. Without compressed
+/// extents the plain ones keep their listed order (`copy_file` refuses an unordered list).
 pub(crate) fn runs(e: &FileEntry) -> Vec<Run<'_>> {
     let mut v: Vec<Run> = e.extents.iter().map(Run::Plain).collect();
-    v.extend(e.compressed.iter().map(Run::Compressed));
-    v.sort_by_key(|r| r.file_range().0);
+    if !e.compressed.is_empty() {
+        v.extend(e.compressed.iter().map(Run::Compressed));
+        v.sort_by_key(|r| r.file_range().0);
+    }
     v
 }

@@ -245,4 +245,19 @@ mod tests {
         framed[..4].copy_from_slice(&1000u32.to_le_bytes());
         assert!(btrfs_lzo(&framed, 16, 100).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_or_overrun(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            max in 0usize..5000,
+        ) {
+            let mut out = Vec::new();
+            let _ = lzo1x(&data, &mut out, max);
+            proptest::prop_assert!(out.len() <= max);
+            if let Ok(v) = btrfs_lzo(&data, 512, max) {
+                proptest::prop_assert!(v.len() <= max);
+            }
+        }
+    }
 }
