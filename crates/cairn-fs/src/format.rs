@@ -147,13 +147,11 @@ pub const BTRFS_LAST_FREE_OBJECTID: u64 = u64::MAX - 255;
 pub const BTRFS_FIRST_CHUNK_TREE_OBJECTID: u64 = 256;
 // Item (key) types.
 pub const BTRFS_INODE_ITEM_KEY: u8 = 1;
-pub const BTRFS_INODE_REF_KEY: u8 = 12;
 pub const BTRFS_DIR_ITEM_KEY: u8 = 84;
 pub const BTRFS_DIR_INDEX_KEY: u8 = 96;
 pub const BTRFS_EXTENT_DATA_KEY: u8 = 108;
 pub const BTRFS_ROOT_ITEM_KEY: u8 = 132;
 pub const BTRFS_ROOT_BACKREF_KEY: u8 = 144;
-pub const BTRFS_ROOT_REF_KEY: u8 = 156;
 pub const BTRFS_CHUNK_ITEM_KEY: u8 = 228;
 /// Fixed sizes of on-disk items.
 pub const BTRFS_INODE_ITEM_LEN: usize = 160;
@@ -161,6 +159,7 @@ pub const BTRFS_ROOT_ITEM_MIN_LEN: usize = 239;
 pub const BTRFS_DIR_ITEM_HEADER_LEN: usize = 30;
 pub const BTRFS_CHUNK_ITEM_HEADER_LEN: usize = 48;
 pub const BTRFS_STRIPE_LEN: usize = 32;
+/// `ROOT_BACKREF` payload: parent directory, index, name length, then the name.
 pub const BTRFS_ROOT_REF_HEADER_LEN: usize = 18;
 /// Extent data: 21-byte header (inline data follows it), 53 bytes for regular/prealloc.
 pub const BTRFS_FILE_EXTENT_INLINE_HEADER: usize = 21;
@@ -187,8 +186,6 @@ pub const BTRFS_BLOCK_GROUP_MULTI_DEVICE: u64 =
     (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10);
 /// `incompat` bit: the node headers carry `metadata_uuid` instead of the fsid.
 pub const BTRFS_INCOMPAT_METADATA_UUID: u64 = 1 << 10;
-/// Directory entry type of a symlink (`BTRFS_FT_SYMLINK`).
-pub const BTRFS_FT_SYMLINK: u8 = 7;
 
 const _: () = assert!(MBR_TABLE_OFFSET + 4 * MBR_ENTRY_LEN + 2 == 512);
 const _: () = assert!(EXT_I_BLOCK_LEN == 15 * 4);

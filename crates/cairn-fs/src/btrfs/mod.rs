@@ -156,6 +156,15 @@ impl Btrfs<'_> {
         Ok(ids)
     }
 
+    /// The name subvolume `id` has in its parent (its first `ROOT_BACKREF`), for messages.
+    fn backref_name(&self, id: u64) -> Option<String> {
+        let (lo, hi) = Key::all(id, BTRFS_ROOT_BACKREF_KEY);
+        let (_, d) = tree::first(&self.vol, self.root_tree(), lo, hi).ok()??;
+        let len = usize::from(crate::util::le16(&d, 16));
+        let name = d.get(BTRFS_ROOT_REF_HEADER_LEN..BTRFS_ROOT_REF_HEADER_LEN + len)?;
+        Some(String::from_utf8_lossy(name).into_owned())
+    }
+
     fn inode(&self, root: Root, ino: u64) -> Result<InodeItem> {
         let (lo, hi) = Key::all(ino, BTRFS_INODE_ITEM_KEY);
         match tree::first(&self.vol, root, lo, hi)? {
@@ -573,11 +582,14 @@ pub(crate) fn walk(
         match fs.subvolume_ids() {
             Ok(ids) => {
                 for id in ids.into_iter().filter(|id| !subvolumes.contains(id)) {
+                    let name = fs.backref_name(id).unwrap_or_default();
                     sink.error(
                         "",
                         Error::new(
                             ErrorKind::NotFound,
-                            format!("btrfs subvolume {id} is linked from no directory: not listed"),
+                            format!(
+                                "btrfs subvolume {id} {name:?} is linked from no directory: not listed"
+                            ),
                         ),
                     );
                 }

@@ -396,3 +396,32 @@ fn btrfs_directories_without_index_items_use_dir_items() {
     let part = super::btrfs_only(&img);
     check(&img, &part, &src, &super::BTRFS_CAPS);
 }
+
+#[test]
+fn btrfs_unlinked_subvolume_is_reported_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    super::btrfs_tree(&src, 0);
+    write(&src.join("vols/rw/inside.txt"), b"in rw", 1_700_000_000);
+    let img = super::mkfs_btrfs(tmp.path(), &src, &["--subvol", "rw:vols/rw"]);
+    // Point every directory entry of the subvolume at a tree that does not exist.
+    let n = mutate(&img, &|x| x.owner() == 5 && x.level() == 0, &|x| {
+        let mut changed = false;
+        for (_, ty, _, at, _) in x.items() {
+            if (ty == 84 || ty == 96) && x.buf[at + 8] == 132 {
+                x.buf[at..at + 8].copy_from_slice(&999u64.to_le_bytes());
+                changed = true;
+            }
+        }
+        changed
+    });
+    assert!(n >= 1);
+    let (r, got) = walk_bounded(&img);
+    let errs = errors(&r);
+    assert!(errs.contains("subvolume 999"), "{errs}");
+    assert!(
+        errs.contains("\"rw\" is linked from no directory"),
+        "{errs}"
+    );
+    assert!(got.iter().all(|e| !e.path.starts_with("/vols/rw")));
+}
