@@ -271,6 +271,11 @@ impl Btrfs<'_> {
                     }
                     let len = num_bytes.min(size - at);
                     if compression == BTRFS_COMPRESS_NONE {
+                        if offset.checked_add(len).is_none_or(|e| e > disk_num_bytes) {
+                            return Err(Error::corrupt(format!(
+                                "btrfs inode {ino}: extent at {at} reads past its disk extent"
+                            )));
+                        }
                         let start = disk_bytenr.checked_add(offset).ok_or_else(|| {
                             Error::corrupt(format!("btrfs inode {ino}: extent address"))
                         })?;
