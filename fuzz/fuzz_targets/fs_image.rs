@@ -1,4 +1,4 @@
-//! Partition-table scan and file-system walk (ext2/3/4 with journal replay, FAT, NTFS) over
+//! Partition-table scan and file-system walk (ext2/3/4 with journal replay, FAT, NTFS, btrfs) over
 //! arbitrary bytes as a disk image: never panic, hang or allocate without bound.
 #![no_main]
 
@@ -23,7 +23,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     for p in &layout.partitions {
         // Also try each file system at each partition, whatever the probe said.
-        for fs in [p.fs, cairn_fs::FsKind::Ext4, cairn_fs::FsKind::Fat16, cairn_fs::FsKind::Ntfs] {
+        for fs in [
+            p.fs,
+            cairn_fs::FsKind::Ext4,
+            cairn_fs::FsKind::Fat16,
+            cairn_fs::FsKind::Ntfs,
+            cairn_fs::FsKind::Btrfs,
+        ] {
             let part = cairn_fs::Partition { fs, ..p.clone() };
             let _ = cairn_fs::walk(&image, &part, &limits, |e| {
                 let _ = cairn_fs::read_file(&image, &e, &limits);

@@ -24,6 +24,8 @@ pub enum FsKind {
     Fat32,
     Ntfs,
     Xfs,
+    /// btrfs on a single device.
+    Btrfs,
     /// An LVM2 physical volume: its logical volumes are volumes of their own.
     LvmPv,
     /// Detected, never read: the reason is [`FsKind::not_read_reason`].
@@ -183,6 +185,15 @@ pub struct FileEntry {
     /// transaction (data=journal mode), so the current content lives there, not at the
     /// block's home location.
     pub data_from_journal: bool,
+    /// Compressed data (btrfs), merged with `extents` in file order by `copy_file`; empty on
+    /// other file systems. See [`CompressedExtent`](crate::CompressedExtent).
+    #[serde(default)]
+    pub compressed: Vec<crate::CompressedExtent>,
+    /// btrfs: id of the subvolume (tree) the entry belongs to (5 for the top level). Inode
+    /// numbers are unique only within one subvolume; a subvolume's or snapshot's own root
+    /// directory is the entry with inode 256.
+    #[serde(default)]
+    pub subvolume: Option<u64>,
 }
 
 impl FileEntry {
@@ -208,6 +219,8 @@ impl FileEntry {
             extents: Vec::new(),
             inline_data: None,
             data_from_journal: false,
+            compressed: Vec::new(),
+            subvolume: None,
         }
     }
 }
@@ -284,6 +297,9 @@ pub struct WalkReport {
     pub journal_blocks: u64,
     /// XFS only: whether the metadata log was clean (it is never replayed).
     pub xfs_log: Option<XfsLog>,
+    /// btrfs only: the default subvolume (what a mount without options shows; paths are
+    /// always from the top level, id 5).
+    pub btrfs_default_subvolume: Option<u64>,
 }
 
 /// State of an XFS metadata log when the volume was read. A dirty log is not replayed: the

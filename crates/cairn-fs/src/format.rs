@@ -243,3 +243,92 @@ pub const XFS_LOG_REC_CRC_OFFSET: usize = 32;
 pub const XFS_LOG_REC_HDR_LEN: usize = 328;
 pub const XFS_LOG_REC_HDR_LEN_I386: usize = 324;
 pub const XFS_LOG_EXT_HDR_LEN: usize = 260;
+
+// ---- btrfs (single device; the btrfs documentation's "On-disk format") ----
+/// The primary superblock's byte offset in the partition (copies at 64 MiB and 256 GiB are
+/// not read).
+pub const BTRFS_SUPERBLOCK_OFFSET: u64 = 64 << 10;
+pub const BTRFS_SUPERBLOCK_LEN: usize = 4096;
+/// `_BHRfS_M` at byte 0x40 of the superblock.
+pub const BTRFS_MAGIC: [u8; 8] = *b"_BHRfS_M";
+pub const BTRFS_MAGIC_OFFSET: usize = 0x40;
+/// Checksums cover everything after the 32-byte checksum field (superblock and tree nodes).
+pub const BTRFS_CSUM_LEN: usize = 32;
+pub const BTRFS_CSUM_CRC32C: u16 = 0;
+pub const BTRFS_CSUM_XXHASH64: u16 = 1;
+pub const BTRFS_CSUM_SHA256: u16 = 2;
+pub const BTRFS_CSUM_BLAKE2B: u16 = 3;
+/// Offset and capacity of the superblock's bootstrap chunk array.
+pub const BTRFS_SYS_CHUNK_ARRAY_OFFSET: usize = 0x32B;
+pub const BTRFS_SYS_CHUNK_ARRAY_MAX: usize = 2048;
+/// Offset of the superblock's own device item (98 bytes; devid first).
+pub const BTRFS_SB_DEV_ITEM_OFFSET: usize = 0xC9;
+/// Tree node header; a leaf's item headers and a node's key pointers follow it.
+pub const BTRFS_HEADER_LEN: usize = 101;
+pub const BTRFS_KEY_LEN: usize = 17;
+/// Leaf item header: key, data offset (from the end of the header), data size.
+pub const BTRFS_ITEM_LEN: usize = 25;
+/// Internal node pointer: key, child block (logical), generation.
+pub const BTRFS_KEY_PTR_LEN: usize = 33;
+/// Levels 0..=7: a tree is at most 8 nodes deep.
+pub const BTRFS_MAX_LEVEL: u8 = 7;
+pub const BTRFS_NODESIZE_MIN: u32 = 4096;
+pub const BTRFS_NODESIZE_MAX: u32 = 64 << 10;
+pub const BTRFS_SECTORSIZE_MAX: u32 = 64 << 10;
+// Tree ids (object ids in the root tree).
+pub const BTRFS_ROOT_TREE_DIR_OBJECTID: u64 = 6;
+pub const BTRFS_FS_TREE_OBJECTID: u64 = 5;
+/// First id of a subvolume or snapshot tree, and the inode of every subvolume's root directory.
+pub const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
+/// Largest subvolume id (`-256` as u64).
+pub const BTRFS_LAST_FREE_OBJECTID: u64 = u64::MAX - 255;
+/// Object id of every chunk item in the chunk tree.
+pub const BTRFS_FIRST_CHUNK_TREE_OBJECTID: u64 = 256;
+// Item (key) types.
+pub const BTRFS_INODE_ITEM_KEY: u8 = 1;
+pub const BTRFS_DIR_ITEM_KEY: u8 = 84;
+pub const BTRFS_DIR_INDEX_KEY: u8 = 96;
+pub const BTRFS_EXTENT_DATA_KEY: u8 = 108;
+pub const BTRFS_ROOT_ITEM_KEY: u8 = 132;
+pub const BTRFS_ROOT_BACKREF_KEY: u8 = 144;
+pub const BTRFS_CHUNK_ITEM_KEY: u8 = 228;
+/// Fixed sizes of on-disk items.
+pub const BTRFS_INODE_ITEM_LEN: usize = 160;
+pub const BTRFS_ROOT_ITEM_MIN_LEN: usize = 239;
+pub const BTRFS_DIR_ITEM_HEADER_LEN: usize = 30;
+pub const BTRFS_CHUNK_ITEM_HEADER_LEN: usize = 48;
+pub const BTRFS_STRIPE_LEN: usize = 32;
+/// `ROOT_BACKREF` payload: parent directory, index, name length, then the name.
+pub const BTRFS_ROOT_REF_HEADER_LEN: usize = 18;
+/// Extent data: 21-byte header (inline data follows it), 53 bytes for regular/prealloc.
+pub const BTRFS_FILE_EXTENT_INLINE_HEADER: usize = 21;
+pub const BTRFS_FILE_EXTENT_REG_LEN: usize = 53;
+pub const BTRFS_FILE_EXTENT_INLINE: u8 = 0;
+pub const BTRFS_FILE_EXTENT_REG: u8 = 1;
+pub const BTRFS_FILE_EXTENT_PREALLOC: u8 = 2;
+pub const BTRFS_COMPRESS_NONE: u8 = 0;
+pub const BTRFS_COMPRESS_ZLIB: u8 = 1;
+pub const BTRFS_COMPRESS_LZO: u8 = 2;
+pub const BTRFS_COMPRESS_ZSTD: u8 = 3;
+/// Largest compressed extent (stored or decompressed) this reader accepts; btrfs itself
+/// writes at most 128 KiB.
+pub const BTRFS_MAX_COMPRESSED: u64 = 1 << 20;
+/// LZO framing: each segment's LZO1X data decompresses to at most one sector, and a 4-byte
+/// segment length never straddles a sector boundary.
+pub const BTRFS_LZO_LEN_BYTES: usize = 4;
+/// zstd window the decoder allows (btrfs compresses with at most 2^17).
+pub const BTRFS_ZSTD_WINDOW_LOG_MAX: u32 = 20;
+// Block-group (chunk) profile bits.
+pub const BTRFS_BLOCK_GROUP_DUP: u64 = 1 << 5;
+/// RAID0, RAID1, RAID10, RAID5, RAID6, RAID1C3, RAID1C4: stripes on several devices.
+pub const BTRFS_BLOCK_GROUP_MULTI_DEVICE: u64 =
+    (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10);
+/// `incompat` bit: the node headers carry `metadata_uuid` instead of the fsid.
+pub const BTRFS_INCOMPAT_METADATA_UUID: u64 = 1 << 10;
+
+const _: () = assert!(MBR_TABLE_OFFSET + 4 * MBR_ENTRY_LEN + 2 == 512);
+const _: () = assert!(EXT_I_BLOCK_LEN == 15 * 4);
+const _: () = assert!(BTRFS_ITEM_LEN == BTRFS_KEY_LEN + 8);
+const _: () = assert!(BTRFS_KEY_PTR_LEN == BTRFS_KEY_LEN + 16);
+const _: () =
+    assert!(BTRFS_SYS_CHUNK_ARRAY_OFFSET + BTRFS_SYS_CHUNK_ARRAY_MAX <= BTRFS_SUPERBLOCK_LEN);

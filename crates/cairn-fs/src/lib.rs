@@ -15,6 +15,8 @@
 //! | `ntfs` | NTFS: MFT scan, `$STANDARD_INFORMATION`, `$FILE_NAME`, `$DATA` runs, reparse-point links |
 //! | `lvm` | LVM2 labels and text metadata; linear and striped logical volumes, read in place |
 //! | `xfs` | XFS v4/v5: CRC-checked metadata, extent lists and bmbt maps, short-form/block/leaf/node directories, log cleanliness (no replay) |
+//! | `btrfs` | btrfs on one device: checked superblock and nodes, chunk map, every subvolume and snapshot at its place, inline/regular/compressed extents |
+//! | `compressed` | [`CompressedExtent`]: zlib, zstd and btrfs-LZO data that `copy_file` decompresses |
 //! | `format` | every magic number and on-disk constant |
 //!
 //! All the file-system readers are our own rather than `ext4-view`, `fatfs` or `ntfs`: the
@@ -34,7 +36,8 @@
 //!   offset, so `reader.read_at(disk_offset)` returns file bytes with no further mapping.
 //!   Holes and unwritten extents are absent and read as zeros. When ext journal replay put a
 //!   file's data block in the journal (data=journal mode), the extent points at the journal
-//!   copy and [`FileEntry::data_from_journal`] is set.
+//!   copy and [`FileEntry::data_from_journal`] is set. Compressed data (btrfs) cannot be a
+//!   byte range: it is listed in [`FileEntry::compressed`], and [`copy_file`] decompresses it.
 //! - **Bounded on hostile input**: every count, size and depth read from disk is checked
 //!   against [`Limits`] before it drives a loop or an allocation; directory cycles are detected.
 //!   Damage inside the tree yields a partial listing with errors in the [`WalkReport`];
@@ -50,6 +53,8 @@
     clippy::cast_lossless
 )]
 
+mod btrfs;
+mod compressed;
 mod entry;
 mod error;
 mod ext;
@@ -65,6 +70,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 
 pub use cairn_types::ReadAt;
+pub use compressed::{CompressedExtent, Compression};
 pub use entry::{
     DiskLayout, FileEntry, FileExtent, FileKind, FsKind, Limits, LvSegment, Partition,
     PartitionType, TableKind, WalkError, WalkReport, XfsLog,
@@ -120,7 +126,9 @@ fn walk_to(
             ..partition.clone()
         };
         let mut bad = Vec::new();
-        let mut mapped = |mut e: FileEntry| match lvm::map_extents(segments, &e.extents, limits) {
+        let mut mapped = |mut e: FileEntry| match lvm::map_extents(segments, &e.extents, limits)
+            .and_then(|x| lvm::map_compressed(segments, &mut e.compressed).map(|()| x))
+        {
             Ok(x) => {
                 e.extents = x;
                 visitor(e)
@@ -151,6 +159,7 @@ fn walk_to(
         }
         FsKind::Ntfs => ntfs::walk(reader, partition, limits, &mut sink)?,
         FsKind::Xfs => xfs::walk(reader, partition, limits, &mut sink)?,
+        FsKind::Btrfs => btrfs::walk(reader, partition, limits, &mut sink)?,
         other => {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -210,25 +219,34 @@ pub fn copy_file(reader: &dyn ReadAt, entry: &FileEntry, out: &mut dyn Write) ->
         }
         Ok(())
     };
-    for x in &entry.extents {
-        let end = x.file_offset.checked_add(x.length);
-        if x.file_offset < pos || end.is_none_or(|e| e > entry.size) {
+    for run in compressed::runs(entry) {
+        let (file_offset, length) = run.file_range();
+        let end = file_offset.checked_add(length);
+        if file_offset < pos || end.is_none_or(|e| e > entry.size) {
             return Err(Error::corrupt(format!(
-                "{}: extent {x:?} out of order or past the size",
+                "{}: extent at file offset {file_offset} ({length} bytes) out of order or past the size",
                 entry.path
             )));
         }
-        fill(out, x.file_offset - pos)?;
-        let mut done = 0;
-        while done < x.length {
-            let k = (x.length - done).min(CHUNK) as usize;
-            util::read_exact(reader, &mut buf[..k], x.disk_offset + done, &|| {
-                format!("data of {}", entry.path)
-            })?;
-            out.write_all(&buf[..k]).map_err(werr)?;
-            done += k as u64;
+        fill(out, file_offset - pos)?;
+        match run {
+            compressed::Run::Plain(x) => {
+                let mut done = 0;
+                while done < x.length {
+                    let k = (x.length - done).min(CHUNK) as usize;
+                    util::read_exact(reader, &mut buf[..k], x.disk_offset + done, &|| {
+                        format!("data of {}", entry.path)
+                    })?;
+                    out.write_all(&buf[..k]).map_err(werr)?;
+                    done += k as u64;
+                }
+            }
+            compressed::Run::Compressed(x) => {
+                let data = compressed::read_extent(reader, x, &entry.path)?;
+                out.write_all(&data).map_err(werr)?;
+            }
         }
-        pos = x.file_offset + x.length;
+        pos = file_offset + length;
     }
     fill(out, entry.size - pos)?;
     Ok(entry.size)

@@ -87,6 +87,9 @@ pub(crate) fn probe_fs(r: &dyn ReadAt, offset: u64, length: u64) -> FsKind {
     if crate::xfs::probe(&head[..512]) {
         return FsKind::Xfs;
     }
+    if crate::btrfs::probe(r, offset, length) {
+        return FsKind::Btrfs;
+    }
     if head[3..11] == BITLOCKER_OEM {
         return FsKind::BitLocker;
     }

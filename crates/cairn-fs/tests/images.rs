@@ -1,5 +1,5 @@
 //! cairn-fs against images made by the real tools (mke2fs, sfdisk, mkfs.fat, mcopy, mkntfs,
-//! wimlib-imagex, debugfs, e2fsck, mkfs.xfs, xfs_db, xfs_repair). A missing tool fails the test with the command to install
+//! wimlib-imagex, debugfs, e2fsck, mkfs.xfs, xfs_db, xfs_repair, mkfs.btrfs, lvm2, cryptsetup). A missing tool fails the test with the command to install
 //! it: the project installs its own packages (`scripts/install-deps.sh`).
 
 use std::collections::BTreeMap;
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use cairn_fs::{FileEntry, FileKind, FsKind, Limits, Partition, TableKind};
 use sha2::{Digest, Sha256};
 
+#[path = "images/btrfs.rs"]
+mod btrfs;
 #[path = "images/damage.rs"]
 mod damage;
 #[path = "images/fat_ntfs.rs"]

@@ -204,15 +204,30 @@ fn every_flow_with_each_role_in_its_own_process() {
             .any(|e| e["path"].as_str().unwrap().ends_with("/lvm.txt") && e["size"] == 24),
         "{f:#?}"
     );
+    let (ok, f) = cli(&conn, &["files", "ls", &b2, "/vdb/p3/"]);
+    assert!(ok, "{f}");
+    assert!(
+        f.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "/vdb/p3/btrfs.txt" && e["size"] == 9),
+        "{f:#}"
+    );
     let rec: Value = s.get_json(&format!("/v1/backups/{b2}")).unwrap();
     let vols = rec["volumes"]
         .as_array()
         .expect("the record lists its volumes");
+    let fs_of = |fs: &str| vols.iter().find(|v| v["disk"] == "vdb" && v["fs"] == fs);
     assert!(
-        vols.iter()
-            .any(|v| v["disk"] == "vdb" && v["fs"] == "Luks" && v["not_indexed"].is_string()),
+        fs_of("Luks").is_some_and(|v| v["not_indexed"].is_string()),
         "{rec:#}"
     );
+    for fs in ["Xfs", "Btrfs"] {
+        assert!(
+            fs_of(fs).is_some_and(|v| v["not_indexed"].is_null() && v["files"].as_u64() > Some(0)),
+            "{fs}: {rec:#}"
+        );
+    }
     let (ok, hits) = cli(&conn, &["files", "find", "new.bin", "--vm", "vm1"]);
     assert!(ok, "{hits}");
     let hits = hits.as_array().unwrap();

@@ -268,15 +268,20 @@ pub fn disk(dir: &Path, name: &str) -> PathBuf {
     out
 }
 
-/// A second disk for the file catalog's coverage: GPT, an LVM physical volume on `p1` whose
-/// linear logical volume `data/files` holds ext4 with `lvm.txt`, and a LUKS2 volume on `p2`.
-/// Made by the real tools (lvm2 with activation off, since device-mapper is missing here;
-/// cryptsetup on a plain file) and converted to qcow2 in the datastore.
+/// A second disk for the file catalog's coverage, made by the real tools: GPT; on `p1` an
+/// LVM physical volume whose linear logical volume `VG/files` holds XFS with `lvm.txt`; on
+/// `p2` a LUKS2 volume; on `p3` btrfs with `btrfs.txt`. lvm2 runs with activation off
+/// (device-mapper is missing here), so XFS is made in a file and copied to where `pvs` says
+/// the LV starts; cryptsetup formats a plain file. Converted to qcow2 in the datastore.
 pub fn lvm_luks_disk(dir: &Path, name: &str) -> PathBuf {
     let sh = |script: &str| {
         let out = Command::new("bash")
             .args(["-euo", "pipefail", "-c", script])
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            // mkfs.xfs refuses volumes under 300 MB unless run as by its own test suite.
+            .env("TEST_DIR", "/tmp")
+            .env("TEST_DEV", "/dev/null")
+            .env("QA_CHECK_FS", "1")
             .output()
             .unwrap();
         assert!(
@@ -288,14 +293,16 @@ pub fn lvm_luks_disk(dir: &Path, name: &str) -> PathBuf {
     };
     let raw = dir.join(format!("{name}.raw"));
     let src = dir.join(format!("src-{name}"));
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("lvm.txt"), "inside a logical volume\n").unwrap();
+    std::fs::create_dir_all(src.join("x")).unwrap();
+    std::fs::create_dir_all(src.join("b")).unwrap();
+    std::fs::write(src.join("x/lvm.txt"), "inside a logical volume\n").unwrap();
+    std::fs::write(src.join("b/btrfs.txt"), "on btrfs\n").unwrap();
     let vg = format!("cairne{}", std::process::id());
-    // p1: 24 MiB from 1 MiB; p2: 16 MiB after it.
-    let (p1, p2) = (1u64 << 20, 25u64 << 20);
+    // p1: 24 MiB from 1 MiB; p2 and p3: 16 MiB each after it.
+    let (p1, p2, p3) = (1u64 << 20, 25u64 << 20, 41u64 << 20);
     let script = format!(
-        r#"truncate -s 48M {raw}
-printf 'label: gpt\nstart=2048, size=49152\nstart=51200, size=32768\n' | sfdisk -q {raw}
+        r#"truncate -s 64M {raw}
+printf 'label: gpt\nstart=2048, size=49152\nstart=51200, size=32768\nstart=83968, size=32768\n' | sfdisk -q {raw}
 dev=$(losetup -f --show -o {p1} --sizelimit $((24<<20)) {raw})
 trap 'losetup -d $dev' EXIT
 cfg="global {{ activation = 0 }} backup {{ backup = 0 archive = 0 }} devices {{ obtain_device_list_from_udev = 0 use_devicesfile = 0 filter = [ \"a|^$dev\$|\", \"r|.*|\" ] }}"
@@ -306,12 +313,15 @@ pvs --config "$cfg" --noheadings -o pe_start --units b --nosuffix $dev"#,
         raw = raw.display()
     );
     let pe_start: u64 = sh(&script).trim().parse().unwrap();
-    // The LV is linear from the PV's first extent: ext4 goes right there.
+    // The LV is linear from the PV's first extent (20 MiB): XFS goes right there.
+    let d = dir.display();
     sh(&format!(
-        "mke2fs -q -F -t ext4 -d {src} -E offset={off} {raw} 8M",
+        "printf '/dev/null\\n0 0\\nd--755 0 0\\n lvm.txt ---644 0 0 {src}/x/lvm.txt\\n$\\n' > {d}/{name}.proto
+         truncate -s 20M {d}/{name}.xfs && mkfs.xfs -q -f -p {d}/{name}.proto {d}/{name}.xfs
+         dd if={d}/{name}.xfs of={raw} bs=1M seek={seek} conv=notrunc,sparse status=none",
         src = src.display(),
-        off = p1 + pe_start,
-        raw = raw.display()
+        raw = raw.display(),
+        seek = (p1 + pe_start) >> 20
     ));
     let luks = dir.join(format!("{name}.luks"));
     sh(&format!(
@@ -321,6 +331,13 @@ pvs --config "$cfg" --noheadings -o pe_start --units b --nosuffix $dev"#,
         l = luks.display(),
         raw = raw.display(),
         seek = p2 >> 20
+    ));
+    sh(&format!(
+        "truncate -s 16M {d}/{name}.btrfs && mkfs.btrfs -q -f --rootdir {src}/b {d}/{name}.btrfs \
+         && dd if={d}/{name}.btrfs of={raw} bs=1M seek={seek} conv=notrunc,sparse status=none",
+        src = src.display(),
+        raw = raw.display(),
+        seek = p3 >> 20
     ));
     let out = dir.join("ds").join(format!("{name}.qcow2"));
     assert!(

@@ -458,6 +458,28 @@ pub(crate) fn map_extents(
     Ok(out)
 }
 
+/// Moves compressed extents from LV to disk offsets; each must lie in one contiguous run
+/// (true on linear volumes; a compressed extent split by striping is refused).
+pub(crate) fn map_compressed(segs: &[LvSegment], c: &mut [crate::CompressedExtent]) -> Result<()> {
+    for x in c {
+        match locate(segs, x.disk_offset) {
+            Some((disk, run)) if run >= x.disk_length => x.disk_offset = disk,
+            Some(_) => {
+                return Err(Error::new(
+                    crate::ErrorKind::Unsupported,
+                    "a compressed extent split across LVM stripes",
+                ));
+            }
+            None => {
+                return Err(Error::corrupt(
+                    "a compressed extent beyond its logical volume",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A logical volume's bytes, read through its segments.
 pub(crate) struct LvReader<'a> {
     disk: &'a dyn ReadAt,
