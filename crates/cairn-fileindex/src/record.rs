@@ -12,6 +12,8 @@
 //! [mode] [uid] [gid] [mtime_ns zz] [atime_ns zz] [ctime_ns zz] [crtime_ns zz]
 //! [nlink] [inode] [attributes] [link_target str] [security bytes]
 //! extent_count { file_offset disk_offset length }*  [inline bytes]
+//! [compressed_count { file_offset length disk_offset disk_length
+//!                     algorithm(0 zlib, 1 zstd, 2 btrfs-lzo) [lzo sector] decompressed skip }*]
 //! ```
 //!
 //! Optional fields appear only when their bit in `present` is set (bit order as listed).
@@ -27,7 +29,7 @@ use crate::format::{
 /// Byte that stands for a record removed by garbage collection.
 pub const TOMBSTONE: u8 = 0xff;
 
-pub use cairn_types::{FileExtent, FileKind};
+pub use cairn_types::{CompressedExtent, Compression, FileExtent, FileKind};
 
 /// The kind's byte in a record.
 fn kind_to_u8(k: FileKind) -> u8 {
@@ -75,6 +77,9 @@ pub struct FileRecord {
     pub extents: Vec<FileExtent>,
     /// Content of tiny files kept in the file system's metadata.
     pub inline: Option<Vec<u8>>,
+    /// Data the file system stores compressed (btrfs), merged with `extents` in file order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compressed: Vec<CompressedExtent>,
 }
 
 impl FileRecord {
@@ -143,7 +148,7 @@ pub fn encode(r: &FileRecord, w: &mut Writer) -> Result<(), String> {
             r.path
         ));
     }
-    if r.extents.len() > MAX_EXTENTS {
+    if r.extents.len() > MAX_EXTENTS || r.compressed.len() > MAX_EXTENTS {
         return Err(format!("{}: more than {MAX_EXTENTS} extents", r.path));
     }
     w.buf.push(kind_to_u8(r.kind));
@@ -161,6 +166,7 @@ pub fn encode(r: &FileRecord, w: &mut Writer) -> Result<(), String> {
         r.link_target.is_some(),
         r.security.is_some(),
         r.inline.is_some(),
+        !r.compressed.is_empty(),
     ];
     let present = flags
         .iter()
@@ -198,6 +204,24 @@ pub fn encode(r: &FileRecord, w: &mut Writer) -> Result<(), String> {
     if let Some(i) = &r.inline {
         w.bytes(i);
     }
+    if !r.compressed.is_empty() {
+        w.u64(r.compressed.len() as u64);
+        for c in &r.compressed {
+            for v in [c.file_offset, c.length, c.disk_offset, c.disk_length] {
+                w.u64(v);
+            }
+            match c.compression {
+                Compression::Zlib => w.u64(0),
+                Compression::Zstd => w.u64(1),
+                Compression::BtrfsLzo { sector } => {
+                    w.u64(2);
+                    w.u64(u64::from(sector));
+                }
+            }
+            w.u64(c.decompressed_len);
+            w.u64(c.skip);
+        }
+    }
     Ok(())
 }
 
@@ -209,7 +233,7 @@ pub struct Summary {
     pub mtime_ns: Option<i64>,
 }
 
-const PRESENT_BITS: u32 = 13;
+const PRESENT_BITS: u32 = 14;
 
 fn header(r: &mut Reader<'_>) -> Result<(FileKind, u64, u64), DecodeError> {
     let k = r.u8()?;
@@ -308,6 +332,34 @@ pub fn decode(data: &[u8], path: String) -> Result<FileRecord, DecodeError> {
     if has(12) {
         rec.inline = Some(r.bytes(MAX_INLINE_LEN, "inline data")?.to_vec());
     }
+    if has(13) {
+        let n = r.bounded(MAX_EXTENTS as u64, "compressed extent count")? as usize;
+        if n > data.len() / 7 {
+            return Err(r.err("compressed extent count exceeds the record"));
+        }
+        rec.compressed.reserve_exact(n);
+        for _ in 0..n {
+            let (file_offset, length, disk_offset, disk_length) =
+                (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            let compression = match r.u64()? {
+                0 => Compression::Zlib,
+                1 => Compression::Zstd,
+                2 => Compression::BtrfsLzo {
+                    sector: u32_field(&mut r)?,
+                },
+                a => return Err(r.err(format!("unknown compression {a}"))),
+            };
+            rec.compressed.push(CompressedExtent {
+                file_offset,
+                length,
+                disk_offset,
+                disk_length,
+                compression,
+                decompressed_len: r.u64()?,
+                skip: r.u64()?,
+            });
+        }
+    }
     if !r.is_empty() {
         return Err(r.err("trailing bytes after record"));
     }
@@ -341,6 +393,23 @@ mod tests {
                 length: 4096,
             }],
             inline: Some(b"hi".to_vec()),
+            compressed: [
+                Compression::Zlib,
+                Compression::Zstd,
+                Compression::BtrfsLzo { sector: 4096 },
+            ]
+            .into_iter()
+            .enumerate()
+            .map(|(i, compression)| CompressedExtent {
+                file_offset: 4096 * (i as u64 + 1),
+                length: 4096,
+                disk_offset: 1 << 30,
+                disk_length: 700,
+                compression,
+                decompressed_len: 131072,
+                skip: 8192,
+            })
+            .collect(),
         }
     }
 

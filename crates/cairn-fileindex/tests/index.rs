@@ -658,6 +658,7 @@ fn arb_record() -> impl Strategy<Value = FileRecord> {
                     })
                     .collect(),
                 inline,
+                compressed: Vec::new(),
             },
         )
 }

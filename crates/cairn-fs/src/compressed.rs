@@ -12,38 +12,10 @@
 //! [`BTRFS_MAX_COMPRESSED`](crate::format::BTRFS_MAX_COMPRESSED) each, and data that
 //! inflates past its stated decompressed length is an error.
 
-use serde::{Deserialize, Serialize};
-
 use crate::format::{BTRFS_MAX_COMPRESSED, BTRFS_ZSTD_WINDOW_LOG_MAX};
+pub use cairn_types::{CompressedExtent, Compression};
+
 use crate::{Error, FileEntry, ReadAt, Result};
-
-/// How a [`CompressedExtent`] is compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Compression {
-    /// One zlib stream (RFC 1950).
-    Zlib,
-    /// One zstd frame.
-    Zstd,
-    /// btrfs's framing of LZO1X segments; a segment length never straddles a boundary of
-    /// `sector` bytes.
-    BtrfsLzo { sector: u32 },
-}
-
-/// File bytes `[file_offset, file_offset + length)` are bytes `[skip, skip + length)` of the
-/// decompression of disk bytes `[disk_offset, disk_offset + disk_length)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CompressedExtent {
-    pub file_offset: u64,
-    pub length: u64,
-    /// Image byte offset of the compressed data (partition offset included).
-    pub disk_offset: u64,
-    pub disk_length: u64,
-    pub compression: Compression,
-    /// Decompressed length as the file system states it; decompressing past it is an error,
-    /// decompressing to less reads the rest as zeros.
-    pub decompressed_len: u64,
-    pub skip: u64,
-}
 
 fn bounded(what: &str, n: u64) -> Result<usize> {
     usize::try_from(n)

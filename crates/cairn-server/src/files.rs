@@ -54,6 +54,7 @@ pub fn to_record(e: FileEntry) -> FileRecord {
         security: e.ntfs_security_id.map(|id| id.to_le_bytes().to_vec()),
         extents: e.extents,
         inline: e.inline_data,
+        compressed: e.compressed,
     }
 }
 
@@ -67,6 +68,7 @@ pub(crate) fn to_entry(r: &FileRecord) -> FileEntry {
     e.mtime = r.mtime_ns;
     e.extents = r.extents.clone();
     e.inline_data = r.inline.clone();
+    e.compressed = r.compressed.clone();
     e
 }
 

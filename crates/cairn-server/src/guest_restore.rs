@@ -24,6 +24,7 @@ use cairn_api::server::{FileRestoredIntoGuest, RestoreFileIntoGuest};
 use cairn_api::storage::ReadFileRequest;
 use cairn_api::storage::{FileEntry, FileExtent};
 use cairn_fileindex::{FileKind, FileRecord};
+use cairn_types::CompressedExtent;
 
 use crate::files::{Found, index_err, to_entry};
 use crate::{Result, Server, ServerError};
@@ -45,9 +46,26 @@ fn piece(entry: &FileEntry, off: u64, len: u64) -> FileEntry {
             })
         })
         .collect();
+    // A compressed extent keeps its whole compressed range; only the part of its
+    // decompressed bytes the piece uses moves.
+    let compressed = entry
+        .compressed
+        .iter()
+        .filter_map(|c| {
+            let s = c.file_offset.max(off);
+            let e = (c.file_offset + c.length).min(end);
+            (s < e).then(|| CompressedExtent {
+                file_offset: s - off,
+                length: e - s,
+                skip: c.skip + (s - c.file_offset),
+                ..*c
+            })
+        })
+        .collect();
     FileEntry {
         size: len,
         extents,
+        compressed,
         inline_data: None,
         ..entry.clone()
     }

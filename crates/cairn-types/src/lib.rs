@@ -17,7 +17,7 @@ pub mod time;
 
 pub use disk::{DiskFormat, UnknownFormat};
 pub use extent::{Extent, ExtentList, ExtentParseError};
-pub use file::{FileExtent, FileKind};
+pub use file::{CompressedExtent, Compression, FileExtent, FileKind};
 pub use id::{ContainerId, Digest, IdParseError, SessionId, SnapshotId};
 pub use read_at::ReadAt;
 

@@ -213,6 +213,20 @@ fn every_flow_with_each_role_in_its_own_process() {
             .any(|e| e["path"] == "/vdb/p3/btrfs.txt" && e["size"] == 9),
         "{f:#}"
     );
+    // A file btrfs stores zstd-compressed comes back whole through the catalog.
+    let big = t.join("big.txt");
+    let (ok, r) = cli(
+        &conn,
+        &[
+            "files",
+            "restore",
+            &b2,
+            "/vdb/p3/big.txt",
+            big.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{r}");
+    assert_eq!(std::fs::read_to_string(&big).unwrap(), big_text());
     let rec: Value = s.get_json(&format!("/v1/backups/{b2}")).unwrap();
     let vols = rec["volumes"]
         .as_array()

@@ -268,9 +268,16 @@ pub fn disk(dir: &Path, name: &str) -> PathBuf {
     out
 }
 
+/// 200 KiB of text: what [`lvm_luks_disk`] puts zstd-compressed on its btrfs volume.
+pub fn big_text() -> String {
+    (0..4000)
+        .map(|i| format!("line {i:05} of a compressible file\n"))
+        .collect()
+}
+
 /// A second disk for the file catalog's coverage, made by the real tools: GPT; on `p1` an
 /// LVM physical volume whose linear logical volume `VG/files` holds XFS with `lvm.txt`; on
-/// `p2` a LUKS2 volume; on `p3` btrfs with `btrfs.txt`. lvm2 runs with activation off
+/// `p2` a LUKS2 volume; on `p3` btrfs (zstd) with `btrfs.txt` and the compressed `big.txt`. lvm2 runs with activation off
 /// (device-mapper is missing here), so XFS is made in a file and copied to where `pvs` says
 /// the LV starts; cryptsetup formats a plain file. Converted to qcow2 in the datastore.
 pub fn lvm_luks_disk(dir: &Path, name: &str) -> PathBuf {
@@ -297,12 +304,15 @@ pub fn lvm_luks_disk(dir: &Path, name: &str) -> PathBuf {
     std::fs::create_dir_all(src.join("b")).unwrap();
     std::fs::write(src.join("x/lvm.txt"), "inside a logical volume\n").unwrap();
     std::fs::write(src.join("b/btrfs.txt"), "on btrfs\n").unwrap();
+    // Compressible: mkfs.btrfs --compress stores it as zstd extents.
+    std::fs::write(src.join("b/big.txt"), big_text()).unwrap();
     let vg = format!("cairne{}", std::process::id());
-    // p1: 24 MiB from 1 MiB; p2 and p3: 16 MiB each after it.
+    // p1: 24 MiB from 1 MiB; p2: 16 MiB; p3: 112 MiB (mkfs.btrfs grows its image to its
+    // minimum, ~109 MiB).
     let (p1, p2, p3) = (1u64 << 20, 25u64 << 20, 41u64 << 20);
     let script = format!(
-        r#"truncate -s 64M {raw}
-printf 'label: gpt\nstart=2048, size=49152\nstart=51200, size=32768\nstart=83968, size=32768\n' | sfdisk -q {raw}
+        r#"truncate -s 160M {raw}
+printf 'label: gpt\nstart=2048, size=49152\nstart=51200, size=32768\nstart=83968, size=229376\n' | sfdisk -q {raw}
 dev=$(losetup -f --show -o {p1} --sizelimit $((24<<20)) {raw})
 trap 'losetup -d $dev' EXIT
 cfg="global {{ activation = 0 }} backup {{ backup = 0 archive = 0 }} devices {{ obtain_device_list_from_udev = 0 use_devicesfile = 0 filter = [ \"a|^$dev\$|\", \"r|.*|\" ] }}"
@@ -333,7 +343,7 @@ pvs --config "$cfg" --noheadings -o pe_start --units b --nosuffix $dev"#,
         seek = p2 >> 20
     ));
     sh(&format!(
-        "truncate -s 16M {d}/{name}.btrfs && mkfs.btrfs -q -f --rootdir {src}/b {d}/{name}.btrfs \
+        "truncate -s 112M {d}/{name}.btrfs && mkfs.btrfs -q -f --compress zstd --rootdir {src}/b {d}/{name}.btrfs \
          && dd if={d}/{name}.btrfs of={raw} bs=1M seek={seek} conv=notrunc,sparse status=none",
         src = src.display(),
         raw = raw.display(),
