@@ -73,8 +73,10 @@ build() {
     echo "built $kind in $((SECONDS - t0)) s" >&2
 }
 
-cargo build -q -p cairn-server --example catalog_bench
-BIN=target/debug/examples/catalog_bench
+# PROFILE=release (the figures in docs/BENCHMARKS.md) or dev (our crates at -O1).
+PROFILE=${PROFILE:-release}
+cargo build -q --profile "$PROFILE" -p cairn-server --example catalog_bench
+BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/catalog_bench
 for kind in xfs btrfs btrfs-zstd ext4; do
     build "$kind"
     # The first invocation backs the image up into its vault (not timed); then the page

@@ -10,6 +10,8 @@
 
 use sha2::Digest;
 
+pub(crate) use crate::util::crc32c;
+
 use crate::format::{
     BTRFS_CSUM_BLAKE2B, BTRFS_CSUM_CRC32C, BTRFS_CSUM_LEN, BTRFS_CSUM_SHA256, BTRFS_CSUM_XXHASH64,
 };
@@ -61,35 +63,6 @@ impl Csum {
             Self::Sha256 => stored.copy_from_slice(&sha2::Sha256::digest(body)),
         }
     }
-}
-
-/// CRC-32C (Castagnoli polynomial, reflected, initial and final value all ones).
-pub(crate) fn crc32c(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            #[allow(clippy::cast_possible_truncation)] // below 256
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0x82F6_3B78 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut c = !0u32;
-    for &b in data {
-        c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
 }
 
 const P1: u64 = 0x9E37_79B1_85EB_CA87;

@@ -107,8 +107,20 @@ fn visit(
         )));
     }
     let body = &b[BTRFS_HEADER_LEN..];
+    // Keys are sorted: binary search for the first item at or after `lo` (a leaf), or the
+    // last pointer at or before it (a node). On a hostile, unsorted node this only changes
+    // where the bounded scan starts.
+    let each_key = |i: usize| Key::parse(&body[i * each..]);
+    let first = {
+        let (mut a, mut z) = (0, n);
+        while a < z {
+            let m = a + (z - a) / 2;
+            if each_key(m) < lo { a = m + 1 } else { z = m }
+        }
+        a
+    };
     if level == 0 {
-        for i in 0..n {
+        for i in first..n {
             let h = &body[i * BTRFS_ITEM_LEN..];
             let key = Key::parse(h);
             if key < lo {
@@ -130,7 +142,13 @@ fn visit(
         }
         return Ok(ControlFlow::Continue(()));
     }
-    for i in 0..n {
+    // The child that may hold `lo` is the last whose key is at or below it.
+    let start = if first < n && each_key(first) == lo {
+        first
+    } else {
+        first.saturating_sub(1)
+    };
+    for i in start..n {
         let p = &body[i * BTRFS_KEY_PTR_LEN..];
         let key = Key::parse(p);
         if key > hi {

@@ -14,36 +14,7 @@ pub(super) fn be64(b: &[u8], at: usize) -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) use crate::util::be32;
-
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), as XFS v5 metadata uses it.
-pub(super) fn crc32c(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            #[allow(clippy::cast_possible_truncation)] // below 256
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0x82F6_3B78 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut c = !0u32;
-    for &b in data {
-        c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
+pub(super) use crate::util::{be32, crc32c};
 
 /// Checks the CRC-32C of `buf` whose 4-byte checksum (stored little-endian) sits at
 /// `crc_at`; the checksum is computed with that field taken as zero.
@@ -67,11 +38,12 @@ pub(super) fn check_crc(buf: &[u8], crc_at: usize, what: &dyn Fn() -> String) ->
 
 /// CRC-32C of `buf` with the 4 bytes at `at` read as zeros.
 pub(super) fn crc32c_skipping(buf: &[u8], at: usize) -> u32 {
-    let mut v = buf.to_vec();
-    if let Some(f) = v.get_mut(at..at + 4) {
-        f.fill(0);
+    if at + 4 > buf.len() {
+        return crc32c(buf);
     }
-    crc32c(&v)
+    let c = crate::util::crc32c_update(!0, &buf[..at]);
+    let c = crate::util::crc32c_update(c, &[0; 4]);
+    !crate::util::crc32c_update(c, &buf[at + 4..])
 }
 
 #[cfg(test)]
