@@ -248,7 +248,7 @@ mod tests {
     #[test]
     fn crc32c_matches_the_check_value_at_every_split() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3).to_le_bytes()[0]).collect();
         let mut bytewise = !0u32;
         for b in &data {
             bytewise = crc32c_update(bytewise, std::slice::from_ref(b));
