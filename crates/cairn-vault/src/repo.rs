@@ -27,7 +27,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use cairn_chunk::container::{self, Record};
 use cairn_chunk::format::CONTAINER_FOOTER_LEN;
 use cairn_chunk::recipe::Node;
-use cairn_chunk::{ChunkerParams, Entry, FrameCache, Keys, codec};
+use cairn_chunk::{ChunkerParams, Entry, Keys, codec};
 use cairn_types::{ContainerId, Digest, SnapshotId};
 
 use crate::error::{Result, VaultError};
@@ -36,6 +36,8 @@ use crate::keys::EncryptionConfig;
 pub(crate) use crate::manifest::find_in;
 use crate::manifest::{DamagedSnapshot, REPO_VERSION, RepoConfig, SnapshotManifest, now};
 use crate::store::{Key, LocalStore, ObjectStore, StoreErrorKind};
+
+mod read;
 use cairn_chunk::format::REPO_VERSION_ENCRYPTED;
 
 /// An open repository. Cheap to share (`Arc`); all methods take `&self`.
@@ -48,6 +50,8 @@ pub struct Repository {
     /// The keys of an encrypted repository, once unlocked (see [`crate::keys`]). A vault
     /// service never has them: it stores, checks and collects ciphertext.
     keys: std::sync::OnceLock<Arc<Keys>>,
+    /// Recently decoded frames, shared by every read (see [`read`]).
+    frames: read::FramePool,
 }
 
 /// What [`Repository::rebuild_index`] did.
@@ -256,6 +260,7 @@ impl Repository {
             cache_dir: cache_dir.to_path_buf(),
             damaged: RwLock::new(damaged.into_iter().collect()),
             keys: std::sync::OnceLock::new(),
+            frames: read::FramePool::default(),
         });
         repo.sync_index()?;
         Ok(repo)
@@ -297,7 +302,7 @@ impl Repository {
         let _ = self.keys.set(keys);
     }
 
-    fn key_ref(&self) -> Option<&Keys> {
+    pub(crate) fn key_ref(&self) -> Option<&Keys> {
         self.keys.get().map(|k| &**k)
     }
 
@@ -595,104 +600,10 @@ impl Repository {
     }
 
     /// Marks a copy a read found damaged (best effort: the read fails either way).
-    fn note_damage(&self, d: &Digest, loc: &Location) {
+    pub(crate) fn note_damage(&self, d: &Digest, loc: &Location) {
         if let Err(e) = self.mark_damaged(&[(*d, *loc)]) {
             tracing::warn!("could not mark segment {d:?} damaged: {e}");
         }
-    }
-
-    /// Reads and verifies many blobs, in order, merging reads of neighbouring blobs of one
-    /// container into one range read (restores read whole runs of a container at once).
-    /// Each frame is decoded once for a run of its members.
-    pub fn read_many(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>> {
-        let mut out = Vec::with_capacity(digests.len());
-        let mut frames = FrameCache::new();
-        self.for_each_stored(digests, |i, loc, stored| {
-            let plain = frames
-                .member(
-                    self.key_ref(),
-                    (loc.container, loc.offset),
-                    loc.codec,
-                    stored,
-                    loc.member(),
-                    &digests[i],
-                )
-                .map_err(|e| {
-                    self.note_damage(&digests[i], loc);
-                    segment_error(&digests[i], loc, e)
-                })?;
-            out.push(plain);
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
-    /// The stored (still encoded) frames of segments, with their locations, for sending to
-    /// a client that verifies them itself; `None` where the frame is the previous one's.
-    /// Reads like [`read_many`](Self::read_many).
-    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Option<Vec<u8>>)>> {
-        let mut out: Vec<(Location, Option<Vec<u8>>)> = Vec::with_capacity(digests.len());
-        self.for_each_stored(digests, |_, loc, stored| {
-            let same = out.last().is_some_and(|(l, _)| {
-                (l.container, l.offset) == (loc.container, loc.offset) && !loc.member().is_whole()
-            });
-            out.push((*loc, (!same).then(|| stored.to_vec())));
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
-    /// Calls `f(i, location, stored bytes)` for every digest, in order, reading neighbouring
-    /// blobs of one container (at most 256 KiB apart, 32 MiB per read) with one range read.
-    fn for_each_stored(
-        &self,
-        digests: &[Digest],
-        mut f: impl FnMut(usize, &Location, &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        const GAP: u64 = 256 << 10;
-        const MAX_READ: u64 = 32 << 20;
-        let locs: Vec<Location> = self
-            .locate_many(digests)?
-            .into_iter()
-            .zip(digests)
-            .map(|(l, d)| l.ok_or(VaultError::MissingSegment(*d)))
-            .collect::<Result<_>>()?;
-        let mut i = 0;
-        while i < locs.len() {
-            let first = locs[i];
-            let start = u64::from(first.offset);
-            let mut end = start + u64::from(first.stored_len);
-            let mut j = i + 1;
-            while j < locs.len()
-                && locs[j].container == first.container
-                && u64::from(locs[j].offset) >= start
-                && u64::from(locs[j].offset) <= end + GAP
-                && u64::from(locs[j].offset) + u64::from(locs[j].stored_len) - start <= MAX_READ
-            {
-                end = end.max(u64::from(locs[j].offset) + u64::from(locs[j].stored_len));
-                j += 1;
-            }
-            let buf = self
-                .store
-                .get_range(&container_key(&first.container), start, end - start)?;
-            for (k, loc) in locs.iter().enumerate().take(j).skip(i) {
-                let o = u64::from(loc.offset) - start;
-                let piece = usize::try_from(o)
-                    .ok()
-                    .and_then(|o| buf.get(o..)?.get(..loc.stored_len as usize))
-                    .ok_or_else(|| {
-                        VaultError::Corrupt(format!(
-                            "container {}: a read of {} bytes at {start} returned {}",
-                            first.container,
-                            end - start,
-                            buf.len()
-                        ))
-                    })?;
-                f(k, loc, piece)?;
-            }
-            i = j;
-        }
-        Ok(())
     }
 
     /// The level of a tree node and the digests it refers to (data segments at level 0,
