@@ -8,7 +8,7 @@
 //! | subvolumes | the top level (tree 5) is `/`; subvolumes and snapshots appear where their directory entry (a `ROOT_ITEM` location) links them, each entry tagged with its tree id in [`FileEntry::subvolume`] |
 //! | inodes | `INODE_ITEM` (mode, uid, gid, size, nlink, atime, mtime, ctime, otime as creation time) |
 //! | directories | `DIR_INDEX` (creation order), `DIR_ITEM` when a directory has no index items |
-//! | data | regular extents mapped to image byte ranges (shared/reflinked extents are ordinary extents); holes and prealloc extents read as zeros; inline extents → `inline_data`; zlib, zstd and LZO extents → [`FileEntry::compressed`]; compressed inline extents are decompressed while walking |
+//! | data | regular extents mapped to image byte ranges (shared/reflinked extents are ordinary extents); holes and prealloc extents read as zeros; inline extents are extents too, pointing into their tree leaf (the copy that was read), so a listing carries no file contents; zlib, zstd and LZO extents, inline or not → [`FileEntry::compressed`] |
 //! | symlinks | the target is the inline extent |
 //!
 //! Paths: the walk starts at the top-level subvolume (id 5), whatever the default subvolume
@@ -82,7 +82,7 @@ impl Btrfs<'_> {
             self.vol.sb.root_level,
             lo,
             hi,
-            &mut |_, d| {
+            &mut |_, d, _| {
                 last = Some(d.to_vec());
                 Ok(ControlFlow::Continue(()))
             },
@@ -119,7 +119,7 @@ impl Btrfs<'_> {
     fn default_subvolume(&self) -> Result<u64> {
         let (lo, hi) = Key::all(self.vol.sb.root_dir_objectid, BTRFS_DIR_ITEM_KEY);
         let mut names = Vec::new();
-        for (_, d) in tree::items(&self.vol, self.root_tree(), (lo, hi), 1024, 1 << 20)? {
+        for (_, d, _) in tree::items(&self.vol, self.root_tree(), (lo, hi), 1024, 1 << 20)? {
             items::parse_dir(&d, &mut names)?;
         }
         Ok(names
@@ -140,7 +140,7 @@ impl Btrfs<'_> {
             self.vol.sb.root_level,
             lo,
             hi,
-            &mut |k, d| {
+            &mut |k, d, _| {
                 if k.ty == BTRFS_ROOT_ITEM_KEY
                     && ids.last() != Some(&k.objectid)
                     && RootItem::parse(d).is_ok_and(|r| r.refs > 0)
@@ -233,7 +233,7 @@ impl Btrfs<'_> {
         )?;
         let size = e.size;
         let mut end = 0u64; // file offset covered so far
-        for (k, d) in &list {
+        for (k, d, place) in &list {
             let at = k.offset;
             if at < end {
                 return Err(Error::corrupt(format!(
@@ -251,7 +251,15 @@ impl Btrfs<'_> {
                             "btrfs inode {ino}: inline extent beside other extents"
                         )));
                     }
-                    e.inline_data = Some(self.inline(ino, compression, ram_bytes, data, size)?);
+                    if e.kind == FileKind::Symlink {
+                        e.inline_data = Some(self.inline(ino, compression, ram_bytes, data, size)?);
+                    } else {
+                        let place = tree::Place {
+                            leaf: place.leaf,
+                            offset: place.offset + BTRFS_FILE_EXTENT_INLINE_HEADER,
+                        };
+                        self.inline_extent(ino, e, (compression, ram_bytes), data, place)?;
+                    }
                     return Ok(());
                 }
                 ExtentItem::Regular {
@@ -359,6 +367,48 @@ impl Btrfs<'_> {
         }
     }
 
+    /// A file's inline extent as an extent of the image: its bytes are read in place, inside
+    /// their tree leaf, like any other extent (so the file catalog does not carry file
+    /// contents). A compressed one becomes a compressed extent; bytes past the inline data
+    /// and up to the file size read as zeros.
+    fn inline_extent(
+        &self,
+        ino: u64,
+        e: &mut FileEntry,
+        (compression, ram_bytes): (u8, u64),
+        data: &[u8],
+        place: tree::Place,
+    ) -> Result<()> {
+        let disk_offset = self.vol.base + self.vol.item_offset(place, data.len())?;
+        if compression == BTRFS_COMPRESS_NONE {
+            let len = (data.len() as u64).min(e.size);
+            if len > 0 {
+                e.extents.push(FileExtent {
+                    file_offset: 0,
+                    disk_offset,
+                    length: len,
+                });
+            }
+            return Ok(());
+        }
+        let compression = self.compression(ino, compression)?;
+        if ram_bytes > BTRFS_MAX_COMPRESSED {
+            return Err(Error::limit(format!(
+                "btrfs inode {ino}: inline extent of {ram_bytes} bytes"
+            )));
+        }
+        e.compressed.push(CompressedExtent {
+            file_offset: 0,
+            length: ram_bytes.min(e.size),
+            disk_offset,
+            disk_length: data.len() as u64,
+            compression,
+            decompressed_len: ram_bytes,
+            skip: 0,
+        });
+        Ok(())
+    }
+
     /// The content of an inline extent, decompressed, cut or zero-extended to `size`.
     fn inline(
         &self,
@@ -402,7 +452,7 @@ impl Btrfs<'_> {
         let mut out = Vec::new();
         let mut errs = Vec::new();
         for ty in [BTRFS_DIR_INDEX_KEY, BTRFS_DIR_ITEM_KEY] {
-            for (k, d) in tree::items(&self.vol, root, Key::all(ino, ty), max, max_bytes)? {
+            for (k, d, _) in tree::items(&self.vol, root, Key::all(ino, ty), max, max_bytes)? {
                 let before = out.len();
                 if let Err(e) = items::parse_dir(&d, &mut out) {
                     errs.push(e);

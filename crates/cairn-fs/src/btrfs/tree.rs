@@ -51,6 +51,17 @@ impl Key {
 /// What a visitor of [`range`] returns: continue, stop, or fail the search.
 pub(crate) type Visit = Result<ControlFlow<()>>;
 
+/// Where an item's data lies: the logical address of its leaf and the data's offset in the
+/// leaf node (header included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Place {
+    pub leaf: u64,
+    pub offset: usize,
+}
+
+/// A visitor of [`range`]: each item's key, data and place.
+pub(crate) type Visitor<'a> = dyn FnMut(Key, &[u8], Place) -> Visit + 'a;
+
 /// Calls `f` with each leaf item whose key is in `[lo, hi]`, in key order, in the tree whose
 /// root node is at `root` (level `level`).
 pub(crate) fn range(
@@ -59,7 +70,7 @@ pub(crate) fn range(
     level: u8,
     lo: Key,
     hi: Key,
-    f: &mut dyn FnMut(Key, &[u8]) -> Visit,
+    f: &mut Visitor<'_>,
 ) -> Result<()> {
     if level > BTRFS_MAX_LEVEL {
         return Err(Error::corrupt(format!(
@@ -77,7 +88,7 @@ fn visit(
     level: u8,
     lo: Key,
     hi: Key,
-    f: &mut dyn FnMut(Key, &[u8]) -> Visit,
+    f: &mut Visitor<'_>,
     seen: &mut HashSet<u64>,
 ) -> Visit {
     if !seen.insert(at) {
@@ -136,7 +147,11 @@ fn visit(
                 .ok_or_else(|| {
                     Error::corrupt(format!("btrfs leaf {at}: item {i} lies outside the leaf"))
                 })?;
-            if f(key, data)?.is_break() {
+            let place = Place {
+                leaf: at,
+                offset: BTRFS_HEADER_LEN + off,
+            };
+            if f(key, data, place)?.is_break() {
                 return Ok(ControlFlow::Break(()));
             }
         }
@@ -173,10 +188,10 @@ pub(crate) fn items(
     (lo, hi): (Key, Key),
     max: usize,
     max_bytes: u64,
-) -> Result<Vec<(Key, Vec<u8>)>> {
+) -> Result<Vec<(Key, Vec<u8>, Place)>> {
     let mut out = Vec::new();
     let mut bytes = 0u64;
-    range(vol, root.0, root.1, lo, hi, &mut |k, d| {
+    range(vol, root.0, root.1, lo, hi, &mut |k, d, place| {
         bytes += d.len() as u64;
         if out.len() >= max || bytes > max_bytes {
             return Err(Error::limit(format!(
@@ -184,7 +199,7 @@ pub(crate) fn items(
                 lo.objectid
             )));
         }
-        out.push((k, d.to_vec()));
+        out.push((k, d.to_vec(), place));
         Ok(ControlFlow::Continue(()))
     })?;
     Ok(out)
@@ -198,7 +213,7 @@ pub(crate) fn first(
     hi: Key,
 ) -> Result<Option<(Key, Vec<u8>)>> {
     let mut out = None;
-    range(vol, root.0, root.1, lo, hi, &mut |k, d| {
+    range(vol, root.0, root.1, lo, hi, &mut |k, d, _| {
         out = Some((k, d.to_vec()));
         Ok(ControlFlow::Break(()))
     })?;

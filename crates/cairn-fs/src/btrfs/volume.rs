@@ -12,7 +12,7 @@
 //!   offsets handed out include the partition offset.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use cairn_types::ReadAt;
@@ -160,6 +160,8 @@ pub(crate) struct Volume<'a> {
     /// Sorted by start, non-overlapping.
     chunks: Vec<Chunk>,
     cache: RefCell<HashMap<u64, Rc<Vec<u8>>>>,
+    /// Nodes whose first DUP copy was damaged, read from the second.
+    from_mirror: RefCell<HashSet<u64>>,
 }
 
 impl<'a> Volume<'a> {
@@ -182,6 +184,7 @@ impl<'a> Volume<'a> {
             limits,
             chunks: Vec::new(),
             cache: RefCell::default(),
+            from_mirror: RefCell::default(),
         };
         let array_len = le32(&b, 0xA0) as usize;
         if array_len > BTRFS_SYS_CHUNK_ARRAY_MAX {
@@ -210,7 +213,7 @@ impl<'a> Volume<'a> {
         let mut found = Vec::new();
         let max = limits.max_alloc / 64;
         let (root, level) = (vol.sb.chunk_root, vol.sb.chunk_root_level);
-        tree::range(&vol, root, level, lo, hi, &mut |k, data| {
+        tree::range(&vol, root, level, lo, hi, &mut |k, data, _| {
             if found.len() >= max {
                 return Err(Error::limit("btrfs chunk tree: too many chunks"));
             }
@@ -302,6 +305,26 @@ impl<'a> Volume<'a> {
         Ok(())
     }
 
+    /// The partition byte offset of `len` bytes of an item's data at `place`, in the copy of
+    /// its leaf that was read (and checked); the leaf must have been read.
+    pub(crate) fn item_offset(&self, place: super::tree::Place, len: usize) -> Result<u64> {
+        let size = self.sb.nodesize as usize;
+        if place.offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::corrupt(format!(
+                "btrfs leaf {}: item data outside the node",
+                place.leaf
+            )));
+        }
+        let mirror = self.from_mirror.borrow().contains(&place.leaf);
+        match self.map_copy(place.leaf, size as u64, mirror)?[..] {
+            [(phys, _)] => Ok(phys + place.offset as u64),
+            _ => Err(Error::corrupt(format!(
+                "btrfs tree node {} crosses a chunk",
+                place.leaf
+            ))),
+        }
+    }
+
     fn has_mirror(&self, logical: u64) -> bool {
         let i = self.chunks.partition_point(|c| c.start <= logical);
         i > 0 && self.chunks[i - 1].mirror.is_some()
@@ -330,10 +353,11 @@ impl<'a> Volume<'a> {
             Ok(())
         };
         // A damaged first copy of a DUP node falls back to the second.
-        if let Err(e) = check(&mut b, false)
-            && (!self.has_mirror(logical) || check(&mut b, true).is_err())
-        {
-            return Err(e);
+        if let Err(e) = check(&mut b, false) {
+            if !self.has_mirror(logical) || check(&mut b, true).is_err() {
+                return Err(e);
+            }
+            self.from_mirror.borrow_mut().insert(logical);
         }
         let n = Rc::new(b);
         let mut cache = self.cache.borrow_mut();

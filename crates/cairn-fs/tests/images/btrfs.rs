@@ -80,9 +80,13 @@ fn btrfs_rootdir_matches_the_source() {
     let hard = by_path(&entries, "/a/hard");
     assert_eq!(hard.inode, by_path(&entries, "/a/b/c/deep.txt").inode);
     assert_eq!(hard.nlink, Some(2));
-    // Tiny files are inline; big ones are extents. (mkfs.btrfs --rootdir writes the holes
-    // of sparse.bin as zeros; holes and prealloc extents are covered by btrfs_damage.rs.)
-    assert!(by_path(&entries, "/texts/tiny").inline_data.is_some());
+    // Tiny files are inline: one extent inside their tree leaf, no contents in the listing;
+    // big ones are extents. (mkfs.btrfs --rootdir writes the holes of sparse.bin as zeros;
+    // holes and prealloc extents are covered by btrfs_damage.rs.)
+    let tiny = by_path(&entries, "/texts/tiny");
+    assert!(tiny.inline_data.is_none());
+    assert_eq!(tiny.extents.len(), 1);
+    assert_eq!(tiny.extents[0].length, tiny.size);
     assert!(!by_path(&entries, "/big.bin").extents.is_empty());
     // Directory order is creation order (DIR_INDEX): every name of /many is there.
     let many = entries

@@ -351,11 +351,17 @@ fn btrfs_dup_metadata_survives_one_damaged_copy() {
     let pairs: Vec<&Vec<Node>> = copies.values().filter(|v| v.len() == 2).collect();
     assert!(!pairs.is_empty());
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    // The checksum no longer matches, and the items' data (which fills leaves from their
+    // end: inline file contents among it) is garbage.
     let flip = |n: &Node| {
         let mut b = n.buf.clone();
-        b[200] ^= 0xff; // checksum no longer matches
+        let half = b.len() / 2;
+        b[200] ^= 0xff;
+        b[half..].iter_mut().for_each(|x| *x ^= 0x5a);
         f.write_all_at(&b, n.phys).unwrap();
     };
+    let src = tmp.path().join("src");
+    let ro = std::fs::File::open(&img).unwrap();
     for which in 0..2 {
         for p in &pairs {
             flip(&p[which]);
@@ -363,6 +369,15 @@ fn btrfs_dup_metadata_survives_one_damaged_copy() {
         let (r, got) = walk_bounded(&img);
         assert!(r.unwrap().is_complete(), "copy {which} damaged");
         assert_eq!(got.len(), entries.len());
+        // Inline files are read from the copy of their leaf that passed its checks.
+        let mut inline = 0;
+        for e in got.iter().filter(|e| e.kind == FileKind::File && e.size < 2048) {
+            let want = std::fs::read(src.join(&e.path[1..])).unwrap();
+            let have = cairn_fs::read_file(&ro, e, &Limits::default()).unwrap();
+            assert_eq!(have, want, "{} with copy {which} damaged", e.path);
+            inline += 1;
+        }
+        assert!(inline > 0);
         for p in &pairs {
             f.write_all_at(&p[which].buf, p[which].phys).unwrap();
         }
