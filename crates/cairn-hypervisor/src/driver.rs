@@ -154,6 +154,12 @@ pub trait HypervisorDriver: Send + Sync {
     fn guest_agent_of(&self, _vm: VmId) -> Option<std::sync::Arc<crate::qga::GuestAgent>> {
         None
     }
+    /// Runs guest-agent commands for drivers whose VM manager owns the agent channel
+    /// (libvirt); restore into the guest writes through it. `None`: the host agent uses its
+    /// own client ([`guest_agent_of`](Self::guest_agent_of), or the VM's socket).
+    fn agent_commands(&self, _vm: VmId) -> Option<std::sync::Arc<dyn crate::qga::AgentCommands>> {
+        None
+    }
     /// The guest as its agent reports it, for drivers that reach the agent through their VM
     /// manager rather than a socket of their own (libvirt owns its domains' agent channel).
     /// `None`: the host agent asks the guest agent itself.

@@ -374,46 +374,13 @@ impl GuestAgent {
 
     /// `guest-exec`: starts a program; returns its pid in the guest.
     pub async fn exec(&self, req: &GuestExec) -> Result<i64, QgaError> {
-        let mut args = json!({
-            "path": req.path,
-            "arg": req.args,
-            "capture-output": req.capture_output,
-        });
-        if !req.env.is_empty() {
-            args["env"] = json!(req.env);
-        }
-        if let Some(input) = &req.input {
-            args["input-data"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
-        }
-        let v = self.execute("guest-exec", Some(args)).await?;
-        v["pid"]
-            .as_i64()
-            .ok_or_else(|| QgaError::Protocol(format!("guest-exec returned {v}")))
+        exec(self, req).await
     }
 
     /// `guest-exec-status` for `pid`, output decoded. The agent forgets a pid once it reported
     /// it exited.
     pub async fn exec_status(&self, pid: i64) -> Result<GuestExecStatus, QgaError> {
-        let v = self
-            .execute("guest-exec-status", Some(json!({ "pid": pid })))
-            .await?;
-        let decode = |key: &str| -> Result<Vec<u8>, QgaError> {
-            match v[key].as_str() {
-                None => Ok(Vec::new()),
-                Some(s) => base64::engine::general_purpose::STANDARD
-                    .decode(s)
-                    .map_err(|e| QgaError::Protocol(format!("guest-exec-status {key}: {e}"))),
-            }
-        };
-        Ok(GuestExecStatus {
-            exited: v["exited"].as_bool().unwrap_or(false),
-            exit_code: v["exitcode"].as_i64(),
-            signal: v["signal"].as_i64(),
-            stdout: decode("out-data")?,
-            stderr: decode("err-data")?,
-            stdout_truncated: v["out-truncated"].as_bool().unwrap_or(false),
-            stderr_truncated: v["err-truncated"].as_bool().unwrap_or(false),
-        })
+        exec_status(self, pid).await
     }
 
     /// Runs a program and polls until it exits or `timeout` passes.
@@ -422,23 +389,7 @@ impl GuestAgent {
         req: &GuestExec,
         timeout: Duration,
     ) -> Result<GuestExecStatus, QgaError> {
-        let deadline = Instant::now() + timeout;
-        let pid = self.exec(req).await?;
-        let mut delay = Duration::from_millis(20);
-        loop {
-            let status = self.exec_status(pid).await?;
-            if status.exited {
-                return Ok(status);
-            }
-            if Instant::now() + delay > deadline {
-                return Err(QgaError::Timeout {
-                    what: format!("guest process {pid} ({}) to exit", req.path),
-                    after: timeout,
-                });
-            }
-            sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(250));
-        }
+        exec_wait(self, req, timeout).await
     }
 
     /// Connects when needed and resynchronizes when needed, within `deadline`.
@@ -596,6 +547,101 @@ async fn exchange(
         return Err(Failure::Error(QgaError::Protocol(format!(
             "reply without return or error: {v}"
         ))));
+    }
+}
+
+/// Runs guest-agent commands: the host agent's own [`GuestAgent`], or a VM manager that owns
+/// the agent channel (libvirt, whose domains' channel the host agent cannot open). `command`
+/// returns the reply's `return` value.
+pub trait AgentCommands: Send + Sync {
+    fn command<'a>(
+        &'a self,
+        command: &'a str,
+        arguments: Option<Value>,
+    ) -> crate::driver::BoxFuture<'a, Result<Value, QgaError>>;
+
+    /// The most bytes one `guest-file-write` may carry on this channel.
+    fn max_write(&self) -> usize {
+        cairn_api::host::GUEST_FILE_PIECE
+    }
+}
+
+impl AgentCommands for GuestAgent {
+    fn command<'a>(
+        &'a self,
+        command: &'a str,
+        arguments: Option<Value>,
+    ) -> crate::driver::BoxFuture<'a, Result<Value, QgaError>> {
+        Box::pin(self.execute(command, arguments))
+    }
+}
+
+/// `guest-exec`: starts a program; returns its pid in the guest.
+pub async fn exec(agent: &dyn AgentCommands, req: &GuestExec) -> Result<i64, QgaError> {
+    let mut args = json!({
+        "path": req.path,
+        "arg": req.args,
+        "capture-output": req.capture_output,
+    });
+    if !req.env.is_empty() {
+        args["env"] = json!(req.env);
+    }
+    if let Some(input) = &req.input {
+        args["input-data"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
+    }
+    let v = agent.command("guest-exec", Some(args)).await?;
+    v["pid"]
+        .as_i64()
+        .ok_or_else(|| QgaError::Protocol(format!("guest-exec returned {v}")))
+}
+
+/// `guest-exec-status` for `pid`, output decoded. The agent forgets a pid once it reported
+/// it exited.
+pub async fn exec_status(agent: &dyn AgentCommands, pid: i64) -> Result<GuestExecStatus, QgaError> {
+    let v = agent
+        .command("guest-exec-status", Some(json!({ "pid": pid })))
+        .await?;
+    let decode = |key: &str| -> Result<Vec<u8>, QgaError> {
+        match v[key].as_str() {
+            None => Ok(Vec::new()),
+            Some(s) => base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| QgaError::Protocol(format!("guest-exec-status {key}: {e}"))),
+        }
+    };
+    Ok(GuestExecStatus {
+        exited: v["exited"].as_bool().unwrap_or(false),
+        exit_code: v["exitcode"].as_i64(),
+        signal: v["signal"].as_i64(),
+        stdout: decode("out-data")?,
+        stderr: decode("err-data")?,
+        stdout_truncated: v["out-truncated"].as_bool().unwrap_or(false),
+        stderr_truncated: v["err-truncated"].as_bool().unwrap_or(false),
+    })
+}
+
+/// Runs a program and polls until it exits or `timeout` passes.
+pub async fn exec_wait(
+    agent: &dyn AgentCommands,
+    req: &GuestExec,
+    timeout: Duration,
+) -> Result<GuestExecStatus, QgaError> {
+    let deadline = Instant::now() + timeout;
+    let pid = exec(agent, req).await?;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let status = exec_status(agent, pid).await?;
+        if status.exited {
+            return Ok(status);
+        }
+        if Instant::now() + delay > deadline {
+            return Err(QgaError::Timeout {
+                what: format!("guest process {pid} ({}) to exit", req.path),
+                after: timeout,
+            });
+        }
+        sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
     }
 }
 

@@ -550,8 +550,11 @@ async fn write_guest_file(
     let vm: VmId = parse_id(&vm)?;
     let req: cairn_api::host::GuestFileWrite = serde_json::from_slice(&b)
         .map_err(|e| ApiError::bad_request(format!("guest file request: {e}")))?;
-    let ga = guest_agent(&s, vm).await?;
-    match write(&ga, &req).await {
+    let ga: Arc<dyn crate::qga::AgentCommands> = match s.driver.agent_commands(vm) {
+        Some(a) => a,
+        None => guest_agent(&s, vm).await?,
+    };
+    match write(ga.as_ref(), &req).await {
         Ok(w) => Ok(json(w)),
         Err(GuestFileError::Invalid(m)) => Err(ApiError::bad_request(m)),
         Err(e) => Err(ApiError::new(ErrorKind::Conflict, e.to_string())),

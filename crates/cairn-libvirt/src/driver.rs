@@ -345,6 +345,13 @@ impl HypervisorDriver for LibvirtDriver {
         self.blocking(crate::backup::recover)
     }
 
+    fn agent_commands(&self, vm: VmId) -> Option<Arc<dyn cairn_hypervisor::qga::AgentCommands>> {
+        Some(Arc::new(crate::agent::LibvirtAgent {
+            inner: Arc::clone(&self.inner),
+            vm,
+        }))
+    }
+
     /// Through libvirt (`virDomainGetFSInfo`, answered by the guest agent): libvirt owns the
     /// domain's agent channel.
     fn guest_status(

@@ -276,6 +276,35 @@ impl Lib {
     }
 }
 
+/// `virDomainQemuAgentCommand`, from `libvirt-qemu.so.0` (shipped beside `libvirt.so.0`).
+type AgentCommandFn = unsafe extern "C" fn(Ptr, *const c_char, c_int, c_uint) -> *mut c_char;
+
+fn agent_command_fn() -> Result<AgentCommandFn, LibvirtError> {
+    static F: OnceLock<Result<AgentCommandFn, LibvirtError>> = OnceLock::new();
+    F.get_or_init(|| {
+        lib()?;
+        // SAFETY: a NUL-terminated library name; the handle is never closed, so the function
+        // pointer taken from it stays valid for the life of the process.
+        let handle = unsafe { libc::dlopen(c"libvirt-qemu.so.0".as_ptr(), libc::RTLD_NOW) };
+        if handle.is_null() {
+            return Err(LibvirtError::new(
+                "cannot load libvirt-qemu.so.0: install libvirt (Debian: libvirt0)",
+            ));
+        }
+        // SAFETY: a NUL-terminated symbol name of a live handle.
+        let sym = unsafe { libc::dlsym(handle, c"virDomainQemuAgentCommand".as_ptr()) };
+        if sym.is_null() {
+            return Err(LibvirtError::new(
+                "libvirt-qemu.so.0 lacks virDomainQemuAgentCommand",
+            ));
+        }
+        // SAFETY: libvirt-qemu.h declares `char *virDomainQemuAgentCommand(virDomainPtr,
+        // const char *, int, unsigned int)`; data and function pointers have one size.
+        Ok(unsafe { std::mem::transmute::<Ptr, AgentCommandFn>(sym) })
+    })
+    .clone()
+}
+
 fn cstring(s: &str) -> Result<CString, LibvirtError> {
     CString::new(s).map_err(|_| LibvirtError::new(format!("{s:?} contains a NUL byte")))
 }
@@ -532,6 +561,17 @@ impl Domain {
         // SAFETY: a live domain.
         let rc = unsafe { (self.lib.fns.agent_timeout)(self.ptr, seconds, 0) };
         self.rc(rc, "set the guest agent timeout")
+    }
+
+    /// Sends one guest-agent command (a JSON object with `execute` and `arguments`) and
+    /// returns the agent's whole reply (JSON, with `return`); waits at most `seconds`. An
+    /// error reply is libvirt's error, with the agent's message.
+    pub fn agent_command(&self, command: &str, seconds: i32) -> Result<String, LibvirtError> {
+        let f = agent_command_fn()?;
+        let c = cstring(command)?;
+        // SAFETY: a live domain and a valid C string; the result is a string we own, or NULL.
+        let p = unsafe { f(self.ptr, c.as_ptr(), seconds, 0) };
+        self.lib.owned_string(p, "run a guest agent command")
     }
 
     /// Asks the guest agent for the guest's clock: a ping that any `qemu-ga` answers.

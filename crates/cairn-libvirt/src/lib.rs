@@ -19,7 +19,9 @@
 //! - Every job in flight is journaled before it starts (`journal.rs`); `recover` ends what a
 //!   killed agent left, and `delete_snapshot` leaves no job, socket or scratch file behind.
 //! - Restores define a new persistent domain from the stored XML (`restore.rs`).
+//! - Restore into the guest runs its guest-agent commands through libvirt (`agent.rs`).
 
+mod agent;
 mod backup;
 pub mod driver;
 pub mod ffi;

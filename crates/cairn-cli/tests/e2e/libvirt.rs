@@ -458,6 +458,44 @@ fn libvirt_domain_backups_restore_bit_exact_and_as_a_new_domain() {
         0,
         "written after the full"
     );
+    // Restore into the running guest, through libvirt's agent channel: the file written
+    // after the full comes back from the incremental's catalog, byte for byte.
+    let inc_id = inc["backup"].as_str().unwrap();
+    let content = s
+        .get_bytes(&format!(
+            "/v1/files/content?backup={inc_id}&path=/vda/whole/new.bin"
+        ))
+        .unwrap();
+    assert_eq!(content.len(), 2 << 20);
+    let host_copy = t.join("new.bin");
+    std::fs::write(&host_copy, &content).unwrap();
+    let sum = Command::new("sha256sum").arg(&host_copy).output().unwrap();
+    let sum = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let into_guest = json!({"backup": inc_id, "path": "/vda/whole/new.bin",
+                            "dest": "/mnt/back/new.bin"});
+    let r: Value = s.post_json("/v1/files/restore-guest", &into_guest).unwrap();
+    assert_eq!(
+        (r["files"].as_u64(), r["bytes"].as_u64()),
+        (Some(1), Some(2 << 20)),
+        "{r}"
+    );
+    assert_eq!(
+        guest_sh(
+            &name,
+            &format!("echo '{sum}  /mnt/back/new.bin' | sha256sum -c")
+        ),
+        0,
+        "the file restored into the guest differs"
+    );
+    let again = s
+        .post_json::<_, Value>("/v1/files/restore-guest", &into_guest)
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("exists"), "{again}");
 
     // 6. Restore as a new domain: a new name, UUID and MAC, its disk in the datastore; it boots.
     let new_name = format!("{name}-copy");

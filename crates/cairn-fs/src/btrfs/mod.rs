@@ -252,7 +252,8 @@ impl Btrfs<'_> {
                         )));
                     }
                     if e.kind == FileKind::Symlink {
-                        e.inline_data = Some(self.inline(ino, compression, ram_bytes, data, size)?);
+                        e.inline_data =
+                            Some(self.inline(ino, compression, ram_bytes, data, size)?);
                     } else {
                         let place = tree::Place {
                             leaf: place.leaf,

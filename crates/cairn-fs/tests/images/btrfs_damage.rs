@@ -371,7 +371,10 @@ fn btrfs_dup_metadata_survives_one_damaged_copy() {
         assert_eq!(got.len(), entries.len());
         // Inline files are read from the copy of their leaf that passed its checks.
         let mut inline = 0;
-        for e in got.iter().filter(|e| e.kind == FileKind::File && e.size < 2048) {
+        for e in got
+            .iter()
+            .filter(|e| e.kind == FileKind::File && e.size < 2048)
+        {
             let want = std::fs::read(src.join(&e.path[1..])).unwrap();
             let have = cairn_fs::read_file(&ro, e, &Limits::default()).unwrap();
             assert_eq!(have, want, "{} with copy {which} damaged", e.path);

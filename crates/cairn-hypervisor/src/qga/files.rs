@@ -17,7 +17,7 @@ use base64::Engine as _;
 use cairn_api::host::{GUEST_FILE_PIECE, GuestFileWrite, GuestFileWritten};
 use serde_json::json;
 
-use crate::qga::{GuestAgent, GuestExec, QgaError};
+use crate::qga::{AgentCommands, GuestExec, QgaError, exec_wait};
 
 /// How long one helper script (mkdir, chmod, rename) may run in the guest.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -62,20 +62,20 @@ fn temp_of(path: &str) -> String {
 }
 
 /// Runs `script` with `sh -c`, `args` as `$1`, `$2`, …; returns the exit status.
-async fn script(ga: &GuestAgent, script: &str, args: &[String]) -> Result<i64, GuestFileError> {
+async fn script(
+    ga: &dyn AgentCommands,
+    script: &str,
+    args: &[String],
+) -> Result<i64, GuestFileError> {
     let mut argv = vec!["-c".to_string(), script.to_string(), "sh".to_string()];
     argv.extend(args.iter().cloned());
-    let st = ga
-        .exec_wait(
-            &GuestExec {
-                path: "/bin/sh".into(),
-                args: argv,
-                capture_output: true,
-                ..GuestExec::default()
-            },
-            SCRIPT_TIMEOUT,
-        )
-        .await?;
+    let req = GuestExec {
+        path: "/bin/sh".into(),
+        args: argv,
+        capture_output: true,
+        ..GuestExec::default()
+    };
+    let st = exec_wait(ga, &req, SCRIPT_TIMEOUT).await?;
     let code = st.exit_code.unwrap_or(-1);
     if code != 0 && code != EXISTS {
         return Err(GuestFileError::Conflict(format!(
@@ -106,7 +106,7 @@ fn attr_args(path: &str, req: &GuestFileWrite) -> Vec<String> {
 
 /// Writes one directory or one piece of a file into the guest.
 pub async fn write(
-    ga: &GuestAgent,
+    ga: &dyn AgentCommands,
     req: &GuestFileWrite,
 ) -> Result<GuestFileWritten, GuestFileError> {
     check_path(&req.path)?;
@@ -152,7 +152,7 @@ mkdir -p "$(dirname "$1")" || exit 1"#;
     }
     let mode = if req.offset == 0 { "w" } else { "a" };
     let v = ga
-        .execute("guest-file-open", Some(json!({"path": temp, "mode": mode})))
+        .command("guest-file-open", Some(json!({"path": temp, "mode": mode})))
         .await?;
     let handle = v
         .as_i64()
@@ -160,7 +160,7 @@ mkdir -p "$(dirname "$1")" || exit 1"#;
     let written = async {
         if req.offset > 0 {
             let at = ga
-                .execute(
+                .command(
                     "guest-file-seek",
                     Some(json!({"handle": handle, "offset": 0, "whence": "end"})),
                 )
@@ -174,18 +174,24 @@ mkdir -p "$(dirname "$1")" || exit 1"#;
                 )));
             }
         }
-        if !data.is_empty() {
+        // In writes the channel can carry (one, unless the piece is larger).
+        for part in data.chunks(ga.max_write().max(1)) {
+            let b64 = if part.len() == data.len() {
+                req.data_b64.clone()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(part)
+            };
             let w = ga
-                .execute(
+                .command(
                     "guest-file-write",
-                    Some(json!({"handle": handle, "buf-b64": req.data_b64})),
+                    Some(json!({"handle": handle, "buf-b64": b64})),
                 )
                 .await?;
-            if w["count"].as_u64() != Some(data.len() as u64) {
+            if w["count"].as_u64() != Some(part.len() as u64) {
                 return Err(GuestFileError::Conflict(format!(
                     "guest-file-write wrote {} of {} bytes",
                     w["count"],
-                    data.len()
+                    part.len()
                 )));
             }
         }
@@ -193,7 +199,7 @@ mkdir -p "$(dirname "$1")" || exit 1"#;
     }
     .await;
     let closed = ga
-        .execute("guest-file-close", Some(json!({"handle": handle})))
+        .command("guest-file-close", Some(json!({"handle": handle})))
         .await;
     written?;
     closed?;
