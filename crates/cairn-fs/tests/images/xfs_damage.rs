@@ -1,4 +1,4 @@
-//! XFS: the log's state, and damaged or hostile images (errors or partial listings, never a
+//! XFS: the log's state (patched, and left dirty by the kernel), and damaged or hostile images (errors or partial listings, never a
 //! panic or a hang). Images are small (64 MiB) and patched in place; v5 structures get their
 //! CRC-32C recomputed so the damage reaches the parser behind the checksum.
 
@@ -102,8 +102,8 @@ fn xfs_log_clean_dirty_and_reformatted() {
     assert_eq!(be32(&d, log), 0xFEED_BABE);
     assert_eq!(be32(&d, log + 40), 1);
     assert_eq!(d[log + 512 + 9] & 0x20, 0x20);
-    // Clear the unmount flag, as if a transaction were pending (no kernel mount is available
-    // here to make a genuinely dirty log). mkfs leaves the record's checksum 0 (unchecked).
+    // Clear the unmount flag, as if a transaction were pending (a log the kernel left dirty
+    // is `xfs_log_the_kernel_left_dirty`). mkfs leaves the record's checksum 0 (unchecked).
     assert_eq!(be32(&d, log + 32), 0);
     d[log + 512 + 9] = 0;
     let (_, rep) = walk_patched(&img, &d);
@@ -363,4 +363,79 @@ fn xfs_unwritten_extent_reads_as_zeros() {
         let data = cairn_fs::read_file(&f, e, &Limits::default()).unwrap();
         assert_eq!(data, vec![0u8; 4096 * 3 + 17], "{args:?}");
     }
+}
+
+/// A mount of `img` on a loop device, unmounted on drop (also when a test fails).
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(img: &Path, at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        run(
+            "mount",
+            &["-o", "loop", img.to_str().unwrap(), at.to_str().unwrap()],
+        );
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new(tool_path("umount")).arg(&self.0).status();
+    }
+}
+
+/// A log the kernel left dirty: XFS mounted on a loop device, a checkpoint (freeze), more
+/// writes, then a forced shutdown. The walk says the log is dirty and lists the file system as
+/// of the checkpoint: the file written before it with its hard link, not the one after. The
+/// kernel's next mount replays the log; then the walk sees a clean log and that file too.
+#[test]
+fn xfs_log_the_kernel_left_dirty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _, _) = small(tmp.path(), &[]);
+    let mnt = tmp.path().join("mnt");
+    {
+        let m = Mounted::new(&img, &mnt);
+        let at = |p: &str| m.0.join(p).to_str().unwrap().to_string();
+        std::fs::write(at("before.txt"), b"checkpointed\n").unwrap();
+        std::fs::hard_link(at("before.txt"), at("a/hard")).unwrap();
+        run("sync", &[]);
+        // Freezing writes all metadata in place and covers the log.
+        run("xfs_freeze", &["-f", &at("")]);
+        run("xfs_freeze", &["-u", &at("")]);
+        std::fs::write(at("after.txt"), b"only in the log\n").unwrap();
+        run("sync", &[]);
+        // Flush the log, then stop as a crash would: no unmount record.
+        run("xfs_io", &["-x", "-c", "shutdown -f", &at("")]);
+    }
+    let (names_dirty, rep) = names(&img);
+    assert_eq!(rep.xfs_log, Some(cairn_fs::XfsLog::Dirty));
+    assert!(
+        rep.xfs_log
+            .as_ref()
+            .unwrap()
+            .note()
+            .contains("not replayed"),
+        "{:?}",
+        rep.xfs_log
+    );
+    let logprint = run("xfs_logprint", &["-t", img.to_str().unwrap()]);
+    assert!(logprint.contains("DIRTY"), "{logprint}");
+    assert!(names_dirty.contains(&"/before.txt".to_string()));
+    assert!(!names_dirty.contains(&"/after.txt".to_string()));
+    let (_, parts) = only_fs(&img);
+    let (entries, _) = walk_all(&img, &parts[0]);
+    let before = entries.iter().find(|e| e.path == "/before.txt").unwrap();
+    let hard = entries.iter().find(|e| e.path == "/a/hard").unwrap();
+    assert_eq!((before.inode, before.nlink), (hard.inode, Some(2)));
+    let f = std::fs::File::open(&img).unwrap();
+    assert_eq!(
+        cairn_fs::read_file(&f, hard, &Limits::default()).unwrap(),
+        b"checkpointed\n"
+    );
+    // The kernel replays the log on mount; unmounted cleanly, the log is clean.
+    drop(Mounted::new(&img, &mnt));
+    let (names_clean, rep) = names(&img);
+    assert_eq!(rep.xfs_log, Some(cairn_fs::XfsLog::Clean));
+    assert!(names_clean.contains(&"/after.txt".to_string()));
 }
