@@ -222,6 +222,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         logical: false,
         bootable: false,
         fs: cairn_fs::FsKind::Btrfs,
+        note: None,
     };
     let _ = cairn_fs::walk(&img, &part, &limits, |e| {
         let _ = cairn_fs::read_file(&img, &e, &limits);

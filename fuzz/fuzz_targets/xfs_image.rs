@@ -78,6 +78,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         logical: false,
         bootable: false,
         fs: cairn_fs::FsKind::Xfs,
+        note: None,
     };
     let _ = cairn_fs::walk(&image, &part, &limits, |e| {
         let _ = cairn_fs::read_file(&image, &e, &limits);

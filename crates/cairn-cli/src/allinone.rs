@@ -37,6 +37,9 @@ pub struct AllInOneArgs {
     /// running Cairn's own VMs. Backups run with `--libvirt-checkpoints own`.
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "qemu:///system")]
     pub libvirt: Option<String>,
+    /// Create the vault unencrypted (default: encrypted, its key in STATE/vault.key).
+    #[arg(long)]
+    pub unencrypted_vault: bool,
 }
 
 /// The running roles.
@@ -50,6 +53,8 @@ pub struct AllInOne {
     pub server_url: String,
     pub connection: PathBuf,
     pub vault_dir: PathBuf,
+    /// The vault's key file, when it is encrypted.
+    pub vault_key: Option<PathBuf>,
 }
 
 async fn bind(
@@ -77,6 +82,7 @@ pub fn start(
     listen: SocketAddr,
     save_state: bool,
     libvirt: Option<&str>,
+    encrypt: bool,
 ) -> Result<AllInOne> {
     std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
     let state = std::path::absolute(state)?;
@@ -87,12 +93,14 @@ pub fn start(
     let any: SocketAddr = "127.0.0.1:0".parse()?;
     // Vault: the embedded local directory.
     let vault_dir = state.join("vault");
+    let vault_key = state.join(crate::control::VAULT_KEY_FILE);
     let vault = crate::control::VaultTargetArgs {
         vault: vault_dir.display().to_string(),
         vault_fingerprint: None,
         vault_token_file: None,
+        unencrypted_vault: !encrypt,
     }
-    .target()?;
+    .target(&vault_key)?;
     // Manager.
     let inv = Arc::new(Inventory::open(
         &state.join("manager"),
@@ -163,7 +171,7 @@ pub fn start(
             datastores: ds,
             state_dir: sstate.clone(),
             parallel,
-            vault_key_file: None,
+            vault_key_file: vault_key.exists().then(|| vault_key.clone()),
         },
         cairn_storage::NbdRuntime::new(nbd_rts.iter().map(|rt| rt.handle().clone()))?,
     ));
@@ -202,6 +210,7 @@ pub fn start(
         manager,
         server_url: url,
         connection: sv_state.join("connection.json"),
+        vault_key: vault_key.exists().then_some(vault_key),
         vault_dir,
     })
 }
@@ -213,11 +222,13 @@ pub fn run(a: AllInOneArgs) -> Result<ExitCode> {
         a.listen,
         !a.no_state,
         a.libvirt.as_deref(),
+        !a.unencrypted_vault,
     )?;
     println!(
         "{}",
         serde_json::json!({ "listen": all.server_url, "connection": all.connection,
-                            "vault": all.vault_dir, "pid": std::process::id() })
+                            "vault": all.vault_dir, "vault_key": all.vault_key,
+                            "pid": std::process::id() })
     );
     eprintln!(
         "cairn all-in-one: server on {}; try: cairn --connect {} vm list",

@@ -39,6 +39,9 @@ pub fn run_manager(a: ManagerArgs) -> Result<ExitCode> {
     })
 }
 
+/// The key file of a vault directory the server or all-in-one creates, in its state directory.
+pub const VAULT_KEY_FILE: &str = "vault.key";
+
 /// How to reach the vault: a directory or a vault service.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VaultTargetArgs {
@@ -49,10 +52,16 @@ pub struct VaultTargetArgs {
     pub vault_fingerprint: Option<String>,
     #[arg(long, env = "CAIRN_VAULT_TOKEN_FILE")]
     pub vault_token_file: Option<PathBuf>,
+    /// A vault directory this command creates is encrypted by default, its key in a new key
+    /// file (`STATE/vault.key`); this creates it unencrypted instead.
+    #[arg(long)]
+    pub unencrypted_vault: bool,
 }
 
 impl VaultTargetArgs {
-    pub fn target(&self) -> Result<VaultTarget> {
+    /// The vault to use. A vault directory that does not exist yet is created, encrypted
+    /// with a new key file at `new_key` unless `--unencrypted-vault`.
+    pub fn target(&self, new_key: &Path) -> Result<VaultTarget> {
         if self.vault.starts_with("https://") {
             let token = std::fs::read_to_string(
                 self.vault_token_file
@@ -73,8 +82,7 @@ impl VaultTargetArgs {
         }
         let dir = std::path::absolute(&self.vault)?;
         if !dir.join("config").exists() {
-            cairn_vault::Repository::init_dir(&dir, &Default::default())
-                .with_context(|| format!("creating the vault {}", dir.display()))?;
+            create_vault(&dir, (!self.unencrypted_vault).then_some(new_key))?;
         }
         Ok(VaultTarget {
             url: dir.display().to_string(),
@@ -82,6 +90,44 @@ impl VaultTargetArgs {
             fingerprint: None,
         })
     }
+}
+
+/// Creates the vault directory `dir`: encrypted, with a new key file at `key`, or (`None`)
+/// unencrypted. Says where the key is and that losing it loses the backups.
+fn create_vault(dir: &Path, key: Option<&Path>) -> Result<()> {
+    let encrypt = match key {
+        Some(k) => {
+            anyhow::ensure!(
+                std::fs::symlink_metadata(k).is_err(),
+                "{} exists, but the vault {} does not: move the old key file away (it opens \
+                 another vault) or give --unencrypted-vault",
+                k.display(),
+                dir.display()
+            );
+            Some(cairn_vault::FirstKey::KeyFile(k.to_path_buf()))
+        }
+        None => None,
+    };
+    let options = cairn_vault::InitOptions {
+        encrypt,
+        ..Default::default()
+    };
+    cairn_vault::Repository::init_dir(dir, &options)
+        .with_context(|| format!("creating the vault {}", dir.display()))?;
+    match key {
+        Some(k) => eprintln!(
+            "created the vault {} encrypted; its key file is {}: storage agents need it \
+             (--vault-key-file), and losing every copy of it loses every backup. Keep a copy \
+             elsewhere (`cairn repo key export` or `--paper`).",
+            dir.display(),
+            k.display()
+        ),
+        None => eprintln!(
+            "created the vault {} unencrypted (--unencrypted-vault)",
+            dir.display()
+        ),
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -142,7 +188,7 @@ pub fn run_server(a: ServerArgs) -> Result<ExitCode> {
         ServerConfig {
             state_dir: a.state_dir.clone(),
             metadata_dir: a.metadata_dir.clone(),
-            vault: a.vault.target()?,
+            vault: a.vault.target(&a.state_dir.join(VAULT_KEY_FILE))?,
             max_jobs: a.max_jobs,
             save_state: !a.no_state,
         },

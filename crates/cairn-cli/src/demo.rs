@@ -220,6 +220,7 @@ fn demo(
         "127.0.0.1:0".parse()?,
         true,
         None,
+        true,
     )?;
     eprintln!(
         "server {}  (cairn --connect {} ...)",
@@ -349,6 +350,9 @@ fn demo(
     )?;
     // Bit-exact: the restored qcow2 against the vault snapshot, before the guest touches it.
     let repo = cairn_vault::Repository::open_dir(&all.vault_dir)?;
+    if let Some(k) = &all.vault_key {
+        repo.unlock(&cairn_vault::Credential::read_key_file(k)?)?;
+    }
     let vault = cairn_vault::LocalVault { repo };
     let mut exact = Vec::new();
     let JobResult::Restore(restored) = restored else {

@@ -214,6 +214,7 @@ pub(crate) fn demo(
         "127.0.0.1:0".parse()?,
         false,
         Some(URI),
+        true,
     )?;
     for v in all.manager.vms()? {
         eprintln!("  {} ({}, {})", v.name, v.origin.kind(), v.state);

@@ -405,3 +405,88 @@ fn encrypted_repository_through_a_vault_service_without_its_key() {
     assert!(!o.status.success());
     drop(svc);
 }
+
+/// Starts `cairn all-in-one` on `state` with `extra` flags; returns the child and its JSON
+/// line (or the exit output when it stops instead).
+fn all_in_one(
+    state: &Path,
+    extra: &[&str],
+) -> Result<(std::process::Child, serde_json::Value), Output> {
+    use std::io::BufRead;
+    let mut child = Command::new(CAIRN)
+        .args([
+            "all-in-one",
+            "--state-dir",
+            s(state),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .env_remove("CAIRN_PASSWORD")
+        .env_remove("CAIRN_KEY_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.is_empty() {
+        return Err(child.wait_with_output().unwrap());
+    }
+    Ok((child, serde_json::from_str(&line).unwrap()))
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `cairn all-in-one` (and so the demo, and `cairn server --vault DIR`) creates its vault
+/// encrypted, the key file in its state directory; `--unencrypted-vault` opts out; a key file
+/// without its vault stops the start rather than be overwritten.
+#[test]
+fn all_in_one_creates_an_encrypted_vault_by_default() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let (child, info) = all_in_one(&a, &[]).unwrap_or_else(|o| panic!("{o:?}"));
+    stop(child);
+    let key = a.join("vault.key");
+    assert_eq!(info["vault_key"], s(&key), "{info}");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let vault = a.join("vault");
+    // The vault needs the key to be read, and the key file opens it.
+    let o = run(&["image", "list", "--repo", s(&vault)], &[]);
+    assert!(!o.status.success());
+    let no_key = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(no_key.contains("encrypted"), "{no_key}");
+    run_ok(
+        &["--key-file", s(&key), "repo", "key", "list", s(&vault)],
+        &[],
+    );
+    // Started again, it opens the same vault with the same key.
+    let (child, again) = all_in_one(&a, &[]).unwrap_or_else(|o| panic!("{o:?}"));
+    stop(child);
+    assert_eq!(again["vault_key"], info["vault_key"]);
+    // Opting out.
+    let b = dir.path().join("b");
+    let (child, clear) =
+        all_in_one(&b, &["--unencrypted-vault"]).unwrap_or_else(|o| panic!("{o:?}"));
+    stop(child);
+    assert!(clear["vault_key"].is_null(), "{clear}");
+    assert!(!b.join("vault.key").exists());
+    run_ok(&["image", "list", "--repo", s(&b.join("vault"))], &[]);
+    // The vault gone but its key kept: refused, and the key file is left as it was.
+    let before = std::fs::read(&key).unwrap();
+    std::fs::remove_dir_all(&vault).unwrap();
+    let Err(o) = all_in_one(&a, &[]) else {
+        panic!("started with a key file and no vault");
+    };
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("vault.key exists, but the vault"), "{err}");
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+}

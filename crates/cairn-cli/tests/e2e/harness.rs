@@ -435,6 +435,34 @@ impl Cluster {
 
     /// [`Self::start`] with `host_args` added to the host agent's command line.
     pub fn start_with(t: &Path, vault_repo: &str, save_state: bool, host_args: &[&str]) -> Self {
+        Self::start_opts(t, vault_repo, save_state, host_args, None)
+    }
+
+    /// [`Self::start`] over an encrypted vault: the repository is created with
+    /// `repo init --encrypt` and a new key file at `key`, which only the storage agent gets
+    /// (the vault service stores ciphertext; the server never reads data).
+    pub fn start_encrypted(t: &Path, vault_repo: &str, save_state: bool, key: &Path) -> Self {
+        let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg("--key-file")
+            .arg(key)
+            .args(["repo", "init", "--encrypt", vault_repo])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self::start_opts(t, vault_repo, save_state, &[], Some(key))
+    }
+
+    fn start_opts(
+        t: &Path,
+        vault_repo: &str,
+        save_state: bool,
+        host_args: &[&str],
+        vault_key: Option<&Path>,
+    ) -> Self {
         let p = |s: &str| t.join(s).display().to_string();
         // A short session lease: a client killed mid-backup frees its session in seconds.
         let vault = Service::start(&[
@@ -471,20 +499,21 @@ impl Cluster {
         .to_vec();
         host_cmd.extend(host_args.iter().map(|a| a.to_string()));
         let host = agent(host_cmd, "h1");
-        let storage = agent(
-            [
-                "storage-agent",
-                "--state-dir",
-                &p("storage"),
-                "--listen",
-                "127.0.0.1:0",
-                "--datastore",
-                &format!("ds={}", p("ds")),
-            ]
-            .map(String::from)
-            .to_vec(),
-            "s1",
-        );
+        let mut storage_cmd: Vec<String> = [
+            "storage-agent",
+            "--state-dir",
+            &p("storage"),
+            "--listen",
+            "127.0.0.1:0",
+            "--datastore",
+            &format!("ds={}", p("ds")),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(k) = vault_key {
+            storage_cmd.extend(["--vault-key-file".into(), k.display().to_string()]);
+        }
+        let storage = agent(storage_cmd, "s1");
         let server_state = p("server");
         let mut args: Vec<String> = [
             "server",
