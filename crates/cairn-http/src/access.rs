@@ -117,13 +117,27 @@ impl<'de> serde::Deserialize<'de> for Scope {
 impl Scope {
     /// Does this scope grant one of `roles` on `object`?
     pub fn grants(&self, roles: &[Role], object: &str) -> bool {
-        let role_ok = self.role == Role::Admin || roles.contains(&self.role);
         let path_ok = self.path == "/"
             || object == self.path
             || object
                 .strip_prefix(self.path.as_str())
                 .is_some_and(|rest| rest.starts_with('/'));
-        role_ok && path_ok
+        self.has_role(roles) && path_ok
+    }
+
+    /// Does this scope grant one of `roles` on some object below `object` (and not on
+    /// `object` itself)?
+    pub fn grants_below(&self, roles: &[Role], object: &str) -> bool {
+        let below = object == "/"
+            || self
+                .path
+                .strip_prefix(object)
+                .is_some_and(|rest| rest.starts_with('/'));
+        self.has_role(roles) && below && self.path != object
+    }
+
+    fn has_role(&self, roles: &[Role]) -> bool {
+        self.role == Role::Admin || roles.contains(&self.role)
     }
 }
 
@@ -227,11 +241,28 @@ impl TokenFile {
 
 /// What a route needs: one of `roles` (admin always qualifies) on `object`; `quiet` keeps
 /// an allowed call out of the audit log (high-volume data calls of a session).
+///
+/// With `below`, the route works on objects below `object` (one VM of `/server/vms`): a
+/// token with the role on one of them passes the middleware too, and the handler then
+/// checks each object it touches, or filters what it lists, with [`Caller::may`].
 #[derive(Clone, Debug)]
 pub struct Need {
     pub roles: &'static [Role],
     pub object: String,
     pub quiet: bool,
+    pub below: bool,
+}
+
+impl Need {
+    /// `roles` on `object`, audited, not below.
+    pub fn on(roles: &'static [Role], object: impl Into<String>) -> Self {
+        Self {
+            roles,
+            object: object.into(),
+            quiet: false,
+            below: false,
+        }
+    }
 }
 
 /// A service's rules: what `method` on `path` needs.
@@ -241,6 +272,42 @@ pub type Rule = Arc<dyn Fn(&Method, &str) -> Need + Send + Sync>;
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub name: String,
+    /// The token's scopes; `None` for the admin token, which may do everything.
+    pub scopes: Option<Vec<Scope>>,
+}
+
+impl Caller {
+    /// The admin: every scope.
+    pub fn admin() -> Self {
+        Self {
+            name: "admin".into(),
+            scopes: None,
+        }
+    }
+
+    /// May this caller act with one of `roles` on `object`?
+    pub fn may(&self, roles: &[Role], object: &str) -> bool {
+        self.scopes
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|s| s.grants(roles, object)))
+    }
+
+    /// The refusal of an object [`may`](Self::may) denies (`403`, naming the caller).
+    pub fn refuse(&self, roles: &[Role], object: &str) -> ApiError {
+        let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        ApiError::new(
+            ErrorKind::Forbidden,
+            format!(
+                "not allowed: token {:?} has no {} scope on {object}",
+                self.name,
+                if roles.is_empty() {
+                    "admin".to_string()
+                } else {
+                    roles.join(" or ")
+                },
+            ),
+        )
+    }
 }
 
 /// A file's modification time and length: when either changes, the file is read again.
@@ -348,9 +415,7 @@ impl Access {
         let token = token.ok_or_else(unauthorized)?;
         let hash = sha256_hex(token.as_bytes());
         if constant_time_eq(hash.as_bytes(), self.admin_sha256.as_bytes()) {
-            return Ok(Caller {
-                name: "admin".into(),
-            });
+            return Ok(Caller::admin());
         }
         let tokens = self.scoped().map_err(|e| {
             ApiError::new(ErrorKind::Internal, format!("reading the token file: {e}"))
@@ -359,13 +424,14 @@ impl Access {
             .iter()
             .find(|t| constant_time_eq(hash.as_bytes(), t.sha256.as_bytes()))
             .ok_or_else(unauthorized)?;
-        if entry
-            .scopes
-            .iter()
-            .any(|s| s.grants(need.roles, &need.object))
-        {
+        let granted = entry.scopes.iter().any(|s| {
+            s.grants(need.roles, &need.object)
+                || (need.below && s.grants_below(need.roles, &need.object))
+        });
+        if granted {
             Ok(Caller {
                 name: entry.name.clone(),
+                scopes: Some(entry.scopes.clone()),
             })
         } else {
             let roles: Vec<&str> = need.roles.iter().map(|r| r.as_str()).collect();
@@ -443,7 +509,9 @@ pub async fn require_access(
             let name = caller.name.clone();
             req.extensions_mut().insert(caller);
             let resp = next.run(req).await;
-            if method != Method::GET && !need.quiet {
+            // A handler's own refusal (one VM of a `below` route) is a refusal too.
+            let refused = resp.status() == axum::http::StatusCode::FORBIDDEN;
+            if (method != Method::GET && !need.quiet) || refused {
                 access.audit(&name, &method, &path, resp.status().as_u16());
             }
             resp
@@ -463,11 +531,7 @@ pub async fn require_access(
 
 /// The rule of a service whose every route needs admin (one token, as before scopes).
 pub fn admin_rule(_: &Method, path: &str) -> Need {
-    Need {
-        roles: &[],
-        object: path.to_string(),
-        quiet: false,
-    }
+    Need::on(&[], path)
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -482,11 +546,7 @@ mod tests {
     use super::*;
 
     fn need(roles: &'static [Role], object: &str) -> Need {
-        Need {
-            roles,
-            object: object.into(),
-            quiet: false,
-        }
+        Need::on(roles, object)
     }
 
     #[test]
@@ -504,6 +564,48 @@ mod tests {
         for bad in ["root:/", "backup:x", "backup:/a//b", "backup:/a b"] {
             assert!(bad.parse::<Scope>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_scope_below_an_object_passes_routes_that_narrow_and_is_checked_per_object() {
+        let vm: Scope = "restore:/server/vms/web1".parse().unwrap();
+        assert!(vm.grants_below(&[Role::Restore], "/server/vms"));
+        assert!(vm.grants_below(&[Role::Restore], "/"));
+        assert!(
+            !vm.grants_below(&[Role::Restore], "/server/vms/web1"),
+            "not below itself"
+        );
+        assert!(!vm.grants_below(&[Role::Backup], "/server/vms"));
+        assert!(
+            !vm.grants_below(&[Role::Restore], "/server/vm"),
+            "whole segments"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = TokenFile::default();
+        let secret = f.add("web1-restore", vec![vm]).unwrap();
+        f.save(&tokens_path(dir.path())).unwrap();
+        let a = Access::from_state("test", "the-admin", dir.path(), Arc::new(admin_rule)).unwrap();
+        let route = Need {
+            below: true,
+            ..need(&[Role::Restore], "/server/vms")
+        };
+        let caller = a.check(Some(&secret), &route).unwrap();
+        assert!(caller.may(&[Role::Restore], "/server/vms/web1"));
+        assert!(!caller.may(&[Role::Restore], "/server/vms/web2"));
+        assert!(!caller.may(&[Role::Backup], "/server/vms/web1"));
+        let e = caller.refuse(&[Role::Restore], "/server/vms/web2");
+        assert_eq!(e.kind, ErrorKind::Forbidden);
+        assert!(e.message.contains("web1-restore"), "{}", e.message);
+        // Without `below` the same route on the whole collection is refused.
+        assert!(
+            a.check(Some(&secret), &need(&[Role::Restore], "/server/vms"))
+                .is_err()
+        );
+        assert!(
+            a.check(Some("the-admin"), &route)
+                .unwrap()
+                .may(&[], "/anything")
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub mod jobs;
 pub mod meta;
 pub mod restore;
 pub mod schedule;
+pub mod scope;
 pub mod service;
 pub mod steps;
 mod vault;
@@ -73,6 +74,9 @@ pub enum ServerError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The caller's token has no scope on the VM (see [`scope`]).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("catalog")]
     Catalog(#[from] CatalogError),
     /// A call to another service failed.
@@ -118,6 +122,7 @@ impl ServerError {
             Self::NotFound(_) | Self::Catalog(CatalogError::NotFound(_)) => ErrorKind::NotFound,
             Self::Conflict(_) | Self::Catalog(CatalogError::Conflict(_)) => ErrorKind::Conflict,
             Self::Invalid(_) => ErrorKind::BadRequest,
+            Self::Forbidden(_) => ErrorKind::Forbidden,
             Self::Call { source, .. } => match source.kind() {
                 Some(k @ (ErrorKind::NotFound | ErrorKind::Conflict | ErrorKind::BadRequest)) => k,
                 Some(ErrorKind::InsufficientStorage) => ErrorKind::InsufficientStorage,

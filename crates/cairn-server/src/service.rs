@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -13,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cairn_catalog::Retention;
 use cairn_http::ApiError;
-use cairn_http::access::{Access, Need, Role, Rule};
+use cairn_http::access::{Access, Caller, Need, Role, Rule};
 use serde::Deserialize;
 
 use cairn_api::server::{
@@ -23,6 +24,7 @@ use cairn_api::server::{
 
 use crate::jobs::{JobKind, submit};
 use crate::restore::RestoreParams;
+use crate::scope::{self, READ};
 use crate::{Result, Server};
 
 type Shared = Arc<Server>;
@@ -40,7 +42,7 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
 
 use cairn_http::server::json_body as body;
 
-async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
+async fn vms(State(s): State<Shared>, Extension(c): Extension<Caller>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
         let live = s
             .manager
@@ -83,6 +85,7 @@ async fn vms(State(s): State<Shared>) -> ApiResult<Response> {
                 last_backup_ms: k.last_backup_ms,
             });
         }
+        out.retain(|v| scope::sees(&c, &v.name));
         Ok(out)
     })
     .await
@@ -94,16 +97,27 @@ struct VmFilter {
     vm: Option<String>,
 }
 
-async fn backups(State(s): State<Shared>, Query(q): Query<VmFilter>) -> ApiResult<Response> {
+async fn backups(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<VmFilter>,
+) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
-        Ok(s.catalog.backups(q.vm.as_deref())?)
+        let mut list = s.catalog.backups(q.vm.as_deref())?;
+        list.retain(|b| scope::sees(&c, &b.vm));
+        Ok(list)
     })
     .await
 }
 
-async fn backup(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn backup(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
         let mut b = s.catalog.backup(&id)?;
+        scope::check(&c, READ, &b.vm)?;
         b.metadata = s.catalog.metadata(&b.timestamp_id).ok();
         b.volumes = s.catalog.backup_volumes(b.id.as_ref()).ok().flatten();
         Ok(b)
@@ -111,8 +125,15 @@ async fn backup(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Re
     .await
 }
 
-async fn start_backup(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+async fn start_backup(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    b: Bytes,
+) -> ApiResult<Response> {
     let r: StartBackup = body(&b)?;
+    for vm in &r.vms {
+        scope::check(&c, &[Role::Backup], vm).map_err(|e| e.to_api())?;
+    }
     let kind = if r.group {
         JobKind::GroupBackup {
             vms: r.vms,
@@ -129,10 +150,18 @@ async fn start_backup(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> 
     blocking(StatusCode::ACCEPTED, move || submit(&s, kind)).await
 }
 
-async fn start_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+async fn start_restore(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    b: Bytes,
+) -> ApiResult<Response> {
     let r: RestoreParams = body(&b)?;
     blocking(StatusCode::ACCEPTED, move || {
-        s.catalog.backup(&r.backup)?; // unknown backup: 404 now, not a failed job later
+        // An unknown backup: 404 now, not a failed job later.
+        scope::check_backup(&s, &c, &[Role::Restore], &r.backup)?;
+        if r.over_existing {
+            scope::check(&c, &[Role::Restore], &r.as_name)?;
+        }
         submit(&s, JobKind::Restore(r))
     })
     .await
@@ -158,24 +187,43 @@ struct JobsQuery {
     limit: Option<usize>,
 }
 
-async fn jobs(State(s): State<Shared>, Query(q): Query<JobsQuery>) -> ApiResult<Response> {
+async fn jobs(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
-        Ok(s.catalog.jobs(q.limit.unwrap_or(50))?)
+        let mut list = s.catalog.jobs(q.limit.unwrap_or(50))?;
+        list.retain(|j| scope::may_job(&s, &c, READ, j));
+        Ok(list)
     })
     .await
 }
 
-async fn job(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn job(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
         let mut j = s.catalog.job(&id)?;
+        scope::check_job(&s, &c, READ, &j)?;
         j.events = Some(s.catalog.events(&j.id)?);
         Ok(j)
     })
     .await
 }
 
-async fn cancel_job(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
-    blocking(StatusCode::OK, move || crate::jobs::cancel(&s, &id)).await
+async fn cancel_job(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || {
+        scope::check_job(&s, &c, &[Role::Backup, Role::Restore], &s.catalog.job(&id)?)?;
+        crate::jobs::cancel(&s, &id)
+    })
+    .await
 }
 
 async fn schedules(State(s): State<Shared>) -> ApiResult<Response> {
@@ -234,8 +282,13 @@ struct LsQuery {
     path: Option<String>,
 }
 
-async fn files_ls(State(s): State<Shared>, Query(q): Query<LsQuery>) -> ApiResult<Response> {
+async fn files_ls(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<LsQuery>,
+) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
+        scope::check_backup(&s, &c, READ, &q.backup)?;
         s.files_ls(&q.backup, q.path.as_deref().unwrap_or("/"))
     })
     .await
@@ -252,9 +305,15 @@ struct FindQuery {
     icase: bool,
 }
 
-async fn files_find(State(s): State<Shared>, Query(q): Query<FindQuery>) -> ApiResult<Response> {
+async fn files_find(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<FindQuery>,
+) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || {
-        s.files_find(&q.pattern, q.vm, q.limit.unwrap_or(1000), q.icase)
+        let mut hits = s.files_find(&q.pattern, q.vm, q.limit.unwrap_or(1000), q.icase)?;
+        hits.retain(|h| scope::sees(&c, &h.vm));
+        Ok(hits)
     })
     .await
 }
@@ -267,9 +326,14 @@ struct VersionsQuery {
 
 async fn files_versions(
     State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
     Query(q): Query<VersionsQuery>,
 ) -> ApiResult<Response> {
-    blocking(StatusCode::OK, move || s.files_versions(&q.vm, &q.path)).await
+    blocking(StatusCode::OK, move || {
+        scope::check(&c, READ, &q.vm)?;
+        s.files_versions(&q.vm, &q.path)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -281,13 +345,16 @@ struct ContentQuery {
 /// A file's bytes (or a directory's tar stream), with its metadata in `x-cairn-*` headers.
 async fn files_content(
     State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
     Query(q): Query<ContentQuery>,
 ) -> ApiResult<Response> {
-    let (body, tar, meta, fetched) =
-        tokio::task::spawn_blocking(move || s.files_content(&q.backup, &q.path))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| e.to_api())?;
+    let (body, tar, meta, fetched) = tokio::task::spawn_blocking(move || {
+        scope::check_backup(&s, &c, &[Role::Restore], &q.backup)?;
+        s.files_content(&q.backup, &q.path)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| e.to_api())?;
     let ct = if tar {
         "application/x-tar"
     } else {
@@ -310,9 +377,14 @@ async fn files_content(
         .into_response())
 }
 
-async fn files_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+async fn files_restore(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    b: Bytes,
+) -> ApiResult<Response> {
     let r: RestoreFileInto = body(&b)?;
     blocking(StatusCode::OK, move || {
+        scope::check_backup(&s, &c, &[Role::Restore], &r.backup)?;
         s.files_restore_into(
             &r.backup,
             &r.path,
@@ -324,38 +396,53 @@ async fn files_restore(State(s): State<Shared>, b: Bytes) -> ApiResult<Response>
     .await
 }
 
-async fn files_restore_guest(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+async fn files_restore_guest(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    b: Bytes,
+) -> ApiResult<Response> {
     let r: RestoreFileIntoGuest = body(&b)?;
-    blocking(StatusCode::OK, move || s.files_restore_into_guest(&r)).await
+    blocking(StatusCode::OK, move || {
+        let from = scope::backup_vm(&s, &r.backup)?;
+        scope::check(&c, &[Role::Restore], &from)?;
+        scope::check(&c, &[Role::Restore], r.vm.as_deref().unwrap_or(&from))?;
+        s.files_restore_into_guest(&r)
+    })
+    .await
 }
 
 async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.data_path())).await
 }
 
-/// What each route needs, on the object `/server` ([`cairn_http::access`]): reading the
-/// catalog takes any role; reading file contents and restoring take `restore`; starting
-/// backups takes `backup`; a job is cancelled by `backup` or `restore`; prune, schedules and
-/// retention rules need `admin`.
+/// What each route needs ([`cairn_http::access`]): reading takes any role; reading file
+/// contents and restoring take `restore`; starting backups takes `backup`; a job is cancelled
+/// by `backup` or `restore`; prune, schedules and retention rules need `admin`. The routes
+/// that work on VMs name `/server/vms` and let a token scoped to single VMs through; their
+/// handlers check each VM ([`crate::scope`]). The others need their role on `/server`.
 pub fn access_rule() -> Rule {
     use Role::{Audit, Backup, Restore};
     Arc::new(|m: &Method, path: &str| {
         let p: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let roles: &'static [Role] = match (m.as_str(), &p[..]) {
-            ("GET", ["v1", "files", "content"]) => &[Restore],
-            ("GET", _) => &[Audit, Backup, Restore],
-            ("POST", ["v1", "backups"]) => &[Backup],
+        let (roles, per_vm): (&'static [Role], bool) = match (m.as_str(), &p[..]) {
+            ("GET", ["v1", "files", "content"]) => (&[Restore], true),
+            ("GET", ["v1", "vms" | "backups" | "jobs" | "files", ..]) => (READ, true),
+            ("GET", _) => (&[Audit, Backup, Restore], false),
+            ("POST", ["v1", "backups"]) => (&[Backup], true),
             (
                 "POST",
                 ["v1", "restores"] | ["v1", "files", "restore"] | ["v1", "files", "restore-guest"],
-            ) => &[Restore],
-            ("POST", ["v1", "jobs", _, "cancel"]) => &[Backup, Restore],
-            _ => &[],
+            ) => (&[Restore], true),
+            ("POST", ["v1", "jobs", _, "cancel"]) => (&[Backup, Restore], true),
+            _ => (&[], false),
         };
-        Need {
-            roles,
-            object: "/server".into(),
-            quiet: false,
+        if per_vm {
+            Need {
+                below: true,
+                ..Need::on(roles, scope::VMS)
+            }
+        } else {
+            Need::on(roles, "/server")
         }
     })
 }

@@ -246,3 +246,139 @@ fn each_scope_against_each_route() {
     );
     assert!(log.lines().any(|l| l.contains("\"status\":403")), "{log}");
 }
+
+/// Tokens scoped to single VMs (`ROLE:/server/vms/NAME`): they see only their VMs, their
+/// backups and the jobs about them, act only on them, and reach nothing server-wide.
+#[test]
+fn tokens_scoped_to_one_vm() {
+    use cairn_http::access::{Access, TokenFile, tokens_path};
+    use serde_json::{Value, json};
+    let s = setup();
+    let b1 = s.run(backup(&["vm1"]));
+    let b2 = s.run(backup(&["vm2"]));
+    assert_eq!(b1.state, JobState::Succeeded, "{:?}", b1.error);
+    assert_eq!(b2.state, JobState::Succeeded, "{:?}", b2.error);
+    let state = s.dir.path().join("server-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut tokens = TokenFile::default();
+    let vm1_restore = tokens
+        .add(
+            "tenant-vm1",
+            vec![
+                "restore:/server/vms/vm1".parse().unwrap(),
+                "audit:/server/vms/vm1".parse().unwrap(),
+            ],
+        )
+        .unwrap();
+    let vm2_backup = tokens
+        .add("agent-vm2", vec!["backup:/server/vms/vm2".parse().unwrap()])
+        .unwrap();
+    tokens.save(&tokens_path(&state)).unwrap();
+    let (id, fp) = cairn_http::tls::ensure_self_signed(&s.dir.path().join("tls"), &[]).unwrap();
+    let tls = cairn_http::tls::server_config(&id).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rule = cairn_server::service::access_rule();
+    let access = Access::from_state("server", "the-admin", &state, rule).unwrap();
+    let (addr, _handle) = rt
+        .block_on(cairn_server::service::serve_with(
+            s.server.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            tls,
+            std::sync::Arc::new(access),
+        ))
+        .unwrap();
+    let url = format!("https://{addr}");
+    let client =
+        |t: &str| cairn_http::Client::new(&url, t, &Trust::Fingerprint(fp.clone())).unwrap();
+    let forbidden = |r: Result<Value, cairn_http::ClientError>| {
+        let e = r.expect_err("allowed");
+        assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e}");
+        e.to_string()
+    };
+    let backup_of = |vm: &str| -> String {
+        let all: Value = client("the-admin").get_json("/v1/backups").unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["vm"] == vm)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (bk1, bk2) = (backup_of("vm1"), backup_of("vm2"));
+    let names = |v: Value, key: &str| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x[key].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // The tenant of vm1: sees vm1 only, restores it, nothing of vm2, nothing server-wide.
+    let t = client(&vm1_restore);
+    assert_eq!(names(t.get_json("/v1/vms").unwrap(), "name"), ["vm1"]);
+    assert_eq!(names(t.get_json("/v1/backups").unwrap(), "vm"), ["vm1"]);
+    t.get_json::<Value>(&format!("/v1/backups/{bk1}")).unwrap();
+    let e = forbidden(t.get_json(&format!("/v1/backups/{bk2}")));
+    assert!(
+        e.contains("tenant-vm1") && e.contains("/server/vms/vm2"),
+        "{e}"
+    );
+    forbidden(t.post_json("/v1/restores", &json!({"backup": bk2, "as_name": "x"})));
+    forbidden(t.post_json("/v1/backups", &json!({"vms": ["vm1"]})));
+    forbidden(t.get_json("/v1/stats"));
+    forbidden(t.get_json("/v1/schedules"));
+    forbidden(t.post_json("/v1/prune", &json!({})));
+    let e = t
+        .get_bytes(&format!("/v1/files/content?backup={bk2}&path=/vda/whole/a"))
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e}");
+    let job: Value = t
+        .post_json(
+            "/v1/restores",
+            &json!({"backup": bk1, "as_name": "vm1-copy"}),
+        )
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap().to_string();
+    // The restore's job is the tenant's (its backup is vm1's), the backups' jobs of vm2 not.
+    let seen: Value = t.get_json(&format!("/v1/jobs/{job_id}")).unwrap();
+    assert_eq!(seen["kind"], "restore");
+    let jobs = t.get_json::<Value>("/v1/jobs").unwrap();
+    let ids = names(jobs, "id");
+    assert!(ids.contains(&job_id), "{ids:?}");
+    assert!(!ids.contains(&b2.id.to_string()), "{ids:?}");
+    forbidden(t.get_json(&format!("/v1/jobs/{}", b2.id)));
+    // Over an existing VM it does not hold: refused.
+    forbidden(t.post_json(
+        "/v1/restores",
+        &json!({"backup": bk1, "as_name": "vm2", "over_existing": true}),
+    ));
+
+    // A backup token for vm2: backs up vm2, not vm1 with it, and reads no file contents.
+    let a = client(&vm2_backup);
+    let j: Value = a
+        .post_json("/v1/backups", &json!({"vms": ["vm2"]}))
+        .unwrap();
+    assert!(j["id"].is_string(), "{j}");
+    forbidden(a.post_json("/v1/backups", &json!({"vms": ["vm2", "vm1"]})));
+    let e = a
+        .get_bytes(&format!("/v1/files/content?backup={bk2}&path=/vda/whole/a"))
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e}");
+    assert_eq!(names(a.get_json("/v1/backups").unwrap(), "vm")[0], "vm2");
+
+    // Every refusal is in the audit log, by name.
+    let log = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("\"caller\":\"tenant-vm1\"")
+            && l.contains("\"method\":\"GET\"")
+            && l.contains(&format!("/v1/backups/{bk2}"))
+            && l.contains("\"status\":403")),
+        "{log}"
+    );
+}

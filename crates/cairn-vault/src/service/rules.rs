@@ -36,9 +36,8 @@ pub fn access_rule(repo_id: &str) -> Rule {
             _ => (&[], false),
         };
         Need {
-            roles,
-            object: object.clone(),
             quiet,
+            ..Need::on(roles, object.clone())
         }
     })
 }
