@@ -7,6 +7,8 @@
 //! Backs IMAGE up into WORKDIR/repo once (not timed), then three times: scan (parse the file
 //! system from the vault) + add to a fresh file index; restore the file closest to 10 MiB and
 //! compare it with the same file read from IMAGE directly. Prints one JSON line per run.
+//! With `CATALOG_BENCH_REMOTE=1` the scans and the restore read through a vault service on
+//! loopback (HTTPS), as a storage agent does when the vault runs on its own.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -43,6 +45,38 @@ fn main() {
             )
             .unwrap()
         }
+    };
+    let _service_rt;
+    let vault: Arc<dyn Vault> = if std::env::var("CATALOG_BENCH_REMOTE").is_ok_and(|v| v == "1") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tls_dir = work.join("tls");
+        let (id, fp) = cairn_http::tls::ensure_self_signed(&tls_dir, &[]).unwrap();
+        let tls = cairn_http::tls::server_config(&id).unwrap();
+        let repo = Repository::open_dir(&repo_dir).unwrap();
+        let service = cairn_vault::service::VaultService::new(repo);
+        let (addr, _) = rt
+            .block_on(cairn_vault::service::serve(
+                service,
+                "127.0.0.1:0".parse().unwrap(),
+                tls,
+                "bench".into(),
+            ))
+            .unwrap();
+        _service_rt = Some(rt);
+        let remote = cairn_vault::remote::RemoteVault::connect(
+            &format!("https://{addr}"),
+            "bench",
+            &cairn_http::Trust::Fingerprint(fp),
+        )
+        .unwrap();
+        Arc::new(remote)
+    } else {
+        _service_rt = None;
+        vault
     };
     // The agent's NBD runtime (a binary builds it; file scans read the vault, not NBD).
     let nbd_rt = cairn_storage::NbdRuntime::builder()

@@ -40,6 +40,9 @@ pub fn volume_name(layout: &DiskLayout, p: &Partition) -> String {
     }
 }
 
+/// Recipe neighbours a scan offers on each fetch ([`SnapshotReader::with_neighbours`]).
+const SCAN_NEIGHBOURS: usize = 8;
+
 fn fs_error(what: &str) -> impl FnOnce(cairn_fs::Error) -> StorageError + '_ {
     move |e| StorageError::Invalid(format!("{what}: {e}"))
 }
@@ -53,7 +56,10 @@ impl StorageAgent {
     /// Lists every file of every volume of `snapshot`.
     pub fn scan_files(&self, vault: Arc<dyn Vault>, snapshot: &str) -> Result<ScanResult> {
         let started = Instant::now();
-        let reader = self.snapshot_reader(vault, snapshot)?;
+        // A scan jumps between metadata blocks: the rest of each frame comes along.
+        let reader = self
+            .snapshot_reader(vault, snapshot)?
+            .with_neighbours(SCAN_NEIGHBOURS);
         let layout = cairn_fs::scan(&reader).map_err(fs_error(snapshot))?;
         let limits = Limits::default();
         let mut volumes = Vec::new();

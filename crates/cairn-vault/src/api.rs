@@ -37,6 +37,10 @@ impl Upload {
     }
 }
 
+/// What [`Vault::fetch_near`] returns: the required plaintexts in order, and the optional
+/// ones found with their index into the optional list.
+pub type Fetched = (Vec<Vec<u8>>, Vec<(usize, Vec<u8>)>);
+
 /// An open backup on a vault.
 pub trait VaultSession: Send + Sync {
     /// For each digest, true when the vault lacks it.
@@ -61,6 +65,15 @@ pub trait Vault: Send + Sync {
     }
     /// Plaintext of data segments, verified against their digests, in order.
     fn fetch(&self, digests: &[Digest]) -> Result<Vec<Vec<u8>>>;
+    /// [`fetch`](Self::fetch) of `required`, plus those of the `optional` segments that
+    /// cost nothing more: packed in a frame that carries a required one. Returns the
+    /// required plaintexts in order and the optional ones found, by index into `optional`,
+    /// all verified. A reader that jumps around passes its recipe neighbours as optional and
+    /// so gets the rest of each frame it pays for (a vault service sends whole frames).
+    fn fetch_near(&self, required: &[Digest], optional: &[Digest]) -> Result<Fetched> {
+        let _ = optional;
+        Ok((self.fetch(required)?, Vec::new()))
+    }
     fn verify(&self, read_data: bool) -> Result<VerifyReport>;
     fn prune(&self, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan>;
     fn gc(&self, dry_run: bool) -> Result<GcPlan>;

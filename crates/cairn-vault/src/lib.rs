@@ -68,7 +68,7 @@ pub mod session;
 pub mod store;
 pub mod wire;
 
-pub use api::{LocalVault, Upload, Vault, VaultSession};
+pub use api::{Fetched, LocalVault, Upload, Vault, VaultSession};
 pub use error::{Result, VaultError};
 pub use keys::Credential;
 pub use manifest::{BackupStats, RepoConfig, SnapshotManifest};

@@ -44,6 +44,8 @@ pub struct SnapshotReader {
     starts: Vec<u64>,
     cache: Mutex<Cache>,
     cache_limit: usize,
+    /// Recipe neighbours offered as optional on each fetch (see `with_neighbours`).
+    neighbours: usize,
     fetched_segments: AtomicU64,
     fetched_bytes: AtomicU64,
 }
@@ -78,6 +80,7 @@ impl SnapshotReader {
             starts,
             cache: Mutex::new(Cache::default()),
             cache_limit: 64 << 20,
+            neighbours: 0,
             fetched_segments: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
         })
@@ -86,6 +89,15 @@ impl SnapshotReader {
     /// Sets the segment cache's size (0 turns it off).
     pub fn with_cache_limit(mut self, bytes: usize) -> Self {
         self.cache_limit = bytes;
+        self
+    }
+
+    /// On every fetch, also offers up to `n` recipe neighbours after the read and `n / 2`
+    /// before it as optional ([`Vault::fetch_near`]): those packed in a frame the fetch pays
+    /// for anyway come back and are cached. For parsers that jump around (a file-system scan
+    /// through a vault service, which sends whole frames); they cost no extra transfer.
+    pub fn with_neighbours(mut self, n: usize) -> Self {
+        self.neighbours = n;
         self
     }
 
@@ -141,27 +153,17 @@ impl SnapshotReader {
         }
         if !missing.is_empty() {
             let digests: Vec<Digest> = missing.iter().map(|&i| self.entries[i].digest).collect();
-            let datas = self.vault.fetch(&digests)?;
+            let near = self.neighbours_of(first, last);
+            let near_digests: Vec<Digest> = near.iter().map(|&i| self.entries[i].digest).collect();
+            let (datas, extra) = self.vault.fetch_near(&digests, &near_digests)?;
             let mut cache = self.cache();
             for (i, d) in missing.into_iter().zip(datas) {
-                self.fetched_segments.fetch_add(1, Ordering::Relaxed);
-                self.fetched_bytes
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
-                let d = Arc::new(d);
-                if self.cache_limit > 0 && !cache.map.contains_key(&i) {
-                    cache.bytes += d.len();
-                    cache.map.insert(i, Arc::clone(&d));
-                    cache.order.push_back(i);
-                    while cache.bytes > self.cache_limit {
-                        let Some(old) = cache.order.pop_front() else {
-                            break;
-                        };
-                        if let Some(x) = cache.map.remove(&old) {
-                            cache.bytes -= x.len();
-                        }
-                    }
+                have.insert(i, self.keep(&mut cache, i, d));
+            }
+            for (k, d) in extra {
+                if let Some(&i) = near.get(k) {
+                    self.keep(&mut cache, i, d);
                 }
-                have.insert(i, d);
             }
         }
         let mut out = Vec::with_capacity(want);
@@ -188,6 +190,45 @@ impl SnapshotReader {
             }
         }
         Ok(out)
+    }
+}
+
+impl SnapshotReader {
+    /// Counts a fetched segment and caches it (within the limit).
+    fn keep(&self, cache: &mut Cache, i: usize, d: Vec<u8>) -> Arc<Vec<u8>> {
+        self.fetched_segments.fetch_add(1, Ordering::Relaxed);
+        self.fetched_bytes
+            .fetch_add(d.len() as u64, Ordering::Relaxed);
+        let d = Arc::new(d);
+        if self.cache_limit > 0 && !cache.map.contains_key(&i) {
+            cache.bytes += d.len();
+            cache.map.insert(i, Arc::clone(&d));
+            cache.order.push_back(i);
+            while cache.bytes > self.cache_limit {
+                let Some(old) = cache.order.pop_front() else {
+                    break;
+                };
+                if let Some(x) = cache.map.remove(&old) {
+                    cache.bytes -= x.len();
+                }
+            }
+        }
+        d
+    }
+
+    /// Data entries around `first..=last` that are not cached, for `fetch_near`.
+    fn neighbours_of(&self, first: usize, last: usize) -> Vec<usize> {
+        if self.neighbours == 0 || self.cache_limit == 0 {
+            return Vec::new();
+        }
+        let cache = self.cache();
+        let wanted =
+            |i: &usize| self.entries[*i].kind == EntryKind::Data && !cache.map.contains_key(i);
+        let after = (last + 1..self.entries.len())
+            .take(self.neighbours)
+            .filter(wanted);
+        let before = (first.saturating_sub(self.neighbours / 2)..first).filter(wanted);
+        after.chain(before).collect()
     }
 }
 

@@ -299,6 +299,54 @@ impl Vault for RemoteVault {
         Ok(out)
     }
 
+    fn fetch_near(&self, required: &[Digest], optional: &[Digest]) -> Result<crate::api::Fetched> {
+        if required.len() + optional.len() > wire::MAX_DIGESTS || required.is_empty() {
+            return Ok((self.fetch(required)?, Vec::new()));
+        }
+        let body = match self
+            .client
+            .post_raw("/v1/fetch-near", &wire::encode_near(required, optional))
+        {
+            Ok(b) => b,
+            // A vault service from before fetch-near.
+            Err(e) if e.kind() == Some(cairn_http::ErrorKind::NotFound) => {
+                return Ok((self.fetch(required)?, Vec::new()));
+            }
+            Err(e) => return Err(remote(e)),
+        };
+        self.received
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        let n = required.len() + optional.len();
+        let answers = wire::decode_near_answer(&body, n)
+            .map_err(|e| VaultError::Corrupt(format!("fetch-near answer: {e}")))?;
+        let mut cache = cairn_chunk::FrameCache::new();
+        let mut carried: (usize, &[u8]) = (0, &[]);
+        let mut req: Vec<Option<Vec<u8>>> = vec![None; required.len()];
+        let mut opt = Vec::new();
+        for (k, (i, (codec, m, bytes))) in answers.into_iter().enumerate() {
+            if let Some(b) = bytes {
+                carried = (k, b);
+            }
+            let d = required
+                .get(i)
+                .unwrap_or_else(|| &optional[i - required.len()]);
+            // End-to-end check: what arrives must hash to what was asked for.
+            let plain = cache
+                .member(self.keys.as_deref(), carried.0, codec, carried.1, m, d)
+                .map_err(|e| VaultError::Corrupt(format!("segment from the vault: {e}")))?;
+            match req.get_mut(i) {
+                Some(slot) => *slot = Some(plain),
+                None => opt.push((i - required.len(), plain)),
+            }
+        }
+        let req = req
+            .into_iter()
+            .zip(required)
+            .map(|(p, d)| p.ok_or(VaultError::MissingSegment(*d)))
+            .collect::<Result<_>>()?;
+        Ok((req, opt))
+    }
+
     fn verify(&self, read_data: bool) -> Result<VerifyReport> {
         self.client
             .post_json(

@@ -18,6 +18,7 @@
 //! | POST | `/v1/sessions/{id}/commit` | CommitRequest → SnapshotManifest |
 //! | DELETE | `/v1/sessions/{id}` | → [`Aborted`]; nothing becomes visible |
 //! | POST | `/v1/fetch` | digests → download frames (stored bytes; the client verifies) |
+//! | POST | `/v1/fetch-near` | required + optional digests → the required ones and the optional ones in the same frames, indexed (see [`wire`]) |
 //! | POST | `/v1/verify`, `/v1/prune`, `/v1/gc` | [`MaintRequest`] → report or plan |
 //! | POST | `/v1/forget` | [`ForgetRequest`] → forgotten snapshot ids (a snapshot under a retention lock: `409`) |
 //! | GET | `/v1/locks` | → list of [`SnapshotLock`] (see [`crate::retention`]) |
@@ -57,7 +58,7 @@
 //! | route | per-request limit | held in memory at once |
 //! |---|---|---|
 //! | `blobs` | [`wire::MAX_BODY`] | one frame: header, members, stored bytes and room for its plaintext (a few frames up to 1 MiB together), checked as it arrives |
-//! | `lacking`, `fetch` | [`wire::MAX_DIGEST_BODY`] | the body |
+//! | `lacking`, `fetch`, `fetch-near` | [`wire::MAX_DIGEST_BODY`] | the body |
 //! | JSON routes | [`wire::MAX_JSON_BODY`] | the body |
 //!
 //! What a request holds is first reserved from one budget shared by every connection
@@ -358,6 +359,7 @@ impl VaultService {
                 .route("/v1/sessions/{id}/commit", post(commit))
                 .route("/v1/sessions/{id}", delete(abort))
                 .route("/v1/fetch", post(fetch))
+                .route("/v1/fetch-near", post(fetch_near))
                 .route("/v1/verify", post(verify))
                 .route("/v1/prune", post(prune))
                 .route("/v1/gc", post(gc))
@@ -671,6 +673,27 @@ async fn fetch(State(s): State<Shared>, req: Request) -> ApiResult<Vec<u8>> {
             .sum(),
     );
     for (loc, b) in &blobs {
+        wire::encode_download(&mut out, loc.codec, loc.member(), b.as_deref());
+    }
+    s.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+    Ok(out)
+}
+
+async fn fetch_near(State(s): State<Shared>, req: Request) -> ApiResult<Vec<u8>> {
+    let (body, room) = s.small_body(req, wire::MAX_DIGEST_BODY + 4).await?;
+    let (required, optional) = wire::decode_near(&body).map_err(ApiError::bad_request)?;
+    drop((body, room));
+    let repo = s.repo.clone();
+    let blobs = blocking(move || repo.read_near_raw(&required, &optional)).await?;
+    let mut out = Vec::with_capacity(
+        blobs
+            .iter()
+            .map(|b| b.1.1.as_ref().map_or(0, Vec::len) + 22)
+            .sum(),
+    );
+    for (i, (loc, b)) in &blobs {
+        let i = u32::try_from(*i).expect("at most MAX_DIGESTS");
+        out.extend_from_slice(&i.to_le_bytes());
         wire::encode_download(&mut out, loc.codec, loc.member(), b.as_deref());
     }
     s.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);

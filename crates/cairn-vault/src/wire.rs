@@ -7,7 +7,13 @@
 //!                (digest[32] raw_len u32) × members  bytes[stored_len]) × n     one frame each
 //! download    : (codec u8 same u8 frame_len u32 inner u32 raw_len u32 stored_len u32
 //!                bytes[stored_len]) × n, in request order
+//! near request: required u32  digest[32] × n            the first `required` must be found
+//! near answer : (index u32  one download answer) × m     in the server's order
 //! ```
+//!
+//! `fetch-near` answers every required digest and those optional ones that lie in a frame a
+//! required one is in, each with its index in the request; answers of one frame are adjacent,
+//! so `same` works as in a download.
 //!
 //! An uploaded frame's members follow one another in its plaintext. A download answers each
 //! digest with the frame that holds it and the segment's place in it; `same = 1` (with
@@ -208,32 +214,80 @@ pub type DownloadedBlob<'a> = (Codec, Member, Option<&'a [u8]>);
 pub fn decode_download(mut b: &[u8], n: usize) -> Result<Vec<DownloadedBlob<'_>>, String> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let h = take(&mut b, 18, "answer header")?;
-        let codec = Codec::from_u8(h[0]).ok_or("unknown codec")?;
-        let same = match h[1] {
-            0 => false,
-            1 if i > 0 => true,
-            _ => return Err("bad \"same frame\" flag".into()),
-        };
-        let m = Member {
-            frame_len: u32_at(&h[2..6]),
-            inner: u32_at(&h[6..10]),
-            raw_len: u32_at(&h[10..14]),
-        };
-        let stored = u32_at(&h[14..18]) as usize;
-        if stored > SEGMENT_MAX_LEN
-            || m.frame_len as usize > SEGMENT_MAX_LEN
-            || (same && stored != 0)
-        {
-            return Err(format!(
-                "answer of {stored} bytes exceeds the limit or the flag"
-            ));
-        }
-        let bytes = take(&mut b, stored, "frame body")?;
-        out.push((codec, m, (!same).then_some(bytes)));
+        out.push(download_answer(&mut b, i == 0)?);
     }
     if !b.is_empty() {
         return Err("trailing bytes after the last answer".into());
+    }
+    Ok(out)
+}
+
+/// One download answer; the first of a body cannot be "the previous frame".
+fn download_answer<'a>(b: &mut &'a [u8], first: bool) -> Result<DownloadedBlob<'a>, String> {
+    let h = take(b, 18, "answer header")?;
+    let codec = Codec::from_u8(h[0]).ok_or("unknown codec")?;
+    let same = match h[1] {
+        0 => false,
+        1 if !first => true,
+        _ => return Err("bad \"same frame\" flag".into()),
+    };
+    let m = Member {
+        frame_len: u32_at(&h[2..6]),
+        inner: u32_at(&h[6..10]),
+        raw_len: u32_at(&h[10..14]),
+    };
+    let stored = u32_at(&h[14..18]) as usize;
+    if stored > SEGMENT_MAX_LEN || m.frame_len as usize > SEGMENT_MAX_LEN || (same && stored != 0) {
+        return Err(format!(
+            "answer of {stored} bytes exceeds the limit or the flag"
+        ));
+    }
+    let bytes = take(b, stored, "frame body")?;
+    Ok((codec, m, (!same).then_some(bytes)))
+}
+
+/// A `fetch-near` request: `required`, then `optional`.
+///
+/// # Panics
+///
+/// With 2^32 required digests (requests hold at most [`MAX_DIGESTS`]).
+pub fn encode_near(required: &[Digest], optional: &[Digest]) -> Vec<u8> {
+    let n = u32::try_from(required.len()).expect("at most MAX_DIGESTS");
+    let mut out = n.to_le_bytes().to_vec();
+    out.extend(required.iter().chain(optional).flat_map(|d| d.0));
+    out
+}
+
+/// Parses a `fetch-near` request into its required and optional digests.
+pub fn decode_near(b: &[u8]) -> Result<(Vec<Digest>, Vec<Digest>), String> {
+    let mut rest = b;
+    let n = u32_at(take(&mut rest, 4, "required count")?) as usize;
+    let all = decode_digests(rest)?;
+    if n > all.len() {
+        return Err(format!("{n} required of {} digests", all.len()));
+    }
+    let optional = all[n..].to_vec();
+    let mut required = all;
+    required.truncate(n);
+    Ok((required, optional))
+}
+
+/// Parses a `fetch-near` answer: (index, answer) pairs, each index below `n`.
+pub fn decode_near_answer(
+    mut b: &[u8],
+    n: usize,
+) -> Result<Vec<(usize, DownloadedBlob<'_>)>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if out.len() >= n.max(1) * 2 {
+            return Err("more answers than digests asked for".into());
+        }
+        let i = u32_at(take(&mut b, 4, "answer index")?) as usize;
+        if i >= n {
+            return Err(format!("answer index {i} of {n} digests"));
+        }
+        let first = out.is_empty();
+        out.push((i, download_answer(&mut b, first)?));
     }
     Ok(out)
 }
@@ -248,7 +302,36 @@ mod tests {
             let _ = decode_digests(&b);
             let _ = decode_uploads(&b);
             let _ = decode_download(&b, n);
+            let _ = decode_near(&b);
+            let _ = decode_near_answer(&b, n);
         }
+    }
+
+    #[test]
+    fn near_requests_round_trip_and_answers_are_checked() {
+        let (r, o) = (
+            vec![Digest([1; 32])],
+            vec![Digest([2; 32]), Digest([3; 32])],
+        );
+        assert_eq!(decode_near(&encode_near(&r, &o)).unwrap(), (r, o));
+        assert!(
+            decode_near(&[5, 0, 0, 0]).is_err(),
+            "more required than digests"
+        );
+        let mut a = Vec::new();
+        a.extend_from_slice(&1u32.to_le_bytes());
+        let m = Member {
+            frame_len: 3,
+            inner: 0,
+            raw_len: 3,
+        };
+        encode_download(&mut a, Codec::Raw, m, Some(&[1, 2, 3]));
+        let got = decode_near_answer(&a, 2).unwrap();
+        assert_eq!(got[0].0, 1);
+        assert!(
+            decode_near_answer(&a, 1).is_err(),
+            "index beyond the request"
+        );
     }
 
     #[test]

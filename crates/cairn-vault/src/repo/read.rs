@@ -26,6 +26,10 @@ const READ_GAP: u64 = 256 << 10;
 /// The largest merged range read.
 const READ_MAX: u64 = 32 << 20;
 
+/// A stored blob as sent to a client: its location and its frame's stored bytes (`None`:
+/// the previous blob's frame).
+pub type RawBlob = (Location, Option<Vec<u8>>);
+
 /// A frame: its container and the offset of its stored bytes.
 type FrameKey = (ContainerId, u32);
 
@@ -140,11 +144,43 @@ impl Repository {
     /// The stored (still encoded) frames of segments, with their locations, for sending to
     /// a client that verifies them itself; `None` where the frame is the previous one's.
     /// Reads like [`read_many`](Self::read_many).
-    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<(Location, Option<Vec<u8>>)>> {
-        let locs = self.locate_all(digests)?;
+    pub fn read_many_raw(&self, digests: &[Digest]) -> Result<Vec<RawBlob>> {
+        self.read_raw_at(&self.locate_all(digests)?)
+    }
+
+    /// [`read_many_raw`](Self::read_many_raw) of `required`, plus the `optional` digests
+    /// packed in a frame that a required one is in (see [`crate::Vault::fetch_near`]). Each
+    /// answer names its index in `required ++ optional`; answers of one frame are adjacent,
+    /// so each frame is sent once.
+    pub fn read_near_raw(
+        &self,
+        required: &[Digest],
+        optional: &[Digest],
+    ) -> Result<Vec<(usize, RawBlob)>> {
+        let req = self.locate_all(required)?;
+        let frames: std::collections::HashSet<FrameKey> = req
+            .iter()
+            .filter(|l| !l.member().is_whole())
+            .map(|l| (l.container, l.offset))
+            .collect();
+        let mut picked: Vec<(usize, Location)> = req.into_iter().enumerate().collect();
+        for (i, l) in self.locate_many(optional)?.into_iter().enumerate() {
+            if let Some(l) = l.filter(|l| frames.contains(&(l.container, l.offset))) {
+                picked.push((required.len() + i, l));
+            }
+        }
+        // Frames in container order; a frame's members together.
+        picked.sort_by_key(|(i, l)| (l.container, l.offset, *i));
+        let locs: Vec<Location> = picked.iter().map(|p| p.1).collect();
+        let raw = self.read_raw_at(&locs)?;
+        Ok(picked.into_iter().map(|p| p.0).zip(raw).collect())
+    }
+
+    /// The stored frames at `locs`, in order; `None` where the frame is the previous one's.
+    fn read_raw_at(&self, locs: &[Location]) -> Result<Vec<RawBlob>> {
         let all: Vec<usize> = (0..locs.len()).collect();
-        let mut out: Vec<(Location, Option<Vec<u8>>)> = Vec::with_capacity(digests.len());
-        self.for_each_stored(&locs, &all, |_, loc, stored| {
+        let mut out: Vec<RawBlob> = Vec::with_capacity(locs.len());
+        self.for_each_stored(locs, &all, |_, loc, stored| {
             let same = out.last().is_some_and(|(l, _)| {
                 (l.container, l.offset) == (loc.container, loc.offset) && !loc.member().is_whole()
             });

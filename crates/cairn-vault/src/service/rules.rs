@@ -25,7 +25,7 @@ pub fn access_rule(repo_id: &str) -> Rule {
             )
             | ("GET", ["v1", "snapshots", _]) => (&[Audit, Backup, Restore], false),
             ("GET", ["v1", "snapshots", _, "entries"]) => (&[Backup, Restore], false),
-            ("GET", ["v1", "snapshots", _, "data"]) | ("POST", ["v1", "fetch"]) => {
+            ("GET", ["v1", "snapshots", _, "data"]) | ("POST", ["v1", "fetch" | "fetch-near"]) => {
                 (&[Restore], false)
             }
             ("POST", ["v1", "sessions"])

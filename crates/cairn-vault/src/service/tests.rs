@@ -419,3 +419,74 @@ fn an_upload_whose_sender_goes_silent_does_not_hold_its_session() {
     assert!(answer.contains("stalled"), "{answer}");
     drop(tls);
 }
+
+/// `fetch-near` through the service: the optional digests packed in a frame a required one
+/// is in come back verified, the others do not, and a reader offering its recipe neighbours
+/// then reads them from its cache.
+#[test]
+fn fetch_near_returns_the_rest_of_the_frames_it_sends() {
+    let s = Served::new(ServiceOptions::default());
+    // 2 MiB of compressible text: segments of ~8 KiB packed into 256 KiB frames.
+    let words = [
+        "cairn ", "vault ", "frame ", "segment ", "backup ", "restore ",
+    ];
+    let mut text = Vec::new();
+    let mut x = 7u64;
+    while text.len() < 2 << 20 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.extend_from_slice(words[(x >> 33) as usize % words.len()].as_bytes());
+        text.extend_from_slice(format!("{} ", x >> 50).as_bytes());
+    }
+    text.truncate(2 << 20);
+    let img = s.dir.path().join("img");
+    std::fs::write(&img, &text).unwrap();
+    let local = crate::api::LocalVault {
+        repo: s.svc.repo.clone(),
+    };
+    let opts = crate::imager::BackupOptions {
+        name: "near".into(),
+        ..Default::default()
+    };
+    let f = std::fs::File::open(&img).unwrap();
+    let m = crate::imager::backup(&local, &f, &opts, &crate::imager::NoProgress).unwrap();
+    let remote = Arc::new(s.remote());
+    let entries = remote.entries(&m).unwrap();
+    assert!(entries.len() > 100, "{} segments", entries.len());
+    let d = |i: usize| entries[i].digest;
+    let last = entries.len() - 1;
+    let (req, opt) = remote.fetch_near(&[d(0)], &[d(1), d(2), d(last)]).unwrap();
+    let plain = |i: usize| {
+        let start: usize = entries[..i].iter().map(|e| e.len as usize).sum();
+        text[start..start + entries[i].len as usize].to_vec()
+    };
+    assert_eq!(req, vec![plain(0)]);
+    // Entries 1 and 2 share entry 0's frame; the last one, 2 MiB on, does not.
+    let got: Vec<usize> = opt.iter().map(|o| o.0).collect();
+    assert_eq!(got, [0, 1], "{got:?}");
+    assert_eq!(opt[0].1, plain(1));
+    assert_eq!(opt[1].1, plain(2));
+    // An unknown optional digest is skipped; an unknown required one is an error.
+    let (_, opt) = remote.fetch_near(&[d(0)], &[Digest([9; 32])]).unwrap();
+    assert!(opt.is_empty());
+    assert!(remote.fetch_near(&[Digest([9; 32])], &[d(0)]).is_err());
+
+    // A reader offering 8 neighbours: one small read brings them into its cache.
+    let reader = crate::reader::SnapshotReader::over(remote, &m)
+        .unwrap()
+        .with_neighbours(8);
+    assert_eq!(reader.read_range(0, 100).unwrap(), &text[..100]);
+    let after_first = reader.stats();
+    assert!(after_first.segments > 1, "{after_first:?}");
+    let second = entries[0].len as usize;
+    assert_eq!(
+        reader.read_range(second as u64, 100).unwrap(),
+        &text[second..second + 100]
+    );
+    assert_eq!(
+        reader.stats(),
+        after_first,
+        "the neighbour came from the cache"
+    );
+}
