@@ -102,11 +102,56 @@ fn every_answer_decodes_typed() {
     assert!(e.to_string().contains("keep_hourly"), "{e}");
 }
 
+/// The server's REST API on loopback with the scoped tokens `tokens` (admin: `the-admin`)
+/// and an audit log in `state`.
+struct Scoped {
+    _rt: tokio::runtime::Runtime,
+    url: String,
+    fp: String,
+}
+
+impl Scoped {
+    fn serve(
+        s: &crate::Setup,
+        state: &std::path::Path,
+        tokens: &cairn_http::access::TokenFile,
+    ) -> Self {
+        use cairn_http::access::{Access, tokens_path};
+        tokens.save(&tokens_path(state)).unwrap();
+        let (id, fp) = cairn_http::tls::ensure_self_signed(&s.dir.path().join("tls"), &[]).unwrap();
+        let tls = cairn_http::tls::server_config(&id).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let rule = cairn_server::service::access_rule();
+        let access = Access::from_state("server", "the-admin", state, rule).unwrap();
+        let (addr, _handle) = rt
+            .block_on(cairn_server::service::serve_with(
+                s.server.clone(),
+                "127.0.0.1:0".parse().unwrap(),
+                tls,
+                std::sync::Arc::new(access),
+            ))
+            .unwrap();
+        Self {
+            _rt: rt,
+            url: format!("https://{addr}"),
+            fp,
+        }
+    }
+
+    fn client(&self, token: &str) -> cairn_http::Client {
+        cairn_http::Client::new(&self.url, token, &Trust::Fingerprint(self.fp.clone())).unwrap()
+    }
+}
+
 /// Every role against every route of the REST API: allowed (any answer but 401/403: a bad
 /// body is 400 after the check) or `403`, and every refusal in the audit log.
 #[test]
 fn each_scope_against_each_route() {
-    use cairn_http::access::{Access, Scope, TokenFile, tokens_path};
+    use cairn_http::access::{Scope, TokenFile};
     let s = setup();
     let state = s.dir.path().join("server-state");
     std::fs::create_dir_all(&state).unwrap();
@@ -122,27 +167,8 @@ fn each_scope_against_each_route() {
     let elsewhere = tokens
         .add("other", vec!["admin:/vault/x".parse().unwrap()])
         .unwrap();
-    tokens.save(&tokens_path(&state)).unwrap();
-    let (id, fp) = cairn_http::tls::ensure_self_signed(&s.dir.path().join("tls"), &[]).unwrap();
-    let tls = cairn_http::tls::server_config(&id).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let rule = cairn_server::service::access_rule();
-    let access = Access::from_state("server", "the-admin", &state, rule).unwrap();
-    let (addr, _handle) = rt
-        .block_on(cairn_server::service::serve_with(
-            s.server.clone(),
-            "127.0.0.1:0".parse().unwrap(),
-            tls,
-            std::sync::Arc::new(access),
-        ))
-        .unwrap();
-    let url = format!("https://{addr}");
-    let client =
-        |t: &str| cairn_http::Client::new(&url, t, &Trust::Fingerprint(fp.clone())).unwrap();
+    let served = Scoped::serve(&s, &state, &tokens);
+    let client = |t: &str| served.client(t);
     let body = serde_json::json!({});
     type Call = fn(&cairn_http::Client, &serde_json::Value) -> Option<ErrorKind>;
     fn kind<T>(r: Result<T, cairn_http::ClientError>) -> Option<ErrorKind> {
@@ -251,7 +277,7 @@ fn each_scope_against_each_route() {
 /// backups and the jobs about them, act only on them, and reach nothing server-wide.
 #[test]
 fn tokens_scoped_to_one_vm() {
-    use cairn_http::access::{Access, TokenFile, tokens_path};
+    use cairn_http::access::TokenFile;
     use serde_json::{Value, json};
     let s = setup();
     let b1 = s.run(backup(&["vm1"]));
@@ -273,27 +299,8 @@ fn tokens_scoped_to_one_vm() {
     let vm2_backup = tokens
         .add("agent-vm2", vec!["backup:/server/vms/vm2".parse().unwrap()])
         .unwrap();
-    tokens.save(&tokens_path(&state)).unwrap();
-    let (id, fp) = cairn_http::tls::ensure_self_signed(&s.dir.path().join("tls"), &[]).unwrap();
-    let tls = cairn_http::tls::server_config(&id).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let rule = cairn_server::service::access_rule();
-    let access = Access::from_state("server", "the-admin", &state, rule).unwrap();
-    let (addr, _handle) = rt
-        .block_on(cairn_server::service::serve_with(
-            s.server.clone(),
-            "127.0.0.1:0".parse().unwrap(),
-            tls,
-            std::sync::Arc::new(access),
-        ))
-        .unwrap();
-    let url = format!("https://{addr}");
-    let client =
-        |t: &str| cairn_http::Client::new(&url, t, &Trust::Fingerprint(fp.clone())).unwrap();
+    let served = Scoped::serve(&s, &state, &tokens);
+    let client = |t: &str| served.client(t);
     let forbidden = |r: Result<Value, cairn_http::ClientError>| {
         let e = r.expect_err("allowed");
         assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e}");
