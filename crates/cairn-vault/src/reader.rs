@@ -6,7 +6,10 @@
 //! cover a read are fetched, in one batch per read; a bounded cache (default 64 MiB, oldest
 //! out first) keeps recently read segments so a parser's many small reads of the same metadata
 //! block cost one fetch. [`SnapshotReader::stats`] counts what was fetched, which is how the
-//! file catalog proves a single-file restore read only the file's segments.
+//! file catalog proves a single-file restore read only the file's segments. A reader made
+//! [`with_neighbours`](SnapshotReader::with_neighbours) also takes, on each fetch, the recipe
+//! neighbours that share a frame with what it fetched ([`Vault::fetch_near`]); they are
+//! counted too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
