@@ -33,9 +33,12 @@ pub enum KeyCmd {
         #[arg(long)]
         new_key_file: Option<PathBuf>,
     },
-    /// Remove a wrapped key by id (refuses the last one). To change a passphrase, add the new
-    /// one, then remove the old.
+    /// Remove a wrapped key by id (refuses the last one).
     Remove { dir: PathBuf, id: String },
+    /// Change a passphrase: the old one from CAIRN_PASSWORD (or asked for), the new one from
+    /// CAIRN_NEW_PASSWORD (or asked for twice). The key the old passphrase opened is removed;
+    /// no data object changes.
+    Passwd { dir: PathBuf },
     /// Write the master key to a key file (it opens the repository even if every wrapped key
     /// is removed), or print it as a paper recovery key with --paper.
     Export {
@@ -184,6 +187,23 @@ pub fn run(cmd: KeyCmd, key_file: Option<&Path>) -> Result<ExitCode> {
             let r = open_dir(&dir, key_file, KeyUse::Required)?;
             r.remove_key(&id)?;
             println!("removed key {id}");
+        }
+        KeyCmd::Passwd { dir } => {
+            let r = Repository::open_dir(&dir)?;
+            anyhow::ensure!(r.is_encrypted(), "{} is not encrypted", dir.display());
+            let old = match std::env::var("CAIRN_PASSWORD") {
+                Ok(p) if !p.is_empty() => p,
+                _ => {
+                    anyhow::ensure!(
+                        std::io::stdin().is_terminal(),
+                        "set CAIRN_PASSWORD to the current passphrase (no terminal to ask on)"
+                    );
+                    prompt("current passphrase: ")?
+                }
+            };
+            let new = new_passphrase("CAIRN_NEW_PASSWORD")?;
+            let id = r.change_passphrase(old.as_bytes(), &new.0, KdfParams::default())?;
+            println!("changed the passphrase: key {id} replaces the old one");
         }
         KeyCmd::Export { dir, out, paper } => {
             let r = open_dir(&dir, key_file, KeyUse::Required)?;

@@ -199,21 +199,29 @@ pub fn unlock_with(
                     .find_map(|k| try_unwrap(k, &wrap::key_file_key(&secret), repo_id)),
             }
         }
-        Credential::Passphrase(p) => wrapped()?
-            .iter()
-            .filter(|k| k.kind == WrapKind::Passphrase)
-            .find_map(|k| {
-                let kdf = k.kdf?;
-                let salt = hex::decode(k.salt.as_deref()?).ok()?;
-                let w = wrap::passphrase_key(&p.0, &salt, &kdf).ok()?;
-                try_unwrap(k, &w, repo_id)
-            }),
+        Credential::Passphrase(p) => open_by_passphrase(&wrapped()?, &p.0, repo_id).map(|x| x.1),
     };
     master
         .map(|m| Keys::from_master(&m))
         .filter(|k| k.check_value() == enc.key_check)
         .map(Some)
         .ok_or_else(|| VaultError::WrongKey(String::new()))
+}
+
+/// The wrapped key `passphrase` opens, with the master key it holds.
+fn open_by_passphrase(
+    keys: &[WrappedKey],
+    passphrase: &[u8],
+    repo_id: &str,
+) -> Option<(String, [u8; 32])> {
+    keys.iter()
+        .filter(|k| k.kind == WrapKind::Passphrase)
+        .find_map(|k| {
+            let kdf = k.kdf?;
+            let salt = hex::decode(k.salt.as_deref()?).ok()?;
+            let w = wrap::passphrase_key(passphrase, &salt, &kdf).ok()?;
+            Some((k.id.clone(), try_unwrap(k, &w, repo_id)?))
+        })
 }
 
 fn try_unwrap(k: &WrappedKey, wrapping: &[u8; 32], repo_id: &str) -> Option<[u8; 32]> {
@@ -305,6 +313,25 @@ impl Repository {
     fn put_key(&self, k: &WrappedKey) -> Result<()> {
         let body = serde_json::to_vec_pretty(k).expect("key json");
         Ok(self.store().put_new(&key_key(&k.id)?, &body)?)
+    }
+
+    /// Changes a passphrase: wraps the master key by `new` (after opening the repository
+    /// with `old`), then removes the wrapped key `old` opened. Returns the new key's id. No
+    /// data object changes; a crash between the two steps leaves both passphrases working.
+    pub fn change_passphrase(&self, old: &[u8], new: &[u8], kdf: KdfParams) -> Result<String> {
+        let repo_id = self.config().id.clone();
+        let wrong = || VaultError::WrongKey(": the old passphrase opens no key".into());
+        let (old_id, master) =
+            open_by_passphrase(&self.list_keys()?, old, &repo_id).ok_or_else(wrong)?;
+        let keys = Keys::from_master(&master);
+        let enc = self.config().encryption.as_ref().ok_or_else(wrong)?;
+        if keys.check_value() != enc.key_check {
+            return Err(wrong());
+        }
+        self.set_keys(Arc::new(keys));
+        let id = self.add_passphrase(new, kdf)?;
+        self.remove_key(&old_id)?;
+        Ok(id)
     }
 
     /// Removes a wrapped key; refuses to remove the last one.

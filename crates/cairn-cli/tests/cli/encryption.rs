@@ -277,6 +277,32 @@ fn encrypted_repository_keys_and_what_it_reveals() {
     let e = run_err(&["repo", "key", "remove", r, &id_of("passphrase")], &pw2);
     assert!(e.contains("last key"), "{e}");
 
+    // `repo key passwd` changes the last passphrase in one step: a wrong old one changes
+    // nothing; then the old one stops working, the new one opens it, no data object changes.
+    let before = hashes(&repo, &[""]);
+    let e = run_err(
+        &["repo", "key", "passwd", r],
+        &[("CAIRN_PASSWORD", "wrong"), ("CAIRN_NEW_PASSWORD", "x")],
+    );
+    assert!(e.contains("old passphrase opens no key"), "{e}");
+    assert_eq!(hashes(&repo, &[""]), before);
+    run_ok(
+        &["repo", "key", "passwd", r],
+        &[
+            ("CAIRN_PASSWORD", "battery staple"),
+            ("CAIRN_NEW_PASSWORD", "tr0ub4dor&3"),
+        ],
+    );
+    assert_eq!(hashes(&repo, &["containers", "snapshots"]), data_before);
+    let keys: serde_json::Value =
+        serde_json::from_str(&run_ok(&["repo", "key", "list", r, "--json"], &[])).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    let e = run_err(&["image", "list", "--repo", r], &pw2);
+    assert!(e.contains("wrong passphrase"), "{e}");
+    let pw3 = [("CAIRN_PASSWORD", "tr0ub4dor&3")];
+    assert!(run_ok(&["image", "list", "--repo", r], &pw3).contains(SNAPSHOT_NAME));
+    let pw2 = pw3;
+
     // A flipped bit in a sealed frame: verify without the key names the container, a
     // restore fails clearly and leaves no output.
     let victim = &data_containers(&repo)[0];
