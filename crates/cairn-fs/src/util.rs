@@ -76,6 +76,24 @@ pub(crate) fn guid(b: &[u8]) -> String {
     s
 }
 
+/// The byte table of a reflected CRC-32 with polynomial `poly` (built at compile time).
+const fn crc_table(poly: u32) -> [u32; 256] {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        #[allow(clippy::cast_possible_truncation)] // below 256
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { poly ^ (c >> 1) } else { c >> 1 };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+}
+
 /// CRC-32 (IEEE 802.3, reflected), as GPT uses it.
 pub(crate) fn crc32(data: &[u8]) -> u32 {
     !crc32_update(!0, data)
@@ -84,26 +102,7 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
 /// The CRC-32 register after `data`, from `crc` and without the final inversion (LVM2 seeds
 /// it with its own initial value and stores the register as is).
 pub(crate) fn crc32_update(crc: u32, data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            #[allow(clippy::cast_possible_truncation)] // below 256
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
+    const TABLE: [u32; 256] = crc_table(0xEDB8_8320);
     let mut c = crc;
     for &b in data {
         c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
@@ -122,22 +121,7 @@ pub(crate) fn crc32c(data: &[u8]) -> u32 {
 pub(crate) fn crc32c_update(mut crc: u32, data: &[u8]) -> u32 {
     const T: [[u32; 256]; 8] = {
         let mut t = [[0u32; 256]; 8];
-        let mut i = 0;
-        while i < 256 {
-            #[allow(clippy::cast_possible_truncation)] // below 256
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0x82F6_3B78 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[0][i] = c;
-            i += 1;
-        }
+        t[0] = crc_table(0x82F6_3B78);
         let mut s = 1;
         while s < 8 {
             let mut i = 0;

@@ -76,17 +76,11 @@ impl Btrfs<'_> {
     fn root_item(&self, id: u64) -> Result<Option<RootItem>> {
         let (lo, hi) = Key::all(id, BTRFS_ROOT_ITEM_KEY);
         let mut last = None;
-        tree::range(
-            &self.vol,
-            self.vol.sb.root,
-            self.vol.sb.root_level,
-            lo,
-            hi,
-            &mut |_, d, _| {
-                last = Some(d.to_vec());
-                Ok(ControlFlow::Continue(()))
-            },
-        )?;
+        let (root, level) = self.root_tree();
+        tree::range(&self.vol, root, level, lo, hi, &mut |_, d, _| {
+            last = Some(d.to_vec());
+            Ok(ControlFlow::Continue(()))
+        })?;
         last.map(|d| RootItem::parse(&d)).transpose()
     }
 
@@ -134,25 +128,19 @@ impl Btrfs<'_> {
         let hi = Key::new(BTRFS_LAST_FREE_OBJECTID, BTRFS_ROOT_ITEM_KEY, u64::MAX);
         let mut ids = Vec::new();
         let max = self.limits.max_entries;
-        tree::range(
-            &self.vol,
-            self.vol.sb.root,
-            self.vol.sb.root_level,
-            lo,
-            hi,
-            &mut |k, d, _| {
-                if k.ty == BTRFS_ROOT_ITEM_KEY
-                    && ids.last() != Some(&k.objectid)
-                    && RootItem::parse(d).is_ok_and(|r| r.refs > 0)
-                {
-                    if ids.len() as u64 >= max {
-                        return Err(Error::limit("btrfs: more subvolumes than max_entries"));
-                    }
-                    ids.push(k.objectid);
+        let (root, level) = self.root_tree();
+        tree::range(&self.vol, root, level, lo, hi, &mut |k, d, _| {
+            if k.ty == BTRFS_ROOT_ITEM_KEY
+                && ids.last() != Some(&k.objectid)
+                && RootItem::parse(d).is_ok_and(|r| r.refs > 0)
+            {
+                if ids.len() as u64 >= max {
+                    return Err(Error::limit("btrfs: more subvolumes than max_entries"));
                 }
-                Ok(ControlFlow::Continue(()))
-            },
-        )?;
+                ids.push(k.objectid);
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
         Ok(ids)
     }
 
