@@ -54,6 +54,30 @@ pub struct RemoteVault {
 impl RemoteVault {
     /// Opens the master key of an encrypted repository with `cred` (the wrapped keys are
     /// read from the service); a repository that is not encrypted is left as it is.
+    /// Opens downloaded answers, each with the digest it must hash to (the end-to-end
+    /// check), decoding each frame once for the run of answers that share it; calls `sink`
+    /// with each answer's position and plaintext.
+    fn open_answers<'a>(
+        &self,
+        answers: impl IntoIterator<Item = (wire::DownloadedBlob<'a>, &'a Digest)>,
+        mut sink: impl FnMut(usize, Vec<u8>),
+    ) -> Result<()> {
+        // A frame is named by the answer that carried it; the parsers check that the first
+        // answer carries one.
+        let mut cache = cairn_chunk::FrameCache::new();
+        let mut carried: (usize, &[u8]) = (0, &[]);
+        for (k, ((codec, m, bytes), d)) in answers.into_iter().enumerate() {
+            if let Some(b) = bytes {
+                carried = (k, b);
+            }
+            let plain = cache
+                .member(self.keys.as_deref(), carried.0, codec, carried.1, m, d)
+                .map_err(|e| VaultError::Corrupt(format!("segment from the vault: {e}")))?;
+            sink(k, plain);
+        }
+        Ok(())
+    }
+
     pub fn unlock(&mut self, cred: &crate::keys::Credential) -> Result<()> {
         let config = self.config()?;
         let client = &self.client;
@@ -281,20 +305,8 @@ impl Vault for RemoteVault {
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
             let frames = wire::decode_download(&body, chunk.len())
                 .map_err(|e| VaultError::Corrupt(format!("fetch answer: {e}")))?;
-            // A frame is named by the answer that carried it.
-            let mut cache = cairn_chunk::FrameCache::new();
-            // (The first answer always carries its frame: decode_download checks.)
-            let mut carried: (usize, &[u8]) = (0, &[]);
-            for (i, ((codec, m, bytes), d)) in frames.into_iter().zip(chunk).enumerate() {
-                if let Some(b) = bytes {
-                    carried = (i, b);
-                }
-                // End-to-end check: what arrives must hash to what was asked for.
-                let plain = cache
-                    .member(self.keys.as_deref(), carried.0, codec, carried.1, m, d)
-                    .map_err(|e| VaultError::Corrupt(format!("segment from the vault: {e}")))?;
-                out.push(plain);
-            }
+            let answers = frames.into_iter().zip(chunk);
+            self.open_answers(answers, |_, plain| out.push(plain))?;
         }
         Ok(out)
     }
@@ -319,26 +331,22 @@ impl Vault for RemoteVault {
         let n = required.len() + optional.len();
         let answers = wire::decode_near_answer(&body, n)
             .map_err(|e| VaultError::Corrupt(format!("fetch-near answer: {e}")))?;
-        let mut cache = cairn_chunk::FrameCache::new();
-        let mut carried: (usize, &[u8]) = (0, &[]);
         let mut req: Vec<Option<Vec<u8>>> = vec![None; required.len()];
         let mut opt = Vec::new();
-        for (k, (i, (codec, m, bytes))) in answers.into_iter().enumerate() {
-            if let Some(b) = bytes {
-                carried = (k, b);
-            }
+        let indices: Vec<usize> = answers.iter().map(|a| a.0).collect();
+        let answers = answers.into_iter().map(|(i, a)| {
             let d = required
                 .get(i)
                 .unwrap_or_else(|| &optional[i - required.len()]);
-            // End-to-end check: what arrives must hash to what was asked for.
-            let plain = cache
-                .member(self.keys.as_deref(), carried.0, codec, carried.1, m, d)
-                .map_err(|e| VaultError::Corrupt(format!("segment from the vault: {e}")))?;
+            (a, d)
+        });
+        self.open_answers(answers, |k, plain| {
+            let i = indices[k];
             match req.get_mut(i) {
                 Some(slot) => *slot = Some(plain),
                 None => opt.push((i - required.len(), plain)),
             }
-        }
+        })?;
         let req = req
             .into_iter()
             .zip(required)
