@@ -64,7 +64,7 @@ async fn bind(
     router: impl FnOnce(String) -> axum::Router,
 ) -> Result<(String, String, String, PathBuf)> {
     std::fs::create_dir_all(state)?;
-    let c = credentials(state, None, None)?;
+    let c = credentials(state, &crate::identity::IdentityArgs::default(), &[])?;
     let (addr, _task) =
         cairn_http::server::serve(router(c.token.clone()), listen, c.tls, what).await?;
     Ok((

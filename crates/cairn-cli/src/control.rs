@@ -24,6 +24,8 @@ pub struct ManagerArgs {
     /// An agent silent this long is reported stale and its VMs unreachable.
     #[arg(long, default_value_t = 15)]
     stale_after_s: u64,
+    #[command(flatten)]
+    identity: crate::identity::IdentityArgs,
 }
 
 pub fn run_manager(a: ManagerArgs) -> Result<ExitCode> {
@@ -33,9 +35,16 @@ pub fn run_manager(a: ManagerArgs) -> Result<ExitCode> {
         &a.state_dir,
         Duration::from_secs(a.stale_after_s),
     )?);
-    let creds = credentials(&a.state_dir, None, None)?;
-    serve_until_signal("manager", creds, move |tls, token| {
-        cairn_manager::service::serve(inv, a.listen, tls, token)
+    let creds = credentials(&a.state_dir, &a.identity, crate::identity::MANAGER_CALLERS)?;
+    let state = a.state_dir.clone();
+    serve_until_signal("manager", creds, move |tls, token| async move {
+        let access = cairn_http::access::Access::from_state(
+            "manager",
+            &token,
+            &state,
+            cairn_manager::service::access_rule(),
+        )?;
+        cairn_manager::service::serve_with(inv, a.listen, tls, Arc::new(access)).await
     })
 }
 
@@ -177,6 +186,8 @@ pub fn write_connection(
 
 pub fn run_server(a: ServerArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&a.state_dir)?;
+    // The server calls every other service with its own certificate from its CA.
+    cairn_http::client::present_by_default(crate::identity::server_identity(&a.state_dir)?);
     let token = std::fs::read_to_string(&a.manager_token_file)
         .with_context(|| format!("reading {}", a.manager_token_file.display()))?;
     let manager = ManagerClient::new(
@@ -194,7 +205,7 @@ pub fn run_server(a: ServerArgs) -> Result<ExitCode> {
         },
         manager,
     )?;
-    let creds = credentials(&a.state_dir, None, None)?;
+    let creds = credentials(&a.state_dir, &crate::identity::IdentityArgs::default(), &[])?;
     let (fp, tf, state, listen) = (
         creds.fingerprint.clone(),
         creds.token_file.clone(),

@@ -46,6 +46,8 @@ pub struct HostAgentArgs {
     qmp_socket: Vec<AdoptSource>,
     #[command(flatten)]
     register: crate::register::ManagerArgs,
+    #[command(flatten)]
+    identity: crate::identity::IdentityArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -66,7 +68,7 @@ pub fn run(a: HostAgentArgs) -> Result<ExitCode> {
     };
     let driver = QemuDriver::open(&state, options)
         .with_context(|| format!("opening host agent state {}", state.display()))?;
-    let creds = credentials(&state, None, None)?;
+    let creds = credentials(&state, &a.identity, crate::identity::HOST_AGENT_CALLERS)?;
     // VMs keep running when the agent stops: the next agent on this state directory adopts them.
     let announce =
         crate::register::Announce::from_args(cairn_api::manager::AgentKind::Host, &a.register)?;
@@ -108,7 +110,7 @@ fn run_libvirt(a: HostAgentArgs, uri: String) -> Result<ExitCode> {
         },
     })
     .with_context(|| format!("opening libvirt at {uri}"))?;
-    let creds = credentials(&state, None, None)?;
+    let creds = credentials(&state, &a.identity, crate::identity::HOST_AGENT_CALLERS)?;
     let announce =
         crate::register::Announce::from_args(cairn_api::manager::AgentKind::Host, &a.register)?;
     serve_registered(

@@ -2,10 +2,12 @@
 //! service at `https://HOST:PORT`) or run a service.
 
 mod allinone;
+mod ca;
 mod control;
 mod demo;
 mod demo_libvirt;
 mod host_agent;
+mod identity;
 mod image;
 mod keys;
 mod ops;
@@ -44,6 +46,9 @@ enum Cmd {
     /// Scoped tokens of a service (who may back up, restore, audit, administer).
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// The deployment's certificate authority: join tokens, certificates, revocation.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
     /// Run the storage agent over local datastores.
     StorageAgent(storage_agent::StorageAgentArgs),
     /// Run the QEMU host agent service over a state directory.
@@ -142,6 +147,7 @@ fn main() -> ExitCode {
         Cmd::Image(c) => image::run(c, &vault),
         Cmd::Vault(a) => service::run(a),
         Cmd::Token(c) => token::run(c),
+        Cmd::Ca(c) => ca::run(c),
         Cmd::StorageAgent(a) => storage_agent::run(a),
         Cmd::HostAgent(a) => host_agent::run(a),
         Cmd::Manager(a) => control::run_manager(a),

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cairn_vault::Repository;
+
+use crate::identity::IdentityArgs;
 use cairn_vault::service::{ServiceOptions, VaultService};
 
 #[derive(clap::Args, Debug)]
@@ -20,11 +22,8 @@ pub struct VaultArgs {
     /// Where the certificate and token live (default: REPO/service).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// A PEM certificate chain to use instead of the self-signed one (with --key).
-    #[arg(long, requires = "key")]
-    cert: Option<PathBuf>,
-    #[arg(long, requires = "cert")]
-    key: Option<PathBuf>,
+    #[command(flatten)]
+    identity: IdentityArgs,
     /// Seconds a backup session may go without a request before it is aborted and its lock
     /// released (clients renew it while they are alive).
     #[arg(long, default_value_t = cairn_vault::service::DEFAULT_SESSION_LEASE.as_secs(),
@@ -32,40 +31,41 @@ pub struct VaultArgs {
     session_lease: u64,
 }
 
-/// TLS identity, fingerprint and token of a service, from its state directory.
+/// TLS identity, fingerprint and token of a service.
 pub struct Credentials {
-    pub tls: rustls::ServerConfig,
+    pub tls: cairn_http::server::ServerTls,
     pub fingerprint: String,
     pub token: String,
     pub token_file: PathBuf,
 }
 
-/// Loads or creates a service's certificate (self-signed unless `cert`/`key` are given) and
-/// its token (`CAIRN_TOKEN`, else `STATE/token`).
-pub fn credentials(
-    state: &Path,
-    cert: Option<&PathBuf>,
-    key: Option<&PathBuf>,
-) -> Result<Credentials> {
-    let (identity, fingerprint) = match (cert, key) {
-        (Some(c), Some(k)) => {
-            let id = cairn_http::tls::Identity {
-                cert_path: c.clone(),
-                key_path: k.clone(),
-            };
-            let pem = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
-            let fp = rustls_fingerprint(&pem)?;
-            (id, fp)
+/// Loads or creates a service's certificate ([`IdentityArgs`]: self-signed, given, or from
+/// the CA by a join token) and its token (`CAIRN_TOKEN`, else `STATE/token`). A certificate
+/// from the CA is also presented on every call this process makes; `roles` are the roles
+/// whose certificates may call the service under mutual TLS.
+pub fn credentials(state: &Path, ident: &IdentityArgs, roles: &[&str]) -> Result<Credentials> {
+    let (identity, clients) = match ident.resolve(state, roles)? {
+        Some(r) => {
+            if r.ca_issued {
+                cairn_http::client::present_by_default(r.identity.clone());
+            }
+            (r.identity, r.clients)
         }
-        _ => cairn_http::tls::ensure_self_signed(&state.join("tls"), &[])?,
+        None => (
+            cairn_http::tls::ensure_self_signed(&state.join("tls"), &[])?.0,
+            None,
+        ),
     };
+    let pem = std::fs::read(&identity.cert_path)
+        .with_context(|| format!("reading {}", identity.cert_path.display()))?;
+    let fingerprint = rustls_fingerprint(&pem)?;
     let token_file = state.join("token");
     let token = match std::env::var("CAIRN_TOKEN") {
         Ok(t) if !t.is_empty() => t,
         _ => cairn_http::server::ensure_token(&token_file)
             .with_context(|| format!("token file {}", token_file.display()))?,
     };
-    let tls = cairn_http::tls::server_config(&identity)?;
+    let tls = cairn_http::server::ServerTls::new(&identity, clients)?;
     Ok(Credentials {
         tls,
         fingerprint,
@@ -78,7 +78,7 @@ pub fn credentials(
 /// line on stdout tells scripts where and how to connect, and SIGTERM or Ctrl-C stops it.
 pub fn serve_until_signal<F, Fut>(what: &str, creds: Credentials, start: F) -> Result<ExitCode>
 where
-    F: FnOnce(rustls::ServerConfig, String) -> Fut,
+    F: FnOnce(cairn_http::server::ServerTls, String) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>>,
 {
     serve_registered(what, creds, None, start)
@@ -92,7 +92,7 @@ pub fn serve_registered<F, Fut>(
     start: F,
 ) -> Result<ExitCode>
 where
-    F: FnOnce(rustls::ServerConfig, String) -> Fut,
+    F: FnOnce(cairn_http::server::ServerTls, String) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>>,
 {
     let fingerprint = creds.fingerprint.clone();
@@ -141,7 +141,7 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
         .state_dir
         .clone()
         .unwrap_or_else(|| a.repo.join("service"));
-    let creds = credentials(&state, a.cert.as_ref(), a.key.as_ref())?;
+    let creds = credentials(&state, &a.identity, crate::identity::VAULT_CALLERS)?;
     let repo_id = repo.config().id.clone();
     let service = VaultService::with_options(
         repo,

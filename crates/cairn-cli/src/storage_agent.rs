@@ -29,6 +29,8 @@ pub struct StorageAgentArgs {
     vault_key_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     register: crate::register::ManagerArgs,
+    #[command(flatten)]
+    identity: crate::identity::IdentityArgs,
 }
 
 fn parse_datastore(s: &str) -> Result<DatastoreConfig, String> {
@@ -53,7 +55,11 @@ pub fn run(a: StorageAgentArgs) -> Result<ExitCode> {
     }
     std::fs::create_dir_all(&a.state_dir)
         .with_context(|| format!("creating {}", a.state_dir.display()))?;
-    let creds = credentials(&a.state_dir, None, None)?;
+    let creds = credentials(
+        &a.state_dir,
+        &a.identity,
+        crate::identity::STORAGE_AGENT_CALLERS,
+    )?;
     // NBD connections get runtimes of their own, apart from the service's, one per disk
     // backed up at once: the agent's blocking work drives them with `Handle::block_on`. They
     // live until the process exits.

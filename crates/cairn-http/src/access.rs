@@ -251,6 +251,9 @@ pub struct Need {
     pub object: String,
     pub quiet: bool,
     pub below: bool,
+    /// Open to callers without a token (the credential is in the request, as a join token's);
+    /// audited like any change.
+    pub public: bool,
 }
 
 impl Need {
@@ -261,6 +264,15 @@ impl Need {
             object: object.into(),
             quiet: false,
             below: false,
+            public: false,
+        }
+    }
+
+    /// Open to every caller, audited (see [`Need::public`](Self::public)).
+    pub fn public(object: impl Into<String>) -> Self {
+        Self {
+            public: true,
+            ..Self::on(&[], object)
         }
     }
 }
@@ -457,7 +469,7 @@ impl Access {
         }
     }
 
-    fn audit(&self, caller: &str, method: &Method, path: &str, status: u16) {
+    fn audit(&self, caller: &str, peer: Option<&str>, method: &Method, path: &str, status: u16) {
         let Some(f) = &self.audit else { return };
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -467,6 +479,7 @@ impl Access {
             "unix_ms": u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
             "service": self.service,
             "caller": caller,
+            "peer": peer,
             "method": method.as_str(),
             "path": path,
             "status": status,
@@ -499,6 +512,19 @@ pub async fn require_access(
     }
     let method = req.method().clone();
     let need = (access.rule)(&method, &path);
+    let peer = req
+        .extensions()
+        .get::<crate::mtls::Peer>()
+        .and_then(|p| p.cert.as_ref())
+        .map(|c| c.common_name.clone());
+    let peer = peer.as_deref();
+    if need.public {
+        let resp = next.run(req).await;
+        if method != Method::GET || !resp.status().is_success() {
+            access.audit("(public)", peer, &method, &path, resp.status().as_u16());
+        }
+        return resp;
+    }
     let token = req
         .headers()
         .get(AUTHORIZATION)
@@ -512,7 +538,7 @@ pub async fn require_access(
             // A handler's own refusal (one VM of a `below` route) is a refusal too.
             let refused = resp.status() == axum::http::StatusCode::FORBIDDEN;
             if (method != Method::GET && !need.quiet) || refused {
-                access.audit(&name, &method, &path, resp.status().as_u16());
+                access.audit(&name, peer, &method, &path, resp.status().as_u16());
             }
             resp
         }
@@ -523,7 +549,7 @@ pub async fn require_access(
                 (None, None) => "(no token)".into(),
             };
             let resp = e.into_response();
-            access.audit(&who, &method, &path, resp.status().as_u16());
+            access.audit(&who, peer, &method, &path, resp.status().as_u16());
             resp
         }
     }

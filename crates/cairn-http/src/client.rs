@@ -79,6 +79,16 @@ impl ErrorKind {
     }
 }
 
+/// The certificate every [`Client`] of this process presents, once set.
+static DEFAULT_IDENTITY: std::sync::OnceLock<tls::Identity> = std::sync::OnceLock::new();
+
+/// Makes `id` the certificate every client made afterwards presents (mutual TLS). A service
+/// process has one identity, given once at start; a second call changes nothing and returns
+/// `false`.
+pub fn present_by_default(id: tls::Identity) -> bool {
+    DEFAULT_IDENTITY.set(id).is_ok()
+}
+
 /// An answer's body and its `x-cairn-*` headers (name, value).
 pub type BytesAndHeaders = (Vec<u8>, Vec<(String, String)>);
 
@@ -97,11 +107,22 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// `base` is `https://host:port`.
+    /// `base` is `https://host:port`. The client presents the process's identity
+    /// ([`present_by_default`]) when it has one.
     pub fn new(base: &str, token: &str, trust: &Trust) -> Result<Self, ClientError> {
+        Self::with_identity(base, token, trust, DEFAULT_IDENTITY.get())
+    }
+
+    /// As [`new`](Self::new), presenting `me` (mutual TLS) instead of the process default.
+    pub fn with_identity(
+        base: &str,
+        token: &str,
+        trust: &Trust,
+        me: Option<&tls::Identity>,
+    ) -> Result<Self, ClientError> {
         let cfg = match trust {
-            Trust::Fingerprint(fp) => tls::client_config_pinned(tls::parse_fingerprint(fp)?)?,
-            Trust::Ca(p) => tls::client_config_ca(p)?,
+            Trust::Fingerprint(fp) => tls::client_config_pinned(tls::parse_fingerprint(fp)?, me)?,
+            Trust::Ca(p) => tls::client_config_ca(p, me)?,
         };
         let agent = ureq::AgentBuilder::new()
             .tls_config(Arc::new(cfg))

@@ -18,8 +18,10 @@
 
 pub mod access;
 pub mod body;
+pub mod ca;
 pub mod client;
 pub mod error;
+pub mod mtls;
 pub mod server;
 pub mod tls;
 

@@ -7,10 +7,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, State};
+use axum::serve::IncomingStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+use crate::mtls::{ClientAuth, Peer, PeerCert};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,18 +104,95 @@ pub fn with_token<S: Clone + Send + Sync + 'static>(
     )
 }
 
+/// A service's TLS: its configuration and, with mutual TLS, the policy its callers'
+/// certificates are checked against ([`crate::mtls`]).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub config: rustls::ServerConfig,
+    pub clients: Option<Arc<ClientAuth>>,
+}
+
+impl From<rustls::ServerConfig> for ServerTls {
+    fn from(config: rustls::ServerConfig) -> Self {
+        Self {
+            config,
+            clients: None,
+        }
+    }
+}
+
+impl ServerTls {
+    /// The configuration of `id`, asking callers for certificates when `clients` is given.
+    pub fn new(
+        id: &crate::tls::Identity,
+        clients: Option<Arc<ClientAuth>>,
+    ) -> Result<Self, crate::tls::TlsError> {
+        Ok(Self {
+            config: crate::tls::server_config_with(id, clients.clone())?,
+            clients,
+        })
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(s: IncomingStream<'_, TlsListener>) -> Self {
+        let cert = s
+            .io()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|d| PeerCert::parse(d))
+            .map(Arc::new);
+        Peer {
+            addr: *s.remote_addr(),
+            cert,
+        }
+    }
+}
+
+/// Middleware in front of every route: refuses a connection whose certificate was revoked
+/// since its handshake, and hands the [`Peer`] to the access check and the handlers.
+async fn check_peer(
+    State(clients): State<Option<Arc<ClientAuth>>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.clone());
+    if let Some(peer) = peer {
+        if let (Some(auth), Some(cert)) = (&clients, &peer.cert)
+            && let Some(why) = auth.refusal(cert)
+        {
+            tracing::warn!("refused {} from {}: {why}", req.uri().path(), peer.addr);
+            return crate::ApiError::new(crate::ErrorKind::Forbidden, why).into_response();
+        }
+        req.extensions_mut().insert(peer);
+    }
+    next.run(req).await
+}
+
 /// Binds `addr` with TLS and serves `router` in a background task; returns the bound address
 /// (port 0 picks one) and the task. `what` names the service in the log if it stops.
 pub async fn serve(
     router: axum::Router,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<ServerTls>,
     what: &'static str,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TlsListener::bind(addr, tls).await?;
+    let tls = tls.into();
+    let listener = TlsListener::bind(addr, tls.config).await?;
     let local = axum::serve::Listener::local_addr(&listener)?;
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        tls.clients,
+        check_peer,
+    ));
     let h = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        let app = router.into_make_service_with_connect_info::<Peer>();
+        if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("{what} stopped: {e}");
         }
     });

@@ -78,7 +78,7 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     cairn_types::durable::write_atomic_private(path, data)
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let data = std::fs::read(path).map_err(|source| TlsError::Io {
         path: path.into(),
         source,
@@ -100,23 +100,37 @@ pub fn first_cert_der(pem: &mut &[u8]) -> Option<Vec<u8>> {
         .map(|c| c.as_ref().to_vec())
 }
 
-/// A server configuration from an identity.
-pub fn server_config(id: &Identity) -> Result<rustls::ServerConfig, TlsError> {
-    let certs = load_certs(&id.cert_path)?;
-    let data = std::fs::read(&id.key_path).map_err(|source| TlsError::Io {
-        path: id.key_path.clone(),
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.into(),
         source,
     })?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut data.as_slice())
+    rustls_pemfile::private_key(&mut data.as_slice())
         .ok()
         .flatten()
-        .ok_or_else(|| TlsError::Pem {
-            path: id.key_path.clone(),
-        })?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .ok_or_else(|| TlsError::Pem { path: path.into() })
+}
+
+/// A server configuration from an identity.
+pub fn server_config(id: &Identity) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_with(id, None)
+}
+
+/// A server configuration from an identity that, given a client policy, asks callers for
+/// certificates (mutual TLS, [`crate::mtls`]).
+pub fn server_config_with(
+    id: &Identity,
+    clients: Option<Arc<crate::mtls::ClientAuth>>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let certs = load_certs(&id.cert_path)?;
+    let key = load_key(&id.key_path)?;
+    let b = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let b = match clients {
+        Some(auth) => b.with_client_cert_verifier(crate::mtls::verifier(auth)),
+        None => b.with_no_client_auth(),
+    };
+    let mut cfg = b.with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -196,29 +210,40 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
-/// A client configuration that pins a fingerprint.
-pub fn client_config_pinned(fp: [u8; 32]) -> Result<rustls::ClientConfig, TlsError> {
+/// A client configuration that pins a fingerprint; it presents `me` when given.
+pub fn client_config_pinned(
+    fp: [u8; 32],
+    me: Option<&Identity>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    Ok(
-        rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                fingerprint: fp,
-                provider,
-            }))
-            .with_no_client_auth(),
-    )
+    let b = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+            fingerprint: fp,
+            provider,
+        }));
+    Ok(match me {
+        Some(id) => b.with_client_auth_cert(load_certs(&id.cert_path)?, load_key(&id.key_path)?)?,
+        None => b.with_no_client_auth(),
+    })
 }
 
-/// A client configuration that trusts the CA certificates in a PEM file.
-pub fn client_config_ca(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
+/// A client configuration that trusts the CA certificates in a PEM file; it presents `me`
+/// when given.
+pub fn client_config_ca(
+    ca: &Path,
+    me: Option<&Identity>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(ca)? {
         roots.add(c)?;
     }
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
+    let b = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    Ok(match me {
+        Some(id) => b.with_client_auth_cert(load_certs(&id.cert_path)?, load_key(&id.key_path)?)?,
+        None => b.with_no_client_auth(),
+    })
 }

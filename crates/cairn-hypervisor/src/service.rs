@@ -607,7 +607,7 @@ async fn recover(State(s): State<Shared>) -> ApiResult<Response> {
 pub async fn serve(
     service: Arc<HostAgentService>,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<cairn_http::server::ServerTls>,
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     cairn_http::server::serve(service.router(token), addr, tls, "host agent service").await

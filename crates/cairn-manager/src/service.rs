@@ -4,10 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::Method;
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use cairn_api::host::{
@@ -15,7 +18,9 @@ use cairn_api::host::{
 };
 use cairn_api::manager::RemovedAgent;
 use cairn_api::{CallResult, HostAgentApi};
-use cairn_http::ApiError;
+use cairn_http::ca::ServiceId;
+use cairn_http::mtls::Peer;
+use cairn_http::{ApiError, ErrorKind};
 
 use crate::inventory::{AgentKind, Inventory, Registration, agent_error};
 use crate::{ManagerError, Result};
@@ -41,9 +46,50 @@ fn kind(s: &str) -> ApiResult<AgentKind> {
     }
 }
 
-async fn heartbeat(State(inv): State<Shared>, b: Bytes) -> ApiResult<Response> {
+/// An agent's certificate names it (`storage/st1`): it registers only itself.
+async fn heartbeat(
+    State(inv): State<Shared>,
+    peer: Option<Extension<Peer>>,
+    b: Bytes,
+) -> ApiResult<Response> {
     let r: Registration = body(&b)?;
+    if let Some(id) = peer.as_ref().and_then(|p| p.id())
+        && is_agent(id)
+        && (id.role != r.kind.as_str() || id.name != r.name)
+    {
+        return Err(ApiError::new(
+            ErrorKind::Forbidden,
+            format!(
+                "certificate {id} may register only itself, not {}/{}",
+                r.kind, r.name
+            ),
+        ));
+    }
     blocking(move || inv.heartbeat(r)).await
+}
+
+fn is_agent(id: &ServiceId) -> bool {
+    id.role == "host" || id.role == "storage"
+}
+
+/// Under mutual TLS, an agent's certificate calls nothing here but its own heartbeat: a
+/// compromised agent cannot relay commands to hosts, list credentials or remove agents.
+async fn agent_bounds(req: Request, next: Next) -> Response {
+    let agent = req
+        .extensions()
+        .get::<Peer>()
+        .and_then(|p| p.id())
+        .filter(|id| is_agent(id))
+        .cloned();
+    let heartbeat = req.method() == Method::POST && req.uri().path() == "/v1/agents";
+    match agent {
+        Some(id) if !heartbeat && req.uri().path() != "/health" => ApiError::new(
+            ErrorKind::Forbidden,
+            format!("certificate {id} is an agent's: it may only register itself here"),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 async fn agents(State(inv): State<Shared>) -> ApiResult<Response> {
@@ -188,7 +234,28 @@ async fn delete_saved_state(
 
 /// The router, with the token check on every route but `/health`.
 pub fn router(inv: Arc<Inventory>, token: String) -> Router {
-    cairn_http::server::with_token(
+    router_with(
+        inv,
+        Arc::new(cairn_http::access::Access::admin_only(
+            "manager",
+            &token,
+            access_rule(),
+        )),
+    )
+}
+
+/// Every route needs the admin token; heartbeats (every few seconds from every agent) are
+/// left out of the audit log unless refused.
+pub fn access_rule() -> cairn_http::access::Rule {
+    Arc::new(|m: &Method, path: &str| cairn_http::access::Need {
+        quiet: m == Method::POST && path == "/v1/agents",
+        ..cairn_http::access::Need::on(&[], path)
+    })
+}
+
+/// [`router`] with `access` (the admin token and an audit log: `Access::from_state`).
+pub fn router_with(inv: Arc<Inventory>, access: Arc<cairn_http::access::Access>) -> Router {
+    cairn_http::access::with_access(
         Router::new()
             .route("/health", get(|| async { "ok" }))
             .route("/v1/agents", post(heartbeat).get(agents))
@@ -207,8 +274,9 @@ pub fn router(inv: Arc<Inventory>, token: String) -> Router {
                 "/v1/hosts/{host}/saved/{name}",
                 get(saved_state).delete(delete_saved_state),
             ),
-        token,
+        access,
     )
+    .layer(axum::middleware::from_fn(agent_bounds))
     .with_state(inv)
 }
 
@@ -216,8 +284,18 @@ pub fn router(inv: Arc<Inventory>, token: String) -> Router {
 pub async fn serve(
     inv: Arc<Inventory>,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<cairn_http::server::ServerTls>,
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     cairn_http::server::serve(router(inv, token), addr, tls, "manager service").await
+}
+
+/// [`serve`] with `access` (an audit log of every change and refusal).
+pub async fn serve_with(
+    inv: Arc<Inventory>,
+    addr: SocketAddr,
+    tls: impl Into<cairn_http::server::ServerTls>,
+    access: Arc<cairn_http::access::Access>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    cairn_http::server::serve(router_with(inv, access), addr, tls, "manager service").await
 }

@@ -77,6 +77,9 @@ pub enum ServerError {
     /// The caller's token has no scope on the VM (see [`scope`]).
     #[error("{0}")]
     Forbidden(String),
+    /// The certificate authority could not be opened or created.
+    #[error("certificate authority: {0}")]
+    Ca(String),
     #[error("catalog")]
     Catalog(#[from] CatalogError),
     /// A call to another service failed.
@@ -165,6 +168,9 @@ pub struct Server {
     pub file_bytes: AtomicU64,
     /// The file catalog's index (`STATE/files`); an error when it could not be opened.
     pub files: std::result::Result<cairn_fileindex::FileIndex, String>,
+    /// The certificate authority of the deployment (`STATE/ca`): issues each agent its
+    /// certificate for a join token ([`cairn_http::ca`]).
+    pub ca: Arc<cairn_http::ca::Ca>,
 }
 
 impl std::fmt::Debug for Server {
@@ -204,7 +210,10 @@ impl Server {
         if let Err(e) = &files {
             tracing::error!("file index: {e}; file catalog disabled");
         }
+        let ca = cairn_http::ca::Ca::open_or_create(&config.state_dir.join("ca"))
+            .map_err(|e| ServerError::Ca(e.to_string()))?;
         let server = Arc::new(Self {
+            ca: Arc::new(ca),
             files,
             file_bytes: AtomicU64::new(0),
             meta: meta::MetadataStore::open(&meta_dir)?,

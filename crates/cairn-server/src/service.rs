@@ -411,6 +411,36 @@ async fn files_restore_guest(
     .await
 }
 
+/// `POST /v1/join`: a join token and a public key in, a certificate out (no bearer token:
+/// the join token is the credential; a refusal is `401` and audited).
+async fn join(State(s): State<Shared>, b: Bytes) -> ApiResult<Response> {
+    let r: cairn_http::ca::JoinRequest = body(&b)?;
+    let ca = s.ca.clone();
+    cairn_http::server::blocking_json(StatusCode::OK, move || {
+        ca.join(&r).map_err(|e| {
+            use cairn_http::ca::CaError;
+            let kind = match &e {
+                CaError::Join(_) => cairn_http::ErrorKind::Unauthorized,
+                CaError::Invalid(_) => cairn_http::ErrorKind::BadRequest,
+                _ => cairn_http::ErrorKind::Internal,
+            };
+            ApiError::new(kind, e.to_string())
+        })
+    })
+    .await
+}
+
+/// `GET /v1/ca/crl`: the CA's signed revocation list (open: it is signed, and services on
+/// other machines refresh their copy from it).
+async fn crl(State(s): State<Shared>) -> ApiResult<Response> {
+    let ca = s.ca.clone();
+    let pem = tokio::task::spawn_blocking(move || ca.crl_pem())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(([("content-type", "application/pkix-crl")], pem).into_response())
+}
+
 async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.data_path())).await
 }
@@ -424,6 +454,12 @@ pub fn access_rule() -> Rule {
     use Role::{Audit, Backup, Restore};
     Arc::new(|m: &Method, path: &str| {
         let p: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if matches!(
+            (m.as_str(), &p[..]),
+            ("POST", ["v1", "join"]) | ("GET", ["v1", "ca", "crl"])
+        ) {
+            return Need::public(path);
+        }
         let (roles, per_vm): (&'static [Role], bool) = match (m.as_str(), &p[..]) {
             ("GET", ["v1", "files", "content"]) => (&[Restore], true),
             ("GET", ["v1", "vms" | "backups" | "jobs" | "files", ..]) => (READ, true),
@@ -481,7 +517,9 @@ pub fn router_with(server: Arc<Server>, access: Arc<Access>) -> Router {
             .route("/v1/files/content", get(files_content))
             .route("/v1/files/restore", post(files_restore))
             .route("/v1/files/restore-guest", post(files_restore_guest))
-            .route("/v1/stats", get(stats)),
+            .route("/v1/stats", get(stats))
+            .route("/v1/join", post(join))
+            .route("/v1/ca/crl", get(crl)),
         access,
     )
     .with_state(server);
@@ -498,7 +536,7 @@ pub fn router_with(server: Arc<Server>, access: Arc<Access>) -> Router {
 pub async fn serve(
     server: Arc<Server>,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<cairn_http::server::ServerTls>,
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     cairn_http::server::serve(router(server, token), addr, tls, "backup server").await
@@ -508,7 +546,7 @@ pub async fn serve(
 pub async fn serve_with(
     server: Arc<Server>,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<cairn_http::server::ServerTls>,
     access: Arc<Access>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     cairn_http::server::serve(router_with(server, access), addr, tls, "backup server").await

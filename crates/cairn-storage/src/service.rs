@@ -259,7 +259,7 @@ pub fn router(agent: Arc<StorageAgent>, token: String) -> Router {
 pub async fn serve(
     agent: Arc<StorageAgent>,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<cairn_http::server::ServerTls>,
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     cairn_http::server::serve(router(agent, token), addr, tls, "storage agent service").await

@@ -784,7 +784,7 @@ async fn gc(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
 pub async fn serve(
     service: Arc<VaultService>,
     addr: std::net::SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<cairn_http::server::ServerTls>,
     token: String,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let rule = access_rule(&service.repo.config().id);
@@ -801,7 +801,7 @@ pub async fn serve(
 pub async fn serve_with(
     service: Arc<VaultService>,
     addr: std::net::SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: impl Into<cairn_http::server::ServerTls>,
     access: Arc<Access>,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     service.spawn_reaper();

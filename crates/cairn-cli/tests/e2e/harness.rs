@@ -90,6 +90,8 @@ pub struct Service {
     child: Child,
     info: Value,
     args: Vec<String>,
+    /// The certificate test clients present (an operator's, in a mutual-TLS cluster).
+    pub me: Option<cairn_http::tls::Identity>,
 }
 
 impl Service {
@@ -115,13 +117,16 @@ impl Service {
             child,
             info,
             args: args.iter().map(|a| a.to_string()).collect(),
+            me: None,
         }
     }
 
     /// Starts the same command again (after [`Self::stop`] or [`Self::kill`]).
     pub fn restart(&mut self, env: &[(&str, &str)]) {
         let args = self.args.clone();
+        let me = self.me.take();
         *self = Self::start_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
+        self.me = me;
     }
 
     /// Starts the same command again on the address it listened on, so that peers
@@ -155,6 +160,7 @@ impl Service {
         }
         let mut s = Self::start_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
         s.args = self.args.clone();
+        s.me = self.me.take();
         *self = s;
     }
 
@@ -192,10 +198,11 @@ impl Service {
 
     pub fn client(&self) -> Client {
         let token = std::fs::read_to_string(self.token_file()).unwrap();
-        Client::new(
+        Client::with_identity(
             self.url(),
             token.trim(),
             &Trust::Fingerprint(self.fp().into()),
+            self.me.as_ref(),
         )
         .unwrap()
     }
@@ -435,12 +442,17 @@ impl Cluster {
 
     /// [`Self::start`] with `host_args` added to the host agent's command line.
     pub fn start_with(t: &Path, vault_repo: &str, save_state: bool, host_args: &[&str]) -> Self {
-        Self::start_opts(t, vault_repo, save_state, host_args, None)
+        Self::start_opts(t, vault_repo, save_state, host_args, None, false)
     }
 
     /// [`Self::start`] over an encrypted vault: the repository is created with
     /// `repo init --encrypt` and a new key file at `key`, which only the storage agent gets
     /// (the vault service stores ciphertext; the server never reads data).
+    ///
+    /// Every call between the services uses mutual TLS: the server's CA is made first, the
+    /// vault and the manager get certificates from it (`cairn ca issue`), the agents join with
+    /// single-use tokens, and each service refuses callers without a certificate of the CA.
+    /// Test clients present an operator's certificate ([`Service::me`]).
     pub fn start_encrypted(t: &Path, vault_repo: &str, save_state: bool, key: &Path) -> Self {
         let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
             .arg("--key-file")
@@ -453,7 +465,54 @@ impl Cluster {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Self::start_opts(t, vault_repo, save_state, &[], Some(key))
+        Self::start_opts(t, vault_repo, save_state, &[], Some(key), true)
+    }
+
+    /// The server's CA directory, and a certificate for `id` issued by it into `t/id-NAME`.
+    pub fn issue(t: &Path, id: &str) -> cairn_http::tls::Identity {
+        let out = t.join(format!("id-{}", id.replace('/', "-")));
+        let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["ca", "issue", "--state-dir"])
+            .arg(t.join("server"))
+            .arg(id)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        cairn_http::tls::Identity {
+            cert_path: out.join("cert.pem"),
+            key_path: out.join("key.pem"),
+        }
+    }
+
+    /// A join token for `id` from the server's CA.
+    pub fn join_token(t: &Path, id: &str) -> String {
+        let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["ca", "join-token", "--state-dir"])
+            .arg(t.join("server"))
+            .arg(id)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    }
+
+    /// The `--cert --key --client-ca --crl` flags of a service with `id`'s certificate.
+    fn mutual_flags(t: &Path, id: &str) -> Vec<String> {
+        let me = Self::issue(t, id);
+        let ca = t.join("server/ca");
+        [
+            "--cert".into(),
+            me.cert_path.display().to_string(),
+            "--key".into(),
+            me.key_path.display().to_string(),
+            "--client-ca".into(),
+            ca.join("ca.pem").display().to_string(),
+            "--crl".into(),
+            ca.join("crl.pem").display().to_string(),
+        ]
+        .to_vec()
     }
 
     fn start_opts(
@@ -462,58 +521,53 @@ impl Cluster {
         save_state: bool,
         host_args: &[&str],
         vault_key: Option<&Path>,
+        mutual: bool,
     ) -> Self {
         let p = |s: &str| t.join(s).display().to_string();
-        // A short session lease: a client killed mid-backup frees its session in seconds.
-        let vault = Service::start(&[
-            "vault",
-            "--repo",
-            vault_repo,
-            "--listen",
-            "127.0.0.1:0",
-            "--session-lease",
-            "5",
-        ]);
-        let manager = Service::start(&[
-            "manager",
-            "--state-dir",
-            &p("manager"),
-            "--listen",
-            "127.0.0.1:0",
-            "--stale-after-s",
-            "3",
-        ]);
-        let agent = |mut args: Vec<String>, name: &str| {
-            args.extend(manager.flags_for("manager"));
-            args.extend(["--heartbeat-s", "1", "--name", name].map(String::from));
-            Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        let operator = mutual.then(|| Self::issue(t, "operator/e2e"));
+        let flags = |id: &str| {
+            if mutual {
+                Self::mutual_flags(t, id)
+            } else {
+                Vec::new()
+            }
         };
-        let mut host_cmd: Vec<String> = [
-            "host-agent",
-            "--state-dir",
-            &p("host"),
-            "--listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from)
-        .to_vec();
-        host_cmd.extend(host_args.iter().map(|a| a.to_string()));
-        let host = agent(host_cmd, "h1");
-        let mut storage_cmd: Vec<String> = [
-            "storage-agent",
-            "--state-dir",
-            &p("storage"),
-            "--listen",
-            "127.0.0.1:0",
-            "--datastore",
-            &format!("ds={}", p("ds")),
-        ]
-        .map(String::from)
-        .to_vec();
-        if let Some(k) = vault_key {
-            storage_cmd.extend(["--vault-key-file".into(), k.display().to_string()]);
-        }
-        let storage = agent(storage_cmd, "s1");
+        let start = |mut args: Vec<String>, extra: Vec<String>| {
+            args.extend(extra);
+            let mut s = Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            s.me = operator.clone();
+            s
+        };
+        // A short session lease: a client killed mid-backup frees its session in seconds.
+        let vault = start(
+            [
+                "vault",
+                "--repo",
+                vault_repo,
+                "--listen",
+                "127.0.0.1:0",
+                "--session-lease",
+                "5",
+            ]
+            .map(String::from)
+            .to_vec(),
+            flags("vault/v"),
+        );
+        let manager = start(
+            [
+                "manager",
+                "--state-dir",
+                &p("manager"),
+                "--listen",
+                "127.0.0.1:0",
+                "--stale-after-s",
+                "3",
+            ]
+            .map(String::from)
+            .to_vec(),
+            flags("manager/m"),
+        );
+        // The server before the agents: they join its CA.
         let server_state = p("server");
         let mut args: Vec<String> = [
             "server",
@@ -529,7 +583,51 @@ impl Cluster {
         if !save_state {
             args.push("--no-state".into());
         }
-        let server = Service::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let server = start(args, Vec::new());
+        let agent = |mut args: Vec<String>, id: &str| {
+            let name = id.split_once('/').unwrap().1;
+            args.extend(manager.flags_for("manager"));
+            args.extend(["--heartbeat-s", "1", "--name", name].map(String::from));
+            let join = if mutual {
+                vec![
+                    "--join".into(),
+                    server.url().into(),
+                    "--join-token".into(),
+                    Self::join_token(t, id),
+                    "--join-fingerprint".into(),
+                    server.fp().into(),
+                ]
+            } else {
+                Vec::new()
+            };
+            start(args, join)
+        };
+        let mut host_cmd: Vec<String> = [
+            "host-agent",
+            "--state-dir",
+            &p("host"),
+            "--listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec();
+        host_cmd.extend(host_args.iter().map(|a| a.to_string()));
+        let host = agent(host_cmd, "host/h1");
+        let mut storage_cmd: Vec<String> = [
+            "storage-agent",
+            "--state-dir",
+            &p("storage"),
+            "--listen",
+            "127.0.0.1:0",
+            "--datastore",
+            &format!("ds={}", p("ds")),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(k) = vault_key {
+            storage_cmd.extend(["--vault-key-file".into(), k.display().to_string()]);
+        }
+        let storage = agent(storage_cmd, "storage/s1");
         Self {
             vault,
             manager,

@@ -16,3 +16,4 @@ mod harness;
 mod libvirt;
 mod libvirt_group;
 mod libvirt_peers;
+mod mutual;

@@ -253,9 +253,11 @@ fn ureq_agent(s: &Served) -> ureq::Agent {
     let Trust::Fingerprint(fp) = &s.trust else {
         unreachable!()
     };
-    let cfg =
-        cairn_http::tls::client_config_pinned(cairn_http::tls::parse_fingerprint(fp).unwrap())
-            .unwrap();
+    let cfg = cairn_http::tls::client_config_pinned(
+        cairn_http::tls::parse_fingerprint(fp).unwrap(),
+        None,
+    )
+    .unwrap();
     ureq::AgentBuilder::new().tls_config(Arc::new(cfg)).build()
 }
 
@@ -365,9 +367,11 @@ fn an_upload_whose_sender_goes_silent_does_not_hold_its_session() {
     let Trust::Fingerprint(fp) = &s.trust else {
         unreachable!()
     };
-    let cfg =
-        cairn_http::tls::client_config_pinned(cairn_http::tls::parse_fingerprint(fp).unwrap())
-            .unwrap();
+    let cfg = cairn_http::tls::client_config_pinned(
+        cairn_http::tls::parse_fingerprint(fp).unwrap(),
+        None,
+    )
+    .unwrap();
     let addr = s.url.trim_start_matches("https://");
     let tcp = std::net::TcpStream::connect(addr).unwrap();
     let conn =
