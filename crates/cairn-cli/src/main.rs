@@ -138,6 +138,12 @@ fn main() -> ExitCode {
         .init();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Some(cert), Some(key)) = (&cli.conn.client_cert, &cli.conn.client_key) {
+        cairn_http::client::present_by_default(cairn_http::tls::Identity {
+            cert_path: cert.clone(),
+            key_path: key.clone(),
+        });
+    }
     let vault = repo::VaultAccess {
         token_file: cli.conn.token_file_given(&matches),
         key_file: cli.conn.key_file.clone(),

@@ -66,6 +66,22 @@ pub struct Conn {
     /// the vault service).
     #[arg(long, global = true, env = "CAIRN_SERVER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// A certificate (from `cairn ca issue operator/NAME`) to present to services that
+    /// require mutual TLS, with --client-key.
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
     /// One JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,

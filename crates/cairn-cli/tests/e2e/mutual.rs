@@ -252,6 +252,35 @@ fn mutual_tls_join_tokens_agent_bounds_and_revocation() {
         "storage agent refused the revoked certificate {:.1} s after revocation",
         t0.elapsed().as_secs_f64()
     );
+    // The operator's CLI presents its certificate with --client-cert/--client-key.
+    let img = t.join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let me = c.vault.me.clone().unwrap();
+    let backup = |with_cert: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+        cmd.env("CAIRN_FINGERPRINT", c.vault.fp())
+            .args(["--token-file", c.vault.token_file()])
+            .arg("--key-file")
+            .arg(t.join("vault.key"));
+        if with_cert {
+            cmd.arg("--client-cert")
+                .arg(&me.cert_path)
+                .arg("--client-key")
+                .arg(&me.key_path);
+        }
+        cmd.args(["image", "backup", "--repo", c.vault.url(), "--name", "cli"])
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    let refused = backup(false);
+    assert!(!refused.status.success(), "a CLI without a certificate");
+    let done = backup(true);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     // The operator's own certificate still works everywhere.
     let _: Value = c.storage.client().get_json("/v1/datastores").unwrap();
     let _: Value = m.get_json("/v1/agents").unwrap();
