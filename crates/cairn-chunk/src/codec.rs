@@ -169,6 +169,14 @@ impl Encoder {
     /// digests it refers to in the clear, for a vault without the key.
     pub fn encode_with_refs(&mut self, data: &[u8], level: u8, refs: &[Digest]) -> EncodedSegment {
         let seg = self.compress(data);
+        self.seal(seg, level, refs)
+    }
+
+    /// Seals what [`compress`](Self::compress) made, when the encoder has keys (as is,
+    /// without). `encode` is `compress` then `seal`; a caller that may split an
+    /// incompressible frame into its segments compresses first and seals what it keeps,
+    /// so nothing is sealed twice.
+    pub fn seal(&self, seg: EncodedSegment, level: u8, refs: &[Digest]) -> EncodedSegment {
         match &self.keys {
             None => seg,
             Some(k) => EncodedSegment {
@@ -182,7 +190,8 @@ impl Encoder {
         }
     }
 
-    fn compress(&mut self, data: &[u8]) -> EncodedSegment {
+    /// Compresses `data` when it pays (`Zstd`), else keeps it `Raw`; never seals.
+    pub fn compress(&mut self, data: &[u8]) -> EncodedSegment {
         if self.level > 0 && data.len() >= 64 {
             let cap = zstd::zstd_safe::compress_bound(data.len());
             let mut out = Vec::with_capacity(cap);

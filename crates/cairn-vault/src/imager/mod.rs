@@ -256,7 +256,9 @@ fn process_batch(
                     .for_each(|(_, p, n)| scratch.extend_from_slice(&data[*p..*p + *n]));
                 &scratch
             };
-            let seg = enc.encode(plain);
+            // Compressed first and sealed only once kept: an incompressible frame is split
+            // into its segments, and sealing it whole would be wasted work.
+            let seg = enc.compress(plain);
             if !seg.codec.is_compressed() && f.len() > 1 {
                 // Not worth compressing: each segment stands alone and reads alone.
                 for &&(d, p, n) in f.iter() {
@@ -272,6 +274,7 @@ fn process_batch(
                 }
                 continue;
             }
+            let seg = enc.seal(seg, 0, &[]);
             sent.fetch_add(seg.bytes.len() as u64, Ordering::Relaxed);
             out.push(Upload {
                 kind: BlobKind::Data,
