@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 
 if [[ $(id -u) -eq 0 ]]; then
     scripts/install-deps.sh
-    export CAIRN_REQUIRE_QEMU=1 CAIRN_REQUIRE_POSTGRES=1
+    # A real S3 server for the object-store tests, built once into a cache outside the clone
+    # (~4 min the first time).
+    scripts/s3-servers.sh s3s-fs >/dev/null
+    export CAIRN_REQUIRE_QEMU=1 CAIRN_REQUIRE_POSTGRES=1 CAIRN_REQUIRE_S3=1
 else
     echo "test.sh: not root: not installing packages; tests needing them will say so" >&2
 fi

@@ -122,13 +122,13 @@ pub fn new_passphrase(var: &str) -> Result<Secret> {
     Ok(Secret(a.into_bytes()))
 }
 
-/// Opens a local repository and unlocks it as `use_` says.
+/// Opens a repository (a directory or `s3://...`) and unlocks it as `use_` says.
 pub fn open_dir(
     dir: &Path,
     key_file: Option<&Path>,
     use_: KeyUse,
 ) -> Result<std::sync::Arc<Repository>> {
-    let r = Repository::open_dir(dir)?;
+    let r = Repository::open_location(dir)?;
     unlock(r.is_encrypted(), key_file, use_, |c| Ok(r.unlock(c)?))?;
     Ok(r)
 }
@@ -153,7 +153,7 @@ pub fn unlock(
 pub fn run(cmd: KeyCmd, key_file: Option<&Path>) -> Result<ExitCode> {
     match cmd {
         KeyCmd::List { dir, json } => {
-            let r = Repository::open_dir(&dir)?;
+            let r = Repository::open_location(&dir)?;
             anyhow::ensure!(r.is_encrypted(), "{} is not encrypted", dir.display());
             let keys = r.list_keys()?;
             if json {
@@ -189,7 +189,7 @@ pub fn run(cmd: KeyCmd, key_file: Option<&Path>) -> Result<ExitCode> {
             println!("removed key {id}");
         }
         KeyCmd::Passwd { dir } => {
-            let r = Repository::open_dir(&dir)?;
+            let r = Repository::open_location(&dir)?;
             anyhow::ensure!(r.is_encrypted(), "{} is not encrypted", dir.display());
             let old = match std::env::var("CAIRN_PASSWORD") {
                 Ok(p) if !p.is_empty() => p,

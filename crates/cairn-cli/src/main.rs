@@ -31,6 +31,52 @@ struct Cli {
     cmd: Cmd,
     #[command(flatten)]
     conn: ops::Conn,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+/// Where an `s3://BUCKET[/PREFIX]` repository is: each flag wins over its `AWS_*` variable.
+#[derive(clap::Args, Debug, Clone)]
+struct S3Args {
+    /// The S3 endpoint, `http(s)://HOST[:PORT]` (else AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL).
+    #[arg(long, global = true)]
+    s3_endpoint: Option<String>,
+    /// The S3 region (else AWS_REGION, AWS_DEFAULT_REGION; default us-east-1).
+    #[arg(long, global = true)]
+    s3_region: Option<String>,
+    /// The access key id (else AWS_ACCESS_KEY_ID).
+    #[arg(long, global = true)]
+    s3_access_key: Option<String>,
+    /// A file holding the secret key (else AWS_SECRET_ACCESS_KEY).
+    #[arg(long, global = true)]
+    s3_secret_key_file: Option<std::path::PathBuf>,
+    /// The CA of an https endpoint (else AWS_CA_BUNDLE; default the system's bundle).
+    #[arg(long, global = true)]
+    s3_ca_file: Option<std::path::PathBuf>,
+}
+
+impl S3Args {
+    fn install(&self) -> anyhow::Result<()> {
+        let secret_key = match &self.s3_secret_key_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        anyhow::anyhow!("reading the S3 secret key from {}: {e}", f.display())
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        cairn_vault::location::set_s3_overrides(cairn_vault::location::S3Overrides {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key: self.s3_access_key.clone(),
+            secret_key,
+            ca_file: self.s3_ca_file.clone(),
+        });
+        Ok(())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -143,6 +189,10 @@ fn main() -> ExitCode {
             cert_path: cert.clone(),
             key_path: key.clone(),
         });
+    }
+    if let Err(e) = cli.s3.install() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
     }
     let vault = repo::VaultAccess {
         token_file: cli.conn.token_file_given(&matches),

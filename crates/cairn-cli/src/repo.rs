@@ -14,7 +14,8 @@ use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum RepoCmd {
-    /// Create a repository in an empty directory.
+    /// Create a repository in an empty directory, or at s3://BUCKET[/PREFIX] (S3 settings:
+    /// --s3-* or the AWS_* variables).
     Init {
         dir: PathBuf,
         /// Encrypt it: the master key is wrapped by the passphrase in CAIRN_PASSWORD (asked
@@ -170,7 +171,9 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
                 Some(s) => ChunkerParams::parse(&s).map_err(anyhow::Error::msg)?,
                 None => ChunkerParams::default(),
             };
-            if dir.exists()
+            let s3 = dir.to_str().is_some_and(cairn_vault::location::is_s3);
+            if !s3
+                && dir.exists()
                 && std::fs::read_dir(&dir)?.next().is_some()
                 && !dir.join("config").exists()
             {
@@ -191,7 +194,7 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
                     cairn_chunk::wrap::KdfParams::default(),
                 )),
             };
-            let r = Repository::init_dir(
+            let r = Repository::init_location(
                 &dir,
                 &InitOptions {
                     chunker,
@@ -334,13 +337,9 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
         }
         RepoCmd::Key(c) => return crate::keys::run(c, access.key_file.as_deref()),
         RepoCmd::RebuildIndex { dir, json } => {
-            if !dir.join("config").exists() && !dir.join("config.copy").exists() {
-                anyhow::bail!("{} is not a repository", dir.display());
-            }
-            let store: Arc<dyn cairn_vault::store::ObjectStore> =
-                Arc::new(cairn_vault::store::LocalStore::open(&dir)?);
-            let lock = cairn_vault::lock::RepoLock::acquire(store, true, "rebuild-index")?;
-            let r = Repository::open_dir(&dir)?;
+            let r = Repository::open_location(&dir)?;
+            let lock =
+                cairn_vault::lock::RepoLock::acquire(r.store().clone(), true, "rebuild-index")?;
             let rep = r.rebuild_index()?;
             lock.release()?;
             if json {

@@ -13,7 +13,7 @@ use cairn_vault::service::{ServiceOptions, VaultService};
 
 #[derive(clap::Args, Debug)]
 pub struct VaultArgs {
-    /// The repository directory to serve (created if it does not exist).
+    /// The repository to serve: a directory or s3://BUCKET[/PREFIX] (created if there is none).
     #[arg(long)]
     repo: PathBuf,
     /// Address to listen on (port 0 picks a free port).
@@ -132,15 +132,18 @@ where
 }
 
 pub fn run(a: VaultArgs) -> Result<ExitCode> {
-    let repo = if a.repo.join("config").exists() {
-        Repository::open_dir(&a.repo)?
-    } else {
-        Repository::init_dir(&a.repo, &Default::default())?
+    let repo = match Repository::open_location(&a.repo) {
+        Ok(r) => r,
+        Err(cairn_vault::VaultError::NotARepository(_)) => {
+            Repository::init_location(&a.repo, &Default::default())?
+        }
+        Err(e) => return Err(e.into()),
     };
+    // A directory keeps the service's state inside; an S3 repository in its local cache.
     let state = a
         .state_dir
         .clone()
-        .unwrap_or_else(|| a.repo.join("service"));
+        .unwrap_or_else(|| repo.cache_dir().join("service"));
     let creds = credentials(&state, &a.identity, crate::identity::VAULT_CALLERS)?;
     let repo_id = repo.config().id.clone();
     let service = VaultService::with_options(

@@ -22,6 +22,7 @@ use cairn_http::{ApiError, ClientError, ErrorKind};
 
 mod agents;
 mod manager;
+pub mod s3;
 mod storage;
 
 pub use agents::{FakeAgents, FakeHost, vm_info};

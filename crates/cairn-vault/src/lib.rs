@@ -56,6 +56,7 @@ pub mod error;
 pub mod imager;
 pub mod index;
 pub mod keys;
+pub mod location;
 pub mod lock;
 pub mod maint;
 pub mod manifest;

@@ -155,6 +155,20 @@ impl Repository {
             encryption: keys.as_deref().map(EncryptionConfig::for_keys),
         };
         let body = serde_json::to_vec_pretty(&config).expect("config json");
+        // A store that cannot refuse to overwrite (`put_new` is best effort there) is asked
+        // first: neither the config nor its copy may be there.
+        for k in [config_key(), config_copy_key()] {
+            match store.size(&k) {
+                Ok(_) => {
+                    return Err(VaultError::Invalid(format!(
+                        "{} already holds a repository",
+                        store.location()
+                    )));
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         store
             .put_new(&config_key(), &body)
             .map_err(|e| match e.kind {
@@ -176,7 +190,7 @@ impl Repository {
     }
 
     /// Reads and parses the config, falling back on its copy when it is damaged.
-    fn read_config(store: &dyn ObjectStore) -> Result<RepoConfig> {
+    pub(crate) fn read_config(store: &dyn ObjectStore) -> Result<RepoConfig> {
         let read = |key: &Key| -> Result<RepoConfig> {
             let raw = store.get(key).map_err(|e| match e.kind {
                 StoreErrorKind::NotFound => {

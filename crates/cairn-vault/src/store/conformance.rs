@@ -106,7 +106,7 @@ pub fn run(s: &dyn ObjectStore) {
         s.release(&k("p/held")).expect("release");
     } else {
         eprintln!(
-            "conformance: {} cannot protect objects (not root?)",
+            "conformance: {} cannot protect objects (a local store needs root; S3 needs object lock)",
             s.location()
         );
     }

@@ -22,8 +22,10 @@
 pub mod conformance;
 mod direct;
 mod local;
+pub mod s3;
 
 pub use local::LocalStore;
+pub use s3::{S3Config, S3Store};
 
 use std::fmt;
 

@@ -1,0 +1,191 @@
+//! The S3 backend against a real S3 server on loopback (s3s-fs; see `cairn_testing::s3`):
+//! the object-store conformance suite, a repository's whole life on it, and the failures an
+//! object store brings (server down and back, a missing bucket, wrong credentials, objects
+//! altered or cut short behind the vault's back).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_testing::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
+use cairn_vault::imager::{self, BackupOptions, NoProgress, RestoreOptions};
+use cairn_vault::store::s3::Credentials;
+use cairn_vault::store::{Key, ObjectStore, S3Config, S3Store, StoreErrorKind, conformance};
+use cairn_vault::{InitOptions, LocalVault, Repository};
+use rand::{RngCore, SeedableRng};
+
+fn config(server: &S3Server, bucket: &str, prefix: &str, secret: &str) -> S3Config {
+    S3Config {
+        endpoint: server.endpoint(),
+        region: "us-east-1".into(),
+        bucket: bucket.into(),
+        prefix: prefix.into(),
+        credentials: Credentials {
+            access_key: ACCESS_KEY.into(),
+            secret_key: secret.into(),
+        },
+        ca_file: None,
+    }
+}
+
+fn store(server: &S3Server, prefix: &str) -> S3Store {
+    S3Store::open(config(server, BUCKET, prefix, SECRET_KEY)).expect("open the S3 store")
+}
+
+fn server(dir: &Path) -> Option<S3Server> {
+    S3Server::start(&dir.join("s3"))
+}
+
+#[test]
+fn s3s_fs_passes_the_object_store_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = server(dir.path()) else {
+        return;
+    };
+    for prefix in ["", "fleet/repo-1"] {
+        let s = store(&srv, prefix);
+        eprintln!("{}: {:?}", s.location(), s.probe());
+        conformance::run(&s);
+    }
+    // Two prefixes of one bucket do not see each other's objects.
+    let a = store(&srv, "a");
+    let b = store(&srv, "b");
+    a.put(&Key::new("x/1").unwrap(), b"a").unwrap();
+    assert!(b.list("x").unwrap().is_empty());
+    assert_eq!(a.list("x").unwrap().len(), 1);
+}
+
+#[test]
+fn missing_bucket_and_wrong_credentials_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = server(dir.path()) else {
+        return;
+    };
+    let e = S3Store::open(config(&srv, "no-such-bucket", "", SECRET_KEY)).unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let e = S3Store::open(config(&srv, BUCKET, "", "wrong-secret")).unwrap_err();
+    assert!(e.to_string().contains("HTTP 403"), "{e}");
+    assert!(e.to_string().contains("access denied"), "{e}");
+}
+
+#[test]
+fn a_stopped_server_is_retried_and_then_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut srv) = server(dir.path()) else {
+        return;
+    };
+    let s = store(&srv, "r");
+    let k = Key::new("obj").unwrap();
+    s.put(&k, b"before").unwrap();
+
+    // Down for good: a transient error after the retries, naming them.
+    srv.stop();
+    let t0 = Instant::now();
+    let e = s.get(&k).unwrap_err();
+    assert_eq!(e.kind, StoreErrorKind::Transient, "{e}");
+    assert!(e.to_string().contains("attempts"), "{e}");
+    assert!(
+        t0.elapsed() > Duration::from_secs(1),
+        "it retried with backoff"
+    );
+
+    // Down for a moment: the retries carry the request through.
+    let started = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            std::thread::sleep(Duration::from_millis(400));
+            srv.restart();
+        });
+        s.put(&k, b"after")
+    });
+    started.expect("a put while the server restarts succeeds through the retries");
+    assert_eq!(s.get(&k).unwrap(), b"after");
+}
+
+fn image(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    for (i, block) in v.chunks_mut(256 << 10).enumerate() {
+        match i % 3 {
+            0 => rng.fill_bytes(block),
+            1 => block
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = b"an object store "[j % 16]),
+            _ => {}
+        }
+    }
+    v
+}
+
+#[test]
+fn a_repository_lives_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = server(dir.path()) else {
+        return;
+    };
+    let cache = dir.path().join("cache");
+    let s: Arc<dyn ObjectStore> = Arc::new(store(&srv, "vault"));
+    let repo = Repository::init(s.clone(), &cache, &InitOptions::default()).unwrap();
+    // A second init finds the first, even where the server ignores If-None-Match.
+    let again = Repository::init(s.clone(), &dir.path().join("c2"), &InitOptions::default());
+    assert!(
+        again.is_err(),
+        "init over an existing repository is refused"
+    );
+    let v = LocalVault { repo };
+
+    let day1 = image(6 << 20, 1);
+    let mut day2 = day1.clone();
+    rand::rngs::StdRng::seed_from_u64(2).fill_bytes(&mut day2[1 << 20..(1 << 20) + 65536]);
+    let mut snaps = Vec::new();
+    for (name, img) in [("day1", &day1), ("day2", &day2)] {
+        let p = dir.path().join(format!("{name}.img"));
+        std::fs::write(&p, img).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let opts = BackupOptions {
+            name: "disk".into(),
+            ..Default::default()
+        };
+        snaps.push(imager::backup(&v, &f, &opts, &NoProgress).unwrap());
+    }
+    assert!(
+        snaps[1].stats.bytes_new < (1 << 20),
+        "day 2 deduplicates against day 1 on S3: {:?}",
+        snaps[1].stats
+    );
+
+    // Another process (a fresh cache) opens it and restores both, bit-exact.
+    let other = LocalVault {
+        repo: Repository::open(s.clone(), &dir.path().join("cache-2")).unwrap(),
+    };
+    for (snap, img) in snaps.iter().zip([&day1, &day2]) {
+        let out = dir.path().join("out.img");
+        imager::restore(
+            &other,
+            &snap.id.to_string(),
+            &out,
+            &RestoreOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(std::fs::read(&out).unwrap() == *img, "restore is bit-exact");
+    }
+    let report = cairn_vault::maint::verify(&other.repo, true).unwrap();
+    assert!(report.ok(), "{report:?}");
+
+    // Forget day 1, collect garbage; day 2 still restores and verifies.
+    other.repo.forget(&snaps[0].id).unwrap();
+    let plan = cairn_vault::maint::gc(&other.repo, false).unwrap();
+    eprintln!("gc: {plan:?}");
+    assert!(cairn_vault::maint::verify(&other.repo, true).unwrap().ok());
+
+    // An object cut short behind the vault's back is found by verify, not read as data.
+    let containers = s.list("containers").unwrap();
+    let victim = &containers[0].key;
+    let path = srv.root().join(BUCKET).join("vault").join(victim.as_str());
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let fresh = Repository::open(s.clone(), &dir.path().join("cache-3")).unwrap();
+    let report = cairn_vault::maint::verify(&fresh, true).unwrap();
+    assert!(!report.ok(), "a truncated container is reported");
+}
