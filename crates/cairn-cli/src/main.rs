@@ -53,6 +53,10 @@ struct S3Args {
     /// The CA of an https endpoint (else AWS_CA_BUNDLE; default the system's bundle).
     #[arg(long, global = true)]
     s3_ca_file: Option<std::path::PathBuf>,
+    /// Where S3 repositories keep their local, rebuildable cache (the index) (else
+    /// CAIRN_CACHE_DIR, $XDG_CACHE_HOME/cairn, ~/.cache/cairn).
+    #[arg(long, global = true)]
+    cache_dir: Option<std::path::PathBuf>,
 }
 
 impl S3Args {
@@ -74,6 +78,7 @@ impl S3Args {
             access_key: self.s3_access_key.clone(),
             secret_key,
             ca_file: self.s3_ca_file.clone(),
+            cache_dir: self.cache_dir.clone(),
         });
         Ok(())
     }

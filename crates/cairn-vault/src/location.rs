@@ -3,7 +3,7 @@
 //! S3 settings come from [`S3Overrides`] (the CLI's `--s3-*` flags, set once at start-up)
 //! and else from the usual `AWS_*` variables ([`S3Config::from_url_and_env`]). An S3
 //! repository keeps its rebuildable local state (the index) in a cache directory:
-//! `CAIRN_CACHE_DIR`, else `$XDG_CACHE_HOME/cairn`, else `~/.cache/cairn`, one subdirectory
+//! `--cache-dir`, else `CAIRN_CACHE_DIR`, else `$XDG_CACHE_HOME/cairn`, else `~/.cache/cairn`, one subdirectory
 //! per endpoint, bucket and prefix. Losing the cache costs a rebuild from the containers'
 //! trailers, never data.
 
@@ -22,6 +22,8 @@ pub struct S3Overrides {
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
     pub ca_file: Option<PathBuf>,
+    /// Where S3 repositories keep their local cache (wins over `CAIRN_CACHE_DIR`).
+    pub cache_dir: Option<PathBuf>,
 }
 
 static OVERRIDES: OnceLock<S3Overrides> = OnceLock::new();
@@ -78,8 +80,10 @@ pub fn s3_config(url: &str) -> Result<S3Config> {
 
 /// The cache directory of an S3 repository (module docs).
 pub fn s3_cache_dir(cfg: &S3Config) -> PathBuf {
-    let root = std::env::var_os("CAIRN_CACHE_DIR")
-        .map(PathBuf::from)
+    let root = OVERRIDES
+        .get()
+        .and_then(|o| o.cache_dir.clone())
+        .or_else(|| std::env::var_os("CAIRN_CACHE_DIR").map(PathBuf::from))
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("cairn")))
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))

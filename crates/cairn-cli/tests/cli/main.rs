@@ -9,6 +9,7 @@ use serde_json::Value;
 
 mod encryption;
 mod repair;
+mod s3;
 mod security;
 mod vault_service;
 

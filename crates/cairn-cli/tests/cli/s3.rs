@@ -1,0 +1,86 @@
+//! The CLI on repositories in S3 (a real s3s-fs on loopback): every repository command on
+//! `s3://BUCKET/PREFIX`, settings from the `AWS_*` variables and from the `--s3-*` flags, and
+//! `cairn vault` serving an S3 repository to clients that know nothing of S3.
+
+use cairn_testing::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
+
+use super::{cairn, exercise, ok, s, start_cmd};
+
+#[test]
+fn every_repository_command_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = S3Server::start(&dir.path().join("s3")) else {
+        return;
+    };
+    let cache = dir.path().join("cache");
+    let mut env: Vec<(&str, String)> = srv.env();
+    env.push(("CAIRN_CACHE_DIR", s(&cache).to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let repo = format!("s3://{BUCKET}/cli/repo");
+    ok(&["repo", "init", &repo], &env);
+    let again = cairn(&["repo", "init", &repo], &env);
+    assert!(!again.status.success(), "init twice fails");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds a repository"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    exercise(&repo, dir.path(), &env);
+    // The objects are in the bucket, under the prefix; the cache is local.
+    assert!(srv.root().join(BUCKET).join("cli/repo/containers").exists());
+    assert!(cache.read_dir().unwrap().count() > 0);
+
+    // The index cache is rebuildable: gone, the next command rebuilds it.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let v = ok(&["repo", "verify", &repo], &env);
+    assert!(v.contains("repository OK"), "{v}");
+    // A rebuild of the index on S3.
+    ok(&["repo", "rebuild-index", &repo], &env);
+
+    // No endpoint, no credentials, no bucket: each named.
+    let o = cairn(&["image", "list", "--repo", &repo], &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success() && (err.contains("endpoint") || err.contains("credentials")),
+        "{err}"
+    );
+    let o = cairn(&["image", "list", "--repo", "s3://no-such-bucket/x"], &env);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+}
+
+#[test]
+fn the_vault_service_serves_an_s3_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = S3Server::start(&dir.path().join("s3")) else {
+        return;
+    };
+    // The service gets its S3 settings from flags only.
+    let secret = dir.path().join("s3.secret");
+    std::fs::write(&secret, format!("{SECRET_KEY}\n")).unwrap();
+    let endpoint = srv.endpoint();
+    let cache = dir.path().join("vault-cache");
+    let repo = format!("s3://{BUCKET}/served");
+    let svc = start_cmd(&[
+        "vault",
+        "--repo",
+        &repo,
+        "--listen",
+        "127.0.0.1:0",
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-access-key",
+        ACCESS_KEY,
+        "--s3-secret-key-file",
+        s(&secret),
+        "--cache-dir",
+        s(&cache),
+    ]);
+    let env = [
+        ("CAIRN_TOKEN", svc.token.as_str()),
+        ("CAIRN_FINGERPRINT", svc.fingerprint.as_str()),
+    ];
+    exercise(&svc.url, dir.path(), &env);
+    // The data went through the service into the bucket.
+    assert!(srv.root().join(BUCKET).join("served/containers").exists());
+    assert!(srv.root().join(BUCKET).join("served/snapshots").exists());
+}
