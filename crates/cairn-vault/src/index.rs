@@ -604,6 +604,11 @@ impl Index {
         self.covered.contains(c)
     }
 
+    /// Every container the index covers.
+    pub fn covered(&self) -> impl Iterator<Item = &ContainerId> {
+        self.covered.iter()
+    }
+
     /// Adds every record of a container.
     pub fn add_container(&mut self, c: ContainerId, records: &[Record]) {
         for r in records {

@@ -416,6 +416,34 @@ impl Repository {
         Ok(added)
     }
 
+    /// Brings the index in line with the containers the store holds now: adds those written
+    /// by others (another process, another vault service on the same bucket) and forgets
+    /// those deleted by another's GC, so that it never vouches for a segment that is gone.
+    /// Called by every backup session once its lock is held (GC cannot run then), so what a
+    /// session deduplicates against is what the store holds. Returns (added, forgotten).
+    pub fn refresh_index(&self) -> Result<(usize, usize)> {
+        let listed: HashSet<ContainerId> = self
+            .list_containers()?
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let vanished: HashSet<ContainerId> = self
+            .index()
+            .covered()
+            .filter(|c| !listed.contains(c))
+            .copied()
+            .collect();
+        if !vanished.is_empty() {
+            tracing::info!(
+                "{} containers of the index are gone from the store (collected elsewhere); \
+                 forgetting them",
+                vanished.len()
+            );
+            self.index_mut().rewrite(&vanished)?;
+        }
+        Ok((self.sync_index()?, vanished.len()))
+    }
+
     /// Runs `f` on the index. When a run of it turns out damaged, the run is dropped, the
     /// containers it covered are read in again, and `f` runs again: a damaged index costs a
     /// rebuild, never a wrong answer.
@@ -528,6 +556,24 @@ impl Repository {
         self.with_index(|ix| ix.get(d))
     }
 
+    /// Where blobs that must exist lie (a reader's lookups): when the index lacks any, it is
+    /// refreshed from the store once (another process or vault service may have written
+    /// them since it was read), and what is still missing is an error.
+    pub fn locate_stored(&self, digests: &[Digest]) -> Result<Vec<Location>> {
+        let mut found = self.locate_many(digests)?;
+        if found.iter().any(Option::is_none) {
+            let (added, _) = self.refresh_index()?;
+            if added > 0 {
+                found = self.locate_many(digests)?;
+            }
+        }
+        found
+            .into_iter()
+            .zip(digests)
+            .map(|(l, d)| l.ok_or(VaultError::MissingSegment(*d)))
+            .collect()
+    }
+
     /// Locations of many blobs (see [`Index::get_many`]).
     pub fn locate_many(&self, digests: &[Digest]) -> Result<Vec<Option<Location>>> {
         self.with_index(|ix| ix.get_many(digests))
@@ -604,7 +650,7 @@ impl Repository {
 
     /// Reads and verifies one blob.
     pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
-        let loc = self.locate(d)?.ok_or(VaultError::MissingSegment(*d))?;
+        let loc = self.locate_stored(std::slice::from_ref(d))?[0];
         let bytes = self.store.get_range(
             &container_key(&loc.container),
             u64::from(loc.offset),
@@ -624,7 +670,7 @@ impl Repository {
     /// child nodes above). A sealed node's references are read from its clear header
     /// (checked against its keyless checksum): this needs no key.
     pub fn node_refs(&self, d: &Digest) -> Result<(u8, Vec<Digest>)> {
-        let loc = self.locate(d)?.ok_or(VaultError::MissingSegment(*d))?;
+        let loc = self.locate_stored(std::slice::from_ref(d))?[0];
         if !loc.codec.is_sealed() {
             let n = self.read_node(d)?;
             return Ok((n.level(), n.refs()));

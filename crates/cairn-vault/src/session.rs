@@ -158,6 +158,8 @@ impl BackupSession {
     /// Opens a session under a shared repository lock.
     pub fn begin(repo: Arc<Repository>, purpose: &str) -> Result<Self> {
         let lock = RepoLock::acquire(repo.store().clone(), false, purpose)?;
+        // Under the lock no GC runs: the index now matches the store for the whole session.
+        repo.refresh_index()?;
         let shared = Arc::new(Shared {
             repo,
             state: Mutex::new(State {

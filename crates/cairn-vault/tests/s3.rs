@@ -189,3 +189,65 @@ fn a_repository_lives_on_s3() {
     let report = cairn_vault::maint::verify(&fresh, true).unwrap();
     assert!(!report.ok(), "a truncated container is reported");
 }
+
+/// Two vaults (two processes' worth: separate caches) on one bucket prefix: each
+/// deduplicates against what the other wrote, and after one collects garbage the other
+/// never deduplicates against a container that is gone.
+#[test]
+fn two_vaults_share_one_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = server(dir.path()) else {
+        return;
+    };
+    let s: Arc<dyn ObjectStore> = Arc::new(store(&srv, "shared"));
+    let a = LocalVault {
+        repo: Repository::init(s.clone(), &dir.path().join("a"), &InitOptions::default()).unwrap(),
+    };
+    let b = LocalVault {
+        repo: Repository::open(Arc::new(store(&srv, "shared")), &dir.path().join("b")).unwrap(),
+    };
+    let backup = |v: &LocalVault, name: &str, img: &[u8]| {
+        let p = dir.path().join(format!("{name}.img"));
+        std::fs::write(&p, img).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let opts = BackupOptions {
+            name: name.into(),
+            ..Default::default()
+        };
+        imager::backup(v, &f, &opts, &NoProgress).unwrap()
+    };
+    let x = image(4 << 20, 7);
+    let first = backup(&a, "x-a", &x);
+    assert!(first.stats.bytes_new > 1 << 20, "{:?}", first.stats);
+    // B opened before A wrote; its session still finds A's segments.
+    let second = backup(&b, "x-b", &x);
+    assert_eq!(
+        second.stats.bytes_new, 0,
+        "B deduplicates against A: {:?}",
+        second.stats
+    );
+
+    // A forgets both snapshots and collects everything.
+    a.repo.forget(&first.id).unwrap();
+    a.repo.forget(&second.id).unwrap();
+    let plan = cairn_vault::maint::gc(&a.repo, false).unwrap();
+    assert!(!plan.delete.is_empty(), "{plan:?}");
+    // B's index still names those containers; its next backup must store the data again.
+    let third = backup(&b, "x-b", &x);
+    assert!(
+        third.stats.bytes_new > 1 << 20,
+        "B does not deduplicate against collected containers: {:?}",
+        third.stats
+    );
+    let out = dir.path().join("x.out");
+    imager::restore(
+        &a,
+        &third.id.to_string(),
+        &out,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(std::fs::read(&out).unwrap() == x);
+    assert!(cairn_vault::maint::verify(&a.repo, true).unwrap().ok());
+}

@@ -192,11 +192,7 @@ impl Repository {
 
     /// Where every blob lies; a missing one is an error.
     fn locate_all(&self, digests: &[Digest]) -> Result<Vec<Location>> {
-        self.locate_many(digests)?
-            .into_iter()
-            .zip(digests)
-            .map(|(l, d)| l.ok_or(VaultError::MissingSegment(*d)))
-            .collect()
+        self.locate_stored(digests)
     }
 
     /// Calls `f(i, locs[i], stored bytes)` for every `i` of `order`, in that order, reading
