@@ -146,10 +146,7 @@ fn restore_into(
         off += u64::from(e.len);
     }
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .max(2)
+        vault.read_parallelism()
     } else {
         opts.threads
     };

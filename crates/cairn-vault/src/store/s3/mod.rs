@@ -32,6 +32,7 @@ pub mod sign;
 mod xml;
 
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Capabilities, Key, ObjectMeta, ObjectStore, StoreError, StoreErrorKind};
@@ -116,6 +117,37 @@ pub struct S3Store {
     /// The prefix with a trailing `/`, or empty: what every key of ours starts with.
     root: String,
     probe: S3Probe,
+    /// Requests sent (each attempt counts), by method; LIST counts as GET.
+    sent: RequestCounts,
+}
+
+/// Requests an [`S3Store`] sent, by method (reported when the store is dropped, at `info`,
+/// for benchmarks: `CAIRN_LOG=cairn_vault::store::s3=info`).
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    pub get: AtomicU64,
+    pub put: AtomicU64,
+    pub head: AtomicU64,
+    pub delete: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        let c = &self.sent;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        tracing::info!(
+            "S3 requests to {}: GET {} PUT {} HEAD {} DELETE {}; {} bytes up, {} down",
+            self.location(),
+            n(&c.get),
+            n(&c.put),
+            n(&c.head),
+            n(&c.delete),
+            n(&c.bytes_up),
+            n(&c.bytes_down)
+        );
+    }
 }
 
 impl std::fmt::Debug for S3Store {
@@ -181,6 +213,7 @@ impl S3Store {
                 versioning: None,
                 object_lock: false,
             },
+            sent: RequestCounts::default(),
         };
         store.probe = store.run_probe()?;
         Ok(store)
@@ -318,13 +351,27 @@ impl S3Store {
         }
         let what = format!("S3 {method}");
         let name = &self.display_key(name);
+        let counter = match method {
+            "PUT" => &self.sent.put,
+            "HEAD" => &self.sent.head,
+            "DELETE" => &self.sent.delete,
+            _ => &self.sent.get,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.sent
+            .bytes_up
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         let resp = if method == "PUT" {
             req.send_bytes(body)
         } else {
             req.call()
         };
         match resp {
-            Ok(r) => read_answer(r, method, name, &what),
+            Ok(r) => read_answer(r, method, name, &what).inspect(|a| {
+                self.sent
+                    .bytes_down
+                    .fetch_add(a.body.len() as u64, Ordering::Relaxed);
+            }),
             Err(ureq::Error::Status(status, r)) => {
                 let a = read_answer(r, method, name, &what).unwrap_or(Answer {
                     status,
