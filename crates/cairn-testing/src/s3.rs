@@ -141,3 +141,209 @@ impl Drop for S3Server {
         self.stop();
     }
 }
+
+/// Garage's access key id and secret in the tests (Garage wants `GK` + 24 hex digits and 64
+/// hex digits).
+pub const GARAGE_ACCESS_KEY: &str = "GK0123456789abcdef01234567";
+pub const GARAGE_SECRET_KEY: &str =
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// The Garage binary, if built (`scripts/s3-servers.sh garage`).
+pub fn garage_binary() -> Option<PathBuf> {
+    let p = tool_cache().join("garage-2.5.0/bin/garage");
+    p.exists().then_some(p)
+}
+
+/// A Garage cluster of one or three nodes on loopback, each node its own process with its
+/// own metadata and data directories, replication factor = nodes, the test bucket and key
+/// made through Garage's own CLI. `None` (said loudly) when Garage is not built, unless
+/// `CAIRN_REQUIRE_GARAGE=1`: Garage takes 15–50 min to build here, too long for CI's cold path.
+#[derive(Debug)]
+pub struct Garage {
+    bin: PathBuf,
+    nodes: Vec<GarageNode>,
+}
+
+#[derive(Debug)]
+struct GarageNode {
+    config: PathBuf,
+    s3_port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Garage {
+    /// Starts `n` nodes (1 or 3) under `root` and waits until the bucket takes writes.
+    pub fn start(root: &Path, n: usize) -> Option<Self> {
+        let Some(bin) = garage_binary() else {
+            if std::env::var("CAIRN_REQUIRE_GARAGE").as_deref() == Ok("1") {
+                panic!("Garage is not built: run scripts/s3-servers.sh garage");
+            }
+            eprintln!(
+                "\n*** SKIPPED: Garage is not built in {} (scripts/s3-servers.sh garage, 15–50 min) ***\n",
+                tool_cache().display()
+            );
+            return None;
+        };
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let dir = root.join(format!("node{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (rpc, s3) = (free_port(), free_port());
+            let config = dir.join("garage.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                     replication_factor = {n}\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                     rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+                     [s3_api]\ns3_region = \"us-east-1\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n",
+                    d = dir.display()
+                ),
+            )
+            .unwrap();
+            nodes.push(GarageNode {
+                config,
+                s3_port: s3,
+                child: None,
+            });
+        }
+        let mut g = Self { bin, nodes };
+        for i in 0..n {
+            g.spawn(i);
+        }
+        g.setup();
+        Some(g)
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::File::create(node.config.with_extension("log")).unwrap();
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&node.config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start garage");
+        node.child = Some(child);
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", node.s3_port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "garage node {i} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the Garage CLI against node 0; panics with its output on failure.
+    fn cli(&self, args: &[&str]) -> String {
+        let t0 = Instant::now();
+        loop {
+            let o = Command::new(&self.bin)
+                .arg("-c")
+                .arg(&self.nodes[0].config)
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .output()
+                .expect("run garage");
+            if o.status.success() {
+                return String::from_utf8_lossy(&o.stdout).into_owned();
+            }
+            // The nodes take a moment to find each other and agree on the layout.
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "garage {args:?}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn node_id(&self, i: usize) -> String {
+        let o = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.nodes[i].config)
+            .args(["node", "id", "-q"])
+            .output()
+            .expect("garage node id");
+        let s = String::from_utf8_lossy(&o.stdout);
+        s.trim().to_string()
+    }
+
+    fn setup(&self) {
+        let ids: Vec<String> = (0..self.nodes.len()).map(|i| self.node_id(i)).collect();
+        for id in &ids[1..] {
+            self.cli(&["node", "connect", id]);
+        }
+        for id in &ids {
+            let short = id.split('@').next().unwrap();
+            self.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", short]);
+        }
+        self.cli(&["layout", "apply", "--version", "1"]);
+        self.cli(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "cairn",
+            GARAGE_ACCESS_KEY,
+            GARAGE_SECRET_KEY,
+        ]);
+        self.cli(&["bucket", "create", BUCKET]);
+        self.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "cairn",
+        ]);
+    }
+
+    /// The S3 endpoint of node `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[i].s3_port)
+    }
+
+    /// Kills node `i` (SIGKILL, as a crash).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on its files.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    /// The `AWS_*` variables for node `i`.
+    pub fn env(&self, i: usize) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint(i)),
+            ("AWS_ACCESS_KEY_ID", GARAGE_ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", GARAGE_SECRET_KEY.into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -380,11 +380,17 @@ impl S3Store {
                 });
                 Err(status_error(status, &a.body, name, &what, method))
             }
-            Err(ureq::Error::Transport(t)) => Err(StoreError::new(
-                StoreErrorKind::Transient,
-                name,
-                format!("{what}: {t}"),
-            )),
+            Err(ureq::Error::Transport(t)) => {
+                // The kind and the cause, without the URL (the key names the object).
+                let mut m = format!("{what}: {}", t.kind());
+                if let Some(msg) = t.message() {
+                    m.push_str(&format!(": {msg}"));
+                }
+                if let Some(src) = std::error::Error::source(&t) {
+                    m.push_str(&format!(": {src}"));
+                }
+                Err(StoreError::new(StoreErrorKind::Transient, name, m))
+            }
         }
     }
 
