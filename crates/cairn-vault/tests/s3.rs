@@ -314,7 +314,7 @@ fn garage_three_nodes_one_killed_mid_backup() {
                 name: "d".into(),
                 ..Default::default()
             };
-            imager::backup(&v, &f, &opts, &NoProgress)
+            imager::backup(&v, &f, &opts, &NoProgress).map_err(|e| e.to_string())
         });
         std::thread::sleep(Duration::from_millis(150));
         g.kill(2);
@@ -361,7 +361,7 @@ fn server_lost_mid_backup_loses_nothing_committed() {
             name: name.into(),
             ..Default::default()
         };
-        imager::backup(&v, &f, &opts, &NoProgress)
+        imager::backup(&v, &f, &opts, &NoProgress).map_err(|e| e.to_string())
     };
     let first_img = image(4 << 20, 10);
     let first = backup("first", &first_img).unwrap();
