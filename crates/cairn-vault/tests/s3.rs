@@ -304,7 +304,8 @@ fn garage_three_nodes_one_killed_mid_backup() {
         )
         .unwrap(),
     };
-    let img = image(24 << 20, 3);
+    let mut img = image(48 << 20, 3);
+    rand::rngs::StdRng::seed_from_u64(4).fill_bytes(&mut img[..32 << 20]);
     let p = dir.path().join("d.img");
     std::fs::write(&p, &img).unwrap();
     let snap = std::thread::scope(|sc| {
@@ -317,6 +318,7 @@ fn garage_three_nodes_one_killed_mid_backup() {
             imager::backup(&v, &f, &opts, &NoProgress).map_err(|e| e.to_string())
         });
         std::thread::sleep(Duration::from_millis(150));
+        assert!(!h.is_finished(), "the node is killed while the backup runs");
         g.kill(2);
         h.join().unwrap()
     })

@@ -84,3 +84,116 @@ fn the_vault_service_serves_an_s3_repository() {
     assert!(srv.root().join(BUCKET).join("served/containers").exists());
     assert!(srv.root().join(BUCKET).join("served/snapshots").exists());
 }
+
+/// Two vault services (two processes, two caches) on one bucket prefix: a backup through one
+/// is deduplicated by the other; one killed in the middle of a backup fails that backup, the
+/// same backup through the other succeeds, and nothing partial is visible through either.
+#[test]
+fn two_vault_services_on_one_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = S3Server::start(&dir.path().join("s3")) else {
+        return;
+    };
+    let secret = dir.path().join("s3.secret");
+    std::fs::write(&secret, SECRET_KEY).unwrap();
+    let endpoint = srv.endpoint();
+    let repo = format!("s3://{BUCKET}/shared");
+    let start = |name: &str| {
+        let cache = dir.path().join(name);
+        start_cmd(&[
+            "vault",
+            "--repo",
+            &repo,
+            "--listen",
+            "127.0.0.1:0",
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-access-key",
+            ACCESS_KEY,
+            "--s3-secret-key-file",
+            s(&secret),
+            "--cache-dir",
+            s(&cache),
+        ])
+    };
+    let a = start("a");
+    let b = start("b");
+    let env_of = |v: &super::Service| {
+        vec![
+            ("CAIRN_TOKEN".to_string(), v.token.clone()),
+            ("CAIRN_FINGERPRINT".to_string(), v.fingerprint.clone()),
+        ]
+    };
+    let backup = |v: &super::Service, name: &str, img: &std::path::Path| {
+        let env = env_of(v);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect();
+        let o = cairn(
+            &[
+                "image",
+                "backup",
+                "--repo",
+                &v.url,
+                "--name",
+                name,
+                "--json",
+                s(img),
+            ],
+            &env,
+        );
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let img = dir.path().join("d.img");
+    super::make_image(&img, 8, 3);
+    let (ok_a, out) = backup(&a, "d", &img);
+    assert!(ok_a, "{out}");
+    let (ok_b, out) = backup(&b, "d-again", &img);
+    assert!(ok_b, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["bytes_new"], 0,
+        "B deduplicates against what went through A: {v}"
+    );
+
+    // A big backup through A; A is killed while it runs.
+    let big = dir.path().join("big.img");
+    super::make_image(&big, 96, 4);
+    let env = env_of(&a);
+    let mut child = std::process::Command::new(super::CAIRN)
+        .args([
+            "image",
+            "backup",
+            "--repo",
+            &a.url,
+            "--name",
+            "big",
+            s(&big),
+        ])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the backup still runs");
+    drop(a); // SIGKILL
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success(), "a backup whose vault died fails");
+    // Nothing partial is visible; the same backup through B succeeds.
+    let list = |v: &super::Service| {
+        let env = env_of(v);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect();
+        let l = ok(&["image", "list", "--repo", &v.url, "--json"], &env);
+        serde_json::from_str::<serde_json::Value>(&l).unwrap()
+    };
+    assert_eq!(list(&b).as_array().unwrap().len(), 2, "{}", list(&b));
+    let (ok_b, out) = backup(&b, "big", &big);
+    assert!(ok_b, "{out}");
+    assert_eq!(list(&b).as_array().unwrap().len(), 3);
+    let env = env_of(&b);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect();
+    let v = ok(&["repo", "verify", &b.url], &env);
+    assert!(v.contains("repository OK"), "{v}");
+}
