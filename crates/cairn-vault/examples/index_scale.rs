@@ -132,7 +132,7 @@ fn main() {
     'outer: while k < n {
         for _ in 0..PER_CONTAINER.min(n - k) {
             let d = digest(&mut again);
-            if k % stride == 0 {
+            if k.is_multiple_of(stride) {
                 present.push(d);
                 if present.len() == 200_000 {
                     break 'outer;
