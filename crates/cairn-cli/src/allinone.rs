@@ -40,6 +40,10 @@ pub struct AllInOneArgs {
     /// Create the vault unencrypted (default: encrypted, its key in STATE/vault.key).
     #[arg(long)]
     pub unencrypted_vault: bool,
+    /// The vault's location (default STATE/vault): a directory or `s3://BUCKET[/PREFIX]`
+    /// (S3 settings from --s3-* or AWS_*), created when there is no repository there.
+    #[arg(long)]
+    pub vault: Option<String>,
 }
 
 /// The running roles.
@@ -52,7 +56,8 @@ pub struct AllInOne {
     pub manager: ManagerClient,
     pub server_url: String,
     pub connection: PathBuf,
-    pub vault_dir: PathBuf,
+    /// The vault's location: a directory or `s3://...`.
+    pub vault: PathBuf,
     /// The vault's key file, when it is encrypted.
     pub vault_key: Option<PathBuf>,
 }
@@ -83,6 +88,7 @@ pub fn start(
     save_state: bool,
     libvirt: Option<&str>,
     encrypt: bool,
+    vault: Option<&str>,
 ) -> Result<AllInOne> {
     std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
     let state = std::path::absolute(state)?;
@@ -91,11 +97,11 @@ pub fn start(
         .enable_all()
         .build()?;
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    // Vault: the embedded local directory.
-    let vault_dir = state.join("vault");
+    // Vault: the embedded local directory, or where --vault says.
+    let vault_at = vault.map_or_else(|| state.join("vault"), PathBuf::from);
     let vault_key = state.join(crate::control::VAULT_KEY_FILE);
     let vault = crate::control::VaultTargetArgs {
-        vault: vault_dir.display().to_string(),
+        vault: vault_at.display().to_string(),
         vault_fingerprint: None,
         vault_token_file: None,
         unencrypted_vault: !encrypt,
@@ -211,7 +217,7 @@ pub fn start(
         server_url: url,
         connection: sv_state.join("connection.json"),
         vault_key: vault_key.exists().then_some(vault_key),
-        vault_dir,
+        vault: vault_at,
     })
 }
 
@@ -223,11 +229,12 @@ pub fn run(a: AllInOneArgs) -> Result<ExitCode> {
         !a.no_state,
         a.libvirt.as_deref(),
         !a.unencrypted_vault,
+        a.vault.as_deref(),
     )?;
     println!(
         "{}",
         serde_json::json!({ "listen": all.server_url, "connection": all.connection,
-                            "vault": all.vault_dir, "vault_key": all.vault_key,
+                            "vault": all.vault, "vault_key": all.vault_key,
                             "pid": std::process::id() })
     );
     eprintln!(

@@ -54,7 +54,8 @@ pub const VAULT_KEY_FILE: &str = "vault.key";
 /// How to reach the vault: a directory or a vault service.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VaultTargetArgs {
-    /// The vault: a repository directory (embedded default) or `https://HOST:PORT`.
+    /// The vault: a repository directory (embedded default), `s3://BUCKET[/PREFIX]` (S3
+    /// settings from --s3-* or AWS_*) or a vault service `https://HOST:PORT`.
     #[arg(long)]
     pub vault: String,
     #[arg(long, env = "CAIRN_VAULT_FINGERPRINT")]
@@ -89,6 +90,21 @@ impl VaultTargetArgs {
                 ),
             });
         }
+        if cairn_vault::location::is_s3(&self.vault) {
+            let loc = Path::new(&self.vault);
+            match cairn_vault::Repository::open_location(loc) {
+                Ok(_) => {}
+                Err(cairn_vault::VaultError::NotARepository(_)) => {
+                    create_vault(loc, (!self.unencrypted_vault).then_some(new_key))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(VaultTarget {
+                url: self.vault.clone(),
+                token: None,
+                fingerprint: None,
+            });
+        }
         let dir = std::path::absolute(&self.vault)?;
         if !dir.join("config").exists() {
             create_vault(&dir, (!self.unencrypted_vault).then_some(new_key))?;
@@ -121,7 +137,7 @@ fn create_vault(dir: &Path, key: Option<&Path>) -> Result<()> {
         encrypt,
         ..Default::default()
     };
-    cairn_vault::Repository::init_dir(dir, &options)
+    cairn_vault::Repository::init_location(dir, &options)
         .with_context(|| format!("creating the vault {}", dir.display()))?;
     match key {
         Some(k) => eprintln!(

@@ -30,6 +30,11 @@ pub struct DemoArgs {
     /// not run, and stopped again).
     #[arg(long)]
     pub(crate) libvirt: bool,
+    /// Keep the vault here instead of in the demo's directory: `s3://BUCKET[/PREFIX]` (S3
+    /// settings from --s3-* or AWS_*; scripts/s3-demo.sh runs a three-node Garage for it) or
+    /// a directory.
+    #[arg(long)]
+    pub(crate) vault: Option<String>,
 }
 
 pub(crate) const KERNEL_APPEND: &str = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable \
@@ -212,7 +217,7 @@ fn demo(
     );
 
     say(
-        "every role in this process: vault (directory), catalog (SQLite), manager, host agent, storage agent, server",
+        "every role in this process: vault (a directory, or --vault), catalog (SQLite), manager, host agent, storage agent, server",
     );
     let all = crate::allinone::start(
         &w.join("state"),
@@ -221,6 +226,7 @@ fn demo(
         true,
         None,
         true,
+        a.vault.as_deref(),
     )?;
     eprintln!(
         "server {}  (cairn --connect {} ...)",
@@ -349,7 +355,7 @@ fn demo(
         }),
     )?;
     // Bit-exact: the restored qcow2 against the vault snapshot, before the guest touches it.
-    let repo = cairn_vault::Repository::open_dir(&all.vault_dir)?;
+    let repo = cairn_vault::Repository::open_location(&all.vault)?;
     if let Some(k) = &all.vault_key {
         repo.unlock(&cairn_vault::Credential::read_key_file(k)?)?;
     }
@@ -395,7 +401,7 @@ fn demo(
 
     say("summary");
     let backups = all.server.catalog.backups(None)?;
-    let vault_stats = vault_size(&all.vault_dir);
+    let vault_stats = vault_size(&all.vault);
     let logical: i64 = backups.iter().flat_map(|b| &b.disks).map(|d| d.size).sum();
     let sent: i64 = backups.iter().map(|b| b.bytes_sent).sum();
     let read: i64 = backups.iter().map(|b| b.bytes_read).sum();
@@ -485,7 +491,18 @@ fn demo(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn vault_size(dir: &Path) -> i64 {
+pub(crate) fn vault_size(location: &Path) -> i64 {
+    if location.to_str().is_some_and(cairn_vault::location::is_s3) {
+        // The bytes its objects hold in the bucket.
+        let Ok(repo) = cairn_vault::Repository::open_location(location) else {
+            return 0;
+        };
+        return repo
+            .store()
+            .list("")
+            .map(|l| l.iter().map(|m| m.size as i64).sum())
+            .unwrap_or(0);
+    }
     fn walk(p: &Path) -> i64 {
         std::fs::read_dir(p)
             .into_iter()
@@ -498,7 +515,7 @@ pub(crate) fn vault_size(dir: &Path) -> i64 {
             })
             .sum()
     }
-    walk(dir)
+    walk(location)
 }
 
 /// Stops the demo's VMs on every exit path.

@@ -215,6 +215,7 @@ pub(crate) fn demo(
         false,
         Some(URI),
         true,
+        a.vault.as_deref(),
     )?;
     for v in all.manager.vms()? {
         eprintln!("  {} ({}, {})", v.name, v.origin.kind(), v.state);
@@ -276,7 +277,7 @@ pub(crate) fn demo(
     eprintln!("{restored}: /mnt/day2.bin has the same sha256 as at the backup point");
 
     say("summary");
-    let vault_bytes = vault_size(&all.vault_dir);
+    let vault_bytes = vault_size(&all.vault);
     let summary = json!({
         "total_s": started.elapsed().as_secs_f64(),
         "full_backup": {"s": full_t.as_secs_f64(), "result": full},

@@ -23,10 +23,15 @@ pub(crate) fn open(target: &VaultTarget) -> Result<Box<dyn Vault>> {
         .map_err(|e| failed(&e))?;
         return Ok(Box::new(v));
     }
+    if cairn_vault::location::is_s3(&target.url) {
+        let repo = cairn_vault::Repository::open_location(std::path::Path::new(&target.url))
+            .map_err(|e| failed(&e))?;
+        return Ok(Box::new(cairn_vault::LocalVault { repo }));
+    }
     let dir = std::path::PathBuf::from(target.url.strip_prefix("file://").unwrap_or(&target.url));
     if !dir.is_absolute() {
         return Err(ServerError::Invalid(format!(
-            "vault url {:?}: https://... or an absolute path",
+            "vault url {:?}: https://..., s3://... or an absolute path",
             target.url
         )));
     }

@@ -47,13 +47,14 @@ impl VaultTargetExt for VaultTarget {
             return Ok(Box::new(v));
         }
         let dir = PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
-        if !dir.is_absolute() {
+        let s3 = cairn_vault::location::is_s3(&self.url);
+        if !s3 && !dir.is_absolute() {
             return Err(StorageError::Invalid(format!(
-                "vault url {:?}: https://... or an absolute path",
+                "vault url {:?}: https://..., s3://... or an absolute path",
                 self.url
             )));
         }
-        let repo = cairn_vault::Repository::open_dir(&dir)?;
+        let repo = cairn_vault::Repository::open_location(&dir)?;
         if let Some(c) = &cred {
             repo.unlock(c)?;
         }
