@@ -169,6 +169,13 @@ struct Answer {
 impl S3Store {
     /// Connects, checks the bucket and probes what the server does (module docs).
     pub fn open(cfg: S3Config) -> Result<Self, StoreError> {
+        let mut store = Self::connect(cfg)?;
+        store.probe = store.run_probe()?;
+        Ok(store)
+    }
+
+    /// The client without the probe (assumes the least: no create-only writes).
+    fn connect(cfg: S3Config) -> Result<Self, StoreError> {
         let err = |m: String| StoreError::new(StoreErrorKind::Other, &cfg.endpoint, m);
         let url =
             url::Url::parse(&cfg.endpoint).map_err(|e| err(format!("not an endpoint URL: {e}")))?;
@@ -198,7 +205,7 @@ impl S3Store {
             }
             s => return Err(err(format!("unsupported endpoint scheme {s}"))),
         }
-        let mut store = Self {
+        let store = Self {
             agent: builder.build(),
             base: cfg.endpoint.trim_end_matches('/').to_string(),
             root: if cfg.prefix.is_empty() {
@@ -215,7 +222,6 @@ impl S3Store {
             },
             sent: RequestCounts::default(),
         };
-        store.probe = store.run_probe()?;
         Ok(store)
     }
 
@@ -649,6 +655,59 @@ mod tests {
         for bad in ["s3://B/x", "s3://a", "file:///x", "s3://ok-bucket/../x"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A peer that answers `503 SlowDown` twice and then the object: the store retries
+    /// through the throttling (a fake in a unit test; the real servers here never throttle).
+    #[test]
+    fn throttling_is_retried() {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let peer = std::thread::spawn(move || {
+            let mut seen = 0;
+            for conn in l.incoming().take(3) {
+                let mut c = conn.unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap() > 2 {
+                    line.clear();
+                }
+                seen += 1;
+                let (status, body) = if seen < 3 {
+                    ("503 Slow Down", "<Error><Code>SlowDown</Code></Error>")
+                } else {
+                    ("200 OK", "hello")
+                };
+                write!(
+                    c,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        let s = S3Store::connect(S3Config {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            region: "us-east-1".into(),
+            bucket: "bkt".into(),
+            prefix: String::new(),
+            credentials: Credentials {
+                access_key: "a".into(),
+                secret_key: "s".into(),
+            },
+            ca_file: None,
+        })
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(s.get(&Key::new("k").unwrap()).unwrap(), b"hello");
+        assert!(
+            t0.elapsed() >= BACKOFF_FIRST * 3,
+            "it backed off between attempts"
+        );
+        assert_eq!(peer.join().unwrap(), 3);
+        assert_eq!(s.sent.get.load(Ordering::Relaxed), 3);
     }
 
     #[test]
