@@ -7,14 +7,28 @@
 //!
 //! Acquiring writes the lock first and then lists the others; if a conflicting lock exists,
 //! the new lock is removed again and acquisition fails with [`VaultError::Locked`]. Two
-//! racing acquirers may both back off; neither can both succeed. A lock whose holder runs on
-//! this host and whose process is gone is stale and removed. Locks release on drop.
+//! racing acquirers may both back off; neither can both succeed. Locks release on drop.
+//!
+//! # Leases
+//!
+//! A held lock is a lease: its holder writes it again every [`LOCK_REFRESH`] (a thread per
+//! lock), with the time in `refreshed`. A lock is stale, and removed by the next acquirer,
+//! when its holder runs on this host and its process is gone, or when it was not refreshed
+//! for [`LOCK_STALE`] — a holder on another host that crashed, or that lost the store while
+//! releasing (a vault service sharing a bucket with others). [`LOCK_STALE`] is many refresh
+//! periods, so a slow store or a clock a few minutes off never takes a live lock.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::error::{Result, VaultError};
 use crate::manifest::now;
 use crate::store::{Key, ObjectStore};
+
+/// How often a held lock is written again.
+pub const LOCK_REFRESH: Duration = Duration::from_secs(60);
+/// A lock not refreshed for this long is stale, whoever holds it.
+pub const LOCK_STALE: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct LockInfo {
@@ -23,6 +37,16 @@ struct LockInfo {
     pid: u32,
     time: u64,
     purpose: String,
+    /// When the holder last wrote it (Unix seconds); locks from before leases have none
+    /// and count from `time`.
+    #[serde(default)]
+    refreshed: u64,
+}
+
+impl LockInfo {
+    fn last_seen(&self) -> u64 {
+        self.refreshed.max(self.time)
+    }
 }
 
 /// A held lock; released when dropped.
@@ -31,6 +55,9 @@ pub struct RepoLock {
     store: Arc<dyn ObjectStore>,
     key: Key,
     released: bool,
+    /// Tells the refresher to stop (set, then notified).
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    refresher: Option<std::thread::JoinHandle<()>>,
 }
 
 fn hostname() -> String {
@@ -46,19 +73,41 @@ fn pid_alive(pid: u32) -> bool {
 impl RepoLock {
     /// Takes a lock; fails at once if a conflicting lock is held.
     pub fn acquire(store: Arc<dyn ObjectStore>, exclusive: bool, purpose: &str) -> Result<Self> {
+        Self::acquire_with(store, exclusive, purpose, LOCK_REFRESH, LOCK_STALE)
+    }
+
+    fn acquire_with(
+        store: Arc<dyn ObjectStore>,
+        exclusive: bool,
+        purpose: &str,
+        refresh: Duration,
+        stale: Duration,
+    ) -> Result<Self> {
+        let t = now();
         let info = LockInfo {
             exclusive,
             host: hostname(),
             pid: std::process::id(),
-            time: now(),
+            time: t,
             purpose: purpose.into(),
+            refreshed: t,
         };
         let key = Key::new(format!("locks/{:016x}.json", rand::random::<u64>()))?;
         store.put(&key, &serde_json::to_vec(&info).expect("lock json"))?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let refresher = {
+            let (store, key, stop) = (store.clone(), key.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("cairn-lock-lease".into())
+                .spawn(move || refresh_loop(&*store, &key, info, &stop, refresh))
+                .map_err(|e| VaultError::io("thread", "spawn lock refresher", e))?
+        };
         let lock = Self {
             store: store.clone(),
             key,
             released: false,
+            stop,
+            refresher: Some(refresher),
         };
         for m in store.list("locks")? {
             if m.key == lock.key {
@@ -72,11 +121,23 @@ impl RepoLock {
                 Some(o) => o,
                 None => continue, // vanished or unreadable: not a lock we must respect
             };
-            if other.host == info.host && !pid_alive(other.pid) {
+            if other.host == hostname() && !pid_alive(other.pid) {
                 tracing::info!(
                     "removing stale lock {} of dead process {}",
                     m.key,
                     other.pid
+                );
+                let _ = store.delete(&m.key);
+                continue;
+            }
+            if now().saturating_sub(other.last_seen()) > stale.as_secs() {
+                tracing::warn!(
+                    "removing stale lock {} of pid {} on {} ({}), not refreshed since {}",
+                    m.key,
+                    other.pid,
+                    other.host,
+                    other.purpose,
+                    other.last_seen()
                 );
                 let _ = store.delete(&m.key);
                 continue;
@@ -99,15 +160,117 @@ impl RepoLock {
 
     /// Releases the lock now, reporting failure.
     pub fn release(mut self) -> Result<()> {
+        self.stop_refresher();
         self.released = true;
         Ok(self.store.delete(&self.key)?)
+    }
+
+    fn stop_refresher(&mut self) {
+        let (flag, cv) = &*self.stop;
+        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(h) = self.refresher.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Writes the lock again every `every` until told to stop. A failed write is retried at
+/// the next tick: the lease lapses only after [`LOCK_STALE`] without one.
+fn refresh_loop(
+    store: &dyn ObjectStore,
+    key: &Key,
+    mut info: LockInfo,
+    stop: &(Mutex<bool>, Condvar),
+    every: Duration,
+) {
+    let (flag, cv) = stop;
+    let mut stopped = flag.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let (guard, _) = cv
+            .wait_timeout_while(stopped, every, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        stopped = guard;
+        if *stopped {
+            return;
+        }
+        info.refreshed = now();
+        if let Err(e) = store.put(key, &serde_json::to_vec(&info).expect("lock json")) {
+            tracing::warn!("could not refresh lock {key}: {e}");
+        }
     }
 }
 
 impl Drop for RepoLock {
     fn drop(&mut self) {
+        self.stop_refresher();
         if !self.released {
             let _ = self.store.delete(&self.key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    fn foreign(store: &dyn ObjectStore, exclusive: bool, age: u64) {
+        let t = now() - age;
+        let info = LockInfo {
+            exclusive,
+            host: "another-host".into(),
+            pid: 1,
+            time: t,
+            purpose: "backup elsewhere".into(),
+            refreshed: t,
+        };
+        store
+            .put(
+                &Key::new("locks/00000000000000ff.json").unwrap(),
+                &serde_json::to_vec(&info).unwrap(),
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn a_lease_not_refreshed_lapses_and_a_held_one_is_refreshed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        // Another host's exclusive lock, refreshed a minute ago: it holds.
+        foreign(&*store, true, 60);
+        let e = RepoLock::acquire(store.clone(), false, "backup").unwrap_err();
+        assert!(matches!(e, VaultError::Locked(_)), "{e}");
+        // The same, silent for longer than LOCK_STALE: removed, and the lock is taken.
+        foreign(&*store, true, LOCK_STALE.as_secs() + 60);
+        let held = RepoLock::acquire(store.clone(), false, "backup").unwrap();
+        assert_eq!(
+            store.list("locks").unwrap().len(),
+            1,
+            "the stale lock is gone"
+        );
+        drop(held);
+        assert!(store.list("locks").unwrap().is_empty(), "released on drop");
+
+        // A held lock is written again while held, and the writes stop when it is released.
+        let l = RepoLock::acquire_with(
+            store.clone(),
+            true,
+            "gc",
+            Duration::from_millis(20),
+            LOCK_STALE,
+        )
+        .unwrap();
+        let read = || -> LockInfo { serde_json::from_slice(&store.get(&l.key).unwrap()).unwrap() };
+        let first = read();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(read().refreshed > first.refreshed, "refreshed while held");
+        let key = l.key.clone();
+        l.release().unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            store.get(&key).is_err(),
+            "no refresh brings it back after release"
+        );
     }
 }
