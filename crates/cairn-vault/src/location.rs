@@ -1,7 +1,7 @@
 //! Where a repository lives, as users name it: a directory, or `s3://BUCKET[/PREFIX]`.
 //!
 //! S3 settings come from [`S3Overrides`] (the CLI's `--s3-*` flags, set once at start-up)
-//! and else from the usual `AWS_*` variables ([`S3Config::from_url_and_env`]). An S3
+//! and else from the usual `AWS_*` variables ([`s3_config`]). An S3
 //! repository keeps its rebuildable local state (the index) in a cache directory:
 //! `--cache-dir`, else `CAIRN_CACHE_DIR`, else `$XDG_CACHE_HOME/cairn`, else `~/.cache/cairn`, one subdirectory
 //! per endpoint, bucket and prefix. Losing the cache costs a rebuild from the containers'

@@ -117,6 +117,37 @@ fn image(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Backs `img` up as snapshot `name` (through a file in `dir`).
+fn backup(
+    v: &LocalVault,
+    dir: &Path,
+    name: &str,
+    img: &[u8],
+) -> Result<cairn_vault::SnapshotManifest, String> {
+    let p = dir.join(format!("{name}.img"));
+    std::fs::write(&p, img).unwrap();
+    let f = std::fs::File::open(&p).unwrap();
+    let opts = BackupOptions {
+        name: name.into(),
+        ..Default::default()
+    };
+    imager::backup(v, &f, &opts, &NoProgress).map_err(|e| e.to_string())
+}
+
+/// Restores snapshot `id` and returns the image's bytes.
+fn restored(v: &LocalVault, dir: &Path, id: &cairn_types::SnapshotId) -> Vec<u8> {
+    let out = dir.join("restored.img");
+    imager::restore(
+        v,
+        &id.to_string(),
+        &out,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    std::fs::read(&out).unwrap()
+}
+
 #[test]
 fn a_repository_lives_on_s3() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,14 +170,7 @@ fn a_repository_lives_on_s3() {
     rand::rngs::StdRng::seed_from_u64(2).fill_bytes(&mut day2[1 << 20..(1 << 20) + 65536]);
     let mut snaps = Vec::new();
     for (name, img) in [("day1", &day1), ("day2", &day2)] {
-        let p = dir.path().join(format!("{name}.img"));
-        std::fs::write(&p, img).unwrap();
-        let f = std::fs::File::open(&p).unwrap();
-        let opts = BackupOptions {
-            name: "disk".into(),
-            ..Default::default()
-        };
-        snaps.push(imager::backup(&v, &f, &opts, &NoProgress).unwrap());
+        snaps.push(backup(&v, dir.path(), name, img).unwrap());
     }
     assert!(
         snaps[1].stats.bytes_new < (1 << 20),
@@ -159,16 +183,10 @@ fn a_repository_lives_on_s3() {
         repo: Repository::open(s.clone(), &dir.path().join("cache-2")).unwrap(),
     };
     for (snap, img) in snaps.iter().zip([&day1, &day2]) {
-        let out = dir.path().join("out.img");
-        imager::restore(
-            &other,
-            &snap.id.to_string(),
-            &out,
-            &RestoreOptions::default(),
-            &NoProgress,
-        )
-        .unwrap();
-        assert!(std::fs::read(&out).unwrap() == *img, "restore is bit-exact");
+        assert!(
+            restored(&other, dir.path(), &snap.id) == *img,
+            "restore is bit-exact"
+        );
     }
     let report = cairn_vault::maint::verify(&other.repo, true).unwrap();
     assert!(report.ok(), "{report:?}");
@@ -206,21 +224,13 @@ fn two_vaults_share_one_bucket() {
     let b = LocalVault {
         repo: Repository::open(Arc::new(store(&srv, "shared")), &dir.path().join("b")).unwrap(),
     };
-    let backup = |v: &LocalVault, name: &str, img: &[u8]| {
-        let p = dir.path().join(format!("{name}.img"));
-        std::fs::write(&p, img).unwrap();
-        let f = std::fs::File::open(&p).unwrap();
-        let opts = BackupOptions {
-            name: name.into(),
-            ..Default::default()
-        };
-        imager::backup(v, &f, &opts, &NoProgress).unwrap()
-    };
+    let back_up =
+        |v: &LocalVault, name: &str, img: &[u8]| backup(v, dir.path(), name, img).unwrap();
     let x = image(4 << 20, 7);
-    let first = backup(&a, "x-a", &x);
+    let first = back_up(&a, "x-a", &x);
     assert!(first.stats.bytes_new > 1 << 20, "{:?}", first.stats);
     // B opened before A wrote; its session still finds A's segments.
-    let second = backup(&b, "x-b", &x);
+    let second = back_up(&b, "x-b", &x);
     assert_eq!(
         second.stats.bytes_new, 0,
         "B deduplicates against A: {:?}",
@@ -233,22 +243,13 @@ fn two_vaults_share_one_bucket() {
     let plan = cairn_vault::maint::gc(&a.repo, false).unwrap();
     assert!(!plan.delete.is_empty(), "{plan:?}");
     // B's index still names those containers; its next backup must store the data again.
-    let third = backup(&b, "x-b", &x);
+    let third = back_up(&b, "x-b", &x);
     assert!(
         third.stats.bytes_new > 1 << 20,
         "B does not deduplicate against collected containers: {:?}",
         third.stats
     );
-    let out = dir.path().join("x.out");
-    imager::restore(
-        &a,
-        &third.id.to_string(),
-        &out,
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
-    assert!(std::fs::read(&out).unwrap() == x);
+    assert!(restored(&a, dir.path(), &third.id) == x);
     assert!(cairn_vault::maint::verify(&a.repo, true).unwrap().ok());
 }
 
@@ -306,33 +307,15 @@ fn garage_three_nodes_one_killed_mid_backup() {
     };
     let mut img = image(48 << 20, 3);
     rand::rngs::StdRng::seed_from_u64(4).fill_bytes(&mut img[..32 << 20]);
-    let p = dir.path().join("d.img");
-    std::fs::write(&p, &img).unwrap();
     let snap = std::thread::scope(|sc| {
-        let h = sc.spawn(|| {
-            let f = std::fs::File::open(&p).unwrap();
-            let opts = BackupOptions {
-                name: "d".into(),
-                ..Default::default()
-            };
-            imager::backup(&v, &f, &opts, &NoProgress).map_err(|e| e.to_string())
-        });
+        let h = sc.spawn(|| backup(&v, dir.path(), "d", &img));
         std::thread::sleep(Duration::from_millis(150));
         assert!(!h.is_finished(), "the node is killed while the backup runs");
         g.kill(2);
         h.join().unwrap()
     })
     .expect("the backup completes with one node of three down");
-    let out = dir.path().join("out.img");
-    imager::restore(
-        &v,
-        &snap.id.to_string(),
-        &out,
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
-    assert!(std::fs::read(&out).unwrap() == img);
+    assert!(restored(&v, dir.path(), &snap.id) == img);
     g.restart(2);
     assert!(cairn_vault::maint::verify(&v.repo, true).unwrap().ok());
 }
@@ -355,18 +338,9 @@ fn server_lost_mid_backup_loses_nothing_committed() {
         )
         .unwrap(),
     };
-    let backup = |name: &str, img: &[u8]| {
-        let p = dir.path().join(format!("{name}.img"));
-        std::fs::write(&p, img).unwrap();
-        let f = std::fs::File::open(&p).unwrap();
-        let opts = BackupOptions {
-            name: name.into(),
-            ..Default::default()
-        };
-        imager::backup(&v, &f, &opts, &NoProgress).map_err(|e| e.to_string())
-    };
+    let back_up = |name: &str, img: &[u8]| backup(&v, dir.path(), name, img);
     let first_img = image(4 << 20, 10);
-    let first = backup("first", &first_img).unwrap();
+    let first = back_up("first", &first_img).unwrap();
 
     // A large, incompressible image; the server is killed once its first container lands.
     let mut big = vec![0u8; 96 << 20];
@@ -375,7 +349,7 @@ fn server_lost_mid_backup_loses_nothing_committed() {
     let count = || walk(&containers);
     let before = count();
     let r = std::thread::scope(|sc| {
-        let h = sc.spawn(|| backup("big", &big));
+        let h = sc.spawn(|| back_up("big", &big));
         let t0 = Instant::now();
         while count() == before && t0.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(5));
@@ -393,28 +367,10 @@ fn server_lost_mid_backup_loses_nothing_committed() {
     assert_eq!(snaps.len(), 1, "only the committed backup is visible");
     assert_eq!(snaps[0].id, first.id);
     assert!(cairn_vault::maint::verify(&fresh, true).unwrap().ok());
-    let out = dir.path().join("o.img");
     let fv = LocalVault { repo: fresh };
-    imager::restore(
-        &fv,
-        &first.id.to_string(),
-        &out,
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
-    assert!(std::fs::read(&out).unwrap() == first_img);
-    // The next backup succeeds (its lock from the failed one is gone or stale-proof).
-    let again = {
-        let p = dir.path().join("again.img");
-        std::fs::write(&p, &big[..8 << 20]).unwrap();
-        let f = std::fs::File::open(&p).unwrap();
-        let opts = BackupOptions {
-            name: "again".into(),
-            ..Default::default()
-        };
-        imager::backup(&fv, &f, &opts, &NoProgress)
-    };
+    assert!(restored(&fv, dir.path(), &first.id) == first_img);
+    // The next backup succeeds (the failed one's lock is stale: its holder is gone).
+    let again = backup(&fv, dir.path(), "again", &big[..8 << 20]);
     again.expect("the next backup succeeds");
 }
 

@@ -48,6 +48,29 @@ fn every_repository_command_on_s3() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
 }
 
+/// Starts `cairn vault` on `repo` with its S3 settings from flags only (the secret in a file
+/// in `dir`) and its cache in `dir/cache`.
+fn s3_vault(srv: &S3Server, dir: &std::path::Path, repo: &str, cache: &str) -> super::Service {
+    let secret = dir.join("s3.secret");
+    std::fs::write(&secret, format!("{SECRET_KEY}\n")).unwrap();
+    let cache = dir.join(cache);
+    start_cmd(&[
+        "vault",
+        "--repo",
+        repo,
+        "--listen",
+        "127.0.0.1:0",
+        "--s3-endpoint",
+        &srv.endpoint(),
+        "--s3-access-key",
+        ACCESS_KEY,
+        "--s3-secret-key-file",
+        s(&secret),
+        "--cache-dir",
+        s(&cache),
+    ])
+}
+
 #[test]
 fn the_vault_service_serves_an_s3_repository() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,26 +78,8 @@ fn the_vault_service_serves_an_s3_repository() {
         return;
     };
     // The service gets its S3 settings from flags only.
-    let secret = dir.path().join("s3.secret");
-    std::fs::write(&secret, format!("{SECRET_KEY}\n")).unwrap();
-    let endpoint = srv.endpoint();
-    let cache = dir.path().join("vault-cache");
     let repo = format!("s3://{BUCKET}/served");
-    let svc = start_cmd(&[
-        "vault",
-        "--repo",
-        &repo,
-        "--listen",
-        "127.0.0.1:0",
-        "--s3-endpoint",
-        &endpoint,
-        "--s3-access-key",
-        ACCESS_KEY,
-        "--s3-secret-key-file",
-        s(&secret),
-        "--cache-dir",
-        s(&cache),
-    ]);
+    let svc = s3_vault(&srv, dir.path(), &repo, "vault-cache");
     let env = [
         ("CAIRN_TOKEN", svc.token.as_str()),
         ("CAIRN_FINGERPRINT", svc.fingerprint.as_str()),
@@ -94,28 +99,8 @@ fn two_vault_services_on_one_bucket() {
     let Some(srv) = S3Server::start(&dir.path().join("s3")) else {
         return;
     };
-    let secret = dir.path().join("s3.secret");
-    std::fs::write(&secret, SECRET_KEY).unwrap();
-    let endpoint = srv.endpoint();
     let repo = format!("s3://{BUCKET}/shared");
-    let start = |name: &str| {
-        let cache = dir.path().join(name);
-        start_cmd(&[
-            "vault",
-            "--repo",
-            &repo,
-            "--listen",
-            "127.0.0.1:0",
-            "--s3-endpoint",
-            &endpoint,
-            "--s3-access-key",
-            ACCESS_KEY,
-            "--s3-secret-key-file",
-            s(&secret),
-            "--cache-dir",
-            s(&cache),
-        ])
-    };
+    let start = |cache: &str| s3_vault(&srv, dir.path(), &repo, cache);
     let a = start("a");
     let b = start("b");
     let env_of = |v: &super::Service| {
@@ -157,9 +142,17 @@ fn two_vault_services_on_one_bucket() {
         "B deduplicates against what went through A: {v}"
     );
 
-    // A big backup through A; A is killed while it runs.
+    // A big, incompressible backup through A; A is killed once its first container lands.
     let big = dir.path().join("big.img");
-    super::make_image(&big, 96, 4);
+    let mut data = vec![0u8; 64 << 20];
+    rand::RngCore::fill_bytes(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(4),
+        &mut data,
+    );
+    std::fs::write(&big, &data).unwrap();
+    let containers = srv.root().join(BUCKET).join("shared/containers");
+    let count = || walk(&containers);
+    let before = count();
     let env = env_of(&a);
     let mut child = std::process::Command::new(super::CAIRN)
         .args([
@@ -176,8 +169,14 @@ fn two_vault_services_on_one_bucket() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "the backup still runs");
+    let t0 = std::time::Instant::now();
+    while count() == before && t0.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup still runs when its vault is killed"
+    );
     drop(a); // SIGKILL
     let o = child.wait_with_output().unwrap();
     assert!(!o.status.success(), "a backup whose vault died fails");
@@ -196,4 +195,19 @@ fn two_vault_services_on_one_bucket() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect();
     let v = ok(&["repo", "verify", &b.url], &env);
     assert!(v.contains("repository OK"), "{v}");
+}
+
+fn walk(dir: &std::path::Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                walk(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
 }
