@@ -13,7 +13,8 @@
 //!
 //! A held lock is a lease: its holder writes it again every [`LOCK_REFRESH`] (a thread per
 //! lock), with the time in `refreshed`. A lock is stale, and removed by the next acquirer,
-//! when its holder runs on this host and its process is gone, or when it was not refreshed
+//! when its holder runs on this host and its process is gone, when it is this process's own
+//! and no longer held (its release failed: the store was away), or when it was not refreshed
 //! for [`LOCK_STALE`] — a holder on another host that crashed, or that lost the store while
 //! releasing (a vault service sharing a bucket with others). [`LOCK_STALE`] is many refresh
 //! periods, so a slow store or a clock a few minutes off never takes a live lock.
@@ -66,6 +67,14 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// The keys of the locks this process holds now: a lock object of this process that is not
+/// among them is an orphan of a failed release.
+static HELD: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn held() -> std::sync::MutexGuard<'static, Vec<String>> {
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -94,6 +103,7 @@ impl RepoLock {
         };
         let key = Key::new(format!("locks/{:016x}.json", rand::random::<u64>()))?;
         store.put(&key, &serde_json::to_vec(&info).expect("lock json"))?;
+        held().push(key.to_string());
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let refresher = {
             let (store, key, stop) = (store.clone(), key.clone(), stop.clone());
@@ -121,11 +131,17 @@ impl RepoLock {
                 Some(o) => o,
                 None => continue, // vanished or unreadable: not a lock we must respect
             };
-            if other.host == hostname() && !pid_alive(other.pid) {
+            let ours = other.pid == std::process::id() && !held().contains(&m.key.to_string());
+            if other.host == hostname() && (ours || !pid_alive(other.pid)) {
                 tracing::info!(
-                    "removing stale lock {} of dead process {}",
+                    "removing stale lock {} of process {} ({})",
                     m.key,
-                    other.pid
+                    other.pid,
+                    if ours {
+                        "released, not deleted"
+                    } else {
+                        "gone"
+                    }
                 );
                 let _ = store.delete(&m.key);
                 continue;
@@ -166,6 +182,8 @@ impl RepoLock {
     }
 
     fn stop_refresher(&mut self) {
+        let key = self.key.to_string();
+        held().retain(|k| *k != key);
         let (flag, cv) = &*self.stop;
         *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
         cv.notify_all();
@@ -251,6 +269,27 @@ mod tests {
         );
         drop(held);
         assert!(store.list("locks").unwrap().is_empty(), "released on drop");
+
+        // A lock of this very process that it no longer holds (its release failed while the
+        // store was away) is an orphan: removed.
+        let t = now();
+        let orphan = LockInfo {
+            exclusive: true,
+            host: hostname(),
+            pid: std::process::id(),
+            time: t,
+            purpose: "gc".into(),
+            refreshed: t,
+        };
+        store
+            .put(
+                &Key::new("locks/00000000000000aa.json").unwrap(),
+                &serde_json::to_vec(&orphan).unwrap(),
+            )
+            .unwrap();
+        let l = RepoLock::acquire(store.clone(), true, "gc").expect("the orphan does not hold");
+        drop(l);
+        assert!(store.list("locks").unwrap().is_empty());
 
         // A held lock is written again while held, and the writes stop when it is released.
         let l = RepoLock::acquire_with(
