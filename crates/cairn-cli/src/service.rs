@@ -139,11 +139,16 @@ pub fn run(a: VaultArgs) -> Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
-    // A directory keeps the service's state inside; an S3 repository in its local cache.
-    let state = a
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| repo.cache_dir().join("service"));
+    // A directory keeps the service's state inside; an S3 repository beside its local
+    // cache (not in it: a cache may be emptied and rebuilt, the service's identity may not).
+    let s3 = a.repo.to_str().is_some_and(cairn_vault::location::is_s3);
+    let state = a.state_dir.clone().unwrap_or_else(|| {
+        if s3 {
+            PathBuf::from(format!("{}.service", repo.cache_dir().display()))
+        } else {
+            repo.cache_dir().join("service")
+        }
+    });
     let creds = credentials(&state, &a.identity, crate::identity::VAULT_CALLERS)?;
     let repo_id = repo.config().id.clone();
     let service = VaultService::with_options(
