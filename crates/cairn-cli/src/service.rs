@@ -19,7 +19,8 @@ pub struct VaultArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
-    /// Where the certificate and token live (default: REPO/service).
+    /// Where the certificate and token live (default: REPO/service for a directory; beside
+    /// the local cache, CACHE.service, for an S3 repository).
     #[arg(long)]
     state_dir: Option<PathBuf>,
     #[command(flatten)]
