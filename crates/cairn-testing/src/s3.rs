@@ -110,6 +110,35 @@ impl S3Server {
         &self.root
     }
 
+    /// How many objects the server holds under `prefix` of the test bucket (it keeps each
+    /// object as a file: counted behind its back, without a request).
+    pub fn objects(&self, prefix: &str) -> usize {
+        fn walk(dir: &Path) -> usize {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        }
+        walk(&self.root.join(BUCKET).join(prefix))
+    }
+
+    /// Waits (up to 30 s) until the object count under `prefix` differs from `from`: the
+    /// moment to pull the plug on a backup or a GC in the middle of its writes or deletes.
+    pub fn wait_for_objects_other_than(&self, prefix: &str, from: usize) {
+        let t0 = Instant::now();
+        while self.objects(prefix) == from && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Stops the server (as a crash would: SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

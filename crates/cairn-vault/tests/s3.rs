@@ -117,6 +117,13 @@ fn image(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// A new repository under `prefix`, its cache in `dir/cache`: the store and the vault.
+fn new_vault(srv: &S3Server, dir: &Path, prefix: &str) -> (Arc<dyn ObjectStore>, LocalVault) {
+    let s: Arc<dyn ObjectStore> = Arc::new(store(srv, prefix));
+    let repo = Repository::init(s.clone(), &dir.join("cache"), &InitOptions::default()).unwrap();
+    (s, LocalVault { repo })
+}
+
 /// Backs `img` up as snapshot `name` (through a file in `dir`).
 fn backup(
     v: &LocalVault,
@@ -329,15 +336,7 @@ fn server_lost_mid_backup_loses_nothing_committed() {
     let Some(mut srv) = server(dir.path()) else {
         return;
     };
-    let s: Arc<dyn ObjectStore> = Arc::new(store(&srv, "v"));
-    let v = LocalVault {
-        repo: Repository::init(
-            s.clone(),
-            &dir.path().join("cache"),
-            &InitOptions::default(),
-        )
-        .unwrap(),
-    };
+    let (s, v) = new_vault(&srv, dir.path(), "v");
     let back_up = |name: &str, img: &[u8]| backup(&v, dir.path(), name, img);
     let first_img = image(4 << 20, 10);
     let first = back_up("first", &first_img).unwrap();
@@ -345,15 +344,10 @@ fn server_lost_mid_backup_loses_nothing_committed() {
     // A large, incompressible image; the server is killed once its first container lands.
     let mut big = vec![0u8; 96 << 20];
     rand::rngs::StdRng::seed_from_u64(11).fill_bytes(&mut big);
-    let containers = srv.root().join(BUCKET).join("v/containers");
-    let count = || walk(&containers);
-    let before = count();
+    let before = srv.objects("v/containers");
     let r = std::thread::scope(|sc| {
         let h = sc.spawn(|| back_up("big", &big));
-        let t0 = Instant::now();
-        while count() == before && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        srv.wait_for_objects_other_than("v/containers", before);
         srv.stop();
         h.join().unwrap()
     });
@@ -374,21 +368,6 @@ fn server_lost_mid_backup_loses_nothing_committed() {
     again.expect("the next backup succeeds");
 }
 
-fn walk(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| {
-            if e.path().is_dir() {
-                walk(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
-}
-
 /// The S3 server dies in the middle of a restore, then in the middle of a GC: the restore
 /// fails with the cause and leaves neither the output nor its partial file; the GC fails
 /// part-way; once the server is back the repository verifies, the kept snapshot restores
@@ -399,15 +378,7 @@ fn server_lost_mid_restore_and_mid_gc() {
     let Some(mut srv) = server(dir.path()) else {
         return;
     };
-    let s: Arc<dyn ObjectStore> = Arc::new(store(&srv, "v"));
-    let v = LocalVault {
-        repo: Repository::init(
-            s.clone(),
-            &dir.path().join("cache"),
-            &InitOptions::default(),
-        )
-        .unwrap(),
-    };
+    let (s, v) = new_vault(&srv, dir.path(), "v");
     let mut keep = vec![0u8; 48 << 20];
     rand::rngs::StdRng::seed_from_u64(21).fill_bytes(&mut keep);
     let mut doomed = vec![0u8; 80 << 20];
@@ -448,18 +419,14 @@ fn server_lost_mid_restore_and_mid_gc() {
 
     // Mid-GC: the doomed snapshot's containers are being deleted when the server dies.
     v.repo.forget(&gone.id).unwrap();
-    let containers = srv.root().join(BUCKET).join("v/containers");
-    let before = walk(&containers);
+    let before = srv.objects("v/containers");
     let r = std::thread::scope(|sc| {
         let h = sc.spawn(|| cairn_vault::maint::gc(&v.repo, false).map_err(|e| e.to_string()));
-        let t0 = Instant::now();
-        while walk(&containers) == before && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        srv.wait_for_objects_other_than("v/containers", before);
         srv.stop();
         h.join().unwrap()
     });
-    let left = walk(&containers);
+    let left = srv.objects("v/containers");
     eprintln!("gc with the server gone: {r:?}; containers {before} -> {left}");
     srv.restart();
     let fresh = LocalVault {
@@ -470,7 +437,7 @@ fn server_lost_mid_restore_and_mid_gc() {
     let plan = cairn_vault::maint::gc(&fresh.repo, false).unwrap();
     assert!(plan.executed);
     assert!(
-        walk(&containers) < before,
+        srv.objects("v/containers") < before,
         "the collection finished: {plan:?}"
     );
     assert!(cairn_vault::maint::verify(&fresh.repo, true).unwrap().ok());

@@ -150,9 +150,7 @@ fn two_vault_services_on_one_bucket() {
         &mut data,
     );
     std::fs::write(&big, &data).unwrap();
-    let containers = srv.root().join(BUCKET).join("shared/containers");
-    let count = || walk(&containers);
-    let before = count();
+    let before = srv.objects("shared/containers");
     let env = env_of(&a);
     let mut child = std::process::Command::new(super::CAIRN)
         .args([
@@ -169,10 +167,7 @@ fn two_vault_services_on_one_bucket() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = std::time::Instant::now();
-    while count() == before && t0.elapsed() < std::time::Duration::from_secs(60) {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    srv.wait_for_objects_other_than("shared/containers", before);
     assert!(
         child.try_wait().unwrap().is_none(),
         "the backup still runs when its vault is killed"
@@ -195,19 +190,4 @@ fn two_vault_services_on_one_bucket() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect();
     let v = ok(&["repo", "verify", &b.url], &env);
     assert!(v.contains("repository OK"), "{v}");
-}
-
-fn walk(dir: &std::path::Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| {
-            if e.path().is_dir() {
-                walk(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
 }
