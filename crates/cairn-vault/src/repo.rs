@@ -392,13 +392,19 @@ impl Repository {
     /// Adds containers no index run covers (left by interrupted backups) to the index.
     /// Returns how many were added. Unreadable containers are skipped with a warning.
     pub fn sync_index(&self) -> Result<usize> {
-        let all = self.list_containers()?;
+        let all: Vec<ContainerId> = self
+            .list_containers()?
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        self.add_uncovered(&all)
+    }
+
+    /// Reads into the index the containers of `listed` that it does not cover.
+    fn add_uncovered(&self, listed: &[ContainerId]) -> Result<usize> {
         let missing: Vec<ContainerId> = {
             let ix = self.index();
-            all.iter()
-                .map(|(c, _)| *c)
-                .filter(|c| !ix.covers(c))
-                .collect()
+            listed.iter().filter(|c| !ix.covers(c)).copied().collect()
         };
         if missing.is_empty() {
             return Ok(0);
@@ -423,15 +429,17 @@ impl Repository {
     /// Called by every backup session once its lock is held (GC cannot run then), so what a
     /// session deduplicates against is what the store holds. Returns (added, forgotten).
     pub fn refresh_index(&self) -> Result<(usize, usize)> {
-        let listed: HashSet<ContainerId> = self
+        // One listing serves both directions.
+        let listed: Vec<ContainerId> = self
             .list_containers()?
             .into_iter()
             .map(|(c, _)| c)
             .collect();
+        let present: HashSet<&ContainerId> = listed.iter().collect();
         let vanished: HashSet<ContainerId> = self
             .index()
             .covered()
-            .filter(|c| !listed.contains(c))
+            .filter(|c| !present.contains(c))
             .copied()
             .collect();
         if !vanished.is_empty() {
@@ -442,7 +450,7 @@ impl Repository {
             );
             self.index_mut().rewrite(&vanished)?;
         }
-        Ok((self.sync_index()?, vanished.len()))
+        Ok((self.add_uncovered(&listed)?, vanished.len()))
     }
 
     /// Runs `f` on the index. When a run of it turns out damaged, the run is dropped, the
