@@ -74,6 +74,10 @@ pub struct MaintRequest {
     pub dry_run: bool,
     #[serde(default)]
     pub prune: Option<PruneOptions>,
+    /// GC: how long condemned containers wait at least before they are deleted (seconds);
+    /// absent: the store's default. Left out when absent, so older services accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc_grace_secs: Option<u64>,
 }
 
 /// Body of `POST /v1/forget`.

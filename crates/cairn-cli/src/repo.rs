@@ -57,11 +57,16 @@ pub enum RepoCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete or repack containers no snapshot needs.
+    /// Delete or repack containers no snapshot needs. Runs beside backups: what a backup
+    /// that began earlier may still use is condemned now and deleted by a later gc.
     Gc {
         repo: String,
         #[arg(long)]
         dry_run: bool,
+        /// How long condemned containers wait at least before they are deleted (e.g. 0,
+        /// 30m); default 0 on a directory, 15m on S3 (listings there may lag behind writes).
+        #[arg(long, value_parser = cairn_types::time::parse_span)]
+        grace: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -285,10 +290,14 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
         RepoCmd::Gc {
             repo,
             dry_run,
+            grace,
             json,
         } => {
             let v = open_for(&repo, access, KeyUse::Optional)?;
-            let plan = v.gc(dry_run)?;
+            let plan = v.gc(&cairn_vault::maint::GcOptions {
+                dry_run,
+                grace_secs: grace,
+            })?;
             if json {
                 print_json(&plan);
             } else {
@@ -302,6 +311,22 @@ pub fn run(cmd: RepoCmd, access: &VaultAccess) -> Result<ExitCode> {
                     plan.bytes_freed_estimate,
                     if plan.executed { "" } else { " (dry run)" }
                 );
+                if plan.executed {
+                    println!("{} containers deleted", plan.deleted.len());
+                }
+                if plan.revived > 0 {
+                    println!(
+                        "{} condemned containers are in use again and were kept",
+                        plan.revived
+                    );
+                }
+                if plan.waiting > 0 {
+                    println!(
+                        "{} condemned containers wait for backups that began before they were \
+                         condemned, or for the grace period; a later `cairn repo gc` deletes them",
+                        plan.waiting
+                    );
+                }
             }
         }
         RepoCmd::Forget {

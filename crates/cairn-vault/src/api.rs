@@ -11,7 +11,7 @@ use cairn_chunk::{EncodedSegment, Entry};
 use cairn_types::{Digest, SnapshotId};
 
 use crate::error::Result;
-use crate::maint::{GcPlan, PruneOptions, PrunePlan, VerifyReport};
+use crate::maint::{GcOptions, GcPlan, PruneOptions, PrunePlan, VerifyReport};
 use crate::manifest::{RepoConfig, SnapshotManifest};
 use crate::repo::Repository;
 use crate::retention::{LockAnswer, RetentionPolicy, SnapshotLock};
@@ -81,7 +81,7 @@ pub trait Vault: Send + Sync {
     }
     fn verify(&self, read_data: bool) -> Result<VerifyReport>;
     fn prune(&self, opts: &PruneOptions, dry_run: bool) -> Result<PrunePlan>;
-    fn gc(&self, dry_run: bool) -> Result<GcPlan>;
+    fn gc(&self, opts: &GcOptions) -> Result<GcPlan>;
     /// Forgets snapshots (ids or unique prefixes); all or none. Data is freed by GC.
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>>;
     /// Locks a snapshot until `until` (Unix seconds) or extends its lock; never shortens.
@@ -195,8 +195,8 @@ impl Vault for LocalVault {
         crate::maint::prune(&self.repo, opts, dry_run)
     }
 
-    fn gc(&self, dry_run: bool) -> Result<GcPlan> {
-        crate::maint::gc(&self.repo, dry_run)
+    fn gc(&self, opts: &GcOptions) -> Result<GcPlan> {
+        crate::maint::gc(&self.repo, opts)
     }
 
     fn forget(&self, specs: &[String]) -> Result<Vec<SnapshotId>> {

@@ -515,6 +515,26 @@ impl std::fmt::Debug for Index {
     }
 }
 
+/// A new run's file name: its creation time first, so that runs sort by age. Where a segment
+/// has copies in several runs the newest run's answer wins (a copy stored again after GC
+/// condemned the old one, or a repacked copy), also after the index is opened again.
+fn new_run_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    format!("run-{nanos:016x}-{:04x}.idx", rand::random::<u16>())
+}
+
+/// Sort key of a run file: runs named by [`new_run_name`] by their time, after the runs of
+/// older builds (named by a random number alone, hence of unknown age).
+fn run_age(path: &Path) -> (bool, String) {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    (name.matches('-').count() == 2, name.to_string())
+}
+
 impl Index {
     /// Opens the runs in `dir` (created if missing). Damaged runs are deleted (their
     /// containers will be re-read), so a bad cache never blocks the vault.
@@ -546,6 +566,8 @@ impl Index {
                 _ => {}
             }
         }
+        // Newer runs answer first, as they did before the index was closed.
+        runs.sort_by_cached_key(|r: &Run| run_age(&r.path));
         let covered = runs
             .iter()
             .flat_map(|r| r.containers.iter().copied())
@@ -621,6 +643,27 @@ impl Index {
         }
     }
 
+    /// Adds every record of a container that holds the newest copies of its segments (a
+    /// backup stored them again, or GC copied them): where another container's copy is
+    /// pending, this one replaces it.
+    pub fn add_container_preferred(&mut self, c: ContainerId, records: &[Record]) {
+        for r in records {
+            match self.pending.entry(r.digest) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    if e.get().container != c {
+                        e.insert(Location::from_record(c, r));
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Location::from_record(c, r));
+                }
+            }
+        }
+        if self.covered.insert(c) {
+            self.pending_containers.push(c);
+        }
+    }
+
     /// Adds entries of a container whose trailer cannot be read (salvaged from an older
     /// index), and counts the container as covered.
     pub fn add_locations(&mut self, c: ContainerId, entries: &[(Digest, Location)]) {
@@ -654,9 +697,7 @@ impl Index {
         if self.pending_containers.is_empty() && self.pending.is_empty() {
             return Ok(0);
         }
-        let path = self
-            .dir
-            .join(format!("run-{:016x}.idx", rand::random::<u64>()));
+        let path = self.dir.join(new_run_name());
         let recs: Vec<_> = self.pending.iter().map(|(d, l)| (*d, *l)).collect();
         let n = write_run(&path, &self.pending_containers, recs)?;
         self.runs.push(Run::open(&path)?);
@@ -734,14 +775,17 @@ impl Index {
         }
         containers.sort_unstable();
         containers.dedup();
-        let path = self
-            .dir
-            .join(format!("run-{:016x}.idx", rand::random::<u64>()));
+        let path = self.dir.join(new_run_name());
         write_run(&path, &containers, all)?;
         let new = Run::open(&path)?;
         for old in std::mem::take(&mut self.runs) {
-            fs::remove_file(&old.path)
-                .map_err(|e| VaultError::io(old.path.display(), "delete index run", e))?;
+            // Another process on the same cache directory may have merged it already.
+            match fs::remove_file(&old.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(VaultError::io(old.path.display(), "delete index run", e));
+                }
+                _ => {}
+            }
         }
         self.covered = containers.iter().copied().collect();
         self.runs.push(new);
@@ -758,107 +802,4 @@ impl Index {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn digest(i: u64) -> Digest {
-        cairn_chunk::fingerprint(&i.to_le_bytes())
-    }
-
-    fn rec(i: u64) -> Record {
-        Record {
-            digest: digest(i),
-            offset: 8 + i,
-            stored_len: 10,
-            frame_len: 60,
-            inner: 20,
-            raw_len: 20,
-            kind: BlobKind::Data,
-            codec: Codec::Raw,
-        }
-    }
-
-    #[test]
-    fn lookups_survive_flush_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let c1 = ContainerId::random();
-        let c2 = ContainerId::random();
-        let mut ix = Index::open(dir.path()).unwrap();
-        let recs1: Vec<_> = (0..5000).map(rec).collect();
-        ix.add_container(c1, &recs1);
-        assert!(ix.contains(&digest(42)).unwrap());
-        ix.flush().unwrap();
-        ix.add_container(c2, &(5000..6000).map(rec).collect::<Vec<_>>());
-        ix.flush().unwrap();
-        drop(ix);
-        let ix = Index::open(dir.path()).unwrap();
-        assert!(ix.covers(&c1) && ix.covers(&c2));
-        for i in (0..6000).step_by(7) {
-            let l = ix.get(&digest(i)).unwrap().expect("present");
-            assert_eq!(l.offset, 8 + u32::try_from(i).unwrap());
-            assert_eq!((l.frame_len, l.inner, l.raw_len), (60, 20, 20));
-            assert_eq!(l.container, if i < 5000 { c1 } else { c2 });
-        }
-        let misses = (10_000..20_000)
-            .filter(|&i| ix.contains(&digest(i)).unwrap())
-            .count();
-        assert_eq!(misses, 0);
-    }
-
-    #[test]
-    fn get_many_agrees_with_get() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ix = Index::open(dir.path()).unwrap();
-        // Three runs and some pending entries; the batch mixes hits, misses and duplicates
-        // in no particular order.
-        for (a, b) in [(0u64, 20_000u64), (20_000, 20_100), (20_100, 30_000)] {
-            ix.add_container(ContainerId::random(), &(a..b).map(rec).collect::<Vec<_>>());
-            ix.flush().unwrap();
-        }
-        ix.add_container(
-            ContainerId::random(),
-            &(30_000..30_050).map(rec).collect::<Vec<_>>(),
-        );
-        let mut want: Vec<Digest> = (0..40_000u64).rev().step_by(3).map(digest).collect();
-        want.extend([digest(5), digest(5), digest(30_010), digest(99_999)]);
-        let got = ix.get_many(&want).unwrap();
-        assert_eq!(got.len(), want.len());
-        for (d, g) in want.iter().zip(&got) {
-            assert_eq!(*g, ix.get(d).unwrap());
-        }
-        assert_eq!(got.iter().filter(|g| g.is_some()).count(), 10_017 + 3);
-        assert!(ix.get_many(&[]).unwrap().is_empty());
-    }
-
-    #[test]
-    fn rewrite_drops_removed_containers_and_damaged_runs_are_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let (c1, c2) = (ContainerId::random(), ContainerId::random());
-        let mut ix = Index::open(dir.path()).unwrap();
-        ix.add_container(c1, &(0..100).map(rec).collect::<Vec<_>>());
-        ix.flush().unwrap();
-        ix.add_container(c2, &(100..200).map(rec).collect::<Vec<_>>());
-        ix.rewrite(&[c1].into_iter().collect()).unwrap();
-        assert_eq!(ix.run_count(), 1);
-        assert!(!ix.contains(&digest(5)).unwrap());
-        assert!(ix.contains(&digest(150)).unwrap());
-        assert!(!ix.covers(&c1));
-        // Truncate the run: reopening drops it instead of failing.
-        let run = fs::read_dir(dir.path())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let len = fs::metadata(&run).unwrap().len();
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&run)
-            .unwrap()
-            .set_len(len - 10)
-            .unwrap();
-        let ix = Index::open(dir.path()).unwrap();
-        assert_eq!(ix.run_count(), 0);
-        assert!(!ix.covers(&c2));
-    }
-}
+mod tests;

@@ -3,7 +3,11 @@
 //! | holder | kind | excludes |
 //! |---|---|---|
 //! | backup session | shared | exclusive locks |
-//! | gc, prune, index rebuild | exclusive | every other lock |
+//! | gc | gc | exclusive and gc locks |
+//! | prune, forget, repair, index rebuild | exclusive | every other lock |
+//!
+//! GC runs beside backup sessions: it reads their locks ([`session_starts`]) to know which
+//! sessions began before it condemned a container (see [`crate::maint::gc`]).
 //!
 //! Acquiring writes the lock first and then lists the others; if a conflicting lock exists,
 //! the new lock is removed again and acquisition fails with [`VaultError::Locked`]. Two
@@ -34,6 +38,10 @@ pub const LOCK_STALE: Duration = Duration::from_secs(15 * 60);
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct LockInfo {
     exclusive: bool,
+    /// A GC's lock: shared with backup sessions, exclusive among GCs. Older builds read it
+    /// as a session's.
+    #[serde(default)]
+    gc: bool,
     host: String,
     pid: u32,
     time: u64,
@@ -55,6 +63,7 @@ impl LockInfo {
 pub struct RepoLock {
     store: Arc<dyn ObjectStore>,
     key: Key,
+    since: u64,
     released: bool,
     /// Tells the refresher to stop (set, then notified).
     stop: Arc<(Mutex<bool>, Condvar)>,
@@ -82,12 +91,24 @@ fn pid_alive(pid: u32) -> bool {
 impl RepoLock {
     /// Takes a lock; fails at once if a conflicting lock is held.
     pub fn acquire(store: Arc<dyn ObjectStore>, exclusive: bool, purpose: &str) -> Result<Self> {
-        Self::acquire_with(store, exclusive, purpose, LOCK_REFRESH, LOCK_STALE)
+        Self::acquire_with(store, exclusive, false, purpose, LOCK_REFRESH, LOCK_STALE)
+    }
+
+    /// Takes a GC's lock: beside backup sessions, never beside another GC or an exclusive
+    /// lock.
+    pub fn acquire_gc(store: Arc<dyn ObjectStore>) -> Result<Self> {
+        Self::acquire_with(store, false, true, "gc", LOCK_REFRESH, LOCK_STALE)
+    }
+
+    /// When the lock was taken (Unix seconds, this host's clock).
+    pub fn since(&self) -> u64 {
+        self.since
     }
 
     fn acquire_with(
         store: Arc<dyn ObjectStore>,
         exclusive: bool,
+        gc: bool,
         purpose: &str,
         refresh: Duration,
         stale: Duration,
@@ -95,6 +116,7 @@ impl RepoLock {
         let t = now();
         let info = LockInfo {
             exclusive,
+            gc,
             host: hostname(),
             pid: std::process::id(),
             time: t,
@@ -102,8 +124,13 @@ impl RepoLock {
             refreshed: t,
         };
         let key = Key::new(format!("locks/{:016x}.json", rand::random::<u64>()))?;
-        store.put(&key, &serde_json::to_vec(&info).expect("lock json"))?;
+        // Held before it is written: another lock of this process taken meanwhile would
+        // otherwise see it as an orphan of a failed release, and remove it.
         held().push(key.to_string());
+        if let Err(e) = store.put(&key, &serde_json::to_vec(&info).expect("lock json")) {
+            held().retain(|k| *k != key.to_string());
+            return Err(e.into());
+        }
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let refresher = {
             let (store, key, stop) = (store.clone(), key.clone(), stop.clone());
@@ -115,50 +142,27 @@ impl RepoLock {
         let lock = Self {
             store: store.clone(),
             key,
+            since: t,
             released: false,
             stop,
             refresher: Some(refresher),
         };
-        for m in store.list("locks")? {
-            if m.key == lock.key {
+        for (key, other) in others(&*store, &lock.key)? {
+            if let Some(why) = stale_because(&key, &other, stale) {
+                if other.host == hostname() {
+                    tracing::info!("removing stale lock {key} of process {} ({why})", other.pid);
+                } else {
+                    tracing::warn!(
+                        "removing stale lock {key} of pid {} on {} ({}): {why}",
+                        other.pid,
+                        other.host,
+                        other.purpose
+                    );
+                }
+                let _ = store.delete(&key);
                 continue;
             }
-            let other: LockInfo = match store
-                .get(&m.key)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-            {
-                Some(o) => o,
-                None => continue, // vanished or unreadable: not a lock we must respect
-            };
-            let ours = other.pid == std::process::id() && !held().contains(&m.key.to_string());
-            if other.host == hostname() && (ours || !pid_alive(other.pid)) {
-                tracing::info!(
-                    "removing stale lock {} of process {} ({})",
-                    m.key,
-                    other.pid,
-                    if ours {
-                        "released, not deleted"
-                    } else {
-                        "gone"
-                    }
-                );
-                let _ = store.delete(&m.key);
-                continue;
-            }
-            if now().saturating_sub(other.last_seen()) > stale.as_secs() {
-                tracing::warn!(
-                    "removing stale lock {} of pid {} on {} ({}), not refreshed since {}",
-                    m.key,
-                    other.pid,
-                    other.host,
-                    other.purpose,
-                    other.last_seen()
-                );
-                let _ = store.delete(&m.key);
-                continue;
-            }
-            if exclusive || other.exclusive {
+            if exclusive || other.exclusive || gc && other.gc {
                 let msg = format!(
                     "{} lock held by pid {} on {} since {} for {}",
                     if other.exclusive { "an exclusive" } else { "a" },
@@ -191,6 +195,46 @@ impl RepoLock {
             let _ = h.join();
         }
     }
+}
+
+/// Every lock in the store but `ours` that can be read (one that vanished or cannot be read
+/// is not a lock anyone must respect).
+fn others(store: &dyn ObjectStore, ours: &Key) -> Result<Vec<(Key, LockInfo)>> {
+    Ok(store
+        .list("locks")?
+        .into_iter()
+        .filter(|m| m.key != *ours)
+        .filter_map(|m| {
+            let info = serde_json::from_slice(&store.get(&m.key).ok()?).ok()?;
+            Some((m.key, info))
+        })
+        .collect())
+}
+
+/// Why a lock no longer holds, if it does not: its holder on this host is gone, it is this
+/// process's own and no longer held (its release failed), or nobody refreshed it for `stale`.
+fn stale_because(key: &Key, info: &LockInfo, stale: Duration) -> Option<String> {
+    if info.host == hostname() {
+        if info.pid == std::process::id() && !held().contains(&key.to_string()) {
+            return Some("released, not deleted".into());
+        }
+        if !pid_alive(info.pid) {
+            return Some("its process is gone".into());
+        }
+    }
+    (now().saturating_sub(info.last_seen()) > stale.as_secs())
+        .then(|| format!("not refreshed since {}", info.last_seen()))
+}
+
+/// When each backup session that holds a lock now began (Unix seconds, its host's clock).
+/// Stale locks are left to the next acquirer and not counted.
+pub fn session_starts(store: &dyn ObjectStore) -> Result<Vec<u64>> {
+    let none = Key::new("locks/none")?;
+    Ok(others(store, &none)?
+        .into_iter()
+        .filter(|(k, i)| !i.exclusive && !i.gc && stale_because(k, i, LOCK_STALE).is_none())
+        .map(|(_, i)| i.time)
+        .collect())
 }
 
 /// Writes the lock again every `every` until told to stop. A failed write is retried at
@@ -237,6 +281,7 @@ mod tests {
         let t = now() - age;
         let info = LockInfo {
             exclusive,
+            gc: false,
             host: "another-host".into(),
             pid: 1,
             time: t,
@@ -275,6 +320,7 @@ mod tests {
         let t = now();
         let orphan = LockInfo {
             exclusive: true,
+            gc: false,
             host: hostname(),
             pid: std::process::id(),
             time: t,
@@ -295,6 +341,7 @@ mod tests {
         let l = RepoLock::acquire_with(
             store.clone(),
             true,
+            false,
             "gc",
             Duration::from_millis(20),
             LOCK_STALE,
@@ -311,5 +358,26 @@ mod tests {
             store.get(&key).is_err(),
             "no refresh brings it back after release"
         );
+    }
+
+    #[test]
+    fn gc_runs_beside_sessions_never_beside_another_gc_or_an_exclusive_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let session = RepoLock::acquire(store.clone(), false, "backup").unwrap();
+        let gc = RepoLock::acquire_gc(store.clone()).expect("gc beside a session");
+        assert_eq!(session_starts(&*store).unwrap(), vec![session.since()]);
+        let second = RepoLock::acquire_gc(store.clone()).unwrap_err();
+        assert!(matches!(second, VaultError::Locked(_)), "{second}");
+        let prune = RepoLock::acquire(store.clone(), true, "prune").unwrap_err();
+        assert!(matches!(prune, VaultError::Locked(_)), "{prune}");
+        let another = RepoLock::acquire(store.clone(), false, "backup").expect("beside gc");
+        assert_eq!(session_starts(&*store).unwrap().len(), 2);
+        drop((session, another));
+        assert!(session_starts(&*store).unwrap().is_empty());
+        // A session of another host silent for longer than LOCK_STALE no longer counts.
+        foreign(&*store, false, LOCK_STALE.as_secs() + 60);
+        assert!(session_starts(&*store).unwrap().is_empty());
+        drop(gc);
     }
 }

@@ -20,7 +20,7 @@ use cairn_types::{Digest, SessionId, SnapshotId};
 
 use crate::api::{Upload, Vault, VaultSession};
 use crate::error::{Result, VaultError};
-use crate::maint::{GcPlan, PruneOptions, PrunePlan, VerifyReport};
+use crate::maint::{GcOptions, GcPlan, PruneOptions, PrunePlan, VerifyReport};
 use crate::manifest::{RepoConfig, SnapshotManifest};
 use crate::service::messages::{
     Aborted, Empty, ForgetRequest, LeaseRenewed, MaintRequest, SessionBegun, Stored,
@@ -430,12 +430,13 @@ impl Vault for RemoteVault {
             .map_err(remote)
     }
 
-    fn gc(&self, dry_run: bool) -> Result<GcPlan> {
+    fn gc(&self, opts: &GcOptions) -> Result<GcPlan> {
         self.client
             .post_json(
                 "/v1/gc",
                 &MaintRequest {
-                    dry_run,
+                    dry_run: opts.dry_run,
+                    gc_grace_secs: opts.grace_secs,
                     ..Default::default()
                 },
             )

@@ -37,9 +37,11 @@ pub(crate) use crate::manifest::find_in;
 use crate::manifest::{REPO_VERSION, RepoConfig, SnapshotManifest, now};
 use crate::store::{Key, LocalStore, ObjectStore, StoreErrorKind};
 
+mod condemned;
 mod read;
 mod snapshots;
 use cairn_chunk::format::REPO_VERSION_ENCRYPTED;
+pub use condemned::{Condemned, TOMBSTONE_KEEP};
 
 /// An open repository. Cheap to share (`Arc`); all methods take `&self`.
 pub struct Repository {
@@ -48,6 +50,8 @@ pub struct Repository {
     index: RwLock<Index>,
     cache_dir: PathBuf,
     damaged: RwLock<HashSet<Mark>>,
+    /// Containers GC has condemned (readable, never reused) and deleted ([`condemned`]).
+    verdicts: RwLock<condemned::Verdicts>,
     /// The keys of an encrypted repository, once unlocked (see [`crate::keys`]). A vault
     /// service never has them: it stores, checks and collects ciphertext.
     keys: std::sync::OnceLock<Arc<Keys>>,
@@ -268,12 +272,14 @@ impl Repository {
             Err(e) if e.is_not_found() => Vec::new(),
             Err(e) => return Err(e.into()),
         };
+        let verdicts = condemned::load(store.as_ref())?;
         let repo = Arc::new(Self {
             store,
             config,
             index: RwLock::new(index),
             cache_dir: cache_dir.to_path_buf(),
             damaged: RwLock::new(damaged.into_iter().collect()),
+            verdicts: RwLock::new(verdicts),
             keys: std::sync::OnceLock::new(),
             frames: read::FramePool::default(),
         });
@@ -340,12 +346,22 @@ impl Repository {
     /// Every container id in the store.
     pub fn list_containers(&self) -> Result<Vec<(ContainerId, u64)>> {
         Ok(self
+            .list_containers_dated()?
+            .into_iter()
+            .map(|(c, size, _)| (c, size))
+            .collect())
+    }
+
+    /// [`list_containers`](Self::list_containers) with the time each was written (Unix
+    /// seconds), where the store says.
+    pub fn list_containers_dated(&self) -> Result<Vec<(ContainerId, u64, Option<u64>)>> {
+        Ok(self
             .store
             .list("containers")?
             .into_iter()
             .filter_map(|m| {
                 let name = m.key.as_str().rsplit('/').next()?;
-                Some((name.parse().ok()?, m.size))
+                Some((name.parse().ok()?, m.size, m.modified))
             })
             .collect())
     }
@@ -413,8 +429,13 @@ impl Repository {
         for c in &missing {
             match self.container_records(c) {
                 Ok(recs) => {
-                    self.index_mut().add_container(*c, &recs);
-                    added += 1;
+                    // Checked with the index locked: a GC notes a container gone and drops
+                    // it from the index in one step (its trailer may be read just before).
+                    let mut ix = self.index_mut();
+                    if !self.is_gone(c) {
+                        ix.add_container(*c, &recs);
+                        added += 1;
+                    }
                 }
                 Err(e) => tracing::warn!("skipping unreadable container {c}: {e}"),
             }
@@ -429,6 +450,10 @@ impl Repository {
     /// Called by every backup session once its lock is held (GC cannot run then), so what a
     /// session deduplicates against is what the store holds. Returns (added, forgotten).
     pub fn refresh_index(&self) -> Result<(usize, usize)> {
+        self.reload_condemned()?;
+        // Only containers covered before the listing can have vanished from it (one added
+        // meanwhile was written after it).
+        let covered: Vec<ContainerId> = self.index().covered().copied().collect();
         // One listing serves both directions.
         let listed: Vec<ContainerId> = self
             .list_containers()?
@@ -436,11 +461,10 @@ impl Repository {
             .map(|(c, _)| c)
             .collect();
         let present: HashSet<&ContainerId> = listed.iter().collect();
-        let vanished: HashSet<ContainerId> = self
-            .index()
-            .covered()
-            .filter(|c| !present.contains(c))
-            .copied()
+        let gone = self.gone();
+        let vanished: HashSet<ContainerId> = covered
+            .into_iter()
+            .filter(|c| !present.contains(c) || gone.contains(c))
             .collect();
         if !vanished.is_empty() {
             tracing::info!(
@@ -589,9 +613,10 @@ impl Repository {
     }
 
     /// Locations of blobs that a backup may reuse: a copy marked damaged counts as absent,
-    /// so the backup stores the segment again (healing every snapshot that needs it).
+    /// so the backup stores the segment again (healing every snapshot that needs it); so
+    /// does a copy in a container GC has condemned.
     pub fn locate_reusable(&self, digests: &[Digest]) -> Result<Vec<Option<Location>>> {
-        let mut locs = self.locate_many(digests)?;
+        let mut locs = self.locate_kept(digests)?;
         let marks = self.damaged.read().unwrap_or_else(|p| p.into_inner());
         if !marks.is_empty() {
             for (d, l) in digests.iter().zip(&mut locs) {

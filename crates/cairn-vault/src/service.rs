@@ -775,7 +775,14 @@ async fn gc(State(s): State<Shared>, req: Request) -> ApiResult<Response> {
     let r = maint_req(&s, req).await?;
     let repo = s.repo.clone();
     Ok(json(
-        blocking(move || crate::maint::gc(&repo, r.dry_run)).await?,
+        blocking(move || {
+            let opts = crate::maint::GcOptions {
+                dry_run: r.dry_run,
+                grace_secs: r.gc_grace_secs,
+            };
+            crate::maint::gc(&repo, &opts)
+        })
+        .await?,
     ))
 }
 

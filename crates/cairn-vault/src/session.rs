@@ -109,6 +109,9 @@ pub struct BackupSession {
     writer: Option<JoinHandle<()>>,
     lock: Option<RepoLock>,
     started: Instant,
+    /// When the session's lock was taken (Unix seconds): what GC compares with the time it
+    /// condemned a container.
+    began: u64,
 }
 
 impl std::fmt::Debug for BackupSession {
@@ -134,7 +137,10 @@ fn write_container(shared: &Shared, id: ContainerId, builder: ContainerBuilder) 
     let (bytes, records) = builder.finish();
     match shared.repo.store().put(&container_key(&id), &bytes) {
         Ok(()) => {
-            shared.repo.index_mut().add_container(id, &records);
+            shared
+                .repo
+                .index_mut()
+                .add_container_preferred(id, &records);
             *shared.stored.lock().unwrap_or_else(|p| p.into_inner()) += bytes.len() as u64;
             let mut st = shared.state();
             for r in &records {
@@ -158,7 +164,8 @@ impl BackupSession {
     /// Opens a session under a shared repository lock.
     pub fn begin(repo: Arc<Repository>, purpose: &str) -> Result<Self> {
         let lock = RepoLock::acquire(repo.store().clone(), false, purpose)?;
-        // Under the lock no GC runs: the index now matches the store for the whole session.
+        // The index now matches the store, and the containers a GC condemned are known:
+        // this session never builds on them, so a GC may delete them while it runs.
         repo.refresh_index()?;
         let shared = Arc::new(Shared {
             repo,
@@ -187,6 +194,7 @@ impl BackupSession {
             shared,
             tx: Some(tx),
             writer: Some(writer),
+            began: lock.since(),
             lock: Some(lock),
             started: Instant::now(),
         })
@@ -407,7 +415,7 @@ impl BackupSession {
             let st = self.shared.state();
             data.iter().map(|d| st.in_flight.contains(d)).collect()
         };
-        let present = present(&self.shared.repo, &data, &in_flight)?;
+        let present = present(&self.shared.repo, self.began, &data, &in_flight)?;
         let mut st = self.shared.state();
         for (digest, span, count, r) in leaves {
             if present[r].iter().all(|&p| p) {
@@ -430,7 +438,7 @@ impl BackupSession {
             let st = self.shared.state();
             data.iter().map(|d| st.in_flight.contains(d)).collect()
         };
-        let present = present(&self.shared.repo, &data, &in_flight)?;
+        let present = present(&self.shared.repo, self.began, &data, &in_flight)?;
         let mut at = 0;
         let mut st = self.shared.state();
         for (d, level, refs) in nodes {
@@ -557,10 +565,11 @@ impl BackupSession {
     fn check_tree(&self, root: &TreeRoot) -> Result<()> {
         let st = self.shared.state();
         let repo = &self.shared.repo;
+        let began = self.began;
         let exists = |d: &Digest| -> Result<bool> {
             Ok(st.new_nodes.contains_key(d)
                 || st.sealed_nodes.contains_key(d)
-                || repo.locate(d)?.is_some())
+                || repo.locate_for_session(std::slice::from_ref(d), began)?[0].is_some())
         };
         if !exists(&root.digest)? {
             return Err(VaultError::Invalid(format!(
@@ -653,7 +662,7 @@ impl BackupSession {
         }
         let walked = t0.elapsed();
         let in_flight: Vec<bool> = leaf_data.iter().map(|d| st.in_flight.contains(d)).collect();
-        let present = present(repo, &leaf_data, &in_flight)?;
+        let present = present(repo, self.began, &leaf_data, &in_flight)?;
         tracing::debug!(
             "tree check: nodes walked in {walked:?}; {} segments referenced by leaves not checked on upload, looked up in {:?}",
             leaf_data.len(),
@@ -669,11 +678,16 @@ impl BackupSession {
 }
 
 /// Which of `digests` are stored or on their way: flagged `in_flight` (handed to the writer,
-/// not yet indexed) or found in `index`. Callers read the flags first: the writer indexes a
-/// container before it forgets its segments, so a segment is always in one or the other.
-/// Tens of thousands of lookups (an incremental's leaves are mostly the parent's segments) use
-/// two threads.
-fn present(repo: &Repository, digests: &[Digest], in_flight: &[bool]) -> Result<Vec<bool>> {
+/// not yet indexed) or found in `index` where a session begun at `began` may use them.
+/// Callers read the flags first: the writer indexes a container before it forgets its
+/// segments, so a segment is always in one or the other. Tens of thousands of lookups (an
+/// incremental's leaves are mostly the parent's segments) use two threads.
+fn present(
+    repo: &Repository,
+    began: u64,
+    digests: &[Digest],
+    in_flight: &[bool],
+) -> Result<Vec<bool>> {
     let ask: Vec<Digest> = digests
         .iter()
         .zip(in_flight)
@@ -683,13 +697,13 @@ fn present(repo: &Repository, digests: &[Digest], in_flight: &[bool]) -> Result<
     let found = if ask.len() >= 16 << 10 {
         let (a, b) = ask.split_at(ask.len() / 2);
         std::thread::scope(|sc| -> Result<Vec<_>> {
-            let second = sc.spawn(|| repo.locate_many(b));
-            let mut found = repo.locate_many(a)?;
+            let second = sc.spawn(|| repo.locate_for_session(b, began));
+            let mut found = repo.locate_for_session(a, began)?;
             found.extend(second.join().expect("index lookup thread")?);
             Ok(found)
         })?
     } else {
-        repo.locate_many(&ask)?
+        repo.locate_for_session(&ask, began)?
     };
     let mut answers = found.iter();
     Ok(in_flight

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use cairn_testing::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
 use cairn_vault::imager::{self, BackupOptions, NoProgress, RestoreOptions};
+use cairn_vault::maint::GcOptions;
 use cairn_vault::store::s3::Credentials;
 use cairn_vault::store::{Key, ObjectStore, S3Config, S3Store, StoreErrorKind, conformance};
-use cairn_vault::{InitOptions, LocalVault, Repository};
+use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
 use rand::{RngCore, SeedableRng};
 
 fn config(server: &S3Server, bucket: &str, prefix: &str, secret: &str) -> S3Config {
@@ -200,7 +201,7 @@ fn a_repository_lives_on_s3() {
 
     // Forget day 1, collect garbage; day 2 still restores and verifies.
     other.repo.forget(&snaps[0].id).unwrap();
-    let plan = cairn_vault::maint::gc(&other.repo, false).unwrap();
+    let plan = cairn_vault::maint::gc(&other.repo, &GcOptions::without_grace()).unwrap();
     eprintln!("gc: {plan:?}");
     assert!(cairn_vault::maint::verify(&other.repo, true).unwrap().ok());
 
@@ -247,7 +248,7 @@ fn two_vaults_share_one_bucket() {
     // A forgets both snapshots and collects everything.
     a.repo.forget(&first.id).unwrap();
     a.repo.forget(&second.id).unwrap();
-    let plan = cairn_vault::maint::gc(&a.repo, false).unwrap();
+    let plan = cairn_vault::maint::gc(&a.repo, &GcOptions::without_grace()).unwrap();
     assert!(!plan.delete.is_empty(), "{plan:?}");
     // B's index still names those containers; its next backup must store the data again.
     let third = back_up(&b, "x-b", &x);
@@ -421,7 +422,9 @@ fn server_lost_mid_restore_and_mid_gc() {
     v.repo.forget(&gone.id).unwrap();
     let before = srv.objects("v/containers");
     let r = std::thread::scope(|sc| {
-        let h = sc.spawn(|| cairn_vault::maint::gc(&v.repo, false).map_err(|e| e.to_string()));
+        let h = sc.spawn(|| {
+            cairn_vault::maint::gc(&v.repo, &GcOptions::without_grace()).map_err(|e| e.to_string())
+        });
         srv.wait_for_objects_other_than("v/containers", before);
         srv.stop();
         h.join().unwrap()
@@ -434,11 +437,36 @@ fn server_lost_mid_restore_and_mid_gc() {
     };
     assert!(cairn_vault::maint::verify(&fresh.repo, true).unwrap().ok());
     assert!(restored(&fresh, dir.path(), &kept.id) == keep);
-    let plan = cairn_vault::maint::gc(&fresh.repo, false).unwrap();
+    let plan = cairn_vault::maint::gc(&fresh.repo, &GcOptions::without_grace()).unwrap();
     assert!(plan.executed);
     assert!(
         srv.objects("v/containers") < before,
         "the collection finished: {plan:?}"
     );
     assert!(cairn_vault::maint::verify(&fresh.repo, true).unwrap().ok());
+}
+
+#[path = "common/beside_gc.rs"]
+mod beside_gc;
+
+/// GC beside backups on S3, and the grace period object storage gets by default.
+#[test]
+fn backups_run_while_gc_runs_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(srv) = server(dir.path()) else {
+        return;
+    };
+    let (_s, v) = new_vault(&srv, dir.path(), "beside");
+    beside_gc::backups_run_while_gc_runs(&v, dir.path(), 5, 2 << 20);
+    // With the default grace, what GC condemns on S3 waits (listings there may lag).
+    let all: Vec<String> = v.list().unwrap().iter().map(|s| s.id.to_string()).collect();
+    v.forget(&all).unwrap();
+    let plan = v.gc(&GcOptions::run()).unwrap();
+    assert!(
+        !plan.delete.is_empty() && plan.deleted.is_empty() && plan.waiting > 0,
+        "{plan:?}"
+    );
+    let plan = v.gc(&GcOptions::without_grace()).unwrap();
+    assert!(!plan.deleted.is_empty() && plan.waiting == 0, "{plan:?}");
+    assert!(v.verify(true).unwrap().ok());
 }

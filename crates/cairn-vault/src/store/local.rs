@@ -188,8 +188,17 @@ impl ObjectStore for LocalStore {
                     .to_string_lossy()
                     .into_owned();
                 if let Ok(key) = Key::new(rel) {
-                    let size = ent.metadata().map(|m| m.len()).unwrap_or(0);
-                    out.push(ObjectMeta { key, size });
+                    let meta = ent.metadata().ok();
+                    let size = meta.as_ref().map_or(0, |m| m.len());
+                    let modified = meta
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs());
+                    out.push(ObjectMeta {
+                        key,
+                        size,
+                        modified,
+                    });
                 }
             }
         }

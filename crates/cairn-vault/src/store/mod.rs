@@ -8,7 +8,7 @@
 //! | `put` | atomic and durable: once it returns `Ok`, the whole object is stored and survives a crash; a reader never sees a partial object. Overwrites an existing object. |
 //! | `put_new` | like `put`, but fails with [`StoreErrorKind::AlreadyExists`] if the key exists (best effort on stores that cannot enforce it, see [`Capabilities::exclusive_create`]). |
 //! | `get`, `get_range` | [`StoreErrorKind::NotFound`] for a missing key; a range past the end is an error, never a short read. |
-//! | `list` | every key under a prefix, in no particular order, with its size. |
+//! | `list` | every key under a prefix, in no particular order, with its size and (where the store keeps it) the time it was written. |
 //! | `delete` | idempotent: deleting a missing key succeeds. |
 //! | `remove_leftovers` | removes only what interrupted writes left (never an object `list` shows). |
 //! | `protect` | best effort: makes the object undeletable and unchangeable by means outside the vault until `until` (or until `release`); answers whether the store did. Never changes the object's bytes. |
@@ -146,6 +146,8 @@ impl StoreError {
 pub struct ObjectMeta {
     pub key: Key,
     pub size: u64,
+    /// When it was last written (Unix seconds), where the store says.
+    pub modified: Option<u64>,
 }
 
 /// What a store can do, as data (never `match` on a backend's type).

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_types::ExtentList;
 use cairn_vault::imager::{self, BackupOptions, NoProgress, RestoreOptions};
+use cairn_vault::maint::GcOptions;
 use cairn_vault::{LocalVault, Repository, Vault, VaultError};
 
 use super::{backup, flip_byte_in_a_container, image, restore, vault, walk};
@@ -176,7 +177,7 @@ fn one_unreadable_manifest_blocks_nothing_else_and_can_be_forgotten() {
     assert!(!rep.ok());
     assert!(rep.per_snapshot.iter().any(|s| s.id == id && !s.ok));
     // GC keeps the damaged snapshot's data (its recipe root is still legible).
-    let plan = v.gc(false).unwrap();
+    let plan = v.gc(&GcOptions::run()).unwrap();
     assert_eq!(plan.damaged_snapshots_kept, 1);
     // Repair writes the manifest again from its recipe: it restores bit-exact.
     let rep = cairn_vault::maint::repair(&v.repo, false).unwrap();
@@ -186,11 +187,11 @@ fn one_unreadable_manifest_blocks_nothing_else_and_can_be_forgotten() {
     // Damaged beyond repair: forgotten by its id, and everything else goes on.
     std::fs::write(&path, b"{ not json").unwrap();
     assert!(
-        v.gc(true).is_err(),
+        v.gc(&GcOptions::dry_run()).is_err(),
         "GC refuses while a damaged manifest names no recipe"
     );
     assert_eq!(v.forget(std::slice::from_ref(&id)).unwrap().len(), 1);
-    assert!(v.gc(false).unwrap().executed);
+    assert!(v.gc(&GcOptions::run()).unwrap().executed);
     assert_eq!(restore(&v, "b", dir.path()), b);
     assert!(v.verify(true).unwrap().ok());
 }
@@ -227,7 +228,7 @@ fn a_new_backup_heals_damaged_segments_for_every_snapshot() {
         "the damaged copy is superseded: {rep:?}"
     );
     // GC collects the damaged copy; then the repository verifies clean.
-    let plan = v.gc(false).unwrap();
+    let plan = v.gc(&GcOptions::run()).unwrap();
     let rep = v.verify(true).unwrap();
     assert!(rep.ok(), "{plan:?} {rep:?}");
     assert_eq!(restore(&v, &s1.id.to_string(), dir.path()), img);
@@ -279,7 +280,7 @@ fn gc_collects_copies_stored_twice_by_concurrent_backups() {
     let v = reopen(dir.path());
     let twice = stored_bytes(dir.path());
     v.repo.forget(&v.find("c1").unwrap().id).unwrap();
-    v.gc(false).unwrap();
+    v.gc(&GcOptions::run()).unwrap();
     let after = stored_bytes(dir.path());
     assert!(
         after * 10 < twice * 6,
@@ -302,10 +303,10 @@ fn gc_after_an_interrupted_gc_leaves_no_duplicate_container() {
     std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
     std::fs::copy(&src, &dst).unwrap();
     let v = reopen(dir.path());
-    let plan = v.gc(false).unwrap();
+    let plan = v.gc(&GcOptions::run()).unwrap();
     assert_eq!(plan.delete.len(), 1, "{plan:?}");
     assert_eq!(stored_bytes(dir.path()), before);
-    assert_eq!(v.gc(false).unwrap().delete.len(), 0);
+    assert_eq!(v.gc(&GcOptions::run()).unwrap().delete.len(), 0);
     assert_eq!(restore(&v, "a", dir.path()), a);
     assert_eq!(restore(&v, "b", dir.path()), b);
 }
@@ -326,7 +327,7 @@ fn gc_removes_leftovers_of_interrupted_writes() {
         .unwrap()
         .set_modified(long_ago)
         .unwrap();
-    let plan = v.gc(false).unwrap();
+    let plan = v.gc(&GcOptions::run()).unwrap();
     assert_eq!(plan.leftovers_removed, 1);
     assert!(
         !old.exists() && young.exists(),

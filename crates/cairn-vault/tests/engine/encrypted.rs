@@ -4,7 +4,7 @@
 use cairn_chunk::wrap::KdfParams;
 use cairn_types::{Extent, ExtentList};
 use cairn_vault::keys::Secret;
-use cairn_vault::maint::PruneOptions;
+use cairn_vault::maint::{GcOptions, PruneOptions};
 use cairn_vault::{Credential, FirstKey, InitOptions, LocalVault, Repository, Vault, VaultError};
 
 use super::{backup, image, restore};
@@ -68,7 +68,7 @@ fn incrementals_and_keyless_prune_gc_verify() {
         .unwrap();
     assert_eq!(plan.forget.len(), 1);
     assert_eq!(plan.forget[0].0, s1.id);
-    let gc = keyless.gc(false).unwrap();
+    let gc = keyless.gc(&GcOptions::run()).unwrap();
     assert!(gc.executed && gc.snapshots == 1);
     assert!(keyless.verify(true).unwrap().ok());
 

@@ -4,10 +4,11 @@ use std::path::Path;
 
 use cairn_types::{Extent, ExtentList};
 use cairn_vault::imager::{self, BackupOptions, NoProgress, RestoreOptions};
-use cairn_vault::maint::{GcPlan, PruneOptions};
+use cairn_vault::maint::{GcOptions, GcPlan, PruneOptions};
 use cairn_vault::{InitOptions, LocalVault, Repository, Vault};
 use rand::{RngCore, SeedableRng};
 
+mod beside_gc;
 mod damage;
 mod encrypted;
 mod flips;
@@ -288,7 +289,7 @@ fn gc_frees_forgotten_data_and_keeps_live_data() {
     let b = image(4 << 20, 8);
     backup(&v, &a, dir.path(), "a", None, None);
     let sb = backup(&v, &b, dir.path(), "b", None, None);
-    let plan = v.gc(true).unwrap();
+    let plan = v.gc(&GcOptions::dry_run()).unwrap();
     assert!(plan.delete.is_empty() && plan.repack.is_empty() && !plan.executed);
     let plan = forget_a_and_gc(&v, dir.path(), &sb.id.to_string(), &b);
     assert!(
@@ -301,7 +302,7 @@ fn gc_frees_forgotten_data_and_keeps_live_data() {
 /// restores to `want`, also after reopening (the index matches the store).
 fn forget_a_and_gc(v: &LocalVault, dir: &Path, keep: &str, want: &[u8]) -> GcPlan {
     v.repo.forget(&v.find("a").unwrap().id).unwrap();
-    let plan = v.gc(false).unwrap();
+    let plan = v.gc(&GcOptions::run()).unwrap();
     assert!(plan.executed, "{plan:?}");
     assert!(v.verify(true).unwrap().ok());
     assert_eq!(restore(v, keep, dir), want);

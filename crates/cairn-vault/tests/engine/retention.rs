@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cairn_vault::maint::PruneOptions;
+use cairn_vault::maint::{GcOptions, PruneOptions};
 use cairn_vault::retention::RetentionPolicy;
 use cairn_vault::{Vault, VaultError};
 
@@ -86,7 +86,7 @@ fn a_locked_snapshot_cannot_be_forgotten_pruned_or_collected_and_a_lock_only_gro
 
     // GC keeps its data (and leaves its containers whole); it still restores.
     v.forget(&[s2.id.to_string()]).unwrap();
-    let gc = v.gc(false).unwrap();
+    let gc = v.gc(&GcOptions::run()).unwrap();
     assert!(gc.locked_containers >= 1, "{gc:?}");
     assert_eq!(restore(&v, &spec, dir.path()), img);
 
@@ -120,7 +120,7 @@ fn an_expired_lock_lets_the_snapshot_go_and_gc_collects_its_protected_containers
         v.locks().unwrap().is_empty(),
         "the expired lock goes with it"
     );
-    let gc = v.gc(false).unwrap();
+    let gc = v.gc(&GcOptions::run()).unwrap();
     assert!(!gc.delete.is_empty(), "{gc:?}");
     assert!(walk(&dir.path().join("repo/containers")).is_empty());
 }

@@ -600,7 +600,7 @@ impl ObjectStore for S3Store {
             let (items, next) = xml::list_page(&text).map_err(|m| {
                 StoreError::new(StoreErrorKind::Other, prefix, format!("S3 list: {m}"))
             })?;
-            for (k, size) in items {
+            for (k, size, modified) in items {
                 let Some(rel) = k.strip_prefix(&self.root) else {
                     continue;
                 };
@@ -609,7 +609,11 @@ impl ObjectStore for S3Store {
                 }
                 // Keys written by others that are not ours to name are skipped.
                 if let Ok(key) = Key::new(rel) {
-                    out.push(ObjectMeta { key, size });
+                    out.push(ObjectMeta {
+                        key,
+                        size,
+                        modified,
+                    });
                 }
             }
             match next {

@@ -62,8 +62,15 @@ pub fn unescape(s: &str) -> String {
     out
 }
 
-/// One page of a listing: (key, size) pairs, and the token of the next page.
-pub type ListPage = (Vec<(String, u64)>, Option<String>);
+/// One page of a listing: (key, size, last modified) of each object, and the token of the
+/// next page.
+pub type ListPage = (Vec<(String, u64, Option<u64>)>, Option<String>);
+
+/// Unix seconds of an S3 time stamp (`2026-12-03T13:04:05.000Z`).
+fn s3_time(s: &str) -> Option<u64> {
+    let whole = s.trim().split('.').next()?.trim_end_matches('Z');
+    cairn_types::time::parse_utc(&format!("{whole}Z")).ok()
+}
 
 /// Reads one page of `ListObjectsV2`.
 pub fn list_page(xml: &str) -> Result<ListPage, String> {
@@ -73,7 +80,8 @@ pub fn list_page(xml: &str) -> Result<ListPage, String> {
         let size = first(c, "Size")
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| format!("listed object {key} without a size"))?;
-        items.push((key, size));
+        let modified = first(c, "LastModified").and_then(|t| s3_time(&t));
+        items.push((key, size, modified));
     }
     let truncated = first(xml, "IsTruncated").is_some_and(|t| t.trim() == "true");
     let next = if truncated {
@@ -96,11 +104,17 @@ mod tests {
         let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
 <ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>
 <Contents><Key>p/a&amp;b</Key><LastModified>x</LastModified><Size>12</Size></Contents>
-<Contents><Key>p/c</Key><Size>0</Size></Contents>
+<Contents><Key>p/c</Key><LastModified>2026-12-03T13:04:05.123Z</LastModified><Size>0</Size></Contents>
 <IsTruncated>true</IsTruncated><NextContinuationToken>t&lt;1&#x3e;</NextContinuationToken>
 </ListBucketResult>"#;
         let (items, next) = list_page(xml).unwrap();
-        assert_eq!(items, vec![("p/a&b".into(), 12), ("p/c".into(), 0)]);
+        assert_eq!(
+            items,
+            vec![
+                ("p/a&b".into(), 12, None),
+                ("p/c".into(), 0, Some(1_796_303_045))
+            ]
+        );
         assert_eq!(next.as_deref(), Some("t<1>"));
         let (items, next) =
             list_page("<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>")
