@@ -1,11 +1,11 @@
 //! The backup catalog: what the backup server knows about VMs, backups, metadata snapshots,
-//! jobs, schedules and retention.
+//! jobs, schedules, retention and which server is active.
 //!
 //! | piece | where |
 //! |---|---|
 //! | schema, forward-only migrations | `migrations/NNNN_*.sql`, applied when a [`Catalog`] opens |
 //! | typed rows | [`model`] |
-//! | queries | [`Catalog`]: VMs, metadata and backups (`backups.rs`), jobs, schedules and retention (`jobs.rs`) |
+//! | queries | [`Catalog`]: VMs, metadata and backups (`backups.rs`), jobs, schedules and retention (`jobs.rs`), leader leases ([`lease`]) |
 //! | databases | SQLite (a file, the default) or PostgreSQL (a `postgresql://` URL), behind one small backend interface (`backend.rs`, `pg.rs`) |
 //!
 //! Invariants:
@@ -24,7 +24,8 @@
 //! - **PostgreSQL: one connection per [`Catalog`]**, checked after [`POSTGRES_IDLE_CHECK`]
 //!   idle and replaced when the server closed it; a connection lost during a statement is
 //!   [`CatalogError::ConnectionLost`], never a silent retry (the statement may have been
-//!   applied), and the next call reconnects.
+//!   applied), and the next call reconnects. Several servers may share the database; a
+//!   [`lease`] decides which one is active.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -35,10 +36,12 @@ use rusqlite::Connection;
 mod backend;
 mod backups;
 mod jobs;
+pub mod lease;
 pub mod model;
 mod pg;
 
 use backend::{Backend, Exec, Sqlite, args};
+pub use lease::Lease;
 pub use model::*;
 pub use pg::IDLE_CHECK as POSTGRES_IDLE_CHECK;
 
@@ -80,6 +83,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "backup_volumes",
         include_str!("../migrations/0002_backup_volumes.sql"),
     ),
+    (3, "leader", include_str!("../migrations/0003_leader.sql")),
 ];
 
 /// Whether `location` names a PostgreSQL database (`postgresql://` or `postgres://`).
@@ -238,8 +242,8 @@ impl Catalog {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether other processes may work on this catalog at the same time (PostgreSQL). An
-    /// SQLite file has one server.
+    /// Whether other processes may work on this catalog at the same time (PostgreSQL): they
+    /// then take turns being active through a [`lease`]. An SQLite file has one server.
     pub fn shared(&self) -> bool {
         self.shared
     }

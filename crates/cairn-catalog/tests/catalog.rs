@@ -503,6 +503,57 @@ fn schedules_and_retention() {
     });
 }
 
+#[test]
+fn leases_have_one_holder_until_they_lapse() {
+    on_each_db("leases_have_one_holder_until_they_lapse", |db| {
+        let c = db.open();
+        assert_eq!(c.lease("server").unwrap(), None);
+        assert!(c.acquire_lease("server", "a", 1_000, 10_000).unwrap());
+        assert!(!c.acquire_lease("server", "b", 5_000, 10_000).unwrap());
+        // A renewal moves the expiry, not the start.
+        assert!(c.acquire_lease("server", "a", 5_000, 10_000).unwrap());
+        let held = Lease {
+            name: "server".into(),
+            holder: "a".into(),
+            since_ms: 1_000,
+            expires_ms: 15_000,
+        };
+        assert_eq!(c.lease("server").unwrap(), Some(held));
+        assert!(!c.acquire_lease("server", "b", 14_999, 10_000).unwrap());
+        assert!(c.acquire_lease("server", "b", 15_000, 10_000).unwrap());
+        assert!(!c.acquire_lease("server", "a", 15_001, 10_000).unwrap());
+        let l = c.lease("server").unwrap().unwrap();
+        assert_eq!((l.holder.as_str(), l.since_ms), ("b", 15_000));
+        // Leases of other names are their own.
+        assert!(c.acquire_lease("other", "a", 15_001, 10_000).unwrap());
+        assert!(!c.release_lease("server", "a").unwrap());
+        assert!(c.release_lease("server", "b").unwrap());
+        assert!(c.acquire_lease("server", "a", 15_002, 10_000).unwrap());
+    });
+}
+
+#[test]
+fn contenders_at_once_get_one_lease() {
+    on_each_db("contenders_at_once_get_one_lease", |db| {
+        drop(db.open());
+        let start = Barrier::new(6);
+        let won: Vec<bool> = std::thread::scope(|s| {
+            let contenders: Vec<_> = (0..6)
+                .map(|i| {
+                    let (c, start) = (db.open(), &start);
+                    s.spawn(move || {
+                        start.wait();
+                        c.acquire_lease("server", &format!("holder-{i}"), 1_000, 10_000)
+                            .unwrap()
+                    })
+                })
+                .collect();
+            contenders.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    });
+}
+
 /// A job as the server records it, finished with `result`.
 fn prune_job(c: &Catalog, id: &str, result: &JobResult) {
     c.insert_job(&JobRecord {
