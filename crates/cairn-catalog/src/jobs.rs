@@ -156,6 +156,22 @@ impl Catalog {
         Ok(())
     }
 
+    /// Moves a queued job to `running`, as one conditional update. Returns false when the job
+    /// is not queued (another worker or server started it, it was cancelled or finished): of
+    /// two servers starting one job, exactly one gets `true`.
+    pub fn start_job(&self, id: &str) -> Result<bool> {
+        let n = self.db().execute(
+            "UPDATE jobs SET state = $1, started_ms = $2 WHERE id = $3 AND state = $4",
+            args![
+                JobState::Running.as_str(),
+                now_ms(),
+                id,
+                JobState::Queued.as_str()
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Replaces the list of resources a job holds (written before each is acquired).
     pub fn set_job_holds(&self, id: &str, holds: &[Hold]) -> Result<()> {
         self.db().execute(

@@ -148,6 +148,9 @@ impl Postgres {
             config.keepalives_interval(Duration::from_secs(5));
             config.keepalives_retries(3);
         }
+        // Notices (CREATE TABLE IF NOT EXISTS's "already exists, skipping") would go to the
+        // client's log at info level: the catalog's own business.
+        config.notice_callback(|_| {});
         if config.get_application_name().is_none() {
             config.application_name("cairn");
         }

@@ -374,8 +374,8 @@ fn jobs_events_and_cancel() {
             ..job("aaaa000000000001", "backup", JobState::Queued)
         };
         c.insert_job(&j).unwrap();
-        c.set_job_state(&j.id, JobState::Running, None, None)
-            .unwrap();
+        assert!(c.start_job(&j.id).unwrap());
+        assert!(!c.start_job(&j.id).unwrap(), "started once only");
         c.set_job_holds(
             &j.id,
             &[Hold::VmSnapshot {
