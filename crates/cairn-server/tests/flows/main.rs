@@ -36,6 +36,7 @@ pub struct Setup {
 
 pub fn config(dir: &Path) -> ServerConfig {
     ServerConfig {
+        catalog: None,
         state_dir: dir.join("server"),
         metadata_dir: None,
         vault: VaultTarget {
