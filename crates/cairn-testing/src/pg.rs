@@ -259,7 +259,18 @@ impl PgServer {
 
     /// Restarts the server (fast shutdown: clients are disconnected), same port and data.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected); [`Self::start_again`]
+    /// brings it back.
+    pub fn stop(&mut self) {
         self.stop_server();
+    }
+
+    /// Starts a stopped server again, same port and data.
+    pub fn start_again(&mut self) {
         // The watchdog reads the new PID from the pid file when it needs it.
         self.pid = start_postmaster(&self.bin, &self.dir, self.port);
     }
