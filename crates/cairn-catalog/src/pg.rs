@@ -184,7 +184,6 @@ impl Postgres {
         {
             self.client = None;
         }
-        self.used = Instant::now();
         if self.client.is_none() {
             let c = self
                 .config
@@ -224,7 +223,9 @@ impl Postgres {
 
     fn run<T>(&mut self, op: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
         let c = self.live()?;
-        op(c).map_err(|e| self.failed(e))
+        let out = op(c).map_err(|e| self.failed(e));
+        self.used = Instant::now();
+        out
     }
 }
 

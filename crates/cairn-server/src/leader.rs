@@ -166,10 +166,14 @@ pub(crate) fn start(server: &Arc<Server>, lease_catalog: Catalog) -> Result<()> 
     match renew(server, &lease_catalog) {
         Ok(true) => {
             tracing::info!("active: this server ({}) holds the lease", server.leader.me);
-            activate(server)?;
+            if let Err(e) = activate(server) {
+                step_down(server);
+                return Err(e);
+            }
             holding = true;
         }
-        Ok(false) => tracing::info!("{}", server.leader.standby_message(&server.catalog)),
+        // Said at the default log level: a standby does nothing visible until it takes over.
+        Ok(false) => tracing::warn!("{}", server.leader.standby_message(&server.catalog)),
         Err(e) => tracing::warn!("standby: cannot take the lease: {e}"),
     }
     let server = Arc::clone(server);
@@ -195,10 +199,17 @@ fn contend(server: &Arc<Server>, lease_catalog: &Catalog, holding: bool) -> bool
     match renew(server, lease_catalog) {
         Ok(true) if holding && was_active => true,
         Ok(true) => {
-            tracing::warn!(
-                "active: this server ({}) holds the lease now; recovering jobs as at a start",
-                l.me
-            );
+            if holding {
+                tracing::warn!(
+                    "active again: the lease was renewed only after this server's deadline \
+                     (it started no job meanwhile); recovering jobs as at a start"
+                );
+            } else {
+                tracing::warn!(
+                    "active: this server ({}) holds the lease now; recovering jobs as at a start",
+                    l.me
+                );
+            }
             match activate(server) {
                 Ok(()) => true,
                 Err(e) => {
