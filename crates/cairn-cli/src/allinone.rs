@@ -196,6 +196,7 @@ pub fn start(
     let sv_state = state.join("server");
     let server = Server::start(
         ServerConfig {
+            catalog: None,
             state_dir: sv_state.clone(),
             metadata_dir: None,
             vault,

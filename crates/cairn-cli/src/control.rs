@@ -157,9 +157,15 @@ fn create_vault(dir: &Path, key: Option<&Path>) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// Catalog (`catalog.db`), metadata store, certificate, token, `connection.json`.
+    /// Catalog (`catalog.db`, unless --catalog), metadata store, certificate, token,
+    /// `connection.json`.
     #[arg(long)]
     state_dir: PathBuf,
+    /// The catalog: a PostgreSQL database, `postgresql://USER[:PASSWORD]@HOST[:PORT]/DB`
+    /// (no TLS), instead of the SQLite file STATE/catalog.db. Several servers may share one:
+    /// one is active, the others wait on standby and take over within seconds when it stops.
+    #[arg(long, env = "CAIRN_CATALOG", value_parser = postgres_url)]
+    catalog: Option<String>,
     #[arg(long, default_value = "127.0.0.1:8440")]
     listen: SocketAddr,
     #[arg(long)]
@@ -179,6 +185,14 @@ pub struct ServerArgs {
     /// Do not save VM execution state into metadata snapshots.
     #[arg(long)]
     no_state: bool,
+}
+
+fn postgres_url(s: &str) -> Result<String, String> {
+    if cairn_catalog::is_postgres_url(s) {
+        Ok(s.to_string())
+    } else {
+        Err("a postgresql:// URL (without --catalog: the SQLite file STATE/catalog.db)".into())
+    }
 }
 
 /// Writes `STATE/connection.json`, which the CLI reads with `--connect`.
@@ -213,6 +227,7 @@ pub fn run_server(a: ServerArgs) -> Result<ExitCode> {
     )?;
     let server = Server::start(
         ServerConfig {
+            catalog: a.catalog.clone(),
             state_dir: a.state_dir.clone(),
             metadata_dir: a.metadata_dir.clone(),
             vault: a.vault.target(&a.state_dir.join(VAULT_KEY_FILE))?,
@@ -228,12 +243,17 @@ pub fn run_server(a: ServerArgs) -> Result<ExitCode> {
         a.state_dir.clone(),
         a.listen,
     );
-    serve_until_signal("backup server", creds, move |tls, token| async move {
+    let stopping = Arc::clone(&server);
+    let served = serve_until_signal("backup server", creds, move |tls, token| async move {
         let rule = cairn_server::service::access_rule();
         let access = cairn_http::access::Access::from_state("server", &token, &state, rule)?;
         let r = cairn_server::service::serve_with(server, listen, tls, Arc::new(access)).await?;
         write_connection(&state, &format!("https://{}", r.0), &fp, &tf)
             .map_err(std::io::Error::other)?;
         Ok(r)
-    })
+    });
+    // A standby sharing the catalog takes over at once instead of waiting for the lease to
+    // lapse.
+    cairn_server::leader::step_down(&stopping);
+    served
 }

@@ -87,6 +87,10 @@ impl App for Server {
         release(self, hold)
     }
 
+    fn active(&self) -> bool {
+        self.leader.is_active()
+    }
+
     fn describe(&self, h: &Hold) -> String {
         match h {
             Hold::VmSnapshot { vm, snapshot } => format!("VM snapshot {snapshot} of {vm}"),

@@ -7,7 +7,7 @@
 //!              (JobKind)    queue, workers,         │ steps ─┬─► manager ─► host agents (snapshots)
 //!                           holds, log, cancel      │        ├─► storage agents ─► vault (disk data)
 //!                             │                     │        └─► metadata store (config, state, usage)
-//!                             └─► catalog (SQLite) ◄┘
+//!                             └─► catalog ◄─────────┘   (SQLite or PostgreSQL)
 //! ```
 //!
 //! | module | holds |
@@ -21,6 +21,7 @@
 //! | [`files`] | the file catalog: the `index` flow, browsing, single-file restore |
 //! | [`meta`] | the metadata store (paired metadata snapshots) |
 //! | [`schedule`] | schedules and retention |
+//! | [`leader`] | which server is active when several share a PostgreSQL catalog: the lease, takeover, standby |
 //! | [`service`] | the REST API (`docs/openapi.yaml`) |
 //!
 //! Invariants:
@@ -34,6 +35,11 @@
 //!   is left.
 //! - **A backup is recorded only once every disk is committed** in the vault, in one
 //!   catalog transaction.
+//! - **One active server per catalog.** The catalog is `STATE/catalog.db` (SQLite, one
+//!   server) or, with [`ServerConfig::catalog`] (`cairn server --catalog postgresql://...`),
+//!   a PostgreSQL database that several servers share: only the holder of the catalog's
+//!   lease runs jobs and schedules and accepts changes; the others are standbys that answer
+//!   reads, refuse changes with `503`, and take over when the lease lapses ([`leader`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +58,7 @@ pub mod files;
 pub mod group;
 mod guest_restore;
 pub mod jobs;
+pub mod leader;
 pub mod meta;
 pub mod restore;
 pub mod schedule;
@@ -140,8 +147,12 @@ impl ServerError {
 /// How the server is set up.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// `catalog.db`, `metadata/` (the metadata store unless `metadata_dir` is set).
+    /// `catalog.db` (unless `catalog` is set), `metadata/` (the metadata store unless
+    /// `metadata_dir` is set), the certificate authority, the file index.
     pub state_dir: PathBuf,
+    /// The catalog: `None` is the SQLite file `STATE/catalog.db`; a `postgresql://` URL is a
+    /// PostgreSQL database, which several servers may share (one is active: [`leader`]).
+    pub catalog: Option<String>,
     /// The metadata store (paired metadata snapshots), apart from the vault.
     pub metadata_dir: Option<PathBuf>,
     /// The vault every backup goes to, as handed to storage agents.
@@ -171,6 +182,10 @@ pub struct Server {
     /// The certificate authority of the deployment (`STATE/ca`): issues each agent its
     /// certificate for a join token ([`cairn_http::ca`]).
     pub ca: Arc<cairn_http::ca::Ca>,
+    /// Whether this server is the active one ([`leader`]).
+    pub leader: leader::Leadership,
+    /// The workers and the scheduler start once, when the server first becomes active.
+    workers_started: std::sync::Once,
 }
 
 impl std::fmt::Debug for Server {
@@ -182,8 +197,8 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Opens the catalog and the metadata store, recovers jobs a previous process left, and
-    /// starts the workers and the scheduler.
+    /// Opens the catalog and the metadata store; once active ([`leader`]: at once on SQLite),
+    /// recovers jobs a previous process left and starts the workers and the scheduler.
     pub fn start(config: ServerConfig, manager: impl ManagerApi + 'static) -> Result<Arc<Self>> {
         Self::start_with(config, Arc::new(manager), Arc::new(HttpConnector))
     }
@@ -200,7 +215,13 @@ impl Server {
             path: config.state_dir.clone(),
             source,
         })?;
-        let catalog = Arc::new(Catalog::open(&config.state_dir.join("catalog.db"))?);
+        let open = || match &config.catalog {
+            Some(url) => Catalog::open_url(url),
+            None => Catalog::open(&config.state_dir.join("catalog.db")),
+        };
+        let catalog = Arc::new(open()?);
+        // Lease renewals on a connection of their own: never queued behind a job's statements.
+        let lease_catalog = catalog.shared().then(open).transpose()?;
         let meta_dir = config
             .metadata_dir
             .clone()
@@ -212,6 +233,7 @@ impl Server {
         }
         let ca = cairn_http::ca::Ca::open_or_create(&config.state_dir.join("ca"))
             .map_err(|e| ServerError::Ca(e.to_string()))?;
+        let leader = leader::Leadership::new(&catalog);
         let server = Arc::new(Self {
             ca: Arc::new(ca),
             files,
@@ -223,15 +245,13 @@ impl Server {
             manager,
             agents,
             disk_bytes: AtomicU64::new(0),
+            leader,
+            workers_started: std::sync::Once::new(),
         });
-        engine::recover(&*server)?;
-        // Metadata snapshots of backups that never got recorded (no job runs yet, so every one
-        // without a backup is an orphan).
-        for m in server.catalog.orphan_metadata()? {
-            let _ = server.meta.remove(&server.catalog, &m);
+        match lease_catalog {
+            Some(c) => leader::start(&server, c)?,
+            None => leader::activate(&server)?,
         }
-        engine::start(&server);
-        schedule::start_scheduler(&server);
         Ok(server)
     }
 

@@ -99,6 +99,9 @@ pub(crate) fn start_scheduler(server: &Arc<Server>) {
         .spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_secs(1));
+                if !s.leader.is_active() {
+                    continue;
+                }
                 let Ok(list) = s.catalog.schedules() else {
                     continue;
                 };

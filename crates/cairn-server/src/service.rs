@@ -441,6 +441,28 @@ async fn crl(State(s): State<Shared>) -> ApiResult<Response> {
     Ok(([("content-type", "application/pkix-crl")], pem).into_response())
 }
 
+/// `GET /v1/leader`: whether this server is the active one ([`crate::leader`]).
+async fn leader(State(s): State<Shared>) -> ApiResult<Response> {
+    blocking(StatusCode::OK, move || s.leader.status(&s.catalog)).await
+}
+
+/// Middleware: a standby server ([`crate::leader`]) answers reads and refuses every change
+/// with `503` naming the active server; joining stays open (the CA is this server's own).
+async fn standby_refuses_changes(
+    State(s): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD);
+    if reads || req.uri().path() == "/v1/join" || s.leader.is_active() {
+        return next.run(req).await;
+    }
+    let message = tokio::task::spawn_blocking(move || s.leader.standby_message(&s.catalog))
+        .await
+        .unwrap_or_else(|e| format!("standby: {e}"));
+    ApiError::new(cairn_http::ErrorKind::Unavailable, message).into_response()
+}
+
 async fn stats(State(s): State<Shared>) -> ApiResult<Response> {
     blocking(StatusCode::OK, move || Ok(s.data_path())).await
 }
@@ -497,6 +519,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
 pub fn router_with(server: Arc<Server>, access: Arc<Access>) -> Router {
     let api = cairn_http::access::with_access(
         Router::new()
+            .route("/v1/leader", get(leader))
             .route("/v1/vms", get(vms))
             .route("/v1/backups", get(backups).post(start_backup))
             .route("/v1/backups/{id}", get(backup))
@@ -519,7 +542,12 @@ pub fn router_with(server: Arc<Server>, access: Arc<Access>) -> Router {
             .route("/v1/files/restore-guest", post(files_restore_guest))
             .route("/v1/stats", get(stats))
             .route("/v1/join", post(join))
-            .route("/v1/ca/crl", get(crl)),
+            .route("/v1/ca/crl", get(crl))
+            // Inside the access check: an unauthenticated caller learns nothing of the lease.
+            .layer(axum::middleware::from_fn_with_state(
+                server.clone(),
+                standby_refuses_changes,
+            )),
         access,
     )
     .with_state(server);

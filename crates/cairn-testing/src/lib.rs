@@ -1,6 +1,8 @@
 //! Test doubles for the control plane: a fake host agent ([`FakeHost`]), storage agent
 //! ([`FakeStorage`]) and manager ([`FakeManager`]) behind the `cairn-api` traits, and a
 //! connector ([`FakeAgents`]) that hands them out by agent name. No network, no QEMU.
+//! Beside them, real servers on loopback for the tests that need one: S3 ([`s3`]) and
+//! PostgreSQL ([`pg`]).
 //!
 //! A dev-dependency only (`scripts/layering.txt` refuses it as a normal dependency).
 //!
@@ -22,6 +24,7 @@ use cairn_http::{ApiError, ClientError, ErrorKind};
 
 mod agents;
 mod manager;
+pub mod pg;
 pub mod s3;
 mod storage;
 

@@ -124,6 +124,27 @@ pub struct RestoreFileIntoGuest {
     pub overwrite: bool,
 }
 
+/// Answer of `GET /v1/leader`: whether this server is the active one. Servers sharing one
+/// PostgreSQL catalog take turns through a lease: the active one runs jobs and schedules and
+/// accepts changes; a standby answers reads and refuses changes with `503`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderStatus {
+    /// This server runs jobs and accepts changes.
+    pub active: bool,
+    /// This server's name in the lease (`HOST pid PID #RANDOM`).
+    pub me: String,
+    /// Whether the catalog may be shared (PostgreSQL), so that a lease decides which server
+    /// is active; on SQLite the only server is always active.
+    pub shared: bool,
+    /// The lease's holder as stored (it may have lapsed); none before any server took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// When the holder's lease lapses unless renewed (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
+}
+
 /// Answer of `GET /v1/stats`: the data-path proof — disk-data bytes through the server (by
 /// design 0) next to each storage agent's counters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

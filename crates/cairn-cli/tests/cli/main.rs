@@ -1,5 +1,6 @@
 //! The `cairn` CLI against a directory repository and against a vault service running in
-//! another process on loopback: the acceptance interface of the vault.
+//! another process on loopback: the acceptance interface of the vault. Also services started
+//! as processes: agents, and two servers sharing a PostgreSQL catalog (`leader`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -8,6 +9,7 @@ use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
 mod encryption;
+mod leader;
 mod repair;
 mod s3;
 mod security;

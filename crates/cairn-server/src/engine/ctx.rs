@@ -53,9 +53,15 @@ impl<'a, A: App> JobCtx<'a, A> {
     }
 
     /// A step boundary: writes the log, then fails with [`ServerError::Cancelled`] when a
-    /// cancel was requested.
+    /// cancel was requested, or with [`ServerError::Failed`] when the application stopped
+    /// being active (a server that lost its leader lease: the active one recovers the job).
     pub fn check_cancel(&self) -> Result<()> {
         self.flush();
+        if !self.app.active() {
+            return Err(ServerError::Failed(
+                "this server stopped being the active one (leader lease lost)".into(),
+            ));
+        }
         if self.engine.catalog.cancel_requested(&self.id)? {
             return Err(ServerError::Cancelled);
         }

@@ -21,10 +21,15 @@
 //!   transaction ([`events`]), within [`events::FLUSH_EVERY`], at each step boundary, and
 //!   always before the job's final state is written.
 //! - **Cancel is cooperative**: flows call [`JobCtx::check_cancel`] between steps.
-//! - On start, [`recover`] fails every job a previous process left `running` (after
-//!   releasing its holds) and queues the `queued` ones again.
+//! - **Only an active application starts jobs** ([`App::active`]: a standby server, or one
+//!   that lost its leader lease, is not): workers leave queued jobs queued, and running
+//!   flows stop at their next step boundary. Starting a job is one conditional catalog
+//!   update (`queued` → `running`), so two workers or two servers never run one job.
+//! - On start, and whenever a server becomes active, [`recover`] fails every job left
+//!   `running` by a process that stopped (after releasing its holds) and queues the
+//!   `queued` ones again. Jobs this process is still running are left alone.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -57,6 +62,11 @@ pub trait App: Send + Sync + Sized + 'static {
     fn release(&self, hold: &Hold) -> Result<()>;
     /// A held resource, as a log line names it.
     fn describe(&self, hold: &Hold) -> String;
+    /// Whether jobs may start now (see the module doc); always, unless several processes
+    /// share the catalog.
+    fn active(&self) -> bool {
+        true
+    }
 }
 
 /// A job to submit.
@@ -81,6 +91,8 @@ pub struct Engine<A> {
     admit: Mutex<()>,
     /// Serializes releases of finished jobs' holds (each is released once).
     leftovers: Mutex<()>,
+    /// The jobs this process's workers run now.
+    running: Mutex<BTreeSet<JobId>>,
     events: EventLog,
 }
 
@@ -105,6 +117,7 @@ impl<A: App> Engine<A> {
             ready: Condvar::new(),
             admit: Mutex::new(()),
             leftovers: Mutex::new(()),
+            running: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -201,29 +214,66 @@ impl<A: App> Engine<A> {
         }
     }
 
-    /// Runs one queued job to its final state.
-    fn run_one(&self, app: &A, id: &str) {
+    /// Empties the in-memory queue (the catalog keeps the queued jobs for [`recover`]).
+    pub(crate) fn clear_queue(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeSet<JobId>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one queued job to its final state, unless the application is not active or the
+    /// job is no longer queued.
+    fn run_one(&self, app: &A, id: &JobId) {
+        if !app.active() {
+            // Left queued in the catalog: the active server (this one again, maybe) queues
+            // it when it recovers.
+            return;
+        }
         let job = match self.catalog.job(id) {
             Ok(j) => j,
-            Err(e) => {
-                tracing::error!("job {id}: {e}");
-                return;
+            Err(e @ cairn_catalog::CatalogError::NotFound(_)) => {
+                return tracing::error!("job {id}: {e}");
             }
+            Err(e) => return self.retry_later(id, &e.into()),
         };
+        if job.state != JobState::Queued {
+            return;
+        }
         if job.cancel_requested {
             let _ =
                 self.catalog
                     .set_job_state(&job.id, JobState::Cancelled, Some("cancelled"), None);
             return;
         }
-        let _ = self
-            .catalog
-            .set_job_state(&job.id, JobState::Running, None, None);
+        // Marked ours before the catalog says `running`: a recovery in between must not
+        // take it for a job a stopped process left.
+        self.running().insert(job.id.clone());
+        match self.catalog.start_job(&job.id) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.running().remove(&job.id);
+                return;
+            }
+            Err(e) => {
+                self.running().remove(&job.id);
+                return self.retry_later(id, &e.into());
+            }
+        }
         let ctx = JobCtx::new(app, &job);
         ctx.info("started");
         release_leftovers(app);
         let outcome = self.run_flow(&ctx, &job);
         self.finish(&ctx, outcome);
+        self.running().remove(&job.id);
+    }
+
+    /// Queues `id` again after a pause: the catalog could not be read or written.
+    fn retry_later(&self, id: &JobId, e: &ServerError) {
+        tracing::error!("job {id}: not started: {}; trying again", e.chain());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        self.push(id.clone());
     }
 
     /// The flow's outcome; a flow that panics fails its job.
@@ -274,11 +324,15 @@ impl<A: App> Engine<A> {
     }
 }
 
-/// Fails the jobs a previous process left running (releasing their holds) and queues the
-/// queued ones again. Call before [`start`].
+/// Fails the jobs a stopped process left running (releasing their holds) and queues the
+/// queued ones again. Call before [`start`], and each time the application becomes active.
 pub fn recover<A: App>(app: &A) -> Result<()> {
     let engine = app.engine();
+    let mine = engine.running().clone();
     for j in engine.catalog.jobs_in(JobState::Running)? {
+        if mine.contains(&j.id) {
+            continue;
+        }
         let ctx = JobCtx::new(app, &j);
         ctx.release_all();
         let msg = "the server stopped while the job ran; what it held was released";
@@ -288,6 +342,7 @@ pub fn recover<A: App>(app: &A) -> Result<()> {
             .catalog
             .set_job_state(&j.id, JobState::Failed, Some(msg), None)?;
     }
+    engine.clear_queue();
     for j in engine.catalog.jobs_in(JobState::Queued)? {
         engine.push(j.id);
     }
@@ -316,7 +371,7 @@ pub fn start<A: App>(app: &Arc<A>) {
             for tick in 1u128.. {
                 std::thread::sleep(events::FLUSH_EVERY);
                 let _ = app.engine().events.flush();
-                if tick % leftovers_every == 0 {
+                if tick % leftovers_every == 0 && app.active() {
                     release_leftovers(&*app);
                 }
             }

@@ -1,5 +1,5 @@
 //! The engine alone, with a dummy flow: queue order, cancel, holds, panics, batched events,
-//! follow-up jobs, restart recovery.
+//! follow-up jobs, restart recovery, an application that stops and starts being active.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ struct TestApp {
     ran: Mutex<Vec<String>>,
     released: Mutex<Vec<Hold>>,
     release_fails: AtomicBool,
+    active: AtomicBool,
 }
 
 impl App for TestApp {
@@ -39,6 +40,10 @@ impl App for TestApp {
             Hold::StorageSnapshot { snapshot, .. } => format!("snapshot {snapshot}"),
             h => format!("{h:?}"),
         }
+    }
+
+    fn active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
     }
 }
 
@@ -140,6 +145,7 @@ fn app_on(catalog: Arc<Catalog>, workers: usize) -> Arc<TestApp> {
         ran: Mutex::default(),
         released: Mutex::default(),
         release_fails: AtomicBool::new(false),
+        active: AtomicBool::new(true),
     });
     recover(&*app).unwrap();
     start(&app);
@@ -451,4 +457,56 @@ fn a_batch_that_keeps_failing_is_written_line_by_line_and_the_good_lines_stay() 
     assert_eq!(app.messages(&good).last().map(String::as_str), Some("kept"));
     log.flush().unwrap();
     assert!(catalog.events("ffff00000000dead").unwrap().is_empty());
+}
+
+#[test]
+fn an_inactive_app_starts_no_job_and_its_running_flow_stops_at_its_next_step() {
+    let app = app();
+    let busy = app
+        .engine
+        .submit(dummy(
+            json!({ "name": "busy", "hold": ["s1"], "until_cancel": true }),
+        ))
+        .unwrap();
+    app.wait_for_line(&busy.id, "waiting");
+    // A server that lost its leader lease.
+    app.active.store(false, Ordering::SeqCst);
+    let queued = app
+        .engine
+        .submit(dummy(json!({ "name": "queued" })))
+        .unwrap();
+    let j = app.wait(&busy.id);
+    assert_eq!(j.state, JobState::Failed);
+    assert!(
+        j.error.as_deref().unwrap().contains("leader lease lost"),
+        "{j:?}"
+    );
+    assert_eq!(*app.released.lock().unwrap(), [snap("s1")]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(app.catalog.job(&queued.id).unwrap().state, JobState::Queued);
+    assert_eq!(*app.ran.lock().unwrap(), ["busy"]);
+    // Active again: recovery queues the job again, and it runs.
+    app.active.store(true, Ordering::SeqCst);
+    recover(&*app).unwrap();
+    assert_eq!(app.wait(&queued.id).state, JobState::Succeeded);
+    assert_eq!(*app.ran.lock().unwrap(), ["busy", "queued"]);
+}
+
+#[test]
+fn recovery_leaves_the_jobs_this_process_runs_alone() {
+    let app = app();
+    let busy = app
+        .engine
+        .submit(dummy(
+            json!({ "name": "busy", "hold": ["s1"], "until_cancel": true }),
+        ))
+        .unwrap();
+    app.wait_for_line(&busy.id, "waiting");
+    // What a server that becomes active again runs.
+    recover(&*app).unwrap();
+    assert_eq!(app.catalog.job(&busy.id).unwrap().state, JobState::Running);
+    assert!(app.released.lock().unwrap().is_empty());
+    app.engine.cancel(&busy.id).unwrap();
+    assert_eq!(app.wait(&busy.id).state, JobState::Cancelled);
+    assert_eq!(*app.ran.lock().unwrap(), ["busy"], "it ran once");
 }

@@ -90,6 +90,11 @@ fn every_answer_decodes_typed() {
     let stats = c.stats().unwrap();
     assert_eq!(stats.server_disk_bytes, 0);
 
+    // On SQLite the only server is active; there is no lease.
+    let leader: cairn_api::server::LeaderStatus = c.http().get_json("/v1/leader").unwrap();
+    assert!(leader.active && !leader.shared, "{leader:?}");
+    assert_eq!((leader.holder, leader.expires_ms), (None, None));
+
     // A field the server does not know is refused with its name, not defaulted.
     let e = c
         .http()
@@ -194,6 +199,11 @@ fn each_scope_against_each_route() {
         (
             "GET /v1/stats",
             |c, _| kind(c.get_json::<serde_json::Value>("/v1/stats")),
+            [true; 4],
+        ),
+        (
+            "GET /v1/leader",
+            |c, _| kind(c.get_json::<serde_json::Value>("/v1/leader")),
             [true; 4],
         ),
         (

@@ -8,6 +8,7 @@
 //! | `group` | targeted group snapshot: the same, with unit snapshots |
 //! | `restore` | full VM restore |
 //! | `engine` | restart recovery, leftover holds, prune, admission, how many catalog writes a backup's log takes |
+//! | `leader` | a server on PostgreSQL that loses its database, and so its lease, and gets both back |
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ mod api;
 mod backup;
 mod engine;
 mod group;
+mod leader;
 mod restore;
 
 /// A server with the fakes it talks to: `vm1` (disk `vda`) and `vm2` (`vda`, `vdb`) running
@@ -36,6 +38,7 @@ pub struct Setup {
 
 pub fn config(dir: &Path) -> ServerConfig {
     ServerConfig {
+        catalog: None,
         state_dir: dir.join("server"),
         metadata_dir: None,
         vault: VaultTarget {
