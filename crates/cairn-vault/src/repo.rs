@@ -38,6 +38,7 @@ use crate::manifest::{REPO_VERSION, RepoConfig, SnapshotManifest, now};
 use crate::store::{Key, LocalStore, ObjectStore, StoreErrorKind};
 
 mod condemned;
+mod node_cache;
 mod read;
 mod snapshots;
 use cairn_chunk::format::REPO_VERSION_ENCRYPTED;
@@ -685,12 +686,21 @@ impl Repository {
     /// Reads and verifies one blob.
     pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
         let loc = self.locate_stored(std::slice::from_ref(d))?[0];
+        if let Some(b) = self
+            .cached_node(&loc)
+            .and_then(|c| decode_blob(self.key_ref(), d, &loc, &c).ok())
+        {
+            return Ok(b);
+        }
         let bytes = self.store.get_range(
             &container_key(&loc.container),
             u64::from(loc.offset),
             u64::from(loc.stored_len),
         )?;
-        decode_blob(self.key_ref(), d, &loc, &bytes).inspect_err(|_| self.note_damage(d, &loc))
+        let b = decode_blob(self.key_ref(), d, &loc, &bytes)
+            .inspect_err(|_| self.note_damage(d, &loc))?;
+        self.cache_node(&loc, &bytes);
+        Ok(b)
     }
 
     /// Marks a copy a read found damaged (best effort: the read fails either way).
@@ -709,6 +719,12 @@ impl Repository {
             let n = self.read_node(d)?;
             return Ok((n.level(), n.refs()));
         }
+        if let Some(h) = self
+            .cached_node(&loc)
+            .and_then(|c| cairn_chunk::crypto::check_sealed(&c).ok())
+        {
+            return Ok((h.level, h.refs));
+        }
         let stored = self.store.get_range(
             &container_key(&loc.container),
             u64::from(loc.offset),
@@ -721,6 +737,7 @@ impl Repository {
                 source,
             }
         })?;
+        self.cache_node(&loc, &stored);
         Ok((h.level, h.refs))
     }
 

@@ -470,3 +470,36 @@ fn backups_run_while_gc_runs_on_s3() {
     assert!(!plan.deleted.is_empty() && plan.waiting == 0, "{plan:?}");
     assert!(v.verify(true).unwrap().ok());
 }
+
+/// Recipe tree nodes read from the bucket are kept in the local cache: a second walk of a
+/// snapshot's recipe needs no request (shown with the server stopped), and GC forgets the
+/// nodes of the containers it deletes.
+#[test]
+fn tree_nodes_are_cached_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut srv) = server(dir.path()) else {
+        return;
+    };
+    let (_s, v) = new_vault(&srv, dir.path(), "nodes");
+    let snap = backup(&v, dir.path(), "n", &image(6 << 20, 9)).unwrap();
+    // A fresh cache, as another host would have.
+    let fresh = LocalVault {
+        repo: Repository::open(Arc::new(store(&srv, "nodes")), &dir.path().join("c2")).unwrap(),
+    };
+    let first = fresh.entries(&snap).unwrap();
+    let nodes = dir.path().join("c2/nodes");
+    assert!(nodes.exists(), "nodes were cached");
+    srv.stop();
+    let again = fresh.entries(&snap).expect("the walk needs no request");
+    assert_eq!(first, again);
+    let mut marked = std::collections::HashSet::new();
+    fresh
+        .repo
+        .reachable(&snap, &mut marked)
+        .expect("GC's walk neither");
+    srv.restart();
+    fresh.forget(&[snap.id.to_string()]).unwrap();
+    let plan = fresh.gc(&GcOptions::without_grace()).unwrap();
+    assert!(!plan.deleted.is_empty(), "{plan:?}");
+    assert_eq!(std::fs::read_dir(&nodes).unwrap().count(), 0, "{plan:?}");
+}

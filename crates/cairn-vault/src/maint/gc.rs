@@ -508,6 +508,7 @@ fn settle(
             repo.store().release(&container_key(c))?;
             repo.store().delete(&container_key(c))?;
         }
+        repo.drop_cached_nodes(doomed.iter().copied());
         set.retain(|c, _| !doomed.contains(c));
     }
     plan.waiting = set.len();

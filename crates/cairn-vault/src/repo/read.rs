@@ -204,6 +204,15 @@ impl Repository {
         order: &[usize],
         mut f: impl FnMut(usize, &Location, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        // Tree nodes kept on local disk first (node_cache).
+        let mut rest = Vec::with_capacity(order.len());
+        for &k in order {
+            match self.cached_node(&locs[k]) {
+                Some(stored) => f(k, &locs[k], &stored)?,
+                None => rest.push(k),
+            }
+        }
+        let order = &rest[..];
         let mut i = 0;
         while i < order.len() {
             let first = locs[order[i]];
@@ -240,6 +249,7 @@ impl Repository {
                         ))
                     })?;
                 f(k, loc, piece)?;
+                self.cache_node(loc, piece);
             }
             i = j;
         }
