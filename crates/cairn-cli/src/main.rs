@@ -174,6 +174,9 @@ enum Cmd {
     },
     /// Disk-data counters of the server and the storage agents.
     Stats,
+    /// Whether the server is the active one (servers sharing a PostgreSQL catalog take turns
+    /// through a lease), and which server holds the lease.
+    Leader,
     /// The file catalog: list, search, versions, restore single files.
     #[command(subcommand)]
     Files(ops::FilesCmd),
@@ -261,6 +264,7 @@ fn main() -> ExitCode {
         Cmd::Retention(c) => ops::retention(&cli.conn, c),
         Cmd::Prune { vms, dry_run } => ops::prune(&cli.conn, vms, dry_run),
         Cmd::Stats => ops::stats(&cli.conn),
+        Cmd::Leader => ops::leader(&cli.conn),
         Cmd::Files(c) => ops::files(&cli.conn, c),
     };
     match r {

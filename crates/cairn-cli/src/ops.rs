@@ -436,6 +436,29 @@ pub fn stats(conn: &Conn) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn leader(conn: &Conn) -> Result<ExitCode> {
+    out(conn, &conn.client()?.leader()?, |l| {
+        let role = if l.active { "active" } else { "standby" };
+        if !l.shared {
+            println!("{role} (its own SQLite catalog: no lease)");
+            return;
+        }
+        let lease = match (&l.holder, l.expires_ms) {
+            (Some(h), Some(t)) => {
+                let left = (t - cairn_types::now_ms()) as f64 / 1000.0;
+                if left >= 0.0 {
+                    format!("held by {h}, {left:.1} s left unless renewed")
+                } else {
+                    format!("held by {h}, lapsed {:.1} s ago", -left)
+                }
+            }
+            _ => "not taken yet".into(),
+        };
+        println!("{role}: this server is {}; the lease is {lease}", l.me);
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum FilesCmd {
     /// List a backup's volumes, or a directory (`/<disk>/<volume>/<path>`).

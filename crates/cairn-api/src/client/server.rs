@@ -5,7 +5,7 @@ use cairn_http::{Client, ClientError, Trust};
 use super::{CallResult, seg};
 use crate::server::{
     BackupRecord, DataPath, DeletedSchedule, FileContent, FileHit, FileInfo, FileRestoredInto,
-    FileRestoredIntoGuest, FileVersion, JobRecord, PutSchedule, RestoreFileInto,
+    FileRestoredIntoGuest, FileVersion, JobRecord, LeaderStatus, PutSchedule, RestoreFileInto,
     RestoreFileIntoGuest, RestoreParams, Retention, Schedule, StartBackup, StartPrune, VmEntry,
 };
 
@@ -73,6 +73,8 @@ pub trait ServerApi: Send + Sync {
     ) -> CallResult<FileRestoredIntoGuest>;
     /// `GET /v1/stats`: the data-path proof.
     fn stats(&self) -> CallResult<DataPath>;
+    /// `GET /v1/leader`: whether this server is the active one.
+    fn leader(&self) -> CallResult<LeaderStatus>;
 }
 
 /// [`ServerApi`] over HTTPS.
@@ -243,6 +245,10 @@ impl ServerApi for ServerClient {
 
     fn stats(&self) -> CallResult<DataPath> {
         self.http.get_json("/v1/stats")
+    }
+
+    fn leader(&self) -> CallResult<LeaderStatus> {
+        self.http.get_json("/v1/leader")
     }
 }
 

@@ -147,6 +147,28 @@ fn a_standby_server_takes_over_when_the_active_one_is_killed() {
     );
     assert_eq!(la["holder"], la["me"]);
     assert_eq!(lb["holder"], la["me"]);
+    // The same through the CLI, as an operator asks.
+    let cli = |name: &str, json: bool| {
+        let conn = dir.path().join(name).join("connection.json");
+        let mut c = Command::new(CAIRN);
+        c.args(["leader", "--connect", s(&conn)]);
+        if json {
+            c.arg("--json");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let said: Value = serde_json::from_str(&cli("b", true)).unwrap();
+    assert_eq!(
+        (&said["active"], &said["holder"]),
+        (&json!(false), &la["me"])
+    );
+    let human = cli("b", false);
+    assert!(
+        human.starts_with("standby") && human.contains("held by"),
+        "{human}"
+    );
     let prune = json!({ "dry_run": true });
     let (status, message) = refusal(b.client.post_json("/v1/prune", &prune));
     assert_eq!(status, 503);
