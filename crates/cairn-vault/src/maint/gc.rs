@@ -231,7 +231,8 @@ fn mark(
     marked: &mut HashSet<String>,
     live: &mut HashSet<Digest>,
 ) -> Result<(usize, usize)> {
-    let (snaps, damaged) = repo.scan_snapshots()?;
+    // Manifests never change: those marked already are not read again.
+    let (snaps, damaged) = repo.scan_snapshots_but(|id| marked.contains(id))?;
     let (mut n, mut n_damaged) = (0, 0);
     for s in &snaps {
         if marked.insert(s.id.to_string()) {

@@ -20,6 +20,15 @@ impl Repository {
 
     /// Every manifest: the intact ones (oldest first) and the damaged ones.
     pub fn scan_snapshots(&self) -> Result<(Vec<SnapshotManifest>, Vec<DamagedSnapshot>)> {
+        self.scan_snapshots_but(|_| false)
+    }
+
+    /// [`scan_snapshots`](Self::scan_snapshots) of the manifests whose ids `skip` does not
+    /// name: those are listed but not read (GC's second mark reads only what is new).
+    pub fn scan_snapshots_but(
+        &self,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<(Vec<SnapshotManifest>, Vec<DamagedSnapshot>)> {
         let mut out = Vec::new();
         let mut damaged = Vec::new();
         for m in self.store.list("snapshots")? {
@@ -31,6 +40,9 @@ impl Repository {
             else {
                 continue;
             };
+            if skip(file_id) {
+                continue;
+            }
             let b = match self.store.get(&m.key) {
                 Ok(b) => b,
                 Err(e) if e.is_not_found() => continue, // forgotten meanwhile
